@@ -1,0 +1,5 @@
+import sys
+
+from longtake.cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""Starting the workers: Ray (local, or joining a cluster) and the actor pool for a job.
+
+`render(request)` is the public Python API: prepare (no Ray), start or join Ray, run, clean up.
+Only what longtake started is stopped: actors always, Ray itself only if this call started it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from longtake.actors.pool import InProcessPool
+from longtake.actors.worker import WorkerSpec
+from longtake.cluster.engine import Job, RenderResult, prepare, run
+from longtake.request import RenderRequest
+
+logger = logging.getLogger(__name__)
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Start a local Ray (or join `address`) unless one is up. Returns True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    return True
+
+
+def worker_plan(job: Job, gpus: float, cpus: float) -> tuple[WorkerSpec, int]:
+    """Device, worker count and thread count for a job on a cluster with these resources."""
+    req = job.request
+    device = req.device if req.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
+    if device == "cuda":
+        workers = req.workers or int(gpus)
+        return WorkerSpec(job.model.path, "cuda", "float16"), workers
+    workers = req.workers or max(1, int(cpus))
+    # One torch thread per worker: CPU kernels may round differently with other thread counts,
+    # and the frames must not depend on how many workers there are.
+    return WorkerSpec(job.model.path, "cpu", "float32", threads=1), workers
+
+
+def make_ray_pool(job: Job, address: str | None = None):
+    """Start (or join) Ray and build a pool for the job. Returns (pool, ray_started_here)."""
+    import ray
+
+    from longtake.actors.ray_pool import RayPool
+
+    want = job.request.workers or os.cpu_count() or 1
+    started = start_ray(address, num_cpus=max(os.cpu_count() or 1, want))
+    resources = ray.cluster_resources()
+    spec, workers = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))
+    if spec.device == "cuda" and resources.get("GPU", 0) < workers:
+        raise RuntimeError(f"{workers} GPU workers asked for, the cluster has {resources.get('GPU', 0):g} GPUs")
+    try:
+        return RayPool(spec, workers), started
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+
+
+def render(request: RenderRequest | dict, pool=None, progress: bool = False, address: str | None = None,
+           in_process: bool = False) -> RenderResult:
+    """Render a request to an MP4; returns the summary. Bad input raises RequestError before
+    anything starts. Give `pool` to reuse workers across renders (it is left running)."""
+    job = prepare(request)
+    if pool is not None:
+        return run(job, pool, progress)
+    started = False
+    if in_process:
+        spec, _ = worker_plan(job, gpus=0, cpus=1)
+        pool = InProcessPool(spec)
+    else:
+        pool, started = make_ray_pool(job, address)
+    try:
+        return run(job, pool, progress)
+    finally:
+        pool.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()

@@ -1,0 +1,107 @@
+"""Model backends: one file per model family. Only torch and diffusers here, never Ray.
+
+`inspect_model` reads a model directory's JSON configs (no weights, no torch) so a request can be
+checked before any worker starts. `load_backend` builds the backend a worker keeps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from longtake.request import RequestError
+
+# model_index.json `_class_name` -> family
+FAMILIES = {"AnimateDiffPipeline": "animatediff"}
+# components whose weights must be present as safetensors, per family
+REQUIRED_WEIGHTS = {"animatediff": ("unet", "vae", "text_encoder")}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine needs to know about a model, read from its configs."""
+
+    path: str
+    family: str
+    native_window: int  # frames per window the model was made for (latent frames)
+    max_window: int  # longest window its temporal layers accept
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent pixel
+    temporal_compression: int  # output frames per latent frame
+    default_size: int  # pixels (square)
+    default_steps: int
+    default_guidance: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_model_path(model: str) -> str:
+    """'tiny' -> the built-in tiny model (built once into the cache); anything else is a path."""
+    from longtake.pipelines.tiny import TINY_NAME, ensure_tiny_model
+
+    return str(ensure_tiny_model()) if model == TINY_NAME else model
+
+
+def inspect_model(model: str) -> ModelInfo:
+    path = Path(resolve_model_path(model))
+    if not path.is_dir():
+        raise RequestError("model", model, "an existing diffusers model directory, or 'tiny'")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise RequestError("model", model, "a diffusers model directory with a model_index.json")
+    index = _read_json(index_file, model)
+    family = FAMILIES.get(index.get("_class_name"))
+    if family is None:
+        raise RequestError(
+            "model", model, f"a supported family ({', '.join(FAMILIES)}), not {index.get('_class_name')!r}"
+        )
+    for component in REQUIRED_WEIGHTS[family]:
+        if not any((path / component).glob("*.safetensors")):
+            raise RequestError("model", model, f"safetensors weights in {component}/ (only .safetensors is loaded)")
+    return _inspect_animatediff(path, model)
+
+
+def _read_json(file: Path, model: str) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RequestError("model", model, f"readable JSON in {file.name} ({e})") from None
+
+
+def _inspect_animatediff(path: Path, model: str) -> ModelInfo:
+    unet = _read_json(path / "unet" / "config.json", model)
+    vae = _read_json(path / "vae" / "config.json", model)
+    max_window = int(unet.get("motion_max_seq_length", 32))
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    return ModelInfo(
+        path=str(path),
+        family="animatediff",
+        native_window=min(16, max_window),  # AnimateDiff motion modules are trained on 16 frames
+        max_window=max_window,
+        latent_channels=int(unet["in_channels"]),
+        vae_scale_factor=vae_scale,
+        temporal_compression=1,
+        default_size=int(unet["sample_size"]) * vae_scale,
+        default_steps=25,
+        default_guidance=7.5,
+    )
+
+
+def load_backend(model_path: str, device: str = "cpu", dtype: str = "float32"):
+    """Build the backend for a model directory (already inspected)."""
+    from longtake.pipelines.animatediff import AnimateDiffBackend
+
+    return AnimateDiffBackend(model_path, device=device, dtype=dtype)
+
+
+def load_scheduler(model_path: str):
+    """The diffusers scheduler the model directory names (config only, no weights)."""
+    import diffusers
+
+    config = json.loads((Path(model_path) / "scheduler" / "scheduler_config.json").read_text())
+    cls = getattr(diffusers, config["_class_name"], None)
+    if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
+        raise RequestError("model", model_path, f"a diffusers scheduler, not {config['_class_name']!r}")
+    return cls.from_config(config)

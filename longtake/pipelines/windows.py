@@ -1,0 +1,252 @@
+"""Frame-window planning, overlap fusion, per-frame noise and prompt timelines.
+
+A long video is denoised as overlapping windows of `window` frames. At every
+diffusion step each window's prediction is blended back into one full-length
+tensor (`fuse`) with per-frame weights (`window_weights`). Initial noise is
+defined per frame (`frames_noise`) so that any worker can regenerate the noise
+of any frame range without materialising the whole video. Prompt keyframes are
+turned into per-frame embedding blends (`prompt_schedule`,
+`interpolate_embeddings`). Only torch, numpy and the stdlib are used.
+"""
+
+from bisect import bisect_right
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+WEIGHTINGS = ("flat", "pyramid", "overlap-linear")
+NOISE_MODES = ("independent", "freenoise")
+_MASK32 = 2**32 - 1
+
+
+def _check_window(window: int, overlap: int) -> None:
+    if window < 1:
+        raise ValueError(f"window: got {window}, expected window >= 1")
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap: got {overlap}, expected 0 <= overlap < window ({window})")
+
+
+def plan_windows(num_frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """Half-open (start, end) windows of length `window`, stride window - overlap; last ends at F."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames: got {num_frames}, expected num_frames >= 1")
+    _check_window(window, overlap)
+    if num_frames <= window:
+        return [(0, num_frames)]
+    stride = window - overlap
+    plan, start = [], 0
+    while start + window < num_frames:
+        plan.append((start, start + window))
+        start += stride
+    plan.append((num_frames - window, num_frames))  # tail; equals `start` when it fits exactly
+    return plan
+
+
+def _check_plan(plan: list[tuple[int, int]]) -> None:
+    if not plan:
+        raise ValueError("plan: got [], expected at least one window")
+    for i, (start, end) in enumerate(plan):
+        if not 0 <= start < end:
+            raise ValueError(f"plan[{i}]: got {(start, end)}, expected 0 <= start < end")
+
+
+def _ramp(n: int, ov: int) -> torch.Tensor:
+    """(n,) ramp (k+1)/(ov+1) over the first `ov` entries, 1 elsewhere."""
+    w = torch.ones(n, dtype=torch.float64)
+    ov = min(max(ov, 0), n)
+    w[:ov] = torch.arange(1, ov + 1, dtype=torch.float64) / (ov + 1)
+    return w
+
+
+def _overlap_linear(plan: list[tuple[int, int]], i: int) -> torch.Tensor:
+    start, end = plan[i]
+    ov_in = plan[i - 1][1] - start if i > 0 else 0
+    ov_out = end - plan[i + 1][0] if i + 1 < len(plan) else 0
+    ramp_in = _ramp(end - start, ov_in)
+    ramp_out = _ramp(end - start, ov_out).flip(0)
+    return torch.minimum(ramp_in, ramp_out)
+
+
+def window_weights(plan: list[tuple[int, int]], weighting: str) -> list[torch.Tensor]:
+    """One float64 (end - start,) tensor of strictly positive blend weights per window."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting: got {weighting!r}, expected one of {', '.join(WEIGHTINGS)}")
+    _check_plan(plan)
+    weights = []
+    for i, (start, end) in enumerate(plan):
+        n = end - start
+        if weighting == "flat":
+            w = torch.ones(n, dtype=torch.float64)
+        elif weighting == "pyramid":
+            k = torch.arange(n, dtype=torch.float64)
+            w = torch.minimum(k + 1, n - k)
+        else:
+            w = _overlap_linear(plan, i)
+        weights.append(w)
+    return weights
+
+
+def _check_fuse_inputs(preds, plan, weights, num_frames: int, frame_dim: int) -> None:
+    if not len(preds) == len(plan) == len(weights):
+        raise ValueError(f"preds: got {len(preds)} preds / {len(plan)} windows / "
+                         f"{len(weights)} weights, expected equal counts")
+    _check_plan(plan)
+    other = list(preds[0].shape)
+    other[frame_dim] = None
+    for i, ((start, end), pred, w) in enumerate(zip(plan, preds, weights)):
+        if end > num_frames:
+            raise ValueError(f"plan[{i}]: got {(start, end)}, expected end <= num_frames ({num_frames})")
+        if pred.shape[frame_dim] != end - start or w.shape != (end - start,):
+            raise ValueError(f"preds[{i}]: got {pred.shape[frame_dim]} frames and weights {tuple(w.shape)}, "
+                             f"expected {end - start} for window {(start, end)}")
+        shape = list(pred.shape)
+        shape[frame_dim] = None
+        if shape != other:
+            raise ValueError(f"preds[{i}]: got shape {tuple(pred.shape)}, expected to match preds[0] "
+                             f"{tuple(preds[0].shape)} outside frame_dim {frame_dim}")
+
+
+def fuse(preds: list[torch.Tensor], plan: list[tuple[int, int]], weights: list[torch.Tensor],
+         num_frames: int, frame_dim: int = 2) -> torch.Tensor:
+    """Weighted per-frame average of window predictions, accumulated in float64 in list order."""
+    if not preds:
+        raise ValueError("preds: got [], expected one prediction per window")
+    frame_dim = frame_dim % preds[0].dim()
+    _check_fuse_inputs(preds, plan, weights, num_frames, frame_dim)
+    device, dtype = preds[0].device, preds[0].dtype
+    out_shape = list(preds[0].shape)
+    out_shape[frame_dim] = num_frames
+    num = torch.zeros(out_shape, dtype=torch.float64, device=device)  # e.g. (1, C, F, H, W)
+    den = torch.zeros(num_frames, dtype=torch.float64, device=device)  # (F,)
+    view = [1] * len(out_shape)
+    for (start, end), pred, w in zip(plan, preds, weights):
+        w = w.to(device=device, dtype=torch.float64)
+        view[frame_dim] = end - start
+        num.narrow(frame_dim, start, end - start).add_(pred.to(torch.float64) * w.view(view))
+        den[start:end] += w
+    if bool((den <= 0).any()):
+        missing = int(torch.nonzero(den <= 0)[0])
+        raise ValueError(f"plan: got no window covering frame {missing}, expected every frame covered")
+    view[frame_dim] = num_frames
+    return (num / den.view(view)).to(dtype)
+
+
+def _zigzag_words(value: int, name: str) -> list[int]:
+    """Signed 64-bit int -> two uint32 words (fixed width, so the encoding is injective)."""
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name}: got {value}, expected -2**63 <= {name} < 2**63")
+    z = 2 * value if value >= 0 else -2 * value - 1
+    return [z & _MASK32, z >> 32]
+
+
+def frame_seed(seed: int, frame: int) -> int:
+    """Stable 63-bit generator seed mixed from (seed, frame); frame may be negative."""
+    entropy = _zigzag_words(seed, "seed") + _zigzag_words(frame, "frame")
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)
+    return int(state[0]) & (2**63 - 1)
+
+
+def _independent_frame(seed: int, frame: int, frame_shape: tuple[int, ...]) -> torch.Tensor:
+    gen = torch.Generator("cpu").manual_seed(frame_seed(seed, frame))
+    return torch.randn(frame_shape, generator=gen, dtype=torch.float32)  # (C, H, W)
+
+
+def _freenoise_root(seed: int, frame: int, window: int, overlap: int, perms: dict) -> int:
+    """Walk a FreeNoise-shuffled frame back to the independent frame (< window) it copies."""
+    stride = window - overlap
+    while frame >= window:
+        k = (frame - window) // stride
+        chunk_start = window + k * stride
+        if k not in perms:
+            gen = torch.Generator("cpu").manual_seed(frame_seed(seed, -(k + 1)))
+            perms[k] = torch.randperm(stride, generator=gen).tolist()
+        frame = chunk_start - window + perms[k][frame - chunk_start]
+    return frame
+
+
+def frames_noise(seed: int, frames, frame_shape: tuple[int, ...], mode: str = "independent",
+                 window: int = 16, overlap: int = 4, dtype=torch.float32) -> torch.Tensor:
+    """Noise of just `frames`: (1, C, len(frames), H, W) for frame_shape (C, H, W)."""
+    if mode not in NOISE_MODES:
+        raise ValueError(f"noise: got {mode!r}, expected one of {', '.join(NOISE_MODES)}")
+    frame_shape = tuple(int(s) for s in frame_shape)
+    if len(frame_shape) < 1:
+        raise ValueError(f"frame_shape: got {frame_shape}, expected at least one dim (C, ...)")
+    frames = [int(f) for f in frames]
+    if any(f < 0 for f in frames):
+        raise ValueError(f"frames: got {min(frames)}, expected frame indices >= 0")
+    if mode == "freenoise":
+        _check_window(window, overlap)
+        perms: dict = {}
+        frames = [_freenoise_root(seed, f, window, overlap, perms) for f in frames]
+    if not frames:
+        return torch.empty((1, frame_shape[0], 0) + frame_shape[1:], dtype=dtype)
+    cache = {f: _independent_frame(seed, f, frame_shape) for f in dict.fromkeys(frames)}
+    noise = torch.stack([cache[f] for f in frames], dim=1)  # (C, n, H, W)
+    return noise.unsqueeze(0).to(dtype)  # (1, C, n, H, W)
+
+
+def initial_noise(seed: int, num_frames: int, frame_shape: tuple[int, ...], mode: str = "independent",
+                  window: int = 16, overlap: int = 4, dtype=torch.float32) -> torch.Tensor:
+    """Noise of the whole video: (1, C, F, H, W) for frame_shape (C, H, W)."""
+    if num_frames < 0:
+        raise ValueError(f"num_frames: got {num_frames}, expected num_frames >= 0")
+    return frames_noise(seed, range(num_frames), frame_shape, mode, window, overlap, dtype)
+
+
+@dataclass(frozen=True)
+class PromptKey:
+    at: float  # seconds
+    prompt: str
+
+
+def _check_keys(keys: list[PromptKey]) -> None:
+    if not keys:
+        raise ValueError("timeline: got [], expected at least one PromptKey")
+    for i in range(1, len(keys)):
+        if not keys[i].at > keys[i - 1].at:
+            raise ValueError(f"timeline[{i}].at: got {keys[i].at}, "
+                             f"expected > timeline[{i - 1}].at ({keys[i - 1].at})")
+
+
+def prompt_schedule(keys: list[PromptKey], num_frames: int, fps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-frame (a, b, alpha): frame f blends key a and key b with weight alpha on b."""
+    _check_keys(keys)
+    if num_frames < 1:
+        raise ValueError(f"num_frames: got {num_frames}, expected num_frames >= 1")
+    if not fps > 0:
+        raise ValueError(f"fps: got {fps}, expected fps > 0")
+    times = [float(k.at) for k in keys]
+    a, b = torch.zeros(num_frames, dtype=torch.int64), torch.zeros(num_frames, dtype=torch.int64)  # (F,)
+    alpha = torch.zeros(num_frames, dtype=torch.float64)  # (F,)
+    for f in range(num_frames):
+        t = f / fps
+        i = max(bisect_right(times, t) - 1, 0)  # last key with at <= t (or 0)
+        if t <= times[0] or t >= times[-1] or t == times[i]:
+            a[f] = b[f] = i
+            continue
+        a[f], b[f] = i, i + 1
+        alpha[f] = (t - times[i]) / (times[i + 1] - times[i])
+    return a, b, alpha
+
+
+def interpolate_embeddings(key_embeds: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                           alpha: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """(K, ...) key embeddings -> (end - start, ...) per-frame embeddings for frames start..end-1."""
+    if not 0 <= start <= end <= a.shape[0]:
+        raise ValueError(f"start, end: got ({start}, {end}), expected 0 <= start <= end <= {a.shape[0]}")
+    device = key_embeds.device
+    a = a[start:end].to(device)  # (n,)
+    b = b[start:end].to(device)  # (n,)
+    alpha = alpha[start:end].to(device)  # (n,)
+    out = key_embeds[a].clone()  # (n, ...) exact copies of key a
+    mix = (a != b) & (alpha != 0)  # (n,)
+    if bool(mix.any()):
+        view = (-1,) + (1,) * (key_embeds.dim() - 1)
+        al = alpha[mix].to(torch.float32).view(view)  # (m, 1, ...)
+        ea = key_embeds[a[mix]].to(torch.float32)  # (m, ...)
+        eb = key_embeds[b[mix]].to(torch.float32)  # (m, ...)
+        out[mix] = ((1 - al) * ea + al * eb).to(key_embeds.dtype)
+    return out

@@ -1,0 +1,236 @@
+"""The render request: one typed, validated object at the edge of longtake.
+
+Every field has a default and a docstring. Invalid input raises `RequestError`, whose message
+names the field, the value it got and what was expected, e.g.
+`seconds: got -1.0, expected a number > 0`. Nothing here touches Ray or a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_SECONDS = 3600.0
+MAX_FPS = 120.0
+MAX_FRAMES = 100_000
+
+
+class RequestError(ValueError):
+    """Bad user input: names the field, the value and what was expected."""
+
+    def __init__(self, field: str, value: Any, expected: str):
+        self.field, self.value, self.expected = field, value, expected
+        super().__init__(f"{field}: got {value!r}, expected {expected}")
+
+
+class TimelineKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    at: float = Field(description="Time in seconds at which this prompt is fully reached.")
+    prompt: str = Field(description="Text prompt at this time.")
+
+
+class RenderRequest(BaseModel):
+    """What to render. Fields left as None take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, description="Text prompt for the whole clip (or give a timeline).")
+    timeline: list[TimelineKey] | None = Field(
+        None, description="Prompt keys [{at: seconds, prompt: text}], interpolated per frame."
+    )
+    negative_prompt: str = Field("", description="Negative prompt for classifier-free guidance.")
+    seconds: float = Field(10.0, description="Clip length in seconds.")
+    fps: float = Field(8.0, description="Frames per second of the output.")
+    height: int | None = Field(None, description="Output height in pixels (multiple of the model's factor).")
+    width: int | None = Field(None, description="Output width in pixels (multiple of the model's factor).")
+    steps: int | None = Field(None, description="Denoising steps.")
+    guidance: float | None = Field(None, description="Classifier-free guidance scale (1 = off).")
+    seed: int = Field(0, description="Random seed; the same seed gives the same frames.")
+    window: int | None = Field(None, description="Window length in frames (default: the model's native length).")
+    overlap: int | None = Field(None, description="Frames shared by consecutive windows (default: window // 4).")
+    weighting: Literal["flat", "pyramid", "overlap-linear"] = Field(
+        "pyramid", description="Taper used to fuse overlapping window predictions."
+    )
+    noise: Literal["independent", "freenoise"] = Field(
+        "independent", description="Initial noise: independent per frame, or FreeNoise-style shuffled windows."
+    )
+    workers: int | None = Field(None, description="Worker count (default: one per GPU, else one per CPU core).")
+    model: str = Field("tiny", description="A diffusers model directory, or 'tiny' for the built-in model.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers run.")
+    out: str = Field("longtake.mp4", description="Output MP4 path.")
+    preview: str | None = Field(None, description="Optional contact-sheet PNG path.")
+
+    @field_validator("seconds")
+    @classmethod
+    def _seconds(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0 or v > MAX_SECONDS:
+            raise RequestError("seconds", v, f"a number > 0 and <= {MAX_SECONDS:g}")
+        return v
+
+    @field_validator("fps")
+    @classmethod
+    def _fps(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0 or v > MAX_FPS:
+            raise RequestError("fps", v, f"a number > 0 and <= {MAX_FPS:g}")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, v: int | None, info) -> int | None:
+        if v is not None and not 8 <= v <= 4096:
+            raise RequestError(info.field_name, v, "an integer from 8 to 4096")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= 1000:
+            raise RequestError("steps", v, "an integer from 1 to 1000")
+        return v
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v <= 0 or v > 50):
+            raise RequestError("guidance", v, "a number > 0 and <= 50 (1 turns guidance off)")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v < 2**63:
+            raise RequestError("seed", v, "an integer from 0 to 2**63 - 1")
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise RequestError("window", v, "an integer >= 1")
+        return v
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap(cls, v: int | None) -> int | None:
+        if v is not None and v < 0:
+            raise RequestError("overlap", v, "an integer >= 0")
+        return v
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= 1024:
+            raise RequestError("workers", v, "an integer from 1 to 1024")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise RequestError("prompt", v, "a non-empty prompt")
+        return v
+
+    @model_validator(mode="after")
+    def _whole(self) -> "RenderRequest":
+        if (self.prompt is None) == (self.timeline is None):
+            raise RequestError("prompt", self.prompt, "exactly one of a prompt or a timeline")
+        frames = self.num_frames
+        if frames < 1 or frames > MAX_FRAMES:
+            raise RequestError("seconds", self.seconds, f"seconds * fps to give 1 to {MAX_FRAMES} frames (got {frames})")
+        if self.window is not None and self.overlap is not None and self.overlap >= self.window:
+            raise RequestError("overlap", self.overlap, f"0 <= overlap < window ({self.window})")
+        if self.timeline is not None:
+            _check_timeline(self.timeline, self.seconds)
+        _check_writable("out", self.out, ".mp4")
+        if self.preview is not None:
+            _check_writable("preview", self.preview, ".png")
+        return self
+
+    @property
+    def num_frames(self) -> int:
+        return round(self.seconds * self.fps)
+
+
+def _check_timeline(keys: list[TimelineKey], seconds: float) -> None:
+    if not keys:
+        raise RequestError("timeline", [], "at least one {at, prompt} key")
+    for i, key in enumerate(keys):
+        if not math.isfinite(key.at) or not 0 <= key.at < seconds:
+            raise RequestError(f"timeline[{i}].at", key.at, f"a time from 0 to below seconds ({seconds:g})")
+        if not key.prompt.strip():
+            raise RequestError(f"timeline[{i}].prompt", key.prompt, "a non-empty prompt")
+        if i and key.at <= keys[i - 1].at:
+            raise RequestError(
+                f"timeline[{i}].at", key.at, f"a time after timeline[{i - 1}].at ({keys[i - 1].at:g}); keys sorted, no duplicates"
+            )
+
+
+def _check_writable(field: str, path: str, suffix: str) -> None:
+    p = Path(path)
+    if p.suffix.lower() != suffix:
+        raise RequestError(field, path, f"a path ending in {suffix}")
+    if p.is_dir():
+        raise RequestError(field, path, "a file path, not a directory")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise RequestError(field, path, f"a path in an existing directory ({parent} does not exist)")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise RequestError(field, path, "a writable location")
+
+
+def load_timeline(path: str) -> tuple[list[dict], str | None]:
+    """Read a timeline file (YAML or JSON): a list of {at, prompt}, or a mapping with
+    `timeline:` (that list) and an optional `negative_prompt:`. Returns (keys, negative_prompt)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RequestError("timeline", path, "an existing YAML or JSON file")
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise RequestError("timeline", path, f"valid YAML or JSON ({str(e).splitlines()[0]})") from None
+    negative = None
+    if isinstance(data, dict):
+        negative = data.get("negative_prompt")
+        unknown = set(data) - {"timeline", "negative_prompt"}
+        if unknown:
+            raise RequestError("timeline", sorted(unknown), "only the keys 'timeline' and 'negative_prompt'")
+        data = data.get("timeline")
+    if not isinstance(data, list) or not data:
+        raise RequestError("timeline", path, "a non-empty list of {at: seconds, prompt: text}")
+    for i, key in enumerate(data):
+        if not isinstance(key, dict) or set(key) != {"at", "prompt"}:
+            raise RequestError(f"timeline[{i}]", key, "a mapping with exactly 'at' and 'prompt'")
+    return data, negative
+
+
+def parse_request(data: dict | RenderRequest) -> RenderRequest:
+    """Validate a dict into a RenderRequest, turning pydantic's errors into one RequestError."""
+    if isinstance(data, RenderRequest):
+        return data
+    try:
+        return RenderRequest.model_validate(data)
+    except ValidationError as e:
+        raise _to_request_error(e) from None
+
+
+def _to_request_error(e: ValidationError) -> RequestError:
+    err = e.errors()[0]
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, RequestError):
+        return cause
+    field = ".".join(str(x) if not isinstance(x, int) else f"[{x}]" for x in err["loc"]).replace(".[", "[") or "request"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return RequestError(field, err.get("input"), "no such field (see `longtake render --help`)")
+    if kind == "literal_error":
+        return RequestError(field, err.get("input"), f"one of {err['ctx']['expected']}")
+    if kind == "missing":
+        return RequestError(field, None, "a value (required)")
+    return RequestError(field, err.get("input"), err["msg"][0].lower() + err["msg"][1:])
