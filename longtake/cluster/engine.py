@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -87,6 +88,7 @@ class RenderResult:
     weighting: str
     noise: str
     preview: str | None = None
+    driver_peak_rss_mb: float = 0.0  # this process's peak resident memory (workers excluded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,8 +144,10 @@ def _step_kwargs(scheduler, seed: int, step: int) -> dict:
     return kwargs
 
 
-def run(job: Job, pool: Pool, progress: bool = True) -> RenderResult:
-    """Render a prepared job on a pool. Writes the MP4 (and preview) atomically."""
+def run(job: Job, pool: Pool, progress: bool = True, on_frames=None) -> RenderResult:
+    """Render a prepared job on a pool. Writes the MP4 (and preview) atomically.
+
+    `on_frames(first_index, frames)` (optional) sees every decoded uint8 chunk in order."""
     t0 = time.perf_counter()
     req, plan = job.request, job.windows
     latent_frames = job.latent_frames
@@ -185,6 +189,8 @@ def run(job: Job, pool: Pool, progress: bool = True) -> RenderResult:
         first = 0
         for frames in pool.imap("decode", [(z[:, :, s:e].clone(),) for s, e in chunks]):  # (n, H, W, 3)
             writer.write(frames)
+            if on_frames is not None:
+                on_frames(first, frames)
             previews += [(first + k, frames[k].copy()) for k in range(len(frames)) if first + k in sampled]
             first += len(frames)
             bar.update(len(frames))
@@ -212,4 +218,5 @@ def run(job: Job, pool: Pool, progress: bool = True) -> RenderResult:
         weighting=req.weighting,
         noise=req.noise,
         preview=req.preview,
+        driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
@@ -23,11 +25,16 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    on_term = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
+    # ray.init installs its own SIGTERM handler (log and exit); keep the caller's, so a CLI that turns
+    # SIGTERM into a clean stop still cleans up
+    if on_term not in (None, signal.SIG_DFL) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
     return True
 
 
@@ -65,12 +72,12 @@ def make_ray_pool(job: Job, address: str | None = None):
 
 
 def render(request: RenderRequest | dict, pool=None, progress: bool = False, address: str | None = None,
-           in_process: bool = False) -> RenderResult:
+           in_process: bool = False, on_frames=None) -> RenderResult:
     """Render a request to an MP4; returns the summary. Bad input raises RequestError before
     anything starts. Give `pool` to reuse workers across renders (it is left running)."""
     job = prepare(request)
     if pool is not None:
-        return run(job, pool, progress)
+        return run(job, pool, progress, on_frames)
     started = False
     if in_process:
         spec, _ = worker_plan(job, gpus=0, cpus=1)
@@ -78,7 +85,7 @@ def render(request: RenderRequest | dict, pool=None, progress: bool = False, add
     else:
         pool, started = make_ray_pool(job, address)
     try:
-        return run(job, pool, progress)
+        return run(job, pool, progress, on_frames)
     finally:
         pool.shutdown()
         if started:

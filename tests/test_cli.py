@@ -1,0 +1,164 @@
+"""The command line: bad input exits 2 with one line naming the field before Ray starts; --json;
+SIGINT / SIGTERM stop a render cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+CASES_SCRIPT = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from longtake.cli import main
+    results = []
+    for argv in json.loads(sys.argv[1]):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = e.code
+        results.append({"rc": rc, "err": err.getvalue()})
+    results.append({"ray_imported": "ray" in sys.modules, "diffusers_imported": "diffusers" in sys.modules})
+    print(json.dumps(results))
+""")
+
+
+@pytest.fixture(scope="module")
+def bad_models(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-models")
+    no_st = root / "no-safetensors"
+    shutil.copytree(tiny_model, no_st)
+    for f in (no_st / "unet").glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    other = root / "other-family"
+    shutil.copytree(tiny_model, other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionPipeline"
+    (other / "model_index.json").write_text(json.dumps(index))
+    return {"no_st": str(no_st), "other": str(other), "missing": str(root / "nope")}
+
+
+def _timeline(tmp_path, name, keys):
+    path = tmp_path / name
+    path.write_text(json.dumps(keys))
+    return str(path)
+
+
+def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, tiny_model, bad_models):
+    out = str(tmp_path / "o.mp4")
+    base = ["render", "a ball", "--model", tiny_model, "--out", out]
+    tl = lambda name, keys: ["render", "--timeline", _timeline(tmp_path, name, keys), "--model", tiny_model,
+                             "--seconds", "10", "--out", out]
+    cases = [  # (argv, field, value shown in the message)
+        (base + ["--seconds", "-1"], "seconds", "-1"),
+        (base + ["--seconds", "0"], "seconds", "0"),
+        (base + ["--seconds", "100000"], "seconds", "100000"),
+        (base + ["--fps", "0"], "fps", "0"),
+        (base + ["--fps", "10000"], "fps", "10000"),
+        (base + ["--steps", "0"], "steps", "0"),
+        (base + ["--steps", "99999"], "steps", "99999"),
+        (base + ["--guidance", "0"], "guidance", "0"),
+        (base + ["--guidance", "-3"], "guidance", "-3"),
+        (base + ["--guidance", "1000"], "guidance", "1000"),
+        (base + ["--height", "66"], "height", "66"),  # the tiny model's factor is 4
+        (base + ["--width", "30"], "width", "30"),
+        (base + ["--window", "8", "--overlap", "8"], "overlap", "8"),
+        (base + ["--overlap", "16"], "overlap", "16"),  # the default window is 16
+        (base + ["--window", "64"], "window", "64"),  # longer than the motion modules allow
+        (base + ["--workers", "0"], "workers", "0"),
+        (tl("unsorted.json", [{"at": 5, "prompt": "a"}, {"at": 2, "prompt": "b"}]), "timeline[1].at", "2"),
+        (tl("dup.json", [{"at": 2, "prompt": "a"}, {"at": 2, "prompt": "b"}]), "timeline[1].at", "2"),
+        (tl("range.json", [{"at": 0, "prompt": "a"}, {"at": 30, "prompt": "b"}]), "timeline[1].at", "30"),
+        (tl("neg.json", [{"at": -1, "prompt": "a"}]), "timeline[0].at", "-1"),
+        (tl("empty.json", [{"at": 0, "prompt": "  "}]), "timeline[0].prompt", "'  '"),
+        (tl("none.json", []), "timeline", ""),
+        (["render", "--timeline", str(tmp_path / "missing.yaml"), "--out", out], "timeline", "missing.yaml"),
+        (["render", "--out", out], "prompt", "None"),
+        (["render", "a ball", "--model", bad_models["missing"], "--out", out], "model", "nope"),
+        (["render", "a ball", "--model", bad_models["no_st"], "--out", out], "model", "no-safetensors"),
+        (["render", "a ball", "--model", bad_models["other"], "--out", out], "model", "StableDiffusionPipeline"),
+        (base[:-1] + [str(tmp_path / "no" / "such" / "dir" / "o.mp4")], "out", "o.mp4"),
+        (base[:-1] + [str(tmp_path)], "out", str(tmp_path)),
+        (base[:-1] + [str(tmp_path / "o.avi")], "out", "o.avi"),
+        (base + ["--preview", str(tmp_path / "no" / "p.png")], "preview", "p.png"),
+    ]
+    proc = subprocess.run([sys.executable, "-c", CASES_SCRIPT, json.dumps([c[0] for c in cases])],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "LONGTAKE_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    *results, imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (argv, field, value), res in zip(cases, results):
+        lines = res["err"].strip().splitlines()
+        assert res["rc"] == 2, (argv, res)
+        assert len(lines) == 1, (argv, lines)
+        assert lines[0].startswith(f"longtake render: error: {field}: got "), (argv, lines)
+        assert value in lines[0] and "expected" in lines[0], (argv, lines)
+    assert imported == {"ray_imported": False, "diffusers_imported": False}  # nothing started
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_help_explains_every_option():
+    proc = subprocess.run([sys.executable, "-m", "longtake", "render", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for flag in ("--timeline", "--seconds", "--fps", "--height", "--width", "--steps", "--guidance", "--seed",
+                 "--window", "--overlap", "--weighting", "--noise", "--workers", "--model", "--out", "--json",
+                 "--preview"):
+        assert flag in proc.stdout
+
+
+def test_render_json_summary(tmp_path, tiny_model):
+    out = tmp_path / "c.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "longtake", "render", "a red ball", "--model", tiny_model, "--seconds", "2", "--fps", "6",
+         "--steps", "2", "--window", "8", "--overlap", "2", "--in-process", "--json", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    for key in ("out", "frames", "fps", "seconds", "width", "height", "window", "overlap", "windows", "workers",
+                "steps", "model_evaluations", "wall_s", "frames_sha256"):
+        assert key in summary
+    assert summary["frames"] == 12 and summary["windows"] == 2 and summary["model_evaluations"] == 4
+    assert "denoise" in proc.stderr  # the progress bar is on stderr
+    assert out.is_file()
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_render_cleanly(tmp_path, tiny_model, sig):
+    out = tmp_path / "long.mp4"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "longtake", "render", "a red ball", "--model", tiny_model, "--seconds", "60",
+         "--steps", "25", "--workers", "2", "--out", str(out)],
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = ""
+    deadline = time.time() + 180
+    while "denoise" not in seen and time.time() < deadline:  # wait until the workers are rendering
+        seen += proc.stderr.read(1)
+    assert "denoise" in seen, seen
+    children = _descendants(proc.pid)
+    assert children, "Ray processes should be running"
+    time.sleep(1)
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    rest = proc.stderr.read()
+    assert rc == 130, rest
+    assert "interrupted" in rest
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left running: {[p.name() for p in alive]}"
+    assert list(tmp_path.iterdir()) == []  # no output, no partial file
