@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 class RayPool:
-    def __init__(self, spec: WorkerSpec, num_workers: int, max_attempts: int = 3, lookahead: int = 2):
+    def __init__(self, spec: WorkerSpec, num_workers: int, max_attempts: int = 3, lookahead: int = 2,
+                 worker_cls: type = Worker):
         self.spec = spec
         self.num_workers = num_workers
         self.max_attempts = max_attempts
@@ -31,7 +32,7 @@ class RayPool:
             options = {"num_gpus": 1, "num_cpus": 1}
         else:
             options = {"num_cpus": spec.threads}
-        self._actor_cls = ray.remote(Worker).options(max_restarts=0, max_task_retries=0, **options)
+        self._actor_cls = ray.remote(worker_cls).options(max_restarts=0, max_task_retries=0, **options)
         self.actors = [self._actor_cls.remote(spec) for _ in range(num_workers)]
         self.retries = 0
         ray.get([a.ready.remote() for a in self.actors])
@@ -81,10 +82,11 @@ class RayPool:
         if actor_died:
             logger.warning("worker %d died during %s task %d; replacing it", a, method, i)
             self._replace(a)
+        reason = _reason(error)
         if attempt >= self.max_attempts:
-            raise WindowFailed(f"task {i} ({method}) failed {attempt} times; last error: {error}") from error
+            raise WindowFailed(f"task {i} ({method}) failed {attempt} times; last error: {reason}") from error
         logger.warning("retrying %s task %d (attempt %d of %d) after: %s", method, i, attempt + 1, self.max_attempts,
-                       str(error).splitlines()[0])
+                       reason)
         self.retries += 1
         todo.appendleft(i)
         idle.append(a)
@@ -93,3 +95,11 @@ class RayPool:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def _reason(error: Exception) -> str:
+    """One line: the worker's own exception for a task error, else the actor error's first line."""
+    cause = getattr(error, "cause", None) if isinstance(error, RayTaskError) else None
+    if cause is not None and not isinstance(cause, RayActorError):
+        return f"{type(cause).__name__}: {cause}"
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'worker died'}"

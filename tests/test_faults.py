@@ -1,0 +1,71 @@
+"""Workers that die or fail: the window is retried on a replacement with identical frames, or the job
+fails with a clear error within its retries, never hanging (DESIGN.md contract 7)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from ray import cloudpickle
+import pytest
+import ray
+
+from longtake.actors.pool import InProcessPool, WindowFailed
+from longtake.actors.ray_pool import RayPool
+from longtake.actors.worker import Worker, WorkerSpec
+from longtake.cluster.engine import prepare, run
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
+
+
+class SlowWorker(Worker):
+    """Predicts normally but slowly, so a test can kill it mid-step."""
+
+    def predict(self, *args):
+        time.sleep(0.2)
+        return super().predict(*args)
+
+
+class BrokenWindowWorker(Worker):
+    """Fails every prediction of the window that starts at frame 5."""
+
+    def predict(self, z, t, cond, start, end, guidance):
+        if start == 5:
+            raise RuntimeError("injected fault in window 5")
+        return super().predict(z, t, cond, start, end, guidance)
+
+
+def _req(model, tmp_path, name):
+    return prepare(dict(prompt="a red ball", seconds=3, fps=8, steps=3, window=8, overlap=3, model=model,
+                        out=str(tmp_path / name)))
+
+
+def test_killed_worker_is_replaced_and_frames_are_identical(tmp_path, tiny_model, ray_session):
+    ref_pool = InProcessPool(WorkerSpec(tiny_model))
+    ref = run(_req(tiny_model, tmp_path, "ref.mp4"), ref_pool, progress=False)
+    ref_pool.shutdown()
+
+    pool = RayPool(WorkerSpec(tiny_model), 2, worker_cls=SlowWorker)
+    victim = pool.actors[0]
+    killer = threading.Timer(1.0, lambda: ray.kill(victim, no_restart=True))  # mid-render, mid-step
+    killer.start()
+    try:
+        res = run(_req(tiny_model, tmp_path, "killed.mp4"), pool, progress=False)
+    finally:
+        killer.cancel()
+        pool.shutdown()
+    assert pool.retries >= 1
+    assert res.frames_sha256 == ref.frames_sha256
+
+
+def test_window_failing_every_retry_fails_the_job_clearly(tmp_path, tiny_model, ray_session):
+    pool = RayPool(WorkerSpec(tiny_model), 2, max_attempts=3, worker_cls=BrokenWindowWorker)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(WindowFailed, match=r"task 1 \(predict\) failed 3 times; last error: RuntimeError: injected fault in window 5$"):
+            run(_req(tiny_model, tmp_path, "broken.mp4"), pool, progress=False)
+    finally:
+        pool.shutdown()
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "broken.mp4").exists()
