@@ -15,7 +15,7 @@ from longtake.request import RequestError
 # model_index.json `_class_name` -> family
 FAMILIES = {"AnimateDiffPipeline": "animatediff"}
 # components whose weights must be present as safetensors, per family
-REQUIRED_WEIGHTS = {"animatediff": ("unet", "vae", "text_encoder")}
+REQUIRED_WEIGHTS = {"animatediff": ("unet", "text_encoder")}
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class ModelInfo:
     default_size: int  # pixels (square)
     default_steps: int
     default_guidance: float
+    pixel_shuffle: int = 0  # pixel-space models: space-to-depth factor of the model's input (0: latent model)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +58,8 @@ def inspect_model(model: str) -> ModelInfo:
         raise RequestError(
             "model", model, f"a supported family ({', '.join(FAMILIES)}), not {index.get('_class_name')!r}"
         )
-    for component in REQUIRED_WEIGHTS[family]:
+    components = REQUIRED_WEIGHTS[family] + (("vae",) if index.get("vae", [None])[0] else ())
+    for component in components:
         if not any((path / component).glob("*.safetensors")):
             raise RequestError("model", model, f"safetensors weights in {component}/ (only .safetensors is loaded)")
     return _inspect_animatediff(path, model)
@@ -72,20 +74,27 @@ def _read_json(file: Path, model: str) -> dict:
 
 def _inspect_animatediff(path: Path, model: str) -> ModelInfo:
     unet = _read_json(path / "unet" / "config.json", model)
-    vae = _read_json(path / "vae" / "config.json", model)
+    # optional longtake.json: defaults for this model, and pixel-space models (no VAE, upscaled on decode)
+    extra = _read_json(path / "longtake.json", model) if (path / "longtake.json").is_file() else {}
+    if extra.get("pixel_space"):
+        scale = int(extra.get("pixel_shuffle", 1)) * int(extra.get("upscale", 1))
+    else:
+        vae = _read_json(path / "vae" / "config.json", model)
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
     max_window = int(unet.get("motion_max_seq_length", 32))
-    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
     return ModelInfo(
         path=str(path),
         family="animatediff",
-        native_window=min(16, max_window),  # AnimateDiff motion modules are trained on 16 frames
+        # AnimateDiff motion modules are trained on 16 frames
+        native_window=int(extra.get("native_window", min(16, max_window))),
         max_window=max_window,
         latent_channels=int(unet["in_channels"]),
-        vae_scale_factor=vae_scale,
+        vae_scale_factor=scale,
         temporal_compression=1,
-        default_size=int(unet["sample_size"]) * vae_scale,
-        default_steps=25,
-        default_guidance=7.5,
+        default_size=int(extra.get("default_size", int(unet["sample_size"]) * scale)),
+        default_steps=int(extra.get("default_steps", 25)),
+        default_guidance=float(extra.get("default_guidance", 7.5)),
+        pixel_shuffle=int(extra.get("pixel_shuffle", 1)) if extra.get("pixel_space") else 0,
     )
 
 

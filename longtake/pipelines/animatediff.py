@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +24,18 @@ class AnimateDiffBackend:
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32"):
         from diffusers import AnimateDiffPipeline
 
+        from longtake.pipelines import inspect_model
+
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
-        pipe = AnimateDiffPipeline.from_pretrained(model_path, use_safetensors=True, dtype=self.dtype)
+        info = inspect_model(model_path)
+        # pixel-space models (no VAE): the model's input is pixels rearranged space-to-depth
+        self.pixel_shuffle = info.pixel_shuffle
+        self.upscale = info.vae_scale_factor // max(1, info.pixel_shuffle)
+        extra = {"vae": None} if self.pixel_shuffle else {}
+        pipe = AnimateDiffPipeline.from_pretrained(model_path, use_safetensors=True, dtype=self.dtype, **extra)
         self.unet = pipe.unet.to(self.device).eval().requires_grad_(False)
-        self.vae = pipe.vae.to(self.device).eval().requires_grad_(False)
+        self.vae = pipe.vae.to(self.device).eval().requires_grad_(False) if not self.pixel_shuffle else None
         self.text_encoder = pipe.text_encoder.to(self.device).eval().requires_grad_(False)
         self.tokenizer = pipe.tokenizer
 
@@ -73,10 +81,15 @@ class AnimateDiffBackend:
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> np.ndarray:
-        """(1, C, n, h, w) latents -> (n, H, W, 3) uint8 frames."""
+        """(1, C, n, h, w) latents -> (n, H, W, 3) uint8 frames. Pixel-space models: upscale only."""
         _, c, n, h, w = z.shape
-        z = z.to(self.device, self.dtype) / self.vae.config.scaling_factor
         z = z.permute(0, 2, 1, 3, 4).reshape(n, c, h, w)  # (n, C, h, w)
-        video = self.vae.decode(z).sample.float()  # (n, 3, H, W) in [-1, 1]
+        if self.vae is None:
+            video = F.pixel_shuffle(z.float(), self.pixel_shuffle)  # (n, 3, h*s, w*s) in [-1, 1]
+            if self.upscale > 1:
+                video = F.interpolate(video, scale_factor=self.upscale, mode="bilinear", align_corners=False)
+        else:
+            z = z.to(self.device, self.dtype) / self.vae.config.scaling_factor
+            video = self.vae.decode(z).sample.float()  # (n, 3, H, W) in [-1, 1]
         video = (video / 2 + 0.5).clamp(0, 1)
         return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()

@@ -1,0 +1,161 @@
+"""Train the bundled default model: a small pixel-space AnimateDiff-style video model.
+
+    python -m longtake.models.train_default --out DIR [--minutes 45] [--seed 0]
+
+Data: procedural clips from `shapes.py` (4 colours x 3 shapes x 6 motions x 4 backgrounds), made on
+the fly. Model: diffusers classes only — UNet2DConditionModel + MotionAdapter -> UNetMotionModel on
+RGB frames (3 channels, 32x32, 16 frames), a CLIP text encoder over a word vocabulary, a DDIM
+scheduler. No VAE: frames are pixels, upscaled x2 on decode. Trained with the epsilon objective,
+10% caption dropout (for classifier-free guidance) and an EMA of the weights, which is what ships.
+The run is deterministic for a seed and a step count on one machine (torch threads fixed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from longtake.models.shapes import WORDS, sample_batch
+from longtake.pipelines.tiny import write_tokenizer_files
+
+logger = logging.getLogger("longtake.train")
+
+SIZE, FRAMES, SHUFFLE, UPSCALE = 32, 16, 2, 2
+CONFIG = {  # longtake.json beside the weights: how longtake runs this model
+    # the model denoises pixels rearranged space-to-depth (32x32x3 <-> 16x16x12, lossless), and the
+    # 32x32 frames are upscaled x2 on decode: 64x64 output
+    "pixel_space": True, "pixel_shuffle": SHUFFLE, "upscale": UPSCALE, "native_window": FRAMES,
+    "default_steps": 20, "default_guidance": 3.0,
+}
+
+
+def build_components(seed: int):
+    from diffusers import DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tmp = Path(".train_tokenizer")
+    vocab, merges = write_tokenizer_files(tmp, words=WORDS)
+    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
+    shutil.rmtree(tmp)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1,
+        pad_token_id=len(tokenizer) - 1))
+    channels = (32, 64, 64)
+    unet2d = UNet2DConditionModel(
+        sample_size=SIZE // SHUFFLE, in_channels=3 * SHUFFLE**2, out_channels=3 * SHUFFLE**2,
+        block_out_channels=channels, layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=16, norm_num_groups=8)
+    adapter = MotionAdapter(block_out_channels=channels, motion_layers_per_block=1, motion_norm_num_groups=8,
+                            motion_num_attention_heads=4, motion_max_seq_length=FRAMES)
+    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return tokenizer, text_encoder, unet, scheduler
+
+
+def save_model(out: Path, tokenizer, text_encoder, unet, scheduler, card: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    scheduler.save_pretrained(out / "scheduler")
+    index = {"_class_name": "AnimateDiffPipeline", "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNetMotionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "vae": [None, None], "motion_adapter": [None, None],
+             "feature_extractor": [None, None], "image_encoder": [None, None]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    (out / "longtake.json").write_text(json.dumps(CONFIG, indent=2))
+    (out / "training.json").write_text(json.dumps(card, indent=2))
+
+
+def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps: int | None, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    tokenizer, text_encoder, unet, scheduler = build_components(seed)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    alphas = scheduler.alphas_cumprod  # (T,)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    budget = minutes * 60
+    # the step count is fixed by --max-steps when given (reproducible), else by the time budget
+    total = max_steps or 10**9
+    t0, losses, step = time.time(), [], 0
+    bar = tqdm(total=max_steps, desc="train", unit="step")
+    while step < total and (max_steps or time.time() - t0 < budget):
+        clips, captions = sample_batch(rng, batch, FRAMES, SIZE)
+        x0 = torch.from_numpy(clips).float().div(127.5).sub(1).permute(0, 1, 4, 2, 3)  # (B, F, 3, H, W)
+        x0 = F.pixel_unshuffle(x0.flatten(0, 1), SHUFFLE).unflatten(0, (batch, FRAMES)).transpose(1, 2)  # (B, 12, F, h, w)
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        drop = torch.rand(batch, generator=gen) < 0.1
+        ids[drop] = empty
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        hidden = text_encoder(ids)[0].repeat_interleave(FRAMES, dim=0)  # (B*F, seq, dim)
+        pred = unet(xt, t, encoder_hidden_states=hidden).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        progress = step / max_steps if max_steps else (time.time() - t0) / budget
+        for g in opt.param_groups:  # short warm-up, then cosine decay over the run
+            g["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        opt.step()
+        decay = min(0.995, (1 + step) / (10 + step))  # ~200-step horizon: a short run
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.mul_(decay).add_(pl.detach(), alpha=1 - decay)
+        losses.append(loss.item())
+        step += 1
+        bar.update()
+        if step % 50 == 0:
+            bar.set_postfix_str(f"loss {np.mean(losses[-50:]):.4f}")
+            logger.info("step %d loss %.4f (%.0f s)", step, np.mean(losses[-50:]), time.time() - t0)
+    bar.close()
+    card = {"seed": seed, "steps": step, "batch": batch, "frames": FRAMES, "size": SIZE, "lr": lr,
+            "threads": threads, "train_seconds": round(time.time() - t0, 1),
+            "final_loss": round(float(np.mean(losses[-200:])), 5), "loss_curve": [round(float(np.mean(losses[i:i + 100])), 5)
+                                                                             for i in range(0, len(losses), 100)]}
+    save_model(out, tokenizer, ema_text, ema_unet, scheduler, card)
+    return card
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory to write the model to")
+    p.add_argument("--minutes", type=float, default=45, help="time budget when --max-steps is not given")
+    p.add_argument("--max-steps", type=int, default=1800, help="train exactly this many steps (reproducible); 0: use --minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=6)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (2 on the reference machine)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    card = train(Path(args.out), args.minutes, args.seed, args.batch, args.lr, args.max_steps or None, args.threads)
+    logger.info("done: %d steps in %.0f s, final loss %.4f -> %s", card["steps"], card["train_seconds"],
+                card["final_loss"], args.out)
+
+
+if __name__ == "__main__":
+    main()
