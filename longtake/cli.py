@@ -43,7 +43,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", choices=["independent", "freenoise"],
                    help="initial noise per frame, or FreeNoise-style shuffled windows (default: independent)")
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core)")
-    p.add_argument("--model", help="diffusers model directory (AnimateDiff), or 'tiny' (default: tiny)")
+    p.add_argument("--model", help="diffusers model directory (AnimateDiff), 'default' (the bundled model) or "
+                                   "'tiny' (random weights, for quick checks) (default: default)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers run (default: auto)")
     p.add_argument("--out", help="output MP4 path (default: longtake.mp4)")
     p.add_argument("--preview", metavar="PNG", help="also write a contact sheet of sampled frames")
@@ -97,6 +98,88 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from longtake.cluster.engine import prepare
+    from longtake.cluster.runtime import make_ray_pool
+    from longtake.evaluate import evaluate, write
+
+    try:
+        job = prepare({"prompt": "a red ball moving right on a blue background", "model": args.model,
+                       "workers": args.workers, "out": "eval.mp4"})
+    except RequestError as e:
+        print(f"longtake eval: error: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    pool, started = make_ray_pool(job)
+    try:
+        result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips, args.long_seconds)
+    finally:
+        pool.shutdown()
+        if started:
+            ray.shutdown()
+    command = "longtake eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "longtake eval"
+    write(result, args.out, args.table, command)
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def default_data_dir() -> str:
+    import os
+    from pathlib import Path
+
+    return os.environ.get("LONGTAKE_DATA_DIR") or str(Path.home() / ".local" / "share" / "longtake" / "serve")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import threading
+    from pathlib import Path
+
+    from longtake.pipelines import inspect_model
+    from longtake.serve import load_or_create_token
+    from longtake.serve.manager import Limits
+
+    try:
+        model = inspect_model(args.model)
+        if not 0 <= args.min_replicas <= args.max_replicas:
+            raise RequestError("min_replicas", args.min_replicas, f"0 <= min_replicas <= max_replicas ({args.max_replicas})")
+    except RequestError as e:
+        print(f"longtake serve: error: {e}", file=sys.stderr)
+        return 2
+    data_dir = Path(args.data_dir).resolve()
+    token, created = load_or_create_token(data_dir)
+    if created:
+        print(f"API token (saved to {data_dir / 'api_token'}, owner-only): {token}", file=sys.stderr)
+    import ray
+    from ray import serve
+
+    from longtake.cluster.runtime import start_ray
+    from longtake.serve.app import build_app
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started = start_ray(args.address)
+    try:
+        device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+        serve.start(http_options={"host": args.host, "port": args.port})
+        limits = Limits(max_seconds=args.max_seconds, max_steps=args.max_steps, max_side=args.max_side,
+                        max_queued=args.max_queued, max_running=args.max_running)
+        serve.run(build_app(model.path, str(data_dir), token, device, args.min_replicas, args.max_replicas, limits),
+                  name="longtake", route_prefix="/")
+        print(f"longtake serving {args.model} on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+        try:
+            while not stop.wait(1):
+                pass
+        except KeyboardInterrupt:
+            pass
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtake", description="Long AI video from overlapping windows on Ray.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -105,6 +188,37 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Render a long clip: windows denoised in parallel and fused at every step.")
     add_render_args(render)
     render.set_defaults(func=cmd_render)
+    ev = sub.add_parser("eval", help="measure colour, motion, seams and drift of a model on fixed prompts",
+                        description="Render fixed prompts and seeds and measure colour accuracy, motion accuracy, "
+                                    "seam continuity (fused vs naive windows) and drift.")
+    ev.add_argument("--model", default="default", help="model directory or name (default: the bundled model)")
+    ev.add_argument("--clips", type=int, default=50, help="short clips (default 50)")
+    ev.add_argument("--seconds", type=float, default=12, help="length of the short clips (default 12)")
+    ev.add_argument("--long-clips", type=int, default=4, help="60-second clips for drift (default 4)")
+    ev.add_argument("--long-seconds", type=float, default=60, help="length of the long clips (default 60)")
+    ev.add_argument("--workers", type=int, help="Ray workers (default: one per CPU core)")
+    ev.add_argument("--out", default="eval.json", help="JSON results (default eval.json)")
+    ev.add_argument("--table", default="EVAL.md", help="Markdown table (default EVAL.md)")
+    ev.set_defaults(func=cmd_eval)
+    sv = sub.add_parser("serve", help="run the HTTP job API on Ray Serve",
+                        description="Deploy the Ray Serve app: FastAPI ingress, job manager, autoscaled denoiser. "
+                                    "Every /v1 route needs 'Authorization: Bearer TOKEN' ($LONGTAKE_API_TOKEN, or "
+                                    "a token generated once into DATA_DIR/api_token).")
+    sv.add_argument("--model", default="default", help="the model every job uses (default: the bundled model)")
+    sv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; anything else is "
+                                                        "reachable from outside: keep the token secret)")
+    sv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    sv.add_argument("--min-replicas", type=int, default=0, help="denoiser replicas when idle (default 0)")
+    sv.add_argument("--max-replicas", type=int, default=2, help="denoiser replicas at most (default 2)")
+    sv.add_argument("--data-dir", default=default_data_dir(), help="job store, videos and token "
+                                                                   "(default $LONGTAKE_DATA_DIR or ~/.local/share/longtake/serve)")
+    sv.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    sv.add_argument("--max-seconds", type=float, default=120, help="longest clip accepted (default 120)")
+    sv.add_argument("--max-steps", type=int, default=50, help="most steps accepted (default 50)")
+    sv.add_argument("--max-side", type=int, default=512, help="largest height/width accepted (default 512)")
+    sv.add_argument("--max-queued", type=int, default=16, help="queued + running jobs before 429 (default 16)")
+    sv.add_argument("--max-running", type=int, default=2, help="jobs rendering at once (default 2)")
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 

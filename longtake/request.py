@@ -61,7 +61,7 @@ class RenderRequest(BaseModel):
         "independent", description="Initial noise: independent per frame, or FreeNoise-style shuffled windows."
     )
     workers: int | None = Field(None, description="Worker count (default: one per GPU, else one per CPU core).")
-    model: str = Field("tiny", description="A diffusers model directory, or 'tiny' for the built-in model.")
+    model: str = Field("default", description="A diffusers model directory, 'default' (the bundled model) or 'tiny'.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers run.")
     out: str = Field("longtake.mp4", description="Output MP4 path.")
     preview: str | None = Field(None, description="Optional contact-sheet PNG path.")

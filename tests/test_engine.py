@@ -118,3 +118,32 @@ def test_single_window_matches_diffusers_pipeline(tmp_path, tiny_model, inproc_p
     assert ours.shape == theirs.shape
     assert np.abs(ours.astype(float) - theirs).max() <= 1.0  # uint8 rounding only
     assert ours.std() > 1  # not a blank clip
+
+
+def test_python_api_render(tmp_path, tiny_model):
+    import longtake
+
+    out = tmp_path / "api.mp4"
+    result = longtake.render(_request(tiny_model, out, seconds=1.5), in_process=True)
+    assert result.frames == 12 and result.out == str(out) and out.is_file()
+    with pytest.raises(longtake.RequestError, match=r"^fps: got -8.0, expected"):
+        longtake.render(_request(tiny_model, out, fps=-8))
+
+
+def test_progress_and_cancel_hooks(tmp_path, tiny_model, inproc_pool):
+    from longtake.cluster.engine import Cancelled
+
+    events = []
+    req = _request(tiny_model, tmp_path / "p.mp4")
+    run(prepare(req), inproc_pool, progress=False, on_progress=events.append)
+    denoise = [e for e in events if e["phase"] == "denoise"]
+    assert [e["windows_done"] for e in denoise] == list(range(1, 16))  # 5 windows x 3 steps, in order
+    assert denoise[-1]["step"] == 3 and events[-1] == {**events[-1], "phase": "decode", "frames_done": 24}
+    assert denoise[-1]["eta_s"] == 0
+
+    out = tmp_path / "c.mp4"
+    seen = []
+    with pytest.raises(Cancelled):
+        run(prepare(_request(tiny_model, out)), inproc_pool, progress=False, on_progress=seen.append,
+            cancelled=lambda: len(seen) >= 4)
+    assert len(seen) == 4 and not out.exists() and list(tmp_path.glob(".c.mp4*")) == []

@@ -144,10 +144,23 @@ def _step_kwargs(scheduler, seed: int, step: int) -> dict:
     return kwargs
 
 
-def run(job: Job, pool: Pool, progress: bool = True, on_frames=None) -> RenderResult:
+def _bar(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
+    """A progress bar on stderr (every 10 s when stderr is not a terminal)."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,
+                mininterval=0.5 if sys.stderr.isatty() else 10)
+
+
+class Cancelled(Exception):
+    """The job was cancelled while it ran; nothing was written."""
+
+
+def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress=None, cancelled=None) -> RenderResult:
     """Render a prepared job on a pool. Writes the MP4 (and preview) atomically.
 
-    `on_frames(first_index, frames)` (optional) sees every decoded uint8 chunk in order."""
+    Optional hooks: `on_frames(first_index, frames)` sees every decoded uint8 chunk in order;
+    `on_progress(dict)` gets {phase, step, steps, windows_done, windows_total, frames_done, frames, eta_s}
+    after every window and decoded chunk; `cancelled()` is polled as often, and True stops the job
+    with `Cancelled` (no output left behind)."""
     t0 = time.perf_counter()
     req, plan = job.request, job.windows
     latent_frames = job.latent_frames
@@ -164,9 +177,21 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None) -> RenderRe
     z = z * scheduler.init_noise_sigma
     weights = window_weights(plan, req.weighting)
 
+    total = job.steps * len(plan)
+    started = time.perf_counter()
+
+    def report(phase: str, step: int, windows_done: int, frames_done: int = 0) -> None:
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"job cancelled during {phase}")
+        if on_progress is not None:
+            elapsed = time.perf_counter() - started
+            eta = elapsed / windows_done * (total - windows_done) if windows_done and phase == "denoise" else None
+            on_progress({"phase": phase, "step": step, "steps": job.steps, "windows_done": windows_done,
+                         "windows_total": total, "frames_done": frames_done, "frames": job.frames,
+                         "eta_s": None if eta is None else round(eta, 1)})
+
     # 3. denoise: predict every window, fuse in window order, one scheduler step
-    bar = tqdm(total=job.steps * len(plan), desc="denoise", unit="win", file=sys.stderr, disable=not progress,
-               mininterval=0.5 if sys.stderr.isatty() else 10)
+    bar = _bar(total, "denoise", "win", progress)
     for i, t in enumerate(scheduler.timesteps):
         model_in = scheduler.scale_model_input(z, t)  # (1, C, F, h, w)
         tasks = [(model_in[:, :, s:e].clone(), t, cond, s, e, job.guidance) for s, e in plan]
@@ -175,6 +200,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None) -> RenderRe
         for pred in pool.imap("predict", tasks):
             preds.append(pred)
             bar.update()
+            report("denoise", i + 1, i * len(plan) + len(preds))
         fused = fuse(preds, plan, weights, latent_frames)  # (1, C, F, h, w)
         z = scheduler.step(fused, t, z, **_step_kwargs(scheduler, req.seed, i)).prev_sample
     bar.close()
@@ -183,8 +209,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None) -> RenderRe
     chunks = [(s, min(s + job.window, latent_frames)) for s in range(0, latent_frames, job.window)]
     sampled = set(preview_indices(job.frames)) if req.preview else set()
     previews: list[tuple[int, np.ndarray]] = []
-    bar = tqdm(total=job.frames, desc="decode", unit="frame", file=sys.stderr, disable=not progress,
-               mininterval=0.5 if sys.stderr.isatty() else 10)
+    bar = _bar(job.frames, "decode", "frame", progress)
     with VideoWriter(req.out, job.width, job.height, req.fps) as writer:
         first = 0
         for frames in pool.imap("decode", [(z[:, :, s:e].clone(),) for s, e in chunks]):  # (n, H, W, 3)
@@ -194,6 +219,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None) -> RenderRe
             previews += [(first + k, frames[k].copy()) for k in range(len(frames)) if first + k in sampled]
             first += len(frames)
             bar.update(len(frames))
+            report("decode", job.steps, total, first)
     bar.close()
     if req.preview:
         contact_sheet(previews, req.preview)

@@ -80,8 +80,9 @@ def _mask(shape: str, cx: float, cy: float, r: float, size: int, ss: int = 4) ->
     coords = (np.arange(size * ss) + 0.5) / ss
     X, Y = np.meshgrid(coords, coords)
     cover = np.zeros_like(X, dtype=bool)
-    for ox in (-size, 0, size):
-        for oy in (-size, 0, size):
+    near = lambda c: [o for o in (-size, 0, size) if -r - 1 <= c + o <= size + r + 1]  # copies that can show
+    for ox in near(cx):
+        for oy in near(cy):
             dx, dy = X - (cx + ox), Y - (cy + oy)
             if shape == "ball":
                 cover |= dx**2 + dy**2 <= r**2

@@ -38,17 +38,26 @@ class ModelInfo:
         return asdict(self)
 
 
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+
+
 def resolve_model_path(model: str) -> str:
-    """'tiny' -> the built-in tiny model (built once into the cache); anything else is a path."""
+    """'default' -> the bundled trained model; 'tiny' -> a random-weight tiny model built once into the
+    cache (for quick checks); anything else is a path."""
     from longtake.pipelines.tiny import TINY_NAME, ensure_tiny_model
 
+    if model == "default":
+        if not (DEFAULT_MODEL / "model_index.json").is_file():
+            raise RequestError("model", model, f"the bundled model in {DEFAULT_MODEL} (missing: rebuild it with "
+                                               f"python -m longtake.models.train_default --out {DEFAULT_MODEL})")
+        return str(DEFAULT_MODEL)
     return str(ensure_tiny_model()) if model == TINY_NAME else model
 
 
 def inspect_model(model: str) -> ModelInfo:
     path = Path(resolve_model_path(model))
     if not path.is_dir():
-        raise RequestError("model", model, "an existing diffusers model directory, or 'tiny'")
+        raise RequestError("model", model, "an existing diffusers model directory, 'default' or 'tiny'")
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise RequestError("model", model, "a diffusers model directory with a model_index.json")

@@ -1,0 +1,63 @@
+"""Write MODEL_CARD.md beside a trained default model, from its training.json and EVAL.md.
+
+    python -m longtake.models.card longtake/models/default
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from longtake.models.shapes import BACKGROUNDS, MOTIONS, OBJECT_COLORS, SHAPES
+
+
+def write_card(model_dir: str | Path) -> Path:
+    d = Path(model_dir)
+    t = json.loads((d / "training.json").read_text())
+    lt = json.loads((d / "longtake.json").read_text())
+    unet = json.loads((d / "unet" / "config.json").read_text())
+    text = json.loads((d / "text_encoder" / "config.json").read_text())
+    size_mb = sum(f.stat().st_size for f in d.rglob("*.safetensors")) / 2**20
+    evaluation = (d / "EVAL.md").read_text() if (d / "EVAL.md").is_file() else "(not evaluated yet: run `longtake eval`)"
+    curve = ", ".join(f"{v:.3f}" for v in t["loss_curve"][:: max(1, len(t["loss_curve"]) // 10)])
+    card = f"""# longtake default model
+
+A small text-to-video diffusion model trained by `python -m longtake.models.train_default` on
+procedural clips, shipped inside the package so longtake renders something watchable on a laptop CPU.
+
+## Data
+Generated on the fly by `longtake/models/shapes.py`: one object of {len(OBJECT_COLORS)} colours
+({", ".join(OBJECT_COLORS)}) and {len(SHAPES)} shapes ({", ".join(SHAPES)}) over {len(BACKGROUNDS)} plain
+backgrounds ({", ".join(BACKGROUNDS)}; never blue on blue), moving {", ".join(MOTIONS)} (directions wrap
+around the frame edges; "bouncing" is a vertical bounce). Captions are built from those words:
+"a red ball moving right on a blue background". {t['frames']} frames of {t['size']}x{t['size']} per clip.
+
+## Architecture
+diffusers classes only, run by the same AnimateDiff backend as real models:
+- `UNetMotionModel` (UNet2DConditionModel + MotionAdapter), blocks {unet['block_out_channels']},
+  {unet['layers_per_block']} layer per block, cross-attention at the two lower resolutions, motion modules
+  at every resolution (max {unet.get('motion_max_seq_length')} frames).
+- Pixel space, no VAE: the model denoises frames rearranged space-to-depth
+  ({t['size']}x{t['size']}x3 <-> {t['size'] // lt['pixel_shuffle']}x{t['size'] // lt['pixel_shuffle']}x{3 * lt['pixel_shuffle'] ** 2},
+  lossless); decoding is the inverse rearrangement and a x{lt['upscale']} bilinear upscale to
+  {t['size'] * lt['upscale']}x{t['size'] * lt['upscale']}.
+- `CLIPTextModel` ({text['num_hidden_layers']} layers, width {text['hidden_size']}) over a word vocabulary written locally.
+- DDIM scheduler, cosine betas, epsilon prediction; defaults {lt['default_steps']} steps, guidance {lt['default_guidance']}.
+- Weights: {size_mb:.1f} MB of safetensors (EMA of the trained weights).
+
+## Training
+seed {t['seed']}, {t['steps']} steps of batch {t['batch']} clips, AdamW lr {t['lr']} (warm-up, cosine decay),
+10% caption dropout, {t['threads']} torch threads: {t['train_seconds'] / 60:.1f} minutes on a 2-core CPU.
+Final loss (mean of the last 200 steps): {t['final_loss']}. Loss every 100 steps (sampled): {curve}.
+
+## Evaluation
+{evaluation}
+"""
+    out = d / "MODEL_CARD.md"
+    out.write_text(card)
+    return out
+
+
+if __name__ == "__main__":
+    print(write_card(sys.argv[1] if len(sys.argv) > 1 else "longtake/models/default"))

@@ -1,0 +1,115 @@
+"""Quality metrics of rendered clips of one coloured object on a plain background (numpy only).
+
+    track = object_track(frames, background_rgb)         # per-frame centroid, area, colour
+    classify_color(track), classify_motion(track, size)  # vs the prompt's words
+    seam_ratio(track, seams, size)                       # centroid jumps at window seams / median jump
+    drift(track, fps)                                    # colour and size, last 10 s vs first 10 s
+
+Positions are wrap-aware (circular means and differences), because objects wrap around the edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from longtake.models.shapes import OBJECT_COLORS
+
+MIN_AREA = 4  # pixels: fewer means "no object in this frame"
+
+
+@dataclass
+class Track:
+    centroids: np.ndarray  # (F, 2) x, y in pixels; nan where no object
+    areas: np.ndarray  # (F,) object pixels
+    colors: np.ndarray  # (F, 3) mean object RGB; nan where no object
+    size: int  # frame width (= height)
+
+
+def object_track(frames: np.ndarray, background: tuple[int, int, int], threshold: float = 80.0) -> Track:
+    """frames (F, H, W, 3) uint8; the object is every pixel far from the background colour."""
+    f, h, w, _ = frames.shape
+    dist = np.linalg.norm(frames.astype(np.float64) - np.asarray(background, dtype=np.float64), axis=-1)
+    mask = dist > threshold  # (F, H, W)
+    areas = mask.sum(axis=(1, 2)).astype(np.float64)
+    ang_x = 2 * np.pi * (np.arange(w) + 0.5) / w
+    ang_y = 2 * np.pi * (np.arange(h) + 0.5) / h
+    centroids = np.full((f, 2), np.nan)
+    colors = np.full((f, 3), np.nan)
+    for i in range(f):
+        if areas[i] < MIN_AREA:
+            continue
+        ys, xs = np.nonzero(mask[i])
+        cx = np.arctan2(np.sin(ang_x[xs]).mean(), np.cos(ang_x[xs]).mean()) % (2 * np.pi) * w / (2 * np.pi) - 0.5
+        cy = np.arctan2(np.sin(ang_y[ys]).mean(), np.cos(ang_y[ys]).mean()) % (2 * np.pi) * h / (2 * np.pi) - 0.5
+        centroids[i] = (cx % w, cy % h)
+        colors[i] = frames[i][mask[i]].mean(axis=0)
+    return Track(centroids, areas, colors, w)
+
+
+def wrap_delta(a: np.ndarray, b: np.ndarray, size: int) -> np.ndarray:
+    """b - a on a circle of circumference `size`, in [-size/2, size/2)."""
+    return (b - a + size / 2) % size - size / 2
+
+
+def steps(track: Track) -> np.ndarray:
+    """(F-1, 2) per-frame displacement, nan where either frame has no object."""
+    return wrap_delta(track.centroids[:-1], track.centroids[1:], track.size)
+
+
+def classify_color(track: Track) -> str | None:
+    valid = ~np.isnan(track.colors[:, 0])
+    if not valid.any():
+        return None
+    mean = track.colors[valid].mean(axis=0)
+    return min(OBJECT_COLORS, key=lambda c: np.linalg.norm(mean - np.asarray(OBJECT_COLORS[c])))
+
+
+def classify_motion(track: Track) -> str | None:
+    """left / right / up / down (mean wrap-aware velocity), bouncing (vertical back and forth), still."""
+    d = steps(track)
+    d = d[~np.isnan(d).any(axis=1)]
+    if len(d) < 4:
+        return None
+    scale = track.size / 64  # thresholds are in pixels of a 64-pixel frame
+    speed = np.linalg.norm(d, axis=1)
+    if np.median(speed) < 0.4 * scale:
+        return "still"
+    mean = d.mean(axis=0)
+    dy = d[:, 1][np.abs(d[:, 1]) > 0.3 * scale]
+    reversals = int((np.sign(dy[1:]) != np.sign(dy[:-1])).sum()) if len(dy) > 1 else 0
+    if reversals >= max(2, len(d) // 24) and np.linalg.norm(mean) < 0.35 * speed.mean():
+        return "bouncing"
+    if abs(mean[0]) >= abs(mean[1]):
+        return "right" if mean[0] > 0 else "left"
+    return "down" if mean[1] > 0 else "up"
+
+
+def seam_pairs(windows: list[tuple[int, int]], frames: int) -> list[int]:
+    """Indices f such that frames (f, f+1) straddle a window boundary (a window starts or ends)."""
+    bounds = {s for s, _ in windows[1:]} | {e for _, e in windows[:-1]}
+    return sorted(b - 1 for b in bounds if 0 < b < frames)
+
+
+def seam_ratio(track: Track, seams: list[int]) -> float:
+    """Mean centroid jump across seam pairs / median jump inside windows (1 = seamless)."""
+    jumps = np.linalg.norm(steps(track), axis=1)  # (F-1,)
+    at_seam = np.zeros(len(jumps), dtype=bool)
+    at_seam[[s for s in seams if s < len(jumps)]] = True
+    seam, inside = jumps[at_seam], jumps[~at_seam]
+    seam, inside = seam[~np.isnan(seam)], inside[~np.isnan(inside)]
+    if not len(seam) or not len(inside) or np.median(inside) == 0:
+        return float("nan")
+    return float(seam.mean() / np.median(inside))
+
+
+def drift(track: Track, fps: float, seconds: float = 10.0) -> dict:
+    """Object colour distance (RGB) and size ratio, last `seconds` against the first `seconds`."""
+    n = int(round(seconds * fps))
+    first, last = slice(0, n), slice(len(track.areas) - n, None)
+    mean_color = lambda s: np.nanmean(track.colors[s], axis=0)
+    return {
+        "color_delta": float(np.linalg.norm(mean_color(last) - mean_color(first))),
+        "size_ratio": float(track.areas[last].mean() / max(track.areas[first].mean(), 1e-9)),
+    }

@@ -1,0 +1,243 @@
+"""The Ray Serve application: a thin FastAPI ingress, a job manager, an autoscaled denoiser.
+
+    Ingress (FastAPI: auth, limits, routes) -> Manager (job store, engine threads) -> Denoiser replicas
+                                                                                     (one model each,
+                                                                                      0..max replicas)
+The manager's engine threads send every window of every running job to the denoiser deployment at
+once, so Serve's queue (ongoing requests) is what the autoscaler scales on.
+"""
+
+
+import asyncio
+import json
+import logging
+import secrets
+from collections import deque
+from dataclasses import asdict
+
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from longtake.actors.worker import Worker, WorkerSpec
+from longtake.request import RequestError
+from longtake.serve.manager import JobManager, Limits, QueueFull
+
+logger = logging.getLogger(__name__)
+
+
+class ServePool:
+    """The engine's pool interface over the Denoiser deployment (used from the manager's threads)."""
+
+    def __init__(self, handle: DeploymentHandle, num_workers: int, decode_in_flight: int = 4):
+        self.handle, self.num_workers, self.decode_in_flight = handle, num_workers, decode_in_flight
+
+    def put(self, obj):
+        return obj
+
+    def call(self, method: str, *args):
+        return getattr(self.handle, method).remote(*args).result()
+
+    def imap(self, method: str, args_list):
+        tasks = list(args_list)
+        # all windows of a step are queued at once (the autoscaler sees the queue); decoded frames are big,
+        # so only a few decode chunks are in flight
+        limit = self.decode_in_flight if method == "decode" else len(tasks)
+        pending: deque = deque()
+        nxt = 0
+        try:
+            while nxt < len(tasks) or pending:
+                while nxt < len(tasks) and len(pending) < limit:
+                    pending.append(getattr(self.handle, method).remote(*tasks[nxt]))
+                    nxt += 1
+                yield pending.popleft().result()
+        finally:
+            for response in pending:  # cancelled or failed: stop what is still queued
+                response.cancel()
+
+    def shutdown(self) -> None:
+        pass
+
+
+@serve.deployment(autoscaling_config={"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 2},
+                  max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})
+class Denoiser:
+    """One loaded model; predicts windows and decodes chunks for every job."""
+
+    def __init__(self, model_path: str, device: str = "cpu"):
+        spec = WorkerSpec(model_path, device, "float16" if device == "cuda" else "float32")
+        self.worker = Worker(spec)
+
+    def encode(self, *args):
+        return self.worker.encode(*args)
+
+    def predict(self, *args):
+        return self.worker.predict(*args)
+
+    def decode(self, *args):
+        return self.worker.decode(*args)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Manager:
+    def __init__(self, denoiser: DeploymentHandle, data_dir: str, model: str, max_replicas: int, limits: dict):
+        self.manager = JobManager(data_dir, ServePool(denoiser, max_replicas), model, Limits(**limits))
+
+    async def call(self, method: str, *args):
+        # the manager's methods touch SQLite and join threads: keep them off the event loop
+        return await asyncio.to_thread(getattr(self.manager, method), *args)
+
+
+api = FastAPI(title="longtake", description="Long AI video rendering: submit, watch, download.")
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    """Thin ingress: authenticates, enforces limits, routes to the manager. Holds no job state."""
+
+    def __init__(self, manager: DeploymentHandle, token: str, limits: dict):
+        self.manager, self.token, self.limits = manager, token, Limits(**limits)
+
+    def _check(self, authorization: str | None) -> None:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if not secrets.compare_digest(authorization[7:].encode(), self.token.encode()):
+            raise HTTPException(403, "wrong token")
+
+    async def _call(self, method: str, *args):
+        return await self.manager.call.remote(method, *args)
+
+    async def _job(self, job_id: str) -> dict:
+        job = await self._call("get", job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"ok": True}
+
+    @api.get("/metrics")
+    async def metrics(self):
+        return Response(await self._call("metrics"), media_type="text/plain; version=0.0.4")
+
+    @api.post("/v1/videos", status_code=202)
+    async def create(self, request: Request, authorization: str | None = Header(None),
+                     idempotency_key: str | None = Header(None)):
+        self._check(authorization)
+        top = self.limits.max_body_bytes
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > top:
+            raise HTTPException(413, f"body of {size} bytes, at most {top}")
+        raw = await request.body()
+        if len(raw) > top:
+            raise HTTPException(413, f"body of {len(raw)} bytes, at most {top}")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPException(400, f"body: expected a JSON object ({e})")
+        if not isinstance(body, dict):
+            return JSONResponse({"detail": {"field": "body", "error": f"body: got {type(body).__name__}, "
+                                                                       "expected a JSON object"}}, status_code=422)
+        try:
+            job, created = await self._call("submit", body, idempotency_key)
+        except RequestError as e:
+            return JSONResponse({"detail": {"field": e.field, "error": str(e)}}, status_code=422)
+        except QueueFull as e:
+            return JSONResponse({"detail": f"queue full: {e}"}, status_code=429, headers={"Retry-After": "10"})
+        return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202 if created else 200)
+
+    @api.get("/v1/videos")
+    async def list_jobs(self, limit: int = 20, offset: int = 0, authorization: str | None = Header(None)):
+        self._check(authorization)
+        if not (1 <= limit <= 100 and offset >= 0):
+            raise HTTPException(422, f"limit: got {limit}, expected 1..100; offset: got {offset}, expected >= 0")
+        return await self._call("list", limit, offset)
+
+    @api.get("/v1/videos/{job_id}")
+    async def get_job(self, job_id: str, authorization: str | None = Header(None)):
+        self._check(authorization)
+        return await self._job(job_id)
+
+    @api.get("/v1/videos/{job_id}/events")
+    async def events(self, job_id: str, authorization: str | None = Header(None)):
+        self._check(authorization)
+        await self._job(job_id)
+
+        async def stream():
+            last = None
+            while True:
+                job = await self._call("get", job_id)
+                if job is None:
+                    yield _sse("deleted", {"id": job_id})
+                    return
+                state = {"status": job["status"], "progress": job["progress"], "error": job["error"]}
+                if state != last:
+                    yield _sse("progress", {"id": job_id, **state})
+                    last = state
+                if JobManager.is_final(job["status"]):
+                    yield _sse("end", {"id": job_id, "status": job["status"]})
+                    return
+                await asyncio.sleep(0.5)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def _file(self, job_id: str, name: str, media_type: str):
+        job = await self._job(job_id)
+        path = await self._call("file", job_id, name)
+        if path is None:
+            raise HTTPException(409, f"job {job_id} is {job['status']}: no {name} yet")
+        return FileResponse(path, media_type=media_type)
+
+    @api.get("/v1/videos/{job_id}/content")
+    async def content(self, job_id: str, authorization: str | None = Header(None)):
+        self._check(authorization)
+        return await self._file(job_id, "video.mp4", "video/mp4")
+
+    @api.get("/v1/videos/{job_id}/preview")
+    async def preview(self, job_id: str, authorization: str | None = Header(None)):
+        self._check(authorization)
+        return await self._file(job_id, "preview.png", "image/png")
+
+    @api.delete("/v1/videos/{job_id}")
+    async def delete(self, job_id: str, authorization: str | None = Header(None)):
+        self._check(authorization)
+        if not await self._call("cancel", job_id):
+            raise HTTPException(404, f"no job {job_id}")
+        return {"id": job_id, "status": "cancelled", "deleted": True}
+
+
+def build_app(model_path: str, data_dir: str, token: str, device: str = "cpu", min_replicas: int = 0,
+              max_replicas: int = 2, limits: Limits = Limits(), downscale_delay_s: float = 30):
+    """The bound application, ready for serve.run()."""
+    denoiser = Denoiser.options(autoscaling_config={
+        "min_replicas": min_replicas, "max_replicas": max_replicas, "initial_replicas": min_replicas,
+        "target_ongoing_requests": 2, "upscale_delay_s": 1, "downscale_delay_s": downscale_delay_s},
+        ray_actor_options={"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1},
+    ).bind(model_path, device)
+    manager = Manager.bind(denoiser, data_dir, model_path, max_replicas, asdict(limits))
+    return Ingress.bind(manager, token, asdict(limits))
+
+
+def app_builder(args: dict):
+    """Application builder for `serve deploy` / KubeRay (see deploy/serve_config.yaml).
+
+    args: model ('default' or a directory), data_dir, device ('cpu' | 'cuda'), min_replicas, max_replicas,
+    and optional limits (max_seconds, max_steps, max_side, max_queued, max_running, max_body_bytes).
+    The API token comes from $LONGTAKE_API_TOKEN (a Kubernetes secret), else DATA_DIR/api_token."""
+    from longtake.pipelines import inspect_model
+    from longtake.serve import load_or_create_token
+
+    model = inspect_model(args.get("model", "default"))
+    data_dir = args.get("data_dir", "/tmp/longtake")
+    token, _ = load_or_create_token(data_dir)
+    limit_keys = set(Limits.__dataclass_fields__)
+    limits = Limits(**{k: v for k, v in args.items() if k in limit_keys})
+    return build_app(model.path, data_dir, token, args.get("device", "cpu"), int(args.get("min_replicas", 0)),
+                     int(args.get("max_replicas", 2)), limits, float(args.get("downscale_delay_s", 30)))
