@@ -47,7 +47,7 @@ def _render_frames(pool, request: dict) -> tuple[np.ndarray, list[tuple[int, int
     return np.concatenate(chunks), job.windows
 
 
-def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 12, long_clips: int = 4,
+def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, long_clips: int = 2,
              long_seconds: float = 60, fps: float = 8, progress: bool = True) -> dict:
     rows = []
     specs = eval_specs(clips)

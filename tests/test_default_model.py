@@ -42,3 +42,21 @@ def test_default_model_renders_the_prompt(tmp_path, default_pool, color, motion,
     track = object_track(frames, BACKGROUNDS[bg])
     assert classify_color(track) == color
     assert classify_motion(track) == motion
+
+
+def test_eval_runner_measures_and_tabulates(tmp_path, default_pool):
+    from longtake.evaluate import eval_specs, evaluate, table, write
+
+    specs = eval_specs(12)
+    assert len({s.motion for s in specs}) == 6 and len({s.color for s in specs}) == 4
+    assert not any(s.color == "blue" and s.background == "blue" for s in eval_specs(200))
+    result = evaluate(default_pool, clips=2, seconds=4, long_clips=1, long_seconds=21, progress=False)
+    s = result["summary"]
+    assert s["clips"] == 2 and s["long_clips"] == 1 and len(result["clips"]) == 3
+    assert 0 <= s["color_accuracy"] <= 1 and 0 <= s["motion_accuracy"] <= 1
+    moving = [r for r in result["clips"] if not r["long"] and "seam_ratio" in r]
+    assert moving and all("seam_ratio_naive" in r for r in moving)  # the same prompt, naive windows
+    assert "drift_color_delta" in result["clips"][-1] and "drift_size_ratio" in result["clips"][-1]
+    write(result, str(tmp_path / "e.json"), str(tmp_path / "E.md"), "longtake eval --clips 2")
+    md = (tmp_path / "E.md").read_text()
+    assert "| colour accuracy |" in md and "longtake eval --clips 2" in md

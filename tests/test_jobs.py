@@ -14,6 +14,7 @@ def test_create_get_list_and_idempotency(tmp_path):
     a, created = store.create({"prompt": "a"}, idempotency_key="k1")
     again, created_again = store.create({"prompt": "different"}, idempotency_key="k1")
     assert created and not created_again and again.id == a.id and again.request == {"prompt": "a"}
+    assert store.get_by_key("k1").id == a.id and store.get_by_key("k2") is None
     b, _ = store.create({"prompt": "b"})
     assert store.get(a.id).state == "queued" and store.get("nope") is None
     assert {j.id for j in store.list()} == {a.id, b.id}

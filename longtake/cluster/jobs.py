@@ -97,6 +97,11 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row) if row else None
 
+    def get_by_key(self, idempotency_key: str) -> JobRecord | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+        return _record(row) if row else None
+
     def list(self, limit: int = 20, offset: int = 0, state: str | None = None) -> list[JobRecord]:
         query, args = "SELECT * FROM jobs", []
         if state is not None:

@@ -88,6 +88,16 @@ class Manager:
         # the manager's methods touch SQLite and join threads: keep them off the event loop
         return await asyncio.to_thread(getattr(self.manager, method), *args)
 
+    async def submit(self, body: dict, idempotency_key: str | None) -> dict:
+        """Errors come back as values, not exceptions, across the Ray boundary."""
+        try:
+            job, created = await asyncio.to_thread(self.manager.submit, body, idempotency_key)
+        except RequestError as e:
+            return {"error": "invalid", "field": e.field, "message": str(e)}
+        except QueueFull as e:
+            return {"error": "full", "message": str(e)}
+        return {"job": job, "created": created}
+
 
 api = FastAPI(title="longtake", description="Long AI video rendering: submit, watch, download.")
 
@@ -145,13 +155,14 @@ class Ingress:
         if not isinstance(body, dict):
             return JSONResponse({"detail": {"field": "body", "error": f"body: got {type(body).__name__}, "
                                                                        "expected a JSON object"}}, status_code=422)
-        try:
-            job, created = await self._call("submit", body, idempotency_key)
-        except RequestError as e:
-            return JSONResponse({"detail": {"field": e.field, "error": str(e)}}, status_code=422)
-        except QueueFull as e:
-            return JSONResponse({"detail": f"queue full: {e}"}, status_code=429, headers={"Retry-After": "10"})
-        return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202 if created else 200)
+        answer = await self.manager.submit.remote(body, idempotency_key)
+        if answer.get("error") == "invalid":
+            return JSONResponse({"detail": {"field": answer["field"], "error": answer["message"]}}, status_code=422)
+        if answer.get("error") == "full":
+            return JSONResponse({"detail": f"queue full: {answer['message']}"}, status_code=429,
+                                headers={"Retry-After": "10"})
+        job = answer["job"]
+        return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202 if answer["created"] else 200)
 
     @api.get("/v1/videos")
     async def list_jobs(self, limit: int = 20, offset: int = 0, authorization: str | None = Header(None)):

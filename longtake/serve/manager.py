@@ -22,6 +22,15 @@ from longtake.request import RequestError, parse_request
 logger = logging.getLogger(__name__)
 
 
+def _same_model(asked, served: str) -> bool:
+    from longtake.pipelines import resolve_model_path
+
+    try:
+        return isinstance(asked, str) and Path(resolve_model_path(asked)).resolve() == Path(served).resolve()
+    except RequestError:
+        return False
+
+
 class QueueFull(Exception):
     """Too many jobs waiting; retry later."""
 
@@ -72,9 +81,9 @@ class JobManager:
         for field in ("out", "preview"):
             if field in body:
                 raise RequestError(field, body[field], "no value: the server chooses output paths")
-        body = {"model": self.model, **body}
-        if body["model"] != self.model:
+        if "model" in body and not _same_model(body["model"], self.model):
             raise RequestError("model", body["model"], f"{self.model!r}, the model this server runs")
+        body = {**body, "model": self.model}
         req = parse_request({**body, "out": str(self.data_dir / "check.mp4")})
         lim = self.limits
         for field, value, top in (("seconds", req.seconds, lim.max_seconds), ("steps", req.steps, lim.max_steps),
@@ -82,10 +91,9 @@ class JobManager:
             if value is not None and value > top:
                 raise RequestError(field, value, f"at most {top:g} on this server")
         prepare(req)  # model-dependent checks (size factor, window), before anything is queued
-        if idempotency_key is not None:
-            existing = [j for j in self.store.list(limit=10**6) if j.idempotency_key == idempotency_key]
-            if existing:
-                return existing[0].to_dict(), False
+        existing = self.store.get_by_key(idempotency_key) if idempotency_key is not None else None
+        if existing is not None:
+            return existing.to_dict(), False
         if self.store.count(("queued", "running")) >= lim.max_queued:
             raise QueueFull(f"{lim.max_queued} jobs queued or running")
         record, created = self.store.create(body, idempotency_key=idempotency_key)
