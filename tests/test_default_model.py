@@ -50,7 +50,7 @@ def test_eval_runner_measures_and_tabulates(tmp_path, default_pool):
     specs = eval_specs(12)
     assert len({s.motion for s in specs}) == 6 and len({s.color for s in specs}) == 4
     assert not any(s.color == "blue" and s.background == "blue" for s in eval_specs(200))
-    result = evaluate(default_pool, clips=2, seconds=4, long_clips=1, long_seconds=21, progress=False)
+    result = evaluate(default_pool, clips=2, seconds=4, long_clips=1, long_seconds=21, progress=False, naive_every=1)
     s = result["summary"]
     assert s["clips"] == 2 and s["long_clips"] == 1 and len(result["clips"]) == 3
     assert 0 <= s["color_accuracy"] <= 1 and 0 <= s["motion_accuracy"] <= 1
