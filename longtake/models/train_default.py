@@ -37,7 +37,7 @@ CONFIG = {  # longtake.json beside the weights: how longtake runs this model
     # the model denoises pixels rearranged space-to-depth (32x32x3 <-> 16x16x12, lossless), and the
     # 32x32 frames are upscaled x2 on decode: 64x64 output
     "pixel_space": True, "pixel_shuffle": SHUFFLE, "upscale": UPSCALE, "native_window": FRAMES,
-    "default_steps": 20, "default_guidance": 5.0,
+    "default_steps": 20, "default_guidance": 9.0,
 }
 
 
