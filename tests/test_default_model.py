@@ -51,7 +51,7 @@ def test_the_prompt_steers_the_render(tmp_path, default_pool):
 
 
 def test_eval_runner_measures_and_tabulates(tmp_path, default_pool):
-    from longtake.evaluate import eval_specs, evaluate, table, write
+    from longtake.evaluate import eval_specs, evaluate, write
 
     specs = eval_specs(12)
     assert len({s.motion for s in specs}) == 6 and len({s.color for s in specs}) == 4
