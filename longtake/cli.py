@@ -2,6 +2,8 @@
 
     longtake render "a red ball bouncing" --seconds 60 --fps 8 --workers 2 --out ball.mp4
     longtake render --timeline story.yaml --seconds 90 --model ./animatediff-dir --json
+    longtake submit shots.yaml; longtake farm run; longtake status [ID] [--json]
+    longtake cancel|pause|resume|retry ID
 
 Bad input exits with status 2 and one line naming the field, before Ray or a model starts.
 Ctrl-C / SIGTERM stop cleanly: workers, the Ray that longtake started and ffmpeg end, and no
@@ -180,6 +182,119 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from longtake.cluster import farm
+
+    jobs = []
+    try:
+        for path in args.specs:
+            for n, spec in enumerate(farm.read_specs(path)):
+                try:
+                    request, priority, token = farm.split_spec(spec, args.priority)
+                    farm.validate(args.farm_dir, request)
+                except RequestError as e:
+                    raise RequestError(f"{path}: job {n + 1}: {e.field}", e.value, e.expected) from None
+                jobs.append((request, priority, token))
+    except RequestError as e:
+        print(f"longtake submit: error: {e} (nothing was submitted)", file=sys.stderr)
+        return 2
+    for record, created in farm.submit(args.farm_dir, jobs):
+        print(record.id)
+        if not created:
+            print(f"longtake submit: {record.id}: already submitted with this token ({record.state})", file=sys.stderr)
+    return 0
+
+
+def cmd_farm_run(args: argparse.Namespace) -> int:
+    from longtake.cluster.farm import Runner
+
+    try:
+        runner = Runner(args.farm_dir, address=args.address, workers=args.workers,
+                        checkpoint_every=args.checkpoint_every, max_attempts=args.max_attempts,
+                        blocklist_after=args.blocklist_after, task_timeout_s=args.task_timeout,
+                        min_free_mb=args.min_free_mb, progress=not args.quiet)
+    except RequestError as e:
+        print(f"longtake farm run: error: {e}", file=sys.stderr)
+        return 2
+
+    def stop(signum, frame):  # finish nothing more: checkpoint the current job and requeue it
+        runner.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.getLogger("longtake.cluster.farm").setLevel(logging.INFO)  # one line per job start and end
+    print(f"longtake farm runner {runner.id} on {args.farm_dir} (Ctrl-C to stop)", file=sys.stderr)
+    runner.serve_forever(exit_when_idle=args.exit_when_idle)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from longtake.cluster import farm
+
+    store = farm.open_store(args.farm_dir)
+    if args.id:
+        record = store.get(args.id)
+        if record is None:
+            print(f"longtake status: error: id: got {args.id!r}, expected the id of a job in {args.farm_dir}",
+                  file=sys.stderr)
+            return 2
+        info = record.to_dict() | {"dir": str(farm.job_dir(args.farm_dir, record.id))}
+        if args.json:
+            print(json.dumps(info))
+        else:
+            for key in ("id", "status", "priority", "progress", "error", "dir"):
+                print(f"{key:9} {info[key]}")
+            if record.result:
+                print(f"{'out':9} {record.result['out']}\n{'sha256':9} {record.result['frames_sha256']}")
+        return 0
+    rows = farm.status_rows(store)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'ID':16}  {'STATE':9}  {'PRI':>4}  {'STEP':>7}  {'SUBMITTED':11}  WHAT")
+    for r in rows:
+        print(f"{r['id']:16}  {r['state']:9}  {r['priority']:>4}  {r['progress']:>7}  {r['submitted']:11}  {r['what']}")
+    return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from longtake.cluster import farm
+
+    try:
+        record = farm.control(args.farm_dir, args.command, args.id)
+    except RequestError as e:
+        print(f"longtake {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{record.id} {record.state}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from longtake.bench import bench, write
+    from longtake.pipelines import inspect_model
+
+    try:
+        inspect_model(args.model)
+    except RequestError as e:
+        print(f"longtake bench: error: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    result = bench(quick=args.quick, device=args.device, model=args.model, progress=not args.quiet,
+                   workers_per_node=args.workers_per_node, bandwidth_gbps=args.bandwidth_gbps)
+    command = "longtake bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "longtake bench"
+    write(result, args.out, args.table, command)
+    print(json.dumps(result["figures"], indent=2))
+    return 0
+
+
+def _farm_dir_arg(p: argparse.ArgumentParser) -> None:
+    from longtake.cluster.farm import default_farm_dir
+
+    p.add_argument("--farm-dir", default=default_farm_dir(),
+                   help="farm directory: job store and job files (default $LONGTAKE_FARM_DIR or "
+                        "~/.local/share/longtake/farm)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtake", description="Long AI video from overlapping windows on Ray.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -219,6 +334,61 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queued", type=int, default=16, help="queued + running jobs before 429 (default 16)")
     sv.add_argument("--max-running", type=int, default=2, help="jobs rendering at once (default 2)")
     sv.set_defaults(func=cmd_serve)
+
+    bn = sub.add_parser("bench", help="measure efficiency, overhead, seams, memory, encoding, vs diffusers",
+                        description="Benchmarks, every figure a ratio taken in one run; writes a JSON file and a "
+                                    "Markdown table (see BENCHMARKS.md).")
+    bn.add_argument("--quick", action="store_true", help="shorter clips and fewer of them (under 10 minutes on 2 cores)")
+    bn.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where workers run (default cpu)")
+    bn.add_argument("--model", default="default", help="the model for scaling, seams and memory (default: bundled)")
+    bn.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+    bn.add_argument("--table", default="BENCHMARKS.md", help="Markdown table (default BENCHMARKS.md; '' for none)")
+    bn.add_argument("--workers-per-node", type=int, default=8, help="projection: workers per node (default 8)")
+    bn.add_argument("--bandwidth-gbps", type=float, default=10.0, help="projection: driver network, Gb/s (default 10)")
+    bn.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    bn.set_defaults(func=cmd_bench)
+
+    sb = sub.add_parser("submit", help="queue render jobs on the farm",
+                        description="Queue the jobs of one or more spec files (YAML or JSON: a job, a list of jobs, "
+                                    "or {jobs: [...]}). A job is a render request plus optional 'priority' (higher "
+                                    "first) and 'token' (a client token: the same token submits once). Every job is "
+                                    "checked first; if one is invalid nothing is submitted. Prints one id per job.")
+    sb.add_argument("specs", nargs="+", metavar="SPEC", help="spec files")
+    sb.add_argument("--priority", type=int, default=0, help="priority of jobs that give none (default 0)")
+    _farm_dir_arg(sb)
+    sb.set_defaults(func=cmd_submit)
+    fm = sub.add_parser("farm", help="the farm runner")
+    fsub = fm.add_subparsers(dest="farm_command", required=True)
+    fr = fsub.add_parser("run", help="render queued jobs until stopped",
+                         description="Take queued jobs by priority, then submit time, and render them on the Ray "
+                                     "cluster with checkpoints; requeue jobs whose runner died. Ctrl-C / SIGTERM "
+                                     "checkpoint the current job and put it back in the queue.")
+    _farm_dir_arg(fr)
+    fr.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    fr.add_argument("--workers", type=int, help="workers per job (default: one per GPU, else one per CPU core)")
+    fr.add_argument("--checkpoint-every", type=int, default=5, help="steps between checkpoints (default 5)")
+    fr.add_argument("--max-attempts", type=int, default=3, help="attempts per window before the job fails (default 3)")
+    fr.add_argument("--blocklist-after", type=int, default=3,
+                    help="failed windows after which a worker is excluded (default 3; 0: never)")
+    fr.add_argument("--task-timeout", type=float, help="seconds after which a window counts as hung (default: none)")
+    fr.add_argument("--min-free-mb", type=float, default=256,
+                    help="fail a job (keeping its checkpoints) when less disk is free (default 256)")
+    fr.add_argument("--exit-when-idle", action="store_true", help="stop when the queue is empty")
+    fr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    fr.set_defaults(func=cmd_farm_run)
+    st = sub.add_parser("status", help="farm jobs, or one job", description="List the farm's jobs, or show one.")
+    st.add_argument("id", nargs="?", help="a job id")
+    st.add_argument("--json", action="store_true", help="JSON (a done job includes the render summary)")
+    _farm_dir_arg(st)
+    st.set_defaults(func=cmd_status)
+    for name, text in (("cancel", "cancel a queued, paused or running job (frees its workers)"),
+                       ("pause", "pause a queued or running job (a running one is checkpointed at its step)"),
+                       ("resume", "put a paused job back in the queue"),
+                       ("retry", "requeue a failed or cancelled job; it resumes from its last checkpoint")):
+        c = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        c.add_argument("id", help="a job id")
+        _farm_dir_arg(c)
+        c.set_defaults(func=cmd_control)
     return parser
 
 

@@ -40,7 +40,7 @@ def eval_specs(n: int) -> list[ClipSpec]:
     return specs
 
 
-def _render_frames(pool, request: dict) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def render_frames(pool, request: dict) -> tuple[np.ndarray, list[tuple[int, int]]]:
     chunks: list[np.ndarray] = []
     job = prepare(request)
     run(job, pool, progress=False, on_frames=lambda first, f: chunks.append(f))
@@ -58,7 +58,7 @@ def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, 
     with tempfile.TemporaryDirectory() as tmp:
         for k, (spec, secs, is_long) in enumerate(tqdm(work, desc="eval", unit="clip", disable=not progress)):
             req = dict(prompt=spec.caption, seconds=secs, fps=fps, seed=1000 + k, model=model, out=f"{tmp}/c.mp4")
-            frames, windows = _render_frames(pool, req)
+            frames, windows = render_frames(pool, req)
             track = object_track(frames, BACKGROUNDS[spec.background])
             row = {"prompt": spec.caption, "seed": req["seed"], "seconds": secs, "long": is_long,
                    "color": classify_color(track), "motion": classify_motion(track)}
@@ -67,7 +67,7 @@ def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, 
                 row["seam_ratio"] = seam_ratio(track, seam_pairs(windows, len(frames)))
                 moving_index = sum(1 for r in rows if not r["long"] and "seam_ratio" in r)
                 if not is_long and moving_index % naive_every == 0:  # the same clip, naive windows: no overlap
-                    naive, nwin = _render_frames(pool, {**req, "overlap": 0, "weighting": "flat"})
+                    naive, nwin = render_frames(pool, {**req, "overlap": 0, "weighting": "flat"})
                     row["seam_ratio_naive"] = seam_ratio(object_track(naive, BACKGROUNDS[spec.background]),
                                                          seam_pairs(nwin, len(naive)))
             if is_long:

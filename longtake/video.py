@@ -70,6 +70,9 @@ class VideoWriter:
         )
         # Global options go first; -y because ffmpeg would otherwise prompt on our stdin pipe.
         self._cmd = ffmpeg.compile(stream, cmd=[ffmpeg_exe(), "-hide_banner", "-nostats", "-y"])
+        # create the file now: an unwritable or missing directory fails here, as an OSError naming the path
+        # (ffmpeg would only exit with a status)
+        self._tmp.touch(exist_ok=False)
         self._stderr = tempfile.TemporaryFile()
         log.debug("starting ffmpeg: %s", " ".join(self._cmd))
         try:
@@ -77,6 +80,7 @@ class VideoWriter:
                                           stderr=self._stderr, start_new_session=True)
         except OSError:
             self._stderr.close()
+            self._tmp.unlink(missing_ok=True)
             raise
 
     @property

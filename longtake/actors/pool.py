@@ -42,6 +42,10 @@ class InProcessPool:
     def call(self, method: str, *args) -> Any:
         return getattr(self.worker, method)(*args)
 
+    def stats(self) -> list[dict]:
+        """Per worker: seconds of each predict / decode call since the last call (then reset)."""
+        return [self.worker.stats()]
+
     def imap(self, method: str, args_list: Iterable[tuple]) -> Iterator[Any]:
         fn = getattr(self.worker, method)
         for i, args in enumerate(args_list):

@@ -1,19 +1,23 @@
 """Ray actor pool: one `Worker` actor per GPU (num_gpus=1) or per CPU slot (num_cpus=threads).
 
 Dispatch is dynamic: each idle actor takes the next task; results come back in task order, so the
-engine fuses in window order whatever the timing. An actor that dies is replaced and its task
-retried; a task that fails `max_attempts` times raises `WindowFailed`, never hangs.
+engine fuses in window order whatever the timing. An actor that dies (or whose node is lost) is
+replaced and its task retried; the replacement joins when it has started, so a lost node never blocks
+the job. An actor whose tasks fail `blocklist_after` times is excluded (killed, not replaced), like
+a blocklisted render node. A task that fails `max_attempts` times, a pool left with no worker, or a
+task running past `task_timeout_s`, raise `WindowFailed`: never a hang.
 Ray is imported here and in `cluster/`, nowhere else.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Any, Iterable, Iterator
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from longtake.actors.pool import WindowFailed
 from longtake.actors.worker import Worker, WorkerSpec
@@ -23,19 +27,30 @@ logger = logging.getLogger(__name__)
 
 class RayPool:
     def __init__(self, spec: WorkerSpec, num_workers: int, max_attempts: int = 3, lookahead: int = 2,
-                 worker_cls: type = Worker):
+                 worker_cls: type = Worker, blocklist_after: int = 0, task_timeout_s: float | None = None,
+                 start_timeout_s: float = 600.0):
         self.spec = spec
-        self.num_workers = num_workers
         self.max_attempts = max_attempts
         self.lookahead = lookahead  # tasks beyond the oldest unfinished one, per worker (bounds buffered results)
+        self.blocklist_after = blocklist_after  # failed tasks before an actor is excluded (0: never)
+        self.task_timeout_s = task_timeout_s
+        self.start_timeout_s = start_timeout_s  # how long to wait for a replacement when no worker is left
         if spec.device == "cuda":
             options = {"num_gpus": 1, "num_cpus": 1}
         else:
             options = {"num_cpus": spec.threads}
         self._actor_cls = ray.remote(worker_cls).options(max_restarts=0, max_task_retries=0, **options)
-        self.actors = [self._actor_cls.remote(spec) for _ in range(num_workers)]
+        self.actors: list = [self._actor_cls.remote(spec) for _ in range(num_workers)]  # None: excluded slot
+        self.failures = [0] * num_workers  # failed tasks of each slot's current actor
+        self.starting: dict[Any, int] = {}  # ready() ref of a replacement -> slot
+        self.start_failures = [0] * num_workers
         self.retries = 0
+        self.excluded = 0
         ray.get([a.ready.remote() for a in self.actors])
+
+    @property
+    def num_workers(self) -> int:
+        return sum(a is not None for a in self.actors)
 
     def put(self, obj: Any) -> Any:
         return ray.put(obj)
@@ -43,32 +58,68 @@ class RayPool:
     def call(self, method: str, *args) -> Any:
         return next(self.imap(method, [args]))
 
-    def _replace(self, i: int) -> None:
-        ray.kill(self.actors[i], no_restart=True)
-        self.actors[i] = self._actor_cls.remote(self.spec)
+    def _replace(self, a: int) -> None:
+        ray.kill(self.actors[a], no_restart=True)
+        self.actors[a] = self._actor_cls.remote(self.spec)
+        self.failures[a] = 0
+        self.starting[self.actors[a].ready.remote()] = a  # joins when started (maybe never: lost node)
+
+    def _exclude(self, a: int, reason: str) -> None:
+        logger.warning("excluding worker %d after %d failed tasks (last: %s); %d workers left", a, self.failures[a],
+                       reason, self.num_workers - 1)
+        ray.kill(self.actors[a], no_restart=True)
+        self.actors[a] = None
+        self.excluded += 1
 
     def imap(self, method: str, args_list: Iterable[tuple]) -> Iterator[Any]:
         tasks = list(args_list)
         todo = deque(range(len(tasks)))
         attempts = [0] * len(tasks)
         done: dict[int, Any] = {}
-        inflight: dict[Any, tuple[int, int]] = {}  # ref -> (task, actor)
-        idle = deque(range(self.num_workers))
+        inflight: dict[Any, tuple[int, int, float]] = {}  # ref -> (task, slot, submitted at)
+        idle = deque(a for a, actor in enumerate(self.actors) if actor is not None and a not in self.starting.values())
         next_out = 0
-        limit = self.lookahead * self.num_workers
+        limit = self.lookahead * max(1, len(self.actors))
+        waiting_since = None  # when the pool last had nothing running and only replacements starting
         try:
             while next_out < len(tasks):
                 while idle and todo and todo[0] < next_out + limit:
                     i, a = todo.popleft(), idle.popleft()
                     attempts[i] += 1
                     ref = getattr(self.actors[a], method).remote(*tasks[i])
-                    inflight[ref] = (i, a)
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                i, a = inflight.pop(ready[0])
+                    inflight[ref] = (i, a, time.monotonic())
+                if not inflight and not self.starting:
+                    raise WindowFailed(f"no worker left for {method} task {todo[0]}: {self.excluded} excluded")
+                waiting_since = (waiting_since or time.monotonic()) if not inflight else None
+                if waiting_since and time.monotonic() - waiting_since > self.start_timeout_s:
+                    raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {method} "
+                                       f"task {todo[0]} (not enough resources left in the cluster?)")
+                ready, _ = ray.wait(list(inflight) + list(self.starting), num_returns=1, timeout=1.0)
+                if not ready:
+                    self._check_timeouts(method, inflight, attempts, todo, idle)
+                    continue
+                if ready[0] in self.starting:
+                    a = self.starting.pop(ready[0])
+                    try:
+                        ray.get(ready[0])
+                        idle.append(a)
+                        logger.info("replacement worker %d started", a)
+                    except RayError as e:
+                        self.start_failures[a] += 1
+                        if self.start_failures[a] >= self.max_attempts:
+                            logger.warning("excluding worker %d: it failed to start %d times (%s)", a,
+                                           self.start_failures[a], _reason(e))
+                            self.actors[a] = None
+                            self.excluded += 1
+                        else:
+                            logger.warning("replacement worker %d failed to start (%s); trying again", a, _reason(e))
+                            self._replace(a)
+                    continue
+                i, a, _ = inflight.pop(ready[0])
                 try:
                     done[i] = ray.get(ready[0])
                     idle.append(a)
-                except (RayActorError, ActorDiedError, ActorUnavailableError, RayTaskError) as e:
+                except RayError as e:
                     self._retry_or_fail(method, i, a, attempts[i], e, todo, idle)
                 while next_out in done:
                     yield done.pop(next_out)
@@ -77,24 +128,46 @@ class RayPool:
             for ref in inflight:
                 ray.cancel(ref, force=False)
 
-    def _retry_or_fail(self, method, i, a, attempt, error, todo, idle) -> None:
-        actor_died = not isinstance(error, RayTaskError) or isinstance(error.cause, RayActorError)
-        if actor_died:
-            logger.warning("worker %d died during %s task %d; replacing it", a, method, i)
-            self._replace(a)
+    def _check_timeouts(self, method, inflight, attempts, todo, idle) -> None:
+        if self.task_timeout_s is None:
+            return
+        now = time.monotonic()
+        for ref, (i, a, since) in list(inflight.items()):
+            if now - since > self.task_timeout_s:
+                del inflight[ref]
+                ray.cancel(ref, force=True)
+                error = GetTimeoutError(f"{method} task {i} ran over {self.task_timeout_s:g} s on worker {a}")
+                self._retry_or_fail(method, i, a, attempts[i], error, todo, idle, hung=True)
+
+    def _retry_or_fail(self, method, i, a, attempt, error, todo, idle, hung: bool = False) -> None:
+        actor_died = hung or not isinstance(error, RayTaskError) or isinstance(error.cause, RayActorError)
         reason = _reason(error)
+        if actor_died:
+            logger.warning("worker %d died during %s task %d (%s); replacing it", a, method, i, reason)
+            self._replace(a)
+        else:
+            self.failures[a] += 1
+            if self.blocklist_after and self.failures[a] >= self.blocklist_after:
+                self._exclude(a, reason)
+            else:
+                idle.append(a)
         if attempt >= self.max_attempts:
             raise WindowFailed(f"task {i} ({method}) failed {attempt} times; last error: {reason}") from error
         logger.warning("retrying %s task %d (attempt %d of %d) after: %s", method, i, attempt + 1, self.max_attempts,
                        reason)
         self.retries += 1
         todo.appendleft(i)
-        idle.append(a)
+
+    def stats(self) -> list[dict]:
+        """Per live worker: seconds of each predict / decode call since the last call (then reset)."""
+        return ray.get([a.stats.remote() for a in self.actors if a is not None])
 
     def shutdown(self) -> None:
         for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
         self.actors = []
+        self.starting = {}
 
 
 def _reason(error: Exception) -> str:

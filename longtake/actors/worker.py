@@ -7,6 +7,7 @@ embeddings of one window's frames, so only the few key embeddings travel, once p
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +45,18 @@ class Worker:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.backend = load_backend(spec.model_path, device=spec.device, dtype=spec.dtype)
+        self.timings: dict[str, list[float]] = {"predict": [], "decode": []}  # seconds per call (for `bench`)
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": self.spec.device, "threads": torch.get_num_threads()}
+
+    def stats(self, reset: bool = True) -> dict[str, list[float]]:
+        """Seconds spent in each predict / decode call since the last reset: pure model time."""
+        out = {k: list(v) for k, v in self.timings.items()}
+        if reset:
+            for v in self.timings.values():
+                v.clear()
+        return out
 
     def encode(self, prompts: list[str], negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backend.encode(prompts, negative_prompt)
@@ -54,7 +64,13 @@ class Worker:
     def predict(
         self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, start: int, end: int, guidance: float
     ) -> torch.Tensor:
-        return self.backend.predict(z, t, cond.frames(start, end), cond.negative, guidance)
+        t0 = time.perf_counter()
+        out = self.backend.predict(z, t, cond.frames(start, end), cond.negative, guidance)
+        self.timings["predict"].append(time.perf_counter() - t0)
+        return out
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
-        return self.backend.decode(z)
+        t0 = time.perf_counter()
+        out = self.backend.decode(z)
+        self.timings["decode"].append(time.perf_counter() - t0)
+        return out

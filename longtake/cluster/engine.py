@@ -5,26 +5,30 @@
         1. encode the key prompts once (one worker); put the conditioning in the object store
         2. initial latents from (seed, frame index)
         3. for each step: every window predicts alone -> fuse in window order -> scheduler step
-        4. decode window by window on the workers; stream frames in order into ffmpeg
+            (with a checkpointer: resume from the newest valid checkpoint; save one every k steps)
+    4. decode window by window on the workers; stream frames in order into ffmpeg
 
 The pool is an in-process worker (reference) or Ray actors; both give identical frames.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import logging
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from longtake.actors.pool import Pool
+from longtake.actors.pool import Pool, WindowFailed
 from longtake.actors.worker import Conditioning
+from longtake.cluster.checkpoint import Checkpointer, restore_scheduler
 from longtake.pipelines import ModelInfo, inspect_model, load_scheduler
 from longtake.pipelines.windows import (
     PromptKey,
@@ -89,6 +93,10 @@ class RenderResult:
     noise: str
     preview: str | None = None
     driver_peak_rss_mb: float = 0.0  # this process's peak resident memory (workers excluded)
+    resumed_from_step: int = 0  # steps taken from a checkpoint instead of computed
+    checkpoints_saved: int = 0
+    checkpoint_s: float = 0.0  # total seconds spent writing checkpoints
+    timings: dict = field(default_factory=dict)  # seconds per phase: encode, denoise (fuse, scheduler in it), decode
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,9 +109,9 @@ def prepare(request: RenderRequest | dict) -> Job:
     factor = model.vae_scale_factor
     height = request.height or model.default_size
     width = request.width or model.default_size
-    for field, value in (("height", height), ("width", width)):
+    for name, value in (("height", height), ("width", width)):
         if value % factor or (value // factor) % 2 and factor == 1:
-            raise RequestError(field, value, f"a multiple of {factor} (the model's VAE factor)")
+            raise RequestError(name, value, f"a multiple of {factor} (the model's VAE factor)")
     window = request.window or model.native_window
     if window > model.max_window:
         raise RequestError("window", window, f"at most {model.max_window} frames (the model's temporal limit)")
@@ -132,6 +140,17 @@ def prepare(request: RenderRequest | dict) -> Job:
     )
 
 
+def fingerprint(job: Job) -> str:
+    """What a job's latents depend on: a checkpoint is only reused for the same fingerprint.
+    (Not the output path, the preview or the worker count: they do not change the latents.)"""
+    req = job.request
+    data = {"model": job.model.path, "frames": job.frames, "size": [job.height, job.width], "steps": job.steps,
+            "guidance": job.guidance, "windows": job.windows, "seed": req.seed, "noise": req.noise,
+            "weighting": req.weighting, "keys": [[k.at, k.prompt] for k in job.keys],
+            "negative": req.negative_prompt, "fps": req.fps}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
 def _step_kwargs(scheduler, seed: int, step: int) -> dict:
     """eta=0 for DDIM-like schedulers (as diffusers' pipelines); a per-step generator for stochastic
     ones, seeded from (seed, step) so the noise never depends on the workers."""
@@ -151,20 +170,30 @@ def _bar(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
 
 
 class Cancelled(Exception):
-    """The job was cancelled while it ran; nothing was written."""
+    """The job was stopped while it ran (cancelled, paused, or the runner is stopping); no output was
+    written. `reason` is what `cancelled()` returned; `step` how many steps were done."""
+
+    def __init__(self, message: str, reason: str = "cancelled", step: int = 0):
+        super().__init__(message)
+        self.reason = reason
+        self.step = step
 
 
-def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress=None, cancelled=None) -> RenderResult:
+def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress=None, cancelled=None,
+        checkpoint: Checkpointer | None = None) -> RenderResult:
     """Render a prepared job on a pool. Writes the MP4 (and preview) atomically.
 
     Optional hooks: `on_frames(first_index, frames)` sees every decoded uint8 chunk in order;
     `on_progress(dict)` gets {phase, step, steps, windows_done, windows_total, frames_done, frames, eta_s}
-    after every window and decoded chunk; `cancelled()` is polled as often, and True stops the job
-    with `Cancelled` (no output left behind)."""
+    after every window and decoded chunk; `cancelled()` is polled as often, and a truthy value (a reason
+    such as "cancelled" or "paused") stops the job with `Cancelled` (no output left behind).
+    `checkpoint`: resume from its newest valid checkpoint, save one every k steps and after the last
+    step, and one of the current step when stopped (so a paused job loses at most one step)."""
     t0 = time.perf_counter()
     req, plan = job.request, job.windows
     latent_frames = job.latent_frames
 
+    timings = {"fuse_s": 0.0, "scheduler_s": 0.0}
     # 1. conditioning: key embeddings once, per-frame schedule, one object for every task
     keys, negative = pool.call("encode", [k.prompt for k in job.keys], req.negative_prompt)
     a, b, alpha = prompt_schedule(job.keys, latent_frames, req.fps / job.model.temporal_compression)
@@ -176,34 +205,63 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     z = initial_noise(req.seed, latent_frames, job.latent_shape, req.noise, job.window, job.overlap)  # (1, C, F, h, w)
     z = z * scheduler.init_noise_sigma
     weights = window_weights(plan, req.weighting)
+    first_step = 0
+    resumed = checkpoint.load_latest() if checkpoint is not None else None
+    if resumed is not None:
+        restore_scheduler(scheduler, resumed)
+        z, first_step = resumed.z, resumed.step
+        logger.info("resumed from checkpoint %s: %d of %d steps done", resumed.path.name, first_step, job.steps)
 
     total = job.steps * len(plan)
     started = time.perf_counter()
+    timings["encode_s"] = started - t0
+    step_now = first_step  # steps applied to z
 
     def report(phase: str, step: int, windows_done: int, frames_done: int = 0) -> None:
-        if cancelled is not None and cancelled():
-            raise Cancelled(f"job cancelled during {phase}")
+        reason = cancelled() if cancelled is not None else None
+        if reason:
+            reason = reason if isinstance(reason, str) else "cancelled"
+            if checkpoint is not None and phase == "denoise" and step_now > first_step:
+                checkpoint.save(step_now, z, scheduler)  # z and the scheduler are still those of step_now
+                logger.info("stopped (%s) at step %d of %d; checkpoint saved", reason, step_now, job.steps)
+            raise Cancelled(f"job {reason} during {phase}", reason, step_now)
         if on_progress is not None:
             elapsed = time.perf_counter() - started
-            eta = elapsed / windows_done * (total - windows_done) if windows_done and phase == "denoise" else None
+            done = windows_done - first_step * len(plan)
+            eta = elapsed / done * (total - windows_done) if done > 0 and phase == "denoise" else None
             on_progress({"phase": phase, "step": step, "steps": job.steps, "windows_done": windows_done,
                          "windows_total": total, "frames_done": frames_done, "frames": job.frames,
                          "eta_s": None if eta is None else round(eta, 1)})
 
     # 3. denoise: predict every window, fuse in window order, one scheduler step
     bar = _bar(total, "denoise", "win", progress)
+    bar.update(first_step * len(plan))
     for i, t in enumerate(scheduler.timesteps):
+        if i < first_step:
+            continue
         model_in = scheduler.scale_model_input(z, t)  # (1, C, F, h, w)
         tasks = [(model_in[:, :, s:e].clone(), t, cond, s, e, job.guidance) for s, e in plan]
         bar.set_postfix_str(f"step {i + 1}/{job.steps}, {len(plan)} windows")
         preds = []
-        for pred in pool.imap("predict", tasks):
-            preds.append(pred)
-            bar.update()
-            report("denoise", i + 1, i * len(plan) + len(preds))
+        try:
+            for pred in pool.imap("predict", tasks):
+                preds.append(pred)
+                bar.update()
+                report("denoise", i + 1, i * len(plan) + len(preds))
+        except WindowFailed as e:
+            raise WindowFailed(f"step {i + 1} of {job.steps}: {e}") from e
+        t1 = time.perf_counter()
         fused = fuse(preds, plan, weights, latent_frames)  # (1, C, F, h, w)
+        t2 = time.perf_counter()
         z = scheduler.step(fused, t, z, **_step_kwargs(scheduler, req.seed, i)).prev_sample
+        timings["fuse_s"] += t2 - t1
+        timings["scheduler_s"] += time.perf_counter() - t2
+        step_now = i + 1
+        if checkpoint is not None and checkpoint.due(step_now, job.steps):
+            checkpoint.save(step_now, z, scheduler)
     bar.close()
+    decode_start = time.perf_counter()
+    timings["denoise_s"] = decode_start - started
 
     # 4. decode in window-length chunks on the workers; frames stream in order into ffmpeg
     chunks = [(s, min(s + job.window, latent_frames)) for s in range(0, latent_frames, job.window)]
@@ -223,6 +281,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     bar.close()
     if req.preview:
         contact_sheet(previews, req.preview)
+    timings["decode_s"] = time.perf_counter() - decode_start
 
     return RenderResult(
         out=req.out,
@@ -245,4 +304,8 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         noise=req.noise,
         preview=req.preview,
         driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        resumed_from_step=first_step,
+        checkpoints_saved=len(checkpoint.saved) if checkpoint is not None else 0,
+        checkpoint_s=round(sum(checkpoint.saved), 3) if checkpoint is not None else 0.0,
+        timings={k: round(v, 4) for k, v in timings.items()},
     )

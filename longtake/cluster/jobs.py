@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated REAL NOT NULL,
     progress TEXT NOT NULL DEFAULT '{}',
     error TEXT,
-    result TEXT
+    result TEXT,
+    runner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, created);
 """
@@ -46,11 +47,12 @@ class JobRecord:
     progress: dict = field(default_factory=dict)
     error: str | None = None
     result: dict | None = None
+    runner: str | None = None  # "host:pid" of the process rendering it (farm runner)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "status": self.state, "request": self.request, "priority": self.priority,
-                "created": self.created, "updated": self.updated, "progress": self.progress, "error": self.error,
-                "result": self.result}
+                "created": self.created, "updated": self.updated, "progress": self.progress,
+                "error": self.error or None, "result": self.result}
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
@@ -58,7 +60,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         id=row["id"], state=row["state"], request=json.loads(row["request"]), priority=row["priority"],
         idempotency_key=row["idempotency_key"], created=row["created"], updated=row["updated"],
         progress=json.loads(row["progress"]), error=row["error"],
-        result=json.loads(row["result"]) if row["result"] else None)
+        result=json.loads(row["result"]) if row["result"] else None, runner=row["runner"])
 
 
 class JobStore:
@@ -68,6 +70,9 @@ class JobStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            if "runner" not in columns:  # a store made before the farm existed
+                db.execute("ALTER TABLE jobs ADD COLUMN runner TEXT")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # autocommit; explicit BEGIN below
@@ -115,20 +120,22 @@ class JobStore:
         with self._connect() as db:
             return db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", states).fetchone()[0]
 
-    def claim_next(self) -> JobRecord | None:
+    def claim_next(self, runner: str | None = None) -> JobRecord | None:
         """Atomically move the best queued job (priority, then submit time) to running."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, created, id LIMIT 1"
                              ).fetchone()
             if row is not None:
-                db.execute("UPDATE jobs SET state = 'running', updated = ? WHERE id = ?", (time.time(), row["id"]))
+                db.execute("UPDATE jobs SET state = 'running', updated = ?, runner = ? WHERE id = ?",
+                           (time.time(), runner, row["id"]))
             db.execute("COMMIT")
         return self.get(row["id"]) if row else None
 
     def update(self, job_id: str, *, state: str | None = None, progress: dict | None = None,
                error: str | None = None, result: dict | None = None, only_from: tuple[str, ...] | None = None) -> bool:
-        """Set fields of a job; with `only_from`, only if its state is one of those. Returns True if changed."""
+        """Set fields of a job; with `only_from`, only if its state is one of those. Returns True if changed.
+        (error="" clears the error.)"""
         if state is not None and state not in STATES:
             raise ValueError(f"state: got {state!r}, expected one of {', '.join(STATES)}")
         sets, args = ["updated = ?"], [time.time()]

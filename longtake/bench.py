@@ -1,0 +1,394 @@
+"""`longtake bench`: how close longtake runs to the compute limit, every figure a ratio taken in one run.
+
+    longtake bench [--quick] [--device cpu|cuda] --out BENCH.json [--table BENCHMARKS.md]
+
+1. parallel efficiency: one clip with 1 and with 2 workers (1 torch thread each on CPU)
+2. engine overhead: render wall time / (sum of the pure model-prediction times of its windows / workers)
+3. redundant compute: model evaluations per output frame vs the plan's minimum (L / S), and where the
+   rest of the wall time goes (text encoding, fusion, scheduler steps, transfers and waiting, decoding)
+4. seams of the default model: every weighting, FreeNoise on, naive windows
+5. driver memory: peak RSS rendering 10, 30 and 60 s (one process; the peak is reset between renders)
+6. ffmpeg encoding speed in multiples of real time, at the default size and at 512x512
+7. against diffusers' own AnimateDiffPipeline with FreeNoise in one process, on the tiny model
+8. a projection of the step schedule to K = 1..64 workers on several nodes, fed with the times just
+   measured, checked against the measured K = 1 and 2
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from longtake.cluster.engine import RenderResult, prepare, run
+from longtake.video import VideoWriter
+
+logger = logging.getLogger(__name__)
+
+TARGETS = {"parallel_efficiency": ">= 0.9", "overhead_ratio_1": "<= 1.10", "overhead_ratio_2": "<= 1.10",
+           "seam_ratio": "<= 1.2", "projection_error": "<= 0.10"}
+
+
+def _pool(spec, workers: int):
+    from longtake.actors.ray_pool import RayPool
+
+    return RayPool(spec, workers)
+
+
+def timed_render(pool, request: dict) -> tuple[RenderResult, dict]:
+    """Render once; return the result and the workers' pure compute times for it."""
+    pool.stats()  # reset
+    result = run(prepare(request), pool, progress=False)
+    stats = pool.stats()
+    predict = [t for s in stats for t in s["predict"]]
+    decode = [t for s in stats for t in s["decode"]]
+    return result, {"predict_sum": sum(predict), "predict_mean": float(np.mean(predict)),
+                    "decode_sum": sum(decode), "decode_mean": float(np.mean(decode)) if decode else 0.0,
+                    "predict_calls": len(predict)}
+
+
+# ---------------------------------------------------------------- 1-3: scaling, overhead, redundancy
+
+def scaling(spec, request: dict, tmp: Path) -> dict:
+    """1 and 2 workers; with 2 workers, the same render again with checkpoints at the farm's default k."""
+    from longtake.cluster.checkpoint import Checkpointer
+    from longtake.cluster.engine import fingerprint
+
+    out = {}
+    for k in (1, 2):
+        pool = _pool(spec, k)
+        try:
+            timed_render(pool, {**request, "seconds": 2, "steps": 1, "out": str(tmp / "warm.mp4")})  # warm up
+            result, compute = timed_render(pool, {**request, "out": str(tmp / f"scale{k}.mp4")})
+            if k == 2:
+                job = prepare({**request, "out": str(tmp / "ckpt.mp4")})
+                ckpt = Checkpointer(tmp / "checkpoints", every=5, fingerprint=fingerprint(job))
+                with_ckpt = run(job, pool, progress=False, checkpoint=ckpt)
+                out["checkpoint"] = {"every": 5, "saved": with_ckpt.checkpoints_saved,
+                                     "seconds_each": with_ckpt.checkpoint_s / max(1, with_ckpt.checkpoints_saved),
+                                     "bytes_each": ckpt.paths()[0].stat().st_size,
+                                     "slowdown": with_ckpt.wall_s / result.wall_s,
+                                     "same_frames": with_ckpt.frames_sha256 == result.frames_sha256}
+        finally:
+            pool.shutdown()
+        t = result.timings
+        ideal = compute["predict_sum"] / k
+        transfers = t["denoise_s"] - t["fuse_s"] - t["scheduler_s"] - ideal
+        out[k] = {"wall_s": result.wall_s, "ideal_s": round(ideal, 3), "overhead_ratio": result.wall_s / ideal,
+                  "frames_sha256": result.frames_sha256, "timings": t, "compute": compute,
+                  "fractions": {"prediction": ideal / result.wall_s, "text_encoding": t["encode_s"] / result.wall_s,
+                                "fusion": t["fuse_s"] / result.wall_s, "scheduler": t["scheduler_s"] / result.wall_s,
+                                "transfers_and_waiting": max(transfers, 0.0) / result.wall_s,
+                                "decode_and_encode": t["decode_s"] / result.wall_s},
+                  "windows": result.windows, "steps": result.steps, "frames": result.frames}
+    job = prepare({**request, "out": str(tmp / "x.mp4")})
+    stride = job.window - job.overlap
+    out["evals_per_frame"] = len(job.windows) * job.window / job.latent_frames
+    out["evals_per_frame_min"] = job.window / stride
+    out["parallel_efficiency"] = out[1]["wall_s"] / out[2]["wall_s"] / 2
+    out["same_frames"] = out[1]["frames_sha256"] == out[2]["frames_sha256"]
+    return out
+
+
+# ---------------------------------------------------------------- 4: seams
+
+def seams(spec, model: str, clips: int, seconds: float, tmp: Path, progress: bool) -> dict:
+    from longtake.evaluate import MOVING, eval_specs, render_frames
+    from longtake.models.shapes import BACKGROUNDS
+    from longtake.quality import object_track, seam_pairs, seam_ratio
+
+    configs = {"pyramid": {}, "flat": {"weighting": "flat"}, "overlap-linear": {"weighting": "overlap-linear"},
+               "pyramid+freenoise": {"noise": "freenoise"}, "naive": {"overlap": 0, "weighting": "flat"}}
+    specs = [s for s in eval_specs(clips * 3) if s.motion in MOVING][:clips]
+    pool = _pool(spec, 2)
+    ratios: dict[str, list[float]] = {name: [] for name in configs}
+    try:
+        work = [(name, i, s) for name in configs for i, s in enumerate(specs)]
+        for name, i, s in tqdm(work, desc="seams", unit="clip", disable=not progress):
+            req = dict(prompt=s.caption, seconds=seconds, fps=8, seed=2000 + i, model=model,
+                       out=str(tmp / "seam.mp4"), **configs[name])
+            frames, windows = render_frames(pool, req)
+            ratios[name].append(seam_ratio(object_track(frames, BACKGROUNDS[s.background]),
+                                           seam_pairs(windows, len(frames))))
+    finally:
+        pool.shutdown()
+    return {name: float(np.nanmedian(v)) if not np.all(np.isnan(v)) else None for name, v in ratios.items()}
+
+
+# ---------------------------------------------------------------- 5: memory
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory(spec, request: dict, tmp: Path) -> dict:
+    pool = _pool(spec, 2)
+    out = {}
+    try:
+        timed_render(pool, {**request, "seconds": 2, "out": str(tmp / "warm.mp4")})
+        for seconds in (10, 30, 60):
+            if not _reset_peak():
+                return {"error": "cannot reset the peak RSS (/proc/self/clear_refs)"}
+            result = run(prepare({**request, "seconds": seconds, "out": str(tmp / "mem.mp4")}), pool, progress=False)
+            job = prepare({**request, "seconds": seconds, "out": str(tmp / "mem.mp4")})
+            c, h, w = job.latent_shape
+            out[seconds] = {"peak_rss_mb": round(_peak_mb(), 1), "frames": result.frames,
+                            "latents_mb": round(c * job.latent_frames * h * w * 4 / 2**20, 2)}
+    finally:
+        pool.shutdown()
+    out["rss_ratio_60_10"] = out[60]["peak_rss_mb"] / out[10]["peak_rss_mb"]
+    return out
+
+
+# ---------------------------------------------------------------- 6: encoding
+
+def encoding(default_size: int, seconds: float, tmp: Path, fps: float = 8) -> dict:
+    out = {}
+    for size in (default_size, 512):
+        n = int(seconds * fps)
+        x = np.linspace(0, 255, size, dtype=np.float32)
+        frames = [np.stack([np.broadcast_to((x + 7 * i) % 256, (size, size)),
+                            np.broadcast_to(((x + 3 * i) % 256)[:, None], (size, size)),
+                            np.full((size, size), (5 * i) % 256, np.float32)], axis=-1).astype(np.uint8)
+                  for i in range(min(n, 64))]
+        t0 = time.perf_counter()
+        with VideoWriter(tmp / f"enc{size}.mp4", size, size, fps) as writer:
+            for i in range(n):
+                writer.write(frames[i % len(frames)])
+        wall = time.perf_counter() - t0
+        out[size] = {"frames": n, "wall_s": round(wall, 3), "realtime_x": (n / fps) / wall}
+    return out
+
+
+# ---------------------------------------------------------------- 7: against diffusers
+
+def versus_diffusers(device: str, frames: int, steps: int, tmp: Path) -> dict:
+    import torch
+    from diffusers import AnimateDiffPipeline
+
+    from longtake.actors.worker import WorkerSpec
+    from longtake.pipelines.tiny import ensure_tiny_model
+
+    path = str(ensure_tiny_model())
+    request = dict(prompt="a red ball moving right", seconds=frames / 8, fps=8, steps=steps, guidance=7.5,
+                   model=path, device=device, seed=0)
+    job = prepare({**request, "out": str(tmp / "d.mp4")})
+    threads = torch.get_num_threads()
+    pipe = AnimateDiffPipeline.from_pretrained(path, use_safetensors=True)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_free_noise(context_length=job.window, context_stride=4)
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)  # the obvious way: one process, every core
+
+    def diffusers_once(n: int, k: int) -> float:
+        t0 = time.perf_counter()
+        video = pipe(request["prompt"], num_frames=n, num_inference_steps=k, guidance_scale=7.5,
+                     height=job.height, width=job.width, output_type="np",
+                     generator=torch.Generator("cpu").manual_seed(0)).frames[0]  # (F, H, W, 3) in [0, 1]
+        with VideoWriter(tmp / "diffusers.mp4", job.width, job.height, 8) as writer:
+            writer.write((np.asarray(video) * 255).round().astype(np.uint8))
+        return time.perf_counter() - t0
+
+    try:
+        diffusers_once(job.window, 1)  # warm up
+        diffusers_wall = diffusers_once(frames, steps)
+    finally:
+        torch.set_num_threads(threads)
+    out = {"frames": frames, "steps": steps, "diffusers_wall_s": round(diffusers_wall, 3),
+           "diffusers_threads": os.cpu_count() if device == "cpu" else None}
+    spec = WorkerSpec(path, device, "float16" if device == "cuda" else "float32", threads=1)
+    for k in (1, 2):
+        pool = _pool(spec, k)
+        try:
+            timed_render(pool, {**request, "seconds": 2, "steps": 1, "out": str(tmp / "w.mp4")})
+            result, _ = timed_render(pool, {**request, "out": str(tmp / f"lt{k}.mp4")})
+        finally:
+            pool.shutdown()
+        out[f"longtake_{k}_wall_s"] = result.wall_s
+        out[f"vs_diffusers_{k}"] = diffusers_wall / result.wall_s  # > 1: longtake is faster
+    return out
+
+
+# ---------------------------------------------------------------- 8: projection
+
+def project(m: dict, k: int, windows: int, chunks: int, steps: int, frames: int, workers_per_node: int,
+            bandwidth_gbps: float, window_bytes: float) -> float:
+    """Projected wall time of a render on k workers (nodes of `workers_per_node`, the driver on node 0).
+
+    per step: driver fusion + scheduler time, then the windows on k workers (dynamic dispatch: ceil(W/k)
+    rounds of compute + per-window transfer overhead), or the driver's network, whichever is slower;
+    decoding: ceil(chunks/k) rounds, or ffmpeg's encoding, whichever is slower."""
+    rounds = math.ceil(windows / k)
+    remote = windows * max(0, k - workers_per_node) / k  # windows sent off the driver's node
+    net = remote * 2 * window_bytes / (bandwidth_gbps * 1e9 / 8)
+    step = m["driver_step_s"] + max(rounds * (m["window_s"] + m["transfer_s"]), net)
+    decode = max(math.ceil(chunks / k) * m["decode_chunk_s"], frames / m["encode_fps"])
+    return m["encode_s"] + steps * step + decode
+
+
+def projection(scale: dict, encode_fps: float, latent_bytes_per_frame: float, window: int,
+               workers_per_node: int, bandwidth_gbps: float, long_frames: int, stride: int) -> dict:
+    one = scale[1]
+    t, c = one["timings"], one["compute"]
+    windows, steps, frames = one["windows"], one["steps"], one["frames"]
+    chunks = math.ceil(frames / window)
+    calls = windows * steps
+    m = {"window_s": c["predict_mean"], "driver_step_s": (t["fuse_s"] + t["scheduler_s"]) / steps,
+         "transfer_s": max(0.0, t["denoise_s"] - t["fuse_s"] - t["scheduler_s"] - c["predict_sum"]) / calls,
+         "decode_chunk_s": c["decode_mean"], "encode_fps": encode_fps, "encode_s": t["encode_s"]}
+    wb = latent_bytes_per_frame * window
+    err = {k: abs(project(m, k, windows, chunks, steps, frames, workers_per_node, bandwidth_gbps, wb)
+                  - scale[k]["wall_s"]) / scale[k]["wall_s"] for k in (1, 2)}
+    long_windows = math.ceil(max(0, long_frames - window) / stride) + 1
+    long_chunks = math.ceil(long_frames / window)
+    base = project(m, 1, long_windows, long_chunks, steps, long_frames, workers_per_node, bandwidth_gbps, wb)
+    eff = {k: base / (k * project(m, k, long_windows, long_chunks, steps, long_frames, workers_per_node,
+                                  bandwidth_gbps, wb)) for k in (1, 2, 4, 8, 16, 32, 64)}
+    return {"model": m, "projection_error_1": err[1], "projection_error_2": err[2], "long_frames": long_frames,
+            "long_windows": long_windows, "workers_per_node": workers_per_node, "bandwidth_gbps": bandwidth_gbps,
+            "efficiency": eff}
+
+
+# ---------------------------------------------------------------- the whole run
+
+def bench(quick: bool = True, device: str = "cpu", model: str = "default", progress: bool = True,
+          workers_per_node: int = 8, bandwidth_gbps: float = 10.0) -> dict:
+    from longtake.actors.worker import WorkerSpec
+    from longtake.cluster.runtime import start_ray
+
+    t0 = time.time()
+    seconds = 10 if quick else 30
+    started = start_ray(num_cpus=max(2, os.cpu_count() or 1))
+    job = prepare({"prompt": "a red ball moving right on a blue background", "seconds": seconds, "model": model,
+                   "device": device, "out": "x.mp4"})
+    spec = WorkerSpec(job.model.path, device, "float16" if device == "cuda" else "float32", threads=1)
+    request = {"prompt": "a red ball moving right on a blue background", "seconds": seconds, "fps": 8,
+               "model": model, "device": device, "seed": 0}
+    figures, details = {}, {}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            bar = tqdm(total=6, desc="bench", unit="part", disable=not progress)
+            scale = scaling(spec, request, tmp)
+            bar.update()
+            figures.update(parallel_efficiency=scale["parallel_efficiency"], overhead_ratio_1=scale[1]["overhead_ratio"],
+                           overhead_ratio_2=scale[2]["overhead_ratio"], evals_per_frame=scale["evals_per_frame"],
+                           evals_per_frame_min=scale["evals_per_frame_min"],
+                           checkpoint_s_each=scale["checkpoint"]["seconds_each"],
+                           checkpoint_slowdown_k5=scale["checkpoint"]["slowdown"])
+            details["scaling"] = scale
+            if device == "cpu":
+                s = seams(spec, model, 3 if quick else 8, 6 if quick else 8, tmp, progress)
+                figures.update(seam_ratio=s["pyramid"], seam_ratio_naive=s["naive"],
+                               **{f"seam_ratio_{k}": v for k, v in s.items() if k not in ("pyramid", "naive")})
+                details["seams"] = s
+            bar.update()
+            mem = memory(spec, {**request, "steps": 2}, tmp)
+            details["memory"] = mem
+            figures["rss_ratio_60_10"] = mem.get("rss_ratio_60_10")
+            bar.update()
+            enc = encoding(job.width, 30 if quick else 60, tmp)
+            details["encoding"] = enc
+            figures["encode_realtime_x"] = enc[job.width]["realtime_x"]
+            figures["encode_realtime_x_512"] = enc[512]["realtime_x"]
+            bar.update()
+            vs = versus_diffusers(device, 64 if quick else 128, 10 if quick else 25, tmp)
+            details["vs_diffusers"] = vs
+            figures.update(vs_diffusers_1=vs["vs_diffusers_1"], vs_diffusers_2=vs["vs_diffusers_2"])
+            bar.update()
+            c, h, w = job.latent_shape
+            proj = projection(scale, enc[job.width]["frames"] / enc[job.width]["wall_s"], c * h * w * 4, job.window,
+                              workers_per_node, bandwidth_gbps, long_frames=8 * 600, stride=job.window - job.overlap)
+            details["projection"] = proj
+            figures.update(projected_efficiency_64=proj["efficiency"][64],
+                           projection_error_1=proj["projection_error_1"], projection_error_2=proj["projection_error_2"])
+            bar.update()
+            bar.close()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    import torch
+
+    settings = {"quick": quick, "device": device, "model": model, "clip_seconds": seconds, "fps": 8,
+                "steps": job.steps, "window": job.window, "overlap": job.overlap, "size": job.width,
+                "threads_per_worker": 1, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                "cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+                "wall_s": round(time.time() - t0, 1)}
+    return {"figures": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()},
+            "settings": settings, "details": details}
+
+
+def table(result: dict, command: str) -> str:
+    f, s, d = result["figures"], result["settings"], result["details"]
+    fmt = lambda v: "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    sc = d["scaling"]
+    rows = [
+        ("parallel_efficiency", "speed-up 1 -> 2 workers / 2", f"{sc[1]['wall_s']:.1f} s -> {sc[2]['wall_s']:.1f} s, same frames: {sc['same_frames']}"),
+        ("overhead_ratio_1", "wall / (sum of window predictions / 1)", f"ideal {sc[1]['ideal_s']:.1f} s"),
+        ("overhead_ratio_2", "wall / (sum of window predictions / 2)", f"ideal {sc[2]['ideal_s']:.1f} s"),
+        ("evals_per_frame", "window frames evaluated per output frame, per step", f"{sc[1]['windows']} windows"),
+        ("evals_per_frame_min", "the plan's minimum, L / S", ""),
+        ("seam_ratio", "seam continuity, default settings (pyramid)", "median over moving clips"),
+        ("seam_ratio_flat", "... flat weighting", ""),
+        ("seam_ratio_overlap-linear", "... overlap-linear weighting", ""),
+        ("seam_ratio_pyramid+freenoise", "... FreeNoise noise", ""),
+        ("seam_ratio_naive", "naive windows (no overlap, no fusion)", ""),
+        ("rss_ratio_60_10", "peak driver RSS, 60 s / 10 s", "; ".join(
+            f"{k} s: {v['peak_rss_mb']:.0f} MB (latents {v['latents_mb']} MB)" for k, v in d["memory"].items()
+            if isinstance(v, dict))),
+        ("encode_realtime_x", f"ffmpeg encode, x real time, {s['size']}x{s['size']}", ""),
+        ("encode_realtime_x_512", "ffmpeg encode, x real time, 512x512", ""),
+        ("vs_diffusers_1", "diffusers AnimateDiff+FreeNoise wall / longtake 1 worker", f"diffusers {d['vs_diffusers']['diffusers_wall_s']:.1f} s on {d['vs_diffusers']['diffusers_threads']} threads"),
+        ("vs_diffusers_2", "diffusers wall / longtake 2 workers", f"longtake {d['vs_diffusers']['longtake_1_wall_s']:.1f} s / {d['vs_diffusers']['longtake_2_wall_s']:.1f} s"),
+        ("checkpoint_s_each", "seconds per checkpoint (write, fsync, rename)",
+         f"{d['scaling']['checkpoint']['bytes_each'] / 1e6:.2f} MB each, {d['scaling']['checkpoint']['saved']} saved"),
+        ("checkpoint_slowdown_k5", "wall with checkpoints every 5 steps / without (2 workers)",
+         f"same frames: {d['scaling']['checkpoint']['same_frames']}"),
+        ("projected_efficiency_64", f"projection, 64 workers ({d['projection']['workers_per_node']}/node, "
+                                    f"{d['projection']['bandwidth_gbps']:g} Gb/s), 10-min clip", ""),
+        ("projection_error_1", "|projected - measured| / measured, 1 worker", ""),
+        ("projection_error_2", "... 2 workers", ""),
+    ]
+    lines = ["# Benchmarks", "",
+             f"Produced by `{command}` on {s['machine']}, {s['cpus']} CPUs, torch {s['torch']}, device {s['device']}, "
+             f"{s['date']} ({s['wall_s']:.0f} s). Model `{s['model']}`, {s['clip_seconds']} s at {s['fps']} fps, "
+             f"{s['steps']} steps, window {s['window']}, overlap {s['overlap']}, {s['size']}x{s['size']}, "
+             f"{s['threads_per_worker']} torch thread per worker. Every ratio comes from this one run.", "",
+             "| key | what | value | target | note |", "|---|---|---|---|---|"]
+    for key, what, note in rows:
+        target = TARGETS.get(key, TARGETS.get(key.rsplit("_", 1)[0], ""))
+        lines.append(f"| `{key}` | {what} | {fmt(f.get(key))} | {target} | {note} |")
+    fr = sc[1]["fractions"]
+    lines += ["", "Where the 1-worker wall time goes: " + ", ".join(f"{k} {v:.1%}" for k, v in fr.items()) + ".",
+              "", "Projected efficiency by workers (10-min clip): "
+              + ", ".join(f"{k}: {v:.2f}" for k, v in d["projection"]["efficiency"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out_json: str, out_md: str | None, command: str) -> None:
+    Path(out_json).write_text(json.dumps(result, indent=2, default=str))
+    if out_md:
+        Path(out_md).write_text(table(result, command))

@@ -1,0 +1,172 @@
+"""Checkpoints of a running job: the latents, the scheduler's state and the step index.
+
+    ckpt = Checkpointer(job_dir / "checkpoints", every=5, fingerprint=...)
+    ckpt.save(step, z, scheduler)          # atomic: temp file, fsync, rename; keeps the newest `keep`
+    state = ckpt.load_latest()             # newest valid one, or None; corrupt ones are skipped, logged
+    restore_scheduler(scheduler, state)
+
+One safetensors file per checkpoint: tensors (z and the scheduler's tensor state) plus metadata (step,
+the scheduler's scalar state, the job's fingerprint, and a SHA-256 over every tensor's bytes). No
+pickle anywhere: a checkpoint file is data only. A truncated file fails to parse; a flipped byte fails
+the checksum; either way the previous checkpoint is used, or the job restarts from step 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+NAME = re.compile(r"^step-(\d{6})\.safetensors$")
+
+
+@dataclass
+class CheckpointState:
+    step: int  # denoising steps already applied to z
+    z: torch.Tensor  # (1, C, F, h, w) float32
+    scheduler: dict  # attribute -> value (tensors, lists of tensors, scalars)
+    path: Path
+
+
+def scheduler_state(scheduler) -> tuple[dict[str, torch.Tensor], dict]:
+    """The scheduler's mutable state after `set_timesteps`: tensors apart, scalars as JSON.
+
+    Generic over diffusers schedulers: every instance attribute that is a tensor, a list of
+    tensors/None (multistep solvers' history), or a scalar; `config` and helpers are left out."""
+    tensors, scalars = {}, {}
+    for name, value in vars(scheduler).items():
+        if name.startswith("__") or name == "config":
+            continue
+        if isinstance(value, torch.Tensor):
+            tensors[f"scheduler.{name}"] = value.detach().cpu().contiguous()
+        elif isinstance(value, (list, tuple)) and all(v is None or isinstance(v, torch.Tensor) for v in value) \
+                and any(isinstance(v, torch.Tensor) for v in value):
+            scalars[name] = {"tensor_list": len(value)}
+            for i, v in enumerate(value):
+                if v is not None:
+                    tensors[f"scheduler.{name}.{i}"] = v.detach().cpu().contiguous()
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            scalars[name] = {"value": value}
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            scalars[name] = {"value": list(value)}
+    return tensors, scalars
+
+
+def restore_scheduler(scheduler, state: CheckpointState) -> None:
+    """Put a saved scheduler state back (call after `set_timesteps` with the same step count)."""
+    for name, value in state.scheduler.items():
+        setattr(scheduler, name, value)
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be trusted (truncated, corrupt, or from another plan)."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, every: int, fingerprint: str, keep: int = 2, log=None):
+        if every < 1:
+            raise ValueError(f"checkpoint_every: got {every}, expected an integer >= 1")
+        self.dir = Path(directory)
+        self.every = every
+        self.fingerprint = fingerprint  # what the latents belong to: model, plan, seed, prompts...
+        self.keep = max(1, keep)
+        self.log = log or logger
+        self.saved: list[float] = []  # seconds per save (for the cost figure)
+
+    def due(self, step: int, steps: int) -> bool:
+        """After `step` steps: every k steps, and always after the last one (decode may still fail)."""
+        return step % self.every == 0 or step == steps
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, newest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((p for p in self.dir.iterdir() if NAME.match(p.name)), reverse=True)
+
+    def save(self, step: int, z: torch.Tensor, scheduler) -> Path:
+        t0 = time.perf_counter()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors, scalars = scheduler_state(scheduler)
+        tensors["z"] = z.detach().cpu().contiguous()
+        meta = {"step": str(step), "fingerprint": self.fingerprint, "scheduler": json.dumps(scalars),
+                "sha256": _digest(tensors)}
+        final = self.dir / f"step-{step:06d}.safetensors"
+        tmp = self.dir / f".{final.name}.tmp"
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a crash
+        finally:
+            os.close(dir_fd)
+        for old in self.paths()[self.keep:]:
+            old.unlink(missing_ok=True)
+        self.saved.append(time.perf_counter() - t0)
+        return final
+
+    def read(self, path: Path) -> CheckpointState:
+        """Load and verify one checkpoint; raises CheckpointError."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for a bad header or a short file
+            raise CheckpointError(f"unreadable ({type(e).__name__}: {e})") from e
+        if meta.get("fingerprint") != self.fingerprint:
+            raise CheckpointError("made for a different request or plan")
+        if _digest(tensors) != meta.get("sha256"):
+            raise CheckpointError("checksum mismatch")
+        try:
+            scalars = json.loads(meta["scheduler"])
+            step = int(meta["step"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"bad metadata ({e})") from e
+        state: dict = {}
+        for name, entry in scalars.items():
+            if "tensor_list" in entry:
+                state[name] = [tensors.get(f"scheduler.{name}.{i}") for i in range(entry["tensor_list"])]
+            else:
+                state[name] = entry["value"]
+        for key, t in tensors.items():
+            if key.startswith("scheduler.") and key.count(".") == 1:
+                state[key.split(".", 1)[1]] = t
+        return CheckpointState(step=step, z=tensors["z"], scheduler=state, path=path)
+
+    def load_latest(self) -> CheckpointState | None:
+        """The newest checkpoint that verifies; corrupt ones are logged and skipped."""
+        paths = self.paths()
+        for i, path in enumerate(paths):
+            try:
+                return self.read(path)
+            except CheckpointError as e:
+                fallback = paths[i + 1].name if i + 1 < len(paths) else "step 0 (no valid checkpoint left)"
+                self.log.warning("checkpoint %s is corrupt: %s; falling back to %s", path.name, e, fallback)
+        return None
+
+    def clear(self) -> None:
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                p.unlink(missing_ok=True)
+            self.dir.rmdir()

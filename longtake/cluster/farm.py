@@ -1,0 +1,390 @@
+"""The studio farm: a durable queue of render jobs in a farm directory, and the runner that renders them.
+
+    FARM/farm.db                     the job store (SQLite, WAL)
+    FARM/jobs/ID/request.json        the request as submitted
+    FARM/jobs/ID/checkpoints/        step-NNNNNN.safetensors (latents + scheduler state + checksum)
+    FARM/jobs/ID/log.txt             what happened to the job: runs, retries, checkpoints, errors
+    FARM/jobs/ID/out.mp4, preview.png, result.json   (unless the request names its own `out`)
+
+`submit` validates every request of every spec before queueing any. `Runner` claims the best queued
+job (priority, then submit time), renders it on a Ray actor pool with checkpoints every k steps, and
+keeps going. cancel / pause / resume / retry are store updates that a busy runner notices within a
+window: a paused job is checkpointed at its current step; a cancelled one frees its workers.
+A runner that dies (SIGKILL, lost machine) leaves its job "running"; the next runner to start sees
+that the owner is gone and requeues it, and it resumes from its newest valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from longtake.actors.pool import WindowFailed
+from longtake.actors.worker import Worker
+from longtake.cluster.checkpoint import Checkpointer
+from longtake.cluster.engine import Cancelled, prepare, run, fingerprint
+from longtake.cluster.jobs import FINAL, JobRecord, JobStore
+from longtake.request import RequestError, load_timeline
+
+logger = logging.getLogger(__name__)
+
+SPEC_KEYS = ("priority", "token")  # per-job keys of a spec that are not request fields
+
+
+def default_farm_dir() -> str:
+    return os.environ.get("LONGTAKE_FARM_DIR") or str(Path.home() / ".local" / "share" / "longtake" / "farm")
+
+
+def open_store(farm_dir: str | Path) -> JobStore:
+    return JobStore(Path(farm_dir) / "farm.db")
+
+
+def job_dir(farm_dir: str | Path, job_id: str) -> Path:
+    return Path(farm_dir) / "jobs" / job_id
+
+
+# ---------------------------------------------------------------- submit
+
+def read_specs(path: str) -> list[dict]:
+    """A spec file (YAML or JSON): one job mapping, a list of them, or {jobs: [...]}. Each job is a
+    render request plus optional `priority` (higher first) and `token` (makes the submit idempotent).
+    A `timeline` may be a list of keys or the path of a timeline file (relative to the spec)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RequestError("spec", path, "an existing YAML or JSON file")
+    try:
+        data = json.loads(p.read_text()) if p.suffix.lower() == ".json" else yaml.safe_load(p.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RequestError("spec", path, f"valid YAML or JSON ({str(e).splitlines()[0]})") from None
+    if isinstance(data, dict) and set(data) == {"jobs"}:
+        data = data["jobs"]
+    jobs = [data] if isinstance(data, dict) else data
+    if not isinstance(jobs, list) or not jobs or not all(isinstance(j, dict) for j in jobs):
+        raise RequestError("spec", path, "a job mapping, a non-empty list of them, or {jobs: [...]}")
+    out = []
+    for job in jobs:
+        job = dict(job)
+        if isinstance(job.get("timeline"), str):
+            keys, negative = load_timeline(str(p.parent / job["timeline"]))
+            job["timeline"] = keys
+            if negative is not None:
+                job.setdefault("negative_prompt", negative)
+        for field in ("out", "preview"):
+            if isinstance(job.get(field), str):
+                job[field] = str((Path.cwd() / job[field]).resolve())
+        out.append(job)
+    return out
+
+
+def split_spec(job: dict, default_priority: int = 0) -> tuple[dict, int, str | None]:
+    """A spec job -> (request dict, priority, client token). Raises RequestError."""
+    request = {k: v for k, v in job.items() if k not in SPEC_KEYS}
+    priority = job.get("priority", default_priority)
+    if not isinstance(priority, int) or isinstance(priority, bool) or not -1000 <= priority <= 1000:
+        raise RequestError("priority", priority, "an integer from -1000 to 1000 (higher runs first)")
+    token = job.get("token")
+    if token is not None and (not isinstance(token, str) or not 1 <= len(token) <= 200):
+        raise RequestError("token", token, "a string of 1 to 200 characters (the same token submits once)")
+    return request, priority, token
+
+
+def validate(farm_dir: str | Path, request: dict) -> None:
+    """Every check `longtake render` makes, before anything is queued (outputs default to the job dir)."""
+    check = dict(request)
+    Path(farm_dir).mkdir(parents=True, exist_ok=True)
+    check.setdefault("out", str(Path(farm_dir) / "validate.mp4"))
+    prepare(check)
+
+
+def submit(farm_dir: str | Path, jobs: list[tuple[dict, int, str | None]]) -> list[tuple[JobRecord, bool]]:
+    """Queue validated jobs. Returns [(job, created)]; created is False for a token already used."""
+    store = open_store(farm_dir)
+    results = []
+    for request, priority, token in jobs:
+        record, created = store.create(request, priority=priority, idempotency_key=token and f"submit:{token}")
+        if created:
+            d = job_dir(farm_dir, record.id)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "request.json").write_text(json.dumps(request, indent=2))
+            _job_log(d, f"submitted (priority {priority})")
+        results.append((record, created))
+    return results
+
+
+def _job_log(d: Path, message: str) -> None:
+    with open(d / "log.txt", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+# ---------------------------------------------------------------- control
+
+TRANSITIONS = {  # command -> (states it applies to, new state)
+    "cancel": (("queued", "running", "paused"), "cancelled"),
+    "pause": (("queued", "running"), "paused"),
+    "resume": (("paused",), "queued"),
+    "retry": (("failed", "cancelled"), "queued"),
+}
+
+
+def control(farm_dir: str | Path, command: str, job_id: str) -> JobRecord:
+    """Apply cancel / pause / resume / retry. Raises RequestError naming the job and its state."""
+    store = open_store(farm_dir)
+    record = store.get(job_id)
+    if record is None:
+        raise RequestError("id", job_id, "the id of a job in this farm (see `longtake status`)")
+    sources, target = TRANSITIONS[command]
+    changed = store.update(job_id, state=target, only_from=sources, **({"error": ""} if command == "retry" else {}))
+    if not changed:
+        now = store.get(job_id).state
+        raise RequestError("id", job_id, f"a job that is {' or '.join(sources)} to {command} it (it is {now})")
+    d = job_dir(farm_dir, job_id)
+    if d.is_dir():
+        _job_log(d, f"{command}: {record.state} -> {target}")
+        if command == "cancel" and record.state != "running":  # a running job's runner cleans up itself
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)
+    return store.get(job_id)
+
+
+# ---------------------------------------------------------------- runner
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DiskFull(OSError):
+    pass
+
+
+class Runner:
+    """Renders queued jobs one after another on one actor pool (kept while the model stays the same)."""
+
+    def __init__(self, farm_dir: str | Path, address: str | None = None, workers: int | None = None,
+                 checkpoint_every: int = 5, max_attempts: int = 3, blocklist_after: int = 3,
+                 task_timeout_s: float | None = None, min_free_mb: float = 256, lease_s: float = 120,
+                 poll_s: float = 1.0, worker_cls: type = Worker, progress: bool = False):
+        if checkpoint_every < 1:
+            raise RequestError("checkpoint_every", checkpoint_every, "an integer >= 1 (steps between checkpoints)")
+        self.farm_dir = Path(farm_dir)
+        self.store = open_store(farm_dir)
+        self.address, self.workers = address, workers
+        self.checkpoint_every, self.max_attempts, self.blocklist_after = checkpoint_every, max_attempts, blocklist_after
+        self.task_timeout_s, self.min_free_mb, self.lease_s, self.poll_s = task_timeout_s, min_free_mb, lease_s, poll_s
+        self.worker_cls, self.progress = worker_cls, progress
+        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.stop = threading.Event()
+        self._pool, self._pool_key = None, None
+        self._ray_started = False
+
+    # -- recovery of jobs whose runner is gone
+    def recover(self) -> list[str]:
+        """Requeue running jobs whose runner died (same host: pid gone; other host: lease expired)."""
+        host = socket.gethostname()
+        requeued = []
+        for record in self.store.list(limit=10_000, state="running"):
+            owner = record.runner or ""
+            owner_host, _, pid = owner.rpartition(":")
+            if owner == self.id:
+                gone = True  # this process never runs a job it has not claimed now
+            elif owner_host == host and pid.isdigit():
+                gone = not _pid_alive(int(pid))
+            else:
+                gone = time.time() - record.updated > self.lease_s
+            if gone and self.store.update(record.id, state="queued", only_from=("running",)):
+                _job_log(job_dir(self.farm_dir, record.id), f"runner {owner or '?'} is gone; requeued by {self.id}")
+                logger.warning("job %s: runner %s is gone; requeued", record.id, owner or "?")
+                requeued.append(record.id)
+        return requeued
+
+    def serve_forever(self, exit_when_idle: bool = False) -> None:
+        """Claim and render jobs until `stop` is set (or, with exit_when_idle, the queue is empty)."""
+        from longtake.cluster.runtime import start_ray
+
+        self._ray_started = start_ray(self.address)
+        try:
+            self.recover()
+            while not self.stop.is_set():
+                record = self.store.claim_next(self.id)
+                if record is None:
+                    if exit_when_idle:
+                        break
+                    self.stop.wait(self.poll_s)
+                    self.recover()
+                    continue
+                self.run_job(record)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._drop_pool()
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
+            self._ray_started = False
+
+    # -- one job
+    def run_job(self, record: JobRecord) -> str:
+        """Render a claimed job; returns its final state for this run."""
+        d = job_dir(self.farm_dir, record.id)
+        d.mkdir(parents=True, exist_ok=True)
+        log = logging.getLogger(f"longtake.job.{record.id}")
+        handler = logging.FileHandler(d / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setLevel(logging.INFO)
+        root = logging.getLogger("longtake")
+        old_level = root.level
+        root.addHandler(handler)
+        if root.getEffectiveLevel() > logging.INFO:
+            root.setLevel(logging.INFO)  # the job log gets INFO whatever the console shows
+        beat = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(record.id, beat), daemon=True)
+        heartbeat.start()
+        logger.info("job %s: running (priority %d)", record.id, record.priority)
+        state = "failed"
+        try:
+            state = self._run(record, d, log)
+            return state
+        finally:
+            logger.info("job %s: %s", record.id, state)
+            beat.set()
+            root.removeHandler(handler)
+            root.setLevel(old_level)
+            handler.close()
+
+    def _heartbeat(self, job_id: str, done: threading.Event) -> None:
+        while not done.wait(min(10.0, self.lease_s / 4)):
+            self.store.update(job_id, only_from=("running",))
+
+    def _run(self, record: JobRecord, d: Path, log: logging.Logger) -> str:
+        request = dict(record.request)
+        request.setdefault("out", str(d / "out.mp4"))
+        request.setdefault("preview", str(d / "preview.png"))
+        log.info("run by %s", self.id)
+        try:
+            job = prepare(request)
+        except RequestError as e:
+            return self._fail(record.id, log, f"request: {e}")
+        ckpt = Checkpointer(d / "checkpoints", self.checkpoint_every, fingerprint(job), log=log)
+        last = {"poll": 0.0, "state": "running", "progress": 0.0}
+
+        def should_stop():
+            if self.stop.is_set():
+                return "shutdown"
+            now = time.monotonic()
+            if now - last["poll"] >= 0.2:
+                last["poll"] = now
+                current = self.store.get(record.id)
+                last["state"] = current.state if current else "cancelled"
+                self._check_space(d, Path(job.request.out).parent)
+            return last["state"] if last["state"] in ("cancelled", "paused") else None
+
+        def on_progress(p: dict) -> None:
+            now = time.monotonic()
+            if now - last["progress"] >= 0.5 or p["phase"] != last.get("phase"):
+                last["phase"] = p["phase"]
+                last["progress"] = now
+                self.store.update(record.id, progress=p, only_from=("running",))
+
+        try:
+            pool = self._get_pool(job)
+            result = run(job, pool, progress=self.progress, on_progress=on_progress, cancelled=should_stop,
+                         checkpoint=ckpt)
+        except Cancelled as e:
+            if e.reason == "cancelled":
+                self._drop_pool()  # frees the workers now, whatever they were doing
+                ckpt.clear()
+                log.info("cancelled at step %d; workers freed, checkpoints removed", e.step)
+            elif e.reason == "paused":
+                log.info("paused at step %d", e.step)
+            else:  # the runner is stopping: the job goes back to the queue
+                self.store.update(record.id, state="queued", only_from=("running",))
+                log.info("runner stopping; requeued at step %d", e.step)
+            return e.reason
+        except WindowFailed as e:
+            self._drop_pool()  # workers may be excluded or dead: the next job starts fresh
+            return self._fail(record.id, log, f"render failed: {e}")
+        except OSError as e:
+            kept = len(ckpt.paths())
+            return self._fail(record.id, log, f"cannot write ({e}); {kept} checkpoints kept: "
+                                              f"`longtake retry {record.id}` once space or access is back")
+        except RequestError as e:
+            return self._fail(record.id, log, f"request: {e}")
+        except Exception as e:  # a bug or a model error: fail this job, keep the runner going
+            log.exception("unexpected error")
+            self._drop_pool()
+            return self._fail(record.id, log, f"{type(e).__name__}: {e}")
+        summary = result.to_dict()
+        (d / "result.json").write_text(json.dumps(summary, indent=2))
+        if self.store.update(record.id, state="done", result=summary, only_from=("running",)):
+            ckpt.clear()
+            log.info("done: %d frames in %.1f s (resumed from step %d, %d checkpoints in %.2f s), sha256 %s",
+                     result.frames, result.wall_s, result.resumed_from_step, result.checkpoints_saved,
+                     result.checkpoint_s, result.frames_sha256)
+            return "done"
+        return self.store.get(record.id).state
+
+    def _fail(self, job_id: str, log: logging.Logger, message: str) -> str:
+        log.error("failed: %s", message)
+        self.store.update(job_id, state="failed", error=message, only_from=("running",))
+        return "failed"
+
+    def _check_space(self, *dirs: Path) -> None:
+        for directory in dirs:
+            if not directory.is_dir():
+                continue
+            free_mb = shutil.disk_usage(directory).free / 2**20
+            if free_mb < self.min_free_mb:
+                raise DiskFull(errno.ENOSPC, f"disk full: {free_mb:.0f} MB free in {directory}, the farm keeps "
+                                             f"{self.min_free_mb:g} MB free (--min-free-mb)")
+
+    # -- the actor pool, kept across jobs of the same model and worker count
+    def _get_pool(self, job):
+        import ray
+
+        from longtake.actors.ray_pool import RayPool
+        from longtake.cluster.runtime import worker_plan
+
+        resources = ray.cluster_resources()
+        spec, workers = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))
+        if self.workers and not job.request.workers:
+            workers = self.workers
+        key = (spec, workers)
+        if self._pool is None or self._pool_key != key or self._pool.num_workers < workers:
+            self._drop_pool()
+            self._pool = RayPool(spec, workers, max_attempts=self.max_attempts, worker_cls=self.worker_cls,
+                                 blocklist_after=self.blocklist_after, task_timeout_s=self.task_timeout_s)
+            self._pool_key = key
+        return self._pool
+
+    def _drop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._pool, self._pool_key = None, None
+
+
+def status_rows(store: JobStore, limit: int = 50) -> list[dict]:
+    rows = []
+    for r in store.list(limit=limit):
+        p = r.progress or {}
+        req = r.request
+        rows.append({"id": r.id, "state": r.state, "priority": r.priority,
+                     "progress": f"{p.get('step', 0)}/{p.get('steps', '?')}" if p else "-",
+                     "submitted": time.strftime("%m-%d %H:%M", time.localtime(r.created)),
+                     "what": (req.get("prompt") or f"timeline ({len(req.get('timeline') or [])} keys)")[:40],
+                     "final": r.state in FINAL})
+    return rows

@@ -1,0 +1,501 @@
+"""The studio farm: checkpoints, the queue commands, and the faults a job must survive with the frames of
+an undisturbed run (issue: studio batch farm). Runner-process and multi-node cases are in
+test_farm_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+from ray import cloudpickle
+
+from longtake.actors.pool import InProcessPool
+from longtake.actors.worker import Worker, WorkerSpec
+from longtake.cli import main
+from longtake.cluster import farm
+from longtake.cluster.checkpoint import Checkpointer, CheckpointError, restore_scheduler
+from longtake.cluster.engine import Cancelled, fingerprint, prepare, run
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
+
+STEPS = 8
+
+
+def job_request(model, **kw) -> dict:
+    base = dict(prompt="a red ball moving right", seconds=4, fps=8, steps=STEPS, window=8, overlap=2, model=model)
+    return {**base, **kw}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """frames_sha256 of the undisturbed in-process render of each request used here."""
+    pool = InProcessPool(WorkerSpec(tiny_model))
+    cache = {}
+
+    def sha(**kw) -> str:
+        key = json.dumps(kw, sort_keys=True)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("ref") / "ref.mp4"
+            cache[key] = run(prepare(job_request(tiny_model, out=str(out), **kw)), pool, progress=False).frames_sha256
+        return cache[key]
+
+    yield sha
+    pool.shutdown()
+
+
+def wait_for(cond, timeout: float, what: str, every: float = 0.05):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class SlowWorker(Worker):
+    """Predicts normally, slowly enough for a test to act mid-job."""
+
+    def predict(self, *args):
+        time.sleep(0.15)
+        return super().predict(*args)
+
+
+class OneBadWorker(SlowWorker):
+    """The first actor of the pool to start fails every prediction; the others are fine."""
+
+    marker = ""  # a file path, set per test: the actor that creates it is the bad one
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+            self.bad = True
+        except FileExistsError:
+            self.bad = False
+
+    def predict(self, z, t, cond, start, end, guidance):
+        if self.bad:
+            raise RuntimeError(f"injected fault on this worker (window at {start})")
+        return super().predict(z, t, cond, start, end, guidance)
+
+
+class SlowDecodeWorker(Worker):
+    def decode(self, z):
+        time.sleep(0.3)
+        return super().decode(z)
+
+
+class BrokenWindowWorker(Worker):
+    def predict(self, z, t, cond, start, end, guidance):
+        if start == 6:
+            raise RuntimeError("injected fault in window 6")
+        return super().predict(z, t, cond, start, end, guidance)
+
+
+# ------------------------------------------------------------------ checkpoints (no Ray)
+
+@pytest.mark.parametrize("scheduler_name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+def test_checkpoint_restores_scheduler_state_exactly(tmp_path, scheduler_name):
+    import diffusers
+
+    def fresh():
+        s = getattr(diffusers, scheduler_name)(num_train_timesteps=1000)
+        s.set_timesteps(10)
+        return s
+
+    gen = torch.Generator().manual_seed(0)
+    outputs = [torch.randn(1, 4, 5, 8, 8, generator=gen) for _ in range(10)]
+    z0 = torch.randn(1, 4, 5, 8, 8, generator=gen)
+
+    def steps(s, z, start, stop):
+        for i in range(start, stop):
+            z = s.step(outputs[i], s.timesteps[i], z).prev_sample
+        return z
+
+    s = fresh()
+    straight = steps(s, z0, 0, 10)
+    s = fresh()
+    z = steps(s, z0, 0, 4)
+    ckpt = Checkpointer(tmp_path, every=2, fingerprint="f")
+    ckpt.save(4, z, s)
+    state = ckpt.load_latest()
+    s2 = fresh()
+    restore_scheduler(s2, state)
+    assert state.step == 4
+    assert torch.equal(steps(s2, state.z, 4, 10), straight)
+    # without the restored state a multistep solver diverges (its history): the state is what makes it exact
+    if scheduler_name == "DPMSolverMultistepScheduler":
+        assert not torch.equal(steps(fresh(), state.z, 4, 10), straight)
+
+
+def test_corrupt_and_truncated_checkpoints_are_detected_and_skipped(tmp_path, caplog):
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler()
+    s.set_timesteps(10)
+    ckpt = Checkpointer(tmp_path, every=1, fingerprint="f", keep=3)
+    for step in (1, 2, 3):
+        ckpt.save(step, torch.full((1, 4, 3, 2, 2), float(step)), s)
+    assert [p.name for p in ckpt.paths()] == ["step-000003.safetensors", "step-000002.safetensors",
+                                             "step-000001.safetensors"]
+    newest, middle, oldest = ckpt.paths()
+    data = bytearray(newest.read_bytes())
+    data[-3] ^= 0xFF  # a flipped bit in the latents
+    newest.write_bytes(bytes(data))
+    middle.write_bytes(middle.read_bytes()[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        ckpt.read(newest)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        ckpt.read(middle)
+    with caplog.at_level(logging.WARNING):
+        state = ckpt.load_latest()
+    assert state.step == 1 and torch.equal(state.z, torch.full((1, 4, 3, 2, 2), 1.0))
+    assert "checkpoint step-000003.safetensors is corrupt: checksum mismatch; falling back to step-000002" in caplog.text
+    assert "step-000002.safetensors is corrupt: unreadable" in caplog.text
+    oldest.write_bytes(b"\0" * 10)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.load_latest() is None
+    assert "falling back to step 0 (no valid checkpoint left)" in caplog.text
+    # a checkpoint of another request is never used
+    assert Checkpointer(tmp_path, every=1, fingerprint="other").load_latest() is None
+
+
+def test_checkpoint_writes_are_atomic_and_keep_the_newest(tmp_path):
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler()
+    s.set_timesteps(10)
+    ckpt = Checkpointer(tmp_path / "c", every=2, fingerprint="f", keep=2)
+    for step in range(1, 6):
+        ckpt.save(step, torch.zeros(1, 4, 2, 2, 2), s)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["step-000004.safetensors", "step-000005.safetensors"]
+    assert [ckpt.due(k, 7) for k in range(1, 8)] == [False, True, False, True, False, True, True]
+
+
+def test_resume_from_checkpoint_gives_identical_frames(tmp_path, tiny_model, reference, caplog):
+    """Stopped at step 3 (as a pause does), resumed: same frames; a corrupt newest checkpoint falls back."""
+    pool = InProcessPool(WorkerSpec(tiny_model))
+    try:
+        job = prepare(job_request(tiny_model, out=str(tmp_path / "a.mp4")))
+        ckpt = Checkpointer(tmp_path / "ckpt", every=2, fingerprint=fingerprint(job))
+        state = {"n": 0}
+
+        def stop_at_step_4(p=None):
+            return "paused" if state["n"] >= 3 * 5 + 1 else None  # 5 windows per step
+
+        def count(p):
+            state["n"] = p["windows_done"]
+
+        with pytest.raises(Cancelled) as info:
+            run(job, pool, progress=False, on_progress=count, cancelled=stop_at_step_4, checkpoint=ckpt)
+        assert info.value.reason == "paused" and info.value.step == 3
+        assert [p.name for p in ckpt.paths()] == ["step-000003.safetensors", "step-000002.safetensors"]
+        assert not (tmp_path / "a.mp4").exists()
+        resumed = run(job, pool, progress=False, checkpoint=ckpt)
+        assert resumed.resumed_from_step == 3
+        assert resumed.frames_sha256 == reference()
+        # the newest checkpoint (after the last step) corrupt: falls back to the previous one, same frames
+        assert [p.name for p in ckpt.paths()] == ["step-000008.safetensors", "step-000006.safetensors"]
+        newest = ckpt.paths()[0]
+        newest.write_bytes(newest.read_bytes()[:50])
+        with caplog.at_level(logging.WARNING):
+            again = run(job, pool, progress=False, checkpoint=ckpt)
+        assert "step-000008.safetensors is corrupt: unreadable" in caplog.text
+        assert again.resumed_from_step == 6 and again.frames_sha256 == reference()
+    finally:
+        pool.shutdown()
+
+
+# ------------------------------------------------------------------ submit, status and the commands (no Ray)
+
+def test_submit_validates_everything_first_and_is_idempotent(tmp_path, tiny_model, capsys):
+    farm_dir = tmp_path / "farm"
+    spec = tmp_path / "shots.yaml"
+    spec.write_text(json.dumps({"jobs": [job_request(tiny_model, priority=5, token="shot-1"),
+                                         job_request(tiny_model, seconds=-1)]}))
+    assert main(["submit", str(spec), "--farm-dir", str(farm_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{spec}: job 2: seconds: got -1.0, expected a number > 0" in err and "nothing was submitted" in err
+    assert farm.open_store(farm_dir).count() == 0
+
+    spec.write_text(json.dumps([job_request(tiny_model, priority=5, token="shot-1"), job_request(tiny_model)]))
+    assert main(["submit", str(spec), "--farm-dir", str(farm_dir)]) == 0
+    first = capsys.readouterr().out.split()
+    assert len(first) == 2
+    assert main(["submit", str(spec), "--farm-dir", str(farm_dir)]) == 0  # same token: same job, not a new one
+    second = capsys.readouterr().out.split()
+    assert second[0] == first[0] and second[1] != first[1]
+    store = farm.open_store(farm_dir)
+    assert store.count() == 3 and store.get(first[0]).priority == 5
+    assert json.loads((farm.job_dir(farm_dir, first[0]) / "request.json").read_text())["seconds"] == 4
+    assert main(["status", "--farm-dir", str(farm_dir), "--json"]) == 0
+    assert {r["id"] for r in json.loads(capsys.readouterr().out)} == set(first + second)
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"prompt": "x", "priority": "high"}, "job 1: priority: got 'high'"),
+    ({"prompt": "x", "token": ""}, "job 1: token: got ''"),
+    ({"prompt": "x", "colour": "red"}, "job 1: colour: got 'red', expected no such field"),
+    ([], "spec: got"),
+])
+def test_submit_rejects_bad_specs(tmp_path, spec, field, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(spec))
+    assert main(["submit", str(path), "--farm-dir", str(tmp_path / "farm")]) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_control_commands_follow_the_job_states(tmp_path, tiny_model, capsys):
+    farm_dir = tmp_path / "farm"
+    (record, _), = farm.submit(farm_dir, [(job_request(tiny_model), 0, None)])
+    args = ["--farm-dir", str(farm_dir)]
+    assert main(["resume", record.id, *args]) == 2
+    assert "expected a job that is paused to resume it (it is queued)" in capsys.readouterr().err
+    assert main(["pause", record.id, *args]) == 0 and farm.open_store(farm_dir).get(record.id).state == "paused"
+    assert main(["resume", record.id, *args]) == 0 and farm.open_store(farm_dir).get(record.id).state == "queued"
+    assert main(["retry", record.id, *args]) == 2
+    assert main(["cancel", record.id, *args]) == 0 and farm.open_store(farm_dir).get(record.id).state == "cancelled"
+    assert main(["retry", record.id, *args]) == 0 and farm.open_store(farm_dir).get(record.id).state == "queued"
+    assert main(["cancel", "nope", *args]) == 2
+    assert "id: got 'nope', expected the id of a job in this farm" in capsys.readouterr().err
+    log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
+    assert "pause: queued -> paused" in log and "retry: cancelled -> queued" in log
+
+
+def test_recover_requeues_jobs_of_dead_runners_only(tmp_path, tiny_model):
+    import subprocess
+    import socket
+
+    farm_dir = tmp_path / "farm"
+    (dead, _), (alive, _) = farm.submit(farm_dir, [(job_request(tiny_model), 0, None)] * 2)
+    store = farm.open_store(farm_dir)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    store.claim_next(f"{host}:{gone.pid}")
+    store.claim_next(f"{host}:{os.getppid()}")  # a live process that is not this runner
+    assert farm.Runner(farm_dir).recover() == [dead.id]
+    assert store.get(dead.id).state == "queued" and store.get(alive.id).state == "running"
+    assert "is gone; requeued" in (farm.job_dir(farm_dir, dead.id) / "log.txt").read_text()
+
+
+# ------------------------------------------------------------------ faults, on the session's Ray
+
+def _runner(farm_dir, **kw):
+    kw.setdefault("workers", 2)
+    kw.setdefault("checkpoint_every", 2)
+    kw.setdefault("min_free_mb", 0)
+    return farm.Runner(farm_dir, **kw)
+
+
+def _start(runner) -> threading.Thread:
+    thread = threading.Thread(target=runner.serve_forever, kwargs={"exit_when_idle": True}, daemon=True)
+    thread.start()
+    return thread
+
+
+def _step(store, job_id) -> int:
+    return (store.get(job_id).progress or {}).get("step", 0)
+
+
+def _running(tmp_path, request: dict, step: int, **runner_kw):
+    """Submit one job, start a runner thread on it and wait until it is at `step`."""
+    farm_dir = tmp_path / "farm"
+    (record, _), = farm.submit(farm_dir, [(request, 0, None)])
+    runner = _runner(farm_dir, **runner_kw)
+    thread = _start(runner)
+    store = farm.open_store(farm_dir)
+    wait_for(lambda: _step(store, record.id) >= step, 120, f"step {step}")
+    return farm_dir, record, runner, thread, store
+
+
+def test_killed_worker_window_is_retried_and_logged(tmp_path, tiny_model, reference, ray_session):
+    import ray
+
+    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 3, worker_cls=SlowWorker)
+    ray.kill(runner._pool.actors[0], no_restart=True)  # mid-step
+    thread.join(180)
+    done = store.get(record.id)
+    assert done.state == "done", done.error
+    assert done.result["frames_sha256"] == reference()
+    log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
+    assert "died during predict task" in log and "retrying predict task" in log
+
+
+def test_bad_worker_is_excluded_and_the_job_still_finishes(tmp_path, tiny_model, reference, ray_session):
+    import ray
+
+    farm_dir = tmp_path / "farm"
+    (record, _), = farm.submit(farm_dir, [(job_request(tiny_model), 0, None)])
+    worker_cls = type("OneBadWorkerHere", (OneBadWorker,), {"marker": str(tmp_path / "bad-marker")})
+    runner = _runner(farm_dir, worker_cls=worker_cls, blocklist_after=2, max_attempts=3)
+    runner.serve_forever(exit_when_idle=True)
+    done = farm.open_store(farm_dir).get(record.id)
+    assert done.state == "done", done.error
+    assert done.result["frames_sha256"] == reference()
+    assert done.result["workers"] == 1  # the bad one was excluded
+    log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
+    assert "excluding worker" in log and "after 2 failed tasks" in log
+    assert ray.is_initialized()
+
+
+def test_window_failing_everywhere_fails_the_job_clearly_in_time(tmp_path, tiny_model, ray_session):
+    farm_dir = tmp_path / "farm"
+    (record, _), (second, _) = farm.submit(farm_dir, [(job_request(tiny_model), 1, None),
+                                                      (job_request(tiny_model, seed=1), 0, None)])
+    runner = _runner(farm_dir, worker_cls=BrokenWindowWorker, blocklist_after=5, max_attempts=3)
+    t0 = time.monotonic()
+    runner.serve_forever(exit_when_idle=True)
+    assert time.monotonic() - t0 < 120
+    store = farm.open_store(farm_dir)
+    failed = store.get(record.id)
+    assert failed.state == "failed"
+    assert failed.error == ("render failed: step 1 of 8: task 1 (predict) failed 3 times; "
+                            "last error: RuntimeError: injected fault in window 6")
+    assert store.get(second.id).state == "failed"  # the runner went on to the next job (it fails the same way)
+    assert list((farm.job_dir(farm_dir, record.id)).glob("checkpoints/*.safetensors")) == []
+
+
+def test_cancel_mid_job_frees_workers_and_leaves_nothing(tmp_path, tiny_model, ray_session):
+    import ray
+
+    total_cpus = ray.cluster_resources()["CPU"]
+    wait_for(lambda: ray.available_resources().get("CPU", 0) == total_cpus, 30, "earlier tests' workers to go", 0.2)
+    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model, steps=30), 3,
+                                                       worker_cls=SlowWorker)
+    assert ray.available_resources().get("CPU", 0) <= total_cpus - 2  # two workers busy
+    t0 = time.monotonic()
+    farm.control(farm_dir, "cancel", record.id)
+    wait_for(lambda: ray.available_resources().get("CPU", 0) >= total_cpus, 5, "the workers to be freed", 0.1)
+    assert time.monotonic() - t0 < 5
+    thread.join(30)
+    assert store.get(record.id).state == "cancelled"
+    children = psutil.Process().children(recursive=True)
+    assert not [p for p in children if "ffmpeg" in p.name()]
+    d = farm.job_dir(farm_dir, record.id)
+    assert sorted(p.name for p in d.rglob("*")) == ["log.txt", "request.json"]  # no checkpoints, no temp files
+    assert "cancelled at step" in (d / "log.txt").read_text()
+
+
+def test_cancel_while_encoding_leaves_no_ffmpeg_and_no_partial_file(tmp_path, tiny_model, ray_session):
+    farm_dir = tmp_path / "farm"
+    (record, _), = farm.submit(farm_dir, [(job_request(tiny_model, seconds=12), 0, None)])
+    runner = _runner(farm_dir, worker_cls=SlowDecodeWorker)
+    store = farm.open_store(farm_dir)
+    seen = {}
+
+    def cancel_on_decode():
+        while not seen.get("stop"):
+            p = store.get(record.id).progress or {}
+            if p.get("phase") == "decode":
+                seen["ffmpeg"] = [c for c in psutil.Process().children(recursive=True) if "ffmpeg" in c.name()]
+                farm.control(farm_dir, "cancel", record.id)
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=cancel_on_decode, daemon=True)
+    watcher.start()
+    runner.serve_forever(exit_when_idle=True)
+    seen["stop"] = True
+    state = store.get(record.id).state
+    if state == "done":  # decoding finished before the cancel landed: nothing to check on this machine
+        pytest.skip("decode finished before the cancel")
+    assert state == "cancelled"
+    assert seen["ffmpeg"], "ffmpeg was running while decoding"
+    wait_for(lambda: not [p for p in seen["ffmpeg"] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+             5, "ffmpeg to exit")
+    assert sorted(p.name for p in farm.job_dir(farm_dir, record.id).rglob("*")) == ["log.txt", "request.json"]
+
+
+def test_pause_and_resume_mid_job_give_identical_frames(tmp_path, tiny_model, reference, ray_session):
+    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 3, worker_cls=SlowWorker,
+                                                       checkpoint_every=4)
+    farm.control(farm_dir, "pause", record.id)
+    thread.join(60)
+    assert store.get(record.id).state == "paused"
+    names = [p.name for p in Checkpointer(farm.job_dir(farm_dir, record.id) / "checkpoints", 1, "").paths()]
+    paused_at = int(re.search(r"paused at step (\d+)", (farm.job_dir(farm_dir, record.id) / "log.txt").read_text())[1])
+    assert paused_at >= 2 and names[0] == f"step-{paused_at:06d}.safetensors"  # checkpointed where it paused, not at k
+    farm.control(farm_dir, "resume", record.id)
+    runner.serve_forever(exit_when_idle=True)
+    done = store.get(record.id)
+    assert done.state == "done" and done.result["frames_sha256"] == reference()
+    assert done.result["resumed_from_step"] == paused_at
+
+
+def test_unwritable_output_fails_keeps_checkpoints_and_retry_finishes(tmp_path, tiny_model, reference, ray_session):
+    outdir = tmp_path / "deliveries"
+    outdir.mkdir()
+    farm_dir, record, runner, thread, store = _running(
+        tmp_path, job_request(tiny_model, out=str(outdir / "shot.mp4")), 2, worker_cls=SlowWorker)
+    outdir.rename(tmp_path / "moved")
+    outdir.write_text("not a directory any more")  # the delivery path is gone mid-job (root ignores chmod)
+    thread.join(120)
+    failed = store.get(record.id)
+    assert failed.state == "failed"
+    assert "cannot write" in failed.error and "shot.mp4" in failed.error and f"longtake retry {record.id}" in failed.error
+    checkpoints = list((farm.job_dir(farm_dir, record.id) / "checkpoints").glob("step-*.safetensors"))
+    assert f"step-{STEPS:06d}.safetensors" in [p.name for p in checkpoints]
+    outdir.unlink()
+    (tmp_path / "moved").rename(outdir)
+    farm.control(farm_dir, "retry", record.id)
+    runner.serve_forever(exit_when_idle=True)
+    done = store.get(record.id)
+    assert done.state == "done" and done.result["frames_sha256"] == reference()
+    assert done.result["resumed_from_step"] == STEPS  # only decoding was redone
+    assert (outdir / "shot.mp4").is_file() and [p.name for p in outdir.iterdir()] == ["shot.mp4"]
+
+
+def test_disk_full_fails_keeps_checkpoints_and_retry_finishes(tmp_path, tiny_model, reference, ray_session):
+    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 5, worker_cls=SlowWorker)
+    runner.min_free_mb = 1e12  # the disk "fills": less free than the farm must keep
+    thread.join(120)
+    failed = store.get(record.id)
+    assert failed.state == "failed" and "disk full" in failed.error and "checkpoints kept" in failed.error
+    assert Checkpointer(farm.job_dir(farm_dir, record.id) / "checkpoints", 1, "").paths()
+    runner.min_free_mb = 0  # space is back
+    farm.control(farm_dir, "retry", record.id)
+    runner.serve_forever(exit_when_idle=True)
+    done = store.get(record.id)
+    assert done.state == "done" and done.result["frames_sha256"] == reference()
+    assert done.result["resumed_from_step"] >= 4
+
+
+def test_runner_takes_jobs_by_priority_then_submit_time(tmp_path, tiny_model, ray_session):
+    farm_dir = tmp_path / "farm"
+    jobs = farm.submit(farm_dir, [(job_request(tiny_model, seconds=1, steps=2, seed=i), p, None)
+                                  for i, p in enumerate([0, 5, 0, 9])])
+    _runner(farm_dir).serve_forever(exit_when_idle=True)
+    store = farm.open_store(farm_dir)
+    assert all(store.get(r.id).state == "done" for r, _ in jobs)
+    finish_order = [r.id for r, _ in sorted(jobs, key=lambda j: store.get(j[0].id).updated)]
+    expected = [r.id for r, _ in sorted(jobs, key=lambda j: (-j[0].priority, j[0].created))]
+    assert finish_order == expected and expected[0] == jobs[3][0].id
+
+
+def test_corrupt_checkpoint_on_resume_falls_back_with_a_log_line(tmp_path, tiny_model, reference, ray_session):
+    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 5, worker_cls=SlowWorker,
+                                                       checkpoint_every=2)
+    farm.control(farm_dir, "pause", record.id)
+    thread.join(60)
+    ckpt = Checkpointer(farm.job_dir(farm_dir, record.id) / "checkpoints", 1, "")
+    newest, previous = ckpt.paths()[:2]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, the file still parses
+    newest.write_bytes(bytes(data))
+    farm.control(farm_dir, "resume", record.id)
+    runner.serve_forever(exit_when_idle=True)
+    done = store.get(record.id)
+    assert done.state == "done" and done.result["frames_sha256"] == reference()
+    assert done.result["resumed_from_step"] == int(previous.name[5:11])
+    log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
+    assert f"checkpoint {newest.name} is corrupt: checksum mismatch; falling back to {previous.name}" in log
