@@ -103,12 +103,16 @@ class BrokenWindowWorker(Worker):
 
 # ------------------------------------------------------------------ checkpoints (no Ray)
 
-@pytest.mark.parametrize("scheduler_name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
-def test_checkpoint_restores_scheduler_state_exactly(tmp_path, scheduler_name):
+@pytest.mark.parametrize("scheduler_name, kwargs", [
+    ("DDIMScheduler", {}),
+    ("DDIMScheduler", {"set_alpha_to_one": False, "prediction_type": "v_prediction"}),  # the default model's
+    ("DPMSolverMultistepScheduler", {}),
+    ("EulerDiscreteScheduler", {})])
+def test_checkpoint_restores_scheduler_state_exactly(tmp_path, scheduler_name, kwargs):
     import diffusers
 
     def fresh():
-        s = getattr(diffusers, scheduler_name)(num_train_timesteps=1000)
+        s = getattr(diffusers, scheduler_name)(num_train_timesteps=1000, **kwargs)
         s.set_timesteps(10)
         return s
 

@@ -49,13 +49,13 @@ def scheduler_state(scheduler) -> tuple[dict[str, torch.Tensor], dict]:
         if name.startswith("__") or name == "config":
             continue
         if isinstance(value, torch.Tensor):
-            tensors[f"scheduler.{name}"] = value.detach().cpu().contiguous()
+            tensors[f"scheduler.{name}"] = value.detach().cpu().clone()  # clone: some share memory (views)
         elif isinstance(value, (list, tuple)) and all(v is None or isinstance(v, torch.Tensor) for v in value) \
                 and any(isinstance(v, torch.Tensor) for v in value):
             scalars[name] = {"tensor_list": len(value)}
             for i, v in enumerate(value):
                 if v is not None:
-                    tensors[f"scheduler.{name}.{i}"] = v.detach().cpu().contiguous()
+                    tensors[f"scheduler.{name}.{i}"] = v.detach().cpu().clone()
         elif value is None or isinstance(value, (bool, int, float, str)):
             scalars[name] = {"value": value}
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
@@ -107,7 +107,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors, scalars = scheduler_state(scheduler)
-        tensors["z"] = z.detach().cpu().contiguous()
+        tensors["z"] = z.detach().cpu().clone()
         meta = {"step": str(step), "fingerprint": self.fingerprint, "scheduler": json.dumps(scalars),
                 "sha256": _digest(tensors)}
         final = self.dir / f"step-{step:06d}.safetensors"
