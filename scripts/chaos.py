@@ -8,7 +8,7 @@
 4. Every few seconds, at random: SIGKILL a worker actor's process, or remove a worker node without
    grace and add a fresh one (capacity comes back, as an autoscaler would bring it).
 5. Every job must finish, within --limit seconds, with the frames of its undisturbed run.
-Prints one JSON summary; exits 0 on success, 1 otherwise.
+Prints a JSON summary (and writes it to --out); exits 0 on success, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
     ap.add_argument("--farm-dir", help="default: a temporary directory")
+    ap.add_argument("--out", help="also write the JSON summary to this file")
     args = ap.parse_args(argv)
 
     import ray
@@ -132,8 +133,11 @@ def main(argv=None) -> int:
         got = (now.result or {}).get("frames_sha256")
         results.append({"id": record.id, "state": now.state, "same_frames": got == sha, "error": now.error})
     ok = finished and all(r["state"] == "done" and r["same_frames"] for r in results)
-    print(json.dumps({"ok": ok, "jobs": results, "faults": faults, "reference_s": round(ref_s, 1),
-                      "chaos_s": round(time.monotonic() - t0 - ref_s, 1), "farm_dir": str(farm_dir)}, indent=2))
+    summary = json.dumps({"ok": ok, "jobs": results, "faults": faults, "reference_s": round(ref_s, 1),
+                          "chaos_s": round(time.monotonic() - t0 - ref_s, 1), "farm_dir": str(farm_dir)}, indent=2)
+    print(summary)
+    if args.out:
+        Path(args.out).write_text(summary)
     return 0 if ok else 1
 
 

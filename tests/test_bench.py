@@ -30,7 +30,7 @@ def test_worker_times_every_window_and_the_engine_times_every_phase(tmp_path, ti
     assert set(t) == {"encode_s", "denoise_s", "fuse_s", "scheduler_s", "decode_s"}
     assert t["fuse_s"] + t["scheduler_s"] < t["denoise_s"]
     assert compute["predict_sum"] < t["denoise_s"]  # in-process: predictions run inside the denoise phase
-    assert t["encode_s"] + t["denoise_s"] + t["decode_s"] <= result.wall_s
+    assert t["encode_s"] + t["denoise_s"] + t["decode_s"] <= result.wall_s + 0.002  # (rounded to ms)
 
 
 def test_peak_memory_reset_sees_a_new_lower_peak():

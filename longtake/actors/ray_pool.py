@@ -46,7 +46,19 @@ class RayPool:
         self.start_failures = [0] * num_workers
         self.retries = 0
         self.excluded = 0
-        ray.get([a.ready.remote() for a in self.actors])
+        self.last_start_error = ""
+        # every actor joins when its ready() returns; wait for the first one here. Actors whose node dies
+        # while they start are replaced, like any other (a pool is often made while a cluster churns)
+        self.starting = {a.ready.remote(): i for i, a in enumerate(self.actors)}
+        t0 = time.monotonic()
+        while not any(self.actors[a] is not None and a not in self.starting.values() for a in range(num_workers)):
+            if not self.starting:
+                raise WindowFailed(f"no worker could start: {self.last_start_error}")
+            if time.monotonic() - t0 > self.start_timeout_s:
+                raise WindowFailed(f"no worker started in {self.start_timeout_s:g} s (not enough resources?)")
+            ready, _ = ray.wait(list(self.starting), num_returns=1, timeout=1.0)
+            if ready:
+                self._started(ready[0])
 
     @property
     def num_workers(self) -> int:
@@ -63,6 +75,27 @@ class RayPool:
         self.actors[a] = self._actor_cls.remote(self.spec)
         self.failures[a] = 0
         self.starting[self.actors[a].ready.remote()] = a  # joins when started (maybe never: lost node)
+
+    def _started(self, ref) -> int | None:
+        """A ready() ref came back: the slot, now usable; or None (failed: retried or excluded)."""
+        a = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+            logger.info("worker %d started", a)
+            return a
+        except RayError as e:
+            self.last_start_error = _reason(e)
+            self.start_failures[a] += 1
+            if self.start_failures[a] >= self.max_attempts:
+                logger.warning("excluding worker %d: it failed to start %d times (%s)", a, self.start_failures[a],
+                               self.last_start_error)
+                ray.kill(self.actors[a], no_restart=True)
+                self.actors[a] = None
+                self.excluded += 1
+            else:
+                logger.warning("worker %d failed to start (%s); trying again", a, self.last_start_error)
+                self._replace(a)
+            return None
 
     def _exclude(self, a: int, reason: str) -> None:
         logger.warning("excluding worker %d after %d failed tasks (last: %s); %d workers left", a, self.failures[a],
@@ -89,7 +122,8 @@ class RayPool:
                     ref = getattr(self.actors[a], method).remote(*tasks[i])
                     inflight[ref] = (i, a, time.monotonic())
                 if not inflight and not self.starting:
-                    raise WindowFailed(f"no worker left for {method} task {todo[0]}: {self.excluded} excluded")
+                    raise WindowFailed(f"no worker left for {method} task {todo[0]}: {self.excluded} excluded"
+                                       + (f" (last start error: {self.last_start_error})" if self.last_start_error else ""))
                 waiting_since = (waiting_since or time.monotonic()) if not inflight else None
                 if waiting_since and time.monotonic() - waiting_since > self.start_timeout_s:
                     raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {method} "
@@ -99,21 +133,9 @@ class RayPool:
                     self._check_timeouts(method, inflight, attempts, todo, idle)
                     continue
                 if ready[0] in self.starting:
-                    a = self.starting.pop(ready[0])
-                    try:
-                        ray.get(ready[0])
+                    a = self._started(ready[0])
+                    if a is not None:
                         idle.append(a)
-                        logger.info("replacement worker %d started", a)
-                    except RayError as e:
-                        self.start_failures[a] += 1
-                        if self.start_failures[a] >= self.max_attempts:
-                            logger.warning("excluding worker %d: it failed to start %d times (%s)", a,
-                                           self.start_failures[a], _reason(e))
-                            self.actors[a] = None
-                            self.excluded += 1
-                        else:
-                            logger.warning("replacement worker %d failed to start (%s); trying again", a, _reason(e))
-                            self._replace(a)
                     continue
                 i, a, _ = inflight.pop(ready[0])
                 try:
@@ -126,7 +148,10 @@ class RayPool:
                     next_out += 1
         finally:
             for ref in inflight:
-                ray.cancel(ref, force=False)
+                try:
+                    ray.cancel(ref, force=False)
+                except RayError:
+                    pass  # its worker is already gone
 
     def _check_timeouts(self, method, inflight, attempts, todo, idle) -> None:
         if self.task_timeout_s is None:
@@ -134,8 +159,7 @@ class RayPool:
         now = time.monotonic()
         for ref, (i, a, since) in list(inflight.items()):
             if now - since > self.task_timeout_s:
-                del inflight[ref]
-                ray.cancel(ref, force=True)
+                del inflight[ref]  # the worker is killed and replaced below: that stops the task
                 error = GetTimeoutError(f"{method} task {i} ran over {self.task_timeout_s:g} s on worker {a}")
                 self._retry_or_fail(method, i, a, attempts[i], error, todo, idle, hung=True)
 
