@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 class RayPool:
     def __init__(self, spec: WorkerSpec, num_workers: int, max_attempts: int = 3, lookahead: int = 2,
                  worker_cls: type = Worker, blocklist_after: int = 0, task_timeout_s: float | None = None,
-                 start_timeout_s: float = 600.0):
+                 start_timeout_s: float = 600.0, join_grace_s: float = 30.0):
         self.spec = spec
         self.max_attempts = max_attempts
         self.lookahead = lookahead  # tasks beyond the oldest unfinished one, per worker (bounds buffered results)
@@ -47,18 +47,19 @@ class RayPool:
         self.retries = 0
         self.excluded = 0
         self.last_start_error = ""
-        # every actor joins when its ready() returns; wait for the first one here. Actors whose node dies
-        # while they start are replaced, like any other (a pool is often made while a cluster churns)
+        # wait until every actor has started, or, once one has, at most `join_grace_s` more: an actor that
+        # cannot be placed (a node lost while the pool is made) joins later, when it starts. Actors whose
+        # node dies while they start are replaced, like any other.
         self.starting = {a.ready.remote(): i for i, a in enumerate(self.actors)}
-        t0 = time.monotonic()
-        while not any(self.actors[a] is not None and a not in self.starting.values() for a in range(num_workers)):
-            if not self.starting:
-                raise WindowFailed(f"no worker could start: {self.last_start_error}")
+        t0, first = time.monotonic(), None
+        while self.starting and (first is None or time.monotonic() - first < join_grace_s):
             if time.monotonic() - t0 > self.start_timeout_s:
                 raise WindowFailed(f"no worker started in {self.start_timeout_s:g} s (not enough resources?)")
             ready, _ = ray.wait(list(self.starting), num_returns=1, timeout=1.0)
-            if ready:
-                self._started(ready[0])
+            if ready and self._started(ready[0]) is not None and first is None:
+                first = time.monotonic()
+        if self.num_workers == 0:
+            raise WindowFailed(f"no worker could start: {self.last_start_error}")
 
     @property
     def num_workers(self) -> int:
