@@ -5,8 +5,8 @@
         1. encode the key prompts once (one worker); put the conditioning in the object store
         2. initial latents from (seed, frame index)
         3. for each step: every window predicts alone -> fuse in window order -> scheduler step
-            (with a checkpointer: resume from the newest valid checkpoint; save one every k steps)
-    4. decode window by window on the workers; stream frames in order into ffmpeg
+           (with a checkpointer: resume from the newest valid checkpoint; save one every k steps)
+        4. decode window by window on the workers; stream frames in order into ffmpeg
 
 The pool is an in-process worker (reference) or Ray actors; both give identical frames.
 """
