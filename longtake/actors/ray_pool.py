@@ -129,7 +129,10 @@ class RayPool:
                 if waiting_since and time.monotonic() - waiting_since > self.start_timeout_s:
                     raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {method} "
                                        f"task {todo[0]} (not enough resources left in the cluster?)")
-                ready, _ = ray.wait(list(inflight) + list(self.starting), num_returns=1, timeout=1.0)
+                # poll only when something needs watching (a replacement starting, or hung-task timeouts);
+                # otherwise block until a task returns
+                poll = 1.0 if self.starting or self.task_timeout_s is not None else None
+                ready, _ = ray.wait(list(inflight) + list(self.starting), num_returns=1, timeout=poll)
                 if not ready:
                     self._check_timeouts(method, inflight, attempts, todo, idle)
                     continue
