@@ -144,7 +144,10 @@ def test_signal_stops_render_cleanly(tmp_path, tiny_model, sig):
     proc = subprocess.Popen(
         [sys.executable, "-m", "longtake", "render", "a red ball", "--model", tiny_model, "--seconds", "60",
          "--steps", "25", "--workers", "2", "--out", str(out)],
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # a test runner started in the background (`cmd &` in a script) ignores SIGINT, and a child inherits
+        # that, so Python would never raise KeyboardInterrupt: give the render the default disposition
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.time() + 180
     while "denoise" not in seen and time.time() < deadline:  # wait until the workers are rendering
