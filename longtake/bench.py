@@ -152,8 +152,8 @@ def memory(spec, request: dict, tmp: Path) -> dict:
         for seconds in (10, 30, 60):
             if not _reset_peak():
                 return {"error": "cannot reset the peak RSS (/proc/self/clear_refs)"}
-            result = run(prepare({**request, "seconds": seconds, "out": str(tmp / "mem.mp4")}), pool, progress=False)
             job = prepare({**request, "seconds": seconds, "out": str(tmp / "mem.mp4")})
+            result = run(job, pool, progress=False)
             c, h, w = job.latent_shape
             out[seconds] = {"peak_rss_mb": round(_peak_mb(), 1), "frames": result.frames,
                             "latents_mb": round(c * job.latent_frames * h * w * 4 / 2**20, 2)}

@@ -90,9 +90,7 @@ class RayPool:
             if self.start_failures[a] >= self.max_attempts:
                 logger.warning("excluding worker %d: it failed to start %d times (%s)", a, self.start_failures[a],
                                self.last_start_error)
-                ray.kill(self.actors[a], no_restart=True)
-                self.actors[a] = None
-                self.excluded += 1
+                self._drop(a)
             else:
                 logger.warning("worker %d failed to start (%s); trying again", a, self.last_start_error)
                 self._replace(a)
@@ -101,6 +99,10 @@ class RayPool:
     def _exclude(self, a: int, reason: str) -> None:
         logger.warning("excluding worker %d after %d failed tasks (last: %s); %d workers left", a, self.failures[a],
                        reason, self.num_workers - 1)
+        self._drop(a)
+
+    def _drop(self, a: int) -> None:
+        """Kill a slot's actor and leave the slot empty: the pool is one worker smaller."""
         ray.kill(self.actors[a], no_restart=True)
         self.actors[a] = None
         self.excluded += 1
