@@ -18,7 +18,7 @@ import copy
 import json
 import logging
 import math
-import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,10 +45,9 @@ def build_components(seed: int):
     from diffusers import DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    tmp = Path(".train_tokenizer")
-    vocab, merges = write_tokenizer_files(tmp, words=WORDS)
-    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
-    shutil.rmtree(tmp)
+    with tempfile.TemporaryDirectory() as tmp:  # not in the working directory: runs may share it
+        vocab, merges = write_tokenizer_files(Path(tmp), words=WORDS)
+        tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
