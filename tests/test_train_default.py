@@ -47,7 +47,10 @@ def test_trained_model_is_a_safetensors_pixel_model_longtake_renders(runs):
     assert json.loads((d / "training.json").read_text())["seed"] == 0
     info = inspect_model(str(d))
     assert info.pixel_shuffle == 2 and info.default_size == 64 and info.native_window == 16
-    frames, windows = render_frames(InProcessPool(WorkerSpec(str(d))),
-                                    dict(prompt="a red ball moving right on a blue background", seconds=3, fps=8,
-                                         steps=2, seed=1, model=str(d), out=str(root / "c.mp4")))
+    pool = InProcessPool(WorkerSpec(str(d)))
+    try:  # shutdown restores torch's thread count for the tests after this one
+        frames, windows = render_frames(pool, dict(prompt="a red ball moving right on a blue background", seconds=3,
+                                                   fps=8, steps=2, seed=1, model=str(d), out=str(root / "c.mp4")))
+    finally:
+        pool.shutdown()
     assert frames.shape == (24, 64, 64, 3) and frames.dtype == np.uint8 and len(windows) >= 2

@@ -68,9 +68,9 @@ Runs not shipped (run 2 is the one above; all on 2 threads, 60 minutes at most):
    Not shipped because it loses the seam target this model meets. Two findings on the way: in a
    first attempt at the full learning rate (stopped at step 2000) the text encoder's outputs for
    different captions collapsed (black and white backgrounds 0.7 apart at norm 8) and the UNet learned
-   to ignore the text, which run 2 may suffer from too; and
-   with v-prediction a 16x16 model still drew pure noise after 750 steps, where x0 prediction drew
-   clean frames with the prompt's background after 530.
+   to ignore the text, which run 2 may suffer from too; and with v-prediction a 16x16 model still drew
+   pure noise after 750 steps, where x0 prediction drew clean frames with the prompt's background
+   after 530.
 
 ## Evaluation
 {evaluation}
