@@ -42,8 +42,9 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, help="frames shared by consecutive windows (default: window // 4)")
     p.add_argument("--weighting", choices=["flat", "pyramid", "overlap-linear"],
                    help="taper for fusing overlapping predictions (default: pyramid)")
-    p.add_argument("--noise", choices=["independent", "freenoise"],
-                   help="initial noise per frame, or FreeNoise-style shuffled windows (default: independent)")
+    p.add_argument("--noise", choices=["independent", "freenoise", "correlated"],
+                   help="initial noise per frame, FreeNoise-style shuffled windows, or correlated across frames "
+                        "(AR(1)) (default: the model's; independent for most models, correlated for the bundled one)")
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core)")
     p.add_argument("--model", help="diffusers model directory (AnimateDiff), 'default' (the bundled model) or "
                                    "'tiny' (random weights, for quick checks) (default: default)")

@@ -57,8 +57,9 @@ class RenderRequest(BaseModel):
     weighting: Literal["flat", "pyramid", "overlap-linear"] = Field(
         "pyramid", description="Taper used to fuse overlapping window predictions."
     )
-    noise: Literal["independent", "freenoise"] = Field(
-        "independent", description="Initial noise: independent per frame, or FreeNoise-style shuffled windows."
+    noise: Literal["independent", "freenoise", "correlated"] | None = Field(
+        None, description="Initial noise: independent per frame, FreeNoise-style shuffled windows, or correlated "
+        "across frames (AR(1), rho 0.9) (default: the model's, else independent).",
     )
     workers: int | None = Field(None, description="Worker count (default: one per GPU, else one per CPU core).")
     model: str = Field("default", description="A diffusers model directory, 'default' (the bundled model) or 'tiny'.")

@@ -44,7 +44,8 @@ def _render(pool, req):
     return result, np.concatenate([c[1] for c in chunks])
 
 
-@pytest.mark.parametrize("weighting,noise", [("pyramid", "independent"), ("overlap-linear", "freenoise")])
+@pytest.mark.parametrize("weighting,noise", [("pyramid", "independent"), ("overlap-linear", "freenoise"),
+                                            ("pyramid", "correlated")])
 def test_pools_give_identical_frames(tmp_path, tiny_model, inproc_pool, ray_pools, weighting, noise):
     req = _request(tiny_model, tmp_path / "x.mp4", weighting=weighting, noise=noise)
     ref, ref_frames = _render(inproc_pool, req)
@@ -147,3 +148,75 @@ def test_progress_and_cancel_hooks(tmp_path, tiny_model, inproc_pool):
         run(prepare(_request(tiny_model, out)), inproc_pool, progress=False, on_progress=seen.append,
             cancelled=lambda: len(seen) >= 4)
     assert len(seen) == 4 and not out.exists() and list(tmp_path.glob(".c.mp4*")) == []
+
+
+def _tiny_copy(tiny_model, dest, options: dict) -> str:
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model, dest)
+    (dest / "longtake.json").write_text(json.dumps(options))
+    return str(dest)
+
+
+def test_model_options_noise_default_and_circular_padding(tmp_path, tiny_model):
+    """longtake.json's default_noise is used when a request names no noise (a request that names one wins,
+    and the mode is part of the checkpoint fingerprint); circular_padding makes the backend's convolutions
+    wrap; a bad default_noise is an error naming the model and the value."""
+    import json
+
+    from longtake.cluster.engine import fingerprint
+    from longtake.pipelines.animatediff import AnimateDiffBackend
+    from longtake.request import RequestError
+
+    assert prepare(_request(tiny_model, tmp_path / "a.mp4")).noise == "independent"
+    model = _tiny_copy(tiny_model, tmp_path / "m", {"default_noise": "correlated", "circular_padding": True})
+    job = prepare(_request(model, tmp_path / "a.mp4"))
+    assert job.noise == "correlated" and job.model.circular_padding
+    named = prepare(_request(model, tmp_path / "a.mp4", noise="independent"))
+    assert named.noise == "independent" and fingerprint(named) != fingerprint(job)
+    convs = [m for m in AnimateDiffBackend(model).unet.modules() if isinstance(m, torch.nn.Conv2d) and any(m.padding)]
+    assert convs and all(m.padding_mode == "circular" for m in convs)
+    plain = [m for m in AnimateDiffBackend(tiny_model).unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.padding_mode == "zeros" for m in plain)
+    bad = _tiny_copy(tiny_model, tmp_path / "bad", {"default_noise": "pink"})
+    with pytest.raises(RequestError, match=r"^model: got .*default_noise is one of independent, freenoise, "
+                                           r"correlated \(got 'pink'\)"):
+        prepare(_request(bad, tmp_path / "a.mp4"))
+    # a "text_time" UNet (SDXL-style) is refused unless longtake.json says how to pool the caption
+    sdxl = _tiny_copy(tiny_model, tmp_path / "sdxl", {})
+    config = json.loads((tmp_path / "sdxl" / "unet" / "config.json").read_text())
+    (tmp_path / "sdxl" / "unet" / "config.json").write_text(json.dumps({**config, "addition_embed_type": "text_time"}))
+    with pytest.raises(RequestError, match=r"^model: got .*addition_embed_type 'text_time'"):
+        prepare(_request(sdxl, tmp_path / "a.mp4"))
+    (tmp_path / "sdxl" / "longtake.json").write_text(json.dumps({"pooled_text": "max"}))
+    with pytest.raises(RequestError, match=r"pooled_text is 'mean' or absent \(got 'max'\)"):
+        prepare(_request(sdxl, tmp_path / "a.mp4"))
+
+
+def test_wrapped_convolutions_make_the_unet_shift_equivariant():
+    """With circular padding, rolling a UNet's input by a multiple of its downsampling rolls its output the
+    same way (what a model trained on wrapping clips needs); with zero padding the edges break that."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    from longtake.pipelines.animatediff import wrap_convolutions
+
+    torch.manual_seed(0)
+    unet2d = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4)
+    adapter = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
+                            motion_num_attention_heads=2, motion_max_seq_length=4)
+    unet = UNetMotionModel.from_unet2d(unet2d, adapter).eval()
+    x, hidden, t = torch.randn(1, 4, 3, 8, 8), torch.randn(3, 5, 8), torch.tensor([500])
+
+    def shift_error() -> float:
+        with torch.no_grad():
+            out = unet(x, t, encoder_hidden_states=hidden).sample
+            rolled = unet(torch.roll(x, (2, 4), (3, 4)), t, encoder_hidden_states=hidden).sample
+        return (torch.roll(out, (2, 4), (3, 4)) - rolled).abs().max().item()
+
+    assert shift_error() > 1e-2
+    assert wrap_convolutions(unet) == sum(isinstance(m, torch.nn.Conv2d) and any(m.padding) for m in unet.modules())
+    assert shift_error() < 1e-4

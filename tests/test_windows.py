@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from longtake.pipelines.windows import (
+    NOISE_CORRELATION,
+    NOISE_HORIZON,
     NOISE_MODES,
     WEIGHTINGS,
     PromptKey,
+    correlate_frames,
     frame_seed,
     frames_noise,
     fuse,
@@ -233,6 +236,28 @@ def test_noise_seeds_differ(mode):
     b = initial_noise(2, 40, SHAPE, mode)
     assert not torch.equal(a, b)
     assert not any(torch.equal(a[0, :, f], b[0, :, f]) for f in range(40))
+
+
+def test_correlated_noise_is_unit_ar1_across_frames_and_beyond_the_horizon():
+    """Per-frame variance 1 and lag-k correlation rho^k, at the start, across the horizon and well past it."""
+    shape = (4, 64, 64)  # 16k samples per frame: correlations within about 0.02
+    rho = NOISE_CORRELATION
+    for first in (0, NOISE_HORIZON - 2, 3 * NOISE_HORIZON + 5):
+        noise = frames_noise(4, range(first, first + 6), shape, "correlated")[0].transpose(0, 1).flatten(1)  # (6, n)
+        assert torch.allclose(noise.std(dim=1), torch.ones(6), atol=0.03)
+        for lag in (1, 2, 5):
+            corr = torch.corrcoef(torch.stack([noise[0], noise[lag]]))[0, 1].item()
+            assert abs(corr - rho**lag) < 0.03, (first, lag, corr)
+    # far apart frames are nearly independent, and the mode is not the independent noise
+    far = frames_noise(4, [0, 200], shape, "correlated")[0].transpose(0, 1).flatten(1)
+    assert abs(torch.corrcoef(far)[0, 1].item()) < 0.03
+    assert not torch.equal(initial_noise(4, 3, shape, "correlated"), initial_noise(4, 3, shape))
+
+
+def test_training_recursion_matches_the_render_noise():
+    """The training script's AR(1) recursion gives the noise the engine samples with (frames < horizon)."""
+    xi = initial_noise(8, 16, SHAPE)  # independent frames of seed 8
+    assert torch.allclose(correlate_frames(xi, dim=2), initial_noise(8, 16, SHAPE, "correlated"), atol=1e-5)
 
 
 def test_independent_frames_differ():

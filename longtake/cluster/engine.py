@@ -60,6 +60,7 @@ class Job:
     overlap: int  # latent frames
     windows: list[tuple[int, int]]  # latent-frame windows
     keys: list[PromptKey]
+    noise: str = "independent"  # the request's initial-noise mode, else the model's default
 
     @property
     def latent_frames(self) -> int:
@@ -137,6 +138,7 @@ def prepare(request: RenderRequest | dict) -> Job:
         overlap=overlap,
         windows=plan_windows(frames // model.temporal_compression, window, overlap),
         keys=keys,
+        noise=request.noise or model.default_noise,
     )
 
 
@@ -145,7 +147,7 @@ def fingerprint(job: Job) -> str:
     (Not the output path, the preview or the worker count: they do not change the latents.)"""
     req = job.request
     data = {"model": job.model.path, "frames": job.frames, "size": [job.height, job.width], "steps": job.steps,
-            "guidance": job.guidance, "windows": job.windows, "seed": req.seed, "noise": req.noise,
+            "guidance": job.guidance, "windows": job.windows, "seed": req.seed, "noise": job.noise,
             "weighting": req.weighting, "keys": [[k.at, k.prompt] for k in job.keys],
             "negative": req.negative_prompt, "fps": req.fps}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -202,7 +204,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     # 2. initial latents from (seed, frame)
     scheduler = load_scheduler(job.model.path)
     scheduler.set_timesteps(job.steps)
-    z = initial_noise(req.seed, latent_frames, job.latent_shape, req.noise, job.window, job.overlap)  # (1, C, F, h, w)
+    z = initial_noise(req.seed, latent_frames, job.latent_shape, job.noise, job.window, job.overlap)  # (1, C, F, h, w)
     z = z * scheduler.init_noise_sigma
     weights = window_weights(plan, req.weighting)
     first_step = 0
@@ -301,7 +303,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         model=req.model,
         seed=req.seed,
         weighting=req.weighting,
-        noise=req.noise,
+        noise=job.noise,
         preview=req.preview,
         driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         resumed_from_step=first_step,

@@ -33,6 +33,9 @@ class ModelInfo:
     default_steps: int
     default_guidance: float
     pixel_shuffle: int = 0  # pixel-space models: space-to-depth factor of the model's input (0: latent model)
+    default_noise: str = "independent"  # initial-noise mode when the request names none
+    circular_padding: bool = False  # the UNet's convolutions wrap around the frame edges (trained that way)
+    pooled_text: bool = False  # a "text_time" UNet fed the mean of the caption's hidden states
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +107,30 @@ def _inspect_animatediff(path: Path, model: str) -> ModelInfo:
         default_steps=int(extra.get("default_steps", 25)),
         default_guidance=float(extra.get("default_guidance", 7.5)),
         pixel_shuffle=int(extra.get("pixel_shuffle", 1)) if extra.get("pixel_space") else 0,
+        default_noise=_noise_mode(extra.get("default_noise", "independent"), model),
+        circular_padding=bool(extra.get("circular_padding", False)),
+        pooled_text=_pooled_text(unet, extra, model),
     )
+
+
+def _pooled_text(unet: dict, extra: dict, model: str) -> bool:
+    """Only our own "text_time" models are run (SDXL-style ones need a second text encoder and size ids)."""
+    pooled = extra.get("pooled_text")
+    if pooled not in (None, "mean"):
+        raise RequestError("model", model, f"a longtake.json whose pooled_text is 'mean' or absent (got {pooled!r})")
+    if unet.get("addition_embed_type") == "text_time" and pooled is None:
+        raise RequestError("model", model, "a UNet without addition_embed_type 'text_time' (SDXL-style models are "
+                                           "not supported), or a longtake.json with pooled_text 'mean'")
+    return pooled == "mean"
+
+
+def _noise_mode(mode, model: str) -> str:
+    from longtake.pipelines.windows import NOISE_MODES
+
+    if mode not in NOISE_MODES:
+        raise RequestError("model", model, f"a longtake.json whose default_noise is one of {', '.join(NOISE_MODES)} "
+                                           f"(got {mode!r})")
+    return mode
 
 
 def load_backend(model_path: str, device: str = "cpu", dtype: str = "float32"):

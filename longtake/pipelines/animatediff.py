@@ -18,6 +18,24 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def wrap_convolutions(unet: torch.nn.Module) -> int:
+    """Circular padding for the UNet's padded 2D convolutions, for models trained on frames that wrap around
+    their edges (longtake.json "circular_padding"; weights are unchanged). Returns how many convolutions."""
+    count = 0
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Conv2d) and isinstance(module.padding, tuple) and any(module.padding):
+            module.padding_mode = "circular"
+            count += 1
+    return count
+
+
+def pooled_text_kwargs(hidden: torch.Tensor, batch: int) -> dict:
+    """A "text_time" UNet's extra inputs: (batch * frames, seq, dim) hidden states -> the mean over each
+    clip's frames and tokens as `text_embeds` (batch, dim), and one zero `time_ids` per clip."""
+    pooled = hidden.unflatten(0, (batch, -1)).mean(dim=(1, 2))  # (batch, dim)
+    return {"text_embeds": pooled, "time_ids": torch.zeros(batch, 1, dtype=pooled.dtype, device=pooled.device)}
+
+
 class AnimateDiffBackend:
     family = "animatediff"
 
@@ -35,6 +53,11 @@ class AnimateDiffBackend:
         extra = {"vae": None} if self.pixel_shuffle else {}
         pipe = AnimateDiffPipeline.from_pretrained(model_path, use_safetensors=True, dtype=self.dtype, **extra)
         self.unet = pipe.unet.to(self.device).eval().requires_grad_(False)
+        if info.circular_padding:
+            wrap_convolutions(self.unet)
+        # models that also read the caption through the time embedding (diffusers' "text_time" addition,
+        # fed the mean of the text encoder's hidden states; longtake.json "pooled_text": "mean")
+        self.pooled_text = info.pooled_text
         self.vae = pipe.vae.to(self.device).eval().requires_grad_(False) if not self.pixel_shuffle else None
         self.text_encoder = pipe.text_encoder.to(self.device).eval().requires_grad_(False)
         self.tokenizer = pipe.tokenizer
@@ -73,7 +96,8 @@ class AnimateDiffBackend:
             hidden = torch.cat([neg, cond])  # (2L, seq, dim): uncond frames, then cond frames
         else:
             model_in, hidden = z, cond
-        out = self.unet(model_in, t.to(self.device), encoder_hidden_states=hidden).sample
+        added = pooled_text_kwargs(hidden, model_in.shape[0]) if self.pooled_text else None
+        out = self.unet(model_in, t.to(self.device), encoder_hidden_states=hidden, added_cond_kwargs=added).sample
         if guidance > 1:
             uncond, text = out.chunk(2)
             out = uncond + guidance * (text - uncond)

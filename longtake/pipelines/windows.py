@@ -16,7 +16,11 @@ import numpy as np
 import torch
 
 WEIGHTINGS = ("flat", "pyramid", "overlap-linear")
-NOISE_MODES = ("independent", "freenoise")
+NOISE_MODES = ("independent", "freenoise", "correlated")
+# "correlated": an AR(1) process over frames, eps_f = rho * eps_(f-1) + sqrt(1 - rho^2) * xi_f (unit variance,
+# lag-1 correlation rho), as in PYoCo's progressive noise prior; expanded over a finite horizon so any frame
+# range is computed alone
+NOISE_CORRELATION, NOISE_HORIZON = 0.9, 32
 _MASK32 = 2**32 - 1
 
 
@@ -165,6 +169,31 @@ def _freenoise_root(seed: int, frame: int, window: int, overlap: int, perms: dic
     return frame
 
 
+def correlate_frames(xi: torch.Tensor, dim: int, rho: float = NOISE_CORRELATION) -> torch.Tensor:
+    """Independent unit noise along `dim` (frames) -> the AR(1) "correlated" noise of frames 0, 1, ...
+
+    The recursion of `frames_noise(mode="correlated")` (equal up to rounding for fewer than
+    NOISE_HORIZON frames); training uses it on its batches."""
+    frames = list(xi.unbind(dim))
+    out = [frames[0]]
+    for x in frames[1:]:
+        out.append(rho * out[-1] + (1 - rho**2) ** 0.5 * x)
+    return torch.stack(out, dim)
+
+
+def _correlated_frame(f: int, xi: dict) -> torch.Tensor:
+    """eps_f = sqrt(1 - rho^2) * sum_{k<m} rho^k xi_(f-k) + rho^m xi_(f-m), m = min(f, horizon): the AR(1)
+    recursion unrolled m times, with eps_(f-m) replaced by xi_(f-m) (exact for f <= horizon; unit
+    variance and correlation rho^lag for lags below the horizon everywhere)."""
+    rho = NOISE_CORRELATION
+    m = min(f, NOISE_HORIZON)
+    acc = torch.zeros(xi[f].shape, dtype=torch.float64)
+    for k in range(m):
+        acc += (1 - rho**2) ** 0.5 * rho**k * xi[f - k].double()
+    acc += rho**m * xi[f - m].double()
+    return acc.float()
+
+
 def frames_noise(seed: int, frames, frame_shape: tuple[int, ...], mode: str = "independent",
                  window: int = 16, overlap: int = 4, dtype=torch.float32) -> torch.Tensor:
     """Noise of just `frames`: (1, C, len(frames), H, W) for frame_shape (C, H, W)."""
@@ -182,7 +211,12 @@ def frames_noise(seed: int, frames, frame_shape: tuple[int, ...], mode: str = "i
         frames = [_freenoise_root(seed, f, window, overlap, perms) for f in frames]
     if not frames:
         return torch.empty((1, frame_shape[0], 0) + frame_shape[1:], dtype=dtype)
-    cache = {f: _independent_frame(seed, f, frame_shape) for f in dict.fromkeys(frames)}
+    if mode == "correlated":
+        xi = {f: _independent_frame(seed, f, frame_shape)
+              for f in range(max(0, min(frames) - NOISE_HORIZON), max(frames) + 1)}
+        cache = {f: _correlated_frame(f, xi) for f in dict.fromkeys(frames)}
+    else:
+        cache = {f: _independent_frame(seed, f, frame_shape) for f in dict.fromkeys(frames)}
     noise = torch.stack([cache[f] for f in frames], dim=1)  # (C, n, H, W)
     return noise.unsqueeze(0).to(dtype)  # (1, C, n, H, W)
 
