@@ -42,14 +42,18 @@ def _render(pool, tmp_path, prompt, seed=3):
 
 
 def test_the_prompt_steers_the_render(tmp_path, default_pool):
-    """The colour word changes the object's colour: a red prompt gives a redder object than a blue one
-    (same seed, same background), and one object is found in most frames."""
-    tracks = {c: object_track(_render(default_pool, tmp_path, f"a {c} ball moving right on a black background"),
-                              BACKGROUNDS["black"]) for c in ("red", "blue")}
-    for track in tracks.values():
-        assert (track.areas >= 4).mean() >= 0.8
-    redness = {c: np.nanmean(t.colors[:, 0] - t.colors[:, 2]) for c, t in tracks.items()}
-    assert redness["red"] > redness["blue"] + 20, redness
+    """The colour word sets the object's colour: over two seeds, a red prompt gives a red object and a blue
+    prompt a blue one on the same black background, and an object is found in most frames (the model's
+    objects fade out for a few frames now and then, hence 70%)."""
+    from longtake.quality import classify_color
+
+    for seed in (3, 5):
+        tracks = {c: object_track(_render(default_pool, tmp_path, f"a {c} ball moving right on a black background",
+                                          seed), BACKGROUNDS["black"]) for c in ("red", "blue")}
+        assert np.mean([(t.areas >= 4).mean() for t in tracks.values()]) >= 0.7
+        assert {c: classify_color(t) for c, t in tracks.items()} == {"red": "red", "blue": "blue"}
+        redness = {c: np.nanmean(t.colors[:, 0] - t.colors[:, 2]) for c, t in tracks.items()}
+        assert redness["red"] > redness["blue"] + 20, redness
 
 
 def test_eval_runner_measures_and_tabulates(tmp_path, default_pool):
