@@ -408,7 +408,7 @@ def test_cancel_while_encoding_leaves_no_ffmpeg_and_no_partial_file(tmp_path, ti
         while not seen.get("stop"):
             p = store.get(record.id).progress or {}
             if p.get("phase") == "decode":
-                seen["ffmpeg"] = [c for c in psutil.Process().children(recursive=True) if "ffmpeg" in c.name()]
+                seen["ffmpeg"] = [c for c in psutil.Process().children(recursive=True) if "ffmpeg" in _name(c)]
                 farm.control(farm_dir, "cancel", record.id)
                 return
             time.sleep(0.01)
