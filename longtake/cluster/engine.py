@@ -60,7 +60,7 @@ class Job:
     overlap: int  # latent frames
     windows: list[tuple[int, int]]  # latent-frame windows
     keys: list[PromptKey]
-    noise: str = "independent"  # the request's initial-noise mode, else the model's default
+    noise: str  # the request's initial-noise mode, else the model's default
 
     @property
     def latent_frames(self) -> int:

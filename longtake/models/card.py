@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from longtake.models.shapes import BACKGROUNDS, MOTIONS, OBJECT_COLORS, SHAPES
+from longtake.pipelines.windows import NOISE_CORRELATION
 
 
 def write_card(model_dir: str | Path) -> Path:
@@ -27,7 +28,7 @@ def write_card(model_dir: str | Path) -> Path:
                  "  addition, fed the mean of the text encoder's hidden states)." if lt.get("pooled_text") else "")
     wrap = ("\n- Circular padding: the convolutions wrap around the frame edges, as the clips do." if
             lt.get("circular_padding") else "")
-    noise = (f"\n- Initial noise {lt['default_noise']} across frames (AR(1), correlation 0.9 between neighbours), in\n"
+    noise = (f"\n- Initial noise {lt['default_noise']} across frames (AR(1), correlation {NOISE_CORRELATION} between neighbours), in\n"
              "  training and in longtake's sampling." if lt.get("default_noise") == "correlated" else "")
     text_lr = f" (the text encoder at {t['text_lr']} of it)" if t.get("text_lr") else ""
     curve = ", ".join(f"{v:.3f}" for v in t["loss_curve"][:: max(1, len(t["loss_curve"]) // 10)])
