@@ -37,6 +37,13 @@ TARGETS = {"parallel_efficiency": ">= 0.9", "overhead_ratio_1": "<= 1.10", "over
            "seam_ratio": "<= 1.2", "projection_error": "<= 0.10"}
 
 
+def plan_spec(job, device: str):
+    """The workers' spec `longtake render` would use for this job on this device (one thread each on CPU)."""
+    from longtake.cluster.runtime import worker_plan
+
+    return worker_plan(job, gpus=1 if device == "cuda" else 0, cpus=1)[0]
+
+
 def _pool(spec, workers: int):
     from longtake.actors.ray_pool import RayPool
 
@@ -189,7 +196,6 @@ def versus_diffusers(device: str, frames: int, steps: int, tmp: Path) -> dict:
     import torch
     from diffusers import AnimateDiffPipeline
 
-    from longtake.actors.worker import WorkerSpec
     from longtake.pipelines.tiny import ensure_tiny_model
 
     path = str(ensure_tiny_model())
@@ -221,7 +227,7 @@ def versus_diffusers(device: str, frames: int, steps: int, tmp: Path) -> dict:
         torch.set_num_threads(threads)
     out = {"frames": frames, "steps": steps, "diffusers_wall_s": round(diffusers_wall, 3),
            "diffusers_threads": os.cpu_count() if device == "cpu" else None}
-    spec = WorkerSpec(path, device, "float16" if device == "cuda" else "float32", threads=1)
+    spec = plan_spec(job, device)
     for k in (1, 2):
         pool = _pool(spec, k)
         try:
@@ -278,7 +284,6 @@ def projection(scale: dict, encode_fps: float, latent_bytes_per_frame: float, wi
 
 def bench(quick: bool = True, device: str = "cpu", model: str = "default", progress: bool = True,
           workers_per_node: int = 8, bandwidth_gbps: float = 10.0) -> dict:
-    from longtake.actors.worker import WorkerSpec
     from longtake.cluster.runtime import start_ray
 
     t0 = time.time()
@@ -286,7 +291,7 @@ def bench(quick: bool = True, device: str = "cpu", model: str = "default", progr
     started = start_ray(num_cpus=max(2, os.cpu_count() or 1))
     job = prepare({"prompt": "a red ball moving right on a blue background", "seconds": seconds, "model": model,
                    "device": device, "out": "x.mp4"})
-    spec = WorkerSpec(job.model.path, device, "float16" if device == "cuda" else "float32", threads=1)
+    spec = plan_spec(job, device)
     request = {"prompt": "a red ball moving right on a blue background", "seconds": seconds, "fps": 8,
                "model": model, "device": device, "seed": 0}
     figures, details = {}, {}

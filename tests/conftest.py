@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -31,3 +35,55 @@ def ray_session():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_model(tmp_path_factory) -> str:
+    """A tiny Wan 2.1 T2V pipeline directory (WanTransformer3DModel + AutoencoderKLWan + UMT5 + local tokenizer)."""
+    from longtake.pipelines.tiny import build_tiny_wan
+
+    path = tmp_path_factory.mktemp("models") / "tiny-wan"
+    build_tiny_wan(path, seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan22_model(tmp_path_factory) -> str:
+    """A tiny Wan 2.2 A14B-style pipeline: two transformer experts switching at boundary_ratio 0.875."""
+    from longtake.pipelines.tiny import build_tiny_wan
+
+    path = tmp_path_factory.mktemp("models") / "tiny-wan22"
+    build_tiny_wan(path, seed=1, two_experts=True)
+    return str(path)
+
+
+CASES_SCRIPT = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from longtake.cli import main
+    results = []
+    for argv in json.loads(sys.argv[1]):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = e.code
+        results.append({"rc": rc, "err": err.getvalue()})
+    results.append({"ray_imported": "ray" in sys.modules, "diffusers_imported": "diffusers" in sys.modules})
+    print(json.dumps(results))
+""")
+
+
+@pytest.fixture(scope="session")
+def cli_cases():
+    """Run `longtake` argument lists in one fresh process: [{rc, err}] per case (and, with report_imports,
+    whether Ray or diffusers were imported by the end)."""
+
+    def run(argvs: list[list[str]], tmp_path, report_imports: bool = False) -> list[dict]:
+        proc = subprocess.run([sys.executable, "-c", CASES_SCRIPT, json.dumps(argvs)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "LONGTAKE_CACHE": str(tmp_path)})
+        assert proc.returncode == 0, proc.stderr
+        results = json.loads(proc.stdout.strip().splitlines()[-1])
+        return results if report_imports else results[:-1]
+
+    return run

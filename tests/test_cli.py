@@ -4,33 +4,14 @@ SIGINT / SIGTERM stop a render cleanly."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import psutil
 import pytest
-
-CASES_SCRIPT = textwrap.dedent("""
-    import contextlib, io, json, sys
-    from longtake.cli import main
-    results = []
-    for argv in json.loads(sys.argv[1]):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            try:
-                rc = main(argv)
-            except SystemExit as e:
-                rc = e.code
-        results.append({"rc": rc, "err": err.getvalue()})
-    results.append({"ray_imported": "ray" in sys.modules, "diffusers_imported": "diffusers" in sys.modules})
-    print(json.dumps(results))
-""")
-
 
 @pytest.fixture(scope="module")
 def bad_models(tiny_model, tmp_path_factory):
@@ -53,7 +34,7 @@ def _timeline(tmp_path, name, keys):
     return str(path)
 
 
-def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, tiny_model, bad_models):
+def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, tiny_model, bad_models, cli_cases):
     out = str(tmp_path / "o.mp4")
     base = ["render", "a ball", "--model", tiny_model, "--out", out]
     tl = lambda name, keys: ["render", "--timeline", _timeline(tmp_path, name, keys), "--model", tiny_model,
@@ -91,10 +72,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, tiny_model, 
         (base[:-1] + [str(tmp_path / "o.avi")], "out", "o.avi"),
         (base + ["--preview", str(tmp_path / "no" / "p.png")], "preview", "p.png"),
     ]
-    proc = subprocess.run([sys.executable, "-c", CASES_SCRIPT, json.dumps([c[0] for c in cases])],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "LONGTAKE_CACHE": str(tmp_path)})
-    assert proc.returncode == 0, proc.stderr
-    *results, imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    *results, imported = cli_cases([c[0] for c in cases], tmp_path, report_imports=True)
     for (argv, field, value), res in zip(cases, results):
         lines = res["err"].strip().splitlines()
         assert res["rc"] == 2, (argv, res)

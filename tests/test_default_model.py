@@ -21,9 +21,10 @@ def test_bundled_weights_are_small_safetensors_with_a_card():
     assert sum(f.stat().st_size for f in weights) < 30 * 2**20
     assert (DEFAULT_MODEL / "MODEL_CARD.md").is_file()
     info = inspect_model("default")
-    assert info.default_size == 64 and info.pixel_shuffle == 2 and info.native_window == 16
+    assert (info.default_height, info.default_width) == (64, 64) and info.native_window == 16
+    assert info.options["pixel_shuffle"] == 2
     # trained with wrapping convolutions, correlated noise and the pooled caption: run the same way
-    assert info.circular_padding and info.default_noise == "correlated" and info.pooled_text
+    assert info.options["circular_padding"] and info.default_noise == "correlated" and info.options["pooled_text"]
 
 
 @pytest.fixture(scope="module")

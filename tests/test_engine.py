@@ -166,18 +166,19 @@ def test_model_options_noise_default_and_circular_padding(tmp_path, tiny_model):
     import json
 
     from longtake.cluster.engine import fingerprint
-    from longtake.pipelines.animatediff import AnimateDiffBackend
+    from longtake.pipelines import inspect_model
+    from longtake.pipelines.animatediff import Backend
     from longtake.request import RequestError
 
     assert prepare(_request(tiny_model, tmp_path / "a.mp4")).noise == "independent"
     model = _tiny_copy(tiny_model, tmp_path / "m", {"default_noise": "correlated", "circular_padding": True})
     job = prepare(_request(model, tmp_path / "a.mp4"))
-    assert job.noise == "correlated" and job.model.circular_padding
+    assert job.noise == "correlated" and job.model.options["circular_padding"]
     named = prepare(_request(model, tmp_path / "a.mp4", noise="independent"))
     assert named.noise == "independent" and fingerprint(named) != fingerprint(job)
-    convs = [m for m in AnimateDiffBackend(model).unet.modules() if isinstance(m, torch.nn.Conv2d) and any(m.padding)]
+    convs = [m for m in Backend(inspect_model(model)).unet.modules() if isinstance(m, torch.nn.Conv2d) and any(m.padding)]
     assert convs and all(m.padding_mode == "circular" for m in convs)
-    plain = [m for m in AnimateDiffBackend(tiny_model).unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    plain = [m for m in Backend(inspect_model(tiny_model)).unet.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(m.padding_mode == "zeros" for m in plain)
     bad = _tiny_copy(tiny_model, tmp_path / "bad", {"default_noise": "pink"})
     with pytest.raises(RequestError, match=r"^model: got .*default_noise is one of independent, freenoise, "

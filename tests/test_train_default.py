@@ -46,8 +46,8 @@ def test_trained_model_is_a_safetensors_pixel_model_longtake_renders(runs):
     assert not [f for f in d.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     assert json.loads((d / "training.json").read_text())["seed"] == 0
     info = inspect_model(str(d))
-    assert info.pixel_shuffle == 2 and info.default_size == 64 and info.native_window == 16
-    assert info.circular_padding and info.pooled_text and info.default_noise == "correlated"
+    assert info.options["pixel_shuffle"] == 2 and info.default_height == 64 and info.native_window == 16
+    assert info.options["circular_padding"] and info.options["pooled_text"] and info.default_noise == "correlated"
     pool = InProcessPool(WorkerSpec(str(d)))
     try:  # shutdown restores torch's thread count for the tests after this one
         frames, windows = render_frames(pool, dict(prompt="a red ball moving right on a blue background", seconds=3,

@@ -1,7 +1,9 @@
 """The worker-pool interface, and its in-process implementation (the reference result).
 
 A pool runs a worker method over a list of argument tuples and yields the results in list order
-(`imap`), whichever worker computed them. The Ray pool (`ray_pool.py`) has the same methods.
+(`imap`), whichever worker computed them; `stream` yields the items of one generator method run on one
+worker (an ordered decode session); `encode` makes a job's conditioning once. The Ray pool
+(`ray_pool.py`) has the same methods.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class Pool(Protocol):
     def put(self, obj: Any) -> Any: ...
     def call(self, method: str, *args) -> Any: ...
     def imap(self, method: str, args_list: Iterable[tuple]) -> Iterator[Any]: ...
+    def stream(self, method: str, args: tuple) -> Iterator[Any]: ...
+    def encode(self, *args) -> Any: ...
     def shutdown(self) -> None: ...
 
 
@@ -53,6 +57,15 @@ class InProcessPool:
                 yield fn(*args)
             except Exception as e:
                 raise WindowFailed(f"task {i} ({method}) failed: {e}") from e
+
+    def stream(self, method: str, args: tuple) -> Iterator[Any]:
+        try:
+            yield from getattr(self.worker, method)(*args)
+        except Exception as e:
+            raise WindowFailed(f"{method} failed: {e}") from e
+
+    def encode(self, *args) -> Any:
+        return self.worker.encode(*args)
 
     def shutdown(self) -> None:
         torch.set_num_threads(self._threads)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
 import ray
@@ -23,6 +24,21 @@ from longtake.actors.pool import WindowFailed
 from longtake.actors.worker import Worker, WorkerSpec
 
 logger = logging.getLogger(__name__)
+
+
+STREAM_BACKLOG = 4  # decoded chunks a streaming worker may run ahead of the driver
+
+
+def _actor_class(worker_cls: type):
+    """The worker class with its generator method declared as a Ray stream with backpressure."""
+
+    class Actor(worker_cls):
+        @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKLOG)
+        def decode_stream(self, *args):
+            yield from super().decode_stream(*args)
+
+    Actor.__name__ = Actor.__qualname__ = worker_cls.__name__
+    return Actor
 
 
 class RayPool:
@@ -39,7 +55,9 @@ class RayPool:
             options = {"num_gpus": 1, "num_cpus": 1}
         else:
             options = {"num_cpus": spec.threads}
-        self._actor_cls = ray.remote(worker_cls).options(max_restarts=0, max_task_retries=0, **options)
+        self._actor_cls = ray.remote(_actor_class(worker_cls)).options(max_restarts=0, max_task_retries=0, **options)
+        self._worker_cls = worker_cls
+        self._encoder = None  # the encode-role actor, when the workers do not encode
         self.actors: list = [self._actor_cls.remote(spec) for _ in range(num_workers)]  # None: excluded slot
         self.failures = [0] * num_workers  # failed tasks of each slot's current actor
         self.starting: dict[Any, int] = {}  # ready() ref of a replacement -> slot
@@ -70,6 +88,60 @@ class RayPool:
 
     def call(self, method: str, *args) -> Any:
         return next(self.imap(method, [args]))
+
+    def encode(self, *args) -> Any:
+        """The job's conditioning, once: on a worker, or on the pool's encoder actor."""
+        if "encode" in self.spec.roles:
+            return self.call("encode", *args)
+        for attempt in range(1, self.max_attempts + 1):
+            if self._encoder is None:
+                spec = replace(self.spec, device="cpu", dtype="float32" if self.spec.device == "cpu" else "bfloat16",
+                               roles=("encode",))
+                # no CPU reserved: it runs once per job, before any window, while the predictors wait on it
+                # (they hold every CPU slot of a small cluster)
+                self._encoder = ray.remote(self._worker_cls).options(
+                    max_restarts=0, max_task_retries=0, num_cpus=0).remote(spec)
+            try:
+                return ray.get(self._encoder.encode.remote(*args))
+            except RayError as e:
+                ray.kill(self._encoder, no_restart=True)
+                self._encoder = None
+                if attempt == self.max_attempts:
+                    raise WindowFailed(f"encoding failed {attempt} times; last error: {_reason(e)}") from e
+                logger.warning("encoder failed (%s); retrying", _reason(e))
+
+    def stream(self, method: str, args: tuple) -> Iterator[Any]:
+        """Items of one generator task in order. A lost worker is replaced and the stream restarted on a
+        live one, skipping what was already yielded (the method takes `skip` after `args`)."""
+        delivered, attempt = 0, 0
+        while True:
+            live = [a for a, actor in enumerate(self.actors) if actor is not None and a not in self.starting.values()]
+            if not live:
+                if not self.starting:
+                    raise WindowFailed(f"no worker left for {method}: {self.excluded} excluded")
+                ready, _ = ray.wait(list(self.starting), num_returns=1, timeout=self.start_timeout_s)
+                if not ready:
+                    raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {method}")
+                self._started(ready[0])
+                continue
+            a = live[0]
+            attempt += 1
+            stream, finished = getattr(self.actors[a], method).remote(*args, delivered), False
+            try:
+                for ref in stream:
+                    item = ray.get(ref)
+                    delivered += 1
+                    yield item
+                finished = True
+                return
+            except RayError as e:
+                self._retry_or_fail(method, 0, a, attempt, e, deque(), deque())
+            finally:
+                if not finished:  # failed, or the consumer stopped early (cancelled job, frames all written)
+                    try:
+                        ray.cancel(stream, force=False)
+                    except RayError:
+                        pass
 
     def _replace(self, a: int) -> None:
         ray.kill(self.actors[a], no_restart=True)
@@ -193,10 +265,11 @@ class RayPool:
         return ray.get([a.stats.remote() for a in self.actors if a is not None])
 
     def shutdown(self) -> None:
-        for actor in self.actors:
+        for actor in self.actors + [self._encoder]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
         self.actors = []
+        self._encoder = None
         self.starting = {}
 
 

@@ -1,7 +1,9 @@
 """A worker: one loaded backend, kept for its lifetime. Plain Python; `ray_pool` wraps it as an actor.
 
-The worker turns the job's conditioning (key-prompt embeddings + per-frame schedule) into the
-embeddings of one window's frames, so only the few key embeddings travel, once per job.
+Workers have roles (`WorkerSpec.roles`): an encoder ("encode") turns the job's prompts into its
+conditioning once; predictors ("predict", "decode") denoise windows and decode. A backend loads only
+what its roles use, so predictors of a family with a large text encoder (Wan's UMT5) never hold it.
+The conditioning travels once per job; each window's embeddings are made on the worker that predicts it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from longtake.pipelines import load_backend
-from longtake.pipelines.windows import interpolate_embeddings
+from longtake.pipelines import ROLES, load_backend
 
 
 @dataclass(frozen=True)
@@ -23,20 +24,7 @@ class WorkerSpec:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 1  # torch intra-op threads on CPU (fixed: results must not depend on the pool)
-
-
-@dataclass
-class Conditioning:
-    """A job's text conditioning: key embeddings and the per-frame interpolation schedule."""
-
-    keys: torch.Tensor  # (K, seq, dim)
-    negative: torch.Tensor  # (1, seq, dim)
-    a: torch.Tensor  # (F,) key index before each frame
-    b: torch.Tensor  # (F,) key index after each frame
-    alpha: torch.Tensor  # (F,) weight of key b
-
-    def frames(self, start: int, end: int) -> torch.Tensor:
-        return interpolate_embeddings(self.keys, self.a, self.b, self.alpha, start, end)  # (L, seq, dim)
+    roles: tuple[str, ...] = ROLES  # what this worker does: encode, predict, decode
 
 
 class Worker:
@@ -44,7 +32,7 @@ class Worker:
         if spec.device == "cpu":
             torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.backend = load_backend(spec.model_path, device=spec.device, dtype=spec.dtype)
+        self.backend = load_backend(spec.model_path, device=spec.device, dtype=spec.dtype, roles=spec.roles)
         self.timings: dict[str, list[float]] = {"predict": [], "decode": []}  # seconds per call (for `bench`)
 
     def ready(self) -> dict:
@@ -58,14 +46,12 @@ class Worker:
                 v.clear()
         return out
 
-    def encode(self, prompts: list[str], negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.backend.encode(prompts, negative_prompt)
+    def encode(self, prompts: list[str], negative_prompt: str, schedule):
+        return self.backend.encode(prompts, negative_prompt, schedule)
 
-    def predict(
-        self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, start: int, end: int, guidance: float
-    ) -> torch.Tensor:
+    def predict(self, z: torch.Tensor, t: torch.Tensor, cond, start: int, end: int, guidance: float) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = self.backend.predict(z, t, cond.frames(start, end), cond.negative, guidance)
+        out = self.backend.predict(z, t, cond, (start, end), guidance)
         self.timings["predict"].append(time.perf_counter() - t0)
         return out
 
@@ -74,3 +60,13 @@ class Worker:
         out = self.backend.decode(z)
         self.timings["decode"].append(time.perf_counter() - t0)
         return out
+
+    def decode_stream(self, z: torch.Tensor, chunk: int, skip: int = 0):
+        """Frame chunks of one ordered decode session (causal VAEs); the first `skip` chunks are decoded
+        (they feed the cache) but not sent: a retried stream resumes where the lost one stopped."""
+        t0 = time.perf_counter()
+        for i, frames in enumerate(self.backend.decode_stream(z, chunk)):
+            if i >= skip:
+                self.timings["decode"].append(time.perf_counter() - t0)
+                yield frames
+            t0 = time.perf_counter()

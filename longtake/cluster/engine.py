@@ -2,13 +2,17 @@
 
     prepare(request)  -> Job        validate against the model's configs; no Ray, no weights
     run(job, pool)    -> RenderResult
-        1. encode the key prompts once (one worker); put the conditioning in the object store
-        2. initial latents from (seed, frame index)
+        1. encode the key prompts once (one encoder); the backend's conditioning goes in the object store
+        2. initial latents from (seed, latent frame index)
         3. for each step: every window predicts alone -> fuse in window order -> scheduler step
            (with a checkpointer: resume from the newest valid checkpoint; save one every k steps)
-        4. decode window by window on the workers; stream frames in order into ffmpeg
+        4. decode: window-length chunks on any worker (per-frame VAEs), or one ordered streamed session
+           (causal 3D VAEs); frames stream in order into ffmpeg, the surplus of the model's frame rule
+           (Wan: 4k+1) dropped at the end, so the MP4 has exactly round(seconds * fps) frames
 
-The pool is an in-process worker (reference) or Ray actors; both give identical frames.
+The engine is family-blind: geometry comes from the model's `LatentLayout`, conditioning is the backend's
+(the engine passes it along unread). The pool is an in-process worker (reference) or Ray actors; both give
+identical frames.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import torch
 from tqdm import tqdm
 
 from longtake.actors.pool import Pool, WindowFailed
-from longtake.actors.worker import Conditioning
 from longtake.cluster.checkpoint import Checkpointer, restore_scheduler
 from longtake.pipelines import ModelInfo, inspect_model, load_scheduler
 from longtake.pipelines.windows import (
@@ -44,6 +47,8 @@ from longtake.video import VideoWriter, contact_sheet, preview_indices
 
 logger = logging.getLogger(__name__)
 
+DECODE_CHUNK = 4  # latent frames per streamed decode chunk (16 frames for Wan)
+
 
 @dataclass(frozen=True)
 class Job:
@@ -51,7 +56,7 @@ class Job:
 
     request: RenderRequest
     model: ModelInfo
-    frames: int  # output frames = latent frames * temporal compression
+    frames: int  # output frames asked for (round(seconds * fps)); the MP4 has exactly these
     height: int
     width: int
     steps: int
@@ -64,12 +69,16 @@ class Job:
 
     @property
     def latent_frames(self) -> int:
-        return self.frames // self.model.temporal_compression
+        return self.model.layout.latent_frames(self.frames)
+
+    @property
+    def rendered_frames(self) -> int:
+        """Frames the latents decode to: `frames`, or a few more for a frame rule (dropped at the end)."""
+        return self.model.layout.frames(self.latent_frames)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        f = self.model.vae_scale_factor
-        return (self.model.latent_channels, self.height // f, self.width // f)  # (C, h, w)
+        return self.model.layout.latent_shape(self.height, self.width)  # (C, h, w)
 
 
 @dataclass
@@ -80,7 +89,7 @@ class RenderResult:
     seconds: float
     width: int
     height: int
-    window: int  # output frames
+    window: int  # output frames (a window of L latent frames decodes to layout.frames(L))
     overlap: int  # output frames
     windows: int
     workers: int
@@ -107,21 +116,18 @@ def prepare(request: RenderRequest | dict) -> Job:
     """Check a request against its model and plan the windows. Raises RequestError."""
     request = parse_request(request)
     model = inspect_model(request.model)
-    factor = model.vae_scale_factor
-    height = request.height or model.default_size
-    width = request.width or model.default_size
+    height = request.height or model.default_height
+    width = request.width or model.default_width
     for name, value in (("height", height), ("width", width)):
-        if value % factor or (value // factor) % 2 and factor == 1:
-            raise RequestError(name, value, f"a multiple of {factor} (the model's VAE factor)")
+        model.layout.check_size(name, value)
+    unit = "latent frames" if model.layout.temporal > 1 else "frames"
     window = request.window or model.native_window
     if window > model.max_window:
-        raise RequestError("window", window, f"at most {model.max_window} frames (the model's temporal limit)")
+        raise RequestError("window", window, f"at most {model.max_window} {unit} (the model's temporal limit)")
     overlap = request.overlap if request.overlap is not None else window // 4
     if overlap >= window:
-        raise RequestError("overlap", overlap, f"0 <= overlap < window ({window})")
+        raise RequestError("overlap", overlap, f"0 <= overlap < window ({window} {unit})")
     frames = request.num_frames
-    if frames % model.temporal_compression:
-        raise RequestError("seconds", request.seconds, f"seconds * fps a multiple of {model.temporal_compression}")
     if request.timeline is not None:
         keys = [PromptKey(k.at, k.prompt) for k in request.timeline]
     else:
@@ -136,7 +142,7 @@ def prepare(request: RenderRequest | dict) -> Job:
         guidance=request.guidance if request.guidance is not None else model.default_guidance,
         window=window,
         overlap=overlap,
-        windows=plan_windows(frames // model.temporal_compression, window, overlap),
+        windows=plan_windows(model.layout.latent_frames(frames), window, overlap),
         keys=keys,
         noise=request.noise or model.default_noise,
     )
@@ -196,16 +202,17 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     latent_frames = job.latent_frames
 
     timings = {"fuse_s": 0.0, "scheduler_s": 0.0}
-    # 1. conditioning: key embeddings once, per-frame schedule, one object for every task
-    keys, negative = pool.call("encode", [k.prompt for k in job.keys], req.negative_prompt)
-    a, b, alpha = prompt_schedule(job.keys, latent_frames, req.fps / job.model.temporal_compression)
-    cond = pool.put(Conditioning(keys, negative, a, b, alpha))
+    # 1. conditioning: the key prompts once, with the per-latent-frame schedule; the backend's object, unread
+    schedule = prompt_schedule(job.keys, latent_frames, req.fps / job.model.layout.temporal)
+    cond = pool.put(pool.encode([k.prompt for k in job.keys], req.negative_prompt, schedule))
 
     # 2. initial latents from (seed, frame)
     scheduler = load_scheduler(job.model.path)
     scheduler.set_timesteps(job.steps)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)  # as the pipelines do: step i is timesteps[i]
     z = initial_noise(req.seed, latent_frames, job.latent_shape, job.noise, job.window, job.overlap)  # (1, C, F, h, w)
-    z = z * scheduler.init_noise_sigma
+    z = z * getattr(scheduler, "init_noise_sigma", 1.0)
     weights = window_weights(plan, req.weighting)
     first_step = 0
     resumed = checkpoint.load_latest() if checkpoint is not None else None
@@ -241,7 +248,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     for i, t in enumerate(scheduler.timesteps):
         if i < first_step:
             continue
-        model_in = scheduler.scale_model_input(z, t)  # (1, C, F, h, w)
+        model_in = scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z  # (1, C, F, h, w)
         tasks = [(model_in[:, :, s:e].clone(), t, cond, s, e, job.guidance) for s, e in plan]
         bar.set_postfix_str(f"step {i + 1}/{job.steps}, {len(plan)} windows")
         preds = []
@@ -265,14 +272,21 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     decode_start = time.perf_counter()
     timings["denoise_s"] = decode_start - started
 
-    # 4. decode in window-length chunks on the workers; frames stream in order into ffmpeg
-    chunks = [(s, min(s + job.window, latent_frames)) for s in range(0, latent_frames, job.window)]
+    # 4. decode on the workers; frames stream in order into ffmpeg, the frame rule's surplus dropped at the end
+    if job.model.streamed_decode:  # causal 3D VAE: one session, latent frame after latent frame
+        decoded = pool.stream("decode_stream", (z, DECODE_CHUNK))
+    else:  # a per-frame VAE: window-length chunks, any worker
+        chunks = [(s, min(s + job.window, latent_frames)) for s in range(0, latent_frames, job.window)]
+        decoded = pool.imap("decode", [(z[:, :, s:e].clone(),) for s, e in chunks])
     sampled = set(preview_indices(job.frames)) if req.preview else set()
     previews: list[tuple[int, np.ndarray]] = []
     bar = _bar(job.frames, "decode", "frame", progress)
     with VideoWriter(req.out, job.width, job.height, req.fps) as writer:
         first = 0
-        for frames in pool.imap("decode", [(z[:, :, s:e].clone(),) for s, e in chunks]):  # (n, H, W, 3)
+        for frames in decoded:  # (n, H, W, 3)
+            frames = frames[: job.frames - first]
+            if not len(frames):
+                break  # only the surplus is left
             writer.write(frames)
             if on_frames is not None:
                 on_frames(first, frames)
@@ -280,6 +294,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
             first += len(frames)
             bar.update(len(frames))
             report("decode", job.steps, total, first)
+    decoded.close()  # stops a stream still decoding the surplus
     bar.close()
     if req.preview:
         contact_sheet(previews, req.preview)
@@ -292,8 +307,8 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         seconds=req.seconds,
         width=job.width,
         height=job.height,
-        window=job.window * job.model.temporal_compression,
-        overlap=job.overlap * job.model.temporal_compression,
+        window=job.model.layout.frames(job.window),
+        overlap=job.overlap * job.model.layout.temporal,
         windows=len(plan),
         workers=pool.num_workers,
         steps=job.steps,

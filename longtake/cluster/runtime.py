@@ -10,10 +10,12 @@ import logging
 import os
 import signal
 import threading
+from dataclasses import replace
 
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
 from longtake.cluster.engine import Job, RenderResult, prepare, run
+from longtake.pipelines import ROLES
 from longtake.request import RenderRequest
 
 logger = logging.getLogger(__name__)
@@ -42,13 +44,15 @@ def worker_plan(job: Job, gpus: float, cpus: float) -> tuple[WorkerSpec, int]:
     """Device, worker count and thread count for a job on a cluster with these resources."""
     req = job.request
     device = req.device if req.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
+    # families with a large text encoder encode on one encoder worker: predictors do not load it
+    roles = ("predict", "decode") if job.model.separate_encoder else ROLES
     if device == "cuda":
         workers = req.workers or int(gpus)
-        return WorkerSpec(job.model.path, "cuda", "float16"), workers
+        return WorkerSpec(job.model.path, "cuda", job.model.cuda_dtype, roles=roles), workers
     workers = req.workers or max(1, int(cpus))
     # One torch thread per worker: CPU kernels may round differently with other thread counts,
     # and the frames must not depend on how many workers there are.
-    return WorkerSpec(job.model.path, "cpu", "float32", threads=1), workers
+    return WorkerSpec(job.model.path, "cpu", "float32", threads=1, roles=roles), workers
 
 
 def make_ray_pool(job: Job, address: str | None = None):
@@ -81,7 +85,7 @@ def render(request: RenderRequest | dict, pool=None, progress: bool = False, add
     started = False
     if in_process:
         spec, _ = worker_plan(job, gpus=0, cpus=1)
-        pool = InProcessPool(spec)
+        pool = InProcessPool(replace(spec, roles=ROLES))  # the one worker does everything
     else:
         pool, started = make_ray_pool(job, address)
     try:

@@ -1,21 +1,79 @@
-"""Model backends: one file per model family. Only torch and diffusers here, never Ray.
+"""Model backends behind one small interface: one module per family. Only torch and diffusers here, never Ray.
 
-`inspect_model` reads a model directory's JSON configs (no weights, no torch) so a request can be
-checked before any worker starts. `load_backend` builds the backend a worker keeps.
+The registry maps a diffusers directory's `model_index.json` `_class_name` to its family module, imported
+lazily (as vLLM registers its models); adding a family (LTX-Video, CogVideoX...) is one new file and one
+line in FAMILIES. A family module has:
+
+    inspect(path, index, model) -> ModelInfo     the model's facts from its JSON configs (no weights)
+    Backend(model_path, device, dtype, roles)    what a worker keeps; loads only what its roles use
+
+A Backend (roles: "encode", "predict", "decode"):
+
+    encode(prompts, negative_prompt, schedule) -> cond
+        once per job, on one worker: the key prompts' embeddings plus the per-latent-frame schedule
+        (`windows.prompt_schedule`), as an object the engine never reads (CPU tensors, picklable)
+    predict(z, t, cond, window, guidance) -> model output
+        one window: z (1, C, L, h, w) float32, `window` = (start, end) latent frames; the backend takes
+        the window's own conditioning from `cond` (per-frame embeddings for a UNet with motion modules,
+        one embedding per window for a DiT) and applies classifier-free guidance. Float32 on the CPU.
+    decode(z) -> (n, H, W, 3) uint8            families with `streamed_decode=False`: any chunk alone
+    decode_stream(z, chunk) -> iterator        families with `streamed_decode=True` (causal 3D VAEs):
+                                               one session on one worker, in order, `chunk` latent frames
+                                               at a time; frames equal one whole-clip decode
+
+The engine computes no geometry: it asks the model's `LatentLayout` (latent frames for F frames, frames for
+n latent frames, the size multiple, the latent shape). The scheduler is the one the directory names; the
+engine steps it on the fused prediction. `ModelInfo.cuda_dtype` is the family's weight dtype on GPUs
+(latents stay float32).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from longtake.request import RequestError
 
-# model_index.json `_class_name` -> family
-FAMILIES = {"AnimateDiffPipeline": "animatediff"}
-# components whose weights must be present as safetensors, per family
-REQUIRED_WEIGHTS = {"animatediff": ("unet", "text_encoder")}
+# model_index.json `_class_name` -> family module (imported when a model of that family is used)
+FAMILIES = {
+    "AnimateDiffPipeline": "longtake.pipelines.animatediff",
+    "WanPipeline": "longtake.pipelines.wan",
+}
+ROLES = ("encode", "predict", "decode")
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """How frames and pixels map to the model's latents."""
+
+    channels: int
+    spatial: int  # pixels per latent pixel (the VAE's spatial factor)
+    size_multiple: int  # height and width must be multiples of this (VAE factor x patch size, even)
+    size_reason: str  # why, for error messages
+    temporal: int = 1  # frames per latent frame
+    causal: bool = False  # a causal 3D VAE: the first latent frame is one frame (the 4k+1 rule)
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames needed for at least `frames` output frames."""
+        if self.causal:
+            return math.ceil((frames - 1) / self.temporal) + 1
+        return math.ceil(frames / self.temporal)
+
+    def frames(self, latent_frames: int) -> int:
+        """Output frames decoded from `latent_frames` latent frames."""
+        if self.causal:
+            return self.temporal * (latent_frames - 1) + 1
+        return self.temporal * latent_frames
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return (self.channels, height // self.spatial, width // self.spatial)  # (C, h, w)
+
+    def check_size(self, name: str, value: int) -> None:
+        if value % self.size_multiple:
+            raise RequestError(name, value, f"a multiple of {self.size_multiple} ({self.size_reason})")
 
 
 @dataclass(frozen=True)
@@ -24,18 +82,18 @@ class ModelInfo:
 
     path: str
     family: str
-    native_window: int  # frames per window the model was made for (latent frames)
-    max_window: int  # longest window its temporal layers accept
-    latent_channels: int
-    vae_scale_factor: int  # pixels per latent pixel
-    temporal_compression: int  # output frames per latent frame
-    default_size: int  # pixels (square)
+    layout: LatentLayout
+    native_window: int  # latent frames per window the model was made for
+    max_window: int  # longest window (latent frames) the model's temporal layers accept
+    default_height: int
+    default_width: int
     default_steps: int
     default_guidance: float
-    pixel_shuffle: int = 0  # pixel-space models: space-to-depth factor of the model's input (0: latent model)
     default_noise: str = "independent"  # initial-noise mode when the request names none
-    circular_padding: bool = False  # the UNet's convolutions wrap around the frame edges (trained that way)
-    pooled_text: bool = False  # a "text_time" UNet fed the mean of the caption's hidden states
+    cuda_dtype: str = "float16"  # weight dtype on GPUs (latents stay float32)
+    streamed_decode: bool = False  # causal 3D VAE: one ordered decode session (decode_stream), not chunks
+    separate_encoder: bool = False  # the text encoder is large: encode on one encoder worker, predictors skip it
+    options: dict = field(default_factory=dict)  # family-specific facts the backend reads (JSON values)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,86 +103,53 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 def resolve_model_path(model: str) -> str:
-    """'default' -> the bundled trained model; 'tiny' -> a random-weight tiny model built once into the
-    cache (for quick checks); anything else is a path."""
-    from longtake.pipelines.tiny import TINY_NAME, ensure_tiny_model
+    """'default' -> the bundled trained model; 'tiny' / 'tiny-wan' -> random-weight tiny models built once
+    into the cache (for quick checks); anything else is a path."""
+    from longtake.pipelines.tiny import TINY_MODELS, ensure_tiny_model
 
     if model == "default":
         if not (DEFAULT_MODEL / "model_index.json").is_file():
             raise RequestError("model", model, f"the bundled model in {DEFAULT_MODEL} (missing: rebuild it with "
                                                f"python -m longtake.models.train_default --out {DEFAULT_MODEL})")
         return str(DEFAULT_MODEL)
-    return str(ensure_tiny_model()) if model == TINY_NAME else model
+    return str(ensure_tiny_model(model)) if model in TINY_MODELS else model
+
+
+def family_module(class_name: str, model: str):
+    name = FAMILIES.get(class_name)
+    if name is None:
+        raise RequestError("model", model, f"a supported family ({', '.join(FAMILIES)}), not {class_name!r}")
+    return importlib.import_module(name)
 
 
 def inspect_model(model: str) -> ModelInfo:
     path = Path(resolve_model_path(model))
     if not path.is_dir():
-        raise RequestError("model", model, "an existing diffusers model directory, 'default' or 'tiny'")
+        raise RequestError("model", model, "an existing diffusers model directory, 'default', 'tiny' or 'tiny-wan'")
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise RequestError("model", model, "a diffusers model directory with a model_index.json")
-    index = _read_json(index_file, model)
-    family = FAMILIES.get(index.get("_class_name"))
-    if family is None:
-        raise RequestError(
-            "model", model, f"a supported family ({', '.join(FAMILIES)}), not {index.get('_class_name')!r}"
-        )
-    components = REQUIRED_WEIGHTS[family] + (("vae",) if index.get("vae", [None])[0] else ())
-    for component in components:
+    index = read_json(index_file, model)
+    module = family_module(index.get("_class_name"), model)
+    for component in module.required_weights(index):
         if not any((path / component).glob("*.safetensors")):
             raise RequestError("model", model, f"safetensors weights in {component}/ (only .safetensors is loaded)")
-    return _inspect_animatediff(path, model)
+    return module.inspect(path, index, model)
 
 
-def _read_json(file: Path, model: str) -> dict:
+def read_json(file: Path, model: str) -> dict:
     try:
         return json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RequestError("model", model, f"readable JSON in {file.name} ({e})") from None
 
 
-def _inspect_animatediff(path: Path, model: str) -> ModelInfo:
-    unet = _read_json(path / "unet" / "config.json", model)
-    # optional longtake.json: defaults for this model, and pixel-space models (no VAE, upscaled on decode)
-    extra = _read_json(path / "longtake.json", model) if (path / "longtake.json").is_file() else {}
-    if extra.get("pixel_space"):
-        scale = int(extra.get("pixel_shuffle", 1)) * int(extra.get("upscale", 1))
-    else:
-        vae = _read_json(path / "vae" / "config.json", model)
-        scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    max_window = int(unet.get("motion_max_seq_length", 32))
-    return ModelInfo(
-        path=str(path),
-        family="animatediff",
-        # AnimateDiff motion modules are trained on 16 frames
-        native_window=int(extra.get("native_window", min(16, max_window))),
-        max_window=max_window,
-        latent_channels=int(unet["in_channels"]),
-        vae_scale_factor=scale,
-        temporal_compression=1,
-        default_size=int(extra.get("default_size", int(unet["sample_size"]) * scale)),
-        default_steps=int(extra.get("default_steps", 25)),
-        default_guidance=float(extra.get("default_guidance", 7.5)),
-        pixel_shuffle=int(extra.get("pixel_shuffle", 1)) if extra.get("pixel_space") else 0,
-        default_noise=_noise_mode(extra.get("default_noise", "independent"), model),
-        circular_padding=bool(extra.get("circular_padding", False)),
-        pooled_text=_pooled_text(unet, extra, model),
-    )
+def read_options(path: Path, model: str) -> dict:
+    """The optional longtake.json beside model_index.json: this model's defaults and flags."""
+    return read_json(path / "longtake.json", model) if (path / "longtake.json").is_file() else {}
 
 
-def _pooled_text(unet: dict, extra: dict, model: str) -> bool:
-    """Only our own "text_time" models are run (SDXL-style ones need a second text encoder and size ids)."""
-    pooled = extra.get("pooled_text")
-    if pooled not in (None, "mean"):
-        raise RequestError("model", model, f"a longtake.json whose pooled_text is 'mean' or absent (got {pooled!r})")
-    if unet.get("addition_embed_type") == "text_time" and pooled is None:
-        raise RequestError("model", model, "a UNet without addition_embed_type 'text_time' (SDXL-style models are "
-                                           "not supported), or a longtake.json with pooled_text 'mean'")
-    return pooled == "mean"
-
-
-def _noise_mode(mode, model: str) -> str:
+def noise_mode(mode, model: str) -> str:
     from longtake.pipelines.windows import NOISE_MODES
 
     if mode not in NOISE_MODES:
@@ -133,11 +158,23 @@ def _noise_mode(mode, model: str) -> str:
     return mode
 
 
-def load_backend(model_path: str, device: str = "cpu", dtype: str = "float32"):
-    """Build the backend for a model directory (already inspected)."""
-    from longtake.pipelines.animatediff import AnimateDiffBackend
+def load_backend(model_path: str, device: str = "cpu", dtype: str = "float32", roles=ROLES):
+    """Build the backend for a model directory (already inspected), loading only what `roles` use."""
+    info = inspect_model(model_path)
+    return importlib.import_module(FAMILIES_BY_NAME[info.family]).Backend(info, device=device, dtype=dtype,
+                                                                          roles=tuple(roles))
 
-    return AnimateDiffBackend(model_path, device=device, dtype=dtype)
+
+FAMILIES_BY_NAME = {module.rsplit(".", 1)[1]: module for module in FAMILIES.values()}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype: got {name!r}, expected one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
 
 
 def load_scheduler(model_path: str):

@@ -1,22 +1,27 @@
-"""AnimateDiff backend: a UNet with motion modules, a 2D VAE and a CLIP text encoder.
+"""AnimateDiff family: a UNet with motion modules, a per-frame 2D VAE and a CLIP text encoder.
 
-Knows torch and diffusers only. A worker builds one, keeps it, and calls `encode`, `predict` and
-`decode`; the engine does the scheduler steps and the fusion on the full latent. With one window
-this computes exactly what diffusers' `AnimateDiffPipeline.__call__` computes (steps 3, 8 and 9).
+The bundled default model (pixel space, no VAE) and `tiny` are of this family. Knows torch and diffusers
+only. `inspect` reads the configs; a worker builds one `Backend`, keeps it, and calls `encode`, `predict`
+and `decode`; the engine does the scheduler steps and the fusion on the full latent. Conditioning is
+per frame: each window gets the interpolated embeddings of its own frames. The 2D VAE decodes every
+frame alone, so decode chunks run on any worker in parallel. With one window this computes exactly what
+diffusers' `AnimateDiffPipeline.__call__` computes (steps 3, 8 and 9).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from longtake.pipelines import LatentLayout, ModelInfo, noise_mode, read_json, read_options, torch_dtype
+from longtake.pipelines.windows import TextConditioning
+from longtake.request import RequestError
+
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def wrap_convolutions(unet: torch.nn.Module) -> int:
     """Circular padding for the UNet's padded 2D convolutions, for models trained on frames that wrap around
@@ -36,30 +41,83 @@ def pooled_text_kwargs(hidden: torch.Tensor, batch: int) -> dict:
     return {"text_embeds": pooled, "time_ids": torch.zeros(batch, 1, dtype=pooled.dtype, device=pooled.device)}
 
 
-class AnimateDiffBackend:
-    family = "animatediff"
+def required_weights(index: dict) -> tuple[str, ...]:
+    """Components whose weights must be present as safetensors."""
+    return ("unet", "text_encoder") + (("vae",) if index.get("vae", [None])[0] else ())
 
-    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32"):
+
+def inspect(path: Path, index: dict, model: str) -> ModelInfo:
+    unet = read_json(path / "unet" / "config.json", model)
+    # optional longtake.json: defaults for this model, and pixel-space models (no VAE, upscaled on decode)
+    extra = read_options(path, model)
+    if extra.get("pixel_space"):
+        scale = int(extra.get("pixel_shuffle", 1)) * int(extra.get("upscale", 1))
+    else:
+        vae = read_json(path / "vae" / "config.json", model)
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    max_window = int(unet.get("motion_max_seq_length", 32))
+    size = int(extra.get("default_size", int(unet["sample_size"]) * scale))
+    return ModelInfo(
+        path=str(path),
+        family="animatediff",
+        # frames are even-sized for yuv420p: a factor of 1 still needs multiples of 2
+        layout=LatentLayout(channels=int(unet["in_channels"]), spatial=scale, size_multiple=max(scale, 2),
+                            size_reason="the model's VAE factor" if scale > 1 else "even, for yuv420p"),
+        # AnimateDiff motion modules are trained on 16 frames
+        native_window=int(extra.get("native_window", min(16, max_window))),
+        max_window=max_window,
+        default_height=size,
+        default_width=size,
+        default_steps=int(extra.get("default_steps", 25)),
+        default_guidance=float(extra.get("default_guidance", 7.5)),
+        default_noise=noise_mode(extra.get("default_noise", "independent"), model),
+        cuda_dtype="float16",
+        options={
+            # pixel-space models: space-to-depth factor of the model's input (0: latent model)
+            "pixel_shuffle": int(extra.get("pixel_shuffle", 1)) if extra.get("pixel_space") else 0,
+            # the UNet's convolutions wrap around the frame edges (trained that way)
+            "circular_padding": bool(extra.get("circular_padding", False)),
+            # a "text_time" UNet fed the mean of the caption's hidden states
+            "pooled_text": _pooled_text(unet, extra, model),
+        },
+    )
+
+
+def _pooled_text(unet: dict, extra: dict, model: str) -> bool:
+    """Only our own "text_time" models are run (SDXL-style ones need a second text encoder and size ids)."""
+    pooled = extra.get("pooled_text")
+    if pooled not in (None, "mean"):
+        raise RequestError("model", model, f"a longtake.json whose pooled_text is 'mean' or absent (got {pooled!r})")
+    if unet.get("addition_embed_type") == "text_time" and pooled is None:
+        raise RequestError("model", model, "a UNet without addition_embed_type 'text_time' (SDXL-style models are "
+                                           "not supported), or a longtake.json with pooled_text 'mean'")
+    return pooled == "mean"
+
+
+class Backend:
+    def __init__(self, info: ModelInfo, device: str = "cpu", dtype: str = "float32",
+                 roles: tuple[str, ...] = ("encode", "predict", "decode")):
         from diffusers import AnimateDiffPipeline
 
-        from longtake.pipelines import inspect_model
-
         self.device = torch.device(device)
-        self.dtype = DTYPES[dtype]
-        info = inspect_model(model_path)
+        self.dtype = torch_dtype(dtype)
         # pixel-space models (no VAE): the model's input is pixels rearranged space-to-depth
-        self.pixel_shuffle = info.pixel_shuffle
-        self.upscale = info.vae_scale_factor // max(1, info.pixel_shuffle)
-        extra = {"vae": None} if self.pixel_shuffle else {}
-        pipe = AnimateDiffPipeline.from_pretrained(model_path, use_safetensors=True, dtype=self.dtype, **extra)
+        self.pixel_shuffle = info.options["pixel_shuffle"]
+        self.upscale = info.layout.spatial // max(1, self.pixel_shuffle)
+        skip = {"vae": None} if self.pixel_shuffle or "decode" not in roles else {}
+        if "encode" not in roles:
+            skip |= {"text_encoder": None, "tokenizer": None}
+        pipe = AnimateDiffPipeline.from_pretrained(info.path, use_safetensors=True, dtype=self.dtype, **skip)
         self.unet = pipe.unet.to(self.device).eval().requires_grad_(False)
-        if info.circular_padding:
+        if info.options["circular_padding"]:
             wrap_convolutions(self.unet)
         # models that also read the caption through the time embedding (diffusers' "text_time" addition,
         # fed the mean of the text encoder's hidden states; longtake.json "pooled_text": "mean")
-        self.pooled_text = info.pooled_text
-        self.vae = pipe.vae.to(self.device).eval().requires_grad_(False) if not self.pixel_shuffle else None
-        self.text_encoder = pipe.text_encoder.to(self.device).eval().requires_grad_(False)
+        self.pooled_text = info.options["pooled_text"]
+        self.vae = pipe.vae.to(self.device).eval().requires_grad_(False) if pipe.vae is not None else None
+        self.text_encoder = pipe.text_encoder
+        if self.text_encoder is not None:
+            self.text_encoder = self.text_encoder.to(self.device).eval().requires_grad_(False)
         self.tokenizer = pipe.tokenizer
 
     @torch.inference_mode()
@@ -72,30 +130,29 @@ class AnimateDiffBackend:
             mask = ids.attention_mask.to(self.device)
         return self.text_encoder(ids.input_ids.to(self.device), attention_mask=mask)[0].float().cpu()  # (1, seq, dim)
 
-    def encode(self, prompts: list[str], negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key prompts -> (keys (K, seq, dim), negative (1, seq, dim)), float32 on the CPU.
+    def encode(self, prompts: list[str], negative_prompt: str, schedule) -> TextConditioning:
+        """Key prompts + the per-frame schedule (a, b, alpha) -> the job's conditioning, float32 on the CPU.
 
         Each prompt is encoded alone, as the pipeline does for one prompt, so results are bit-stable."""
         keys = torch.cat([self._embed(p) for p in prompts])  # (K, seq, dim)
-        return keys, self._embed(negative_prompt)
+        return TextConditioning(keys, self._embed(negative_prompt), *schedule)
 
     @torch.inference_mode()
-    def predict(
-        self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, negative: torch.Tensor, guidance: float
-    ) -> torch.Tensor:
+    def predict(self, z: torch.Tensor, t: torch.Tensor, cond: TextConditioning, window: tuple[int, int],
+                guidance: float) -> torch.Tensor:
         """One window's model output, classifier-free guidance included.
 
-        z: (1, C, L, h, w) scaled model input; cond: (L, seq, dim) per-frame embeddings;
-        negative: (1, seq, dim). Returns (1, C, L, h, w) float32 on the CPU."""
+        z: (1, C, L, h, w) scaled model input; the window's frames get their own interpolated embeddings
+        (L, seq, dim). Returns (1, C, L, h, w) float32 on the CPU."""
         num_frames = z.shape[2]
         z = z.to(self.device, self.dtype)
-        cond = cond.to(self.device, self.dtype)
+        hidden_cond = cond.frames(*window).to(self.device, self.dtype)  # (L, seq, dim)
         if guidance > 1:
-            neg = negative.to(self.device, self.dtype).expand(num_frames, -1, -1)
+            neg = cond.negative.to(self.device, self.dtype).expand(num_frames, -1, -1)
             model_in = torch.cat([z, z])  # (2, C, L, h, w)
-            hidden = torch.cat([neg, cond])  # (2L, seq, dim): uncond frames, then cond frames
+            hidden = torch.cat([neg, hidden_cond])  # (2L, seq, dim): uncond frames, then cond frames
         else:
-            model_in, hidden = z, cond
+            model_in, hidden = z, hidden_cond
         added = pooled_text_kwargs(hidden, model_in.shape[0]) if self.pooled_text else None
         out = self.unet(model_in, t.to(self.device), encoder_hidden_states=hidden, added_cond_kwargs=added).sample
         if guidance > 1:

@@ -1,11 +1,11 @@
-"""A tiny AnimateDiff-format model built from configs, with random weights.
+"""Tiny random-weight models built from configs: `tiny` (AnimateDiff) and `tiny-wan` (Wan 2.1 T2V).
 
-It is the default model until a trained one ships (see the README), and the model the tests use.
-`build_tiny_animatediff(dir)` writes a complete diffusers directory (model_index.json, safetensors
-weights, a CLIP tokenizer written locally, a DDIM scheduler), so it loads through exactly the same
-`from_pretrained(..., use_safetensors=True)` path as a real AnimateDiff model.
+They render noise, quickly: for checks, the bench and the tests. Each builder writes a complete diffusers
+directory (model_index.json, safetensors weights, a tokenizer written locally, the family's scheduler),
+so it loads through exactly the same `from_pretrained(..., use_safetensors=True)` path as a real model.
+Nothing is downloaded.
 
-    python -m longtake.pipelines.tiny /tmp/tiny-animatediff
+    python -m longtake.pipelines.tiny /tmp/tiny-animatediff [tiny|tiny-wan|tiny-wan22]
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-TINY_NAME = "tiny"  # the --model value that selects this model
-TINY_VERSION = "tiny-animatediff-v1"
+TINY_NAME = "tiny"  # the --model value that selects the tiny AnimateDiff model
+TINY_WAN = "tiny-wan"  # the --model value that selects the tiny Wan 2.1 model
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -136,18 +136,72 @@ def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: in
     return pipe
 
 
+def build_wan_tokenizer(out_dir: str | os.PathLike, max_length: int = 512):
+    """A byte-level tokenizer (the `tokenizers` library, no merges) wrapped as a transformers fast tokenizer:
+    every text tokenizes offline; <pad> is id 0 and </s> is appended, as UMT5's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for char in _bytes_to_unicode().values():
+        vocab.setdefault(char, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def build_tiny_wan(out_dir: str | os.PathLike, seed: int = 0, two_experts: bool = False):
+    """Build and save a tiny Wan text-to-video pipeline (Wan 2.1; with `two_experts`, a Wan 2.2 A14B-style
+    pair of transformers switching at boundary_ratio 0.875). Returns the pipeline object."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_wan_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    # sizes from diffusers' own Wan tests; the full rotary table (1024 positions) so windows can be long
+    def transformer():
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                     out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
+                                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
+
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                               num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                                               eos_token_id=1, decoder_start_token_id=0))
+    # Wan 2.1's own scheduler config: UniPC on flow sigmas, shift 3
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000, solver_order=2, final_sigmas_type="zero")
+    experts = {"transformer": transformer()}
+    if two_experts:
+        experts |= {"transformer_2": transformer(), "boundary_ratio": 0.875}
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, **experts)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # what a tiny model renders at by default: 64x64 frames, few steps (real Wan: 480x832, 50 steps)
+    (Path(out_dir) / "longtake.json").write_text(json.dumps({"default_size": [64, 64], "default_steps": 10}))
+    return pipe
+
+
+# --model names of the tiny models -> (cache directory name, builder)
+TINY_MODELS = {TINY_NAME: ("tiny-animatediff-v1", build_tiny_animatediff), TINY_WAN: ("tiny-wan-v1", build_tiny_wan)}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LONGTAKE_CACHE", Path.home() / ".cache" / "longtake"))
 
 
-def ensure_tiny_model() -> Path:
-    """Return the directory of the tiny default model, building it once (atomically) if needed."""
-    target = cache_dir() / "models" / TINY_VERSION
+def ensure_tiny_model(name: str = TINY_NAME) -> Path:
+    """Return the directory of a tiny model, building it once (atomically) into the cache if needed."""
+    version, build = TINY_MODELS[name]
+    target = cache_dir() / "models" / version
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    build_tiny_animatediff(tmp)
+    build(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another process won the race; theirs is identical
@@ -158,4 +212,6 @@ def ensure_tiny_model() -> Path:
 
 
 if __name__ == "__main__":
-    build_tiny_animatediff(sys.argv[1] if len(sys.argv) > 1 else "tiny-animatediff")
+    builders = {**{name: build for name, (_, build) in TINY_MODELS.items()},
+                "tiny-wan22": lambda out: build_tiny_wan(out, two_experts=True)}
+    builders[sys.argv[2] if len(sys.argv) > 2 else TINY_NAME](sys.argv[1] if len(sys.argv) > 1 else "tiny-model")

@@ -284,3 +284,27 @@ def interpolate_embeddings(key_embeds: torch.Tensor, a: torch.Tensor, b: torch.T
         eb = key_embeds[b[mix]].to(torch.float32)  # (m, ...)
         out[mix] = ((1 - al) * ea + al * eb).to(key_embeds.dtype)
     return out
+
+
+@dataclass
+class TextConditioning:
+    """A job's text conditioning, as backends build it in `encode`: key-prompt embeddings and the per-frame
+    interpolation schedule (latent frames). Only these few tensors travel, once per job; each window's
+    embeddings are made on the worker that predicts it."""
+
+    keys: torch.Tensor  # (K, seq, dim)
+    negative: torch.Tensor  # (1, seq, dim)
+    a: torch.Tensor  # (F,) key index before each frame
+    b: torch.Tensor  # (F,) key index after each frame
+    alpha: torch.Tensor  # (F,) weight of key b
+
+    def frames(self, start: int, end: int) -> torch.Tensor:
+        """Per-frame embeddings of frames start..end-1 (UNets with motion modules)."""
+        return interpolate_embeddings(self.keys, self.a, self.b, self.alpha, start, end)  # (L, seq, dim)
+
+    def centre(self, start: int, end: int) -> torch.Tensor:
+        """One embedding for a window (DiTs): the interpolation at its centre frame; for an even length, the
+        mean of the two middle frames' (exactly the key's embedding when both are on one key)."""
+        mid = (start + end - 1) // 2
+        both = self.frames(mid, mid + 1 + (end - start + 1) % 2)  # (1 or 2, seq, dim)
+        return both.mean(0, keepdim=True) if len(both) == 2 else both  # (1, seq, dim)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import secrets
+import threading
 from collections import deque
 from dataclasses import asdict
 
@@ -28,10 +29,27 @@ logger = logging.getLogger(__name__)
 
 
 class ServePool:
-    """The engine's pool interface over the Denoiser deployment (used from the manager's threads)."""
+    """The engine's pool interface over the Denoiser deployment (used from the manager's threads).
 
-    def __init__(self, handle: DeploymentHandle, num_workers: int, decode_in_flight: int = 4):
+    Families whose text encoder the denoisers do not hold (Wan's UMT5) encode here, in the manager, on
+    a CPU worker built on first use and kept."""
+
+    def __init__(self, handle: DeploymentHandle, num_workers: int, model_path: str, decode_in_flight: int = 4):
         self.handle, self.num_workers, self.decode_in_flight = handle, num_workers, decode_in_flight
+        self.model_path = model_path
+        self._encoder = None
+        self._lock = threading.Lock()
+
+    def encode(self, *args):
+        if "encode" in denoiser_spec(self.model_path, "cpu").roles:
+            return self.call("encode", *args)
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = Worker(WorkerSpec(self.model_path, "cpu", "float32", threads=1, roles=("encode",)))
+            return self._encoder.encode(*args)
+
+    def stream(self, method: str, args: tuple):
+        yield from getattr(self.handle, method).options(stream=True).remote(*args)
 
     def put(self, obj):
         return obj
@@ -63,11 +81,10 @@ class ServePool:
 @serve.deployment(autoscaling_config={"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 2},
                   max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})
 class Denoiser:
-    """One loaded model; predicts windows and decodes chunks for every job."""
+    """One loaded model; predicts windows and decodes for every job (and encodes, for small text encoders)."""
 
     def __init__(self, model_path: str, device: str = "cpu"):
-        spec = WorkerSpec(model_path, device, "float16" if device == "cuda" else "float32")
-        self.worker = Worker(spec)
+        self.worker = Worker(denoiser_spec(model_path, device))
 
     def encode(self, *args):
         return self.worker.encode(*args)
@@ -78,11 +95,23 @@ class Denoiser:
     def decode(self, *args):
         return self.worker.decode(*args)
 
+    def decode_stream(self, *args):
+        yield from self.worker.decode_stream(*args)
+
+
+def denoiser_spec(model_path: str, device: str) -> WorkerSpec:
+    """A denoiser replica's worker: the family's dtype on GPUs, and no text encoder when it is large."""
+    from longtake.pipelines import ROLES, inspect_model
+
+    info = inspect_model(model_path)
+    roles = ("predict", "decode") if info.separate_encoder else ROLES
+    return WorkerSpec(model_path, device, info.cuda_dtype if device == "cuda" else "float32", roles=roles)
+
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class Manager:
     def __init__(self, denoiser: DeploymentHandle, data_dir: str, model: str, max_replicas: int, limits: dict):
-        self.manager = JobManager(data_dir, ServePool(denoiser, max_replicas), model, Limits(**limits))
+        self.manager = JobManager(data_dir, ServePool(denoiser, max_replicas, model), model, Limits(**limits))
 
     async def call(self, method: str, *args):
         # the manager's methods touch SQLite and join threads: keep them off the event loop
