@@ -33,21 +33,27 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", dest="negative_prompt", metavar="TEXT", help=_field_help("negative_prompt"))
     p.add_argument("--seconds", type=float, help="clip length in seconds (default 10)")
     p.add_argument("--fps", type=float, help="frames per second (default 8); the clip has round(seconds*fps) frames")
-    p.add_argument("--height", type=int, help="height in pixels, a multiple of the model's VAE factor (default: model's)")
-    p.add_argument("--width", type=int, help="width in pixels, a multiple of the model's VAE factor (default: model's)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 25)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: 7.5)")
+    p.add_argument("--height", type=int, help="height in pixels, a multiple of the model's size multiple (its VAE "
+                                              "factor; x the patch size for DiTs: 16 for Wan) (default: the model's)")
+    p.add_argument("--width", type=int, help="width in pixels, a multiple of the model's size multiple "
+                                             "(default: the model's)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's; 25 for AnimateDiff, 50 for Wan)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the model's; "
+                                                  "7.5 for AnimateDiff, 5 for Wan)")
     p.add_argument("--seed", type=int, help="random seed; same request + seed = same frames (default 0)")
-    p.add_argument("--window", type=int, help="frames per window (default: the model's native length, 16)")
-    p.add_argument("--overlap", type=int, help="frames shared by consecutive windows (default: window // 4)")
+    p.add_argument("--window", type=int, help="window length in the model's latent frames (= frames for AnimateDiff; "
+                                              "Wan: 4 frames each, 21 = 81 frames) (default: the model's native "
+                                              "length, 16 for AnimateDiff, 21 for Wan)")
+    p.add_argument("--overlap", type=int, help="latent frames shared by consecutive windows (default: window // 4)")
     p.add_argument("--weighting", choices=["flat", "pyramid", "overlap-linear"],
                    help="taper for fusing overlapping predictions (default: pyramid)")
     p.add_argument("--noise", choices=["independent", "freenoise", "correlated"],
                    help="initial noise per frame, FreeNoise-style shuffled windows, or correlated across frames "
                         "(AR(1)) (default: the model's; independent for most models, correlated for the bundled one)")
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core)")
-    p.add_argument("--model", help="diffusers model directory (AnimateDiff), 'default' (the bundled model) or "
-                                   "'tiny' (random weights, for quick checks) (default: default)")
+    p.add_argument("--model", help="a local diffusers model directory (AnimateDiffPipeline or WanPipeline), "
+                                   "'default' (the bundled model), or 'tiny' / 'tiny-wan' (random weights, for quick "
+                                   "checks) (default: default)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers run (default: auto)")
     p.add_argument("--out", help="output MP4 path (default: longtake.mp4)")
     p.add_argument("--preview", metavar="PNG", help="also write a contact sheet of sampled frames")

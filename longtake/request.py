@@ -52,8 +52,9 @@ class RenderRequest(BaseModel):
     steps: int | None = Field(None, description="Denoising steps.")
     guidance: float | None = Field(None, description="Classifier-free guidance scale (1 = off).")
     seed: int = Field(0, description="Random seed; the same seed gives the same frames.")
-    window: int | None = Field(None, description="Window length in frames (default: the model's native length).")
-    overlap: int | None = Field(None, description="Frames shared by consecutive windows (default: window // 4).")
+    window: int | None = Field(None, description="Window length in the model's latent frames (frames for AnimateDiff; "
+                               "Wan: 21 = 81 frames) (default: the model's native length).")
+    overlap: int | None = Field(None, description="Latent frames shared by consecutive windows (default: window // 4).")
     weighting: Literal["flat", "pyramid", "overlap-linear"] = Field(
         "pyramid", description="Taper used to fuse overlapping window predictions."
     )
@@ -62,7 +63,8 @@ class RenderRequest(BaseModel):
         "across frames (AR(1), rho 0.9) (default: the model's, else independent).",
     )
     workers: int | None = Field(None, description="Worker count (default: one per GPU, else one per CPU core).")
-    model: str = Field("default", description="A diffusers model directory, 'default' (the bundled model) or 'tiny'.")
+    model: str = Field("default", description="A diffusers model directory (AnimateDiff or Wan), 'default' (the "
+                       "bundled model), 'tiny' or 'tiny-wan'.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers run.")
     out: str = Field("longtake.mp4", description="Output MP4 path.")
     preview: str | None = Field(None, description="Optional contact-sheet PNG path.")

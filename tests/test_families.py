@@ -218,6 +218,40 @@ def test_wan_mp4_has_exactly_the_frames_asked_for(tmp_path, tiny_wan_model):
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_wan_with_a_flow_match_euler_scheduler_matches_the_diffusers_pipeline(tmp_path, tiny_wan_model):
+    """The scheduler is the one the directory names: the same model with FlowMatchEulerDiscreteScheduler (no
+    scale_model_input, no init_noise_sigma) still equals WanPipeline, and resumes mid-run exactly."""
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    path = tmp_path / "euler"
+    shutil.copytree(tiny_wan_model, path)
+    shutil.rmtree(path / "scheduler")
+    FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(path / "scheduler")
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    fam = FAMILIES["wan"]
+    req = _req(fam, str(path), tmp_path / "one.mp4", guidance=5.0, **fam.one_window)
+    job = prepare(req)
+    pool = InProcessPool(WorkerSpec(str(path)))
+    try:
+        _, ours = _frames(pool, job)
+        long = prepare(_req(fam, str(path), tmp_path / "long.mp4"))
+        ref = run(long, pool, progress=False)
+        ckpt = Checkpointer(tmp_path / "ckpt", every=1, fingerprint=fingerprint(long))
+        with pytest.raises(Cancelled):
+            run(long, pool, progress=False, cancelled=lambda: "paused" if ckpt.saved else None, checkpoint=ckpt)
+        resumed = run(long, pool, progress=False, checkpoint=ckpt)
+    finally:
+        pool.shutdown()
+    with torch.inference_mode():
+        theirs = (np.asarray(_wan_pipeline(str(path), job, req, initial_noise(0, job.latent_frames, job.latent_shape)))
+                  * 255).round()
+    assert ours.shape == theirs.shape and np.abs(ours.astype(float) - theirs).max() <= 1.0 and ours.std() > 1
+    assert resumed.resumed_from_step >= 1 and resumed.frames_sha256 == ref.frames_sha256
+
+
 def test_two_experts_switch_at_the_boundary(tiny_wan22_model):
     """Wan 2.2: `transformer` above boundary_ratio * 1000, `transformer_2` below, per step."""
     from longtake.pipelines import load_scheduler

@@ -123,9 +123,12 @@ def family_module(class_name: str, model: str):
 
 
 def inspect_model(model: str) -> ModelInfo:
+    from longtake.pipelines.tiny import TINY_MODELS
+
     path = Path(resolve_model_path(model))
     if not path.is_dir():
-        raise RequestError("model", model, "an existing diffusers model directory, 'default', 'tiny' or 'tiny-wan'")
+        names = ", ".join(repr(name) for name in ("default", *TINY_MODELS))
+        raise RequestError("model", model, f"an existing diffusers model directory, or one of {names}")
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise RequestError("model", model, "a diffusers model directory with a model_index.json")
@@ -178,11 +181,14 @@ def torch_dtype(name: str):
 
 
 def load_scheduler(model_path: str):
-    """The diffusers scheduler the model directory names (config only, no weights)."""
+    """The diffusers scheduler the model directory names (config only, no weights): the class in
+    model_index.json, as diffusers' from_pretrained takes it, with the config in scheduler/."""
     import diffusers
 
     config = json.loads((Path(model_path) / "scheduler" / "scheduler_config.json").read_text())
-    cls = getattr(diffusers, config["_class_name"], None)
-    if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
-        raise RequestError("model", model_path, f"a diffusers scheduler, not {config['_class_name']!r}")
+    index = json.loads((Path(model_path) / "model_index.json").read_text())
+    name = (index.get("scheduler") or [None, None])[1] or config["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+        raise RequestError("model", model_path, f"a diffusers scheduler, not {name!r}")
     return cls.from_config(config)

@@ -98,6 +98,9 @@ class Denoiser:
     def decode_stream(self, *args):
         yield from self.worker.decode_stream(*args)
 
+    def has_text_encoder(self) -> bool:
+        return getattr(self.worker.backend, "text_encoder", None) is not None
+
 
 def denoiser_spec(model_path: str, device: str) -> WorkerSpec:
     """A denoiser replica's worker: the family's dtype on GPUs, and no text encoder when it is large."""
