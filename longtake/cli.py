@@ -40,6 +40,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's; 25 for AnimateDiff, 50 for Wan)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the model's; "
                                                   "7.5 for AnimateDiff, 5 for Wan)")
+    p.add_argument("--guidance-2", type=float, dest="guidance_2",
+                   help="guidance of the low-noise expert, for two-expert models (Wan 2.2 A14B) (default: --guidance)")
     p.add_argument("--seed", type=int, help="random seed; same request + seed = same frames (default 0)")
     p.add_argument("--window", type=int, help="window length in the model's latent frames (= frames for AnimateDiff; "
                                               "Wan: 4 frames each, 21 = 81 frames) (default: the model's native "
@@ -63,8 +65,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "width", "steps", "guidance", "seed",
-                  "window", "overlap", "weighting", "noise", "workers", "model", "device", "out", "preview")
+REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "width", "steps", "guidance", "guidance_2",
+                  "seed", "window", "overlap", "weighting", "noise", "workers", "model", "device", "out", "preview")
 
 
 def request_from_args(args: argparse.Namespace) -> RenderRequest:

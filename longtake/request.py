@@ -51,6 +51,8 @@ class RenderRequest(BaseModel):
     width: int | None = Field(None, description="Output width in pixels (multiple of the model's factor).")
     steps: int | None = Field(None, description="Denoising steps.")
     guidance: float | None = Field(None, description="Classifier-free guidance scale (1 = off).")
+    guidance_2: float | None = Field(None, description="Guidance of the low-noise expert of a two-expert model "
+                                     "(Wan 2.2 A14B) (default: guidance).")
     seed: int = Field(0, description="Random seed; the same seed gives the same frames.")
     window: int | None = Field(None, description="Window length in the model's latent frames (frames for AnimateDiff; "
                                "Wan: 21 = 81 frames) (default: the model's native length).")
@@ -97,11 +99,11 @@ class RenderRequest(BaseModel):
             raise RequestError("steps", v, "an integer from 1 to 1000")
         return v
 
-    @field_validator("guidance")
+    @field_validator("guidance", "guidance_2")
     @classmethod
-    def _guidance(cls, v: float | None) -> float | None:
+    def _guidance(cls, v: float | None, info) -> float | None:
         if v is not None and (not math.isfinite(v) or v <= 0 or v > 50):
-            raise RequestError("guidance", v, "a number > 0 and <= 50 (1 turns guidance off)")
+            raise RequestError(info.field_name, v, "a number > 0 and <= 50 (1 turns guidance off)")
         return v
 
     @field_validator("seed")

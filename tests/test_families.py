@@ -47,6 +47,7 @@ def _wan_pipeline(path, job, req, latents):
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt=req["prompt"], negative_prompt=req["negative_prompt"], num_frames=job.rendered_frames,
                 height=job.height, width=job.width, num_inference_steps=job.steps, guidance_scale=job.guidance,
+                guidance_scale_2=job.guidance_2 if job.model.experts > 1 else None,
                 latents=latents, output_type="np").frames[0]
 
 
@@ -108,6 +109,8 @@ def test_one_window_matches_the_diffusers_pipeline(tmp_path, family, inproc, gui
     if fam.pipeline is None:
         pytest.skip(fam.no_pipeline)
     req = _req(fam, path, tmp_path / "one.mp4", guidance=guidance, **fam.one_window)
+    if guidance > 1 and prepare(req).model.experts == 2:
+        req["guidance_2"] = 3.0  # the low-noise expert's own scale (Wan 2.2's recommended 4 / 3 style)
     job = prepare(req)
     assert len(job.windows) == 1
     _, ours = _frames(inproc, job)
@@ -184,6 +187,8 @@ def test_bad_input_names_the_field(tmp_path, family):
     cases = [({"window": info.max_window + 1, "overlap": 0}, "window"),
              ({"height": fam.bad_size}, "height"), ({"width": fam.bad_size}, "width"),
              ({"window": 4, "overlap": 4}, "overlap")]
+    if info.experts == 1:  # only two-expert models take a second guidance
+        cases.append(({"guidance_2": 3.0}, "guidance_2"))
     for kw, field in cases:
         with pytest.raises(RequestError, match=rf"^{field}: got .*, expected"):
             prepare(_req(fam, path, tmp_path / "a.mp4", **kw))
@@ -267,7 +272,7 @@ def test_two_experts_switch_at_the_boundary(tiny_wan22_model):
         ["x"], "", (torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.zeros(3)))
     z = torch.randn(1, 16, 3, 8, 8)
     for t in scheduler.timesteps:
-        backend.predict(z, t, cond, (0, 3), 1.0)
+        backend.predict(z, t, cond, (0, 3), (1.0, 1.0))
     expected = [0 if t >= 875 else 1 for t in scheduler.timesteps]
     assert used == expected and set(expected) == {0, 1}
 

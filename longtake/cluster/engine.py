@@ -61,11 +61,17 @@ class Job:
     width: int
     steps: int
     guidance: float
+    guidance_2: float  # the low-noise expert's (two-expert models); equals guidance otherwise
     window: int  # latent frames
     overlap: int  # latent frames
     windows: list[tuple[int, int]]  # latent-frame windows
     keys: list[PromptKey]
     noise: str  # the request's initial-noise mode, else the model's default
+
+    @property
+    def guidances(self) -> tuple[float, ...]:
+        """One guidance scale per expert of the model."""
+        return (self.guidance, self.guidance_2)[: self.model.experts]
 
     @property
     def latent_frames(self) -> int:
@@ -128,6 +134,10 @@ def prepare(request: RenderRequest | dict) -> Job:
     if overlap >= window:
         raise RequestError("overlap", overlap, f"0 <= overlap < window ({window} {unit})")
     frames = request.num_frames
+    if request.guidance_2 is not None and model.experts < 2:
+        raise RequestError("guidance_2", request.guidance_2, "no value: it is for models with two experts (Wan 2.2 "
+                                                             "A14B), this one has one")
+    guidance = request.guidance if request.guidance is not None else model.default_guidance
     if request.timeline is not None:
         keys = [PromptKey(k.at, k.prompt) for k in request.timeline]
     else:
@@ -139,7 +149,8 @@ def prepare(request: RenderRequest | dict) -> Job:
         height=height,
         width=width,
         steps=request.steps or model.default_steps,
-        guidance=request.guidance if request.guidance is not None else model.default_guidance,
+        guidance=guidance,
+        guidance_2=request.guidance_2 if request.guidance_2 is not None else guidance,
         window=window,
         overlap=overlap,
         windows=plan_windows(model.layout.latent_frames(frames), window, overlap),
@@ -156,6 +167,8 @@ def fingerprint(job: Job) -> str:
             "guidance": job.guidance, "windows": job.windows, "seed": req.seed, "noise": job.noise,
             "weighting": req.weighting, "keys": [[k.at, k.prompt] for k in job.keys],
             "negative": req.negative_prompt, "fps": req.fps}
+    if job.model.experts > 1:
+        data["guidance_2"] = job.guidance_2
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -249,7 +262,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         if i < first_step:
             continue
         model_in = scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z  # (1, C, F, h, w)
-        tasks = [(model_in[:, :, s:e].clone(), t, cond, s, e, job.guidance) for s, e in plan]
+        tasks = [(model_in[:, :, s:e].clone(), t, cond, s, e, job.guidances) for s, e in plan]
         bar.set_postfix_str(f"step {i + 1}/{job.steps}, {len(plan)} windows")
         preds = []
         try:

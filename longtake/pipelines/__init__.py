@@ -15,7 +15,8 @@ A Backend (roles: "encode", "predict", "decode"):
     predict(z, t, cond, window, guidance) -> model output
         one window: z (1, C, L, h, w) float32, `window` = (start, end) latent frames; the backend takes
         the window's own conditioning from `cond` (per-frame embeddings for a UNet with motion modules,
-        one embedding per window for a DiT) and applies classifier-free guidance. Float32 on the CPU.
+        one embedding per window for a DiT) and applies classifier-free guidance, `guidance` holding one
+        scale per expert (ModelInfo.experts). Float32 on the CPU.
     decode(z) -> (n, H, W, 3) uint8            families with `streamed_decode=False`: any chunk alone
     decode_stream(z, chunk) -> iterator        families with `streamed_decode=True` (causal 3D VAEs):
                                                one session on one worker, in order, `chunk` latent frames
@@ -93,6 +94,7 @@ class ModelInfo:
     cuda_dtype: str = "float16"  # weight dtype on GPUs (latents stay float32)
     streamed_decode: bool = False  # causal 3D VAE: one ordered decode session (decode_stream), not chunks
     separate_encoder: bool = False  # the text encoder is large: encode on one encoder worker, predictors skip it
+    experts: int = 1  # denoisers that share the steps by noise level (Wan 2.2 A14B: 2), one guidance scale each
     options: dict = field(default_factory=dict)  # family-specific facts the backend reads (JSON values)
 
     def to_dict(self) -> dict:

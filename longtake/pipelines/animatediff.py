@@ -139,12 +139,12 @@ class Backend:
 
     @torch.inference_mode()
     def predict(self, z: torch.Tensor, t: torch.Tensor, cond: TextConditioning, window: tuple[int, int],
-                guidance: float) -> torch.Tensor:
-        """One window's model output, classifier-free guidance included.
+                guidance: tuple[float]) -> torch.Tensor:
+        """One window's model output, classifier-free guidance included (one expert: one scale).
 
         z: (1, C, L, h, w) scaled model input; the window's frames get their own interpolated embeddings
         (L, seq, dim). Returns (1, C, L, h, w) float32 on the CPU."""
-        num_frames = z.shape[2]
+        num_frames, (guidance,) = z.shape[2], guidance
         z = z.to(self.device, self.dtype)
         hidden_cond = cond.frames(*window).to(self.device, self.dtype)  # (L, seq, dim)
         if guidance > 1:

@@ -77,6 +77,7 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
         cuda_dtype="bfloat16",
         streamed_decode=True,
         separate_encoder=True,
+        experts=len(experts),
         options={"experts": experts, "boundary_ratio": index.get("boundary_ratio")},
     )
 
@@ -135,11 +136,12 @@ class Backend:
 
     @torch.inference_mode()
     def predict(self, z: torch.Tensor, t: torch.Tensor, cond: TextConditioning, window: tuple[int, int],
-                guidance: float) -> torch.Tensor:
-        """One window's flow prediction, guidance included. z: (1, C, L, h, w); returns (1, C, L, h, w) float32.
-
-        The window's text is the timeline at its centre (one embedding per window, as the DiT takes)."""
-        expert = self.experts[0] if self.boundary is None or t >= self.boundary else self.experts[1]
+                guidance: tuple[float, ...]) -> torch.Tensor:
+        """One window's flow prediction, guidance included (one scale per expert). z: (1, C, L, h, w);
+        returns (1, C, L, h, w) float32. The window's text is the timeline at its centre (one embedding
+        per window, as the DiT takes)."""
+        k = 0 if self.boundary is None or t >= self.boundary else 1
+        expert, guidance = self.experts[k], guidance[k]
         z = z.to(self.device, self.dtype)
         timestep = t.to(self.device).expand(z.shape[0])
         text = cond.centre(*window).to(self.device, self.dtype)  # (1, seq, dim)
