@@ -37,24 +37,41 @@ def ray_session():
     ray.shutdown()
 
 
+def _tiny_wan(tmp_path_factory, name: str, **kw) -> str:
+    from longtake.pipelines.tiny import build_tiny_wan
+
+    path = tmp_path_factory.mktemp("models") / name
+    build_tiny_wan(path, **kw)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_wan_model(tmp_path_factory) -> str:
     """A tiny Wan 2.1 T2V pipeline directory (WanTransformer3DModel + AutoencoderKLWan + UMT5 + local tokenizer)."""
-    from longtake.pipelines.tiny import build_tiny_wan
-
-    path = tmp_path_factory.mktemp("models") / "tiny-wan"
-    build_tiny_wan(path, seed=0)
-    return str(path)
+    return _tiny_wan(tmp_path_factory, "tiny-wan", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_wan22_model(tmp_path_factory) -> str:
     """A tiny Wan 2.2 A14B-style pipeline: two transformer experts switching at boundary_ratio 0.875."""
-    from longtake.pipelines.tiny import build_tiny_wan
+    return _tiny_wan(tmp_path_factory, "tiny-wan22", seed=1, two_experts=True)
 
-    path = tmp_path_factory.mktemp("models") / "tiny-wan22"
-    build_tiny_wan(path, seed=1, two_experts=True)
-    return str(path)
+
+@pytest.fixture(scope="session")
+def render_in_process():
+    """render(request dict) -> the RenderResult of the in-process pool: the reference for Ray, farm and serve."""
+    from longtake.actors.pool import InProcessPool
+    from longtake.actors.worker import WorkerSpec
+    from longtake.cluster.engine import prepare, run
+
+    def render(request: dict):
+        pool = InProcessPool(WorkerSpec(request["model"]))
+        try:
+            return run(prepare(request), pool, progress=False)
+        finally:
+            pool.shutdown()
+
+    return render
 
 
 CASES_SCRIPT = textwrap.dedent("""

@@ -315,7 +315,8 @@ class SlowDecoder(Worker):
             yield frames
 
 
-def test_killed_decoder_restarts_the_stream_with_identical_frames(tmp_path, tiny_wan_model, ray_session):
+def test_killed_decoder_restarts_the_stream_with_identical_frames(tmp_path, tiny_wan_model, ray_session,
+                                                                  render_in_process):
     import threading
 
     import ray
@@ -323,11 +324,7 @@ def test_killed_decoder_restarts_the_stream_with_identical_frames(tmp_path, tiny
     from longtake.actors.ray_pool import RayPool
 
     req = dict(prompt="x", seconds=4, fps=16, steps=2, window=9, overlap=3, model=tiny_wan_model)
-    ref_pool = InProcessPool(WorkerSpec(tiny_wan_model))
-    try:
-        ref = run(prepare({**req, "out": str(tmp_path / "ref.mp4")}), ref_pool, progress=False)
-    finally:
-        ref_pool.shutdown()
+    ref = render_in_process({**req, "out": str(tmp_path / "ref.mp4")})
     job = prepare({**req, "out": str(tmp_path / "k.mp4")})
     spec, _ = worker_plan(job, gpus=0, cpus=2)
     pool = RayPool(spec, 2, worker_cls=SlowDecoder)
@@ -349,15 +346,12 @@ def test_killed_decoder_restarts_the_stream_with_identical_frames(tmp_path, tiny
     assert res.frames == 64 and res.frames_sha256 == ref.frames_sha256
 
 
-def test_farm_renders_a_wan_job_with_the_frames_of_a_direct_render(tmp_path, tiny_wan_model, ray_session):
+def test_farm_renders_a_wan_job_with_the_frames_of_a_direct_render(tmp_path, tiny_wan_model, ray_session,
+                                                                   render_in_process):
     from longtake.cluster import farm
 
     req = dict(prompt="a corgi surfing", seconds=2, fps=16, steps=3, window=5, overlap=2, model=tiny_wan_model)
-    pool = InProcessPool(WorkerSpec(tiny_wan_model))
-    try:
-        ref = run(prepare({**req, "out": str(tmp_path / "ref.mp4")}), pool, progress=False)
-    finally:
-        pool.shutdown()
+    ref = render_in_process({**req, "out": str(tmp_path / "ref.mp4")})
     farm_dir = tmp_path / "farm"
     (record, _), = farm.submit(farm_dir, [(req, 0, None)])
     farm.Runner(farm_dir, workers=2, checkpoint_every=1, min_free_mb=0).serve_forever(exit_when_idle=True)

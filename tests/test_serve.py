@@ -196,22 +196,16 @@ def test_concurrent_submits_scale_up_then_down(server):
         time.sleep(1)
 
 
-def test_serve_pool_renders_a_wan_job_like_the_in_process_pool(server, tiny_wan_model, tmp_path):
+def test_serve_pool_renders_a_wan_job_like_the_in_process_pool(server, tiny_wan_model, tmp_path, render_in_process):
     """Serve's pool on a tiny-wan Denoiser deployment: predictors without the text encoder (the manager's
     encoder worker encodes), the causal VAE decoded as one Serve stream; the frames of the in-process pool."""
     from ray import serve
 
-    from longtake.actors.pool import InProcessPool
-    from longtake.actors.worker import WorkerSpec
     from longtake.cluster.engine import prepare, run
     from longtake.serve.app import Denoiser, ServePool
 
     req = dict(prompt="a corgi surfing", seconds=2, fps=16, steps=2, window=5, overlap=2, model=tiny_wan_model)
-    ref_pool = InProcessPool(WorkerSpec(tiny_wan_model))
-    try:
-        ref = run(prepare({**req, "out": str(tmp_path / "ref.mp4")}), ref_pool, progress=False)
-    finally:
-        ref_pool.shutdown()
+    ref = render_in_process({**req, "out": str(tmp_path / "ref.mp4")})
     handle = serve.run(Denoiser.options(num_replicas=1, autoscaling_config=None).bind(tiny_wan_model, "cpu"),
                        name="wan-denoiser", route_prefix=None)
     try:
