@@ -4,7 +4,9 @@
                                                                                      (one model each,
                                                                                       0..max replicas)
 The manager's engine threads send every window of every running job to the denoiser deployment at
-once, so Serve's queue (ongoing requests) is what the autoscaler scales on.
+once, so Serve's queue (ongoing requests) is what the autoscaler scales on. Families with a large text
+encoder (Wan's UMT5) encode in the manager, on a CPU worker kept there; their denoisers never load it.
+A causal VAE's decode is one streamed call to one replica.
 """
 
 
