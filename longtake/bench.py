@@ -12,6 +12,9 @@
 7. against diffusers' own AnimateDiffPipeline with FreeNoise in one process, on the tiny model
 8. a projection of the step schedule to K = 1..64 workers on several nodes, fed with the times just
    measured, checked against the measured K = 1 and 2
+9. Wan (tiny-wan): longtake's 21-latent-frame windows on 2 workers against diffusers' WanPipeline
+   rendering the whole clip as one window, at 1, 2, 4 and 8 times the native length (81 to 669 frames):
+   wall, denoising and decoding time, diffusers' peak memory, and how each grows with the length
 """
 
 from __future__ import annotations
@@ -50,10 +53,10 @@ def _pool(spec, workers: int):
     return RayPool(spec, workers)
 
 
-def timed_render(pool, request: dict) -> tuple[RenderResult, dict]:
+def timed_render(pool, request: dict, on_frames=None) -> tuple[RenderResult, dict]:
     """Render once; return the result and the workers' pure compute times for it."""
     pool.stats()  # reset
-    result = run(prepare(request), pool, progress=False)
+    result = run(prepare(request), pool, progress=False, on_frames=on_frames)
     stats = pool.stats()
     predict = [t for s in stats for t in s["predict"]]
     decode = [t for s in stats for t in s["decode"]]
@@ -240,6 +243,209 @@ def versus_diffusers(device: str, frames: int, steps: int, tmp: Path) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- 9: Wan, windows against one whole-clip window
+
+WAN_MULTIPLES = (1, 2, 4, 8)  # clip length in native windows (tiny-wan: 21 latent frames = 81 frames)
+WAN_QUICK_SIZE = 128
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap back to the OS (glibc), so one render's leftovers do not hide the next one's peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _memory_mark(device: str) -> float | None:
+    """Start a peak-memory measurement; returns the level it is measured from (MB), or None if it cannot be."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    _malloc_trim()
+    return _peak_mb() if _reset_peak() else None  # just after the reset, the peak is the current RSS
+
+
+def _memory_peak(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _peak_mb()
+
+
+def wan_scaling(device: str, tmp: Path, quick: bool, progress: bool = False, *, multiples=WAN_MULTIPLES,
+                size: int | None = None, steps: int | None = None, guidance: float = 5.0, workers: int = 2,
+                in_process: bool = False, budget_s: float | None = None, model: str | None = None,
+                diffusers_threads: int | None = None) -> dict:
+    """tiny-wan at `multiples` x its native window: longtake's windows against diffusers' WanPipeline
+    rendering the whole clip as one window, one run each.
+
+    diffusers: one process, every core on CPU (or `diffusers_threads`), `latents=` the engine's initial
+    noise; its wall covers the pipeline call (prompt, denoising, VAE decode, postprocessing) and writing
+    the MP4, as longtake's wall does; `denoise_s` ends at its last step (a step-end callback), `decode_s`
+    is the rest. Peak memory: this
+    process's peak RSS above its level before the call (CUDA: torch's peak allocation above it).
+    longtake: the same request on `workers` Ray workers (1 thread each on CPU; `in_process`: one worker in
+    this process, for tests), with the model's default window and overlap; `compute_s` is the sum of the
+    windows' predictions. A multiple whose whole-clip pipeline call is predicted (denoising ~ length^2,
+    decoding ~ length, from the previous multiple) to take longer than `budget_s` is measured as one
+    transformer forward of the whole-clip latents instead, and marked so; never extrapolated into a wall."""
+    import diffusers
+    import torch
+    from diffusers import WanPipeline
+
+    from longtake.actors.pool import InProcessPool
+    from longtake.actors.worker import WorkerSpec
+    from longtake.pipelines.tiny import TINY_WAN, ensure_tiny_model
+    from longtake.pipelines.windows import initial_noise
+
+    path = model or str(ensure_tiny_model(TINY_WAN))
+    size = size or (WAN_QUICK_SIZE if quick else 256)
+    steps = steps or (2 if quick else 4)
+    budget_s = budget_s if budget_s is not None else (120.0 if quick else 900.0)
+    fps, prompt = 16, "a red ball moving right"
+
+    def request(frames: int, out: str, **kw) -> dict:
+        return {"prompt": prompt, "negative_prompt": "", "seconds": frames / fps, "fps": fps, "steps": steps,
+                "guidance": guidance, "height": size, "width": size, "model": path, "device": device, "seed": 0,
+                "out": str(tmp / out), **kw}
+
+    base = prepare(request(1, "wan.mp4"))
+    layout, native, shape = base.model.layout, base.window, base.latent_shape  # shape: (C, h, w)
+    tokens_per_latent_frame = (shape[1] // 2) * (shape[2] // 2)  # the transformer patchifies 2x2
+    cpu_threads = diffusers_threads or os.cpu_count() or 1
+
+    pipe = WanPipeline.from_pretrained(path, use_safetensors=True)
+    if device == "cuda":  # as longtake's workers: the transformer in bfloat16, the VAE in float32
+        pipe = pipe.to("cuda")
+        pipe.transformer.to(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def diffusers_call(frames: int, k: int) -> tuple[float, float, np.ndarray]:
+        """(wall, end of the last step, uint8 frames) of one whole-clip pipeline call and its MP4."""
+        latents = initial_noise(0, layout.latent_frames(frames), shape)
+        marks = []
+
+        def step_end(_pipe, i, t, kwargs):
+            sync()
+            marks.append(time.perf_counter())
+            return kwargs
+
+        threads = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(cpu_threads)  # the obvious way: one process, every core
+        try:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                video = pipe(prompt, negative_prompt="", num_frames=frames, height=size, width=size,
+                             num_inference_steps=k, guidance_scale=guidance, latents=latents, output_type="np",
+                             callback_on_step_end=step_end).frames[0]  # (F, H, W, 3) in [0, 1]
+            video = (np.asarray(video) * 255).round().astype(np.uint8)
+            with VideoWriter(tmp / "wan-diffusers.mp4", size, size, fps) as writer:
+                writer.write(video)
+            wall = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
+        return wall, marks[-1] - t0, video
+
+    def diffusers_forward(frames: int) -> float:
+        """Seconds of one transformer forward (the conditional pass) over the whole clip's latents."""
+        threads = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(cpu_threads)
+        try:
+            with torch.inference_mode():
+                text, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=512,
+                                             device=torch.device(device))
+                z = initial_noise(0, layout.latent_frames(frames), shape).to(device, pipe.transformer.dtype)
+                timestep = torch.tensor([999.0], device=device)
+                sync()
+                t0 = time.perf_counter()
+                pipe.transformer(hidden_states=z, timestep=timestep, encoder_hidden_states=text.to(z.dtype),
+                                 return_dict=False)
+                sync()
+                return time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
+
+    spec = plan_spec(base, device)
+    pool = InProcessPool(WorkerSpec(path, device, spec.dtype)) if in_process else _pool(spec, workers)
+    rows = []
+    try:
+        warm = layout.frames(2)  # load and run everything once on both sides before timing
+        diffusers_call(warm, 1)
+        timed_render(pool, request(warm, "wan-warm.mp4", steps=1))
+        for m in tqdm(multiples, desc="wan", unit="length", disable=not progress):
+            frames = layout.frames(native * m)  # 4 (21 m - 1) + 1
+            job = prepare(request(frames, f"wan-{m}.mp4"))
+            row = {"multiple": m, "frames": frames, "latent_frames": job.latent_frames, "windows": len(job.windows),
+                   "tokens_whole_clip": job.latent_frames * tokens_per_latent_frame}
+            full = [r for r in rows if r["diffusers_mode"] == "pipeline"]
+            predicted = None
+            if full:
+                p = full[-1]
+                g = m / p["multiple"]
+                predicted = p["diffusers_denoise_s"] * g * g + p["diffusers_decode_s"] * g
+            ours = theirs = None
+            level = _memory_mark(device)
+            if predicted is None or predicted <= budget_s:
+                wall, denoise, theirs = diffusers_call(frames, steps)
+                row.update(diffusers_mode="pipeline", diffusers_wall_s=round(wall, 3),
+                           diffusers_denoise_s=round(denoise, 3), diffusers_decode_s=round(wall - denoise, 3),
+                           diffusers_forward_s=None, diffusers_frames=len(theirs))
+            else:
+                forward = diffusers_forward(frames)
+                row.update(diffusers_mode=f"transformer forward only: the pipeline was predicted to take "
+                                          f"{predicted:.0f} s > {budget_s:g} s", diffusers_wall_s=None,
+                           diffusers_denoise_s=None, diffusers_decode_s=None, diffusers_forward_s=round(forward, 3),
+                           diffusers_frames=None)
+            row["diffusers_peak_mb"] = None if level is None else round(_memory_peak(device) - level, 1)
+            chunks = []
+            keep = len(job.windows) == 1 and theirs is not None  # one window: both sides render the same thing
+            result, compute = timed_render(pool, request(frames, f"wan-{m}.mp4"),
+                                           on_frames=(lambda first, f: chunks.append(f.copy())) if keep else None)
+            if keep:
+                ours = np.concatenate(chunks)
+            row.update(longtake_wall_s=round(result.wall_s, 3), longtake_denoise_s=result.timings["denoise_s"],
+                       longtake_decode_s=result.timings["decode_s"], longtake_compute_s=round(compute["predict_sum"], 3),
+                       longtake_predict_calls=compute["predict_calls"], longtake_frames=result.frames,
+                       frames_max_diff=None if ours is None or ours.shape != theirs.shape
+                       else int(np.abs(ours.astype(np.int16) - theirs.astype(np.int16)).max()),
+                       vs_diffusers=None if row["diffusers_wall_s"] is None
+                       else row["diffusers_wall_s"] / result.wall_s)
+            logger.info("wan %dx: %s", m, row)
+            rows.append(row)
+    finally:
+        workers_used = pool.num_workers
+        pool.shutdown()
+    first = rows[0]
+    for row in rows:
+        for side, key in (("diffusers", "wall_s"), ("longtake", "wall_s"), ("diffusers", "denoise_s"),
+                          ("longtake", "denoise_s")):
+            now, then = row[f"{side}_{key}"], first[f"{side}_{key}"]
+            name = f"growth_{side}" + ("" if key == "wall_s" else "_denoise")
+            row[name] = None if now is None or not then else now / then
+    return {"model": TINY_WAN if model is None else path, "size": size, "steps": steps, "guidance": guidance,
+            "fps": fps, "window": base.window, "overlap": base.overlap, "workers": workers_used,
+            "pool": "in-process" if in_process else "Ray", "device": device,
+            "diffusers_threads": cpu_threads if device == "cpu" else None, "diffusers": diffusers.__version__,
+            "budget_s": budget_s, "rows": rows}
+
+
 # ---------------------------------------------------------------- 8: projection
 
 def project(m: dict, k: int, windows: int, chunks: int, steps: int, frames: int, workers_per_node: int,
@@ -298,7 +504,7 @@ def bench(quick: bool = True, device: str = "cpu", model: str = "default", progr
     try:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
-            bar = tqdm(total=6, desc="bench", unit="part", disable=not progress)
+            bar = tqdm(total=7, desc="bench", unit="part", disable=not progress)
             scale = scaling(spec, request, tmp)
             bar.update()
             figures.update(parallel_efficiency=scale["parallel_efficiency"], overhead_ratio_1=scale[1]["overhead_ratio"],
@@ -326,6 +532,12 @@ def bench(quick: bool = True, device: str = "cpu", model: str = "default", progr
             vs = versus_diffusers(device, 64 if quick else 128, 10 if quick else 25, tmp)
             details["vs_diffusers"] = vs
             figures.update(vs_diffusers_1=vs["vs_diffusers_1"], vs_diffusers_2=vs["vs_diffusers_2"])
+            bar.update()
+            wan = wan_scaling(device, tmp, quick, progress)
+            details["wan"] = wan
+            by = {r["multiple"]: r for r in wan["rows"]}
+            figures.update(wan_vs_diffusers_8x=by[8]["vs_diffusers"], wan_growth_8x_diffusers=by[8]["growth_diffusers"],
+                           wan_growth_8x_longtake=by[8]["growth_longtake"])
             bar.update()
             c, h, w = job.latent_shape
             proj = projection(scale, enc[job.width]["frames"] / enc[job.width]["wall_s"], c * h * w * 4, job.window,
@@ -402,8 +614,64 @@ def table(result: dict, command: str) -> str:
               "caps parallel efficiency at `plan_bound_2` and adds 1 / `plan_bound_2` to `overhead_ratio_2`; "
               "`overhead_ratio_2_vs_plan` is what the engine adds beyond that. `vs_diffusers_*` above 1 means "
               "longtake is faster. Seam ratios are medians over a few clips (noisy at --quick). "
-              + ("GPU figures (item 9): not measured in this run (no GPU)." if s["device"] == "cpu" else "")]
+              + ("GPU figures: not measured in this run (no GPU)." if s["device"] == "cpu" else "")]
+    if "wan" in d:
+        lines += ["", *wan_table(d["wan"])]
     return "\n".join(lines) + "\n"
+
+
+def wan_table(w: dict) -> list[str]:
+    """The Markdown section of `wan_scaling`'s result: a table per clip length and a reading of it."""
+    num = lambda v, f="{:.1f}": "n/a" if v is None else f.format(v)
+    rows = w["rows"]
+    threads = f"{w['diffusers_threads']} threads" if w["diffusers_threads"] else w["device"]
+    out = ["## Wan: windows against one whole-clip window (tiny-wan)", "",
+           f"`{w['model']}` at {w['size']}x{w['size']}, {w['fps']} fps, {w['steps']} steps, guidance {w['guidance']:g} "
+           f"(two transformer passes per step), one run per length. longtake: windows of {w['window']} latent frames, "
+           f"overlap {w['overlap']}, on {w['workers']} {w['pool']} workers (1 torch thread each on CPU); diffusers: "
+           f"`WanPipeline` rendering the whole clip as one window in one process ({threads}), from the same initial "
+           "latents. Walls include writing the MP4; (denoise) is the time to the end of the last step.", "",
+           "| x native | frames | latent frames (tokens) | windows | diffusers s (denoise) | diffusers peak MB "
+           "| longtake s (denoise) | windows' compute s | diffusers / longtake | growth diffusers (denoise) "
+           "| growth longtake (denoise) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["diffusers_mode"] == "pipeline":
+            theirs = f"{r['diffusers_wall_s']:.1f} ({r['diffusers_denoise_s']:.1f})"
+        else:
+            theirs = f"not run whole: one transformer pass {r['diffusers_forward_s']:.2f} s ({r['diffusers_mode']})"
+        out.append(f"| {r['multiple']}x | {r['frames']} | {r['latent_frames']} ({r['tokens_whole_clip']}) "
+                   f"| {r['windows']} | {theirs} | {num(r['diffusers_peak_mb'], '{:.0f}')} "
+                   f"| {r['longtake_wall_s']:.1f} ({r['longtake_denoise_s']:.1f}) | {r['longtake_compute_s']:.1f} "
+                   f"| {num(r['vs_diffusers'], '{:.2f}')} "
+                   f"| {num(r['growth_diffusers'])} ({num(r['growth_diffusers_denoise'])}) "
+                   f"| {num(r['growth_longtake'])} ({num(r['growth_longtake_denoise'])}) |")
+    first, last = rows[0], rows[-1]
+    g = last["multiple"] / first["multiple"]
+    reading = (f"Reading it: from {first['multiple']}x to {last['multiple']}x the clip is {g:g} times longer. ")
+    if last["growth_diffusers_denoise"] is not None:
+        reading += (f"One window over the whole clip attends over all its tokens at once ({first['tokens_whole_clip']} "
+                    f"-> {last['tokens_whole_clip']}): diffusers' denoising grew "
+                    f"{last['growth_diffusers_denoise']:.1f}x (quadratic: {g * g:g}x), longtake's "
+                    f"{last['growth_longtake_denoise']:.1f}x with its windows ({first['windows']} -> {last['windows']}, "
+                    f"linear). ")
+        if first["diffusers_decode_s"] and first["longtake_decode_s"]:
+            theirs = last["diffusers_decode_s"] / first["diffusers_decode_s"]
+            ours = last["longtake_decode_s"] / first["longtake_decode_s"]
+            reading += (f"Decoding (VAE, postprocessing, MP4) grew {theirs:.1f}x in diffusers (its whole-clip "
+                        f"`vae.decode` in diffusers {w.get('diffusers', '?')} appends each latent frame's output with "
+                        f"`torch.cat`, copying all it decoded so far) and {ours:.1f}x in longtake (streamed, on one "
+                        "worker)")
+            reading += ("; here decoding takes most of diffusers' wall time. "
+                        if last["diffusers_decode_s"] > last["diffusers_denoise_s"] else ". ")
+    else:
+        reading += f"diffusers' whole-clip pipeline was not run at {last['multiple']}x ({last['diffusers_mode']}). "
+    same = [r["frames_max_diff"] for r in rows if r["frames_max_diff"] is not None]
+    if same:
+        reading += (f"With one window ({first['multiple']}x) both render the same frames: they differ by at most "
+                    f"{max(same)} uint8 level(s). ")
+    reading += "`diffusers / longtake` above 1 means longtake is faster."
+    return out + ["", reading]
 
 
 def write(result: dict, out_json: str, out_md: str | None, command: str) -> None:

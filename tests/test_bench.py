@@ -73,3 +73,46 @@ def test_projection_rounds_windows_and_is_limited_by_the_drivers_network():
     # on one node nothing crosses the network, whatever the bandwidth
     assert bench.project(MEASURED, 8, windows=400, bandwidth_gbps=0.1, **args) == \
         bench.project(MEASURED, 8, windows=400, bandwidth_gbps=100, **args)
+
+
+def _wan_frames(m: int) -> int:
+    return 4 * (21 * m - 1) + 1  # 21 latent frames per native window, 4k+1 frames
+
+
+def test_wan_windows_against_one_whole_clip_window(tmp_path, tiny_wan_model):
+    # diffusers on one thread here: several threads on a busy 2-core machine make small ops crawl
+    out = bench.wan_scaling("cpu", tmp_path, quick=True, multiples=(1, 2), size=32, steps=1, in_process=True,
+                            model=tiny_wan_model, diffusers_threads=1)
+    rows = out["rows"]
+    assert [r["multiple"] for r in rows] == [1, 2]
+    assert (out["window"], out["overlap"], out["size"], out["steps"]) == (21, 5, 32, 1)
+    for r in rows:
+        m = r["multiple"]
+        assert r["frames"] == r["diffusers_frames"] == r["longtake_frames"] == _wan_frames(m)
+        assert r["latent_frames"] == 21 * m
+        assert r["diffusers_mode"] == "pipeline"
+        assert 0 < r["diffusers_denoise_s"] < r["diffusers_wall_s"] and r["diffusers_peak_mb"] >= 0
+        assert 0 < r["longtake_compute_s"] and 0 < r["longtake_denoise_s"] < r["longtake_wall_s"]
+        assert r["longtake_predict_calls"] == r["windows"]  # one step: one prediction per window
+        assert r["vs_diffusers"] == pytest.approx(r["diffusers_wall_s"] / r["longtake_wall_s"])
+    one, two = rows
+    assert one["windows"] == 1 < two["windows"]
+    assert one["growth_diffusers"] == one["growth_longtake"] == 1.0
+    assert two["growth_longtake"] == pytest.approx(two["longtake_wall_s"] / one["longtake_wall_s"])
+    # one window: diffusers' whole-clip pipeline and longtake render the same frames (uint8 rounding only)
+    assert one["frames_max_diff"] is not None and one["frames_max_diff"] <= 1
+    assert two["frames_max_diff"] is None  # several windows: not the same computation
+    section = "\n".join(bench.wan_table(out))
+    assert section.startswith("## Wan: windows against one whole-clip window (tiny-wan)")
+    assert section.count("\n| 1x |") == section.count("\n| 2x |") == 1
+
+
+def test_wan_length_over_the_budget_is_measured_as_one_transformer_pass(tmp_path, tiny_wan_model):
+    out = bench.wan_scaling("cpu", tmp_path, quick=True, multiples=(1, 2), size=32, steps=1, in_process=True,
+                            model=tiny_wan_model, diffusers_threads=1, budget_s=0)
+    one, two = out["rows"]
+    assert one["diffusers_mode"] == "pipeline" and one["diffusers_wall_s"] > 0  # the first length is always run
+    assert two["diffusers_mode"].startswith("transformer forward only")
+    assert two["diffusers_wall_s"] is None and two["vs_diffusers"] is None and two["growth_diffusers"] is None
+    assert two["diffusers_forward_s"] > 0 and two["longtake_wall_s"] > 0  # longtake still renders it
+    assert "not run whole" in "\n".join(bench.wan_table(out))
