@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 STREAM_BACKLOG = 4  # decoded chunks a streaming worker may run ahead of the driver
+ENCODER_THREADS = 8  # torch threads of the CPU encoder actor beside GPU workers
 
 
 def _actor_class(worker_cls: type):
@@ -95,8 +96,11 @@ class RayPool:
             return self.call("encode", *args)
         for attempt in range(1, self.max_attempts + 1):
             if self._encoder is None:
-                spec = replace(self.spec, device="cpu", dtype="float32" if self.spec.device == "cpu" else "bfloat16",
-                               roles=("encode",))
+                # on a CPU pool, the workers' own dtype and thread count (frames must not depend on the pool);
+                # beside GPU workers, bfloat16 on a few threads (UMT5-XXL: 11 GB, about 5 TFLOP a prompt: seconds to tens)
+                cpu = self.spec.device == "cpu"
+                spec = replace(self.spec, device="cpu", dtype="float32" if cpu else "bfloat16",
+                               threads=self.spec.threads if cpu else ENCODER_THREADS, roles=("encode",))
                 # no CPU reserved: it runs once per job, before any window, while the predictors wait on it
                 # (they hold every CPU slot of a small cluster)
                 self._encoder = ray.remote(self._worker_cls).options(
