@@ -18,7 +18,7 @@ import torch
 from ray import cloudpickle
 
 from longtake.actors.pool import InProcessPool
-from longtake.actors.worker import Worker, WorkerSpec
+from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, fingerprint, prepare, run
 from longtake.cluster.runtime import worker_plan
@@ -304,6 +304,9 @@ def test_wan_predictors_hold_no_text_encoder(tiny_wan_model):
     cuda, _ = worker_plan(replace(job, request=job.request.model_copy(update={"device": "cuda"})), gpus=1, cpus=2)
     assert cuda.dtype == "bfloat16" and cuda.roles == ("predict", "decode")
     assert worker_plan(prepare(dict(prompt="x", model="tiny", out="x.mp4")), gpus=1, cpus=1)[0].roles == ROLES
+    # the one encoder: on the CPU, as the CPU workers compute (same dtype and threads), or in bf16 beside GPUs
+    assert encoder_spec(spec) == replace(spec, roles=("encode",))
+    assert encoder_spec(cuda) == replace(cuda, device="cpu", dtype="bfloat16", threads=8, roles=("encode",))
 
 
 class SlowDecoder(Worker):

@@ -14,20 +14,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from longtake.actors.pool import WindowFailed
-from longtake.actors.worker import Worker, WorkerSpec
+from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 
 logger = logging.getLogger(__name__)
 
 
 STREAM_BACKLOG = 4  # decoded chunks a streaming worker may run ahead of the driver
-ENCODER_THREADS = 8  # torch threads of the CPU encoder actor beside GPU workers
 
 
 def _actor_class(worker_cls: type):
@@ -96,15 +94,10 @@ class RayPool:
             return self.call("encode", *args)
         for attempt in range(1, self.max_attempts + 1):
             if self._encoder is None:
-                # on a CPU pool, the workers' own dtype and thread count (frames must not depend on the pool);
-                # beside GPU workers, bfloat16 on a few threads (UMT5-XXL: 11 GB, about 5 TFLOP a prompt: seconds to tens)
-                cpu = self.spec.device == "cpu"
-                spec = replace(self.spec, device="cpu", dtype="float32" if cpu else "bfloat16",
-                               threads=self.spec.threads if cpu else ENCODER_THREADS, roles=("encode",))
                 # no CPU reserved: it runs once per job, before any window, while the predictors wait on it
                 # (they hold every CPU slot of a small cluster)
                 self._encoder = ray.remote(self._worker_cls).options(
-                    max_restarts=0, max_task_retries=0, num_cpus=0).remote(spec)
+                    max_restarts=0, max_task_retries=0, num_cpus=0).remote(encoder_spec(self.spec))
             try:
                 return ray.get(self._encoder.encode.remote(*args))
             except RayError as e:

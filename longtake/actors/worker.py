@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -25,6 +25,18 @@ class WorkerSpec:
     dtype: str = "float32"
     threads: int = 1  # torch intra-op threads on CPU (fixed: results must not depend on the pool)
     roles: tuple[str, ...] = ROLES  # what this worker does: encode, predict, decode
+
+
+ENCODER_THREADS = 8  # torch threads of a CPU encoder beside GPU workers
+
+
+def encoder_spec(spec: WorkerSpec) -> WorkerSpec:
+    """The encode-only worker of a pool whose workers do not encode (a large text encoder), on the CPU: with
+    a CPU pool's own dtype and thread count (frames must not depend on the pool); beside GPU workers in
+    bfloat16 on a few threads (UMT5-XXL: 11 GB, about 5 TFLOP a prompt: seconds to tens)."""
+    cpu = spec.device == "cpu"
+    return replace(spec, device="cpu", dtype="float32" if cpu else "bfloat16",
+                   threads=spec.threads if cpu else ENCODER_THREADS, roles=("encode",))
 
 
 class Worker:

@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.worker import Worker, WorkerSpec
+from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 from longtake.request import RequestError
 from longtake.serve.manager import JobManager, Limits, QueueFull
 
@@ -36,18 +36,19 @@ class ServePool:
     Families whose text encoder the denoisers do not hold (Wan's UMT5) encode here, in the manager, on
     a CPU worker built on first use and kept."""
 
-    def __init__(self, handle: DeploymentHandle, num_workers: int, model_path: str, decode_in_flight: int = 4):
+    def __init__(self, handle: DeploymentHandle, num_workers: int, model_path: str, device: str = "cpu",
+                 decode_in_flight: int = 4):
         self.handle, self.num_workers, self.decode_in_flight = handle, num_workers, decode_in_flight
-        self.model_path = model_path
+        self.spec = denoiser_spec(model_path, device)
         self._encoder = None
         self._lock = threading.Lock()
 
     def encode(self, *args):
-        if "encode" in denoiser_spec(self.model_path, "cpu").roles:
+        if "encode" in self.spec.roles:
             return self.call("encode", *args)
         with self._lock:
             if self._encoder is None:
-                self._encoder = Worker(WorkerSpec(self.model_path, "cpu", "float32", threads=1, roles=("encode",)))
+                self._encoder = Worker(encoder_spec(self.spec))
             return self._encoder.encode(*args)
 
     def stream(self, method: str, args: tuple):
@@ -115,8 +116,9 @@ def denoiser_spec(model_path: str, device: str) -> WorkerSpec:
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class Manager:
-    def __init__(self, denoiser: DeploymentHandle, data_dir: str, model: str, max_replicas: int, limits: dict):
-        self.manager = JobManager(data_dir, ServePool(denoiser, max_replicas, model), model, Limits(**limits))
+    def __init__(self, denoiser: DeploymentHandle, data_dir: str, model: str, max_replicas: int, limits: dict,
+                 device: str = "cpu"):
+        self.manager = JobManager(data_dir, ServePool(denoiser, max_replicas, model, device), model, Limits(**limits))
 
     async def call(self, method: str, *args):
         # the manager's methods touch SQLite and join threads: keep them off the event loop
@@ -266,7 +268,7 @@ def build_app(model_path: str, data_dir: str, token: str, device: str = "cpu", m
         "target_ongoing_requests": 2, "upscale_delay_s": 1, "downscale_delay_s": downscale_delay_s},
         ray_actor_options={"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1},
     ).bind(model_path, device)
-    manager = Manager.bind(denoiser, data_dir, model_path, max_replicas, asdict(limits))
+    manager = Manager.bind(denoiser, data_dir, model_path, max_replicas, asdict(limits), device)
     return Ingress.bind(manager, token, asdict(limits))
 
 
