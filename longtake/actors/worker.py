@@ -61,7 +61,9 @@ class Worker:
     def encode(self, prompts: list[str], negative_prompt: str, schedule):
         return self.backend.encode(prompts, negative_prompt, schedule)
 
-    def predict(self, z: torch.Tensor, t: torch.Tensor, cond, start: int, end: int, guidance: float) -> torch.Tensor:
+    def predict(self, z: torch.Tensor, t: torch.Tensor, cond, start: int, end: int,
+                guidance: tuple[float, ...]) -> torch.Tensor:
+        """One window: `cond` is the backend's conditioning, `guidance` one scale per expert."""
         t0 = time.perf_counter()
         out = self.backend.predict(z, t, cond, (start, end), guidance)
         self.timings["predict"].append(time.perf_counter() - t0)
