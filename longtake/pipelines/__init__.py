@@ -4,8 +4,9 @@ The registry maps a diffusers directory's `model_index.json` `_class_name` to it
 lazily (as vLLM registers its models); adding a family (LTX-Video, CogVideoX...) is one new file and one
 line in FAMILIES. A family module has:
 
+    required_weights(index) -> components      the folders that must hold safetensors weights
     inspect(path, index, model) -> ModelInfo     the model's facts from its JSON configs (no weights)
-    Backend(model_path, device, dtype, roles)    what a worker keeps; loads only what its roles use
+    Backend(info, device, dtype, roles)          what a worker keeps; loads only what its roles use
 
 A Backend (roles: "encode", "predict", "decode"):
 

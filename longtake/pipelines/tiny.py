@@ -136,7 +136,7 @@ def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: in
     return pipe
 
 
-def build_wan_tokenizer(out_dir: str | os.PathLike, max_length: int = 512):
+def build_wan_tokenizer(max_length: int = 512):
     """A byte-level tokenizer (the `tokenizers` library, no merges) wrapped as a transformers fast tokenizer:
     every text tokenizes offline; <pad> is id 0 and </s> is appended, as UMT5's tokenizer does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -159,7 +159,7 @@ def build_tiny_wan(out_dir: str | os.PathLike, seed: int = 0, two_experts: bool 
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    tokenizer = build_wan_tokenizer(out_dir)
+    tokenizer = build_wan_tokenizer()
     torch.manual_seed(seed)
     # sizes from diffusers' own Wan tests; the full rotary table (1024 positions) so windows can be long
     def transformer():
