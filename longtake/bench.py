@@ -80,7 +80,7 @@ def scaling(spec, request: dict, tmp: Path) -> dict:
             result, compute = timed_render(pool, {**request, "out": str(tmp / f"scale{k}.mp4")})
             if k == 2:
                 job = prepare({**request, "out": str(tmp / "ckpt.mp4")})
-                ckpt = Checkpointer(tmp / "checkpoints", every=5, fingerprint=fingerprint(job))
+                ckpt = Checkpointer(tmp / "checkpoints", every=5, fingerprint=fingerprint(job, spec.dtype, spec.device))
                 with_ckpt = run(job, pool, progress=False, checkpoint=ckpt)
                 out["checkpoint"] = {"every": 5, "saved": with_ckpt.checkpoints_saved,
                                      "seconds_each": with_ckpt.checkpoint_s / max(1, with_ckpt.checkpoints_saved),

@@ -13,16 +13,216 @@ partial file is left at the output path.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import io
 import json
 import logging
+import math
+import os
 import signal
+from dataclasses import fields
 import sys
 
-from longtake.request import RenderRequest, RequestError, load_timeline, parse_request
+from longtake.request import (DEVICES, NOISE_MODES, WEIGHTINGS, RenderRequest, RequestError, load_timeline,
+                              parse_request)
+
+# --------------------------------------------------------------------------- what reaches the terminal
 
 
-def _field_help(name: str) -> str:
-    return RenderRequest.model_fields[name].description
+class _StdoutToLog(io.TextIOBase):
+    """sys.stdout while a command runs: what Python code prints there (Ray's driver prints the raylet's
+    messages, e.g. "A worker died or was killed while executing a task...", and Serve's shut-down notices)
+    goes line by line to longtake's log at DEBUG (`longtake.lib.stdout`), like the libraries' log records."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def __init__(self):
+        super().__init__()
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return 1  # (pointed at stderr meanwhile)
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        log = logging.getLogger("longtake.lib.stdout")
+        for line in lines:
+            if line.strip() and log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", line)
+        return len(text)
+
+
+@contextlib.contextmanager
+def reserved_stdout():
+    """Keep stdout for the command's own result. Until the block ends, file descriptor 1 (where C libraries
+    and child processes write) points at stderr, and sys.stdout (where Ray's driver prints the raylet's
+    messages, such as "A worker died...") at stderr too, or, unless --log-level DEBUG, at longtake's debug
+    log; the yielded `emit(text)` writes a line to the real stdout. Every command that prints JSON runs
+    inside it, so `longtake ... --json | jq` parses whatever a library printed on the way:
+
+        with reserved_stdout() as emit:
+            ...
+            emit(json.dumps(result))
+    """
+    sys.stdout.flush()
+    real = sys.stdout
+    try:
+        to_fd = real.fileno() == 1  # the process's stdout (not a capture such as pytest's or a StringIO)
+    except (AttributeError, OSError, ValueError):
+        to_fd = False
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = _StdoutToLog() if _routing["on"] else sys.stderr
+    out = os.fdopen(os.dup(saved), "w") if to_fd else real
+
+    def emit(text: str) -> None:
+        sys.stderr.flush()
+        out.write(text + "\n")
+        out.flush()
+
+    try:
+        yield emit
+    finally:
+        sys.stdout = real
+        if to_fd:
+            out.close()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def strict_json(value):
+    """`value` with NaN and infinities as null: what a JSON parser other than Python's accepts (an eval
+    summary has NaN for a motion no clip had)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_signals(handler=_raise_interrupt) -> None:
+    """SIGINT and SIGTERM stop a long-running command. Installed explicitly: a command started in the
+    background by a script (`longtake render ... &`) inherits SIGINT as ignored, and Ctrl-C must still work."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def close_progress_bars() -> None:
+    """Finish any progress bar left open by an interrupted phase, so that a message starts on a fresh line
+    and no bar is redrawn after it."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+@contextlib.contextmanager
+def log_above_progress_bars():
+    """Log lines (a worker replaced, a retry) printed above the progress bars rather than inside them."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        yield
+
+
+# library loggers whose records go to longtake's log at DEBUG (`longtake.lib.NAME`), shown only with
+# --log-level DEBUG: a user sees longtake's own lines
+LIBRARY_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.tune", "ray.train", "diffusers", "transformers",
+                   "huggingface_hub", "torch", "filelock", "urllib3", "httpx", "uvicorn", "uvicorn.error",
+                   "uvicorn.access", "fastapi", "py.warnings")
+_routing = {"on": False}
+
+
+class _LibraryToDebug(logging.Handler):
+    """A library's record, re-emitted at DEBUG on longtake's logger `longtake.lib.NAME`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        target = logging.getLogger(f"longtake.lib.{record.name}")
+        if target.isEnabledFor(logging.DEBUG):
+            target.handle(logging.makeLogRecord({**record.__dict__, "name": target.name, "levelno": logging.DEBUG,
+                                                 "levelname": "DEBUG"}))
+
+
+_TO_DEBUG = _LibraryToDebug()
+
+
+def setup_logging(level: str) -> None:
+    """longtake's log on stderr at `level`. Unless that is DEBUG, the long-running commands send library
+    chatter (Ray's token-authentication warning, Serve's start-up lines, diffusers' and transformers' warnings
+    and loading bars, Python warnings) to longtake's log at DEBUG: see `quiet_libraries`."""
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _routing["on"] = logging.getLogger("longtake").getEffectiveLevel() > logging.DEBUG
+
+
+def quiet_libraries(*modules: str) -> None:
+    """Import `modules` (a library configures its loggers when imported), then route every library logger
+    and Python's warnings to longtake's debug log and turn off the libraries' progress bars (unless
+    --log-level DEBUG). A command calls it once its input is checked (importing Ray or diffusers earlier
+    would slow down a bad-input exit) and before it starts Ray."""
+    if not _routing["on"]:
+        return
+    logging.captureWarnings(True)  # to the py.warnings logger, routed below
+    # read when huggingface_hub is imported (transformers' loading bars), here and in the Ray workers, which
+    # inherit this environment when this process starts Ray
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for module in modules:
+        importlib.import_module(module)
+    if "diffusers" in sys.modules:
+        importlib.import_module("diffusers.utils.logging").disable_progress_bar()  # "Loading pipeline components"
+    if "transformers" in sys.modules:
+        importlib.import_module("transformers.utils.logging").disable_progress_bar()  # "Loading weights"
+    for name in LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        for handler in list(lib.handlers):
+            if handler is not _TO_DEBUG:
+                lib.removeHandler(handler)
+        if _TO_DEBUG not in lib.handlers:
+            lib.addHandler(_TO_DEBUG)
+        lib.propagate = False
+
+
+def _field_help(name: str, extra: str = "") -> str:
+    """The request field's description (the one text the API schema shows too), `extra`, and its default when
+    the field has a fixed one."""
+    field = RenderRequest.model_fields[name]
+    text = field.description[0].lower() + field.description[1:].rstrip(".") + extra
+    if field.default not in (None, "") and "(default" not in text:
+        default = f"{field.default:g}" if isinstance(field.default, float) else field.default
+        text += f" (default: {default})"
+    return text
+
+
+class _BundledModelDefault:
+    """The bundled model's default for a setting, for help texts (`%(bundled)s`): read from the model itself
+    (inspect_model: its configs, torch but no Ray or diffusers) only when a help text is printed."""
+
+    def __init__(self, text: str):
+        self.text = text  # a format string over ModelInfo's fields
+
+    def __str__(self) -> str:
+        from longtake.pipelines import inspect_model
+
+        try:
+            info = inspect_model("default")
+        except RequestError:  # the bundled model is missing: say so rather than fail --help
+            return "the bundled model is missing"
+        return "the bundled model: " + self.text.format(**info.to_dict())
+
+
+def _model_default(action: argparse.Action, text: str) -> None:
+    action.bundled = _BundledModelDefault(text)
 
 
 def add_render_args(p: argparse.ArgumentParser) -> None:
@@ -31,35 +231,38 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
                    help="YAML/JSON list of {at: seconds, prompt: text} keys (optionally under 'timeline:' "
                         "with a 'negative_prompt:'); prompts are interpolated per frame between keys")
     p.add_argument("--negative", dest="negative_prompt", metavar="TEXT", help=_field_help("negative_prompt"))
-    p.add_argument("--seconds", type=float, help="clip length in seconds (default 10)")
-    p.add_argument("--fps", type=float, help="frames per second (default 8); the clip has round(seconds*fps) frames")
-    p.add_argument("--height", type=int, help="height in pixels, a multiple of the model's size multiple (its VAE "
-                                              "factor; x the patch size for DiTs: 16 for Wan) (default: the model's)")
-    p.add_argument("--width", type=int, help="width in pixels, a multiple of the model's size multiple "
-                                             "(default: the model's)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's; 25 for AnimateDiff, 50 for Wan)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the model's; "
-                                                  "7.5 for AnimateDiff, 5 for Wan)")
-    p.add_argument("--guidance-2", type=float, dest="guidance_2",
-                   help="guidance of the low-noise expert, for two-expert models (Wan 2.2 A14B) (default: --guidance)")
-    p.add_argument("--seed", type=int, help="random seed; same request + seed = same frames (default 0)")
-    p.add_argument("--window", type=int, help="window length in the model's latent frames (= frames for AnimateDiff; "
-                                              "Wan: 4 frames each, 21 = 81 frames) (default: the model's native "
-                                              "length, 16 for AnimateDiff, 21 for Wan)")
-    p.add_argument("--overlap", type=int, help="latent frames shared by consecutive windows (default: window // 4)")
-    p.add_argument("--weighting", choices=["flat", "pyramid", "overlap-linear"],
-                   help="taper for fusing overlapping predictions (default: pyramid)")
-    p.add_argument("--noise", choices=["independent", "freenoise", "correlated"],
-                   help="initial noise per frame, FreeNoise-style shuffled windows, or correlated across frames "
-                        "(AR(1)) (default: the model's; independent for most models, correlated for the bundled one)")
+    p.add_argument("--seconds", type=float, help=_field_help("seconds"))
+    p.add_argument("--fps", type=float, help=_field_help("fps", "; the clip has round(seconds*fps) frames"))
+    _model_default(p.add_argument("--height", type=int, help="height in pixels, a multiple of the model's size "
+                                  "multiple (its VAE factor; x the patch size for DiTs: 16 for Wan) (default: the "
+                                  "model's default (%(bundled)s; 512 for SD1.5 AnimateDiff, 480 for Wan))"),
+                   "{default_height}")
+    _model_default(p.add_argument("--width", type=int, help="width in pixels, a multiple of the model's size multiple "
+                                  "(default: the model's default (%(bundled)s; 512 for SD1.5 AnimateDiff, 832 for "
+                                  "Wan))"), "{default_width}")
+    _model_default(p.add_argument("--steps", type=int, help=_field_help(
+        "steps", " (default: the model's default (%(bundled)s; otherwise 25 for AnimateDiff, 50 for Wan))")),
+        "{default_steps} steps, guidance {default_guidance}")
+    _model_default(p.add_argument("--guidance", type=float, help=_field_help(
+        "guidance", " (default: the model's default (%(bundled)s; otherwise 7.5 for AnimateDiff, 5 for Wan))")),
+        "{default_steps} steps, guidance {default_guidance}")
+    p.add_argument("--guidance-2", type=float, dest="guidance_2", help=_field_help("guidance_2"))
+    p.add_argument("--seed", type=int, help=_field_help("seed"))
+    _model_default(p.add_argument("--window", type=int, help=_field_help("window").replace(
+        "the model's native length", "the model's native length (%(bundled)s; 16 for AnimateDiff, 21 for Wan)")),
+        "{native_window}")
+    p.add_argument("--overlap", type=int, help=_field_help("overlap"))
+    p.add_argument("--weighting", choices=WEIGHTINGS, help=_field_help("weighting"))
+    _model_default(p.add_argument("--noise", choices=NOISE_MODES, help=_field_help("noise").replace(
+        "the model's, else independent", "the model's default (%(bundled)s; independent for models whose "
+        "longtake.json names none)")), "{default_noise}")
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core)")
-    p.add_argument("--model", help="a local diffusers model directory (AnimateDiffPipeline or WanPipeline), "
-                                   "'default' (the bundled model), or 'tiny' / 'tiny-wan' (random weights, for quick "
-                                   "checks) (default: default)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers run (default: auto)")
-    p.add_argument("--out", help="output MP4 path (default: longtake.mp4)")
+    p.add_argument("--model", help=_field_help("model"))
+    p.add_argument("--device", choices=DEVICES, help=_field_help("device"))
+    p.add_argument("--out", help=_field_help("out"))
     p.add_argument("--preview", metavar="PNG", help="also write a contact sheet of sampled frames")
-    p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout (nothing else is "
+                                                       "written there)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--in-process", action="store_true", help="no Ray: one in-process worker (reference result)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -81,10 +284,6 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
     return parse_request(data)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def cmd_render(args: argparse.Namespace) -> int:
     from longtake.cluster.engine import prepare
 
@@ -93,20 +292,31 @@ def cmd_render(args: argparse.Namespace) -> int:
     except RequestError as e:
         print(f"longtake render: error: {e}", file=sys.stderr)
         return 2
-    from longtake.cluster.runtime import render
+    stop_on_signals()
+    with reserved_stdout() as emit, log_above_progress_bars():
+        try:
+            quiet_libraries(*(("diffusers", "transformers") if args.in_process else ("ray", "diffusers")))
+            from longtake.cluster.runtime import render
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        result = render(job.request, progress=not args.quiet, address=args.address, in_process=args.in_process)
-    except KeyboardInterrupt:
-        print("longtake render: interrupted; stopped workers, no output written", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(result.to_dict()))
-    else:
-        print(f"wrote {result.out}: {result.frames} frames at {result.fps:g} fps, {result.width}x{result.height}, "
-              f"{result.windows} windows x {result.steps} steps on {result.workers} workers in {result.wall_s:.1f} s")
+            result = render(job.request, progress=not args.quiet, address=args.address, in_process=args.in_process)
+        except KeyboardInterrupt:
+            close_progress_bars()
+            print("longtake render: interrupted; stopped workers, no output written", file=sys.stderr)
+            return 130
+        if args.json:
+            emit(json.dumps(result.to_dict()))
+        else:
+            emit(f"wrote {result.out}: {result.frames} frames at {result.fps:g} fps, {result.width}x{result.height}, "
+                 f"{result.windows} windows x {result.steps} steps on {result.workers} workers in "
+                 f"{result.wall_s:.1f} s")
     return 0
+
+
+def _publish(name: str, write, result: dict, args: argparse.Namespace, emit, key: str) -> None:
+    """bench / eval: the JSON file (and the Markdown table, where asked), then the figures on stdout."""
+    command = f"longtake {name} " + " ".join(sys.argv[2:]) if sys.argv[1:2] == [name] else f"longtake {name}"
+    write(result, args.out, args.table, command)
+    emit(json.dumps(strict_json(result[key]), indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -120,19 +330,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except RequestError as e:
         print(f"longtake eval: error: {e}", file=sys.stderr)
         return 2
-    import ray
+    stop_on_signals()
+    with reserved_stdout() as emit, log_above_progress_bars():
+        try:
+            quiet_libraries("ray", "diffusers")
+            import ray
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    pool, started = make_ray_pool(job)
-    try:
-        result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips, args.long_seconds)
-    finally:
-        pool.shutdown()
-        if started:
-            ray.shutdown()
-    command = "longtake eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "longtake eval"
-    write(result, args.out, args.table, command)
-    print(json.dumps(result["summary"], indent=2))
+            pool, started = make_ray_pool(job)
+            try:
+                result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips, args.long_seconds,
+                                  progress=not args.quiet)
+            finally:
+                pool.shutdown()
+                if started:
+                    ray.shutdown()
+        except KeyboardInterrupt:
+            close_progress_bars()
+            print("longtake eval: interrupted; nothing written", file=sys.stderr)
+            return 130
+        _publish("eval", write, result, args, emit, "summary")
     return 0
 
 
@@ -149,7 +365,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from longtake.pipelines import inspect_model
     from longtake.serve import load_or_create_token
-    from longtake.serve.manager import Limits
+    from longtake.serve.limits import Limits
 
     try:
         model = inspect_model(args.model)
@@ -162,33 +378,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token, created = load_or_create_token(data_dir)
     if created:
         print(f"API token (saved to {data_dir / 'api_token'}, owner-only): {token}", file=sys.stderr)
-    import ray
-    from ray import serve
+    stop, serving = threading.Event(), threading.Event()
 
-    from longtake.cluster.runtime import start_ray
-    from longtake.serve.app import build_app
+    def on_stop(signum, frame):  # SIGINT / SIGTERM: say so at once (stopping takes a while), then stop
+        if not stop.is_set() and not args.quiet:
+            print("longtake serve: stopping...", file=sys.stderr, flush=True)
+        stop.set()
+        if not serving.is_set():
+            raise KeyboardInterrupt(f"signal {signum}")  # still starting: interrupt the start
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    started = start_ray(args.address)
-    try:
-        device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
-        serve.start(http_options={"host": args.host, "port": args.port})
-        limits = Limits(max_seconds=args.max_seconds, max_steps=args.max_steps, max_side=args.max_side,
-                        max_queued=args.max_queued, max_running=args.max_running)
-        serve.run(build_app(model.path, str(data_dir), token, device, args.min_replicas, args.max_replicas, limits),
-                  name="longtake", route_prefix="/")
-        print(f"longtake serving {args.model} on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    stop_on_signals(on_stop)
+    with reserved_stdout():  # serve prints nothing on stdout; Ray's messages go to the log
+        started, rc = False, 0
         try:
-            while not stop.wait(1):
-                pass
+            quiet_libraries("ray", "ray.serve")
+            import ray
+            from ray import serve
+
+            from longtake.cluster.runtime import start_ray
+            from longtake.serve.app import build_app
+
+            started = start_ray(args.address)
+            device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+            serve.start(http_options={"host": args.host, "port": args.port})
+            limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+            serve.run(build_app(model.path, str(data_dir), token, device, args.min_replicas, args.max_replicas, limits,
+                                model_name=args.model), name="longtake", route_prefix="/")
+            serving.set()
+            if not stop.is_set():
+                if not args.quiet:
+                    print(f"longtake serving {args.model} on http://{args.host}:{args.port} (Ctrl-C to stop)",
+                          file=sys.stderr)
+                while not stop.wait(1):
+                    pass
         except KeyboardInterrupt:
-            pass
-    finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()
-    return 0
+            rc = 130  # stopped before it served
+        finally:
+            serving.set()  # from here on a signal only sets `stop`: the clean-up below runs to the end
+            ray = sys.modules.get("ray")
+            if ray is not None and ray.is_initialized():  # (an interrupted start may have got this far or not)
+                from ray import serve
+
+                serve.shutdown()
+                if started:
+                    ray.shutdown()
+    return rc
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -229,8 +463,8 @@ def cmd_farm_run(args: argparse.Namespace) -> int:
     def stop(signum, frame):  # finish nothing more: checkpoint the current job and requeue it
         runner.stop.set()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(stop)
+    quiet_libraries("ray", "diffusers")  # before the runner starts Ray
     logging.getLogger("longtake.cluster.farm").setLevel(logging.INFO)  # one line per job start and end
     print(f"longtake farm runner {runner.id} on {args.farm_dir} (Ctrl-C to stop)", file=sys.stderr)
     runner.serve_forever(exit_when_idle=args.exit_when_idle)
@@ -240,29 +474,34 @@ def cmd_farm_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from longtake.cluster import farm
 
-    store = farm.open_store(args.farm_dir)
-    if args.id:
-        record = store.get(args.id)
-        if record is None:
-            print(f"longtake status: error: id: got {args.id!r}, expected the id of a job in {args.farm_dir}",
-                  file=sys.stderr)
-            return 2
-        info = record.to_dict() | {"dir": str(farm.job_dir(args.farm_dir, record.id))}
-        if args.json:
-            print(json.dumps(info))
-        else:
-            for key in ("id", "status", "priority", "progress", "error", "dir"):
-                print(f"{key:9} {info[key]}")
-            if record.result:
-                print(f"{'out':9} {record.result['out']}\n{'sha256':9} {record.result['frames_sha256']}")
+    try:
+        if not 1 <= args.limit <= 10_000:
+            raise RequestError("limit", args.limit, "an integer from 1 to 10000")
+        store = farm.open_store(args.farm_dir, create=False)
+        record = store.get(args.id) if args.id else None
+        if args.id and record is None:
+            raise RequestError("id", args.id, f"the id of a job in {args.farm_dir}")
+    except RequestError as e:
+        print(f"longtake status: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:  # the job-status shape of longtake.cluster.jobs, also the HTTP API's
+        with reserved_stdout() as emit:
+            emit(json.dumps(record.to_dict() if record else [r.to_dict() for r in store.list(limit=args.limit)]))
         return 0
-    rows = farm.status_rows(store)
-    if args.json:
-        print(json.dumps(rows))
+    if record is None:
+        print("\n".join(farm.table_rows(store.list(limit=args.limit))))
         return 0
-    print(f"{'ID':16}  {'STATE':9}  {'PRI':>4}  {'STEP':>7}  {'SUBMITTED':11}  WHAT")
-    for r in rows:
-        print(f"{r['id']:16}  {r['state']:9}  {r['priority']:>4}  {r['progress']:>7}  {r['submitted']:11}  {r['what']}")
+    info = record.to_dict()
+    p = info["progress"]
+    lines = [("id", info["id"]), ("status", info["status"]), ("priority", info["priority"]),
+             ("submitted", info["created"]), ("updated", info["updated"]),
+             ("progress", f"{p['phase']}: step {p['step'] or 0}/{p['steps']}" if p["steps"] else "-"),
+             ("dir", farm.job_dir(args.farm_dir, record.id))]
+    lines += [("error", info["error"])] if info["error"] else []
+    if record.result:
+        lines += [("out", record.result["out"]), ("sha256", record.result["frames_sha256"])]
+    for key, value in lines:
+        print(f"{key:9} {value}")
     return 0
 
 
@@ -287,12 +526,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except RequestError as e:
         print(f"longtake bench: error: {e}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    result = bench(quick=args.quick, device=args.device, model=args.model, progress=not args.quiet,
-                   workers_per_node=args.workers_per_node, bandwidth_gbps=args.bandwidth_gbps)
-    command = "longtake bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "longtake bench"
-    write(result, args.out, args.table, command)
-    print(json.dumps(result["figures"], indent=2))
+    stop_on_signals()
+    with reserved_stdout() as emit, log_above_progress_bars():
+        try:
+            quiet_libraries("ray", "diffusers", "transformers")
+            result = bench(quick=args.quick, device=args.device, model=args.model, progress=not args.quiet,
+                           workers_per_node=args.workers_per_node, bandwidth_gbps=args.bandwidth_gbps)
+        except KeyboardInterrupt:
+            close_progress_bars()
+            print("longtake bench: interrupted; nothing written", file=sys.stderr)
+            return 130
+        _publish("bench", write, result, args, emit, "figures")
     return 0
 
 
@@ -322,7 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--long-seconds", type=float, default=60, help="length of the long clips (default 60)")
     ev.add_argument("--workers", type=int, help="Ray workers (default: one per CPU core)")
     ev.add_argument("--out", default="eval.json", help="JSON results (default eval.json)")
-    ev.add_argument("--table", default="EVAL.md", help="Markdown table (default EVAL.md)")
+    ev.add_argument("--table", metavar="PATH", help="also write the Markdown table there (default: no table; "
+                                                    "the bundled model's is longtake/models/default/EVAL.md)")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
     sv = sub.add_parser("serve", help="run the HTTP job API on Ray Serve",
                         description="Deploy the Ray Serve app: FastAPI ingress, job manager, autoscaled denoiser. "
@@ -337,21 +583,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--data-dir", default=default_data_dir(), help="job store, videos and token "
                                                                    "(default $LONGTAKE_DATA_DIR or ~/.local/share/longtake/serve)")
     sv.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    sv.add_argument("--max-seconds", type=float, default=120, help="longest clip accepted (default 120)")
-    sv.add_argument("--max-steps", type=int, default=50, help="most steps accepted (default 50)")
-    sv.add_argument("--max-side", type=int, default=512, help="largest height/width accepted (default 512)")
-    sv.add_argument("--max-queued", type=int, default=16, help="queued + running jobs before 429 (default 16)")
-    sv.add_argument("--max-running", type=int, default=2, help="jobs rendering at once (default 2)")
+    from longtake.serve.limits import Limits  # no Ray, no torch: the limits are plain data
+
+    for f in fields(Limits):  # one flag per request limit, its default and help from Limits
+        sv.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                        help=f"{f.metadata['help']} (default {f.default:g})")
+    sv.add_argument("-q", "--quiet", action="store_true", help="no start and stop lines (errors and a newly "
+                                                               "generated token are still printed)")
     sv.set_defaults(func=cmd_serve)
 
     bn = sub.add_parser("bench", help="measure efficiency, overhead, seams, memory, encoding, vs diffusers",
-                        description="Benchmarks, every figure a ratio taken in one run; writes a JSON file and a "
-                                    "Markdown table (see BENCHMARKS.md).")
+                        description="Benchmarks, every figure a ratio taken in one run; writes a JSON file and, "
+                                    "with --table, a Markdown table (see BENCHMARKS.md).")
     bn.add_argument("--quick", action="store_true", help="shorter clips and fewer of them (under 10 minutes on 2 cores)")
     bn.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where workers run (default cpu)")
     bn.add_argument("--model", default="default", help="the model for scaling, seams and memory (default: bundled)")
     bn.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
-    bn.add_argument("--table", default="BENCHMARKS.md", help="Markdown table (default BENCHMARKS.md; '' for none)")
+    bn.add_argument("--table", metavar="PATH", help="also write the Markdown table there (default: no table; "
+                                                    "the repository's is BENCHMARKS.md)")
     bn.add_argument("--workers-per-node", type=int, default=8, help="projection: workers per node (default 8)")
     bn.add_argument("--bandwidth-gbps", type=float, default=10.0, help="projection: driver network, Gb/s (default 10)")
     bn.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -387,7 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     fr.set_defaults(func=cmd_farm_run)
     st = sub.add_parser("status", help="farm jobs, or one job", description="List the farm's jobs, or show one.")
     st.add_argument("id", nargs="?", help="a job id")
-    st.add_argument("--json", action="store_true", help="JSON (a done job includes the render summary)")
+    st.add_argument("--json", action="store_true", help="JSON: one job-status object, or a list of them (the HTTP "
+                                                        "API's shape; a done job includes the render summary)")
+    st.add_argument("--limit", type=int, default=50, help="newest jobs listed (default 50)")
     _farm_dir_arg(st)
     st.set_defaults(func=cmd_status)
     for name, text in (("cancel", "cancel a queued, paused or running job (frees its workers)"),
@@ -403,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     return args.func(args)
 
 

@@ -7,6 +7,7 @@ names the field, the value it got and what was expected, e.g.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -14,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# the names of the fusion tapers and initial-noise modes: the one list the request, the CLI and the window
+# maths (longtake.pipelines.windows, which re-exports them) all use; here because this module imports no torch
+WEIGHTINGS = ("flat", "pyramid", "overlap-linear")
+NOISE_MODES = ("independent", "freenoise", "correlated")
+DEVICES = ("auto", "cpu", "cuda")
+# accepted spellings of a field besides its name: {alias: field}
+ALIASES = {"negative": "negative_prompt"}
 
 MAX_SECONDS = 3600.0
 MAX_FPS = 120.0
@@ -44,7 +53,9 @@ class RenderRequest(BaseModel):
     timeline: list[TimelineKey] | None = Field(
         None, description="Prompt keys [{at: seconds, prompt: text}], interpolated per frame."
     )
-    negative_prompt: str = Field("", description="Negative prompt for classifier-free guidance.")
+    negative_prompt: str = Field("", validation_alias=AliasChoices("negative_prompt", "negative"),
+                                 description="Negative prompt for classifier-free guidance ('negative' is accepted "
+                                 "as an alias).")
     seconds: float = Field(10.0, description="Clip length in seconds.")
     fps: float = Field(8.0, description="Frames per second of the output.")
     height: int | None = Field(None, description="Output height in pixels (multiple of the model's factor).")
@@ -57,19 +68,29 @@ class RenderRequest(BaseModel):
     window: int | None = Field(None, description="Window length in the model's latent frames (frames for AnimateDiff; "
                                "Wan: 21 = 81 frames) (default: the model's native length).")
     overlap: int | None = Field(None, description="Latent frames shared by consecutive windows (default: window // 4).")
-    weighting: Literal["flat", "pyramid", "overlap-linear"] = Field(
+    weighting: Literal[WEIGHTINGS] = Field(
         "pyramid", description="Taper used to fuse overlapping window predictions."
     )
-    noise: Literal["independent", "freenoise", "correlated"] | None = Field(
+    noise: Literal[NOISE_MODES] | None = Field(
         None, description="Initial noise: independent per frame, FreeNoise-style shuffled windows, or correlated "
         "across frames (AR(1), rho 0.9) (default: the model's, else independent).",
     )
     workers: int | None = Field(None, description="Worker count (default: one per GPU, else one per CPU core).")
     model: str = Field("default", description="A diffusers model directory (AnimateDiff or Wan), 'default' (the "
                        "bundled model), 'tiny' or 'tiny-wan'.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers run.")
+    device: Literal[DEVICES] = Field("auto", description="Where workers run.")
     out: str = Field("longtake.mp4", description="Output MP4 path.")
     preview: str | None = Field(None, description="Optional contact-sheet PNG path.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for alias, name in ALIASES.items():
+                if alias in data and name in data:
+                    raise RequestError(name, data[name], f"either {name} or its alias {alias}, not both "
+                                                         f"(got {alias}={data[alias]!r} too)")
+        return data
 
     @field_validator("seconds")
     @classmethod
@@ -226,16 +247,32 @@ def parse_request(data: dict | RenderRequest) -> RenderRequest:
 
 
 def _to_request_error(e: ValidationError) -> RequestError:
-    err = e.errors()[0]
+    errors = e.errors()
+    err = errors[0]
+    if err["type"] == "missing":  # a misspelt field is the likelier cause of a missing one: name that
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), err)
     cause = err.get("ctx", {}).get("error")
     if isinstance(cause, RequestError):
         return cause
     field = ".".join(str(x) if not isinstance(x, int) else f"[{x}]" for x in err["loc"]).replace(".[", "[") or "request"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return RequestError(field, err.get("input"), "no such field (see `longtake render --help`)")
+        return RequestError(field, err.get("input"), f"no such field ({_suggest(err['loc'])})")
     if kind == "literal_error":
         return RequestError(field, err.get("input"), f"one of {err['ctx']['expected']}")
     if kind == "missing":
         return RequestError(field, None, "a value (required)")
     return RequestError(field, err.get("input"), err["msg"][0].lower() + err["msg"][1:])
+
+
+def _suggest(loc: tuple) -> str:
+    """For an unknown field: the closest known field name, else where the fields are listed."""
+    known = None
+    if len(loc) == 1:
+        known = list(RenderRequest.model_fields) + list(ALIASES)
+    elif len(loc) == 3 and loc[0] == "timeline":
+        known = list(TimelineKey.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known or [], n=1)
+    if close:
+        return f"did you mean {ALIASES.get(close[0], close[0])!r}?"
+    return "see `longtake render --help`" if len(loc) == 1 else f"the fields are {', '.join(known or [])}"

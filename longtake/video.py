@@ -29,6 +29,22 @@ log = logging.getLogger(__name__)
 _STDERR_TAIL_BYTES = 4000
 _MIN_TILE_SIDE = 128
 
+# The writer's rule for a frame side (width or height): libx264 in yuv420p halves the chroma planes both
+# ways, so both sides are even. `LatentLayout.check_size` applies this same rule (with the model's own
+# multiple) to every request before any work, so a size the writer would refuse never reaches it.
+FRAME_SIDE_MULTIPLE = 2
+FRAME_SIDE_REASON = "even, for H.264 in yuv420p"
+
+
+def valid_frame_side(value, multiple: int = 1) -> bool:
+    """Whether the writer takes `value` as a frame's width or height (a positive integer, a multiple of
+    FRAME_SIDE_MULTIPLE), and it is also a multiple of `multiple` (a model's own rule)."""
+    try:
+        integral = int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return integral and value > 0 and value % math.lcm(FRAME_SIDE_MULTIPLE, int(multiple)) == 0
+
 
 def ffmpeg_exe() -> str:
     """The ffmpeg binary: the one on PATH if any, else the one imageio-ffmpeg ships."""
@@ -51,8 +67,9 @@ class VideoWriter:
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float,
                  crf: int = 18, preset: str = "medium"):
         for name, value in (("width", width), ("height", height)):
-            if int(value) != value or value <= 0 or value % 2:
-                raise ValueError(f"{name}: got {value}, expected an even number")
+            if not valid_frame_side(value):
+                raise ValueError(f"{name}: got {value}, expected an even number > 0 (H.264 in yuv420p halves the "
+                                 f"chroma planes)")
         if not (math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps: got {fps}, expected a positive finite number")
         self.path = Path(path)

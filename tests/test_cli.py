@@ -90,6 +90,48 @@ def test_help_explains_every_option():
                  "--window", "--overlap", "--weighting", "--noise", "--workers", "--model", "--out", "--json",
                  "--preview"):
         assert flag in proc.stdout
+    # the defaults it names are the real ones: the bundled model's, read from the model, and the request's
+    from longtake.pipelines import inspect_model
+    from longtake.request import RenderRequest
+
+    bundled = inspect_model("default")
+    text = " ".join(proc.stdout.split())
+    text = text[text.index("options:"):]  # after the usage line
+
+    def option(flag, following):  # the help of `flag`: up to the next option
+        start = text.index(f" {flag} ")
+        return text[start:text.index(f" {following} ", start + 1)]
+
+    for flag, following in (("--steps", "--guidance"), ("--guidance", "--guidance-2")):
+        assert f"the bundled model: {bundled.default_steps} steps, guidance {bundled.default_guidance}" in \
+            option(flag, following), option(flag, following)
+    assert f"the bundled model: {bundled.native_window}" in option("--window", "--overlap")
+    assert f"the bundled model: {bundled.default_noise}" in option("--noise", "--workers")
+    for flag, following, field in (("--seconds", "--fps", "seconds"), ("--fps", "--height", "fps"),
+                                   ("--seed", "--window", "seed"), ("--weighting", "--noise", "weighting")):
+        default = RenderRequest.model_fields[field].default
+        assert (f"(default: {default:g})" if isinstance(default, float) else f"(default: {default})") in \
+            option(flag, following), option(flag, following)
+
+
+def test_choices_are_the_one_list_of_names():
+    import typing
+
+    from longtake.cli import build_parser
+    from longtake.pipelines.windows import NOISE_MODES, WEIGHTINGS
+    from longtake.request import RenderRequest
+
+    render = build_parser()._subparsers._group_actions[0].choices["render"]
+    actions = {a.dest: a for a in render._actions}
+    assert tuple(actions["weighting"].choices) == WEIGHTINGS
+    assert tuple(actions["noise"].choices) == NOISE_MODES
+
+    def literal(field):  # the names in the field's type, Literal[...] or Literal[...] | None
+        annotation = RenderRequest.model_fields[field].annotation
+        return next(typing.get_args(t) for t in (annotation, *typing.get_args(annotation))
+                    if typing.get_origin(t) is typing.Literal)
+
+    assert literal("weighting") == WEIGHTINGS and literal("noise") == NOISE_MODES
 
 
 def test_render_json_summary(tmp_path, tiny_model):
@@ -105,6 +147,7 @@ def test_render_json_summary(tmp_path, tiny_model):
         assert key in summary
     assert summary["frames"] == 12 and summary["windows"] == 2 and summary["model_evaluations"] == 4
     assert "denoise" in proc.stderr  # the progress bar is on stderr
+    assert "Loading pipeline components" not in proc.stderr  # diffusers' loading bar is not (tests/test_cli_output.py)
     assert out.is_file()
 
 
@@ -123,9 +166,9 @@ def test_signal_stops_render_cleanly(tmp_path, tiny_model, sig):
         [sys.executable, "-m", "longtake", "render", "a red ball", "--model", tiny_model, "--seconds", "60",
          "--steps", "25", "--workers", "2", "--out", str(out)],
         stderr=subprocess.PIPE, text=True, start_new_session=True,
-        # a test runner started in the background (`cmd &` in a script) ignores SIGINT, and a child inherits
-        # that, so Python would never raise KeyboardInterrupt: give the render the default disposition
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # as when started in the background by a script (`longtake render ... &`): SIGINT inherited as ignored;
+        # the render installs its own handlers, so Ctrl-C / kill -INT still stop it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     seen = ""
     deadline = time.time() + 180
     while "denoise" not in seen and time.time() < deadline:  # wait until the workers are rendering
@@ -139,6 +182,8 @@ def test_signal_stops_render_cleanly(tmp_path, tiny_model, sig):
     rest = proc.stderr.read()
     assert rc == 130, rest
     assert "interrupted" in rest
+    # on a line of its own, the last one: the progress bar is closed first, not redrawn after it
+    assert [line for line in rest.splitlines() if line.strip()][-1].startswith("longtake render: interrupted"), rest
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"left running: {[p.name() for p in alive]}"
     assert list(tmp_path.iterdir()) == []  # no output, no partial file

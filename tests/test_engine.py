@@ -114,10 +114,20 @@ def test_progress_and_cancel_hooks(tmp_path, tiny_model, inproc_pool):
     events = []
     req = _request(tiny_model, tmp_path / "p.mp4")
     run(prepare(req), inproc_pool, progress=False, on_progress=events.append)
+    assert set(events[0]) == {"phase", "step", "steps", "window_steps_done", "window_steps_total", "frames_done",
+                              "frames", "eta_s"}
     denoise = [e for e in events if e["phase"] == "denoise"]
-    assert [e["windows_done"] for e in denoise] == list(range(1, 16))  # 5 windows x 3 steps, in order
-    assert denoise[-1]["step"] == 3 and events[-1] == {**events[-1], "phase": "decode", "frames_done": 24}
+    assert [e["window_steps_done"] for e in denoise] == list(range(1, 16))  # 5 windows x 3 steps, in order
+    assert {e["window_steps_total"] for e in events} == {15}
+    # `step` counts the steps completed (what a checkpoint would save): 0 during the first step's windows
+    assert [e["step"] for e in denoise] == [0] * 5 + [1] * 5 + [2] * 5
     assert denoise[-1]["eta_s"] == 0
+    decode = [e for e in events if e["phase"] == "decode"]
+    assert decode and all(e["step"] == 3 for e in decode) and decode[-1]["frames_done"] == 24
+    # the last call, after the MP4 is written, has the final numbers (a throttling caller keeps it: new phase)
+    assert events[-1] == {"phase": "done", "step": 3, "steps": 3, "window_steps_done": 15, "window_steps_total": 15,
+                          "frames_done": 24, "frames": 24, "eta_s": 0}
+    assert [e["phase"] for e in events].count("done") == 1
 
     out = tmp_path / "c.mp4"
     seen = []
@@ -152,7 +162,7 @@ def test_model_options_noise_default_and_circular_padding(tmp_path, tiny_model):
     job = prepare(_request(model, tmp_path / "a.mp4"))
     assert job.noise == "correlated" and job.model.options["circular_padding"]
     named = prepare(_request(model, tmp_path / "a.mp4", noise="independent"))
-    assert named.noise == "independent" and fingerprint(named) != fingerprint(job)
+    assert named.noise == "independent" and fingerprint(named, "float32", "cpu") != fingerprint(job, "float32", "cpu")
     convs = [m for m in Backend(inspect_model(model)).unet.modules() if isinstance(m, torch.nn.Conv2d) and any(m.padding)]
     assert convs and all(m.padding_mode == "circular" for m in convs)
     plain = [m for m in Backend(inspect_model(tiny_model)).unet.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -198,3 +208,184 @@ def test_wrapped_convolutions_make_the_unet_shift_equivariant():
     assert shift_error() > 1e-2
     assert wrap_convolutions(unet) == sum(isinstance(m, torch.nn.Conv2d) and any(m.padding) for m in unet.modules())
     assert shift_error() < 1e-4
+
+
+# ---------------------------------------------------------------- sizes, fingerprints, scheduler state, progress
+
+def test_a_size_the_video_writer_refuses_is_refused_by_prepare(tmp_path, tiny_model):
+    """A pixel-space model with a factor of 3: a height of 9 is a multiple of the model's factor (the only rule
+    checked before) but odd, which the H.264 writer refuses, after the whole denoise. prepare() (no Ray, no
+    weights) refuses it first, naming the field, the value and the rule; the model's default size too."""
+    from longtake.request import RequestError
+    from longtake.video import VideoWriter
+
+    model = _tiny_copy(tiny_model, tmp_path / "px3", {"pixel_space": True, "pixel_shuffle": 3})
+    job = prepare(_request(model, tmp_path / "a.mp4", height=12, width=18))
+    assert job.model.layout.size_multiple == 3
+    with pytest.raises(ValueError, match="height: got 9, expected an even number"):
+        VideoWriter(tmp_path / "odd.mp4", 24, 9, fps=8)
+    for field in ("height", "width"):
+        with pytest.raises(RequestError, match=rf"^{field}: got 9, expected a multiple of 6 \(3 for the model's "
+                                               r"pixel-shuffle x upscale factor, and even, for H.264 in yuv420p\)$"):
+            prepare(_request(model, tmp_path / "a.mp4", **{field: 9}))
+    odd_default = _tiny_copy(tiny_model, tmp_path / "px3d", {"pixel_space": True, "pixel_shuffle": 3,
+                                                             "default_size": 27})
+    with pytest.raises(RequestError, match=r"^height: got 27, expected a multiple of 6"):
+        prepare(_request(odd_default, tmp_path / "a.mp4"))
+    # a factor of 1: even is the whole rule
+    plain = _tiny_copy(tiny_model, tmp_path / "px1", {"pixel_space": True, "pixel_shuffle": 1})
+    with pytest.raises(RequestError, match=r"^width: got 33, expected a multiple of 2 \(even, for H.264 in yuv420p\)$"):
+        prepare(_request(plain, tmp_path / "a.mp4", width=33))
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".a.mp4*"))
+
+
+def test_fingerprint_covers_the_weights_the_dtype_and_the_device(tmp_path, tiny_model):
+    """A checkpoint belongs to the weights it was made with and the dtype and device of the workers: a job
+    paused on a GPU in float16 never resumes from those latents on a CPU in float32; touching or rewriting
+    a weights file (or a config) changes the fingerprint; nothing else does."""
+    import os
+
+    from longtake.cluster.checkpoint import Checkpointer
+    from longtake.cluster.engine import fingerprint
+    from longtake.pipelines import load_scheduler
+
+    model = _tiny_copy(tiny_model, tmp_path / "m", {})
+    req = _request(model, tmp_path / "a.mp4")
+
+    def fp(dtype="float32", device="cpu"):
+        return fingerprint(prepare(req), dtype, device)
+
+    base = fp()
+    assert fp() == base
+    assert len({base, fp("float16", "cuda"), fp("float16", "cpu"), fp("float32", "cuda"), fp("bfloat16", "cuda")}) == 5
+    scheduler = load_scheduler(model)
+    scheduler.set_timesteps(3)
+    Checkpointer(tmp_path / "ckpt", every=1, fingerprint=fp("float16", "cuda")).save(2, torch.zeros(1, 4, 3, 2, 2),
+                                                                                    scheduler)
+    assert Checkpointer(tmp_path / "ckpt", every=1, fingerprint=base).load_latest() is None
+    assert Checkpointer(tmp_path / "ckpt", every=1, fingerprint=fp("float16", "cuda")).load_latest().step == 2
+
+    weights = next((tmp_path / "m" / "unet").glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched
+    assert fp() != base
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fp() == base
+    weights.write_bytes(weights.read_bytes())  # rewritten in place (new weights of the same size)
+    rewritten = fp()
+    assert rewritten != base
+    config = tmp_path / "m" / "unet" / "config.json"
+    config.write_text(config.read_text() + "\n")  # a config edited
+    assert fp() != rewritten
+
+
+def test_scheduler_state_that_cannot_be_stored_fails_the_save(tmp_path):
+    """An instance attribute a checkpoint cannot store (a dict, a numpy array, a generator...) raises naming
+    the scheduler and the attribute, instead of being dropped (a resume without it would not be exact)."""
+    from diffusers import DDIMScheduler
+
+    from longtake.cluster.checkpoint import Checkpointer, CheckpointError, scheduler_state
+
+    ckpt = Checkpointer(tmp_path, every=1, fingerprint="f")
+    z = torch.zeros(1, 4, 3, 2, 2)
+    for name, value, kind in [("cache", {"a": 1}, "dict"), ("table", np.zeros(3), "ndarray"),
+                              ("rng", torch.Generator(), "Generator"), ("mixed", [torch.zeros(1), 2], "list")]:
+        s = DDIMScheduler()
+        s.set_timesteps(4)
+        setattr(s, name, value)
+        with pytest.raises(CheckpointError, match=rf"cannot checkpoint DDIMScheduler\.{name}: a {kind}"):
+            ckpt.save(1, z, s)
+        with pytest.raises(CheckpointError):
+            scheduler_state(s)
+    assert ckpt.paths() == []
+    s = DDIMScheduler()
+    s.set_timesteps(4)
+    s.counter, s.history = np.int64(3), [None, None]  # a numpy scalar and an unfilled history are stored
+    assert ckpt.read(ckpt.save(1, z, s)).scheduler["counter"] == 3
+
+
+def _schedulers():
+    """Every scheduler longtake runs: diffusers' usual ones, and the tiny, default and Wan models' own."""
+    return [("DDIMScheduler", {}), ("DDIMScheduler", {"set_alpha_to_one": False, "prediction_type": "v_prediction"}),
+            ("EulerDiscreteScheduler", {}), ("UniPCMultistepScheduler", {}), ("DPMSolverMultistepScheduler", {}),
+            ("UniPCMultistepScheduler", {"prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                                         "flow_shift": 3.0}),  # Wan's
+            ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}), ("PNDMScheduler", {}),
+            ("tiny_model", None), ("tiny_wan_model", None), ("tiny_wan22_model", None), ("default", None)]
+
+
+@pytest.mark.parametrize("name,kwargs", _schedulers(),
+                         ids=[f"{n}-{'-'.join(map(str, k.values()))}" if k else n for n, k in _schedulers()])
+def test_every_scheduler_longtake_runs_checkpoints_exactly(tmp_path, request, name, kwargs):
+    import diffusers
+
+    from longtake.cluster.checkpoint import Checkpointer, restore_scheduler
+    from longtake.pipelines import DEFAULT_MODEL, load_scheduler
+
+    def fresh():
+        if kwargs is None:
+            s = load_scheduler(str(DEFAULT_MODEL) if name == "default" else request.getfixturevalue(name))
+        else:
+            s = getattr(diffusers, name)(num_train_timesteps=1000, **kwargs)
+        s.set_timesteps(10)
+        if hasattr(s, "set_begin_index"):
+            s.set_begin_index(0)
+        return s
+
+    gen = torch.Generator().manual_seed(0)
+    outputs = [torch.randn(1, 4, 5, 8, 8, generator=gen) for _ in range(len(fresh().timesteps))]
+    z0 = torch.randn(1, 4, 5, 8, 8, generator=gen)
+
+    def steps(s, z, start, stop):
+        for i in range(start, stop):
+            z = s.step(outputs[i], s.timesteps[i], z).prev_sample
+        return z
+
+    n = len(outputs)
+    straight = steps(fresh(), z0, 0, n)
+    s = fresh()
+    z = steps(s, z0, 0, 4)
+    ckpt = Checkpointer(tmp_path, every=2, fingerprint="f")
+    ckpt.save(4, z, s)
+    state = ckpt.load_latest()
+    s2 = fresh()
+    restore_scheduler(s2, state)
+    assert torch.equal(steps(s2, state.z, 4, n), straight)
+
+
+def test_progress_after_a_resume(tmp_path, tiny_model, inproc_pool, capsys):
+    """Paused at step 7 of 8: the last progress says 7 steps done, as the checkpoint and the error do. Resumed:
+    the bar starts at the 35 window steps taken from the checkpoint and its rate counts only the 5 computed
+    (it showed 35 done in no time: a rate of thousands per second)."""
+    import re
+
+    from longtake.cluster.checkpoint import Checkpointer
+    from longtake.cluster.engine import Cancelled, fingerprint
+
+    job = prepare(_request(tiny_model, tmp_path / "r.mp4", steps=8))
+    ckpt = Checkpointer(tmp_path / "ckpt", every=100, fingerprint=fingerprint(job, "float32", "cpu"))
+    seen = []
+    with pytest.raises(Cancelled) as info:
+        run(job, inproc_pool, progress=False, on_progress=seen.append, checkpoint=ckpt,
+            cancelled=lambda: "paused" if seen and seen[-1]["window_steps_done"] >= 7 * 5 + 1 else None)
+    assert info.value.step == 7 == seen[-1]["step"] and ckpt.load_latest().step == 7
+    capsys.readouterr()
+    result = run(job, inproc_pool, progress=True, checkpoint=ckpt)
+    assert result.resumed_from_step == 7
+    bars = re.findall(r"denoise:[^\r\n]*?(\d+)/40 \[([^\]]*)\]", capsys.readouterr().err)
+    assert bars and bars[0][0] == "35" and bars[-1][0] == "40", bars
+    value, unit = re.search(r"([\d.]+)(win/s|s/win)", bars[-1][1]).groups()
+    rate = float(value) if unit == "win/s" else 1 / float(value)
+    # window steps per second x the denoise time: about the 5 computed here (40 if the resumed ones counted)
+    assert rate * result.timings["denoise_s"] < 20, (bars[-1], result.timings)
+
+
+def test_a_short_clip_reports_its_effective_window(tmp_path, tiny_model, inproc_pool):
+    """--seconds 1 at 8 fps with a 16-frame window: one window of the clip's 8 frames, nothing shared."""
+    result = run(prepare(_request(tiny_model, tmp_path / "s.mp4", seconds=1, window=16, overlap=4)), inproc_pool,
+                 progress=False)
+    assert (result.frames, result.windows, result.window, result.overlap) == (8, 1, 8, 0)
+    job = prepare(_request(tiny_model, tmp_path / "l.mp4"))  # 24 frames, windows of 8 sharing 3
+    assert len(job.windows) == 5
+    result = run(job, inproc_pool, progress=False)
+    assert (result.window, result.overlap) == (8, 3)

@@ -170,11 +170,11 @@ def test_resume_mid_run_gives_identical_frames(tmp_path, family, inproc):
     fam, path = family
     ref = run(prepare(_req(fam, path, tmp_path / "ref.mp4", steps=4)), inproc, progress=False)
     job = prepare(_req(fam, path, tmp_path / "a.mp4", steps=4))
-    ckpt = Checkpointer(tmp_path / "ckpt", every=1, fingerprint=fingerprint(job))
+    ckpt = Checkpointer(tmp_path / "ckpt", every=1, fingerprint=fingerprint(job, "float32", "cpu"))
     windows = len(job.windows)
     done = {"n": 0}
     with pytest.raises(Cancelled):
-        run(job, inproc, progress=False, on_progress=lambda p: done.update(n=p["windows_done"]),
+        run(job, inproc, progress=False, on_progress=lambda p: done.update(n=p["window_steps_done"]),
             cancelled=lambda: "paused" if done["n"] > 2 * windows else None, checkpoint=ckpt)
     assert ckpt.paths()[0].name == "step-000002.safetensors" and not (tmp_path / "a.mp4").exists()
     resumed = run(job, inproc, progress=False, checkpoint=ckpt)
@@ -219,7 +219,7 @@ def test_wan_mp4_has_exactly_the_frames_asked_for(tmp_path, tiny_wan_model):
     info = probe(out)
     assert info["frames"] == result.frames == 30 and info["fps"] == 12  # 33 rendered, the last 3 dropped
     assert (info["width"], info["height"]) == (64, 64) and info["pix_fmt"] == "yuv420p" and info["faststart"]
-    assert result.window == 81 and result.overlap == 20  # defaults: 21 latent frames, a quarter; in frames
+    assert result.window == 30 and result.overlap == 0  # one window covers the clip: its effective length, in frames
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
@@ -244,7 +244,7 @@ def test_wan_with_a_flow_match_euler_scheduler_matches_the_diffusers_pipeline(tm
         _, ours = _frames(pool, job)
         long = prepare(_req(fam, str(path), tmp_path / "long.mp4"))
         ref = run(long, pool, progress=False)
-        ckpt = Checkpointer(tmp_path / "ckpt", every=1, fingerprint=fingerprint(long))
+        ckpt = Checkpointer(tmp_path / "ckpt", every=1, fingerprint=fingerprint(long, "float32", "cpu"))
         with pytest.raises(Cancelled):
             run(long, pool, progress=False, cancelled=lambda: "paused" if ckpt.saved else None, checkpoint=ckpt)
         resumed = run(long, pool, progress=False, checkpoint=ckpt)

@@ -190,14 +190,14 @@ def test_resume_from_checkpoint_gives_identical_frames(tmp_path, tiny_model, ref
     pool = InProcessPool(WorkerSpec(tiny_model))
     try:
         job = prepare(job_request(tiny_model, out=str(tmp_path / "a.mp4")))
-        ckpt = Checkpointer(tmp_path / "ckpt", every=2, fingerprint=fingerprint(job))
+        ckpt = Checkpointer(tmp_path / "ckpt", every=2, fingerprint=fingerprint(job, "float32", "cpu"))
         state = {"n": 0}
 
         def stop_at_step_4(p=None):
             return "paused" if state["n"] >= 3 * 5 + 1 else None  # 5 windows per step
 
         def count(p):
-            state["n"] = p["windows_done"]
+            state["n"] = p["window_steps_done"]
 
         with pytest.raises(Cancelled) as info:
             run(job, pool, progress=False, on_progress=count, cancelled=stop_at_step_4, checkpoint=ckpt)
@@ -394,7 +394,8 @@ def test_cancel_mid_job_frees_workers_and_leaves_nothing(tmp_path, tiny_model, r
     assert not [p for p in psutil.Process().children(recursive=True) if "ffmpeg" in _name(p)]
     d = farm.job_dir(farm_dir, record.id)
     assert sorted(p.name for p in d.rglob("*")) == ["log.txt", "request.json"]  # no checkpoints, no temp files
-    assert "cancelled at step" in (d / "log.txt").read_text()
+    log = (d / "log.txt").read_text()
+    assert "cancelled at step" in log and "checkpoint saved" not in log  # a cancelled job's checkpoints are not kept
 
 
 def test_cancel_while_encoding_leaves_no_ffmpeg_and_no_partial_file(tmp_path, tiny_model, ray_session):
@@ -510,3 +511,80 @@ def test_corrupt_checkpoint_on_resume_falls_back_with_a_log_line(tmp_path, tiny_
     assert done.result["resumed_from_step"] == int(previous.name[5:11])
     log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
     assert f"checkpoint {newest.name} is corrupt: checksum mismatch; falling back to {previous.name}" in log
+
+
+# ------------------------------------------------------------------ leases, status, loggers
+
+class BrokenHeartbeatStore(farm.JobStore):
+    """The farm's store, whose heartbeat writes fail (a locked or lost database)."""
+
+    def heartbeat(self, job_id, owner):
+        import sqlite3
+
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_runner_whose_heartbeat_dies_stops_rendering_and_changes_nothing(tmp_path, tiny_model, ray_session):
+    farm_dir = tmp_path / "farm"
+    (record, _), = farm.submit(farm_dir, [(job_request(tiny_model, steps=30), 0, None)])
+    runner = _runner(farm_dir, lease_s=1.0, worker_cls=SlowWorker)
+    runner.store = BrokenHeartbeatStore(farm_dir / "farm.db")
+    t0 = time.monotonic()
+    claimed = runner.store.claim_next(runner.id)
+    from longtake.cluster.runtime import start_ray
+
+    start_ray()
+    try:
+        assert runner.run_job(claimed) == "lost"
+    finally:
+        runner.close()
+    assert time.monotonic() - t0 < 60
+    store = farm.open_store(farm_dir)
+    job = store.get(record.id)
+    assert job.state == "running" and job.result is None  # left for another runner to requeue: not done, not failed
+    log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
+    assert "lease lost" in log and "disk I/O error" in log
+    time.sleep(1.1)
+    assert farm.Runner(farm_dir, lease_s=1.0).recover() == [record.id]
+    assert farm.open_store(farm_dir).get(record.id).state == "queued"
+
+
+def test_status_has_one_json_shape_and_short_tables(tmp_path, tiny_model, capsys):
+    farm_dir = tmp_path / "farm"
+    prompt = "a red ball bouncing slowly across a wide blue field, then rolling away into the distance"
+    (record, _), = farm.submit(farm_dir, [(job_request(tiny_model, prompt=prompt), 3, None)])
+    args = ["--farm-dir", str(farm_dir)]
+    assert main(["status", *args, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert main(["status", record.id, *args, "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert listed == [one]
+    assert set(one) == {"id", "status", "priority", "created", "updated", "request", "progress", "error", "result"}
+    assert one["status"] == "queued" and one["request"]["prompt"] == prompt
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", one["created"])
+    assert set(one["progress"]) == {"phase", "step", "steps", "window_steps_done", "window_steps_total",
+                                    "frames_done", "frames", "eta_s"}
+    assert main(["status", *args]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 and max(len(line) for line in table) <= 110 and "…" in table[1]
+    assert main(["status", record.id, *args]) == 0
+    out = capsys.readouterr().out
+    assert "{" not in out and "status    queued" in out
+
+
+def test_status_of_a_missing_farm_is_an_error_and_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "dir"
+    for argv in (["status"], ["status", "abc", "--json"], ["cancel", "abc"]):
+        assert main([*argv, "--farm-dir", str(missing)]) == 2
+        assert "farm_dir: got" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
+def test_jobs_leave_no_logger_behind(tmp_path, tiny_model, ray_session):
+    farm_dir = tmp_path / "farm"
+    jobs = farm.submit(farm_dir, [(job_request(tiny_model, seconds=1, steps=1, seed=i), 0, None) for i in range(3)])
+    _runner(farm_dir).serve_forever(exit_when_idle=True)
+    names = set(logging.Logger.manager.loggerDict)
+    assert not [r.id for r, _ in jobs if any(r.id in name for name in names)]
+    for r, _ in jobs:
+        assert "done:" in (farm.job_dir(farm_dir, r.id) / "log.txt").read_text()

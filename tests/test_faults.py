@@ -69,3 +69,41 @@ def test_window_failing_every_retry_fails_the_job_clearly(tmp_path, tiny_model, 
         pool.shutdown()
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "broken.mp4").exists()
+
+
+class Sleeper(Worker):
+    """No model: predict(seconds) sleeps that long and returns it (only the pool's dispatch is under test)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.timings = {"predict": [], "decode": []}
+
+    def predict(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+def test_a_pool_reused_after_a_closed_imap_does_not_queue_behind_its_stale_tasks(tiny_model, ray_session):
+    """A job stopped mid-step (cancelled or paused) closes its imap; ray.cancel does not stop an actor task
+    already running, so the farm's pool, kept for the next job, must not queue that job's work behind it:
+    the busy worker is left alone until it is done, or replaced after stale_timeout_s."""
+    stale_s = 30.0
+    pool = RayPool(WorkerSpec(tiny_model), 2, worker_cls=Sleeper, stale_timeout_s=2.0)
+    try:
+        victim = pool.actors[0]
+        stopped = pool.imap("predict", [(0.0,), (0.5,)] + [(stale_s,)] * 6)
+        # the results come in order: after the first, worker 0 takes task 2 (30 s) while worker 1 ends task 1
+        assert next(stopped) == 0.0 and next(stopped) == 0.5
+        stopped.close()  # as the engine does when a job is cancelled or paused
+        t0 = time.monotonic()
+        assert list(pool.imap("predict", [(0.0,)])) == [0.0]
+        first = time.monotonic() - t0
+        # past stale_timeout_s the busy worker is replaced: both slots serve again, nothing waits 30 s
+        time.sleep(2.5)
+        assert list(pool.imap("predict", [(0.0,), (0.0,)])) == [0.0, 0.0]
+        second = time.monotonic() - t0
+        replaced = pool.actors[0] is not victim
+    finally:
+        pool.shutdown()
+    assert first < 5, f"the new task waited {first:.1f} s behind a cancelled one"
+    assert second < stale_s / 2 and replaced and pool.retries == 0

@@ -1,25 +1,40 @@
-"""The SQLite job store: idempotent create, priority order, conditional updates, several processes."""
+"""The SQLite job store: idempotent create, priority order, conditional updates, several processes, leases."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
-from longtake.cluster.jobs import JobStore
+from longtake.cluster import jobs
+from longtake.cluster.jobs import Conflict, JobStore, Lease, QueueFull, new_runner_id
 
 
 def test_create_get_list_and_idempotency(tmp_path):
     store = JobStore(tmp_path / "jobs.db")
     a, created = store.create({"prompt": "a"}, idempotency_key="k1")
-    again, created_again = store.create({"prompt": "different"}, idempotency_key="k1")
+    again, created_again = store.create({"prompt": "a"}, idempotency_key="k1")
     assert created and not created_again and again.id == a.id and again.request == {"prompt": "a"}
+    with pytest.raises(Conflict, match=f"'k1' was used for job {a.id} with a different request"):
+        store.create({"prompt": "different"}, idempotency_key="k1")
     assert store.get_by_key("k1").id == a.id and store.get_by_key("k2") is None
     b, _ = store.create({"prompt": "b"})
     assert store.get(a.id).state == "queued" and store.get("nope") is None
     assert {j.id for j in store.list()} == {a.id, b.id}
     assert [j.id for j in store.list(limit=1, offset=0)] != [j.id for j in store.list(limit=1, offset=1)]
     assert store.count(("queued",)) == 2
+
+
+@pytest.mark.parametrize("kw", [{"offset": 59917355663370183770112}, {"limit": 2**63}, {"offset": -1}])
+def test_list_refuses_integers_sqlite_cannot_hold(tmp_path, kw):
+    store = JobStore(tmp_path / "jobs.db")
+    with pytest.raises(ValueError, match=f"{next(iter(kw))}: got"):
+        store.list(**kw)
 
 
 def test_claim_by_priority_then_submit_time(tmp_path):
@@ -47,7 +62,7 @@ def test_conditional_update(tmp_path):
 def _submit_many(path, n, key_prefix):
     store = JobStore(path)
     for i in range(n):
-        store.create({"i": i}, idempotency_key=f"{key_prefix}{i % 5}")
+        store.create({"i": i % 5}, idempotency_key=f"{key_prefix}{i % 5}")
 
 
 def test_concurrent_processes_do_not_lose_or_duplicate(tmp_path):
@@ -60,3 +75,107 @@ def test_concurrent_processes_do_not_lose_or_duplicate(tmp_path):
         p.join(60)
         assert p.exitcode == 0
     assert JobStore(path).count() == 10  # 5 keys per prefix, repeated submits deduplicated
+
+
+def test_queue_limit_and_insert_are_one_transaction(tmp_path):
+    """Many threads submit at once against a limit of 3: exactly 3 get in (a check before the insert lets
+    several through)."""
+    store = JobStore(tmp_path / "jobs.db")
+    outcomes = []
+
+    def submit(i):
+        try:
+            outcomes.append(store.create({"i": i}, max_active=3)[1])
+        except QueueFull:
+            outcomes.append("full")
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count(True) == 3 and outcomes.count("full") == 9 and store.count() == 3
+
+
+def test_connections_are_closed_after_every_operation(tmp_path, monkeypatch):
+    opened = []
+    real = sqlite3.connect
+
+    def connect(*args, **kw):
+        opened.append(real(*args, **kw))
+        return opened[-1]
+
+    monkeypatch.setattr(jobs.sqlite3, "connect", connect)
+    store = JobStore(tmp_path / "jobs.db")
+    job, _ = store.create({"a": 1})
+    store.claim_next("r")
+    store.update(job.id, progress={"step": 1})
+    store.list(), store.count(), store.get(job.id)
+    assert len(opened) >= 6
+    for db in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            db.execute("SELECT 1")
+
+
+def test_a_runner_whose_lease_was_taken_over_can_change_nothing(tmp_path):
+    """Runner A's heartbeat stopped; after lease_s runner B requeues and claims the job. A's late `done`,
+    `failed`, progress and heartbeat all fail: one runner finishes a job, never two."""
+    store = JobStore(tmp_path / "jobs.db")
+    job, _ = store.create({"prompt": "x"})
+    a, b = new_runner_id(), new_runner_id()
+    first = store.claim_next(a)
+    assert store.recover(b, lease_s=60) == []  # A's lease is fresh
+    time.sleep(0.3)
+    assert store.recover(b, lease_s=0.2) == [(job.id, a)]
+    second = store.claim_next(b)
+    assert second.lease == first.lease + 1 and second.runner == b
+    assert not store.update(job.id, state="done", only_from=("running",), owner=(a, first.lease))
+    assert not store.update(job.id, progress={"step": 9}, only_from=("running",), owner=(a, first.lease))
+    assert not store.heartbeat(job.id, (a, first.lease))
+    assert store.heartbeat(job.id, (b, second.lease))
+    assert store.update(job.id, state="done", only_from=("running",), owner=(b, second.lease))
+    assert store.get(job.id).state == "done"
+
+
+def test_a_reused_pid_does_not_keep_a_dead_runners_job(tmp_path):
+    """The owner's pid is alive on this host (reused by another process: here, this test itself), but the
+    owner stopped renewing its lease: the job is requeued after lease_s."""
+    store = JobStore(tmp_path / "jobs.db")
+    job, _ = store.create({"prompt": "x"})
+    import os
+    import socket
+
+    store.claim_next(f"{socket.gethostname()}:{os.getpid()}:deadrunner")
+    time.sleep(0.3)
+    assert store.recover(new_runner_id(), lease_s=0.2) == [(job.id, f"{socket.gethostname()}:{os.getpid()}:deadrunner")]
+    assert store.get(job.id).state == "queued"
+
+
+def test_a_dead_process_on_this_host_loses_its_job_at_once(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    job, _ = store.create({"prompt": "x"})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    store.claim_next(f"{socket.gethostname()}:{dead.stdout.strip()}:x")
+    assert [j for j, _ in store.recover(new_runner_id(), lease_s=3600)] == [job.id]
+
+
+class FailingStore(JobStore):
+    """The heartbeat's SQLite write fails (a locked or lost database)."""
+
+    def heartbeat(self, job_id, owner):
+        raise sqlite3.OperationalError("database is locked")
+
+
+def test_a_lease_whose_heartbeat_keeps_failing_is_lost(tmp_path, caplog):
+    store = FailingStore(tmp_path / "jobs.db")
+    job, _ = store.create({})
+    claimed = store.claim_next("me")
+    with Lease(store, job.id, ("me", claimed.lease), lease_s=0.4) as lease:
+        assert lease.lost.wait(5), "the lease should be lost when heartbeats fail for half the lease"
+    assert "no heartbeat" in lease.reason and "database is locked" in caplog.text
+    taken = JobStore(tmp_path / "jobs.db")
+    taken.update(job.id, state="queued", only_from=("running",))
+    with Lease(JobStore(tmp_path / "jobs.db"), job.id, ("me", claimed.lease), lease_s=0.4) as lease:
+        assert lease.lost.wait(5) and "requeued or taken over" in lease.reason

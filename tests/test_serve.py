@@ -1,20 +1,26 @@
 """The HTTP job API on Ray Serve, on localhost with a tiny model: auth, submit to download, SSE,
-idempotency, bad input, cancel, concurrent submits, autoscaling up and back to zero."""
+idempotency, bad input, DELETE, concurrent submits, autoscaling up and back to zero, a schema-driven
+fuzz run, timeouts and retries of denoiser calls."""
 
 from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 
 import pytest
 import requests
+from ray import cloudpickle
+
+from longtake.actors.worker import Worker
 
 from longtake.serve.manager import Limits
 from longtake.video import probe
 
 pytestmark = pytest.mark.slow
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Serve replicas cannot import this test module
 TOKEN = "test-token-123"
 JOB = {"prompt": "a red ball", "seconds": 2, "fps": 8, "steps": 2, "window": 8, "overlap": 2}
 
@@ -33,7 +39,8 @@ def server(tiny_model, ray_session, tmp_path_factory):
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    limits = Limits(max_seconds=20, max_steps=10, max_side=128, max_queued=6, max_running=2, max_body_bytes=2048)
+    limits = Limits(max_seconds=20, max_steps=10, max_side=128, max_queued=6, max_running=2, max_body_bytes=2048,
+                    max_model_evaluations=400)
     app = build_app(tiny_model, str(tmp_path_factory.mktemp("serve")), TOKEN, "cpu", 0, 2, limits,
                     downscale_delay_s=5)
     serve.run(app, name="longtake", route_prefix="/")
@@ -91,10 +98,15 @@ def test_submit_stream_and_download(server, tmp_path):
                 if kind == "end":
                     break
     assert events[-1] == ("end", {"id": job_id, "status": "done"})
-    done = [e["progress"].get("windows_done", 0) for k, e in events if k == "progress"]
+    done = [e["progress"]["window_steps_done"] or 0 for k, e in events if k == "progress"]
     assert done == sorted(done) and done[-1] == 6  # 3 windows x 2 steps, never backwards
     job = call(server, "GET", f"/v1/videos/{job_id}").json()
     assert job["status"] == "done" and job["result"]["frames"] == 16 and len(job["result"]["frames_sha256"]) == 64
+    # one status shape: ISO 8601 UTC times, the full request, numbers for progress; no server path anywhere
+    assert job["created"].endswith("Z") and job["request"]["prompt"] == JOB["prompt"]
+    assert job["progress"]["frames_done"] == job["progress"]["frames"] == 16
+    assert "/" not in job["request"]["model"] and "/" not in job["result"]["model"]
+    assert '"/' not in json.dumps(job), job
 
     video = call(server, "GET", f"/v1/videos/{job_id}/content")
     assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
@@ -111,9 +123,12 @@ def test_submit_stream_and_download(server, tmp_path):
 
 def test_idempotent_submit(server):
     first = call(server, "POST", "/v1/videos", json=JOB, headers={"Idempotency-Key": "abc"})
-    again = call(server, "POST", "/v1/videos", json={**JOB, "seed": 5}, headers={"Idempotency-Key": "abc"})
+    again = call(server, "POST", "/v1/videos", json=JOB, headers={"Idempotency-Key": "abc"})
     assert first.status_code == 202 and again.status_code == 200
     assert first.json()["id"] == again.json()["id"]
+    other = call(server, "POST", "/v1/videos", json={**JOB, "seed": 5}, headers={"Idempotency-Key": "abc"})
+    assert other.status_code == 409 and other.json()["detail"]["field"] == "Idempotency-Key"
+    assert first.json()["id"] in other.json()["detail"]["error"]
     wait_done(server, first.json()["id"])
 
 
@@ -126,6 +141,11 @@ def test_idempotent_submit(server):
     ({**JOB, "overlap": 8}, 422, "overlap"),
     ({**JOB, "out": "/etc/x.mp4"}, 422, "out"),
     ({**JOB, "model": "/somewhere/else"}, 422, "model"),
+    ({**JOB, "model": "tiny"}, 422, "model"),
+    ({**JOB, "fps": 120}, 422, "fps"),
+    ({**JOB, "seconds": 20, "steps": 10, "overlap": 7}, 422, "overlap"),  # a window per latent frame: over the cost limit
+    ({**JOB, "seed": 59917355663370183770112}, 422, "seed"),
+    ({**JOB, "window": 2**70}, 422, "window"),
     ({**JOB, "bogus": 1}, 422, "bogus"),
     ({**JOB, "prompt": None}, 422, "prompt"),
     ({**JOB, "seconds": "ten"}, 422, "seconds"),
@@ -149,21 +169,48 @@ def test_malformed_and_oversized_bodies(server):
     assert call(server, "GET", "/v1/videos").json()["total"] == before
 
 
+@pytest.mark.parametrize("query", ["offset=59917355663370183770112", "limit=59917355663370183770112", "offset=-1",
+                                   "limit=0", "offset=1e3", "limit=abc"])
+def test_query_integers_out_of_range_are_422(server, query):
+    r = call(server, "GET", f"/v1/videos?{query}")
+    assert r.status_code == 422, (r.status_code, r.text)
+
+
+def test_chunked_body_is_cut_at_the_limit(server):
+    """A chunked body with no Content-Length: the server answers 413 once the limit is passed, without
+    waiting for the rest (here the rest never comes; reading the whole body first would hang)."""
+    host, port = server.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/videos HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b" " * 1024
+        for _ in range(4):  # 4 kB, twice the limit of this server, and the body is not finished
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        answer = sock.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+
+
 def test_cancel_frees_workers(server):
     r = call(server, "POST", "/v1/videos", json={**JOB, "seconds": 20, "steps": 10})
     job_id = r.json()["id"]
     deadline = time.time() + 120
-    while call(server, "GET", f"/v1/videos/{job_id}").json()["progress"].get("windows_done", 0) < 2:
+    while (call(server, "GET", f"/v1/videos/{job_id}").json()["progress"]["window_steps_done"] or 0) < 2:
         assert time.time() < deadline
         time.sleep(0.2)
     t0 = time.time()
-    assert call(server, "DELETE", f"/v1/videos/{job_id}").json()["status"] == "cancelled"
+    assert call(server, "DELETE", f"/v1/videos/{job_id}").json() == {"id": job_id, "status": "deleted",
+                                                                      "was": "running"}
     while "longtake_workers_busy 0.0" not in call(server, "GET", "/metrics", token=None).text:
         assert time.time() - t0 < 5, "workers still busy 5 s after cancel"
         time.sleep(0.1)
-    job = call(server, "GET", f"/v1/videos/{job_id}").json()
-    assert job["status"] == "cancelled"
-    assert call(server, "GET", f"/v1/videos/{job_id}/content").status_code == 409
+    for path in ("", "/content", "/preview"):
+        assert call(server, "GET", f"/v1/videos/{job_id}{path}").status_code == 410
+    assert call(server, "DELETE", f"/v1/videos/{job_id}").status_code == 410
+    assert job_id not in [j["id"] for j in call(server, "GET", "/v1/videos?limit=100").json()["data"]]
+    done = call(server, "POST", "/v1/videos", json={**JOB, "seed": 77})  # a finished job: deleted, files gone
+    assert wait_done(server, done.json()["id"])["status"] == "done"
+    assert call(server, "DELETE", f"/v1/videos/{done.json()['id']}").json()["was"] == "done"
+    assert call(server, "GET", f"/v1/videos/{done.json()['id']}/content").status_code == 410
 
 
 def test_concurrent_submits_scale_up_then_down(server):
@@ -217,3 +264,99 @@ def test_serve_pool_renders_a_wan_job_like_the_in_process_pool(server, tiny_wan_
         serve.delete("wan-denoiser")
     assert result.frames == 32 and result.frames_sha256 == ref.frames_sha256
     assert probe(tmp_path / "serve.mp4")["frames"] == 32
+
+
+def test_schema_driven_fuzz_never_gets_a_5xx(server):
+    """Every operation of the served OpenAPI schema, with valid and invalid generated inputs and a valid
+    token: no input may produce a 5xx. Bounded: a fixed number of examples per operation, derandomized."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    seen = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=30, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))
+            def check(case):
+                r = case.call(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+                seen.append(r.status_code)
+                assert r.status_code < 500, (case.method, case.formatted_path, case.query, case.body, r.text[:500])
+
+            try:
+                check()
+            except Unsatisfiable:  # no invalid input exists for an operation without parameters
+                assert mode == GenerationMode.NEGATIVE and not operation.query and not operation.body
+    assert len(seen) > 100 and any(400 <= code < 500 for code in seen)
+    for job in call(server, "GET", "/v1/videos?limit=100").json()["data"]:  # what the fuzzer queued
+        call(server, "DELETE", f"/v1/videos/{job['id']}")
+
+
+def test_a_denoiser_that_cannot_be_scheduled_fails_the_call_in_time(server, tiny_model):
+    """Scale-up to a replica no node can hold: the call times out with a clear error, never hangs."""
+    from ray import serve
+
+    from longtake.actors.pool import WindowFailed
+    from longtake.serve.app import Denoiser, ServePool
+
+    handle = serve.run(Denoiser.options(
+        autoscaling_config={"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0, "upscale_delay_s": 0},
+        ray_actor_options={"num_cpus": 1, "resources": {"no-such-node": 1}}).bind(tiny_model, "cpu"),
+        name="unschedulable", route_prefix=None)
+    try:
+        pool = ServePool(handle, 1, tiny_model, timeout_s=3)
+        t0 = time.time()
+        with pytest.raises(WindowFailed, match="no denoiser answered in 3 s"):
+            pool.call("has_text_encoder")
+        with pytest.raises(WindowFailed, match="decode_stream: no denoiser answered in 3 s"):
+            next(pool.stream("decode_stream", (None, 4)))  # a streamed decode times out too
+        assert time.time() - t0 < 40
+    finally:
+        serve.delete("unschedulable")
+
+
+class FlakyWorker(Worker):
+    """Fails its first two predictions (per process), then works."""
+
+    failed = 0
+
+    def predict(self, *args):
+        if FlakyWorker.failed < 2:
+            FlakyWorker.failed += 1
+            raise RuntimeError("injected fault")
+        return super().predict(*args)
+
+
+def test_failed_windows_are_retried_and_a_failing_replica_is_replaced(server, tiny_model, tmp_path, render_in_process):
+    from ray import serve
+
+    from longtake.cluster.engine import prepare, run
+    from longtake.serve.app import Denoiser, ServePool
+
+    req = dict(JOB, model=tiny_model)
+    ref = render_in_process({**req, "out": str(tmp_path / "ref.mp4")})
+    handle = serve.run(Denoiser.options(num_replicas=1, autoscaling_config=None, health_check_period_s=1).bind(
+        tiny_model, "cpu", 2, FlakyWorker), name="flaky", route_prefix=None)
+    try:
+        first = handle.info.remote().result()
+        pool = ServePool(handle, 1, tiny_model, max_attempts=3)
+        result = run(prepare({**req, "out": str(tmp_path / "serve.mp4")}), pool, progress=False)
+        assert pool.retries == 2 and result.frames_sha256 == ref.frames_sha256
+        # two failed calls: the replica reports itself unhealthy and Serve replaces it
+        deadline = time.time() + 60
+        while True:
+            try:
+                now = handle.info.remote().result(timeout_s=5)
+                if now["pid"] != first["pid"]:
+                    break
+            except Exception:
+                pass  # being replaced
+            assert time.time() < deadline, "the failing replica was not replaced"
+            time.sleep(0.5)
+        assert now["failures"] == 0
+    finally:
+        serve.delete("flaky")

@@ -88,6 +88,30 @@ def test_odd_size_rejected(tmp_path, width, height, name):
     assert os.listdir(tmp_path) == []
 
 
+def test_the_models_size_check_is_the_writers_rule(tmp_path):
+    """One rule (longtake.video.valid_frame_side): the writer applies it, and a model's LatentLayout applies it
+    with the model's own multiple before any work, so every size a layout accepts the writer accepts."""
+    from longtake.pipelines import LatentLayout
+    from longtake.request import RequestError
+    from longtake.video import valid_frame_side
+
+    for multiple in (1, 2, 3, 8, 16):
+        layout = LatentLayout(channels=4, spatial=multiple, size_multiple=multiple, size_reason="the factor")
+        for value in range(-2, 50):
+            try:
+                layout.check_size("height", value)
+                accepted = True
+            except RequestError:
+                accepted = False
+            assert accepted == (valid_frame_side(value) and value % multiple == 0), (multiple, value)
+            assert accepted <= valid_frame_side(value)
+    for value in (0, -2, 7, 2.5):
+        assert not valid_frame_side(value)
+        with pytest.raises(ValueError, match=f"width: got {value}, expected an even number > 0"):
+            VideoWriter(tmp_path / "x.mp4", value, 8, fps=8)
+    assert os.listdir(tmp_path) == []
+
+
 def test_bad_dtype_and_shape_rejected(tmp_path):
     writer = VideoWriter(tmp_path / "bad.mp4", W, H, fps=8)
     try:

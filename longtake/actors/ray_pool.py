@@ -6,6 +6,11 @@ replaced and its task retried; the replacement joins when it has started, so a l
 the job. An actor whose tasks fail `blocklist_after` times is excluded (killed, not replaced), like
 a blocklisted render node. A task that fails `max_attempts` times, a pool left with no worker, or a
 task running past `task_timeout_s`, raise `WindowFailed`: never a hang.
+
+A consumer that stops early (a cancelled or paused job closes `imap` / `stream`) leaves the pool ready for
+the next call: its tasks are cancelled, and as `ray.cancel` does not stop an actor task already running, an
+actor still finishing one is "stale": the next calls use the other workers, it rejoins when that task is
+done, and one still busy after `stale_timeout_s` is killed and replaced. Nothing queues behind stale work.
 Ray is imported here and in `cluster/`, nowhere else.
 """
 
@@ -43,13 +48,15 @@ def _actor_class(worker_cls: type):
 class RayPool:
     def __init__(self, spec: WorkerSpec, num_workers: int, max_attempts: int = 3, lookahead: int = 2,
                  worker_cls: type = Worker, blocklist_after: int = 0, task_timeout_s: float | None = None,
-                 start_timeout_s: float = 600.0, join_grace_s: float = 30.0):
+                 start_timeout_s: float = 600.0, join_grace_s: float = 30.0, stale_timeout_s: float = 60.0):
         self.spec = spec
         self.max_attempts = max_attempts
         self.lookahead = lookahead  # tasks beyond the oldest unfinished one, per worker (bounds buffered results)
         self.blocklist_after = blocklist_after  # failed tasks before an actor is excluded (0: never)
         self.task_timeout_s = task_timeout_s
         self.start_timeout_s = start_timeout_s  # how long to wait for a replacement when no worker is left
+        self.stale_timeout_s = stale_timeout_s  # how long an actor may finish a cancelled task before it is replaced
+        self._stale: dict[Any, tuple[int, float]] = {}  # ready() probe queued behind a cancelled task -> (slot, since)
         if spec.device == "cuda":
             options = {"num_gpus": 1, "num_cpus": 1}
         else:
@@ -110,18 +117,26 @@ class RayPool:
     def stream(self, method: str, args: tuple) -> Iterator[Any]:
         """Items of one generator task in order. A lost worker is replaced and the stream restarted on a
         live one, skipping what was already yielded (the method takes `skip` after `args`)."""
-        delivered, attempt = 0, 0
+        delivered, attempt, waiting_since = 0, 0, None
+        self._poll_stale()
         while True:
-            live = [a for a, actor in enumerate(self.actors) if actor is not None and a not in self.starting.values()]
+            busy = self._busy()
+            live = [a for a, actor in enumerate(self.actors) if actor is not None and a not in busy]
             if not live:
-                if not self.starting:
+                if not self.starting and not self._stale:
                     raise WindowFailed(f"no worker left for {method}: {self.excluded} excluded")
-                ready, _ = ray.wait(list(self.starting), num_returns=1, timeout=self.start_timeout_s)
-                if not ready:
-                    raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {method}")
-                self._started(ready[0])
+                waiting_since = waiting_since or time.monotonic()
+                ready, _ = ray.wait(list(self.starting) + list(self._stale), num_returns=1, timeout=1.0)
+                if ready and ready[0] in self._stale:
+                    self._reap(ready[0])
+                elif ready:
+                    self._started(ready[0])
+                else:
+                    self._expire_stale()
+                    if time.monotonic() - waiting_since > self.start_timeout_s:
+                        raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {method}")
                 continue
-            a = live[0]
+            waiting_since, a = None, live[0]
             attempt += 1
             stream, finished = getattr(self.actors[a], method).remote(*args, delivered), False
             try:
@@ -135,10 +150,53 @@ class RayPool:
                 self._retry_or_fail(method, 0, a, attempt, e, deque(), deque())
             finally:
                 if not finished:  # failed, or the consumer stopped early (cancelled job, frames all written)
-                    try:
-                        ray.cancel(stream, force=False)
-                    except RayError:
-                        pass
+                    self._abandon({stream: a})
+
+    def _busy(self) -> set[int]:
+        """Slots whose actor cannot take a task now: starting, or still running a cancelled one."""
+        return set(self.starting.values()) | {a for a, _ in self._stale.values()}
+
+    def _abandon(self, refs: dict) -> None:
+        """Cancel the tasks (ref -> slot) of a call that stopped early. A task already running goes on (Ray
+        only cancels actor tasks not yet started): its actor is stale until a ready() probe queued behind
+        it returns."""
+        busy, now = self._busy(), time.monotonic()
+        for ref, a in refs.items():
+            try:
+                ray.cancel(ref, force=False)
+            except RayError:
+                pass  # its worker is already gone
+            if a < len(self.actors) and self.actors[a] is not None and a not in busy:  # (a pool shut down: none)
+                self._stale[self.actors[a].ready.remote()] = (a, now)
+                busy.add(a)
+
+    def _reap(self, ref) -> int | None:
+        """A stale actor's probe came back: the slot is idle again (or, its actor dead, being replaced)."""
+        a, _ = self._stale.pop(ref)
+        try:
+            ray.get(ref)
+            return a
+        except RayError as e:
+            logger.warning("worker %d died finishing a cancelled task (%s); replacing it", a, _reason(e))
+            self._replace(a)
+            return None
+
+    def _poll_stale(self) -> None:
+        """Stale actors that are done now rejoin (no waiting); the ones busy too long are replaced."""
+        if self._stale:
+            ready, _ = ray.wait(list(self._stale), num_returns=len(self._stale), timeout=0)
+            for ref in ready:
+                self._reap(ref)
+        self._expire_stale()
+
+    def _expire_stale(self) -> None:
+        now = time.monotonic()
+        for ref, (a, since) in list(self._stale.items()):
+            if now - since > self.stale_timeout_s:
+                del self._stale[ref]
+                logger.warning("worker %d still runs a cancelled task after %g s; replacing it", a,
+                               self.stale_timeout_s)
+                self._replace(a)
 
     def _replace(self, a: int) -> None:
         ray.kill(self.actors[a], no_restart=True)
@@ -182,7 +240,9 @@ class RayPool:
         attempts = [0] * len(tasks)
         done: dict[int, Any] = {}
         inflight: dict[Any, tuple[int, int, float]] = {}  # ref -> (task, slot, submitted at)
-        idle = deque(a for a, actor in enumerate(self.actors) if actor is not None and a not in self.starting.values())
+        self._poll_stale()
+        busy = self._busy()
+        idle = deque(a for a, actor in enumerate(self.actors) if actor is not None and a not in busy)
         next_out = 0
         limit = self.lookahead * max(1, len(self.actors))
         waiting_since = None  # when the pool last had nothing running and only replacements starting
@@ -193,7 +253,7 @@ class RayPool:
                     attempts[i] += 1
                     ref = getattr(self.actors[a], method).remote(*tasks[i])
                     inflight[ref] = (i, a, time.monotonic())
-                if not inflight and not self.starting:
+                if not inflight and not self.starting and not self._stale:
                     raise WindowFailed(f"no worker left for {method} task {todo[0]}: {self.excluded} excluded"
                                        + (f" (last start error: {self.last_start_error})" if self.last_start_error else ""))
                 waiting_since = (waiting_since or time.monotonic()) if not inflight else None
@@ -202,10 +262,17 @@ class RayPool:
                                        f"task {todo[0]} (not enough resources left in the cluster?)")
                 # poll only when something needs watching (a replacement starting, or hung-task timeouts);
                 # otherwise block until a task returns
-                poll = 1.0 if self.starting or self.task_timeout_s is not None else None
-                ready, _ = ray.wait(list(inflight) + list(self.starting), num_returns=1, timeout=poll)
+                poll = 1.0 if self.starting or self._stale or self.task_timeout_s is not None else None
+                ready, _ = ray.wait(list(inflight) + list(self.starting) + list(self._stale), num_returns=1,
+                                    timeout=poll)
                 if not ready:
                     self._check_timeouts(method, inflight, attempts, todo, idle)
+                    self._expire_stale()
+                    continue
+                if ready[0] in self._stale:
+                    a = self._reap(ready[0])
+                    if a is not None:
+                        idle.append(a)
                     continue
                 if ready[0] in self.starting:
                     a = self._started(ready[0])
@@ -222,11 +289,8 @@ class RayPool:
                     yield done.pop(next_out)
                     next_out += 1
         finally:
-            for ref in inflight:
-                try:
-                    ray.cancel(ref, force=False)
-                except RayError:
-                    pass  # its worker is already gone
+            # stopped early (a cancelled job) or failed: cancel what runs; its actors rejoin once done
+            self._abandon({ref: a for ref, (_, a, _) in inflight.items()})
 
     def _check_timeouts(self, method, inflight, attempts, todo, idle) -> None:
         if self.task_timeout_s is None:
@@ -268,6 +332,7 @@ class RayPool:
         self.actors = []
         self._encoder = None
         self.starting = {}
+        self._stale = {}
 
 
 def _reason(error: Exception) -> str:

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -39,15 +40,27 @@ class CheckpointState:
     path: Path
 
 
+# Instance attributes a checkpoint leaves out: the config (the scheduler is rebuilt from the model's own), and
+# what __init__ or set_timesteps derive from it again before a restore (PNDM's timestep tables, SA-Solver's
+# tau function). Anything else that cannot be stored fails the save: a resume without it would not be exact.
+DERIVED_SCHEDULER_ATTRIBUTES = frozenset({"_internal_dict", "config", "_timesteps", "prk_timesteps",
+                                          "plms_timesteps", "tau_func"})
+_SCALARS = (bool, int, float, str)
+
+
 def scheduler_state(scheduler) -> tuple[dict[str, torch.Tensor], dict]:
     """The scheduler's mutable state after `set_timesteps`: tensors apart, scalars as JSON.
 
-    Generic over diffusers schedulers: every instance attribute that is a tensor, a list of
-    tensors/None (multistep solvers' history), or a scalar; `config` and helpers are left out."""
+    Generic over diffusers schedulers: every instance attribute that is a tensor, a list of tensors/None
+    (multistep solvers' history), a scalar or a list of scalars. An attribute of any other type (a dict, a
+    numpy array, a generator...) raises CheckpointError naming the scheduler and the attribute, unless it
+    is one of DERIVED_SCHEDULER_ATTRIBUTES: state that cannot be saved is never silently dropped."""
     tensors, scalars = {}, {}
     for name, value in vars(scheduler).items():
-        if name.startswith("__") or name == "config":
+        if name.startswith("__") or name in DERIVED_SCHEDULER_ATTRIBUTES:
             continue
+        if isinstance(value, np.generic) and isinstance(value.item(), _SCALARS):
+            value = value.item()  # a numpy scalar: stored as the Python one
         if isinstance(value, torch.Tensor):
             tensors[f"scheduler.{name}"] = value.detach().cpu().clone()  # clone: some share memory (views)
         elif isinstance(value, (list, tuple)) and all(v is None or isinstance(v, torch.Tensor) for v in value) \
@@ -56,10 +69,17 @@ def scheduler_state(scheduler) -> tuple[dict[str, torch.Tensor], dict]:
             for i, v in enumerate(value):
                 if v is not None:
                     tensors[f"scheduler.{name}.{i}"] = v.detach().cpu().clone()
-        elif value is None or isinstance(value, (bool, int, float, str)):
+        elif value is None or isinstance(value, _SCALARS):
             scalars[name] = {"value": value}
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-            scalars[name] = {"value": list(value)}
+        elif isinstance(value, (list, tuple)) and all(v is None or isinstance(v, _SCALARS) for v in value):
+            scalars[name] = {"value": list(value)}  # scalars, or a solver history not yet filled (all None)
+        else:
+            kind = type(value).__name__
+            if isinstance(value, (list, tuple)):
+                kind += " of " + ", ".join(sorted({type(v).__name__ for v in value}))
+            raise CheckpointError(f"cannot checkpoint {type(scheduler).__name__}.{name}: a {kind} (a checkpoint "
+                                  f"stores tensors, lists of tensors and JSON scalars); a resume without it "
+                                  f"would not be exact")
     return tensors, scalars
 
 

@@ -1,6 +1,7 @@
 """The engine: a request becomes one MP4, rendered by overlapping windows fused at every step.
 
-    prepare(request)  -> Job        validate against the model's configs; no Ray, no weights
+    prepare(request)  -> Job        validate against the model's configs and the video writer's size rule;
+                                    no Ray, no weights
     run(job, pool)    -> RenderResult
         1. encode the key prompts once (one encoder); the backend's conditioning goes in the object store
         2. initial latents from (seed, latent frame index)
@@ -9,6 +10,8 @@
         4. decode: window-length chunks on any worker (per-frame VAEs), or one ordered streamed session
            (causal 3D VAEs); frames stream in order into ffmpeg, the surplus of the model's frame rule
            (Wan: 4k+1) dropped at the end, so the MP4 has exactly round(seconds * fps) frames
+        progress: {phase, step (steps completed), steps, window_steps_done, window_steps_total, frames_done,
+        frames, eta_s} per window and decoded chunk, then once with phase "done" and the final numbers
 
 The engine is family-blind: geometry comes from the model's `LatentLayout`, conditioning is the backend's
 (the engine passes it along unread). The pool is an in-process worker (reference) or Ray actors; both give
@@ -31,8 +34,8 @@ import torch
 from tqdm import tqdm
 
 from longtake.actors.pool import Pool, WindowFailed
-from longtake.cluster.checkpoint import Checkpointer, restore_scheduler
-from longtake.pipelines import ModelInfo, inspect_model, load_scheduler
+from longtake.cluster.checkpoint import Checkpointer, restore_scheduler, scheduler_state
+from longtake.pipelines import ModelInfo, inspect_model, load_scheduler, weights_identity
 from longtake.pipelines.windows import (
     PromptKey,
     fuse,
@@ -47,6 +50,7 @@ from longtake.video import VideoWriter, contact_sheet, preview_indices
 
 logger = logging.getLogger(__name__)
 
+DISCARD = ("cancelled", "lost")  # stop reasons after which no checkpoint is saved
 DECODE_CHUNK = 4  # latent frames per streamed decode chunk (16 frames for Wan)
 
 
@@ -159,11 +163,15 @@ def prepare(request: RenderRequest | dict) -> Job:
     )
 
 
-def fingerprint(job: Job) -> str:
-    """What a job's latents depend on: a checkpoint is only reused for the same fingerprint.
-    (Not the output path, the preview or the worker count: they do not change the latents.)"""
+def fingerprint(job: Job, dtype: str, device: str) -> str:
+    """What a job's latents depend on: a checkpoint is only reused for the same fingerprint. That includes
+    the model's weights (`weights_identity`: paths, sizes and times of its files) and the dtype and device
+    the workers run in (the pool's WorkerSpec.dtype / .device): a job paused on a GPU in float16 never
+    resumes from those latents on a CPU in float32. (Not the output path, the preview or the worker count:
+    they do not change the latents.)"""
     req = job.request
-    data = {"model": job.model.path, "frames": job.frames, "size": [job.height, job.width], "steps": job.steps,
+    data = {"model": job.model.path, "weights": weights_identity(job.model.path), "dtype": dtype,
+            "device": device, "frames": job.frames, "size": [job.height, job.width], "steps": job.steps,
             "guidance": job.guidance, "windows": job.windows, "seed": req.seed, "noise": job.noise,
             "weighting": req.weighting, "keys": [[k.at, k.prompt] for k in job.keys],
             "negative": req.negative_prompt, "fps": req.fps}
@@ -184,9 +192,10 @@ def _step_kwargs(scheduler, seed: int, step: int) -> dict:
     return kwargs
 
 
-def _bar(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
-    """A progress bar on stderr (every 10 s when stderr is not a terminal)."""
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,
+def _bar(total: int, desc: str, unit: str, enabled: bool, initial: int = 0) -> tqdm:
+    """A progress bar on stderr (every 10 s when stderr is not a terminal). `initial`: work already done
+    (steps from a checkpoint): shown, but not counted in the rate and the ETA."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,
                 mininterval=0.5 if sys.stderr.isatty() else 10)
 
 
@@ -205,25 +214,34 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     """Render a prepared job on a pool. Writes the MP4 (and preview) atomically.
 
     Optional hooks: `on_frames(first_index, frames)` sees every decoded uint8 chunk in order;
-    `on_progress(dict)` gets {phase, step, steps, windows_done, windows_total, frames_done, frames, eta_s}
-    after every window and decoded chunk; `cancelled()` is polled as often, and a truthy value (a reason
-    such as "cancelled" or "paused") stops the job with `Cancelled` (no output left behind).
+    `on_progress(dict)` gets {phase, step, steps, window_steps_done, window_steps_total, frames_done, frames,
+    eta_s} after every window prediction (phase "denoise") and decoded chunk ("decode"), and once more when
+    the MP4 is written ("done", the final numbers). `step` counts the steps completed (what a checkpoint
+    saves: 0 while the first step's windows run); `window_steps_*` count window predictions (windows x
+    steps, those taken from a checkpoint included); `eta_s` is measured on the work computed in this run.
+    `cancelled()` is polled as often (not after "done"), and a truthy value (a reason such as "cancelled"
+    or "paused") stops the job with `Cancelled` (no output left behind).
     `checkpoint`: resume from its newest valid checkpoint, save one every k steps and after the last
-    step, and one of the current step when stopped (so a paused job loses at most one step)."""
+    step, and one of the current step when stopped (so a paused job loses at most one step), unless the
+    reason is in DISCARD (a cancelled job's checkpoints are deleted; a job whose lease was lost is another
+    runner's now)."""
     t0 = time.perf_counter()
     req, plan = job.request, job.windows
     latent_frames = job.latent_frames
 
     timings = {"fuse_s": 0.0, "scheduler_s": 0.0}
+    scheduler = load_scheduler(job.model.path)
+    scheduler.set_timesteps(job.steps)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)  # as the pipelines do: step i is timesteps[i]
+    if checkpoint is not None:
+        scheduler_state(scheduler)  # state a checkpoint could not store fails now, before any work
+
     # 1. conditioning: the key prompts once, with the per-latent-frame schedule; the backend's object, unread
     schedule = prompt_schedule(job.keys, latent_frames, req.fps / job.model.layout.temporal)
     cond = pool.put(pool.encode([k.prompt for k in job.keys], req.negative_prompt, schedule))
 
     # 2. initial latents from (seed, frame)
-    scheduler = load_scheduler(job.model.path)
-    scheduler.set_timesteps(job.steps)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)  # as the pipelines do: step i is timesteps[i]
     z = initial_noise(req.seed, latent_frames, job.latent_shape, job.noise, job.window, job.overlap)  # (1, C, F, h, w)
     z = z * getattr(scheduler, "init_noise_sigma", 1.0)
     weights = window_weights(plan, req.weighting)
@@ -237,27 +255,28 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     total = job.steps * len(plan)
     started = time.perf_counter()
     timings["encode_s"] = started - t0
-    step_now = first_step  # steps applied to z
+    step_now = first_step  # steps applied to z: the steps completed, as progress reports them
 
-    def report(phase: str, step: int, windows_done: int, frames_done: int = 0) -> None:
+    def progress_dict(phase: str, window_steps_done: int, frames_done: int, eta_s) -> dict:
+        return {"phase": phase, "step": step_now, "steps": job.steps, "window_steps_done": window_steps_done,
+                "window_steps_total": total, "frames_done": frames_done, "frames": job.frames, "eta_s": eta_s}
+
+    def report(phase: str, window_steps_done: int, frames_done: int = 0) -> None:
         reason = cancelled() if cancelled is not None else None
         if reason:
             reason = reason if isinstance(reason, str) else "cancelled"
-            if checkpoint is not None and phase == "denoise" and step_now > first_step:
+            if checkpoint is not None and phase == "denoise" and step_now > first_step and reason not in DISCARD:
                 checkpoint.save(step_now, z, scheduler)  # z and the scheduler are still those of step_now
                 logger.info("stopped (%s) at step %d of %d; checkpoint saved", reason, step_now, job.steps)
             raise Cancelled(f"job {reason} during {phase}", reason, step_now)
         if on_progress is not None:
             elapsed = time.perf_counter() - started
-            done = windows_done - first_step * len(plan)
-            eta = elapsed / done * (total - windows_done) if done > 0 and phase == "denoise" else None
-            on_progress({"phase": phase, "step": step, "steps": job.steps, "windows_done": windows_done,
-                         "windows_total": total, "frames_done": frames_done, "frames": job.frames,
-                         "eta_s": None if eta is None else round(eta, 1)})
+            done = window_steps_done - first_step * len(plan)  # computed in this run (not from a checkpoint)
+            eta = elapsed / done * (total - window_steps_done) if done > 0 and phase == "denoise" else None
+            on_progress(progress_dict(phase, window_steps_done, frames_done, None if eta is None else round(eta, 1)))
 
     # 3. denoise: predict every window, fuse in window order, one scheduler step
-    bar = _bar(total, "denoise", "win", progress)
-    bar.update(first_step * len(plan))
+    bar = _bar(total, "denoise", "win", progress, initial=first_step * len(plan))  # the rate counts computed work
     for i, t in enumerate(scheduler.timesteps):
         if i < first_step:
             continue
@@ -269,7 +288,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
             for pred in pool.imap("predict", tasks):
                 preds.append(pred)
                 bar.update()
-                report("denoise", i + 1, i * len(plan) + len(preds))
+                report("denoise", i * len(plan) + len(preds))
         except WindowFailed as e:
             raise WindowFailed(f"step {i + 1} of {job.steps}: {e}") from e
         t1 = time.perf_counter()
@@ -306,12 +325,17 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
             previews += [(first + k, frames[k].copy()) for k in range(len(frames)) if first + k in sampled]
             first += len(frames)
             bar.update(len(frames))
-            report("decode", job.steps, total, first)
+            report("decode", total, first)
     decoded.close()  # stops a stream still decoding the surplus
     bar.close()
     if req.preview:
         contact_sheet(previews, req.preview)
     timings["decode_s"] = time.perf_counter() - decode_start
+    if on_progress is not None:  # the final numbers, whatever a caller's throttling dropped before
+        on_progress(progress_dict("done", total, writer.frames_written, 0.0))
+    # the windows as planned (a short clip's one window is the clip), in output frames
+    longest = min(job.model.layout.frames(max(e - s for s, e in plan)), job.frames)
+    shared = min((a[1] - b[0] for a, b in zip(plan, plan[1:])), default=0)  # what every two neighbours share
 
     return RenderResult(
         out=req.out,
@@ -320,8 +344,8 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         seconds=req.seconds,
         width=job.width,
         height=job.height,
-        window=job.model.layout.frames(job.window),
-        overlap=job.overlap * job.model.layout.temporal,
+        window=longest,
+        overlap=shared * job.model.layout.temporal,
         windows=len(plan),
         workers=pool.num_workers,
         steps=job.steps,

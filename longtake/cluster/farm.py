@@ -11,7 +11,10 @@ job (priority, then submit time), renders it on a Ray actor pool with checkpoint
 keeps going. cancel / pause / resume / retry are store updates that a busy runner notices within a
 window: a paused job is checkpointed at its current step; a cancelled one frees its workers.
 A runner that dies (SIGKILL, lost machine) leaves its job "running"; the next runner to start sees
-that the owner is gone and requeues it, and it resumes from its newest valid checkpoint.
+that the owner is gone (its process gone from this host, or no heartbeat for the lease time) and requeues
+it, and it resumes from its newest valid checkpoint. Every state change a runner makes is fenced by its
+lease (jobs.py): a runner whose lease was taken over or could not be renewed stops rendering and changes
+nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from longtake.actors.pool import WindowFailed
 from longtake.actors.worker import Worker
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, prepare, run, fingerprint
-from longtake.cluster.jobs import FINAL, JobRecord, JobStore
+from longtake.cluster.jobs import JobRecord, JobStore, Lease, ProgressWriter, new_runner_id
 from longtake.request import RequestError, load_timeline
 
 logger = logging.getLogger(__name__)
@@ -44,8 +46,13 @@ def default_farm_dir() -> str:
     return os.environ.get("LONGTAKE_FARM_DIR") or str(Path.home() / ".local" / "share" / "longtake" / "farm")
 
 
-def open_store(farm_dir: str | Path) -> JobStore:
-    return JobStore(Path(farm_dir) / "farm.db")
+def open_store(farm_dir: str | Path, create: bool = True) -> JobStore:
+    """The farm's job store; with create=False, a RequestError when there is no farm at farm_dir."""
+    try:
+        return JobStore(Path(farm_dir) / "farm.db", create=create)
+    except FileNotFoundError:
+        raise RequestError("farm_dir", str(farm_dir), "a farm directory (no farm.db there: submit a job first, "
+                                                       "or give --farm-dir / $LONGTAKE_FARM_DIR)") from None
 
 
 def job_dir(farm_dir: str | Path, job_id: str) -> Path:
@@ -137,7 +144,7 @@ TRANSITIONS = {  # command -> (states it applies to, new state)
 
 def control(farm_dir: str | Path, command: str, job_id: str) -> JobRecord:
     """Apply cancel / pause / resume / retry. Raises RequestError naming the job and its state."""
-    store = open_store(farm_dir)
+    store = open_store(farm_dir, create=False)
     record = store.get(job_id)
     if record is None:
         raise RequestError("id", job_id, "the id of a job in this farm (see `longtake status`)")
@@ -155,16 +162,6 @@ def control(farm_dir: str | Path, command: str, job_id: str) -> JobRecord:
 
 
 # ---------------------------------------------------------------- runner
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 class DiskFull(OSError):
     pass
@@ -185,29 +182,22 @@ class Runner:
         self.checkpoint_every, self.max_attempts, self.blocklist_after = checkpoint_every, max_attempts, blocklist_after
         self.task_timeout_s, self.min_free_mb, self.lease_s, self.poll_s = task_timeout_s, min_free_mb, lease_s, poll_s
         self.worker_cls, self.progress = worker_cls, progress
-        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.id = new_runner_id()
         self.stop = threading.Event()
         self._pool, self._pool_key = None, None
         self._ray_started = False
 
     # -- recovery of jobs whose runner is gone
     def recover(self) -> list[str]:
-        """Requeue running jobs whose runner died (same host: pid gone; other host: lease expired)."""
-        host = socket.gethostname()
+        """Requeue running jobs whose runner is gone (same host: process gone; else: lease expired).
+        Between jobs, this runner renders nothing: a job still leased to it is requeued too."""
         requeued = []
-        for record in self.store.list(limit=10_000, state="running"):
-            owner = record.runner or ""
-            owner_host, _, pid = owner.rpartition(":")
-            if owner == self.id:
-                gone = True  # this process never runs a job it has not claimed now
-            elif owner_host == host and pid.isdigit():
-                gone = not _pid_alive(int(pid))
-            else:
-                gone = time.time() - record.updated > self.lease_s
-            if gone and self.store.update(record.id, state="queued", only_from=("running",)):
-                _job_log(job_dir(self.farm_dir, record.id), f"runner {owner or '?'} is gone; requeued by {self.id}")
-                logger.warning("job %s: runner %s is gone; requeued", record.id, owner or "?")
-                requeued.append(record.id)
+        for job_id, owner in self.store.recover(self.id, self.lease_s):
+            d = job_dir(self.farm_dir, job_id)
+            if d.is_dir():
+                _job_log(d, f"runner {owner or '?'} is gone; requeued by {self.id}")
+            logger.warning("job %s: runner %s is gone; requeued", job_id, owner or "?")
+            requeued.append(job_id)
         return requeued
 
     def serve_forever(self, exit_when_idle: bool = False) -> None:
@@ -242,7 +232,7 @@ class Runner:
         """Render a claimed job; returns its final state for this run."""
         d = job_dir(self.farm_dir, record.id)
         d.mkdir(parents=True, exist_ok=True)
-        log = logging.getLogger(f"longtake.job.{record.id}")
+        log = JOB_LOG  # one logger for every job: its messages reach this job's file through the handler below
         handler = logging.FileHandler(d / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
         handler.setLevel(logging.INFO)
@@ -251,38 +241,33 @@ class Runner:
         root.addHandler(handler)
         if root.getEffectiveLevel() > logging.INFO:
             root.setLevel(logging.INFO)  # the job log gets INFO whatever the console shows
-        beat = threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(record.id, beat), daemon=True)
-        heartbeat.start()
         logger.info("job %s: running (priority %d)", record.id, record.priority)
         state = "failed"
         try:
-            state = self._run(record, d, log)
+            with Lease(self.store, record.id, (self.id, record.lease), self.lease_s, log) as lease:
+                state = self._run(record, d, log, lease)
             return state
         finally:
             logger.info("job %s: %s", record.id, state)
-            beat.set()
             root.removeHandler(handler)
             root.setLevel(old_level)
             handler.close()
 
-    def _heartbeat(self, job_id: str, done: threading.Event) -> None:
-        while not done.wait(min(10.0, self.lease_s / 4)):
-            self.store.update(job_id, only_from=("running",))
-
-    def _run(self, record: JobRecord, d: Path, log: logging.Logger) -> str:
+    def _run(self, record: JobRecord, d: Path, log: logging.Logger, lease: Lease) -> str:
         request = dict(record.request)
         request.setdefault("out", str(d / "out.mp4"))
         request.setdefault("preview", str(d / "preview.png"))
         log.info("run by %s", self.id)
+        owner = (self.id, record.lease)
         try:
             job = prepare(request)
         except RequestError as e:
-            return self._fail(record.id, log, f"request: {e}")
-        ckpt = Checkpointer(d / "checkpoints", self.checkpoint_every, fingerprint(job), log=log)
-        last = {"poll": 0.0, "state": "running", "progress": 0.0}
+            return self._fail(record.id, owner, log, f"request: {e}")
+        last = {"poll": 0.0, "state": "running"}
 
         def should_stop():
+            if lease.lost.is_set():
+                return "lost"
             if self.stop.is_set():
                 return "shutdown"
             now = time.monotonic()
@@ -293,44 +278,42 @@ class Runner:
                 self._check_space(d, Path(job.request.out).parent)
             return last["state"] if last["state"] in ("cancelled", "paused") else None
 
-        def on_progress(p: dict) -> None:
-            now = time.monotonic()
-            if now - last["progress"] >= 0.5 or p["phase"] != last.get("phase"):
-                last["phase"] = p["phase"]
-                last["progress"] = now
-                self.store.update(record.id, progress=p, only_from=("running",))
-
         try:
             pool = self._get_pool(job)
-            result = run(job, pool, progress=self.progress, on_progress=on_progress, cancelled=should_stop,
-                         checkpoint=ckpt)
+            ckpt = Checkpointer(d / "checkpoints", self.checkpoint_every, fingerprint(job, pool.spec.dtype,
+                                                                                        pool.spec.device), log=log)
+            result = run(job, pool, progress=self.progress, on_progress=ProgressWriter(self.store, record.id, owner),
+                         cancelled=should_stop, checkpoint=ckpt)
         except Cancelled as e:
             if e.reason == "cancelled":
                 self._drop_pool()  # frees the workers now, whatever they were doing
                 ckpt.clear()
                 log.info("cancelled at step %d; workers freed, checkpoints removed", e.step)
             elif e.reason == "paused":
-                log.info("paused at step %d", e.step)
+                log.info("paused at step %d; checkpoint saved", e.step)
+            elif e.reason == "lost":  # another runner has the job now: touch nothing of it
+                self._drop_pool()
+                log.error("stopped at step %d: %s", e.step, lease.reason)
             else:  # the runner is stopping: the job goes back to the queue
-                self.store.update(record.id, state="queued", only_from=("running",))
+                self.store.update(record.id, state="queued", only_from=("running",), owner=owner)
                 log.info("runner stopping; requeued at step %d", e.step)
             return e.reason
         except WindowFailed as e:
             self._drop_pool()  # workers may be excluded or dead: the next job starts fresh
-            return self._fail(record.id, log, f"render failed: {e}")
+            return self._fail(record.id, owner, log, f"render failed: {e}")
         except OSError as e:
-            kept = len(ckpt.paths())
-            return self._fail(record.id, log, f"cannot write ({e}); {kept} checkpoints kept: "
-                                              f"`longtake retry {record.id}` once space or access is back")
+            kept = len(Checkpointer(d / "checkpoints", 1, "").paths())
+            return self._fail(record.id, owner, log, f"cannot write ({e}); {kept} checkpoints kept: "
+                                                     f"`longtake retry {record.id}` once space or access is back")
         except RequestError as e:
-            return self._fail(record.id, log, f"request: {e}")
+            return self._fail(record.id, owner, log, f"request: {e}")
         except Exception as e:  # a bug or a model error: fail this job, keep the runner going
             log.exception("unexpected error")
             self._drop_pool()
-            return self._fail(record.id, log, f"{type(e).__name__}: {e}")
+            return self._fail(record.id, owner, log, f"{type(e).__name__}: {e}")
         summary = result.to_dict()
         (d / "result.json").write_text(json.dumps(summary, indent=2))
-        if self.store.update(record.id, state="done", result=summary, only_from=("running",)):
+        if self.store.update(record.id, state="done", result=summary, only_from=("running",), owner=owner):
             ckpt.clear()
             log.info("done: %d frames in %.1f s (resumed from step %d, %d checkpoints in %.2f s), sha256 %s",
                      result.frames, result.wall_s, result.resumed_from_step, result.checkpoints_saved,
@@ -338,9 +321,9 @@ class Runner:
             return "done"
         return self.store.get(record.id).state
 
-    def _fail(self, job_id: str, log: logging.Logger, message: str) -> str:
+    def _fail(self, job_id: str, owner: tuple[str, int], log: logging.Logger, message: str) -> str:
         log.error("failed: %s", message)
-        self.store.update(job_id, state="failed", error=message, only_from=("running",))
+        self.store.update(job_id, state="failed", error=message, only_from=("running",), owner=owner)
         return "failed"
 
     def _check_space(self, *dirs: Path) -> None:
@@ -377,14 +360,17 @@ class Runner:
         self._pool, self._pool_key = None, None
 
 
-def status_rows(store: JobStore, limit: int = 50) -> list[dict]:
-    rows = []
-    for r in store.list(limit=limit):
-        p = r.progress or {}
-        req = r.request
-        rows.append({"id": r.id, "state": r.state, "priority": r.priority,
-                     "progress": f"{p.get('step', 0)}/{p.get('steps', '?')}" if p else "-",
-                     "submitted": time.strftime("%m-%d %H:%M", time.localtime(r.created)),
-                     "what": (req.get("prompt") or f"timeline ({len(req.get('timeline') or [])} keys)")[:40],
-                     "final": r.state in FINAL})
-    return rows
+def table_rows(records: list[JobRecord]) -> list[str]:
+    """The human table of `longtake status`: short lines (the JSON has everything)."""
+    lines = [f"{'ID':16}  {'STATE':9}  {'PRI':>4}  {'STEP':>7}  {'SUBMITTED':16}  WHAT"]
+    for r in records:
+        p, req = r.progress or {}, r.request
+        step = f"{p.get('step') or 0}/{p['steps']}" if p.get("steps") else "-"
+        what = req.get("prompt") or f"timeline ({len(req.get('timeline') or [])} keys)"
+        what = what if len(what) <= 40 else what[:39] + "…"
+        submitted = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created))
+        lines.append(f"{r.id:16}  {r.state:9}  {r.priority:>4}  {step:>7}  {submitted:16}  {what}")
+    return lines
+
+
+JOB_LOG = logging.getLogger("longtake.job")

@@ -1,21 +1,44 @@
-"""The job store: SQLite in WAL mode, one row per job (DESIGN.md contract 8).
+"""The job store: SQLite in WAL mode, one row per job (DESIGN.md contract 8), shared by the farm and serve.
 
-A job has an id, a state, its request, progress, an error or a result, an optional idempotency key
-and a directory for its files. Every write is one short transaction, so several processes (a server,
-a runner, `longtake status`) can share the file. No Ray here.
+A job has an id, a state, its request, progress, an error or a result, an optional idempotency key and
+a lease. Every write is one short transaction on a connection opened and closed for it, so several
+processes (a server, runners, `longtake status`) can share the file. No Ray here.
+
+Leases (fencing). `claim_next(runner)` moves a queued job to running and gives it to `runner` with a
+new lease generation. The runner's own writes (progress, done, failed, requeue) pass `owner=(runner,
+generation)` and change nothing once the job was taken from it; `Lease` heartbeats in a thread and sets
+`lost` when the lease was taken over or could not be renewed, and the runner then stops rendering.
+`recover()` requeues the jobs of runners that are gone: same host and process gone, or no heartbeat for
+`lease_s` (a reused process id on the same host cannot keep a dead runner's job).
+
+The job-status JSON (`JobRecord.to_dict`, the one shape of `longtake status --json` and the HTTP API):
+    {"id", "status", "priority", "created", "updated" (ISO 8601 UTC), "request" (as submitted, full prompt),
+     "progress": {"phase", "step" (steps completed), "steps", "window_steps_done", "window_steps_total",
+                  "frames_done", "frames", "eta_s"}, "error", "result"}
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 import sqlite3
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
-STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
-FINAL = ("done", "failed", "cancelled")
+logger = logging.getLogger(__name__)
+
+STATES = ("queued", "running", "paused", "done", "failed", "cancelled", "deleted")
+FINAL = ("done", "failed", "cancelled", "deleted")
+ACTIVE = ("queued", "running")  # what counts against a queue limit
+SQLITE_INT_MAX = 2**63 - 1
+PROGRESS_KEYS = ("phase", "step", "steps", "window_steps_done", "window_steps_total", "frames_done", "frames", "eta_s")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -29,10 +52,29 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress TEXT NOT NULL DEFAULT '{}',
     error TEXT,
     result TEXT,
-    runner TEXT
+    runner TEXT,
+    lease INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, created);
 """
+
+
+class Conflict(Exception):
+    """An idempotency key already used for a different request."""
+
+
+class QueueFull(Exception):
+    """Too many jobs queued or running; retry later."""
+
+
+def iso(t: float) -> str:
+    """A Unix time as ISO 8601 UTC, to the second."""
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_runner_id(kind: str = "") -> str:
+    """host:pid:token. The token tells a process apart from a later one that reuses its pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{kind}{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
@@ -47,11 +89,14 @@ class JobRecord:
     progress: dict = field(default_factory=dict)
     error: str | None = None
     result: dict | None = None
-    runner: str | None = None  # "host:pid" of the process rendering it (farm runner)
+    runner: str | None = None  # runner_id of the process rendering it
+    lease: int = 0  # lease generation: grows at every claim
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "status": self.state, "request": self.request, "priority": self.priority,
-                "created": self.created, "updated": self.updated, "progress": self.progress,
+        """The one job-status shape (module docstring)."""
+        progress = {k: self.progress.get(k) for k in PROGRESS_KEYS}
+        return {"id": self.id, "status": self.state, "priority": self.priority, "created": iso(self.created),
+                "updated": iso(self.updated), "request": self.request, "progress": progress,
                 "error": self.error or None, "result": self.result}
 
 
@@ -60,82 +105,120 @@ def _record(row: sqlite3.Row) -> JobRecord:
         id=row["id"], state=row["state"], request=json.loads(row["request"]), priority=row["priority"],
         idempotency_key=row["idempotency_key"], created=row["created"], updated=row["updated"],
         progress=json.loads(row["progress"]), error=row["error"],
-        result=json.loads(row["result"]) if row["result"] else None, runner=row["runner"])
+        result=json.loads(row["result"]) if row["result"] else None, runner=row["runner"], lease=row["lease"])
+
+
+def _check_int(name: str, value, low: int, high: int = SQLITE_INT_MAX) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name}: got {value!r}, expected an integer from {low} to {high}")
+    return value
 
 
 class JobStore:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise FileNotFoundError(f"no job store at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
             columns = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
             if "runner" not in columns:  # a store made before the farm existed
                 db.execute("ALTER TABLE jobs ADD COLUMN runner TEXT")
+            if "lease" not in columns:  # a store made before leases
+                db.execute("ALTER TABLE jobs ADD COLUMN lease INTEGER NOT NULL DEFAULT 0")
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # autocommit; explicit BEGIN below
-        db.row_factory = sqlite3.Row
-        return db
+    @contextmanager
+    def _db(self):
+        """A connection for one operation, closed when it ends (autocommit; explicit BEGIN where needed)."""
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            yield db
+        finally:
+            db.close()
 
-    def create(self, request: dict, priority: int = 0, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
-        """Insert a queued job. With an idempotency key already used, return that job instead.
-        Returns (job, created)."""
+    def create(self, request: dict, priority: int = 0, idempotency_key: str | None = None,
+               max_active: int | None = None) -> tuple[JobRecord, bool]:
+        """Insert a queued job; returns (job, created). An idempotency key already used for the same request
+        returns that job (created False); for another request it raises Conflict. With `max_active`, raises
+        QueueFull when that many jobs are queued or running; the check and the insert are one transaction."""
+        _check_int("priority", priority, -SQLITE_INT_MAX)
         now = time.time()
         job_id = uuid.uuid4().hex[:16]
-        with self._connect() as db:
+        text = json.dumps(request, sort_keys=True)
+        with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            if idempotency_key is not None:
-                row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
-                if row is not None:
-                    db.execute("COMMIT")
-                    return _record(row), False
-            db.execute("INSERT INTO jobs (id, state, request, priority, idempotency_key, created, updated) "
-                       "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                       (job_id, json.dumps(request), priority, idempotency_key, now, now))
-            db.execute("COMMIT")
+            try:
+                if idempotency_key is not None:
+                    row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+                    if row is not None:
+                        if json.loads(row["request"]) != json.loads(text):
+                            raise Conflict(f"idempotency key {idempotency_key!r} was used for job {row['id']} with "
+                                           "a different request")
+                        return _record(row), False
+                if max_active is not None:
+                    marks = ",".join("?" * len(ACTIVE))
+                    active = db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", ACTIVE).fetchone()[0]
+                    if active >= max_active:
+                        raise QueueFull(f"{active} jobs queued or running, at most {max_active}")
+                db.execute("INSERT INTO jobs (id, state, request, priority, idempotency_key, created, updated) "
+                           "VALUES (?, 'queued', ?, ?, ?, ?, ?)", (job_id, text, priority, idempotency_key, now, now))
+            finally:
+                db.execute("COMMIT")
         return self.get(job_id), True
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._connect() as db:
+        with self._db() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row) if row else None
 
     def get_by_key(self, idempotency_key: str) -> JobRecord | None:
-        with self._connect() as db:
+        with self._db() as db:
             row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
         return _record(row) if row else None
 
-    def list(self, limit: int = 20, offset: int = 0, state: str | None = None) -> list[JobRecord]:
-        query, args = "SELECT * FROM jobs", []
+    def list(self, limit: int = 20, offset: int = 0, state: str | None = None,
+             hide: tuple[str, ...] = ()) -> list[JobRecord]:
+        """Newest first. Raises ValueError for a limit or offset SQLite cannot take."""
+        _check_int("limit", limit, 0)
+        _check_int("offset", offset, 0)
+        where, args = [], []
         if state is not None:
-            query, args = query + " WHERE state = ?", [state]
-        with self._connect() as db:
+            where, args = ["state = ?"], [state]
+        if hide:
+            where.append(f"state NOT IN ({','.join('?' * len(hide))})")
+            args += list(hide)
+        query = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        with self._db() as db:
             rows = db.execute(query + " ORDER BY created DESC, id LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
         return [_record(r) for r in rows]
 
     def count(self, states: tuple[str, ...] = STATES) -> int:
         marks = ",".join("?" * len(states))
-        with self._connect() as db:
+        with self._db() as db:
             return db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", states).fetchone()[0]
 
     def claim_next(self, runner: str | None = None) -> JobRecord | None:
-        """Atomically move the best queued job (priority, then submit time) to running."""
-        with self._connect() as db:
+        """Atomically move the best queued job (priority, then submit time) to running, leased to `runner`
+        with a new lease generation."""
+        with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, created, id LIMIT 1"
                              ).fetchone()
             if row is not None:
-                db.execute("UPDATE jobs SET state = 'running', updated = ?, runner = ? WHERE id = ?",
+                db.execute("UPDATE jobs SET state = 'running', updated = ?, runner = ?, lease = lease + 1 WHERE id = ?",
                            (time.time(), runner, row["id"]))
             db.execute("COMMIT")
         return self.get(row["id"]) if row else None
 
     def update(self, job_id: str, *, state: str | None = None, progress: dict | None = None,
-               error: str | None = None, result: dict | None = None, only_from: tuple[str, ...] | None = None) -> bool:
-        """Set fields of a job; with `only_from`, only if its state is one of those. Returns True if changed.
-        (error="" clears the error.)"""
+               error: str | None = None, result: dict | None = None, only_from: tuple[str, ...] | None = None,
+               owner: tuple[str, int] | None = None) -> bool:
+        """Set fields of a job; with `only_from`, only if its state is one of those; with `owner` (runner,
+        lease generation), only if the job is still leased to it. Returns True if changed.
+        (error="" clears the error; a job leaving `running` loses its runner.)"""
         if state is not None and state not in STATES:
             raise ValueError(f"state: got {state!r}, expected one of {', '.join(STATES)}")
         sets, args = ["updated = ?"], [time.time()]
@@ -143,14 +226,105 @@ class JobStore:
             if value is not None:
                 sets.append(f"{column} = ?")
                 args.append(json.dumps(value) if isinstance(value, dict) else value)
+        if state is not None and state != "running":
+            sets.append("runner = NULL")
         where, wargs = "id = ?", [job_id]
         if only_from:
             where += f" AND state IN ({','.join('?' * len(only_from))})"
             wargs += list(only_from)
-        with self._connect() as db:
-            cur = db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", (*args, *wargs))
-        return cur.rowcount == 1
+        if owner is not None:
+            where += " AND runner = ? AND lease = ?"
+            wargs += list(owner)
+        with self._db() as db:
+            return db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", (*args, *wargs)).rowcount == 1
 
-    def delete(self, job_id: str) -> bool:
-        with self._connect() as db:
-            return db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount == 1
+    def heartbeat(self, job_id: str, owner: tuple[str, int]) -> bool:
+        """Renew a lease; False when the job is no longer leased to `owner` (requeued or taken over)."""
+        with self._db() as db:
+            return db.execute("UPDATE jobs SET updated = ? WHERE id = ? AND runner = ? AND lease = ?",
+                              (time.time(), job_id, *owner)).rowcount == 1
+
+    def recover(self, me: str, lease_s: float, mine: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+        """Requeue running jobs whose runner is gone: this process's own jobs that it is not rendering
+        (`mine`), jobs of a process gone from this host, and jobs whose lease was not renewed for `lease_s`.
+        Returns [(job id, old runner)]."""
+        host = socket.gethostname()
+        requeued = []
+        for record in self.list(limit=SQLITE_INT_MAX, state="running"):
+            owner = record.runner or ""
+            parts = owner.split(":")
+            if owner == me:
+                gone = record.id not in mine
+            elif parts[0] == host and len(parts) > 1 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+                gone = True
+            else:
+                gone = time.time() - record.updated > lease_s
+            if gone and self.update(record.id, state="queued", progress={}, only_from=("running",),
+                                    owner=(record.runner, record.lease) if record.runner else None):
+                requeued.append((record.id, owner))
+        return requeued
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """Keeps a claimed job's lease alive from a thread. `lost` is set (and `reason` says why) when the
+    job was taken from this runner, or when the heartbeat could not be written for half the lease (the
+    store is unreachable: another runner will requeue the job, so this one must stop rendering)."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: tuple[str, int], lease_s: float, log=None):
+        self.store, self.job_id, self.owner, self.lease_s = store, job_id, owner, lease_s
+        self.log = log or logger
+        self.lost = threading.Event()
+        self.reason = ""
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"lease-{job_id}")
+
+    def __enter__(self) -> "Lease":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _lose(self, reason: str) -> None:
+        self.reason = reason
+        self.log.error("job %s: lease lost (%s); stopping", self.job_id, reason)
+        self.lost.set()
+
+    def _beat(self) -> None:
+        last_ok = time.monotonic()
+        while not self._done.wait(min(10.0, self.lease_s / 4)):
+            try:
+                if not self.store.heartbeat(self.job_id, self.owner):
+                    return self._lose("the job was requeued or taken over by another runner")
+                last_ok = time.monotonic()
+            except Exception as e:  # an SQLite error, a full disk: keep trying until the lease is at risk
+                silent = time.monotonic() - last_ok
+                self.log.error("job %s: heartbeat failed (%s: %s), last renewed %.0f s ago", self.job_id,
+                               type(e).__name__, e, silent)
+                if silent > self.lease_s / 2:
+                    return self._lose(f"no heartbeat for {silent:.0f} s: {type(e).__name__}: {e}")
+
+
+class ProgressWriter:
+    """on_progress for a leased job: writes at most every `interval` s, and always on a phase change."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: tuple[str, int] | None, interval: float = 0.5):
+        self.store, self.job_id, self.owner, self.interval = store, job_id, owner, interval
+        self.last, self.phase = 0.0, None
+
+    def __call__(self, p: dict) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval or p.get("phase") != self.phase:
+            self.last, self.phase = now, p.get("phase")
+            self.store.update(self.job_id, progress=p, only_from=("running",), owner=self.owner)

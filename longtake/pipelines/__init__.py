@@ -31,13 +31,21 @@ engine steps it on the fused prediction. `ModelInfo.cuda_dtype` is the family's 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from longtake.request import RequestError
+
+# The oldest diffusers longtake runs on: the first release whose from_pretrained takes `dtype=` (older ones
+# ignore it and load float32 weights, which then meet float16 inputs on a GPU). Keep in step with
+# pyproject.toml; tests/test_floor.py renders with exactly this release.
+DIFFUSERS_FLOOR = "0.40.0"
 
 # model_index.json `_class_name` -> family module (imported when a model of that family is used)
 FAMILIES = {
@@ -53,7 +61,7 @@ class LatentLayout:
 
     channels: int
     spatial: int  # pixels per latent pixel (the VAE's spatial factor)
-    size_multiple: int  # height and width must be multiples of this (VAE factor x patch size, even)
+    size_multiple: int  # the model's own rule: height and width are multiples of this (VAE factor x patch size)
     size_reason: str  # why, for error messages
     temporal: int = 1  # frames per latent frame
     causal: bool = False  # a causal 3D VAE: the first latent frame is one frame (the 4k+1 rule)
@@ -73,9 +81,30 @@ class LatentLayout:
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return (self.channels, height // self.spatial, width // self.spatial)  # (C, h, w)
 
+    @property
+    def pixel_multiple(self) -> int:
+        """What height and width must be multiples of: the model's own multiple, made even for the video
+        writer (its rule, `longtake.video.valid_frame_side`, is the one source of both)."""
+        from longtake.video import FRAME_SIDE_MULTIPLE
+
+        return math.lcm(self.size_multiple, FRAME_SIDE_MULTIPLE)
+
     def check_size(self, name: str, value: int) -> None:
-        if value % self.size_multiple:
-            raise RequestError(name, value, f"a multiple of {self.size_multiple} ({self.size_reason})")
+        """Every rule an output side must meet, the model's and the video writer's: checked before any work
+        (a size the writer refuses would otherwise fail only after the whole denoise). Raises RequestError."""
+        from longtake.video import FRAME_SIDE_REASON, valid_frame_side
+
+        if valid_frame_side(value, self.size_multiple):
+            return
+        multiple = self.pixel_multiple
+        if multiple == self.size_multiple:
+            reason = self.size_reason
+        elif self.size_multiple == 1:
+            reason = FRAME_SIDE_REASON
+        else:
+            reason = f"{self.size_multiple} for {self.size_reason}, and {FRAME_SIDE_REASON}"
+        positive = "" if isinstance(value, int) and value > 0 else "positive "
+        raise RequestError(name, value, f"a {positive}multiple of {multiple} ({reason})")
 
 
 @dataclass(frozen=True)
@@ -164,8 +193,44 @@ def noise_mode(mode, model: str) -> str:
     return mode
 
 
+def check_diffusers():
+    """The installed diffusers, imported; ImportError naming the floor if it is older (it would load weights in
+    float32 whatever dtype is asked)."""
+    import diffusers
+
+    def release(version: str) -> tuple[int, ...]:  # "0.43.0.dev0" -> (0, 43, 0)
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+    if release(diffusers.__version__) < release(DIFFUSERS_FLOOR):
+        raise ImportError(f"longtake needs diffusers>={DIFFUSERS_FLOOR} (older releases ignore from_pretrained's "
+                          f"dtype=); found diffusers {diffusers.__version__} in {Path(diffusers.__file__).parent}: "
+                          f"pip install 'diffusers>={DIFFUSERS_FLOOR}'")
+    return diffusers
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt", ".model")  # weights, configs, tokenizer vocabularies
+
+
+def weights_identity(model_path: str) -> str:
+    """A cheap identity of a model directory's files (no contents read): SHA-256 over the relative path, size
+    and modification time of every weights, config and tokenizer file (hidden ones left out). Rewriting or
+    touching any of them changes it."""
+    root = Path(model_path)
+    entries = []
+    for directory, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith(".") or not name.endswith(WEIGHT_SUFFIXES):
+                continue
+            file = Path(directory) / name
+            st = file.stat()
+            entries.append((file.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+
+
 def load_backend(model_path: str, device: str = "cpu", dtype: str = "float32", roles=ROLES):
     """Build the backend for a model directory (already inspected), loading only what `roles` use."""
+    check_diffusers()
     info = inspect_model(model_path)
     return importlib.import_module(FAMILIES_BY_NAME[info.family]).Backend(info, device=device, dtype=dtype,
                                                                           roles=tuple(roles))
@@ -186,8 +251,7 @@ def torch_dtype(name: str):
 def load_scheduler(model_path: str):
     """The diffusers scheduler the model directory names (config only, no weights): the class in
     model_index.json, as diffusers' from_pretrained takes it, with the config in scheduler/."""
-    import diffusers
-
+    diffusers = check_diffusers()
     config = json.loads((Path(model_path) / "scheduler" / "scheduler_config.json").read_text())
     index = json.loads((Path(model_path) / "model_index.json").read_text())
     name = (index.get("scheduler") or [None, None])[1] or config["_class_name"]

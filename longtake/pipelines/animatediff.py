@@ -60,9 +60,10 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
     return ModelInfo(
         path=str(path),
         family="animatediff",
-        # frames are even-sized for yuv420p: a factor of 1 still needs multiples of 2
-        layout=LatentLayout(channels=int(unet["in_channels"]), spatial=scale, size_multiple=max(scale, 2),
-                            size_reason="the model's VAE factor" if scale > 1 else "even, for yuv420p"),
+        # the layout adds the video writer's rule (even sides) to the model's own multiple
+        layout=LatentLayout(channels=int(unet["in_channels"]), spatial=scale, size_multiple=scale,
+                            size_reason="the model's pixel-shuffle x upscale factor" if extra.get("pixel_space")
+                            else "the model's VAE factor"),
         # AnimateDiff motion modules are trained on 16 frames
         native_window=int(extra.get("native_window", min(16, max_window))),
         max_window=max_window,

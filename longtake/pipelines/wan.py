@@ -98,7 +98,7 @@ class Backend:
         self.experts, self.boundary = [], None
         if "predict" in roles:
             self.experts = [WanTransformer3DModel.from_pretrained(path, subfolder=name, use_safetensors=True,
-                                                                  torch_dtype=self.dtype).to(self.device).eval()
+                                                                  dtype=self.dtype).to(self.device).eval()
                             for name in info.options["experts"]]
             if info.options["boundary_ratio"] is not None:
                 from longtake.pipelines import load_scheduler
@@ -109,7 +109,7 @@ class Backend:
         if "decode" in roles:
             # the VAE is small (about 0.5 GB): float32 everywhere, for exact decodes
             self.vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", use_safetensors=True,
-                                                        torch_dtype=torch.float32).to(self.device).eval()
+                                                        dtype=torch.float32).to(self.device).eval()
         self.text_encoder = self.tokenizer = None
         if "encode" in roles:
             from transformers import AutoTokenizer, UMT5EncoderModel

@@ -1,56 +1,75 @@
 """The job manager behind the HTTP API: a queue in the job store, a few jobs running at once in
 threads, each rendered by the engine on a shared pool (the autoscaled denoiser deployment).
 
+Jobs are leased like farm jobs (cluster/jobs.py) and checkpointed every few steps: a restarted server
+(or a second one on the same data directory) resumes a job whose manager is gone from its newest
+checkpoint, with the same frames, and never takes a job another live manager is rendering.
+
+What a client sees carries no server path: the request names the served model by its name, and a
+failed job's error is the error class and a message with paths cut out (the full one is in the log).
+
 Plain Python (no Ray Serve imports), so it is testable with any pool.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from longtake.cluster.engine import Cancelled, prepare, run
-from longtake.cluster.jobs import FINAL, STATES, JobStore
+from longtake.cluster.checkpoint import Checkpointer
+from longtake.cluster.engine import Cancelled, Job, fingerprint, prepare, run
+from longtake.cluster.jobs import FINAL, STATES, JobStore, Lease, ProgressWriter, QueueFull, new_runner_id
 from longtake.request import RequestError, parse_request
+from longtake.serve.limits import Limits
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["JobManager", "Limits", "QueueFull", "Gone", "public_message"]
 
-def _same_model(asked, served: str) -> bool:
-    from longtake.pipelines import resolve_model_path
-
-    try:
-        return isinstance(asked, str) and Path(resolve_model_path(asked)).resolve() == Path(served).resolve()
-    except RequestError:
-        return False
+_PATH = re.compile(r"(?<![\w.])(?:~|\.{1,2})?(?:/[^\s'\"(),:;]+)+/?")
 
 
-class QueueFull(Exception):
-    """Too many jobs waiting; retry later."""
+def public_message(text: str) -> str:
+    """A message for clients: every file system path replaced by <path>."""
+    return _PATH.sub("<path>", text)
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_seconds: float = 120.0
-    max_steps: int = 50
-    max_side: int = 512  # pixels, height and width
-    max_queued: int = 16  # queued + running jobs
-    max_running: int = 2
-    max_body_bytes: int = 64 * 1024
+class Gone(Exception):
+    """The job was deleted (HTTP 410)."""
+
+
+def limit_fields() -> set[str]:
+    return {f.name for f in fields(Limits)}
+
+
+def request_cost(job: Job) -> tuple[int, float]:
+    """(model evaluations, MB of latents the driver holds during a step) of a prepared job."""
+    c, h, w = job.latent_shape
+    frame_mb = c * h * w * 4 / 2**20
+    held = 3 * job.latent_frames + sum(e - s for s, e in job.windows)  # z, model input, fused; predictions
+    return job.steps * len(job.windows), held * frame_mb
+
+
+# the fields that drive the cost, most suspect first: the one named in a 422 is the first whose default
+# brings the request within the limits
+COST_FIELDS = ("overlap", "fps", "seconds", "steps", "window", "height", "width")
 
 
 class JobManager:
-    def __init__(self, data_dir: str | Path, pool, model: str, limits: Limits = Limits()):
+    def __init__(self, data_dir: str | Path, pool, model: str, limits: Limits = Limits(), model_name: str | None = None):
         self.data_dir = Path(data_dir)
         self.store = JobStore(self.data_dir / "jobs.db")
         self.pool, self.model, self.limits = pool, model, limits
-        self._cancel: set[str] = set()
+        self.model_name = Path(model_name or model).name  # what clients see; `model` is where it lives here
+        self.id = new_runner_id("serve-")
+        self._cancel: set[str] = set()  # running jobs to stop
         self._running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -69,57 +88,107 @@ class JobManager:
         self.m_idle = Gauge("longtake_workers_idle", "Workers idle (estimate)", registry=self.registry)
         self.m_frames = Counter("longtake_frames_rendered_total", "Frames written to finished videos",
                                 registry=self.registry)
-        for job in self.store.list(limit=10**6, state="running"):  # a restart: running jobs start again
-            self.store.update(job.id, state="queued")
         self._left: dict[str, int] = {}
+        self._recovered = 0.0
         self._scheduler = threading.Thread(target=self._schedule, daemon=True, name="longtake-scheduler")
         self._scheduler.start()
 
     # -- API --------------------------------------------------------------------------------------
     def submit(self, body: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
-        """Validate and queue a render request. Raises RequestError (bad input) or QueueFull."""
+        """Validate and queue a render request. Raises RequestError (bad input or over a limit), QueueFull,
+        or jobs.Conflict (an idempotency key reused with another request)."""
         for field in ("out", "preview"):
             if field in body:
                 raise RequestError(field, body[field], "no value: the server chooses output paths")
-        if "model" in body and not _same_model(body["model"], self.model):
-            raise RequestError("model", body["model"], f"{self.model!r}, the model this server runs")
-        body = {**body, "model": self.model}
-        req = parse_request({**body, "out": str(self.data_dir / "check.mp4")})
+        if "model" in body and body["model"] not in (self.model_name, self.model):
+            raise RequestError("model", body["model"], f"{self.model_name!r}, the model this server runs (or no value)")
+        body = {**body, "model": self.model_name}
+        job = self._check(body)
         lim = self.limits
-        for field, value, top in (("seconds", req.seconds, lim.max_seconds), ("steps", req.steps, lim.max_steps),
-                                  ("height", req.height, lim.max_side), ("width", req.width, lim.max_side)):
-            if value is not None and value > top:
-                raise RequestError(field, value, f"at most {top:g} on this server")
-        prepare(req)  # model-dependent checks (size factor, window), before anything is queued
-        existing = self.store.get_by_key(idempotency_key) if idempotency_key is not None else None
-        if existing is not None:
-            return existing.to_dict(), False
-        if self.store.count(("queued", "running")) >= lim.max_queued:
-            raise QueueFull(f"{lim.max_queued} jobs queued or running")
-        record, created = self.store.create(body, idempotency_key=idempotency_key)
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+            raise RequestError("Idempotency-Key", idempotency_key, "1 to 200 characters")
+        record, created = self.store.create(body, idempotency_key=idempotency_key, max_active=lim.max_queued)
+        if created:
+            logger.info("job %s queued: %d windows x %d steps", record.id, len(job.windows), job.steps)
         self._wake.set()
         return record.to_dict(), created
 
+    def _check(self, body: dict) -> Job:
+        """Every check before a job is queued: the request, this server's limits, the model's rules."""
+        req = parse_request({**body, "model": self.model, "out": str(self.data_dir / "check.mp4")})
+        lim = self.limits
+        for field, value, top in (("seconds", req.seconds, lim.max_seconds), ("fps", req.fps, lim.max_fps),
+                                  ("steps", req.steps, lim.max_steps), ("height", req.height, lim.max_side),
+                                  ("width", req.width, lim.max_side),
+                                  ("timeline", len(req.timeline or ()), lim.max_timeline_keys)):
+            if value is not None and value > top:
+                shown = f"{value} keys" if field == "timeline" else value
+                raise RequestError(field, shown, f"at most {top:g}{' keys' if field == 'timeline' else ''} on this server")
+        job = self._prepare(body)
+        evaluations, mb = request_cost(job)
+        if evaluations <= lim.max_model_evaluations and mb <= lim.max_latent_mb:
+            return job
+        field = self._costliest(body)
+        raise RequestError(field, body.get(field), f"a request within this server's cost limits: at most "
+                           f"{lim.max_model_evaluations} model evaluations (windows x steps) and {lim.max_latent_mb:g} "
+                           f"MB of latents; this one needs {len(job.windows)} windows x {job.steps} steps = "
+                           f"{evaluations} and {mb:.0f} MB (lower {field}, or seconds, fps or steps)")
+
+    def _prepare(self, body: dict) -> Job:
+        try:
+            return prepare({**body, "model": self.model, "out": str(self.data_dir / "check.mp4")})
+        except RequestError as e:  # model rules may quote the model's directory
+            raise RequestError(e.field, e.value, public_message(e.expected)) from None
+
+    def _costliest(self, body: dict) -> str:
+        """The field whose default brings the request within the limits (else the one that helps most)."""
+        best, best_cost = COST_FIELDS[0], None
+        for field in COST_FIELDS:
+            if field not in body:
+                continue
+            rest = {k: v for k, v in body.items() if k != field and not (field == "window" and k == "overlap")}
+            try:
+                evaluations, mb = request_cost(self._prepare(rest))
+            except RequestError:
+                continue
+            if evaluations <= self.limits.max_model_evaluations and mb <= self.limits.max_latent_mb:
+                return field
+            cost = evaluations / self.limits.max_model_evaluations + mb / self.limits.max_latent_mb
+            if best_cost is None or cost < best_cost:
+                best, best_cost = field, cost
+        return best
+
     def get(self, job_id: str) -> dict | None:
+        """The job's status; None if there is no such job. Raises Gone for a deleted one."""
         job = self.store.get(job_id)
+        if job is not None and job.state == "deleted":
+            raise Gone(f"job {job_id} was deleted")
         return job.to_dict() if job else None
 
     def list(self, limit: int = 20, offset: int = 0) -> dict:
-        jobs = self.store.list(limit=limit, offset=offset)
-        return {"data": [j.to_dict() for j in jobs], "limit": limit, "offset": offset, "total": self.store.count()}
+        jobs = self.store.list(limit=limit, offset=offset, hide=("deleted",))
+        total = self.store.count(tuple(s for s in STATES if s != "deleted"))
+        return {"data": [j.to_dict() for j in jobs], "limit": limit, "offset": offset, "total": total}
 
-    def cancel(self, job_id: str) -> bool:
-        """Cancel (if not finished) and delete the job's files. False if there is no such job."""
+    def delete(self, job_id: str) -> str | None:
+        """Cancel the job if it is queued or running, then delete its files; its state becomes `deleted`
+        (reads answer 410). Returns the state it had, or None if there is no such job; raises Gone if it
+        was deleted already."""
         job = self.store.get(job_id)
         if job is None:
-            return False
-        self._cancel.add(job_id)
-        self.store.update(job_id, state="cancelled", only_from=("queued", "running", "paused"))
-        thread = self._running.get(job_id)
+            return None
+        if job.state == "deleted":
+            raise Gone(f"job {job_id} was deleted")
+        with self._lock:
+            thread = self._running.get(job_id)
+            if thread is not None:
+                self._cancel.add(job_id)
+        self.store.update(job_id, state="deleted", progress={}, only_from=tuple(s for s in STATES if s != "deleted"))
         if thread is not None:
-            thread.join(timeout=10)
+            thread.join(timeout=30)
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
-        return True
+        logger.info("job %s deleted (it was %s)", job_id, job.state)
+        return job.state
 
     def job_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id
@@ -141,32 +210,40 @@ class JobManager:
         return generate_latest(self.registry)
 
     def close(self) -> None:
+        """Stop: running jobs are checkpointed at their step and go back to the queue."""
         self._stop = True
         self._wake.set()
-        for job_id in list(self._running):
-            self._cancel.add(job_id)
         for thread in list(self._running.values()):
-            thread.join(timeout=10)
+            thread.join(timeout=30)
+        self._scheduler.join(timeout=5)
 
     # -- running jobs -----------------------------------------------------------------------------
     def _schedule(self) -> None:
         while not self._stop:
             with self._lock:
                 self._running = {k: t for k, t in self._running.items() if t.is_alive()}
-                while len(self._running) < self.limits.max_running:
-                    job = self.store.claim_next()
+                self._cancel &= set(self._running)
+                if time.monotonic() - self._recovered > min(10.0, self.limits.lease_s / 4):
+                    self._recovered = time.monotonic()
+                    for job_id, owner in self.store.recover(self.id, self.limits.lease_s, tuple(self._running)):
+                        logger.warning("job %s: manager %s is gone; requeued (it resumes from its checkpoint)",
+                                       job_id, owner or "?")
+                while len(self._running) < self.limits.max_running and not self._stop:
+                    job = self.store.claim_next(self.id)
                     if job is None:
                         break
-                    thread = threading.Thread(target=self._run_job, args=(job.id, job.request), daemon=True)
+                    thread = threading.Thread(target=self._run_job, args=(job,), daemon=True, name=f"job-{job.id}")
                     self._running[job.id] = thread
                     thread.start()
             self._wake.wait(timeout=1.0)
             self._wake.clear()
 
-    def _run_job(self, job_id: str, body: dict) -> None:
+    def _run_job(self, record) -> None:
+        job_id, owner = record.id, (self.id, record.lease)
         out_dir = self.job_dir(job_id)
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = last = time.perf_counter()
+        write_progress = ProgressWriter(self.store, job_id, owner)
 
         def on_progress(p: dict) -> None:
             nonlocal last
@@ -174,26 +251,54 @@ class JobManager:
             if p["phase"] == "denoise":
                 self.m_window.observe(now - last)
             last = now
-            self._left[job_id] = p["windows_total"] - p["windows_done"]
-            self.store.update(job_id, progress=p, only_from=("running",))
+            self._left[job_id] = p["window_steps_total"] - p["window_steps_done"]
+            write_progress(p)
+
+        polled = {"at": 0.0, "state": "running"}
+
+        def stopped(lease: Lease):
+            if lease.lost.is_set():
+                return "lost"
+            if job_id in self._cancel:
+                return "cancelled"
+            if self._stop:
+                return "shutdown"
+            now = time.monotonic()
+            if now - polled["at"] >= 0.5:  # deleted through another manager on the same store
+                polled["at"] = now
+                current = self.store.get(job_id)
+                polled["state"] = current.state if current else "deleted"
+            return "cancelled" if polled["state"] != "running" else None
 
         try:
-            job = prepare({**body, "out": str(out_dir / "video.mp4"), "preview": str(out_dir / "preview.png")})
-            result = run(job, self.pool, progress=False, on_progress=on_progress,
-                         cancelled=lambda: job_id in self._cancel or self._stop)
+            with Lease(self.store, job_id, owner, self.limits.lease_s) as lease:
+                job = prepare({**record.request, "model": self.model, "out": str(out_dir / "video.mp4"),
+                               "preview": str(out_dir / "preview.png")})
+                spec = self.pool.spec
+                ckpt = Checkpointer(out_dir / "checkpoints", self.limits.checkpoint_every,
+                                    fingerprint(job, spec.dtype, spec.device))
+                result = run(job, self.pool, progress=False, on_progress=on_progress,
+                             cancelled=lambda: stopped(lease), checkpoint=ckpt)
             self.m_duration.observe(time.perf_counter() - t0)
             self.m_frames.inc(result.frames)
             summary = {k: v for k, v in result.to_dict().items() if k not in ("out", "preview")}
-            if not self.store.update(job_id, state="done", result=summary, only_from=("running",)):
-                shutil.rmtree(out_dir, ignore_errors=True)  # cancelled at the last moment
-        except Cancelled:
-            logger.info("job %s cancelled", job_id)
+            summary["model"] = self.model_name
+            if self.store.update(job_id, state="done", result=summary, only_from=("running",), owner=owner):
+                ckpt.clear()
+            else:
+                shutil.rmtree(out_dir, ignore_errors=True)  # deleted at the last moment
+        except Cancelled as e:
+            if e.reason == "shutdown":  # the server stops: the job resumes from its checkpoint at the next start
+                self.store.update(job_id, state="queued", progress={}, only_from=("running",), owner=owner)
+            logger.info("job %s stopped (%s) at step %d", job_id, e.reason, e.step)
         except Exception as e:  # the job fails; the server goes on
             logger.exception("job %s failed", job_id)
-            self.store.update(job_id, state="failed", error=f"{type(e).__name__}: {e}", only_from=("running",))
+            self.store.update(job_id, state="failed", error=f"{type(e).__name__}: {public_message(str(e))}",
+                              only_from=("running",), owner=owner)
         finally:
             self._left.pop(job_id, None)
-            self._cancel.discard(job_id)
+            with self._lock:
+                self._cancel.discard(job_id)
             self._wake.set()
 
     @staticmethod

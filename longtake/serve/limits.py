@@ -1,0 +1,33 @@
+"""The serving limits: what one request and the queue may cost. Plain data (the CLI builds its flags
+from it without importing torch or Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _limit(default, text: str):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost on this server (the README's serving section; `longtake serve --max-...`)."""
+
+    max_seconds: float = _limit(120.0, "longest clip accepted, seconds")
+    max_fps: float = _limit(30.0, "highest frame rate accepted")
+    max_steps: int = _limit(50, "most denoising steps accepted")
+    max_side: int = _limit(512, "largest height or width accepted, pixels")
+    max_timeline_keys: int = _limit(64, "most timeline keys accepted (one text encoding each)")
+    max_model_evaluations: int = _limit(10_000, "most window predictions (windows x steps) in one request")
+    max_latent_mb: float = _limit(2048.0, "most MB of latents the manager holds in one step (the clip three times "
+                                          "and every window's prediction)")
+    max_queued: int = _limit(16, "queued + running jobs before 429")
+    max_running: int = _limit(2, "jobs rendering at once")
+    max_body_bytes: int = _limit(64 * 1024, "largest request body, bytes (413 above)")
+    task_timeout_s: float = _limit(600.0, "seconds one window or decode chunk may wait and run on a denoiser, "
+                                          "queueing and scale-up included")
+    max_attempts: int = _limit(3, "attempts per window, across replicas")
+    blocklist_after: int = _limit(3, "failed calls after which a denoiser replica is replaced (0: never)")
+    checkpoint_every: int = _limit(5, "steps between checkpoints of a job")
+    lease_s: float = _limit(60.0, "seconds without a heartbeat after which another server takes a job over")

@@ -1,0 +1,211 @@
+"""The serve job manager without Serve: cost limits, the served model, idempotency, DELETE, progress
+throttling, errors without paths, checkpoints across a restart, two managers on one data directory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from longtake.actors.pool import InProcessPool
+from longtake.actors.worker import WorkerSpec
+from longtake.cluster.jobs import Conflict, QueueFull
+from longtake.request import RequestError
+from longtake.serve.manager import Gone, JobManager, Limits, public_message
+
+JOB = {"prompt": "a red ball", "seconds": 2, "fps": 8, "steps": 2, "window": 8, "overlap": 2}
+IDLE = Limits(max_running=0)  # validation only: nothing is rendered
+
+
+class SlowPool(InProcessPool):
+    """The in-process pool, a little slower per window, so a test can act mid-job."""
+
+    def imap(self, method, args_list):
+        for result in super().imap(method, args_list):
+            time.sleep(0.05)
+            yield result
+
+
+def wait_for(predicate, timeout=120, what="condition"):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def idle(tmp_path, tiny_model):
+    manager = JobManager(tmp_path / "serve", None, tiny_model, IDLE)
+    yield manager
+    manager.close()
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"fps": 120}, "fps"),  # 120 s at 120 fps was accepted
+    ({"seconds": 20, "window": 8, "overlap": 7}, "overlap"),  # overlap = window - 1: a window per frame
+    ({"timeline": [{"at": i * 0.01, "prompt": f"p{i}"} for i in range(100)], "prompt": None}, "timeline"),
+])
+def test_requests_over_the_cost_limits_are_refused_naming_the_field(tmp_path, tiny_model, change, field):
+    limits = Limits(max_running=0, max_model_evaluations=200)
+    manager = JobManager(tmp_path / "serve", None, tiny_model, limits)
+    try:
+        manager.submit(JOB)  # within the limits
+        body = {k: v for k, v in {**JOB, **change}.items() if v is not None}
+        with pytest.raises(RequestError) as e:
+            manager.submit(body)
+        assert e.value.field == field, str(e.value)
+        assert manager.store.count() == 1
+    finally:
+        manager.close()
+
+
+def test_driver_memory_limit_names_the_field(tmp_path, tiny_model):
+    manager = JobManager(tmp_path / "serve", None, tiny_model, Limits(max_running=0, max_latent_mb=0.5))
+    try:
+        with pytest.raises(RequestError, match="MB of latents") as e:
+            manager.submit({**JOB, "seconds": 20})
+        assert e.value.field == "seconds"
+    finally:
+        manager.close()
+
+
+def test_another_model_is_refused_without_building_it(tmp_path, tiny_model, monkeypatch, idle):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("LONGTAKE_CACHE", str(cache))
+    for other in ("tiny", "tiny-wan", "/somewhere/else"):
+        with pytest.raises(RequestError, match="the model this server runs") as e:
+            idle.submit({**JOB, "model": other})
+        assert e.value.field == "model"
+    assert list(cache.iterdir()) == []  # nothing was built
+    job, _ = idle.submit({**JOB, "model": Path(tiny_model).name})  # its own name is fine
+    assert job["request"]["model"] == Path(tiny_model).name and str(tmp_path) not in str(job)
+
+
+def test_reused_idempotency_key_with_another_body_is_a_conflict(idle):
+    first, created = idle.submit(JOB, "key-1")
+    again, created_again = idle.submit(dict(JOB), "key-1")
+    assert created and not created_again and again["id"] == first["id"]
+    with pytest.raises(Conflict, match="key-1"):
+        idle.submit({**JOB, "seed": 5}, "key-1")
+    assert idle.store.count() == 1
+
+
+def test_queue_limit_counts_queued_jobs(tmp_path, tiny_model):
+    manager = JobManager(tmp_path / "serve", None, tiny_model, Limits(max_running=0, max_queued=2))
+    try:
+        manager.submit(JOB)
+        manager.submit(JOB)
+        with pytest.raises(QueueFull):
+            manager.submit(JOB)
+    finally:
+        manager.close()
+
+
+def test_delete_has_one_meaning(idle):
+    job, _ = idle.submit(JOB)
+    assert idle.delete(job["id"]) == "queued"
+    assert idle.store.get(job["id"]).state == "deleted"
+    with pytest.raises(Gone):
+        idle.get(job["id"])
+    with pytest.raises(Gone):
+        idle.delete(job["id"])
+    assert idle.list()["data"] == [] and idle.list()["total"] == 0
+    assert idle._cancel == set()  # a job that never ran leaves nothing behind
+    assert idle.delete("nope") is None
+
+
+def test_progress_is_written_at_most_twice_a_second(tmp_path, tiny_model):
+    pool = InProcessPool(WorkerSpec(tiny_model))
+    manager = JobManager(tmp_path / "serve", pool, tiny_model, Limits(max_running=1))
+    writes = []
+    update = manager.store.update
+
+    def counting(job_id, **kw):
+        if "progress" in kw and kw["progress"]:
+            writes.append(time.monotonic())
+        return update(job_id, **kw)
+
+    manager.store.update = counting
+    try:
+        job, _ = manager.submit({**JOB, "seconds": 4, "window": 4, "overlap": 1, "steps": 4})
+        wait_for(lambda: manager.store.get(job["id"]).state == "done", what="the job")
+    finally:
+        manager.close()
+    done = manager.store.get(job["id"])
+    reports = done.result["model_evaluations"]  # one progress report per window and step, more for decode
+    assert reports >= 40
+    assert len(writes) < reports / 2, (len(writes), reports)
+    assert done.progress["phase"] == "done" and done.progress["frames_done"] == done.progress["frames"] == 32
+
+
+class FailingPool(InProcessPool):
+    def __init__(self, spec, where):
+        super().__init__(spec)
+        self.where = where
+
+    def imap(self, method, args_list):
+        raise OSError(f"cannot read {self.where}/weights/diffusion_pytorch_model.safetensors")
+
+
+def test_a_failed_job_tells_the_client_no_server_path(tmp_path, tiny_model, caplog):
+    manager = JobManager(tmp_path / "serve", FailingPool(WorkerSpec(tiny_model), tmp_path), tiny_model,
+                         Limits(max_running=1))
+    try:
+        job, _ = manager.submit(JOB)
+        wait_for(lambda: manager.store.get(job["id"]).state == "failed", what="the failure")
+    finally:
+        manager.close()
+    error = manager.get(job["id"])["error"]
+    assert error == "OSError: cannot read <path>", error
+    assert str(tmp_path) in caplog.text  # the server log keeps it
+
+
+def test_public_message_cuts_paths_only():
+    assert public_message("height: got 66, expected a multiple of 8") == "height: got 66, expected a multiple of 8"
+    assert public_message("no file /srv/m/x.json (see ./here or ~/y)") == "no file <path> (see <path> or <path>)"
+
+
+def test_a_restarted_manager_resumes_from_the_checkpoint_with_the_same_frames(tmp_path, tiny_model, render_in_process):
+    request = {**JOB, "seconds": 3, "steps": 8}
+    ref = render_in_process({**request, "model": tiny_model, "out": str(tmp_path / "ref.mp4")})
+    data = tmp_path / "serve"
+    limits = Limits(max_running=1, checkpoint_every=2)
+    first = JobManager(data, SlowPool(WorkerSpec(tiny_model)), tiny_model, limits)
+    job, _ = first.submit(request)
+    try:
+        wait_for(lambda: (first.store.get(job["id"]).progress or {}).get("step", 0) >= 3, what="step 3")
+    finally:
+        first.close()  # the server stops: the job is checkpointed and queued again
+    stopped = first.store.get(job["id"])
+    assert stopped.state == "queued" and stopped.runner is None
+    assert list((data / "jobs" / job["id"] / "checkpoints").glob("step-*.safetensors"))
+    second = JobManager(data, InProcessPool(WorkerSpec(tiny_model)), tiny_model, limits)
+    try:
+        wait_for(lambda: second.store.get(job["id"]).state == "done", what="the resumed job")
+    finally:
+        second.close()
+    result = second.store.get(job["id"]).result
+    assert result["resumed_from_step"] >= 3
+    assert result["frames_sha256"] == ref.frames_sha256
+    assert not (data / "jobs" / job["id"] / "checkpoints").exists()
+
+
+def test_a_second_manager_on_the_same_data_dir_leaves_a_live_managers_job_alone(tmp_path, tiny_model):
+    data = tmp_path / "serve"
+    first = JobManager(data, SlowPool(WorkerSpec(tiny_model)), tiny_model, Limits(max_running=1))
+    job, _ = first.submit({**JOB, "seconds": 3, "steps": 6})
+    second = None
+    try:
+        wait_for(lambda: first.store.get(job["id"]).state == "running", what="running")
+        second = JobManager(data, InProcessPool(WorkerSpec(tiny_model)), tiny_model, Limits(max_running=1))
+        time.sleep(1.5)  # a scheduler round and a recovery pass of the second manager
+        record = second.store.get(job["id"])
+        assert record.state == "running" and record.runner == first.id
+        assert second._running == {}
+        wait_for(lambda: first.store.get(job["id"]).state == "done", what="the first manager's job")
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
