@@ -21,8 +21,8 @@ import logging
 import math
 import os
 import signal
-from dataclasses import fields
 import sys
+from dataclasses import fields
 
 from longtake.request import (DEVICES, NOISE_MODES, WEIGHTINGS, RenderRequest, RequestError, load_timeline,
                               parse_request)
