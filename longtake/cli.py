@@ -325,6 +325,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from longtake.evaluate import evaluate, write
 
     try:
+        for name, low in (("clips", 1), ("long_clips", 0), ("visible_prompts", 0), ("visible_seeds", 1)):
+            if getattr(args, name) < low:
+                raise RequestError(name, getattr(args, name), f"an integer >= {low}")
+        for name in ("seconds", "long_seconds", "visible_seconds"):
+            if not getattr(args, name) > 0:
+                raise RequestError(name, getattr(args, name), "a number of seconds > 0")
         job = prepare({"prompt": "a red ball moving right on a blue background", "model": args.model,
                        "workers": args.workers, "out": "eval.mp4"})
     except RequestError as e:
@@ -339,7 +345,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             pool, started = make_ray_pool(job)
             try:
                 result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips, args.long_seconds,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, visible_prompts=args.visible_prompts,
+                                  visible_seeds=args.visible_seeds, visible_seconds=args.visible_seconds)
             finally:
                 pool.shutdown()
                 if started:
@@ -564,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seconds", type=float, default=8, help="length of the short clips (default 8)")
     ev.add_argument("--long-clips", type=int, default=2, help="60-second clips for drift (default 2)")
     ev.add_argument("--long-seconds", type=float, default=60, help="length of the long clips (default 60)")
+    ev.add_argument("--visible-prompts", type=int, default=5, help="prompts of the object-visible renders, make "
+                                                                    "demo's first (default 5; 0: none)")
+    ev.add_argument("--visible-seeds", type=int, default=2, help="seeds per object-visible prompt (default 2)")
+    ev.add_argument("--visible-seconds", type=float, default=60, help="length of the object-visible renders "
+                                                                      "(default 60)")
     ev.add_argument("--workers", type=int, help="Ray workers (default: one per CPU core)")
     ev.add_argument("--out", default="eval.json", help="JSON results (default eval.json)")
     ev.add_argument("--table", metavar="PATH", help="also write the Markdown table there (default: no table; "

@@ -3,7 +3,9 @@
 For each clip: colour accuracy (object colour = prompt colour), motion accuracy (centroid direction =
 prompt motion), seam continuity (centroid jump across window seams / median jump inside windows) for
 the fused render and for naive windows (overlap 0: windows denoised independently and concatenated),
-and, on long clips, drift (colour and size in the last 10 s against the first 10 s).
+and, on long clips, drift (colour and size in the last 10 s against the first 10 s). Object visible:
+the share of frames of long renders (a few prompts x seeds, `make demo`'s prompt first) in which the
+prompted object is there (`quality.object_visible`).
 Results go to a JSON file and a Markdown table.
 """
 
@@ -21,7 +23,8 @@ from tqdm import tqdm
 
 from longtake.cluster.engine import prepare, run
 from longtake.models.shapes import BACKGROUNDS, OBJECT_COLORS, SHAPES, ClipSpec
-from longtake.quality import classify_color, classify_motion, drift, object_track, seam_pairs, seam_ratio
+from longtake.quality import (classify_color, classify_motion, drift, object_track, object_visible, seam_pairs,
+                              seam_ratio)
 
 logger = logging.getLogger(__name__)
 MOVING = ("left", "right", "up", "down")
@@ -40,6 +43,28 @@ def eval_specs(n: int) -> list[ClipSpec]:
     return specs
 
 
+DEMO = ClipSpec("red", "ball", "bouncing", "blue")  # `make demo`'s prompt
+
+
+def visible_specs(n: int) -> list[ClipSpec]:
+    """The demo's prompt, then moving clips of the eval's cycle: n prompts for the object-visible figure."""
+    return ([DEMO] + [s for s in eval_specs(4 * n) if s.motion in MOVING and s != DEMO])[:n]
+
+
+def visibility(pool, model: str = "default", prompts: int = 5, seeds: int = 2, seconds: float = 60, fps: float = 8,
+               progress: bool = False) -> list[dict]:
+    """Per render (prompts x seeds): the share of frames in which the prompted object is visible."""
+    rows = []
+    work = [(spec, 2000 + k) for spec in visible_specs(prompts) for k in range(seeds)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec, seed in tqdm(work, desc="visible", unit="clip", disable=not progress):
+            req = dict(prompt=spec.caption, seconds=seconds, fps=fps, seed=seed, model=model, out=f"{tmp}/v.mp4")
+            frames, _ = render_frames(pool, req)
+            seen = object_visible(frames, BACKGROUNDS[spec.background], spec.color)
+            rows.append({"prompt": spec.caption, "seed": seed, "seconds": seconds, "visible": float(seen.mean())})
+    return rows
+
+
 def render_frames(pool, request: dict) -> tuple[np.ndarray, list[tuple[int, int]]]:
     chunks: list[np.ndarray] = []
     job = prepare(request)
@@ -48,8 +73,10 @@ def render_frames(pool, request: dict) -> tuple[np.ndarray, list[tuple[int, int]
 
 
 def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, long_clips: int = 2,
-             long_seconds: float = 60, fps: float = 8, progress: bool = True, naive_every: int = 2) -> dict:
-    """naive_every: render the naive-window version of every n-th moving short clip (1: all of them)."""
+             long_seconds: float = 60, fps: float = 8, progress: bool = True, naive_every: int = 2,
+             visible_prompts: int = 5, visible_seeds: int = 2, visible_seconds: float = 60) -> dict:
+    """naive_every: render the naive-window version of every n-th moving short clip (1: all of them).
+    visible_*: the object-visible renders (prompts x seeds of visible_seconds; 0 prompts: none)."""
     rows = []
     specs = eval_specs(clips)
     long_specs = [s for s in eval_specs(clips) if s.motion in MOVING][:long_clips]
@@ -73,6 +100,7 @@ def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, 
             if is_long:
                 row.update({f"drift_{k}": v for k, v in drift(track, fps).items()})
             rows.append(row)
+    visible = visibility(pool, model, visible_prompts, visible_seeds, visible_seconds, fps, progress)
     short = [r for r in rows if not r["long"]]
     median = lambda key: float(np.nanmedian([r[key] for r in rows if key in r])) if any(key in r for r in rows) else None
     summary = {
@@ -86,15 +114,19 @@ def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, 
         "seam_ratio_naive": median("seam_ratio_naive"),
         "drift_color_delta": median("drift_color_delta"),
         "drift_size_ratio": median("drift_size_ratio"),
+        "object_visible": float(np.mean([v["visible"] for v in visible])) if visible else None,
+        "object_visible_min": float(min(v["visible"] for v in visible)) if visible else None,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     return {"summary": summary, "settings": {"model": model, "seconds": seconds, "long_seconds": long_seconds,
-                                             "fps": fps, "workers": pool.num_workers,
+                                             "fps": fps, "workers": pool.num_workers, "visible_renders": len(visible),
+                                             "visible_prompts": visible_prompts, "visible_seeds": visible_seeds,
+                                             "visible_seconds": visible_seconds,
                                              "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"},
-            "clips": rows}
+            "clips": rows, "visible": visible}
 
 
-TARGETS = {"color_accuracy": ">= 0.90", "motion_accuracy": ">= 0.80", "seam_ratio": "<= 1.2"}
+TARGETS = {"color_accuracy": ">= 0.90", "motion_accuracy": ">= 0.80", "seam_ratio": "<= 1.2", "object_visible": ">= 0.95"}
 
 
 def table(result: dict, command: str) -> str:
@@ -106,6 +138,9 @@ def table(result: dict, command: str) -> str:
         f"{st['long_seconds']:g} s at {st['fps']:g} fps, fixed prompts and seeds, {st['workers']} workers, "
         f"{s['wall_s']:.0f} s).", "",
         "| metric | value | target |", "|---|---|---|",
+        f"| object visible, share of frames of {st.get('visible_seconds', 0):g} s renders "
+        f"({st.get('visible_prompts', 0)} prompts x {st.get('visible_seeds', 0)} seeds; lowest render "
+        f"{fmt(s.get('object_visible_min'))}) | {fmt(s.get('object_visible'))} | {TARGETS['object_visible']} |",
         f"| colour accuracy | {fmt(s['color_accuracy'])} | {TARGETS['color_accuracy']} |",
         f"| motion accuracy | {fmt(s['motion_accuracy'])} | {TARGETS['motion_accuracy']} |",
         f"| seam continuity, fused (median seam jump / median jump) | {fmt(s['seam_ratio'])} | {TARGETS['seam_ratio']} |",

@@ -4,6 +4,7 @@
     classify_color(track), classify_motion(track, size)  # vs the prompt's words
     seam_ratio(track, seams, size)                       # centroid jumps at window seams / median jump
     drift(track, fps)                                    # colour and size, last 10 s vs first 10 s
+    object_visible(frames, background_rgb, color_rgb)     # per frame: is the prompted object there?
 
 Positions are wrap-aware (circular means and differences), because objects wrap around the edges.
 """
@@ -113,3 +114,19 @@ def drift(track: Track, fps: float, seconds: float = 10.0) -> dict:
         "color_delta": float(np.linalg.norm(mean_color(last) - mean_color(first))),
         "size_ratio": float(track.areas[last].mean() / max(track.areas[first].mean(), 1e-9)),
     }
+
+
+VISIBLE_MIN_SHARE = 0.005  # of the frame's pixels (20 at 64 x 64; the smallest object drawn covers about 80)
+
+
+def object_visible(frames: np.ndarray, background: tuple[int, int, int], color: str, threshold: float = 80.0) -> np.ndarray:
+    """(F,) bool: the prompted object (colour name `color`) is in the frame. Its pixels are those far from the
+    prompted background and nearer that colour than any other object colour; it is there when they cover at
+    least VISIBLE_MIN_SHARE of the frame (a faded blur, or an object of another colour, does not count)."""
+    x = frames.astype(np.float32)
+    far = np.linalg.norm(x - np.asarray(background, np.float32), axis=-1) > threshold
+    names = list(OBJECT_COLORS)
+    palette = np.asarray([OBJECT_COLORS[n] for n in names], np.float32)  # (K, 3)
+    nearest = np.linalg.norm(x[..., None, :] - palette, axis=-1).argmin(axis=-1)  # (F, H, W)
+    area = (far & (nearest == names.index(color))).sum(axis=(1, 2))
+    return area >= VISIBLE_MIN_SHARE * frames.shape[1] * frames.shape[2]

@@ -63,8 +63,11 @@ def test_eval_runner_measures_and_tabulates(tmp_path, default_pool):
     specs = eval_specs(12)
     assert len({s.motion for s in specs}) == 6 and len({s.color for s in specs}) == 4
     assert not any(s.color == "blue" and s.background == "blue" for s in eval_specs(200))
-    result = evaluate(default_pool, clips=2, seconds=4, long_clips=1, long_seconds=21, progress=False, naive_every=1)
+    result = evaluate(default_pool, clips=2, seconds=4, long_clips=1, long_seconds=21, progress=False, naive_every=1,
+                      visible_prompts=1, visible_seeds=2, visible_seconds=3)
     s = result["summary"]
+    assert [v["prompt"] for v in result["visible"]] == ["a red ball bouncing on a blue background"] * 2
+    assert [v["seed"] for v in result["visible"]] == [2000, 2001] and 0 <= s["object_visible_min"] <= s["object_visible"] <= 1
     assert s["clips"] == 2 and s["long_clips"] == 1 and len(result["clips"]) == 3
     assert 0 <= s["color_accuracy"] <= 1 and 0 <= s["motion_accuracy"] <= 1
     moving = [r for r in result["clips"] if not r["long"] and "seam_ratio" in r]
@@ -73,3 +76,4 @@ def test_eval_runner_measures_and_tabulates(tmp_path, default_pool):
     write(result, str(tmp_path / "e.json"), str(tmp_path / "E.md"), "longtake eval --clips 2")
     md = (tmp_path / "E.md").read_text()
     assert "| colour accuracy |" in md and "longtake eval --clips 2" in md
+    assert "| object visible, share of frames of 3 s renders (1 prompts x 2 seeds" in md

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from longtake.models.shapes import BACKGROUNDS, OBJECT_COLORS, ClipSpec, parse_caption, render_clip
-from longtake.quality import (classify_color, classify_motion, drift, object_track, seam_pairs, seam_ratio,
-                              wrap_delta)
+from longtake.quality import (classify_color, classify_motion, drift, object_track, object_visible, seam_pairs,
+                              seam_ratio, wrap_delta)
 
 
 def _clip(color="red", shape="ball", motion="right", bg="black", frames=48, size=64, seed=0):
@@ -78,3 +78,19 @@ def test_caption_round_trip():
                  ClipSpec("yellow", "square", "still", "gray")]:
         assert parse_caption(spec.caption) == spec
     assert parse_caption("a cat") is None
+
+
+@pytest.mark.parametrize("shape", ["ball", "square", "triangle"])
+@pytest.mark.parametrize("bg", ["black", "white", "gray", "blue"])
+def test_object_visible_finds_the_prompted_object_only(shape, bg):
+    frames, spec = _clip(color="red", shape=shape, motion="right", bg=bg, frames=12)
+    background = np.asarray(BACKGROUNDS[bg], np.float32)
+    assert object_visible(frames, BACKGROUNDS[bg], "red").all()
+    assert not object_visible(frames, BACKGROUNDS[bg], "green").any()  # another colour is not the object
+    empty = np.broadcast_to(background.astype(np.uint8), frames.shape)
+    assert not object_visible(empty, BACKGROUNDS[bg], "red").any()
+    faded = (0.25 * frames + 0.75 * background).astype(np.uint8)  # three quarters gone into the background
+    assert not object_visible(faded, BACKGROUNDS[bg], "red").any()
+    half = frames.copy()
+    half[::2] = empty[::2]  # the object in every other frame
+    assert object_visible(half, BACKGROUNDS[bg], "red").mean() == 0.5
