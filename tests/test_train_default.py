@@ -25,6 +25,12 @@ def runs(tmp_path_factory):
     try:
         cards = {name: train(root / name, minutes=0, seed=seed, batch=2, lr=1e-3, max_steps=3, threads=1)
                  for name, seed in (("a", 0), ("b", 0), ("c", 1))}
+        pieces = []  # run "d": the same as "a", in three pieces of one step, each a fresh start from the state
+        while not pieces or pieces[-1] is None:
+            pieces.append(train(root / "d", minutes=0, seed=0, batch=2, lr=1e-3, max_steps=3, threads=1,
+                                piece_steps=1))
+        cards["d"] = pieces[-1]
+        cards["d_pieces"] = len(pieces)
     finally:
         torch.set_num_threads(threads)
     return root, cards
@@ -55,3 +61,22 @@ def test_trained_model_is_a_safetensors_pixel_model_longtake_renders(runs):
     finally:
         pool.shutdown()
     assert frames.shape == (24, 64, 64, 3) and frames.dtype == np.uint8 and len(windows) >= 2
+
+
+def test_a_run_in_pieces_gives_the_same_weights_as_one_run(runs):
+    root, cards = runs
+    a, d = _weights(root / "a"), _weights(root / "d")
+    assert cards["d_pieces"] == 3 and cards["d"]["steps"] == 3
+    assert all(torch.equal(a[k], d[k]) for k in a)
+    assert cards["d"]["final_loss"] == cards["a"]["final_loss"] and cards["d"]["loss_curve"] == cards["a"]["loss_curve"]
+    assert not (root / "d.state.safetensors").exists()  # the state goes when the run is done
+
+
+def test_a_state_of_another_run_is_refused(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        assert train(tmp_path / "m", minutes=0, seed=0, batch=2, lr=1e-3, max_steps=3, threads=1, piece_steps=1) is None
+        with pytest.raises(SystemExit, match="state of another run"):
+            train(tmp_path / "m", minutes=0, seed=1, batch=2, lr=1e-3, max_steps=3, threads=1)
+    finally:
+        torch.set_num_threads(threads)

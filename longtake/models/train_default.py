@@ -1,6 +1,11 @@
 """Train the bundled default model: a small pixel-space AnimateDiff-style video model.
 
-    python -m longtake.models.train_default --out DIR [--seed 0]
+    python -m longtake.models.train_default --out DIR [--seed 0] [--device cuda] [--piece-minutes 10]
+
+Resumable: every `--state-every` steps (and when a piece ends) the whole training state (weights, EMA,
+optimizer, random generators, step, losses) is written atomically to OUT.state.safetensors (tensors
+and JSON metadata, no pickle); a run started again with the same arguments continues from it, and a
+run cut into pieces gives the same weights as one run.
 
 Data: procedural clips from `shapes.py` (4 colours x 3 shapes x 6 motions x 4 backgrounds), made on
 the fly. Model: diffusers classes only — UNet2DConditionModel + MotionAdapter -> UNetMotionModel on
@@ -22,6 +27,7 @@ import copy
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from longtake.models.shapes import WORDS, sample_batch
@@ -105,10 +113,57 @@ def save_model(out: Path, tokenizer, text_encoder, unet, scheduler, card: dict) 
     (out / "training.json").write_text(json.dumps(card, indent=2))
 
 
+def state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".state.safetensors")
+
+
+def save_state(path: Path, run: dict, step: int, losses: list, modules: dict, opt, rng, gen, elapsed: float) -> None:
+    """The whole training state in one safetensors file (written to a temporary file, then renamed)."""
+    tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items()
+               for k, v in m.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, entry in opt_state["state"].items():
+        for k, v in entry.items():
+            tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+    tensors["torch_generator"] = gen.get_state()
+    meta = {"run": json.dumps(run, sort_keys=True), "step": str(step), "losses": json.dumps(losses),
+            "param_groups": json.dumps(opt_state["param_groups"]), "numpy_rng": json.dumps(rng.bit_generator.state),
+            "elapsed": str(elapsed)}
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, run: dict, modules: dict, opt, rng, gen, device: str) -> tuple[int, list, float] | None:
+    """Continue from a saved state of the same run (same arguments); None if there is none."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    if json.loads(meta["run"]) != run:
+        raise SystemExit(f"{path} is the state of another run ({meta['run']}); delete it or use the same arguments")
+    tensors = load_file(str(path), device="cpu")
+    for name, m in modules.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, k = key.split(".", 2)
+            state.setdefault(int(idx), {})[k] = v if k == "step" else v.to(device)
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    rng.bit_generator.state = json.loads(meta["numpy_rng"])
+    gen.set_state(tensors["torch_generator"])
+    return int(meta["step"]), json.loads(meta["losses"]), float(meta["elapsed"])
+
+
 def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps: int | None, threads: int,
-          save_every: int = 0) -> dict:
+          save_every: int = 0, device: str = "cpu", state_every: int = 200, piece_minutes: float | None = None,
+          piece_steps: int | None = None) -> dict | None:
+    """Train (or continue a saved run of the same arguments). Returns the card, or None when a piece ended
+    (piece_minutes / piece_steps) before the run did: its state is saved, run it again to go on."""
     torch.set_num_threads(threads)
     tokenizer, text_encoder, unet, scheduler = build_components(seed)
+    unet, text_encoder = unet.to(device), text_encoder.to(device)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     # the text encoder learns at a fifth of the UNet's rate: at the full rate its outputs for different
@@ -117,27 +172,42 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
     opt = torch.optim.AdamW([{"params": list(unet.parameters()), "base_lr": lr},
                              {"params": list(text_encoder.parameters()), "base_lr": lr * TEXT_LR}],
                             lr=lr, weight_decay=0.01)
-    alphas = scheduler.alphas_cumprod  # (T,)
+    alphas = scheduler.alphas_cumprod.to(device)  # (T,)
     rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU whatever the device: the same batches and noise
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     budget = minutes * 60
     # the step count is fixed by --max-steps when given (reproducible), else by the time budget
     total = max_steps or 10**9
-    t0, losses, step = time.time(), [], 0
-    bar = tqdm(total=max_steps, desc="train", unit="step")
+    run = {"seed": seed, "batch": batch, "lr": lr, "max_steps": max_steps, "threads": threads, "device": device}
+    modules = {"unet": unet, "text": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    resumed = load_state(state_path(out), run, modules, opt, rng, gen, device) if max_steps else None
+    step, losses, done_before = resumed or (0, [], 0.0)
+    if resumed:
+        logger.info("resumed at step %d of %d from %s", step, max_steps, state_path(out))
+    t0 = time.time() - done_before  # train_seconds counts every piece
+    piece_start, piece_first = time.time(), step
+    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step")
     while step < total and (max_steps or time.time() - t0 < budget):
+        if max_steps and ((piece_minutes is not None and time.time() - piece_start > piece_minutes * 60)
+                          or (piece_steps is not None and step - piece_first >= piece_steps)):
+            save_state(state_path(out), run, step, losses, modules, opt, rng, gen, time.time() - t0)
+            bar.close()
+            logger.info("piece ended at step %d of %d; state in %s: run again to go on", step, max_steps,
+                        state_path(out))
+            return None
         clips, captions = sample_batch(rng, batch, FRAMES, SIZE)
-        x0 = torch.from_numpy(clips).float().div(127.5).sub(1).permute(0, 1, 4, 2, 3)  # (B, F, 3, H, W)
+        x0 = torch.from_numpy(clips).float().div(127.5).sub(1).permute(0, 1, 4, 2, 3).to(device)  # (B, F, 3, H, W)
         x0 = F.pixel_unshuffle(x0.flatten(0, 1), SHUFFLE).unflatten(0, (batch, FRAMES)).transpose(1, 2)  # (B, 3*s*s, F, h, w)
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         drop = torch.rand(batch, generator=gen) < 0.1
         ids[drop] = empty
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        ids = ids.to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
         # noise correlated across frames (AR(1), rho 0.9), as longtake samples this model: neighbouring
         # frames start from similar noise, so the model need not learn to tie independent frames together
-        noise = correlate_frames(torch.randn(x0.shape, generator=gen), dim=2)
+        noise = correlate_frames(torch.randn(x0.shape, generator=gen), dim=2).to(device)
         a = alphas[t].view(-1, 1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         hidden = text_encoder(ids)[0].repeat_interleave(FRAMES, dim=0)  # (B*F, seq, dim)
@@ -164,9 +234,12 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
         if save_every and step % save_every == 0:  # snapshots to look at mid-run; they do not change the run
             save_model(out.with_name(out.name + f"-step{step}"), tokenizer, ema_text, ema_unet, scheduler,
                        _card(seed, step, batch, lr, threads, t0, losses))
+        if max_steps and state_every and step % state_every == 0 and step < total:
+            save_state(state_path(out), run, step, losses, modules, opt, rng, gen, time.time() - t0)
     bar.close()
-    card = _card(seed, step, batch, lr, threads, t0, losses)
-    save_model(out, tokenizer, ema_text, ema_unet, scheduler, card)
+    card = _card(seed, step, batch, lr, threads, t0, losses) | {"device": device}
+    save_model(out, tokenizer, ema_text.cpu(), ema_unet.cpu(), scheduler, card)
+    state_path(out).unlink(missing_ok=True)
     return card
 
 
@@ -187,10 +260,16 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2, help="torch threads (2 on the reference machine)")
     p.add_argument("--save-every", type=int, default=0, help="also save the EMA model every N steps to OUT-stepN")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default cpu)")
+    p.add_argument("--state-every", type=int, default=200, help="save the resumable state every N steps (default 200)")
+    p.add_argument("--piece-minutes", type=float, help="stop after this many minutes, state saved; run the same "
+                                                       "command again to go on (default: run to the end)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     card = train(Path(args.out), args.minutes, args.seed, args.batch, args.lr, args.max_steps or None, args.threads,
-                 args.save_every)
+                 args.save_every, args.device, args.state_every, args.piece_minutes)
+    if card is None:
+        return
     logger.info("done: %d steps in %.0f s, final loss %.4f -> %s", card["steps"], card["train_seconds"],
                 card["final_loss"], args.out)
 
