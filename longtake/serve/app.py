@@ -24,7 +24,7 @@ import queue
 import secrets
 import threading
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -38,6 +38,13 @@ from longtake.request import RenderRequest, RequestError
 from longtake.serve.manager import Gone, JobManager, Limits, QueueFull, public_message
 
 logger = logging.getLogger(__name__)
+
+
+def _one_line(error: Exception) -> str:
+    """A denoiser call's error in one line: its class and the last line of its message (Serve wraps the
+    replica's traceback around it)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1] if text else 'failed'}"
 
 
 class ServePool:
@@ -103,7 +110,7 @@ class ServePool:
             finally:
                 stop.set()
                 response.cancel()
-            reason = f"{type(value).__name__}: {str(value).strip().splitlines()[-1] if str(value).strip() else 'failed'}"
+            reason = _one_line(value)
             if attempt == self.max_attempts:
                 raise WindowFailed(f"{method} failed {attempt} times; last error: {reason}") from value
             logger.warning("restarting %s after %d items (attempt %d of %d) after: %s", method, delivered,
@@ -127,7 +134,7 @@ class ServePool:
                 raise WindowFailed(f"{method} task {i}: no denoiser answered in {self.timeout_s:g} s (can a replica "
                                    "be scheduled? see `ray status`)") from None
             except Exception as e:  # the replica's own error, or a replica that died
-                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else 'failed'}"
+                reason = _one_line(e)
                 if attempt >= self.max_attempts:
                     raise WindowFailed(f"{method} task {i} failed {attempt} times; last error: {reason}") from e
                 logger.warning("retrying %s task %d (attempt %d of %d) after: %s", method, i, attempt + 1,
@@ -429,7 +436,7 @@ def app_builder(args: dict):
     model = inspect_model(args.get("model", "default"))
     data_dir = args.get("data_dir", "/tmp/longtake")
     token, _ = load_or_create_token(data_dir)
-    limit_keys = set(Limits.__dataclass_fields__)
+    limit_keys = {f.name for f in fields(Limits)}
     limits = Limits(**{k: v for k, v in args.items() if k in limit_keys})
     return build_app(model.path, data_dir, token, args.get("device", "cpu"), int(args.get("min_replicas", 0)),
                      int(args.get("max_replicas", 2)), limits, float(args.get("downscale_delay_s", 30)),

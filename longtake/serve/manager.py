@@ -18,7 +18,6 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -26,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, Job, fingerprint, prepare, run
 from longtake.cluster.jobs import FINAL, STATES, JobStore, Lease, ProgressWriter, QueueFull, new_runner_id
-from longtake.request import RequestError, parse_request
+from longtake.request import RenderRequest, RequestError, parse_request
 from longtake.serve.limits import Limits
 
 logger = logging.getLogger(__name__)
@@ -45,10 +44,6 @@ class Gone(Exception):
     """The job was deleted (HTTP 410)."""
 
 
-def limit_fields() -> set[str]:
-    return {f.name for f in fields(Limits)}
-
-
 def request_cost(job: Job) -> tuple[int, float]:
     """(model evaluations, MB of latents the driver holds during a step) of a prepared job."""
     c, h, w = job.latent_shape
@@ -56,6 +51,8 @@ def request_cost(job: Job) -> tuple[int, float]:
     held = 3 * job.latent_frames + sum(e - s for s, e in job.windows)  # z, model input, fused; predictions
     return job.steps * len(job.windows), held * frame_mb
 
+
+LIVE = tuple(s for s in STATES if s != "deleted")  # the states a client can still read
 
 # the fields that drive the cost, most suspect first: the one named in a 422 is the first whose default
 # brings the request within the limits
@@ -124,7 +121,7 @@ class JobManager:
             if value is not None and value > top:
                 shown = f"{value} keys" if field == "timeline" else value
                 raise RequestError(field, shown, f"at most {top:g}{' keys' if field == 'timeline' else ''} on this server")
-        job = self._prepare(body)
+        job = self._prepare(req)
         evaluations, mb = request_cost(job)
         if evaluations <= lim.max_model_evaluations and mb <= lim.max_latent_mb:
             return job
@@ -134,9 +131,12 @@ class JobManager:
                            f"MB of latents; this one needs {len(job.windows)} windows x {job.steps} steps = "
                            f"{evaluations} and {mb:.0f} MB (lower {field}, or seconds, fps or steps)")
 
-    def _prepare(self, body: dict) -> Job:
+    def _prepare(self, body: dict | RenderRequest) -> Job:
+        """prepare() against the served model (a body, or a request `_check` has parsed already)."""
         try:
-            return prepare({**body, "model": self.model, "out": str(self.data_dir / "check.mp4")})
+            if isinstance(body, dict):
+                body = {**body, "model": self.model, "out": str(self.data_dir / "check.mp4")}
+            return prepare(body)
         except RequestError as e:  # model rules may quote the model's directory
             raise RequestError(e.field, e.value, public_message(e.expected)) from None
 
@@ -167,7 +167,7 @@ class JobManager:
 
     def list(self, limit: int = 20, offset: int = 0) -> dict:
         jobs = self.store.list(limit=limit, offset=offset, hide=("deleted",))
-        total = self.store.count(tuple(s for s in STATES if s != "deleted"))
+        total = self.store.count(LIVE)
         return {"data": [j.to_dict() for j in jobs], "limit": limit, "offset": offset, "total": total}
 
     def delete(self, job_id: str) -> str | None:
@@ -183,7 +183,7 @@ class JobManager:
             thread = self._running.get(job_id)
             if thread is not None:
                 self._cancel.add(job_id)
-        self.store.update(job_id, state="deleted", progress={}, only_from=tuple(s for s in STATES if s != "deleted"))
+        self.store.update(job_id, state="deleted", progress={}, only_from=LIVE)
         if thread is not None:
             thread.join(timeout=30)
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
