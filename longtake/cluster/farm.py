@@ -38,6 +38,8 @@ from longtake.cluster.jobs import JobRecord, JobStore, Lease, ProgressWriter, ne
 from longtake.request import RequestError, load_timeline
 
 logger = logging.getLogger(__name__)
+# one logger for every job: a running job's messages reach its log.txt through a handler on "longtake"
+JOB_LOGGER = logging.getLogger("longtake.job")
 
 SPEC_KEYS = ("priority", "token")  # per-job keys of a spec that are not request fields
 
@@ -232,7 +234,6 @@ class Runner:
         """Render a claimed job; returns its final state for this run."""
         d = job_dir(self.farm_dir, record.id)
         d.mkdir(parents=True, exist_ok=True)
-        log = JOB_LOG  # one logger for every job: its messages reach this job's file through the handler below
         handler = logging.FileHandler(d / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
         handler.setLevel(logging.INFO)
@@ -244,8 +245,8 @@ class Runner:
         logger.info("job %s: running (priority %d)", record.id, record.priority)
         state = "failed"
         try:
-            with Lease(self.store, record.id, (self.id, record.lease), self.lease_s, log) as lease:
-                state = self._run(record, d, log, lease)
+            with Lease(self.store, record.id, (self.id, record.lease), self.lease_s, JOB_LOGGER) as lease:
+                state = self._run(record, d, lease)
             return state
         finally:
             logger.info("job %s: %s", record.id, state)
@@ -253,16 +254,16 @@ class Runner:
             root.setLevel(old_level)
             handler.close()
 
-    def _run(self, record: JobRecord, d: Path, log: logging.Logger, lease: Lease) -> str:
+    def _run(self, record: JobRecord, d: Path, lease: Lease) -> str:
         request = dict(record.request)
         request.setdefault("out", str(d / "out.mp4"))
         request.setdefault("preview", str(d / "preview.png"))
-        log.info("run by %s", self.id)
+        JOB_LOGGER.info("run by %s", self.id)
         owner = (self.id, record.lease)
         try:
             job = prepare(request)
         except RequestError as e:
-            return self._fail(record.id, owner, log, f"request: {e}")
+            return self._fail(record.id, owner, f"request: {e}")
         last = {"poll": 0.0, "state": "running"}
 
         def should_stop():
@@ -281,48 +282,48 @@ class Runner:
         try:
             pool = self._get_pool(job)
             ckpt = Checkpointer(d / "checkpoints", self.checkpoint_every, fingerprint(job, pool.spec.dtype,
-                                                                                        pool.spec.device), log=log)
+                                                                                        pool.spec.device), log=JOB_LOGGER)
             result = run(job, pool, progress=self.progress, on_progress=ProgressWriter(self.store, record.id, owner),
                          cancelled=should_stop, checkpoint=ckpt)
         except Cancelled as e:
             if e.reason == "cancelled":
                 self._drop_pool()  # frees the workers now, whatever they were doing
                 ckpt.clear()
-                log.info("cancelled at step %d; workers freed, checkpoints removed", e.step)
+                JOB_LOGGER.info("cancelled at step %d; workers freed, checkpoints removed", e.step)
             elif e.reason == "paused":
-                log.info("paused at step %d; checkpoint saved", e.step)
+                JOB_LOGGER.info("paused at step %d; checkpoint saved", e.step)
             elif e.reason == "lost":  # another runner has the job now: touch nothing of it
                 self._drop_pool()
-                log.error("stopped at step %d: %s", e.step, lease.reason)
+                JOB_LOGGER.error("stopped at step %d: %s", e.step, lease.reason)
             else:  # the runner is stopping: the job goes back to the queue
                 self.store.update(record.id, state="queued", only_from=("running",), owner=owner)
-                log.info("runner stopping; requeued at step %d", e.step)
+                JOB_LOGGER.info("runner stopping; requeued at step %d", e.step)
             return e.reason
         except WindowFailed as e:
             self._drop_pool()  # workers may be excluded or dead: the next job starts fresh
-            return self._fail(record.id, owner, log, f"render failed: {e}")
+            return self._fail(record.id, owner, f"render failed: {e}")
         except OSError as e:
             kept = len(Checkpointer(d / "checkpoints", 1, "").paths())
-            return self._fail(record.id, owner, log, f"cannot write ({e}); {kept} checkpoints kept: "
+            return self._fail(record.id, owner, f"cannot write ({e}); {kept} checkpoints kept: "
                                                      f"`longtake retry {record.id}` once space or access is back")
         except RequestError as e:
-            return self._fail(record.id, owner, log, f"request: {e}")
+            return self._fail(record.id, owner, f"request: {e}")
         except Exception as e:  # a bug or a model error: fail this job, keep the runner going
-            log.exception("unexpected error")
+            JOB_LOGGER.exception("unexpected error")
             self._drop_pool()
-            return self._fail(record.id, owner, log, f"{type(e).__name__}: {e}")
+            return self._fail(record.id, owner, f"{type(e).__name__}: {e}")
         summary = result.to_dict()
         (d / "result.json").write_text(json.dumps(summary, indent=2))
         if self.store.update(record.id, state="done", result=summary, only_from=("running",), owner=owner):
             ckpt.clear()
-            log.info("done: %d frames in %.1f s (resumed from step %d, %d checkpoints in %.2f s), sha256 %s",
+            JOB_LOGGER.info("done: %d frames in %.1f s (resumed from step %d, %d checkpoints in %.2f s), sha256 %s",
                      result.frames, result.wall_s, result.resumed_from_step, result.checkpoints_saved,
                      result.checkpoint_s, result.frames_sha256)
             return "done"
         return self.store.get(record.id).state
 
-    def _fail(self, job_id: str, owner: tuple[str, int], log: logging.Logger, message: str) -> str:
-        log.error("failed: %s", message)
+    def _fail(self, job_id: str, owner: tuple[str, int], message: str) -> str:
+        JOB_LOGGER.error("failed: %s", message)
         self.store.update(job_id, state="failed", error=message, only_from=("running",), owner=owner)
         return "failed"
 
@@ -372,5 +373,3 @@ def table_rows(records: list[JobRecord]) -> list[str]:
         lines.append(f"{r.id:16}  {r.state:9}  {r.priority:>4}  {step:>7}  {submitted:16}  {what}")
     return lines
 
-
-JOB_LOG = logging.getLogger("longtake.job")
