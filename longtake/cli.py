@@ -128,6 +128,13 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+def _interrupted(command: str, what: str) -> int:
+    """A long-running command stopped by a signal: the message on a line of its own, exit status 130."""
+    close_progress_bars()
+    print(f"longtake {command}: interrupted; {what}", file=sys.stderr)
+    return 130
+
+
 @contextlib.contextmanager
 def log_above_progress_bars():
     """Log lines (a worker replaced, a retry) printed above the progress bars rather than inside them."""
@@ -300,9 +307,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
             result = render(job.request, progress=not args.quiet, address=args.address, in_process=args.in_process)
         except KeyboardInterrupt:
-            close_progress_bars()
-            print("longtake render: interrupted; stopped workers, no output written", file=sys.stderr)
-            return 130
+            return _interrupted("render", "stopped workers, no output written")
         if args.json:
             emit(json.dumps(result.to_dict()))
         else:
@@ -352,9 +357,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 if started:
                     ray.shutdown()
         except KeyboardInterrupt:
-            close_progress_bars()
-            print("longtake eval: interrupted; nothing written", file=sys.stderr)
-            return 130
+            return _interrupted("eval", "nothing written")
         _publish("eval", write, result, args, emit, "summary")
     return 0
 
@@ -540,9 +543,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             result = bench(quick=args.quick, device=args.device, model=args.model, progress=not args.quiet,
                            workers_per_node=args.workers_per_node, bandwidth_gbps=args.bandwidth_gbps)
         except KeyboardInterrupt:
-            close_progress_bars()
-            print("longtake bench: interrupted; nothing written", file=sys.stderr)
-            return 130
+            return _interrupted("bench", "nothing written")
         _publish("bench", write, result, args, emit, "figures")
     return 0
 
