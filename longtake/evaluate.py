@@ -126,7 +126,8 @@ def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, 
             "clips": rows, "visible": visible}
 
 
-TARGETS = {"color_accuracy": ">= 0.90", "motion_accuracy": ">= 0.80", "seam_ratio": "<= 1.2", "object_visible": ">= 0.95"}
+TARGETS = {"color_accuracy": ">= 0.90", "motion_accuracy": ">= 0.75, none below 0.5", "seam_ratio": "<= 1.15",
+           "object_visible": ">= 0.95"}  # issue #14's targets
 
 
 def table(result: dict, command: str) -> str:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
 from longtake.evaluate import render_frames
+from longtake.models.card import write_card
 from longtake.models.train_default import train
 from longtake.pipelines import inspect_model
 
@@ -80,3 +81,45 @@ def test_a_state_of_another_run_is_refused(tmp_path):
             train(tmp_path / "m", minutes=0, seed=1, batch=2, lr=1e-3, max_steps=3, threads=1)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_second_stage_starts_from_the_first_and_the_motion_loss_changes_it(runs, tmp_path):
+    root, _ = runs
+    threads = torch.get_num_threads()
+    try:
+        # learning rate 0: the weights cannot move, so the second stage's EMA is the first stage's weights
+        frozen = train(tmp_path / "frozen", minutes=0, seed=5, batch=2, lr=0.0, max_steps=1, threads=1, init=root / "a")
+        plain = train(tmp_path / "plain", minutes=0, seed=5, batch=2, lr=1e-3, max_steps=2, threads=1, init=root / "a")
+        motion = train(tmp_path / "motion", minutes=0, seed=5, batch=2, lr=1e-3, max_steps=2, threads=1, init=root / "a",
+                       temporal_weight=1.0, noise="independent")
+    finally:
+        torch.set_num_threads(threads)
+    a, f = _weights(root / "a"), _weights(tmp_path / "frozen")
+    assert all(torch.equal(a[k], f[k]) for k in a)
+    assert len(frozen["init"]) == 64 and "temporal_weight" not in frozen and motion["temporal_weight"] == 1.0
+    assert frozen["first_stage"]["seed"] == 0 and frozen["first_stage"]["steps"] == 3
+    p, m = _weights(tmp_path / "plain"), _weights(tmp_path / "motion")
+    assert not all(torch.equal(p[k], m[k]) for k in p)
+    assert motion["final_loss"] > plain["final_loss"]  # the motion term adds to the same prediction's loss
+    assert json.loads((tmp_path / "motion" / "longtake.json").read_text())["default_noise"] == "independent"
+    assert json.loads((tmp_path / "plain" / "longtake.json").read_text())["default_noise"] == "correlated"
+    card = write_card(tmp_path / "motion").read_text()
+    assert "Stage 1: seed 0, 3 steps" in card and "Stage 2: from stage 1's weights (`--init`), seed 5, 2 steps" in card
+    assert "the motion loss at weight 1.0" in card and "Initial noise independent for every frame" in card
+
+
+def test_stop_at_writes_the_snapshot_of_that_step_and_the_run_goes_on(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        train(tmp_path / "full", minutes=0, seed=2, batch=2, lr=1e-3, max_steps=3, threads=1, save_every=2)
+        early = train(tmp_path / "early", minutes=0, seed=2, batch=2, lr=1e-3, max_steps=3, threads=1, stop_at=2)
+        stopped = _weights(tmp_path / "early")
+        assert (tmp_path / "early.state.safetensors").is_file()  # the same command without stop_at goes on
+        rest = train(tmp_path / "early", minutes=0, seed=2, batch=2, lr=1e-3, max_steps=3, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    snap, full, went_on = (_weights(tmp_path / n) for n in ("full-step2", "full", "early"))
+    assert early["steps"] == 2 and early["max_steps"] == 3 and rest["steps"] == 3
+    assert all(torch.equal(snap[k], stopped[k]) for k in snap)  # stopped at 2 = the step-2 snapshot
+    assert all(torch.equal(full[k], went_on[k]) for k in full)  # and going on = the run without a stop
+    assert not all(torch.equal(full[k], snap[k]) for k in full)

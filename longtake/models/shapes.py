@@ -58,7 +58,9 @@ def trajectory(motion: str, frames: int, size: int, rng: np.random.Generator) ->
     """(frames, 2) centre positions (x, y) in pixels; wraps around for the four directions."""
     x0, y0 = rng.uniform(0, size, 2)
     t = np.arange(frames, dtype=np.float64)
-    speed = rng.uniform(0.06, 0.1) * size / 2  # pixels per frame (about 1-1.6 px at 32 px)
+    # about 1 pixel per frame at 16 px (a window of 16 frames crosses the frame once): motion the model can
+    # see at its resolution; half that speed (model v1) was learned as "still" or not at all
+    speed = rng.uniform(0.85, 1.05) * size / 16
     if motion in ("left", "right", "up", "down"):
         dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[motion]
         xs, ys = (x0 + dx * speed * t) % size, (y0 + dy * speed * t) % size
@@ -97,7 +99,7 @@ def _mask(shape: str, cx: float, cy: float, r: float, size: int, ss: int = 4) ->
 
 def render_clip(spec: ClipSpec, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """(frames, size, size, 3) uint8."""
-    radius = size * rng.uniform(0.13, 0.17)
+    radius = size * rng.uniform(0.17, 0.21)  # 2.7-3.4 px at 16 px: 1.6x the area of model v1's objects
     path = trajectory(spec.motion, frames, size, rng)
     bg = np.array(BACKGROUNDS[spec.background], dtype=np.float64)
     fg = np.array(OBJECT_COLORS[spec.color], dtype=np.float64)

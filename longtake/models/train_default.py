@@ -2,6 +2,11 @@
 
     python -m longtake.models.train_default --out DIR [--seed 0] [--device cuda] [--piece-minutes 10]
 
+The shipped model is two runs (the README and the model card give the exact commands): stage 1 with
+noise correlated across frames, stopped at step 6000 of a 9000-step schedule (`--stop-at`); stage 2
+from its weights (`--init`) with independent noise per frame and a loss on the frame-to-frame
+differences of the prediction (`--temporal-weight`), which make the model tie its frames together.
+
 Resumable: every `--state-every` steps (and when a piece ends) the whole training state (weights, EMA,
 optimizer, random generators, step, losses) is written atomically to OUT.state.safetensors (tensors
 and JSON metadata, no pickle); a run started again with the same arguments continues from it, and a
@@ -14,16 +19,18 @@ vocabulary, a DDIM scheduler. No VAE: frames are pixels, upscaled x4 on decode (
 Trained to predict the clean clip (x0, "sample" prediction) with plain MSE, which puts the weight on
 the noisy end where colour, shape and motion are decided; 10% caption dropout (for classifier-free
 guidance) and an EMA of the weights, which is what ships. A cosine schedule, DDIM sampling with
-trailing timesteps. Two inductive biases for the data: the convolutions wrap around the frame edges as
-the clips do (circular padding), and the noise is correlated across frames (AR(1), rho 0.9; longtake
-samples the model with the same noise). The run is deterministic for a seed and a step count on one
-machine (torch threads fixed).
+trailing timesteps; half of every batch's timesteps are the ones the sampler visits (the 20-step grid,
+which holds the default 10-step one), half uniform. The convolutions wrap around the frame edges as
+the clips do (circular padding). longtake samples the model with the noise of its last stage
+(`default_noise` in longtake.json). A run is deterministic for a seed and a step count on one machine
+(torch threads fixed).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -48,12 +55,13 @@ logger = logging.getLogger("longtake.train")
 
 SIZE, FRAMES, SHUFFLE, UPSCALE = 16, 16, 2, 4
 TEXT_LR = 0.2  # the text encoder's learning rate, relative to the UNet's
+GRID_STEPS, GRID_SHARE = 20, 0.5  # half of every batch's timesteps come from the 20-step sampling grid
 CONFIG = {  # longtake.json beside the weights: how longtake runs this model
     # the model denoises pixels rearranged space-to-depth (16x16x3 <-> 8x8x12, lossless), and the
     # 16x16 frames are upscaled x4 on decode: 64x64 output
     "pixel_space": True, "pixel_shuffle": SHUFFLE, "upscale": UPSCALE, "native_window": FRAMES,
-    "default_steps": 20, "default_guidance": 2.0,
-    # trained on frames that wrap around their edges, and on noise correlated across frames
+    "default_steps": 10, "default_guidance": 2.0,
+    # trained on frames that wrap around their edges; default_noise: the last stage's noise (save_model)
     "circular_padding": True, "default_noise": "correlated",
     # the caption also reaches every ResNet through the time embedding (mean of the text hidden states)
     "pooled_text": "mean",
@@ -109,8 +117,24 @@ def save_model(out: Path, tokenizer, text_encoder, unet, scheduler, card: dict) 
              "vae": [None, None], "motion_adapter": [None, None],
              "feature_extractor": [None, None], "image_encoder": [None, None]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    (out / "longtake.json").write_text(json.dumps(CONFIG, indent=2))
+    # the model is sampled with the noise it was trained on
+    config = CONFIG | {"default_noise": card.get("noise", CONFIG["default_noise"])}
+    (out / "longtake.json").write_text(json.dumps(config, indent=2))
     (out / "training.json").write_text(json.dumps(card, indent=2))
+
+
+def load_weights(model_dir: Path, unet, text_encoder) -> None:
+    """The UNet's and text encoder's weights from a model directory this script wrote (safetensors)."""
+    unet.load_state_dict(load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors")))
+    text_encoder.load_state_dict(load_file(str(model_dir / "text_encoder" / "model.safetensors")))
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 of a model directory's two weight files: what a second stage started from."""
+    h = hashlib.sha256()
+    for f in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        h.update((model_dir / f).read_bytes())
+    return h.hexdigest()
 
 
 def state_path(out: Path) -> Path:
@@ -158,11 +182,22 @@ def load_state(path: Path, run: dict, modules: dict, opt, rng, gen, device: str)
 
 def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps: int | None, threads: int,
           save_every: int = 0, device: str = "cpu", state_every: int = 200, piece_minutes: float | None = None,
-          piece_steps: int | None = None) -> dict | None:
+          piece_steps: int | None = None, init: Path | None = None, temporal_weight: float = 0.0,
+          noise: str = "correlated", stop_at: int | None = None) -> dict | None:
     """Train (or continue a saved run of the same arguments). Returns the card, or None when a piece ended
-    (piece_minutes / piece_steps) before the run did: its state is saved, run it again to go on."""
+    (piece_minutes / piece_steps) before the run did: its state is saved, run it again to go on.
+    init: start from the weights of a model this script saved (a second stage; fresh optimizer and
+    schedule). temporal_weight: add that weight times the MSE of the frame-to-frame differences of the
+    x0 prediction (the motion) to the loss. noise: "correlated" (AR(1) across frames) or "independent"
+    noise in training, and the default noise longtake samples the model with. stop_at: end the run at this
+    step and write the model (the learning-rate schedule still spans max_steps; the state is kept, so the
+    same command without it goes on): the weights equal the `save_every` snapshot of that step."""
+    if noise not in ("correlated", "independent"):
+        raise ValueError(f"noise: got {noise!r}, expected correlated or independent")
     torch.set_num_threads(threads)
     tokenizer, text_encoder, unet, scheduler = build_components(seed)
+    if init is not None:
+        load_weights(Path(init), unet, text_encoder)
     unet, text_encoder = unet.to(device), text_encoder.to(device)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -173,6 +208,8 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
                              {"params": list(text_encoder.parameters()), "base_lr": lr * TEXT_LR}],
                             lr=lr, weight_decay=0.01)
     alphas = scheduler.alphas_cumprod.to(device)  # (T,)
+    scheduler.set_timesteps(GRID_STEPS)
+    grid = scheduler.timesteps.clone()
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)  # on the CPU whatever the device: the same batches and noise
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
@@ -180,6 +217,13 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
     # the step count is fixed by --max-steps when given (reproducible), else by the time budget
     total = max_steps or 10**9
     run = {"seed": seed, "batch": batch, "lr": lr, "max_steps": max_steps, "threads": threads, "device": device}
+    stage = {"init": weights_digest(Path(init)) if init is not None else None, "temporal_weight": temporal_weight,
+             "noise": noise if noise != "correlated" else None}
+    stage = {k: v for k, v in stage.items() if v}  # (only when set: states of first-stage runs stay valid)
+    run |= stage
+    about = {"device": device, "max_steps": max_steps} | stage  # for the card
+    if init is not None and (Path(init) / "training.json").is_file():  # a second stage: the card tells both
+        about["first_stage"] = json.loads((Path(init) / "training.json").read_text())
     modules = {"unet": unet, "text": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
     resumed = load_state(state_path(out), run, modules, opt, rng, gen, device) if max_steps else None
     step, losses, done_before = resumed or (0, [], 0.0)
@@ -188,7 +232,8 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
     t0 = time.time() - done_before  # train_seconds counts every piece
     piece_start, piece_first = time.time(), step
     bar = tqdm(total=max_steps, initial=step, desc="train", unit="step")
-    while step < total and (max_steps or time.time() - t0 < budget):
+    end = min(total, stop_at) if stop_at and max_steps else total
+    while step < end and (max_steps or time.time() - t0 < budget):
         if max_steps and ((piece_minutes is not None and time.time() - piece_start > piece_minutes * 60)
                           or (piece_steps is not None and step - piece_first >= piece_steps)):
             save_state(state_path(out), run, step, losses, modules, opt, rng, gen, time.time() - t0)
@@ -204,15 +249,23 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
         drop = torch.rand(batch, generator=gen) < 0.1
         ids[drop] = empty
         ids = ids.to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
-        # noise correlated across frames (AR(1), rho 0.9), as longtake samples this model: neighbouring
-        # frames start from similar noise, so the model need not learn to tie independent frames together
-        noise = correlate_frames(torch.randn(x0.shape, generator=gen), dim=2).to(device)
+        # half the timesteps are the ones the sampler visits (the trailing 20-step grid, which holds the
+        # 10-step grid), half uniform over all: the capacity goes where sampling asks, other step counts
+        # still work
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        on_grid = torch.rand(batch, generator=gen) < GRID_SHARE
+        t = torch.where(on_grid, grid[torch.randint(0, len(grid), (batch,), generator=gen)], t).to(device)
+        # "correlated": AR(1) across frames (rho 0.9), neighbouring frames start from similar noise (stage 1);
+        # "independent": the model must tie the frames together itself (stage 2)
+        eps = torch.randn(x0.shape, generator=gen)
+        eps = (correlate_frames(eps, dim=2) if noise == "correlated" else eps).to(device)
         a = alphas[t].view(-1, 1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         hidden = text_encoder(ids)[0].repeat_interleave(FRAMES, dim=0)  # (B*F, seq, dim)
         pred = unet(xt, t, encoder_hidden_states=hidden, added_cond_kwargs=pooled_text_kwargs(hidden, batch)).sample
         loss = F.mse_loss(pred, x0)  # x0 prediction
+        if temporal_weight:  # the motion: frame-to-frame differences (same optimum, more weight on time)
+            loss = loss + temporal_weight * F.mse_loss(pred.diff(dim=2), x0.diff(dim=2))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -220,7 +273,7 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
         for g in opt.param_groups:  # short warm-up, then cosine decay over the run
             g["lr"] = g["base_lr"] * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))  # ~200-step horizon: a short run
+        decay = min(0.998, (1 + step) / (10 + step))  # ~500-step horizon
         with torch.no_grad():
             for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
                 for pe, pl in zip(ema.parameters(), live.parameters()):
@@ -233,18 +286,22 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
             logger.info("step %d loss %.4f (%.0f s)", step, np.mean(losses[-50:]), time.time() - t0)
         if save_every and step % save_every == 0:  # snapshots to look at mid-run; they do not change the run
             save_model(out.with_name(out.name + f"-step{step}"), tokenizer, ema_text, ema_unet, scheduler,
-                       _card(seed, step, batch, lr, threads, t0, losses))
+                       _card(seed, step, batch, lr, threads, t0, losses) | about)
         if max_steps and state_every and step % state_every == 0 and step < total:
             save_state(state_path(out), run, step, losses, modules, opt, rng, gen, time.time() - t0)
     bar.close()
-    card = _card(seed, step, batch, lr, threads, t0, losses) | {"device": device}
+    card = _card(seed, step, batch, lr, threads, t0, losses) | about
     save_model(out, tokenizer, ema_text.cpu(), ema_unet.cpu(), scheduler, card)
+    if step < total and max_steps:  # stopped early (stop_at): the run can go on from here
+        save_state(state_path(out), run, step, losses, modules, opt, rng, gen, time.time() - t0)
+        return card
     state_path(out).unlink(missing_ok=True)
     return card
 
 
 def _card(seed, step, batch, lr, threads, t0, losses) -> dict:
     return {"seed": seed, "steps": step, "batch": batch, "frames": FRAMES, "size": SIZE, "lr": lr, "text_lr": TEXT_LR,
+            "grid_steps": GRID_STEPS, "grid_share": GRID_SHARE,
             "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "final_loss": round(float(np.mean(losses[-200:])), 5), "loss_curve": [round(float(np.mean(losses[i:i + 100])), 5)
                                                                              for i in range(0, len(losses), 100)]}
@@ -254,7 +311,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory to write the model to")
     p.add_argument("--minutes", type=float, default=45, help="time budget when --max-steps is not given")
-    p.add_argument("--max-steps", type=int, default=3200, help="train exactly this many steps (reproducible); 0: use --minutes")
+    p.add_argument("--max-steps", type=int, default=9000, help="train exactly this many steps (reproducible); 0: use --minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -264,10 +321,18 @@ def main(argv=None) -> None:
     p.add_argument("--state-every", type=int, default=200, help="save the resumable state every N steps (default 200)")
     p.add_argument("--piece-minutes", type=float, help="stop after this many minutes, state saved; run the same "
                                                        "command again to go on (default: run to the end)")
+    p.add_argument("--init", type=Path, help="start from this model's weights (a second stage)")
+    p.add_argument("--temporal-weight", type=float, default=0.0,
+                   help="weight of a loss on the frame-to-frame differences of the prediction (default 0)")
+    p.add_argument("--stop-at", type=int, help="end the run at this step and write the model (the schedule still "
+                                               "spans --max-steps)")
+    p.add_argument("--noise", choices=["correlated", "independent"], default="correlated",
+                   help="training noise across frames, and the model's default noise in longtake (default correlated)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     card = train(Path(args.out), args.minutes, args.seed, args.batch, args.lr, args.max_steps or None, args.threads,
-                 args.save_every, args.device, args.state_every, args.piece_minutes)
+                 args.save_every, args.device, args.state_every, args.piece_minutes, init=args.init,
+                 temporal_weight=args.temporal_weight, noise=args.noise, stop_at=args.stop_at)
     if card is None:
         return
     logger.info("done: %d steps in %.0f s, final loss %.4f -> %s", card["steps"], card["train_seconds"],
