@@ -4,7 +4,7 @@
     classify_color(track), classify_motion(track, size)  # vs the prompt's words
     seam_ratio(track, seams, size)                       # centroid jumps at window seams / median jump
     drift(track, fps)                                    # colour and size, last 10 s vs first 10 s
-    object_visible(frames, background_rgb, color_rgb)     # per frame: is the prompted object there?
+    object_visible(frames, background_rgb, color_name)    # per frame: is the prompted object there?
 
 Positions are wrap-aware (circular means and differences), because objects wrap around the edges.
 """
@@ -18,6 +18,7 @@ import numpy as np
 from longtake.models.shapes import OBJECT_COLORS
 
 MIN_AREA = 4  # pixels: fewer means "no object in this frame"
+FAR = 80.0  # RGB distance from the background beyond which a pixel is the object's
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Track:
     size: int  # frame width (= height)
 
 
-def object_track(frames: np.ndarray, background: tuple[int, int, int], threshold: float = 80.0) -> Track:
+def object_track(frames: np.ndarray, background: tuple[int, int, int], threshold: float = FAR) -> Track:
     """frames (F, H, W, 3) uint8; the object is every pixel far from the background colour."""
     f, h, w, _ = frames.shape
     dist = np.linalg.norm(frames.astype(np.float64) - np.asarray(background, dtype=np.float64), axis=-1)
@@ -116,10 +117,10 @@ def drift(track: Track, fps: float, seconds: float = 10.0) -> dict:
     }
 
 
-VISIBLE_MIN_SHARE = 0.005  # of the frame's pixels (20 at 64 x 64; the smallest object drawn covers about 80)
+VISIBLE_MIN_SHARE = 0.005  # of the frame's pixels (20 at 64 x 64; the smallest object drawn covers about 370)
 
 
-def object_visible(frames: np.ndarray, background: tuple[int, int, int], color: str, threshold: float = 80.0) -> np.ndarray:
+def object_visible(frames: np.ndarray, background: tuple[int, int, int], color: str, threshold: float = FAR) -> np.ndarray:
     """(F,) bool: the prompted object (colour name `color`) is in the frame. Its pixels are those far from the
     prompted background and nearer that colour than any other object colour; it is there when they cover at
     least VISIBLE_MIN_SHARE of the frame (a faded blur, or an object of another colour, does not count)."""

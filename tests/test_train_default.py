@@ -1,6 +1,7 @@
 """The default model's training script: reproducible from a seed, and what it writes is a model longtake runs."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -123,3 +124,21 @@ def test_stop_at_writes_the_snapshot_of_that_step_and_the_run_goes_on(tmp_path):
     assert all(torch.equal(snap[k], stopped[k]) for k in snap)  # stopped at 2 = the step-2 snapshot
     assert all(torch.equal(full[k], went_on[k]) for k in full)  # and going on = the run without a stop
     assert not all(torch.equal(full[k], snap[k]) for k in full)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--noise", "pink"], "invalid choice: 'pink'"),
+    (["--temporal-weight", "-1"], "temporal_weight: got -1.0, expected a finite number >= 0"),
+    (["--temporal-weight", "nan"], "temporal_weight: got nan"),
+    (["--stop-at", "0"], r"stop_at: got 0, expected a step from 1 to max_steps \(3"),
+    (["--stop-at", "4"], r"stop_at: got 4, expected a step from 1 to max_steps \(3"),
+    (["--init", "NOWHERE"], "init: got '.*none', expected a model directory this script wrote"),
+])
+def test_bad_stage_options_exit_2_naming_the_option_before_training(tmp_path, capsys, args, message):
+    from longtake.models.train_default import main
+
+    args = [a.replace("NOWHERE", str(tmp_path / "none")) for a in args]
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path / "m"), "--max-steps", "3", *args])
+    assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.state.safetensors").exists()

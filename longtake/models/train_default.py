@@ -55,6 +55,7 @@ logger = logging.getLogger("longtake.train")
 
 SIZE, FRAMES, SHUFFLE, UPSCALE = 16, 16, 2, 4
 TEXT_LR = 0.2  # the text encoder's learning rate, relative to the UNet's
+NOISES = ("correlated", "independent")  # training noise across frames (the first is the default)
 GRID_STEPS, GRID_SHARE = 20, 0.5  # half of every batch's timesteps come from the 20-step sampling grid
 CONFIG = {  # longtake.json beside the weights: how longtake runs this model
     # the model denoises pixels rearranged space-to-depth (16x16x3 <-> 8x8x12, lossless), and the
@@ -123,18 +124,38 @@ def save_model(out: Path, tokenizer, text_encoder, unet, scheduler, card: dict) 
     (out / "training.json").write_text(json.dumps(card, indent=2))
 
 
+WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
+
+
 def load_weights(model_dir: Path, unet, text_encoder) -> None:
     """The UNet's and text encoder's weights from a model directory this script wrote (safetensors)."""
-    unet.load_state_dict(load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors")))
-    text_encoder.load_state_dict(load_file(str(model_dir / "text_encoder" / "model.safetensors")))
+    unet_file, text_file = WEIGHT_FILES
+    unet.load_state_dict(load_file(str(model_dir / unet_file)))
+    text_encoder.load_state_dict(load_file(str(model_dir / text_file)))
 
 
 def weights_digest(model_dir: Path) -> str:
     """sha256 of a model directory's two weight files: what a second stage started from."""
     h = hashlib.sha256()
-    for f in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+    for f in WEIGHT_FILES:
         h.update((model_dir / f).read_bytes())
     return h.hexdigest()
+
+
+def check_stage(noise: str, temporal_weight: float, stop_at: int | None, max_steps: int | None,
+                init: Path | None) -> None:
+    """The second-stage options, before anything is built: a ValueError naming the option, value and what
+    was expected."""
+    if noise not in NOISES:
+        raise ValueError(f"noise: got {noise!r}, expected one of {', '.join(NOISES)}")
+    if not (math.isfinite(temporal_weight) and temporal_weight >= 0):
+        raise ValueError(f"temporal_weight: got {temporal_weight!r}, expected a finite number >= 0")
+    if stop_at is not None and not (max_steps and 1 <= stop_at <= max_steps):
+        raise ValueError(f"stop_at: got {stop_at!r}, expected a step from 1 to max_steps ({max_steps}; needs --max-steps)")
+    if init is not None:
+        missing = [f for f in WEIGHT_FILES if not (Path(init) / f).is_file()]
+        if missing:
+            raise ValueError(f"init: got {str(init)!r}, expected a model directory this script wrote (no {missing[0]})")
 
 
 def state_path(out: Path) -> Path:
@@ -183,7 +204,7 @@ def load_state(path: Path, run: dict, modules: dict, opt, rng, gen, device: str)
 def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps: int | None, threads: int,
           save_every: int = 0, device: str = "cpu", state_every: int = 200, piece_minutes: float | None = None,
           piece_steps: int | None = None, init: Path | None = None, temporal_weight: float = 0.0,
-          noise: str = "correlated", stop_at: int | None = None) -> dict | None:
+          noise: str = NOISES[0], stop_at: int | None = None) -> dict | None:
     """Train (or continue a saved run of the same arguments). Returns the card, or None when a piece ended
     (piece_minutes / piece_steps) before the run did: its state is saved, run it again to go on.
     init: start from the weights of a model this script saved (a second stage; fresh optimizer and
@@ -192,8 +213,7 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
     noise in training, and the default noise longtake samples the model with. stop_at: end the run at this
     step and write the model (the learning-rate schedule still spans max_steps; the state is kept, so the
     same command without it goes on): the weights equal the `save_every` snapshot of that step."""
-    if noise not in ("correlated", "independent"):
-        raise ValueError(f"noise: got {noise!r}, expected correlated or independent")
+    check_stage(noise, temporal_weight, stop_at, max_steps, init)
     torch.set_num_threads(threads)
     tokenizer, text_encoder, unet, scheduler = build_components(seed)
     if init is not None:
@@ -218,7 +238,7 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
     total = max_steps or 10**9
     run = {"seed": seed, "batch": batch, "lr": lr, "max_steps": max_steps, "threads": threads, "device": device}
     stage = {"init": weights_digest(Path(init)) if init is not None else None, "temporal_weight": temporal_weight,
-             "noise": noise if noise != "correlated" else None}
+             "noise": noise if noise != NOISES[0] else None}
     stage = {k: v for k, v in stage.items() if v}  # (only when set: states of first-stage runs stay valid)
     run |= stage
     about = {"device": device, "max_steps": max_steps} | stage  # for the card
@@ -326,10 +346,14 @@ def main(argv=None) -> None:
                    help="weight of a loss on the frame-to-frame differences of the prediction (default 0)")
     p.add_argument("--stop-at", type=int, help="end the run at this step and write the model (the schedule still "
                                                "spans --max-steps)")
-    p.add_argument("--noise", choices=["correlated", "independent"], default="correlated",
+    p.add_argument("--noise", choices=NOISES, default=NOISES[0],
                    help="training noise across frames, and the model's default noise in longtake (default correlated)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        check_stage(args.noise, args.temporal_weight, args.stop_at, args.max_steps or None, args.init)
+    except ValueError as e:
+        p.error(str(e))  # exit 2, before anything is built
     card = train(Path(args.out), args.minutes, args.seed, args.batch, args.lr, args.max_steps or None, args.threads,
                  args.save_every, args.device, args.state_every, args.piece_minutes, init=args.init,
                  temporal_weight=args.temporal_weight, noise=args.noise, stop_at=args.stop_at)
