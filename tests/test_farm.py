@@ -346,8 +346,9 @@ def test_cancel_mid_job_frees_workers_and_leaves_nothing(tmp_path, tiny_model, r
 
     total_cpus = ray.cluster_resources()["CPU"]
     wait_for(lambda: ray.available_resources().get("CPU", 0) == total_cpus, 30, "earlier tests' workers to go", 0.2)
+    # a short lease: its heartbeat (every 0.05 s) sees the cancel before the runner's poll (0.2 s) most times
     farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model, steps=30), 3,
-                                                       worker_cls=SlowWorker)
+                                                       worker_cls=SlowWorker, lease_s=0.2)
     assert ray.available_resources().get("CPU", 0) <= total_cpus - 2  # two workers busy
     t0 = time.monotonic()
     farm.control(farm_dir, "cancel", record.id)
@@ -394,7 +395,7 @@ def test_cancel_while_encoding_leaves_no_ffmpeg_and_no_partial_file(tmp_path, ti
 
 def test_pause_and_resume_mid_job_give_identical_frames(tmp_path, tiny_model, reference, ray_session):
     farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 3, worker_cls=SlowWorker,
-                                                       checkpoint_every=4)
+                                                       checkpoint_every=4, lease_s=0.2)  # the lease may see it first
     farm.control(farm_dir, "pause", record.id)
     thread.join(60)
     assert store.get(record.id).state == "paused"
@@ -511,6 +512,27 @@ def test_a_runner_whose_heartbeat_dies_stops_rendering_and_changes_nothing(tmp_p
     time.sleep(1.1)
     assert farm.Runner(farm_dir, lease_s=1.0).recover() == [record.id]
     assert farm.open_store(farm_dir).get(record.id).state == "queued"
+
+
+def test_a_lost_lease_is_a_cancel_or_pause_when_that_is_the_jobs_state(tmp_path, tiny_model):
+    farm_dir = tmp_path / "farm"
+    (record, _), = farm.submit(farm_dir, [(job_request(tiny_model), 0, None)])
+    runner = _runner(farm_dir)
+    claimed = runner.store.claim_next(runner.id)
+    assert runner._lost_reason(record.id) == "lost"  # still running: the lease was lost (store or takeover)
+    farm.control(farm_dir, "pause", record.id)
+    assert runner._lost_reason(record.id) == "paused"  # checkpoint where it stopped
+    farm.control(farm_dir, "resume", record.id)
+    runner.store.claim_next("another-runner")
+    assert runner._lost_reason(record.id) == "lost"  # taken over: touch nothing
+    farm.control(farm_dir, "cancel", record.id)
+    assert runner._lost_reason(record.id) == "cancelled"  # remove the checkpoints
+    def unreachable(job_id):
+        raise OSError("disk I/O error")
+
+    runner.store.get = unreachable
+    assert runner._lost_reason(record.id) == "lost"  # the store cannot say: touch nothing
+    assert claimed.id == record.id
 
 
 def test_status_has_one_json_shape_and_short_tables(tmp_path, tiny_model, capsys):

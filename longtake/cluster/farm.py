@@ -267,8 +267,8 @@ class Runner:
         last = {"poll": 0.0, "state": "running"}
 
         def should_stop():
-            if lease.lost.is_set():
-                return "lost"
+            if lease.lost.is_set():  # a cancel or a pause also ends the lease, and may reach it before the poll
+                return self._lost_reason(record.id)
             if self.stop.is_set():
                 return "shutdown"
             now = time.monotonic()
@@ -321,6 +321,17 @@ class Runner:
                      result.checkpoint_s, result.frames_sha256)
             return "done"
         return self.store.get(record.id).state
+
+    def _lost_reason(self, job_id: str) -> str:
+        """Why a job's lease ended: "cancelled" or "paused" when that is its state now (the job is then
+        handled as such: checkpoints removed, or saved), else "lost" (another runner has it, or the store
+        cannot be reached: touch nothing)."""
+        try:
+            current = self.store.get(job_id)
+        except Exception:  # the store is unreachable: the job is lost to this runner
+            return "lost"
+        state = current.state if current else "cancelled"
+        return state if state in ("cancelled", "paused") else "lost"
 
     def _fail(self, job_id: str, owner: tuple[str, int], message: str) -> str:
         JOB_LOGGER.error("failed: %s", message)
