@@ -263,6 +263,14 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     _model_default(p.add_argument("--noise", choices=NOISE_MODES, help=_field_help("noise").replace(
         "the model's, else independent", "the model's default (%(bundled)s; independent for models whose "
         "longtake.json names none)")), "{default_noise}")
+    p.add_argument("--image", metavar="IMAGE", help="start from this image (frame 0 is the image as the model "
+                                                   "renders it)")
+    p.add_argument("--keyframe", action="append", metavar="IMAGE@SECONDS",
+                   help="pin an image at a time of the new frames, e.g. key.png@12.5 (repeatable)")
+    p.add_argument("--extend", metavar="VIDEO", help=_field_help("extend"))
+    p.add_argument("--lead-into", dest="lead_into", metavar="VIDEO", help=_field_help("lead_into"))
+    p.add_argument("--context", type=float, metavar="SECONDS", help=_field_help("context"))
+    p.add_argument("--loop", action="store_true", default=None, help=_field_help("loop"))
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core)")
     p.add_argument("--model", help=_field_help("model"))
     p.add_argument("--device", choices=DEVICES, help=_field_help("device"))
@@ -276,11 +284,26 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
 
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "width", "steps", "guidance", "guidance_2",
-                  "seed", "window", "overlap", "weighting", "noise", "workers", "model", "device", "out", "preview")
+                  "seed", "window", "overlap", "weighting", "noise", "workers", "model", "device", "out", "preview",
+                  "image", "extend", "lead_into", "context", "loop")
+
+
+def parse_keyframe(value: str) -> dict:
+    """--keyframe IMAGE@SECONDS -> {image, at}."""
+    image, sep, at = value.rpartition("@")
+    try:
+        seconds = float(at)
+    except ValueError:
+        seconds = None
+    if not sep or not image or seconds is None:
+        raise RequestError("keyframe", value, "IMAGE@SECONDS, e.g. key.png@12.5")
+    return {"image": image, "at": seconds}
 
 
 def request_from_args(args: argparse.Namespace) -> RenderRequest:
     data = {k: getattr(args, k) for k in REQUEST_FIELDS if getattr(args, k) is not None}
+    if args.keyframe:
+        data["keyframes"] = [parse_keyframe(v) for v in args.keyframe]
     if args.timeline:
         if args.prompt:
             raise RequestError("prompt", args.prompt, "either a prompt or --timeline, not both")

@@ -44,6 +44,17 @@ class TimelineKey(BaseModel):
     prompt: str = Field(description="Text prompt at this time.")
 
 
+class Keyframe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="An image file (over HTTP: a file id from POST /v1/files).")
+    at: float = Field(description="Time in seconds, in the new frames, at which the image is pinned.")
+
+
+# the request fields that name media files: paths on the CLI, the Python API and the farm; file ids over HTTP
+MEDIA_FIELDS = ("image", "keyframes", "extend", "lead_into")
+MAX_CONTEXT_SECONDS = 60.0
+
+
 class RenderRequest(BaseModel):
     """What to render. Fields left as None take the model's defaults."""
 
@@ -79,6 +90,17 @@ class RenderRequest(BaseModel):
     model: str = Field("default", description="A diffusers model directory (AnimateDiff or Wan), 'default' (the "
                        "bundled model), 'tiny' or 'tiny-wan'.")
     device: Literal[DEVICES] = Field("auto", description="Where workers run.")
+    image: str | None = Field(None, description="An image the clip starts from: pinned at frame 0 (a path; over "
+                              "HTTP a file id from POST /v1/files).")
+    keyframes: list[Keyframe] | None = Field(None, description="Images pinned at times [{image, at: seconds}].")
+    extend: str | None = Field(None, description="A video to continue: the output is this video, then `seconds` "
+                               "new seconds conditioned on its last `context` seconds.")
+    lead_into: str | None = Field(None, description="A video to lead into: the output ends with it, the new frames "
+                                  "conditioned on its first `context` seconds (with extend: a bridge).")
+    context: float | None = Field(None, description="Seconds of extend / lead_into that condition the new frames "
+                                  f"(default: one window, or all of a shorter input; at most {MAX_CONTEXT_SECONDS:g}).")
+    loop: bool = Field(False, description="A seamless loop: the windows wrap around the clip's end, so its last "
+                       "frame flows into its first.")
     out: str = Field("longtake.mp4", description="Output MP4 path.")
     preview: str | None = Field(None, description="Optional contact-sheet PNG path.")
 
@@ -162,6 +184,20 @@ class RenderRequest(BaseModel):
             raise RequestError("prompt", v, "a non-empty prompt")
         return v
 
+    @field_validator("image", "extend", "lead_into")
+    @classmethod
+    def _media(cls, v: str | None, info) -> str | None:
+        if v is not None and not v.strip():
+            raise RequestError(info.field_name, v, "a file path (or, over HTTP, a file id)")
+        return v
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or not 0 < v <= MAX_CONTEXT_SECONDS):
+            raise RequestError("context", v, f"a number of seconds > 0 and <= {MAX_CONTEXT_SECONDS:g}")
+        return v
+
     @model_validator(mode="after")
     def _whole(self) -> "RenderRequest":
         if (self.prompt is None) == (self.timeline is None):
@@ -173,6 +209,15 @@ class RenderRequest(BaseModel):
             raise RequestError("overlap", self.overlap, f"0 <= overlap < window ({self.window})")
         if self.timeline is not None:
             _check_timeline(self.timeline, self.seconds)
+        if self.loop and (self.extend is not None or self.lead_into is not None):
+            raise RequestError("loop", self.loop, "no loop with extend or lead_into (a loop has no ends to join)")
+        if self.context is not None and self.extend is None and self.lead_into is None:
+            raise RequestError("context", self.context, "no value without extend or lead_into (it is their context)")
+        for i, key in enumerate(self.keyframes or []):
+            if not math.isfinite(key.at) or not 0 <= key.at < self.seconds:
+                raise RequestError(f"keyframes[{i}].at", key.at, f"a time from 0 to below seconds ({self.seconds:g})")
+            if not key.image.strip():
+                raise RequestError(f"keyframes[{i}].image", key.image, "a file path (or, over HTTP, a file id)")
         _check_writable("out", self.out, ".mp4")
         if self.preview is not None:
             _check_writable("preview", self.preview, ".png")
@@ -272,6 +317,8 @@ def _suggest(loc: tuple) -> str:
         known = list(RenderRequest.model_fields) + list(ALIASES)
     elif len(loc) == 3 and loc[0] == "timeline":
         known = list(TimelineKey.model_fields)
+    elif len(loc) == 3 and loc[0] == "keyframes":
+        known = list(Keyframe.model_fields)
     close = difflib.get_close_matches(str(loc[-1]), known or [], n=1)
     if close:
         return f"did you mean {ALIASES.get(close[0], close[0])!r}?"

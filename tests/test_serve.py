@@ -147,6 +147,9 @@ def test_idempotent_submit(server):
     ({**JOB, "seed": 59917355663370183770112}, 422, "seed"),
     ({**JOB, "window": 2**70}, 422, "window"),
     ({**JOB, "bogus": 1}, 422, "bogus"),
+    ({**JOB, "image": "/etc/passwd"}, 422, "image"),  # media are never paths on the server's disk
+    ({**JOB, "extend": "/etc/hostname"}, 422, "extend"),
+    ({**JOB, "keyframes": [{"image": "/etc/passwd", "at": 0}]}, 422, "keyframes"),
     ({**JOB, "prompt": None}, 422, "prompt"),
     ({**JOB, "seconds": "ten"}, 422, "seconds"),
     ([1, 2], 422, "body"),

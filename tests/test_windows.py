@@ -17,8 +17,10 @@ from longtake.pipelines.windows import (
     fuse,
     initial_noise,
     interpolate_embeddings,
+    plan_loop,
     plan_windows,
     prompt_schedule,
+    take_window,
     window_weights,
 )
 
@@ -357,3 +359,63 @@ def test_schedule_rejects_empty_and_bad_fps():
         prompt_schedule([], 8, 4.0)
     with pytest.raises(ValueError, match="^fps: got 0"):
         prompt_schedule([PromptKey(0.0, "a")], 8, 0)
+
+
+# ---------------------------------------------------------------- loops: circular plans
+
+
+@pytest.mark.parametrize("frames,window,overlap", [(2, 16, 4), (16, 16, 4), (17, 16, 4), (40, 16, 4), (64, 8, 3),
+                                                   (33, 16, 0), (9, 3, 2)])
+def test_loop_plan_covers_the_circle_and_joins_its_ends(frames, window, overlap):
+    plan = plan_loop(frames, window, overlap)
+    assert len(plan) >= 2
+    covered = [0] * frames
+    for start, end in plan:
+        assert 0 <= start < frames and end - start == min(window, frames)
+        for f in range(start, end):
+            covered[f % frames] += 1
+    assert min(covered) >= 1
+    # the last and the first frame are neighbours inside some window
+    assert any(start <= frames - 1 < end - 1 for start, end in plan if end > frames)
+    starts = [s for s, _ in plan]
+    assert starts == sorted(set(starts)) and max(b - a for a, b in zip(starts, starts[1:] + [starts[0] + frames])) \
+        <= window - overlap or frames <= window  # spread evenly at the plan's stride
+
+
+def test_loop_fusion_wraps_and_equals_a_rotated_plain_fusion():
+    frames, plan = 20, plan_loop(20, 8, 2)
+    z = torch.randn(1, 3, frames, 2, 2, dtype=torch.float64)
+    preds = [take_window(z, s, e) * (i + 1) for i, (s, e) in enumerate(plan)]  # distinct per window
+    weights = window_weights(plan, "pyramid", loop=frames)
+    fused = fuse(preds, plan, weights, frames, loop=True)
+    num = torch.zeros_like(z)
+    den = torch.zeros(frames, dtype=torch.float64)
+    for (s, e), p, w in zip(plan, preds, weights):
+        for k, f in enumerate(range(s, e)):
+            num[:, :, f % frames] += p[:, :, k] * w[k]
+            den[f % frames] += w[k]
+    assert torch.allclose(fused, num / den.view(1, 1, -1, 1, 1))
+    with pytest.raises(ValueError, match="expected end <= num_frames"):
+        fuse(preds, plan, weights, frames)  # a wrapping plan needs loop=True
+
+
+def test_loop_overlap_linear_weights_ramp_across_the_wrap():
+    plan = plan_loop(24, 8, 2)
+    weights = window_weights(plan, "overlap-linear", loop=24)
+    first_in = plan[-1][1] - 24 - plan[0][0]  # frames the last window shares with the first
+    assert first_in > 0 and weights[0][0] < 1 and weights[-1][-1] < 1
+    assert all(w.min() > 0 for w in weights)
+
+
+def test_loop_prompt_schedule_returns_to_the_first_key_at_the_end():
+    keys = [PromptKey(0.0, "a"), PromptKey(2.0, "b")]
+    a, b, alpha = prompt_schedule(keys, 16, 4.0, loop=True)  # 4 s: b at 2 s, back towards a until 4 s
+    assert (a[8], b[8], alpha[8].item()) == (1, 1, 0.0)
+    assert (a[12], b[12], alpha[12].item()) == (1, 0, 0.5)  # 3 s: halfway from b back to a
+    plain = prompt_schedule(keys, 16, 4.0)
+    assert plain[2][12].item() == 0.0 and plain[0][12] == plain[1][12] == 1  # without a loop: stays on b
+    emb = torch.randn(2, 3, 4)
+    wrapped = interpolate_embeddings(emb, a, b, alpha, 14, 18)  # a window over the wrap: frames 14, 15, 0, 1
+    assert torch.equal(wrapped[2], emb[0]) and torch.allclose(wrapped[0], 0.25 * emb[1] + 0.75 * emb[0])  # 3.5 s
+    with pytest.raises(ValueError, match="start, end"):
+        interpolate_embeddings(emb, a, b, alpha, 3, 20)  # longer than the clip

@@ -75,6 +75,10 @@ class Worker:
         self.timings["decode"].append(time.perf_counter() - t0)
         return out
 
+    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """Known frames (n, H, W, 3) uint8 -> their latents (1, C, n', h, w): the inverse of `decode`."""
+        return self.backend.encode_frames(frames)
+
     def decode_stream(self, z: torch.Tensor, chunk: int, skip: int = 0):
         """Frame chunks of one ordered decode session (causal VAEs); the first `skip` chunks are decoded
         (they feed the cache) but not sent: a retried stream resumes where the lost one stopped."""

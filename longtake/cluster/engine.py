@@ -35,17 +35,21 @@ from tqdm import tqdm
 
 from longtake.actors.pool import Pool, WindowFailed
 from longtake.cluster.checkpoint import Checkpointer, restore_scheduler, scheduler_state
+from longtake.cluster.inputs import Inputs, latent_index, resolve_inputs
 from longtake.pipelines import ModelInfo, inspect_model, load_scheduler, weights_identity
 from longtake.pipelines.windows import (
     PromptKey,
     fuse,
     frame_seed,
     initial_noise,
+    plan_loop,
     plan_windows,
     prompt_schedule,
+    take_window,
     window_weights,
 )
 from longtake.request import RenderRequest, RequestError, parse_request
+from longtake.media import video_chunks
 from longtake.video import VideoWriter, contact_sheet, preview_indices
 
 logger = logging.getLogger(__name__)
@@ -60,7 +64,7 @@ class Job:
 
     request: RenderRequest
     model: ModelInfo
-    frames: int  # output frames asked for (round(seconds * fps)); the MP4 has exactly these
+    frames: int  # frames denoised: the new ones (round(seconds * fps)) and the contexts of extend / lead_into
     height: int
     width: int
     steps: int
@@ -71,6 +75,18 @@ class Job:
     windows: list[tuple[int, int]]  # latent-frame windows
     keys: list[PromptKey]
     noise: str  # the request's initial-noise mode, else the model's default
+    inputs: Inputs = Inputs()  # known frames (image, keyframes, extend, lead_into) and passed-through clips
+    loop: bool = False  # circular windows: the last frame flows into the first
+
+    @property
+    def new_frames(self) -> int:
+        """Frames made and written (round(seconds * fps)): the denoised clip without its contexts."""
+        return self.frames - self.inputs.ctx_before - self.inputs.ctx_after
+
+    @property
+    def output_frames(self) -> int:
+        """Frames in the MP4: the input clips passed through, and the new frames."""
+        return self.new_frames + self.inputs.passthrough
 
     @property
     def guidances(self) -> tuple[float, ...]:
@@ -112,6 +128,8 @@ class RenderResult:
     weighting: str
     noise: str
     preview: str | None = None
+    input_frames: int = 0  # frames of `frames` copied from extend / lead_into
+    loop: bool = False
     driver_peak_rss_mb: float = 0.0  # this process's peak resident memory (workers excluded)
     resumed_from_step: int = 0  # steps taken from a checkpoint instead of computed
     checkpoints_saved: int = 0
@@ -137,7 +155,13 @@ def prepare(request: RenderRequest | dict) -> Job:
     overlap = request.overlap if request.overlap is not None else window // 4
     if overlap >= window:
         raise RequestError("overlap", overlap, f"0 <= overlap < window ({window} {unit})")
-    frames = request.num_frames
+    layout = model.layout
+    inputs = resolve_inputs(request, height, width, layout.frames(window), layout.causal, layout.temporal)
+    frames = inputs.ctx_before + request.num_frames + inputs.ctx_after
+    latent_frames = layout.latent_frames(frames)
+    if request.loop and latent_frames < 2:
+        raise RequestError("seconds", request.seconds, f"at least {layout.frames(2)} frames at {request.fps:g} fps "
+                                                       f"for a loop")
     if request.guidance_2 is not None and model.experts < 2:
         raise RequestError("guidance_2", request.guidance_2, "no value: it is for models with two experts (Wan 2.2 "
                                                              "A14B), this one has one")
@@ -157,9 +181,11 @@ def prepare(request: RenderRequest | dict) -> Job:
         guidance_2=request.guidance_2 if request.guidance_2 is not None else guidance,
         window=window,
         overlap=overlap,
-        windows=plan_windows(model.layout.latent_frames(frames), window, overlap),
+        windows=(plan_loop if request.loop else plan_windows)(latent_frames, window, overlap),
         keys=keys,
         noise=request.noise or model.default_noise,
+        inputs=inputs,
+        loop=request.loop,
     )
 
 
@@ -175,6 +201,9 @@ def fingerprint(job: Job, dtype: str, device: str) -> str:
             "guidance": job.guidance, "windows": job.windows, "seed": req.seed, "noise": job.noise,
             "weighting": req.weighting, "keys": [[k.at, k.prompt] for k in job.keys],
             "negative": req.negative_prompt, "fps": req.fps}
+    if job.inputs.pinned or job.loop:  # what the known frames are (file hashes) and where they sit
+        data["inputs"] = {"hashes": job.inputs.hashes, "pinned": [[p.source, p.frame, len(p.pixels)]
+                                                                  for p in job.inputs.pinned], "loop": job.loop}
     if job.model.experts > 1:
         data["guidance_2"] = job.guidance_2
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -190,6 +219,30 @@ def _step_kwargs(scheduler, seed: int, step: int) -> dict:
     if "generator" in params:
         kwargs["generator"] = torch.Generator("cpu").manual_seed(frame_seed(seed, -1_000_000 - step))
     return kwargs
+
+
+def _known_latents(job: Job, pool: Pool):
+    """For a job with known frames: `pin(z)`, which sets their latents in z, in place, to the known latents
+    themselves (clean, at every step: a clean context, which the bundled model follows much more closely than
+    RePaint-style context noised to each step's level; the note of issue 15 has the figures). The latents
+    are encoded once, on a worker. None when nothing is known."""
+    if not job.inputs.pinned:
+        return None
+    layout, latent_frames = job.model.layout, job.latent_frames
+    at: dict[int, torch.Tensor] = {}  # latent frame -> known latent (a later pin wins)
+    for p in job.inputs.pinned:
+        latents = pool.call("encode_frames", p.pixels)  # (1, C, n, h, w)
+        first = latent_index(p.frame, layout.temporal, layout.causal)
+        for k in range(min(latents.shape[2], latent_frames - first)):
+            at[first + k] = latents[:, :, k]
+    index = torch.tensor(sorted(at))
+    known = torch.stack([at[f] for f in sorted(at)], 2)  # (1, C, k, h, w)
+    logger.info("%d latent frames known (%s)", len(index), ", ".join(p.source for p in job.inputs.pinned))
+
+    def pin(z: torch.Tensor) -> None:
+        z[:, :, index] = known.to(z.dtype)
+
+    return pin
 
 
 def _bar(total: int, desc: str, unit: str, enabled: bool, initial: int = 0) -> tqdm:
@@ -238,19 +291,24 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         scheduler_state(scheduler)  # state a checkpoint could not store fails now, before any work
 
     # 1. conditioning: the key prompts once, with the per-latent-frame schedule; the backend's object, unread
-    schedule = prompt_schedule(job.keys, latent_frames, req.fps / job.model.layout.temporal)
+    shift = job.inputs.ctx_before / req.fps  # timeline times count in the new frames, after extend's context
+    keys = [PromptKey(k.at + shift, k.prompt) for k in job.keys] if shift else job.keys
+    schedule = prompt_schedule(keys, latent_frames, req.fps / job.model.layout.temporal, loop=job.loop)
     cond = pool.put(pool.encode([k.prompt for k in job.keys], req.negative_prompt, schedule))
 
     # 2. initial latents from (seed, frame)
     z = initial_noise(req.seed, latent_frames, job.latent_shape, job.noise, job.window, job.overlap)  # (1, C, F, h, w)
     z = z * getattr(scheduler, "init_noise_sigma", 1.0)
-    weights = window_weights(plan, req.weighting)
+    weights = window_weights(plan, req.weighting, latent_frames if job.loop else 0)
+    pin = _known_latents(job, pool)  # None without known frames
     first_step = 0
     resumed = checkpoint.load_latest() if checkpoint is not None else None
     if resumed is not None:
         restore_scheduler(scheduler, resumed)
         z, first_step = resumed.z, resumed.step
         logger.info("resumed from checkpoint %s: %d of %d steps done", resumed.path.name, first_step, job.steps)
+    elif pin is not None:
+        pin(z)
 
     total = job.steps * len(plan)
     started = time.perf_counter()
@@ -259,7 +317,8 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
 
     def progress_dict(phase: str, window_steps_done: int, frames_done: int, eta_s) -> dict:
         return {"phase": phase, "step": step_now, "steps": job.steps, "window_steps_done": window_steps_done,
-                "window_steps_total": total, "frames_done": frames_done, "frames": job.frames, "eta_s": eta_s}
+                "window_steps_total": total, "frames_done": frames_done, "frames": job.output_frames,
+                "eta_s": eta_s}
 
     def report(phase: str, window_steps_done: int, frames_done: int = 0) -> None:
         reason = cancelled() if cancelled is not None else None
@@ -281,7 +340,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         if i < first_step:
             continue
         model_in = scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z  # (1, C, F, h, w)
-        tasks = [(model_in[:, :, s:e].clone(), t, cond, s, e, job.guidances) for s, e in plan]
+        tasks = [(take_window(model_in, s, e), t, cond, s, e, job.guidances) for s, e in plan]
         bar.set_postfix_str(f"step {i + 1}/{job.steps}, {len(plan)} windows")
         preds = []
         try:
@@ -292,9 +351,11 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         except WindowFailed as e:
             raise WindowFailed(f"step {i + 1} of {job.steps}: {e}") from e
         t1 = time.perf_counter()
-        fused = fuse(preds, plan, weights, latent_frames)  # (1, C, F, h, w)
+        fused = fuse(preds, plan, weights, latent_frames, loop=job.loop)  # (1, C, F, h, w)
         t2 = time.perf_counter()
         z = scheduler.step(fused, t, z, **_step_kwargs(scheduler, req.seed, i)).prev_sample
+        if pin is not None:
+            pin(z)
         timings["fuse_s"] += t2 - t1
         timings["scheduler_s"] += time.perf_counter() - t2
         step_now = i + 1
@@ -310,22 +371,35 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     else:  # a per-frame VAE: window-length chunks, any worker
         chunks = [(s, min(s + job.window, latent_frames)) for s in range(0, latent_frames, job.window)]
         decoded = pool.imap("decode", [(z[:, :, s:e].clone(),) for s, e in chunks])
-    sampled = set(preview_indices(job.frames)) if req.preview else set()
+    sampled = set(preview_indices(job.output_frames)) if req.preview else set()
     previews: list[tuple[int, np.ndarray]] = []
-    bar = _bar(job.frames, "decode", "frame", progress)
+    bar = _bar(job.output_frames, "decode", "frame", progress)
+    inputs = job.inputs
+    keep = (inputs.ctx_before, inputs.ctx_before + job.new_frames)  # the new frames, in the denoised clip
     with VideoWriter(req.out, job.width, job.height, req.fps) as writer:
-        first = 0
-        for frames in decoded:  # (n, H, W, 3)
-            frames = frames[: job.frames - first]
-            if not len(frames):
-                break  # only the surplus is left
+        def emit(frames: np.ndarray) -> None:  # (n, H, W, 3), the output's next frames
+            first = writer.frames_written
             writer.write(frames)
             if on_frames is not None:
                 on_frames(first, frames)
-            previews += [(first + k, frames[k].copy()) for k in range(len(frames)) if first + k in sampled]
-            first += len(frames)
+            previews.extend((first + k, frames[k].copy()) for k in range(len(frames)) if first + k in sampled)
             bar.update(len(frames))
-            report("decode", total, first)
+            report("decode", total, writer.frames_written)
+
+        if inputs.before is not None:  # extend: the input's frames, as read, then the new ones
+            for frames in video_chunks("extend", inputs.before.path, req.fps, job.width, job.height):
+                emit(frames)
+        done = 0  # frames of the denoised clip decoded so far
+        for frames in decoded:  # (n, H, W, 3)
+            lo, hi = max(keep[0] - done, 0), min(keep[1] - done, len(frames))
+            done += len(frames)
+            if hi > lo:
+                emit(frames[lo:hi])
+            if done >= keep[1]:
+                break  # only a context already read, or the frame rule's surplus, is left
+        if inputs.after is not None:  # lead_into: its frames close the output
+            for frames in video_chunks("lead_into", inputs.after.path, req.fps, job.width, job.height):
+                emit(frames)
     decoded.close()  # stops a stream still decoding the surplus
     bar.close()
     if req.preview:
@@ -357,6 +431,8 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         weighting=req.weighting,
         noise=job.noise,
         preview=req.preview,
+        input_frames=job.inputs.passthrough,
+        loop=job.loop,
         driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         resumed_from_step=first_step,
         checkpoints_saved=len(checkpoint.saved) if checkpoint is not None else 0,

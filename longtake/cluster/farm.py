@@ -66,7 +66,8 @@ def job_dir(farm_dir: str | Path, job_id: str) -> Path:
 def read_specs(path: str) -> list[dict]:
     """A spec file (YAML or JSON): one job mapping, a list of them, or {jobs: [...]}. Each job is a
     render request plus optional `priority` (higher first) and `token` (makes the submit idempotent).
-    A `timeline` may be a list of keys or the path of a timeline file (relative to the spec)."""
+    A `timeline` may be a list of keys or the path of a timeline file (relative to the spec), and media
+    paths (`image`, `keyframes[].image`, `extend`, `lead_into`) are relative to the spec too."""
     p = Path(path)
     if not p.is_file():
         raise RequestError("spec", path, "an existing YAML or JSON file")
@@ -90,6 +91,13 @@ def read_specs(path: str) -> list[dict]:
         for field in ("out", "preview"):
             if isinstance(job.get(field), str):
                 job[field] = str((Path.cwd() / job[field]).resolve())
+        for field in ("image", "extend", "lead_into"):
+            if isinstance(job.get(field), str):
+                job[field] = str((p.parent / job[field]).resolve())
+        if isinstance(job.get("keyframes"), list):
+            job["keyframes"] = [{**k, "image": str((p.parent / k["image"]).resolve())}
+                                if isinstance(k, dict) and isinstance(k.get("image"), str) else k
+                                for k in job["keyframes"]]
         out.append(job)
     return out
 

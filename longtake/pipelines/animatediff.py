@@ -162,6 +162,21 @@ class Backend:
         return out.float().cpu()
 
     @torch.inference_mode()
+    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """(n, H, W, 3) uint8 -> (1, C, n, h, w) float32 latents that `decode` turns back into these frames
+        (up to the model's resolution): pixel-space models average each upscale block and rearrange
+        space-to-depth; latent models take the VAE posterior's mean, scaled."""
+        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, H, W)
+        if self.vae is None:
+            if self.upscale > 1:
+                video = F.avg_pool2d(video, self.upscale)
+            z = F.pixel_unshuffle(video, self.pixel_shuffle)  # (n, C, h, w)
+        else:
+            posterior = self.vae.encode(video.to(self.device, self.dtype)).latent_dist
+            z = posterior.mean * self.vae.config.scaling_factor
+        return z.float().cpu().permute(1, 0, 2, 3).unsqueeze(0).contiguous()  # (1, C, n, h, w)
+
+    @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """(1, C, n, h, w) latents -> (n, H, W, 3) uint8 frames. Pixel-space models: upscale only."""
         _, c, n, h, w = z.shape

@@ -165,6 +165,19 @@ class Backend:
         return (video[0] * 255).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
     @torch.inference_mode()
+    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """(n, H, W, 3) uint8 -> (1, C, 1 + ceil((n - 1) / 4), h, w) normalized latents: the clip through
+        the causal VAE's encoder (the posterior's mode, as WanImageToVideoPipeline takes it), then
+        normalized as the transformer sees latents (the inverse of `_denormalize`)."""
+        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, n, H, W)
+        video = video.to(self.device, torch.float32) / 127.5 - 1
+        latent = self.vae.encode(video).latent_dist.mode()  # (1, C, n', h, w)
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(self.device)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(self.device)
+        return ((latent - mean) / std).float().cpu()
+
+    @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """The whole clip at once through `vae.decode` (reference; the engine streams)."""
         return self._to_uint8(self.vae.decode(self._denormalize(z)).sample)

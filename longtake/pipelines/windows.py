@@ -47,6 +47,32 @@ def plan_windows(num_frames: int, window: int, overlap: int) -> list[tuple[int, 
     return plan
 
 
+def plan_loop(num_frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """Windows around a circle of F frames (a loop): the same stride as `plan_windows`, spread evenly, the
+    last ones running past the end (end > F: frames taken modulo F), so the last and first frames are
+    neighbours inside a window and fused like any others. Always at least two windows (a clip no longer
+    than one window is covered twice, half a clip apart, so its wrap is inside one of them)."""
+    if num_frames < 2:
+        raise ValueError(f"num_frames: got {num_frames}, expected num_frames >= 2 for a loop")
+    _check_window(window, overlap)
+    length = min(window, num_frames)
+    count = max(2, -(-num_frames // (window - overlap)))
+    return [(k * num_frames // count, k * num_frames // count + length) for k in range(count)]
+
+
+def window_frames(start: int, end: int, num_frames: int) -> torch.Tensor:
+    """The frame indices of a window: start..end-1, modulo F for a loop's windows that wrap."""
+    return torch.arange(start, end) % num_frames
+
+
+def take_window(z: torch.Tensor, start: int, end: int, dim: int = 2) -> torch.Tensor:
+    """A window's frames of a (1, C, F, h, w) tensor: a copy (a gather when the window wraps)."""
+    num_frames = z.shape[dim]
+    if end <= num_frames:
+        return z.narrow(dim, start, end - start).clone()
+    return z.index_select(dim, window_frames(start, end, num_frames).to(z.device))
+
+
 def _check_plan(plan: list[tuple[int, int]]) -> None:
     if not plan:
         raise ValueError("plan: got [], expected at least one window")
@@ -63,17 +89,18 @@ def _ramp(n: int, ov: int) -> torch.Tensor:
     return w
 
 
-def _overlap_linear(plan: list[tuple[int, int]], i: int) -> torch.Tensor:
+def _overlap_linear(plan: list[tuple[int, int]], i: int, loop: int = 0) -> torch.Tensor:
     start, end = plan[i]
-    ov_in = plan[i - 1][1] - start if i > 0 else 0
-    ov_out = end - plan[i + 1][0] if i + 1 < len(plan) else 0
+    ov_in = plan[i - 1][1] - start if i > 0 else (plan[-1][1] - loop if loop else 0)
+    ov_out = end - plan[i + 1][0] if i + 1 < len(plan) else (end - loop if loop else 0)
     ramp_in = _ramp(end - start, ov_in)
     ramp_out = _ramp(end - start, ov_out).flip(0)
     return torch.minimum(ramp_in, ramp_out)
 
 
-def window_weights(plan: list[tuple[int, int]], weighting: str) -> list[torch.Tensor]:
-    """One float64 (end - start,) tensor of strictly positive blend weights per window."""
+def window_weights(plan: list[tuple[int, int]], weighting: str, loop: int = 0) -> list[torch.Tensor]:
+    """One float64 (end - start,) tensor of strictly positive blend weights per window. `loop`: the frame
+    count of a circular plan (`plan_loop`), whose first and last windows are neighbours."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: got {weighting!r}, expected one of {', '.join(WEIGHTINGS)}")
     _check_plan(plan)
@@ -86,12 +113,12 @@ def window_weights(plan: list[tuple[int, int]], weighting: str) -> list[torch.Te
             k = torch.arange(n, dtype=torch.float64)
             w = torch.minimum(k + 1, n - k)
         else:
-            w = _overlap_linear(plan, i)
+            w = _overlap_linear(plan, i, loop)
         weights.append(w)
     return weights
 
 
-def _check_fuse_inputs(preds, plan, weights, num_frames: int, frame_dim: int) -> None:
+def _check_fuse_inputs(preds, plan, weights, num_frames: int, frame_dim: int, loop: bool = False) -> None:
     if not len(preds) == len(plan) == len(weights):
         raise ValueError(f"preds: got {len(preds)} preds / {len(plan)} windows / "
                          f"{len(weights)} weights, expected equal counts")
@@ -99,7 +126,7 @@ def _check_fuse_inputs(preds, plan, weights, num_frames: int, frame_dim: int) ->
     other = list(preds[0].shape)
     other[frame_dim] = None
     for i, ((start, end), pred, w) in enumerate(zip(plan, preds, weights)):
-        if end > num_frames:
+        if end > num_frames and not (loop and start < num_frames and end - start <= num_frames):
             raise ValueError(f"plan[{i}]: got {(start, end)}, expected end <= num_frames ({num_frames})")
         if pred.shape[frame_dim] != end - start or w.shape != (end - start,):
             raise ValueError(f"preds[{i}]: got {pred.shape[frame_dim]} frames and weights {tuple(w.shape)}, "
@@ -112,12 +139,13 @@ def _check_fuse_inputs(preds, plan, weights, num_frames: int, frame_dim: int) ->
 
 
 def fuse(preds: list[torch.Tensor], plan: list[tuple[int, int]], weights: list[torch.Tensor],
-         num_frames: int, frame_dim: int = 2) -> torch.Tensor:
-    """Weighted per-frame average of window predictions, accumulated in float64 in list order."""
+         num_frames: int, frame_dim: int = 2, loop: bool = False) -> torch.Tensor:
+    """Weighted per-frame average of window predictions, accumulated in float64 in list order. `loop`: the
+    plan is circular (windows may run past the end; their frames are taken modulo num_frames)."""
     if not preds:
         raise ValueError("preds: got [], expected one prediction per window")
     frame_dim = frame_dim % preds[0].dim()
-    _check_fuse_inputs(preds, plan, weights, num_frames, frame_dim)
+    _check_fuse_inputs(preds, plan, weights, num_frames, frame_dim, loop)
     device, dtype = preds[0].device, preds[0].dtype
     out_shape = list(preds[0].shape)
     out_shape[frame_dim] = num_frames
@@ -127,8 +155,13 @@ def fuse(preds: list[torch.Tensor], plan: list[tuple[int, int]], weights: list[t
     for (start, end), pred, w in zip(plan, preds, weights):
         w = w.to(device=device, dtype=torch.float64)
         view[frame_dim] = end - start
-        num.narrow(frame_dim, start, end - start).add_(pred.to(torch.float64) * w.view(view))
-        den[start:end] += w
+        if end <= num_frames:
+            num.narrow(frame_dim, start, end - start).add_(pred.to(torch.float64) * w.view(view))
+            den[start:end] += w
+        else:  # a loop's window past the end: scatter modulo F (indices within a window are distinct)
+            index = window_frames(start, end, num_frames).to(device)
+            num.index_add_(frame_dim, index, pred.to(torch.float64) * w.view(view))
+            den.index_add_(0, index, w)
     if bool((den <= 0).any()):
         missing = int(torch.nonzero(den <= 0)[0])
         raise ValueError(f"plan: got no window covering frame {missing}, expected every frame covered")
@@ -244,9 +277,10 @@ def _check_keys(keys: list[PromptKey]) -> None:
                              f"expected > timeline[{i - 1}].at ({keys[i - 1].at})")
 
 
-def prompt_schedule(keys: list[PromptKey], num_frames: int, fps: float
+def prompt_schedule(keys: list[PromptKey], num_frames: int, fps: float, loop: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-frame (a, b, alpha): frame f blends key a and key b with weight alpha on b."""
+    """Per-frame (a, b, alpha): frame f blends key a and key b with weight alpha on b. `loop`: the clip
+    wraps, so after the last key the prompt moves on to the first key, reached again at the clip's end."""
     _check_keys(keys)
     if num_frames < 1:
         raise ValueError(f"num_frames: got {num_frames}, expected num_frames >= 1")
@@ -258,6 +292,11 @@ def prompt_schedule(keys: list[PromptKey], num_frames: int, fps: float
     for f in range(num_frames):
         t = f / fps
         i = max(bisect_right(times, t) - 1, 0)  # last key with at <= t (or 0)
+        if loop and len(times) > 1 and (t > times[-1] or t < times[0]):  # across the wrap: last key -> first
+            span = num_frames / fps - times[-1] + times[0]
+            a[f], b[f] = len(times) - 1, 0
+            alpha[f] = ((t - times[-1]) if t > times[-1] else (t + num_frames / fps - times[-1])) / span
+            continue
         if t <= times[0] or t >= times[-1] or t == times[i]:
             a[f] = b[f] = i
             continue
@@ -268,13 +307,17 @@ def prompt_schedule(keys: list[PromptKey], num_frames: int, fps: float
 
 def interpolate_embeddings(key_embeds: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                            alpha: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """(K, ...) key embeddings -> (end - start, ...) per-frame embeddings for frames start..end-1."""
-    if not 0 <= start <= end <= a.shape[0]:
-        raise ValueError(f"start, end: got ({start}, {end}), expected 0 <= start <= end <= {a.shape[0]}")
+    """(K, ...) key embeddings -> (end - start, ...) per-frame embeddings for frames start..end-1 (modulo F:
+    a loop's window may run past the end, 0 <= start < F, end - start <= F)."""
+    num_frames = a.shape[0]
+    if not (0 <= start <= end <= num_frames or 0 <= start < num_frames and end - start <= num_frames):
+        raise ValueError(f"start, end: got ({start}, {end}), expected 0 <= start <= end <= {num_frames} "
+                         f"(or a wrapping window: start < {num_frames}, end - start <= {num_frames})")
     device = key_embeds.device
-    a = a[start:end].to(device)  # (n,)
-    b = b[start:end].to(device)  # (n,)
-    alpha = alpha[start:end].to(device)  # (n,)
+    index = window_frames(start, end, num_frames)  # (n,)
+    a = a[index].to(device)  # (n,)
+    b = b[index].to(device)  # (n,)
+    alpha = alpha[index].to(device)  # (n,)
     out = key_embeds[a].clone()  # (n, ...) exact copies of key a
     mix = (a != b) & (alpha != 0)  # (n,)
     if bool(mix.any()):
@@ -305,6 +348,6 @@ class TextConditioning:
     def centre(self, start: int, end: int) -> torch.Tensor:
         """One embedding for a window (DiTs): the interpolation at its centre frame; for an even length, the
         mean of the two middle frames' (exactly the key's embedding when both are on one key)."""
-        mid = (start + end - 1) // 2
+        mid = (start + end - 1) // 2 % len(self.a)  # a loop's window may run past the end
         both = self.frames(mid, mid + 1 + (end - start + 1) % 2)  # (1 or 2, seq, dim)
         return both.mean(0, keepdim=True) if len(both) == 2 else both  # (1, seq, dim)

@@ -200,6 +200,9 @@ class Denoiser:
     def decode(self, *args):
         return self._do("decode", *args)
 
+    def encode_frames(self, *args):
+        return self._do("encode_frames", *args)
+
     def decode_stream(self, *args):
         yield from self.worker.decode_stream(*args)
 

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, Job, fingerprint, prepare, run
 from longtake.cluster.jobs import FINAL, STATES, JobStore, Lease, ProgressWriter, QueueFull, new_runner_id
-from longtake.request import RenderRequest, RequestError, parse_request
+from longtake.request import MEDIA_FIELDS, RenderRequest, RequestError, parse_request
 from longtake.serve.limits import Limits
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,10 @@ class JobManager:
         for field in ("out", "preview"):
             if field in body:
                 raise RequestError(field, body[field], "no value: the server chooses output paths")
+        for field in MEDIA_FIELDS:  # never a path on the server's disk
+            if body.get(field) is not None:
+                raise RequestError(field, body[field], "no value yet: media inputs over HTTP (uploaded file ids) are "
+                                                       "not served yet; use the CLI, the Python API or the farm")
         if "model" in body and body["model"] not in (self.model_name, self.model):
             raise RequestError("model", body["model"], f"{self.model_name!r}, the model this server runs (or no value)")
         body = {**body, "model": self.model_name}

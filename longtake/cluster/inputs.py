@@ -1,0 +1,113 @@
+"""Known frames: a request's image, keyframes, clip to extend and clip to lead into, as one mechanism.
+
+Each medium is a run of frames whose content is given (`Pinned`). The denoised clip is laid out as
+
+    [context of `extend`] [the new frames] [context of `lead_into`]
+     ctx_before frames     frames asked     ctx_after frames
+
+with the image at new frame 0 and each keyframe at its time in the new frames. Before the first step and
+after every scheduler step the engine sets the pinned frames' latents to their known latents, clean (a
+clean context: on the bundled model it joins clips about twice as smoothly as RePaint-style context noised
+to each step's level); the windows that hold them condition their other frames on them, and fusion carries
+that into the neighbouring windows. Nothing here is family-specific: a backend only turns frames into
+latents (`encode_frames`, the inverse of its `decode`).
+
+The output is `extend`'s frames as read (passed through, not re-rendered), the new frames, then
+`lead_into`'s frames. The context defaults to one window of frames, or all of a shorter input; an explicit
+`context` the input cannot supply is an error. For a family whose causal VAE packs 4 frames in a latent
+frame (Wan) the context is cut to 4k + 1 frames, so the extended clip's latents are exactly the context's;
+frames pinned later in the clip (keyframes, `lead_into`) are encoded as clips of their own (approximate).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from longtake.media import VideoInput, file_sha256, load_image, open_video
+from longtake.request import RenderRequest, RequestError
+
+
+@dataclass(frozen=True)
+class Pinned:
+    frame: int  # first frame, in the denoised clip
+    pixels: np.ndarray  # (n, H, W, 3) uint8 at the output size
+    source: str  # the request field it came from
+
+
+@dataclass(frozen=True)
+class Inputs:
+    pinned: tuple[Pinned, ...] = ()
+    before: VideoInput | None = None  # `extend`: its frames open the output
+    after: VideoInput | None = None  # `lead_into`: its frames close the output
+    ctx_before: int = 0  # frames of `before` at the start of the denoised clip
+    ctx_after: int = 0  # frames of `after` at its end
+    hashes: dict = field(default_factory=dict)  # field -> SHA-256 of the file(s), for the checkpoint fingerprint
+
+    @property
+    def passthrough(self) -> int:
+        """Output frames copied from the inputs."""
+        return (self.before.frames if self.before else 0) + (self.after.frames if self.after else 0)
+
+
+def _context_frames(request: RenderRequest, window_frames: int, causal: bool, temporal: int) -> int:
+    frames = window_frames if request.context is None else max(1, round(request.context * request.fps))
+    if causal:  # 4k + 1 frames: the context's latents are the clip's first ones exactly
+        frames = (frames - 1) // temporal * temporal + 1
+    return frames
+
+
+def _fit(video: VideoInput, frames: int, explicit: bool, field_name: str, fps: float, causal: bool,
+         temporal: int) -> int:
+    """The context frames `video` supplies: `frames`, or all it has when the context was not asked for."""
+    if frames <= video.frames:
+        return frames
+    if explicit:
+        raise RequestError(field_name, video.path, f"a video of at least {frames} frames at {fps:g} fps (the "
+                                                   f"context, {frames / fps:g} s); it has {video.frames}")
+    return (video.frames - 1) // temporal * temporal + 1 if causal else video.frames
+
+
+def resolve_inputs(request: RenderRequest, height: int, width: int, window_frames: int, causal: bool = False,
+                   temporal: int = 1) -> Inputs:
+    """Open and check every medium of a request (no model involved). Raises RequestError naming the field."""
+    fps, new = request.fps, request.num_frames
+    pinned, hashes = [], {}
+    before = after = None
+    ctx_before = ctx_after = 0
+    want = _context_frames(request, window_frames, causal, temporal)
+    explicit = request.context is not None
+    if request.extend is not None:  # one pass: its frame count and its last frames
+        before = open_video("extend", request.extend, fps, width, height, tail=want)
+        ctx_before = _fit(before, want, explicit, "extend", fps, causal, temporal)
+        pinned.append(Pinned(0, before.tail[len(before.tail) - ctx_before:], "extend"))
+        hashes["extend"] = before.sha256
+    if request.lead_into is not None:
+        after = open_video("lead_into", request.lead_into, fps, width, height, head=want)
+        ctx_after = _fit(after, want, explicit, "lead_into", fps, causal, temporal)
+        pinned.append(Pinned(ctx_before + new, after.head[:ctx_after], "lead_into"))
+        hashes["lead_into"] = after.sha256
+    if request.image is not None:
+        pinned.append(Pinned(ctx_before, load_image("image", request.image, width, height)[None], "image"))
+        hashes["image"] = file_sha256(request.image)
+    taken = {}
+    for i, key in enumerate(request.keyframes or []):
+        name = f"keyframes[{i}]"
+        frame = min(round(key.at * fps), new - 1)
+        if frame in taken or (frame == 0 and request.image is not None):
+            other = taken.get(frame, "image")
+            raise RequestError(f"{name}.at", key.at, f"a time whose frame ({frame} at {fps:g} fps) no other image "
+                                                     f"is pinned at ({other} is)")
+        taken[frame] = name
+        pinned.append(Pinned(ctx_before + frame, load_image(f"{name}.image", key.image, width, height)[None], name))
+        hashes[name] = [key.at, file_sha256(key.image)]
+    return Inputs(tuple(pinned), before, after, ctx_before, ctx_after, hashes)
+
+
+def latent_index(frame: int, temporal: int, causal: bool) -> int:
+    """The latent frame that holds output frame `frame` (causal: frame 0 alone, then 4 a latent frame)."""
+    if causal:
+        return 0 if frame == 0 else math.ceil(frame / temporal)
+    return frame // temporal
