@@ -270,6 +270,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extend", metavar="VIDEO", help=_field_help("extend"))
     p.add_argument("--lead-into", dest="lead_into", metavar="VIDEO", help=_field_help("lead_into"))
     p.add_argument("--context", type=float, metavar="SECONDS", help=_field_help("context"))
+    p.add_argument("--video", metavar="VIDEO", help=_field_help("video"))
+    p.add_argument("--strength", type=float, help=_field_help("strength"))
     p.add_argument("--loop", action="store_true", default=None, help=_field_help("loop"))
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core)")
     p.add_argument("--model", help=_field_help("model"))
@@ -285,7 +287,7 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "width", "steps", "guidance", "guidance_2",
                   "seed", "window", "overlap", "weighting", "noise", "workers", "model", "device", "out", "preview",
-                  "image", "extend", "lead_into", "context", "loop")
+                  "image", "extend", "lead_into", "context", "loop", "video", "strength")
 
 
 def parse_keyframe(value: str) -> dict:

@@ -26,6 +26,8 @@ DEVICES = ("auto", "cpu", "cuda")
 ALIASES = {"negative": "negative_prompt"}
 
 MAX_SECONDS = 3600.0
+DEFAULT_SECONDS = 10.0
+DEFAULT_STRENGTH = 0.6  # video to video: how much of the input is redrawn
 MAX_FPS = 120.0
 MAX_FRAMES = 100_000
 
@@ -51,7 +53,7 @@ class Keyframe(BaseModel):
 
 
 # the request fields that name media files: paths on the CLI, the Python API and the farm; file ids over HTTP
-MEDIA_FIELDS = ("image", "keyframes", "extend", "lead_into")
+MEDIA_FIELDS = ("image", "keyframes", "extend", "lead_into", "video")
 MAX_CONTEXT_SECONDS = 60.0
 
 
@@ -67,7 +69,8 @@ class RenderRequest(BaseModel):
     negative_prompt: str = Field("", validation_alias=AliasChoices("negative_prompt", "negative"),
                                  description="Negative prompt for classifier-free guidance ('negative' is accepted "
                                  "as an alias).")
-    seconds: float = Field(10.0, description="Clip length in seconds.")
+    seconds: float | None = Field(None, description=f"Clip length in seconds (default {DEFAULT_SECONDS:g}; with a "
+                                  "video: the video's length).")
     fps: float = Field(8.0, description="Frames per second of the output.")
     height: int | None = Field(None, description="Output height in pixels (multiple of the model's factor).")
     width: int | None = Field(None, description="Output width in pixels (multiple of the model's factor).")
@@ -99,6 +102,11 @@ class RenderRequest(BaseModel):
                                   "conditioned on its first `context` seconds (with extend: a bridge).")
     context: float | None = Field(None, description="Seconds of extend / lead_into that condition the new frames "
                                   f"(default: one window, or all of a shorter input; at most {MAX_CONTEXT_SECONDS:g}).")
+    video: str | None = Field(None, description="A video to redraw (video to video, SDEdit-style): the output has "
+                              "its frames (resampled to fps, scaled and centre-cropped to the output size), each "
+                              "noised to `strength` and denoised with the prompt.")
+    strength: float | None = Field(None, description=f"With a video: how much is redrawn, from 0 (the input back) to 1 "
+                                   f"(text to video, the input only sets the length) (default {DEFAULT_STRENGTH:g}).")
     loop: bool = Field(False, description="A seamless loop: the windows wrap around the clip's end, so its last "
                        "frame flows into its first.")
     out: str = Field("longtake.mp4", description="Output MP4 path.")
@@ -116,8 +124,8 @@ class RenderRequest(BaseModel):
 
     @field_validator("seconds")
     @classmethod
-    def _seconds(cls, v: float) -> float:
-        if not math.isfinite(v) or v <= 0 or v > MAX_SECONDS:
+    def _seconds(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v <= 0 or v > MAX_SECONDS):
             raise RequestError("seconds", v, f"a number > 0 and <= {MAX_SECONDS:g}")
         return v
 
@@ -184,7 +192,14 @@ class RenderRequest(BaseModel):
             raise RequestError("prompt", v, "a non-empty prompt")
         return v
 
-    @field_validator("image", "extend", "lead_into")
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or not 0 <= v <= 1):
+            raise RequestError("strength", v, "a number from 0 (keep the video) to 1 (redraw it all)")
+        return v
+
+    @field_validator("image", "extend", "lead_into", "video")
     @classmethod
     def _media(cls, v: str | None, info) -> str | None:
         if v is not None and not v.strip():
@@ -204,18 +219,23 @@ class RenderRequest(BaseModel):
             raise RequestError("prompt", self.prompt, "exactly one of a prompt or a timeline")
         frames = self.num_frames
         if frames < 1 or frames > MAX_FRAMES:
-            raise RequestError("seconds", self.seconds, f"seconds * fps to give 1 to {MAX_FRAMES} frames (got {frames})")
+            raise RequestError("seconds", self.length, f"seconds * fps to give 1 to {MAX_FRAMES} frames (got {frames})")
         if self.window is not None and self.overlap is not None and self.overlap >= self.window:
             raise RequestError("overlap", self.overlap, f"0 <= overlap < window ({self.window})")
         if self.timeline is not None:
-            _check_timeline(self.timeline, self.seconds)
+            _check_timeline(self.timeline, self.length)
         if self.loop and (self.extend is not None or self.lead_into is not None):
             raise RequestError("loop", self.loop, "no loop with extend or lead_into (a loop has no ends to join)")
+        if self.strength is not None and self.video is None:
+            raise RequestError("strength", self.strength, "no value without video (it is how much of it is redrawn)")
+        if self.video is not None and (self.extend is not None or self.lead_into is not None):
+            field = "extend" if self.extend is not None else "lead_into"
+            raise RequestError(field, getattr(self, field), "no value with video (redraw a video, or continue one)")
         if self.context is not None and self.extend is None and self.lead_into is None:
             raise RequestError("context", self.context, "no value without extend or lead_into (it is their context)")
         for i, key in enumerate(self.keyframes or []):
-            if not math.isfinite(key.at) or not 0 <= key.at < self.seconds:
-                raise RequestError(f"keyframes[{i}].at", key.at, f"a time from 0 to below seconds ({self.seconds:g})")
+            if not math.isfinite(key.at) or key.at < 0 or (key.at >= self.length and self.video is None):
+                raise RequestError(f"keyframes[{i}].at", key.at, f"a time from 0 to below seconds ({self.length:g})")
             if not key.image.strip():
                 raise RequestError(f"keyframes[{i}].image", key.image, "a file path (or, over HTTP, a file id)")
         _check_writable("out", self.out, ".mp4")
@@ -224,8 +244,13 @@ class RenderRequest(BaseModel):
         return self
 
     @property
+    def length(self) -> float:
+        """Seconds asked for, else the default (a video's own length is known only when it is opened)."""
+        return self.seconds if self.seconds is not None else DEFAULT_SECONDS
+
+    @property
     def num_frames(self) -> int:
-        return round(self.seconds * self.fps)
+        return round(self.length * self.fps)
 
 
 def _check_timeline(keys: list[TimelineKey], seconds: float) -> None:

@@ -93,6 +93,21 @@ def test_a_loop_wraps_more_smoothly_than_a_plain_clip(tmp_path, render_in_proces
     assert wraps[0] < wraps[1] and wraps[0] <= 1.3
 
 
+def test_video_to_video_from_text_to_video_to_the_input_back(tmp_path, clip, render_in_process):
+    a = read_frames(clip / "a.mp4").astype(float)
+    other = "a green ball moving left on yellow"
+    text = render_in_process(_req(tmp_path, "t.mp4", prompt=other))
+    full = render_in_process(_req(tmp_path, "v1.mp4", prompt=other, video=str(clip / "a.mp4"), strength=1))
+    assert full.frames_sha256 == text.frames_sha256  # strength 1: text to video, the input sets the length only
+    kept = render_in_process(_req(tmp_path, "v0.mp4", prompt=other, video=str(clip / "a.mp4"), strength=0, seconds=None))
+    assert kept.frames == len(a) and np.abs(read_frames(tmp_path / "v0.mp4") - a).mean() < 4  # the input back
+    render_in_process(_req(tmp_path, "v5.mp4", prompt=other, video=str(clip / "a.mp4"), strength=0.5))
+    half, t = read_frames(tmp_path / "v5.mp4").astype(float), read_frames(tmp_path / "t.mp4").astype(float)
+    # at 0.5 the input's layout and motion stay: frame-to-frame change follows the input's, unlike text's
+    assert np.abs(half - a).mean() < 0.5 * np.abs(t - a).mean()
+    assert np.corrcoef(_change(half), _change(a))[0, 1] > np.corrcoef(_change(t), _change(a))[0, 1]
+
+
 # ---------------------------------------------------------------- untrusted inputs
 
 
@@ -130,6 +145,11 @@ def bad_files(tmp_path_factory):
     ({"keyframes": [{"image": "ok.png", "at": 1}, {"image": "ok.png", "at": 1.01}]}, "keyframes[1].at", "keyframes[0]"),
     ({"keyframes": [{"image": "text.png", "at": 1}]}, "keyframes[0].image", "a readable image"),
     ({"keyframes": [{"img": "ok.png", "at": 1}]}, "keyframes[0].img", "did you mean 'image'"),
+    ({"video": "audio.m4a"}, "video", "video stream"),
+    ({"video": "short.mp4", "seconds": 3}, "seconds", "at most the video's length"),
+    ({"strength": 0.5}, "strength", "without video"),
+    ({"video": "short.mp4", "strength": 1.5}, "strength", "from 0"),
+    ({"video": "short.mp4", "extend": "short.mp4"}, "extend", "no value with video"),
 ])
 def test_bad_inputs_name_the_field_before_any_model_runs(tmp_path, bad_files, kw, field, words):
     def local(value):

@@ -196,8 +196,9 @@ def test_bad_input_names_the_field(tmp_path, family):
 
 def test_known_frames_and_loops_are_deterministic_on_every_pool_and_after_a_resume(tmp_path, family, inproc,
                                                                                    ray_session):
-    """A bridge (extend + lead_into) with a keyframe, and a loop: the same frames on the in-process pool, on
-    2 Ray workers, and after a pause and a resume; the input clips are passed through as read."""
+    """A bridge (extend + lead_into) with a keyframe, a loop and a video redrawn at strength 0.9: the same
+    frames on the in-process pool, on 2 Ray workers, and after a pause and a resume; the input clips are
+    passed through as read."""
     from PIL import Image
 
     from longtake.actors.ray_pool import RayPool
@@ -210,10 +211,11 @@ def test_known_frames_and_loops_are_deterministic_on_every_pool_and_after_a_resu
     bridge = _req(fam, path, tmp_path / "bridge.mp4", extend=str(tmp_path / "clip.mp4"),
                   lead_into=str(tmp_path / "clip.mp4"), keyframes=[{"image": str(tmp_path / "key.png"), "at": 0.25}])
     loop = _req(fam, path, tmp_path / "loop.mp4", loop=True)
+    redraw = _req(fam, path, tmp_path / "redraw.mp4", video=str(tmp_path / "clip.mp4"), strength=0.9)
     spec, _ = worker_plan(prepare(loop), gpus=0, cpus=2)
     pool = RayPool(spec, 2)
     try:
-        for req in (bridge, loop):
+        for req in (bridge, loop, redraw):
             job = prepare(req)
             ref, frames = _frames(inproc, job)
             on_ray = run(prepare({**req, "out": str(tmp_path / "ray.mp4")}), pool, progress=False)
@@ -221,16 +223,18 @@ def test_known_frames_and_loops_are_deterministic_on_every_pool_and_after_a_resu
             ckpt = Checkpointer(tmp_path / f"ckpt-{req['out'][-8:]}", every=1,
                                 fingerprint=fingerprint(job, "float32", "cpu"))
             done = {"n": 0}
+            skipped = job.steps - int(job.steps * job.inputs.strength)  # video to video starts later
             with pytest.raises(Cancelled):
                 run(job, inproc, progress=False, on_progress=lambda p: done.update(n=p["window_steps_done"]),
-                    cancelled=lambda: "paused" if done["n"] > len(job.windows) else None, checkpoint=ckpt)
+                    cancelled=lambda: "paused" if done["n"] > (skipped + 1) * len(job.windows) else None,
+                    checkpoint=ckpt)
             resumed = run(job, inproc, progress=False, checkpoint=ckpt)
-            assert resumed.resumed_from_step == 1 and resumed.frames_sha256 == ref.frames_sha256
+            assert resumed.resumed_from_step == skipped + 1 and resumed.frames_sha256 == ref.frames_sha256
     finally:
         pool.shutdown()
     job = prepare(bridge)
     new = round(fam.request["seconds"] * fam.request["fps"])
-    assert ref.loop and not job.loop
+    assert not job.loop and prepare(loop).loop
     assert job.inputs.passthrough == 2 * clip.frames and job.new_frames == new
     bridged = read_frames(tmp_path / "bridge.mp4").astype(float)
     assert len(bridged) == 2 * clip.frames + new

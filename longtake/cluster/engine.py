@@ -157,7 +157,7 @@ def prepare(request: RenderRequest | dict) -> Job:
         raise RequestError("overlap", overlap, f"0 <= overlap < window ({window} {unit})")
     layout = model.layout
     inputs = resolve_inputs(request, height, width, layout.frames(window), layout.causal, layout.temporal)
-    frames = inputs.ctx_before + request.num_frames + inputs.ctx_after
+    frames = inputs.ctx_before + inputs.new + inputs.ctx_after
     latent_frames = layout.latent_frames(frames)
     if request.loop and latent_frames < 2:
         raise RequestError("seconds", request.seconds, f"at least {layout.frames(2)} frames at {request.fps:g} fps "
@@ -201,7 +201,7 @@ def fingerprint(job: Job, dtype: str, device: str) -> str:
             "guidance": job.guidance, "windows": job.windows, "seed": req.seed, "noise": job.noise,
             "weighting": req.weighting, "keys": [[k.at, k.prompt] for k in job.keys],
             "negative": req.negative_prompt, "fps": req.fps}
-    if job.inputs.pinned or job.loop:  # what the known frames are (file hashes) and where they sit
+    if job.inputs.pinned or job.loop or job.inputs.source is not None:  # the inputs (file hashes) and where they sit
         data["inputs"] = {"hashes": job.inputs.hashes, "pinned": [[p.source, p.frame, len(p.pixels)]
                                                                   for p in job.inputs.pinned], "loop": job.loop}
     if job.model.experts > 1:
@@ -219,6 +219,42 @@ def _step_kwargs(scheduler, seed: int, step: int) -> dict:
     if "generator" in params:
         kwargs["generator"] = torch.Generator("cpu").manual_seed(frame_seed(seed, -1_000_000 - step))
     return kwargs
+
+
+def _noised(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 noised to timestep t's level as the scheduler defines it (add_noise; flow matching: scale_noise)."""
+    if hasattr(scheduler, "add_noise"):
+        return scheduler.add_noise(x0, noise, t)
+    return scheduler.scale_noise(x0, t, noise)
+
+
+def _source_latents(job: Job, pool: Pool) -> torch.Tensor:
+    """Video to video: the input's latents (1, C, F, h, w), encoded chunk by chunk on the workers as the
+    frames stream from ffmpeg (never the whole video as pixels). Chunks are one window of frames; a causal
+    VAE (Wan) encodes frame 0 alone, then 4m frames at a time after the frame before them (whose latent is
+    dropped): each chunk restarts the VAE's cache, an approximation of one whole-clip encode."""
+    src, layout, req = job.inputs.source, job.model.layout, job.request
+    size = max(1, layout.frames(job.window) - (1 if layout.causal else 0))
+    parts, buffer, prev, left = [], [], None, job.frames
+    first = True
+
+    def flush(group: list, prefix) -> None:
+        frames = np.stack(([prefix] if prefix is not None else []) + group)
+        latents = pool.call("encode_frames", frames)  # (1, C, n, h, w)
+        parts.append(latents[:, :, 1:] if prefix is not None else latents)
+
+    for chunk in video_chunks("video", src.path, req.fps, job.width, job.height, chunk=size):
+        for frame in chunk[:left]:
+            buffer.append(frame)
+            left -= 1
+            if len(buffer) == (1 if first and layout.causal else size):
+                flush(buffer, prev)
+                prev, buffer, first = (buffer[-1] if layout.causal else None), [], False
+        if left <= 0:
+            break
+    if buffer:  # the last group, padded with its last frame to whole latent frames (a causal VAE drops a rest)
+        flush(buffer + [buffer[-1]] * (-len(buffer) % layout.temporal if prev is not None else 0), prev)
+    return torch.cat(parts, 2)[:, :, : job.latent_frames]
 
 
 def _known_latents(job: Job, pool: Pool):
@@ -307,8 +343,18 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         restore_scheduler(scheduler, resumed)
         z, first_step = resumed.z, resumed.step
         logger.info("resumed from checkpoint %s: %d of %d steps done", resumed.path.name, first_step, job.steps)
-    elif pin is not None:
-        pin(z)
+    else:
+        if job.inputs.source is not None and job.inputs.strength < 1:  # video to video (SDEdit)
+            first_step = job.steps - int(job.steps * job.inputs.strength)  # as diffusers' img2img pipelines
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(first_step)
+            x0 = _source_latents(job, pool)
+            z = x0 if first_step == job.steps else _noised(scheduler, x0, z / getattr(scheduler, "init_noise_sigma", 1.0),
+                                                          scheduler.timesteps[first_step:first_step + 1])
+            logger.info("video to video: strength %g, %d of %d steps", job.inputs.strength, job.steps - first_step,
+                        job.steps)
+        if pin is not None:
+            pin(z)
 
     total = job.steps * len(plan)
     started = time.perf_counter()
@@ -415,7 +461,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         out=req.out,
         frames=writer.frames_written,
         fps=req.fps,
-        seconds=req.seconds,
+        seconds=req.seconds if req.seconds is not None else round(job.new_frames / req.fps, 4),
         width=job.width,
         height=job.height,
         window=longest,
@@ -434,7 +480,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         input_frames=job.inputs.passthrough,
         loop=job.loop,
         driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        resumed_from_step=first_step,
+        resumed_from_step=resumed.step if resumed is not None else 0,
         checkpoints_saved=len(checkpoint.saved) if checkpoint is not None else 0,
         checkpoint_s=round(sum(checkpoint.saved), 3) if checkpoint is not None else 0.0,
         timings={k: round(v, 4) for k, v in timings.items()},

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from longtake.media import VideoInput, file_sha256, load_image, open_video
-from longtake.request import RenderRequest, RequestError
+from longtake.request import DEFAULT_STRENGTH, RenderRequest, RequestError
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,14 @@ class Pinned:
 
 @dataclass(frozen=True)
 class Inputs:
+    new: int = 0  # frames made: round(seconds * fps), or a redrawn video's frame count
     pinned: tuple[Pinned, ...] = ()
     before: VideoInput | None = None  # `extend`: its frames open the output
     after: VideoInput | None = None  # `lead_into`: its frames close the output
     ctx_before: int = 0  # frames of `before` at the start of the denoised clip
     ctx_after: int = 0  # frames of `after` at its end
+    source: VideoInput | None = None  # `video`: the clip redrawn (video to video), streamed when encoded
+    strength: float = 1.0  # how much of `source` is redrawn (1: text to video)
     hashes: dict = field(default_factory=dict)  # field -> SHA-256 of the file(s), for the checkpoint fingerprint
 
     @property
@@ -75,6 +78,15 @@ def resolve_inputs(request: RenderRequest, height: int, width: int, window_frame
     """Open and check every medium of a request (no model involved). Raises RequestError naming the field."""
     fps, new = request.fps, request.num_frames
     pinned, hashes = [], {}
+    source, strength = None, 1.0
+    if request.video is not None:  # video to video: its length, unless fewer seconds are asked for
+        source = open_video("video", request.video, fps, width, height)
+        if request.seconds is not None and new > source.frames:
+            raise RequestError("seconds", request.seconds, f"at most the video's length ({source.frames} frames at "
+                                                           f"{fps:g} fps = {source.frames / fps:g} s), or no value")
+        new = new if request.seconds is not None else source.frames
+        strength = request.strength if request.strength is not None else DEFAULT_STRENGTH
+        hashes["video"] = [source.sha256, strength]
     before = after = None
     ctx_before = ctx_after = 0
     want = _context_frames(request, window_frames, causal, temporal)
@@ -96,6 +108,8 @@ def resolve_inputs(request: RenderRequest, height: int, width: int, window_frame
     for i, key in enumerate(request.keyframes or []):
         name = f"keyframes[{i}]"
         frame = min(round(key.at * fps), new - 1)
+        if key.at * fps >= new:
+            raise RequestError(f"{name}.at", key.at, f"a time from 0 to below the clip's length ({new / fps:g} s)")
         if frame in taken or (frame == 0 and request.image is not None):
             other = taken.get(frame, "image")
             raise RequestError(f"{name}.at", key.at, f"a time whose frame ({frame} at {fps:g} fps) no other image "
@@ -103,7 +117,7 @@ def resolve_inputs(request: RenderRequest, height: int, width: int, window_frame
         taken[frame] = name
         pinned.append(Pinned(ctx_before + frame, load_image(f"{name}.image", key.image, width, height)[None], name))
         hashes[name] = [key.at, file_sha256(key.image)]
-    return Inputs(tuple(pinned), before, after, ctx_before, ctx_after, hashes)
+    return Inputs(new, tuple(pinned), before, after, ctx_before, ctx_after, source, strength, hashes)
 
 
 def latent_index(frame: int, temporal: int, causal: bool) -> int:

@@ -118,7 +118,7 @@ class JobManager:
         """Every check before a job is queued: the request, this server's limits, the model's rules."""
         req = parse_request({**body, "model": self.model, "out": str(self.data_dir / "check.mp4")})
         lim = self.limits
-        for field, value, top in (("seconds", req.seconds, lim.max_seconds), ("fps", req.fps, lim.max_fps),
+        for field, value, top in (("seconds", req.length, lim.max_seconds), ("fps", req.fps, lim.max_fps),
                                   ("steps", req.steps, lim.max_steps), ("height", req.height, lim.max_side),
                                   ("width", req.width, lim.max_side),
                                   ("timeline", len(req.timeline or ()), lim.max_timeline_keys)):
