@@ -107,7 +107,10 @@ def test_help_explains_every_option():
             option(flag, following), option(flag, following)
     assert f"the bundled model: {bundled.native_window}" in option("--window", "--overlap")
     assert f"the bundled model: {bundled.default_noise}" in option("--noise", "--workers")
-    for flag, following, field in (("--seconds", "--fps", "seconds"), ("--fps", "--height", "fps"),
+    from longtake.request import DEFAULT_SECONDS
+
+    assert f"(default {DEFAULT_SECONDS:g}; with a video: the video's length)" in option("--seconds", "--fps")
+    for flag, following, field in (("--fps", "--height", "fps"),
                                    ("--seed", "--window", "seed"), ("--weighting", "--noise", "weighting")):
         default = RenderRequest.model_fields[field].default
         assert (f"(default: {default:g})" if isinstance(default, float) else f"(default: {default})") in \

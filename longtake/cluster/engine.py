@@ -1,15 +1,19 @@
 """The engine: a request becomes one MP4, rendered by overlapping windows fused at every step.
 
-    prepare(request)  -> Job        validate against the model's configs and the video writer's size rule;
-                                    no Ray, no weights
+    prepare(request)  -> Job        validate against the model's configs and the video writer's size rule,
+                                    open and check the media inputs (`inputs.py`); no Ray, no weights
     run(job, pool)    -> RenderResult
-        1. encode the key prompts once (one encoder); the backend's conditioning goes in the object store
-        2. initial latents from (seed, latent frame index)
-        3. for each step: every window predicts alone -> fuse in window order -> scheduler step
+        1. encode the key prompts once (one encoder); the backend's conditioning goes in the object store;
+           the known frames' latents once (a worker's `encode_frames`)
+        2. initial latents from (seed, latent frame index); video to video: the input's latents (encoded
+           chunk by chunk as it streams) noised to `strength`, the first steps skipped
+        3. for each step: every window predicts alone -> fuse in window order -> scheduler step -> the
+           known frames set to their latents (clean context); a loop's windows wrap around the end
            (with a checkpointer: resume from the newest valid checkpoint; save one every k steps)
         4. decode: window-length chunks on any worker (per-frame VAEs), or one ordered streamed session
            (causal 3D VAEs); frames stream in order into ffmpeg, the surplus of the model's frame rule
-           (Wan: 4k+1) dropped at the end, so the MP4 has exactly round(seconds * fps) frames
+           (Wan: 4k+1) dropped at the end, so the MP4 has exactly round(seconds * fps) new frames, after
+           an extended clip's frames and before a lead-into clip's (passed through as read)
         progress: {phase, step (steps completed), steps, window_steps_done, window_steps_total, frames_done,
         frames, eta_s} per window and decoded chunk, then once with phase "done" and the final numbers
 

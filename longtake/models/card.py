@@ -14,14 +14,14 @@ from longtake.pipelines.windows import NOISE_CORRELATION
 
 
 def _stage(t: dict, lt: dict, number: int | None) -> str:
-    """One training run's paragraph (a two-stage model has two)."""
+    """One training run's paragraph (a model trained in stages has one per stage)."""
     text_lr = f" (the text encoder at {t['text_lr']} of it)" if t.get("text_lr") else ""
     grid = (f"{t['grid_share']:.0%} of every batch's timesteps from the {t['grid_steps']}-step sampling grid (which holds\n"
             f"the default {lt['default_steps']}-step one), the rest uniform, " if t.get("grid_share") else "")
     curve = ", ".join(f"{v:.3f}" for v in t["loss_curve"][:: max(1, len(t["loss_curve"]) // 10)])
     steps = (f"{t['steps']} steps (of a {t['max_steps']}-step schedule, `--stop-at {t['steps']}`)"
              if t.get("max_steps") and t["max_steps"] > t["steps"] else f"{t['steps']} steps")
-    start = "from stage 1's weights (`--init`), " if t.get("init") else ""
+    start = f"from stage {number - 1 if number else 1}'s weights (`--init`), " if t.get("init") else ""
     noise = f"{t.get('noise', 'correlated')} noise, "
     motion = f"the motion loss at weight {t['temporal_weight']} (`--temporal-weight`), " if t.get("temporal_weight") else ""
     head = f"Stage {number}: " if number else ""
@@ -29,6 +29,11 @@ def _stage(t: dict, lt: dict, number: int | None) -> str:
             f"cosine decay), 10% caption dropout, {noise}{motion}{grid}{t['threads']} torch threads:\n"
             f"{t['train_seconds'] / 60:.1f} minutes on a 2-core CPU. Final loss (mean of the last 200 steps): {t['final_loss']}.\n"
             f"Loss every 100 steps (sampled): {curve}.\n\n")
+
+
+def _stages(t: dict) -> list[dict]:
+    """The training runs of a model, first to last (each `--init` stage embeds the card it started from)."""
+    return (_stages(t["first_stage"]) if t.get("first_stage") else []) + [t]
 
 
 def write_card(model_dir: str | Path) -> Path:
@@ -49,7 +54,7 @@ def write_card(model_dir: str | Path) -> Path:
     noise = (f"\n- Initial noise {lt['default_noise']} across frames (AR(1), correlation {NOISE_CORRELATION} between neighbours), in\n"
              "  training and in longtake's sampling." if lt.get("default_noise") == "correlated" else
              "\n- Initial noise independent for every frame, in training (the last stage) and in longtake's sampling.")
-    stages = [t["first_stage"], t] if t.get("first_stage") else [t]
+    stages = _stages(t)
     training = "".join(_stage(s, lt, k + 1 if len(stages) > 1 else None) for k, s in enumerate(stages))
     card = f"""# longtake default model
 

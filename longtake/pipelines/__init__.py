@@ -18,6 +18,8 @@ A Backend (roles: "encode", "predict", "decode"):
         the window's own conditioning from `cond` (per-frame embeddings for a UNet with motion modules,
         one embedding per window for a DiT) and applies classifier-free guidance, `guidance` holding one
         scale per expert (ModelInfo.experts). Float32 on the CPU.
+    encode_frames(frames) -> latents           known frames (n, H, W, 3) uint8 -> (1, C, n', h, w): the
+                                               inverse of decode (image, keyframes, extend, video to video)
     decode(z) -> (n, H, W, 3) uint8            families with `streamed_decode=False`: any chunk alone
     decode_stream(z, chunk) -> iterator        families with `streamed_decode=True` (causal 3D VAEs):
                                                one session on one worker, in order, `chunk` latent frames
