@@ -330,7 +330,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             quiet_libraries(*(("diffusers", "transformers") if args.in_process else ("ray", "diffusers")))
             from longtake.cluster.runtime import render
 
-            result = render(job.request, progress=not args.quiet, address=args.address, in_process=args.in_process)
+            result = render(job, progress=not args.quiet, address=args.address, in_process=args.in_process)
         except KeyboardInterrupt:
             return _interrupted("render", "stopped workers, no output written")
         if args.json:

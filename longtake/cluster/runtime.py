@@ -75,11 +75,12 @@ def make_ray_pool(job: Job, address: str | None = None):
         raise
 
 
-def render(request: RenderRequest | dict, pool=None, progress: bool = False, address: str | None = None,
+def render(request: RenderRequest | dict | Job, pool=None, progress: bool = False, address: str | None = None,
            in_process: bool = False, on_frames=None) -> RenderResult:
-    """Render a request to an MP4; returns the summary. Bad input raises RequestError before
-    anything starts. Give `pool` to reuse workers across renders (it is left running)."""
-    job = prepare(request)
+    """Render a request (or a job `prepare` made: its media inputs are not opened again) to an MP4; returns
+    the summary. Bad input raises RequestError before anything starts. Give `pool` to reuse workers across
+    renders (it is left running)."""
+    job = request if isinstance(request, Job) else prepare(request)
     if pool is not None:
         return run(job, pool, progress, on_frames)
     started = False
