@@ -72,6 +72,28 @@ def load_image(field: str, path: str, width: int, height: int) -> np.ndarray:
     return _cover_crop(rgb, width, height)
 
 
+def probe_media(field: str, path: str) -> dict:
+    """What a file is, by its content (never its name): {"kind": "image" | "video", "width", "height"} and,
+    for a video, "seconds". RequestError naming `field` when it is neither a readable image nor a video
+    with at least one decodable frame, or is over the limits above."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        size = None
+    if size is not None:
+        load_image(field, path, 16, 16)  # the pixel limit, and a full decode
+        return {"kind": "image", "width": size[0], "height": size[1]}
+    reader, meta = _reader(field, path, 1, 16, 16)
+    try:
+        next(reader)
+    except (OSError, RuntimeError, StopIteration):
+        raise RequestError(field, path, "a video with at least one decodable frame") from None
+    finally:
+        reader.close()
+    return {"kind": "video", **meta}
+
+
 def _filters(fps: float, width: int, height: int) -> list[str]:
     from longtake.video import _rate
 
@@ -80,7 +102,7 @@ def _filters(fps: float, width: int, height: int) -> list[str]:
 
 
 def _reader(field: str, path: str, fps: float, width: int, height: int):
-    """imageio-ffmpeg's frame generator with its metadata read and checked."""
+    """imageio-ffmpeg's frame generator, and its metadata, read and checked."""
     p = Path(path)
     if not p.is_file():
         raise RequestError(field, path, "an existing video file")
@@ -102,13 +124,13 @@ def _reader(field: str, path: str, fps: float, width: int, height: int):
     if problem:
         reader.close()
         raise RequestError(field, path, problem)
-    return reader
+    return reader, {"width": source[0], "height": source[1], "seconds": duration}
 
 
 def video_chunks(field: str, path: str, fps: float, width: int, height: int, chunk: int = CHUNK
                  ) -> Iterator[np.ndarray]:
     """A video's frames at `fps` and (height, width), in (n <= chunk, H, W, 3) uint8 chunks, streamed."""
-    reader = _reader(field, path, fps, width, height)
+    reader, _ = _reader(field, path, fps, width, height)
     frame_bytes = width * height * 3
     try:
         buffer = []

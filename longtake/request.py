@@ -52,8 +52,10 @@ class Keyframe(BaseModel):
     at: float = Field(description="Time in seconds, in the new frames, at which the image is pinned.")
 
 
-# the request fields that name media files: paths on the CLI, the Python API and the farm; file ids over HTTP
-MEDIA_FIELDS = ("image", "keyframes", "extend", "lead_into", "video")
+# the request fields that name media files, and the kind of file each takes: paths on the CLI, the Python
+# API and the farm; file ids over HTTP (keyframes: the `image` of each)
+MEDIA_KINDS = {"image": "image", "keyframes": "image", "extend": "video", "lead_into": "video", "video": "video"}
+MEDIA_FIELDS = tuple(MEDIA_KINDS)
 MAX_CONTEXT_SECONDS = 60.0
 
 

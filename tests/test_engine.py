@@ -393,3 +393,16 @@ def test_a_short_clip_reports_its_effective_window(tmp_path, tiny_model, inproc_
     assert len(job.windows) == 5
     result = run(job, inproc_pool, progress=False)
     assert (result.window, result.overlap) == (8, 3)
+
+
+def test_jobs_prepared_in_threads_of_a_fresh_process_all_get_their_scheduler(tiny_model):
+    """Two serve jobs starting at once prepare in two threads; diffusers' lazy module, imported by both at
+    once, handed one of them a module without SchedulerMixin ("a diffusers scheduler, not 'DDIMScheduler'")."""
+    import subprocess
+    import sys
+
+    script = ("import sys, threading\nfrom longtake.pipelines import load_scheduler\nout = []\n"
+              "ts = [threading.Thread(target=lambda: out.append(type(load_scheduler(sys.argv[1])).__name__)) "
+              "for _ in range(6)]\n[t.start() for t in ts]\n[t.join() for t in ts]\nprint(','.join(out))\n")
+    done = subprocess.run([sys.executable, "-c", script, tiny_model], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == ",".join(["DDIMScheduler"] * 6), done.stderr[-2000:]

@@ -103,6 +103,55 @@ def test_queue_limit_counts_queued_jobs(tmp_path, tiny_model):
         manager.close()
 
 
+def _upload(manager, owner: str, name: str = "a.png", colour: str = "red") -> str:
+    from PIL import Image
+
+    path = manager.files.incoming()
+    Image.new("RGB", (32, 24), colour).save(path, format="PNG")
+    return manager.files.add(path, owner, name)["id"]
+
+
+def test_an_uploaded_file_belongs_to_the_token_that_sent_it(idle):
+    from longtake.serve.files import owner_of
+
+    alice, bob = owner_of("token-a"), owner_of("token-b")
+    file_id = _upload(idle, alice)
+    assert idle.files.get(file_id, alice)["kind"] == "image" and idle.files.get(file_id, bob) is None
+    with pytest.raises(RequestError, match="the id of a file you uploaded") as e:
+        idle.submit({**JOB, "keyframes": [{"image": file_id, "at": 0.5}]}, owner=bob)
+    assert e.value.field == "keyframes[0].image" and e.value.value == file_id
+    assert idle.delete_file(file_id, bob) == {"deleted": False} and idle.files.get(file_id, alice)
+    job, _ = idle.submit({**JOB, "image": file_id}, owner=alice)
+    assert job["request"]["image"] == file_id  # stored as sent
+    assert idle.delete_file(file_id, alice) == {"in_use": [job["id"]]}  # the queued job needs it
+    idle.delete(job["id"])
+    assert idle.delete_file(file_id, alice) == {"deleted": True} and idle.files.get(file_id, alice) is None
+    assert not (idle.files.root / file_id).exists()
+
+
+def test_a_media_error_names_the_file_id_never_the_server_path(idle, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from longtake.serve.files import owner_of
+    from longtake.video import VideoWriter
+
+    owner = owner_of("t")
+    image = _upload(idle, owner)
+    with VideoWriter(tmp_path / "short.mp4", 64, 64, 8) as w:
+        w.write(np.zeros((4, 64, 64, 3), np.uint8))
+    path = idle.files.incoming()
+    shutil.copy(tmp_path / "short.mp4", path)
+    video = idle.files.add(path, owner, "short.mp4")["id"]
+    with pytest.raises(RequestError, match="a video file \\(this one is an image\\)") as e:
+        idle.submit({**JOB, "extend": image}, owner=owner)
+    assert e.value.field == "extend"
+    with pytest.raises(RequestError, match="at least 16 frames") as e:  # 2 s of context from a 4-frame clip
+        idle.submit({**JOB, "extend": video, "context": 2}, owner=owner)
+    assert e.value.field == "extend" and e.value.value == video and str(idle.data_dir) not in str(e.value)
+
+
 def test_delete_has_one_meaning(idle):
     job, _ = idle.submit(JOB)
     assert idle.delete(job["id"]) == "queued"

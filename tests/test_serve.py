@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import requests
 from ray import cloudpickle
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Serve replicas cannot import this test module
 TOKEN = "test-token-123"
 JOB = {"prompt": "a red ball", "seconds": 2, "fps": 8, "steps": 2, "window": 8, "overlap": 2}
+UPLOAD_LIMIT = 2**20
 
 
 def _free_port() -> int:
@@ -32,7 +34,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, ray_session, tmp_path_factory):
+def serve_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, ray_session, serve_dir):
     from ray import serve
 
     from longtake.serve.app import build_app
@@ -40,8 +47,8 @@ def server(tiny_model, ray_session, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     limits = Limits(max_seconds=20, max_steps=10, max_side=128, max_queued=6, max_running=2, max_body_bytes=2048,
-                    max_model_evaluations=400)
-    app = build_app(tiny_model, str(tmp_path_factory.mktemp("serve")), TOKEN, "cpu", 0, 2, limits,
+                    max_model_evaluations=400, max_upload_bytes=UPLOAD_LIMIT)
+    app = build_app(tiny_model, str(serve_dir), TOKEN, "cpu", 0, 2, limits,
                     downscale_delay_s=5)
     serve.run(app, name="longtake", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
@@ -149,10 +156,11 @@ def test_idempotent_submit(server):
     ({**JOB, "bogus": 1}, 422, "bogus"),
     ({**JOB, "image": "/etc/passwd"}, 422, "image"),  # media are never paths on the server's disk
     ({**JOB, "extend": "/etc/hostname"}, 422, "extend"),
-    ({**JOB, "keyframes": [{"image": "/etc/passwd", "at": 0}]}, 422, "keyframes"),
+    ({**JOB, "keyframes": [{"image": "/etc/passwd", "at": 0}]}, 422, "keyframes[0].image"),
     ({**JOB, "prompt": None}, 422, "prompt"),
     ({**JOB, "seconds": "ten"}, 422, "seconds"),
     ([1, 2], 422, "body"),
+    ({"height": False, "prompt": []}, 422, "prompt"),  # a list as the value in an error (found by the fuzz run)
 ])
 def test_bad_input_is_4xx_and_creates_no_job(server, body, status, field):
     before = call(server, "GET", "/v1/videos").json()["total"]
@@ -191,6 +199,89 @@ def test_chunked_body_is_cut_at_the_limit(server):
             sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
         answer = sock.recv(4096).decode(errors="replace")
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    from PIL import Image
+
+    from longtake.video import VideoWriter
+
+    d = tmp_path_factory.mktemp("media")
+    Image.new("RGB", (80, 60), "red").save(d / "start.png")
+    with VideoWriter(d / "clip.mp4", 64, 64, 8) as w:
+        w.write(np.linspace(0, 255, 12 * 64 * 64 * 3).astype(np.uint8).reshape(12, 64, 64, 3))
+    (d / "playlist.m3u8").write_text("#EXTM3U\n#EXTINF:1,\nhttp://127.0.0.1:9/a.ts\n")
+    return d
+
+
+def upload(base, path, name=None, token=TOKEN):
+    return call(base, "POST", "/v1/files", token=token, files={"file": (name or path.name, path.read_bytes())})
+
+
+def test_uploaded_files_are_used_by_jobs_by_id(server, media, tiny_model, tmp_path, render_in_process):
+    """Upload an image and a video; jobs name them by id and render what the same request with local
+    paths renders; a file in use cannot be deleted; a deleted file's id is refused."""
+    import hashlib
+
+    image = upload(server, media / "start.png", name="start.mp4")  # the kind comes from the content, not the name
+    assert image.status_code == 201, image.text
+    meta = image.json()
+    assert meta["kind"] == "image" and (meta["width"], meta["height"]) == (80, 60) and meta["filename"] == "start.mp4"
+    assert meta["sha256"] == hashlib.sha256((media / "start.png").read_bytes()).hexdigest()
+    assert meta["bytes"] == (media / "start.png").stat().st_size and "owner" not in meta and '"/' not in json.dumps(meta)
+    assert call(server, "GET", f"/v1/files/{meta['id']}").json() == meta
+    clip = upload(server, media / "clip.mp4").json()
+    assert clip["kind"] == "video" and clip["seconds"] == pytest.approx(1.5, abs=0.2)
+
+    job = {**JOB, "image": meta["id"], "keyframes": [{"image": meta["id"], "at": 1}]}
+    first = call(server, "POST", "/v1/videos", json=job).json()
+    assert call(server, "DELETE", f"/v1/files/{meta['id']}").status_code == 409  # a queued or running job uses it
+    extended = call(server, "POST", "/v1/videos", json={**JOB, "extend": clip["id"]}).json()
+    done = wait_done(server, first["id"]), wait_done(server, extended["id"])
+    assert [d["status"] for d in done] == ["done", "done"], [d["error"] for d in done]
+    assert done[0]["request"]["image"] == meta["id"]  # the job keeps the ids the client sent
+    ref = render_in_process({**job, "model": tiny_model, "out": str(tmp_path / "a.mp4"), "image": str(media / "start.png"),
+                             "keyframes": [{"image": str(media / "start.png"), "at": 1}]})
+    assert done[0]["result"]["frames_sha256"] == ref.frames_sha256
+    assert done[1]["result"]["frames"] == 12 + 16 and done[1]["result"]["input_frames"] == 12
+
+    assert call(server, "DELETE", f"/v1/files/{meta['id']}").json() == {"id": meta["id"], "deleted": True}
+    assert call(server, "GET", f"/v1/files/{meta['id']}").status_code == 404
+    assert call(server, "DELETE", f"/v1/files/{meta['id']}").status_code == 404
+    again = call(server, "POST", "/v1/videos", json=job)
+    assert again.status_code == 422 and again.json()["detail"]["field"] == "image"
+    wrong_kind = call(server, "POST", "/v1/videos", json={**JOB, "image": clip["id"]})
+    assert wrong_kind.status_code == 422 and "an image file (this one is a video)" in wrong_kind.json()["detail"]["error"]
+
+
+def test_bad_uploads_are_4xx_and_keep_nothing(server, serve_dir, media, tmp_path):
+    uploads = serve_dir / "uploads"
+    kept = sorted(uploads.iterdir()) if uploads.exists() else []
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG not really" * 100)
+    big = tmp_path / "big.mp4"
+    big.write_bytes(b"\0" * (UPLOAD_LIMIT + 10))
+    cases = [
+        (call(server, "POST", "/v1/files", files={"file": ("x.png", junk.read_bytes())}), 422),
+        (upload(server, media / "playlist.m3u8"), 422),  # never follows a playlist's URL
+        (upload(server, big), 413),
+        (call(server, "POST", "/v1/files", files={"other": ("x.png", (media / "start.png").read_bytes())}), 422),
+        (call(server, "POST", "/v1/files", files=[("file", ("a.png", b"1")), ("file", ("b.png", b"2"))]), 422),
+        (call(server, "POST", "/v1/files", data=b"raw", headers={"Content-Type": "image/png"}), 415),
+        (call(server, "POST", "/v1/files", data=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data; boundary=x"}), 422),
+        (upload(server, media / "start.png", token="wrong"), 403),
+    ]
+    for r, status in cases:
+        assert r.status_code == status, (status, r.status_code, r.text)
+        if status == 422:
+            assert r.json()["detail"]["field"] == "file" and "file" in r.json()["detail"]["error"]
+    assert sorted(p for p in uploads.iterdir() if p.name != ".incoming") == [p for p in kept if p.name != ".incoming"]
+    assert not any((uploads / ".incoming").iterdir())  # no partial upload left behind
+    assert call(server, "GET", "/v1/files/file-000000000000000000000000").status_code == 404
+    assert call(server, "GET", "/v1/files/../jobs.db").status_code == 404
+    r = call(server, "POST", "/v1/videos", json={**JOB, "video": "file-000000000000000000000000"})
+    assert r.status_code == 422 and "the id of a file you uploaded" in r.json()["detail"]["error"]
 
 
 def test_cancel_frees_workers(server):

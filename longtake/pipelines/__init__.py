@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -195,10 +196,19 @@ def noise_mode(mode, model: str) -> str:
     return mode
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
 def check_diffusers():
     """The installed diffusers, imported; ImportError naming the floor if it is older (it would load weights in
-    float32 whatever dtype is asked)."""
-    import diffusers
+    float32 whatever dtype is asked).
+
+    Thread-safe: diffusers' lazy module, imported by two threads at once (two serve jobs starting), can hand
+    one of them a module without its attributes yet; the first import happens under a lock."""
+    with _IMPORT_LOCK:
+        import diffusers
+
+        diffusers.SchedulerMixin  # resolve the lazy attributes while no other thread imports
 
     def release(version: str) -> tuple[int, ...]:  # "0.43.0.dev0" -> (0, 43, 0)
         return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
@@ -257,7 +267,8 @@ def load_scheduler(model_path: str):
     config = json.loads((Path(model_path) / "scheduler" / "scheduler_config.json").read_text())
     index = json.loads((Path(model_path) / "model_index.json").read_text())
     name = (index.get("scheduler") or [None, None])[1] or config["_class_name"]
-    cls = getattr(diffusers, name, None)
-    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+    with _IMPORT_LOCK:
+        cls, mixin = getattr(diffusers, name, None), diffusers.SchedulerMixin
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, mixin):
         raise RequestError("model", model_path, f"a diffusers scheduler, not {name!r}")
     return cls.from_config(config)

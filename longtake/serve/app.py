@@ -13,6 +13,9 @@ error, it never stays `running`), and a failed window is retried (max attempts) 
 Serve picks; a replica whose calls keep failing reports itself unhealthy and Serve replaces it (the
 blocklist of the Ray pool). The ingress bounds what a client can send: body size (read chunk by chunk),
 query integers, and, in the manager, the request's cost.
+
+Uploads (`POST /v1/files`) stream from the ingress into DATA_DIR/uploads (files.py; the data directory is
+shared by every pod), are probed there, and are named by id in requests; the manager swaps ids for paths.
 """
 
 
@@ -35,6 +38,7 @@ from longtake.actors.pool import WindowFailed
 from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 from longtake.cluster.jobs import SQLITE_INT_MAX, Conflict
 from longtake.request import RenderRequest, RequestError
+from longtake.serve.files import FileStore, owner_of
 from longtake.serve.manager import Gone, JobManager, Limits, QueueFull, public_message
 
 logger = logging.getLogger(__name__)
@@ -236,10 +240,10 @@ class Manager:
         except Gone as e:
             return {"gone": str(e)}
 
-    async def submit(self, body: dict, idempotency_key: str | None) -> dict:
+    async def submit(self, body: dict, idempotency_key: str | None, owner: str | None = None) -> dict:
         """Errors come back as values, not exceptions, across the Ray boundary."""
         try:
-            job, created = await asyncio.to_thread(self.manager.submit, body, idempotency_key)
+            job, created = await asyncio.to_thread(self.manager.submit, body, idempotency_key, owner)
         except RequestError as e:
             return {"error": "invalid", "field": e.field, "message": public_message(str(e))}
         except QueueFull as e:
@@ -276,6 +280,82 @@ def _request_schema() -> dict:
     return schema
 
 
+class TooLarge(Exception):
+    pass
+
+
+class Upload:
+    """A multipart/form-data body parsed as it streams: its one part named `file` written to `path`, at
+    most `limit` bytes of it, and at most `limit` + 1 MiB of body in all."""
+
+    def __init__(self, path, boundary: bytes, limit: int):
+        from python_multipart.multipart import MultipartParser
+
+        self.path, self.limit = path, limit
+        self.parts, self.size, self.body = 0, 0, 0
+        self.filename: str | None = None
+        self._out = None
+        self._header: list[bytes] = [b"", b""]
+        self._headers: dict[bytes, bytes] = {}
+        self.parser = MultipartParser(boundary, {
+            "on_part_begin": self._begin, "on_header_field": lambda d, a, b: self._add(0, d[a:b]),
+            "on_header_value": lambda d, a, b: self._add(1, d[a:b]), "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished, "on_part_data": self._data, "on_part_end": self._end})
+
+    def _begin(self):
+        self._headers, self._out = {}, None
+
+    def _add(self, i: int, data: bytes):
+        self._header[i] += data
+
+    def _header_end(self):
+        self._headers[self._header[0].strip().lower()] = self._header[1].strip()
+        self._header = [b"", b""]
+
+    def _headers_finished(self):
+        from python_multipart.multipart import parse_options_header
+
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if params.get(b"name") == b"file":
+            self.parts += 1
+            if self.parts == 1:
+                self.filename = params.get(b"filename", b"").decode("utf-8", "replace")
+                self._out = open(self.path, "wb")
+
+    def _data(self, data: bytes, start: int, end: int):
+        if self._out is not None:
+            self.size += end - start
+            if self.size > self.limit:
+                raise TooLarge(f"file of more than {self.limit} bytes, at most {self.limit}")
+            self._out.write(data[start:end])
+
+    def _end(self):
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def write(self, chunk: bytes):
+        self.body += len(chunk)
+        if self.body > self.limit + 2**20:
+            raise TooLarge(f"body of more than {self.limit + 2**20} bytes (a file of at most {self.limit})")
+        self.parser.write(chunk)
+
+    def close(self):
+        self.parser.finalize()
+        self._end()
+
+    def abort(self):
+        """Stop: the partial file is removed."""
+        self._end()
+        self.path.unlink(missing_ok=True)
+
+
+UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "An image (PNG, JPEG, WebP...) or a video (MP4, WebM...)."}}}}}}
+
+
 def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -285,8 +365,9 @@ def _sse(event: str, data: dict) -> str:
 class Ingress:
     """Thin ingress: authenticates, enforces limits, routes to the manager. Holds no job state."""
 
-    def __init__(self, manager: DeploymentHandle, token: str, limits: dict):
+    def __init__(self, manager: DeploymentHandle, token: str, limits: dict, data_dir: str):
         self.manager, self.token, self.limits = manager, token, Limits(**limits)
+        self.owner, self.files = owner_of(token), FileStore(data_dir)
 
     def _check(self, authorization: str | None) -> None:
         if not authorization or not authorization.startswith("Bearer "):
@@ -335,7 +416,7 @@ class Ingress:
         if not isinstance(body, dict):
             return JSONResponse({"detail": {"field": "body", "error": f"body: got {type(body).__name__}, "
                                                                        "expected a JSON object"}}, status_code=422)
-        answer = await self.manager.submit.remote(body, idempotency_key)
+        answer = await self.manager.submit.remote(body, idempotency_key, self.owner)
         if answer.get("error") == "invalid":
             return JSONResponse({"detail": {"field": answer["field"], "error": answer["message"]}}, status_code=422)
         if answer.get("error") == "full":
@@ -345,6 +426,65 @@ class Ingress:
             return JSONResponse({"detail": {"field": "Idempotency-Key", "error": answer["message"]}}, status_code=409)
         job = answer["job"]
         return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202 if answer["created"] else 200)
+
+    @api.post("/v1/files", status_code=201, openapi_extra={"requestBody": UPLOAD_BODY})
+    async def upload(self, request: Request, authorization: str | None = Header(None)):
+        """Upload an image or a video (multipart/form-data, one part named `file`): its id, kind, size and
+        SHA-256. Request fields `image`, `keyframes[].image`, `video`, `extend` and `lead_into` take the id."""
+        from python_multipart.multipart import MultipartParseError, parse_options_header
+
+        self._check(authorization)
+        top = self.limits.max_upload_bytes
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > top + 2**20:
+            raise HTTPException(413, f"body of {size} bytes, a file of at most {top}")
+        kind, params = parse_options_header(request.headers.get("content-type", ""))
+        if kind != b"multipart/form-data" or not params.get(b"boundary"):
+            raise HTTPException(415, "expected a multipart/form-data body with one part named 'file'")
+        path = self.files.incoming()
+        upload = Upload(path, params[b"boundary"], top)
+        try:
+            async for chunk in request.stream():
+                upload.write(chunk)
+            upload.close()
+        except TooLarge as e:
+            upload.abort()
+            raise HTTPException(413, str(e))
+        except (MultipartParseError, ValueError) as e:
+            upload.abort()
+            raise HTTPException(400, f"body: not a well-formed multipart/form-data body ({e})")
+        except BaseException:  # the client went away, or the server stops
+            upload.abort()
+            raise
+        if upload.parts != 1:
+            upload.abort()
+            return JSONResponse({"detail": {"field": "file", "error": f"file: got {upload.parts} parts named 'file', "
+                                                                      "expected one"}}, status_code=422)
+        try:
+            meta = await asyncio.to_thread(self.files.add, path, self.owner, upload.filename)
+        except RequestError as e:
+            return JSONResponse({"detail": {"field": "file", "error": public_message(str(e))}}, status_code=422)
+        return JSONResponse(meta, status_code=201)
+
+    @api.get("/v1/files/{file_id}")
+    async def get_file(self, file_id: str, authorization: str | None = Header(None)):
+        self._check(authorization)
+        meta = await asyncio.to_thread(self.files.get, file_id, self.owner)
+        if meta is None:
+            raise HTTPException(404, f"no file {file_id}")
+        return meta
+
+    @api.delete("/v1/files/{file_id}")
+    async def delete_file(self, file_id: str, authorization: str | None = Header(None)):
+        """Delete an uploaded file; 409 while a job that is not finished uses it."""
+        self._check(authorization)
+        answer = await self._call("delete_file", file_id, self.owner)
+        if "in_use" in answer:
+            raise HTTPException(409, f"file {file_id} is used by job(s) {', '.join(answer['in_use'])}: delete or "
+                                     "wait for them first")
+        if not answer["deleted"]:
+            raise HTTPException(404, f"no file {file_id}")
+        return {"id": file_id, "deleted": True}
 
     @api.get("/v1/videos")
     async def list_jobs(self, limit: int = Query(20, ge=1, le=100), offset: int = Query(0, ge=0, le=SQLITE_INT_MAX),
@@ -423,7 +563,7 @@ def build_app(model_path: str, data_dir: str, token: str, device: str = "cpu", m
         health_check_period_s=2,
     ).bind(model_path, device, limits.blocklist_after, worker_cls)
     manager = Manager.bind(denoiser, data_dir, model_path, max_replicas, asdict(limits), device, model_name)
-    return Ingress.bind(manager, token, asdict(limits))
+    return Ingress.bind(manager, token, asdict(limits), data_dir)
 
 
 def app_builder(args: dict):

@@ -25,6 +25,7 @@ class Limits:
     max_queued: int = _limit(16, "queued + running jobs before 429")
     max_running: int = _limit(2, "jobs rendering at once")
     max_body_bytes: int = _limit(64 * 1024, "largest request body, bytes (413 above)")
+    max_upload_bytes: int = _limit(512 * 2**20, "largest uploaded file (POST /v1/files), bytes (413 above)")
     task_timeout_s: float = _limit(600.0, "seconds one window or decode chunk may wait and run on a denoiser, "
                                           "queueing and scale-up included")
     max_attempts: int = _limit(3, "attempts per window, across replicas")

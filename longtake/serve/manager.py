@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, Job, fingerprint, prepare, run
 from longtake.cluster.jobs import FINAL, STATES, JobStore, Lease, ProgressWriter, QueueFull, new_runner_id
-from longtake.request import MEDIA_FIELDS, RenderRequest, RequestError, parse_request
+from longtake.request import RenderRequest, RequestError, parse_request
+from longtake.serve.files import FileStore, file_ids
 from longtake.serve.limits import Limits
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class JobManager:
     def __init__(self, data_dir: str | Path, pool, model: str, limits: Limits = Limits(), model_name: str | None = None):
         self.data_dir = Path(data_dir)
         self.store = JobStore(self.data_dir / "jobs.db")
+        self.files = FileStore(self.data_dir)
         self.pool, self.model, self.limits = pool, model, limits
         self.model_name = Path(model_name or model).name  # what clients see; `model` is where it lives here
         self.id = new_runner_id("serve-")
@@ -91,20 +93,22 @@ class JobManager:
         self._scheduler.start()
 
     # -- API --------------------------------------------------------------------------------------
-    def submit(self, body: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
-        """Validate and queue a render request. Raises RequestError (bad input or over a limit), QueueFull,
-        or jobs.Conflict (an idempotency key reused with another request)."""
+    def submit(self, body: dict, idempotency_key: str | None = None, owner: str | None = None) -> tuple[dict, bool]:
+        """Validate and queue a render request. Its media fields name files `owner` uploaded (by id, never
+        a path; owner None: any uploader's). Raises RequestError (bad input or over a limit), QueueFull, or
+        jobs.Conflict (an idempotency key reused with another request)."""
         for field in ("out", "preview"):
             if field in body:
                 raise RequestError(field, body[field], "no value: the server chooses output paths")
-        for field in MEDIA_FIELDS:  # never a path on the server's disk
-            if body.get(field) is not None:
-                raise RequestError(field, body[field], "no value yet: media inputs over HTTP (uploaded file ids) are "
-                                                       "not served yet; use the CLI, the Python API or the farm")
         if "model" in body and body["model"] not in (self.model_name, self.model):
             raise RequestError("model", body["model"], f"{self.model_name!r}, the model this server runs (or no value)")
         body = {**body, "model": self.model_name}
-        job = self._check(body)
+        local, ids = self.files.local_request(body, owner)
+        try:
+            job = self._check(local)
+        except RequestError as e:  # name the file id the client sent, not where the file lives here
+            named = ids.get(e.value, e.value) if isinstance(e.value, str) else e.value
+            raise RequestError(e.field, named, e.expected) from None
         lim = self.limits
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
             raise RequestError("Idempotency-Key", idempotency_key, "1 to 200 characters")
@@ -194,6 +198,15 @@ class JobManager:
         logger.info("job %s deleted (it was %s)", job_id, job.state)
         return job.state
 
+    def delete_file(self, file_id: str, owner: str | None) -> dict:
+        """Delete an uploaded file unless a job that is not finished names it: {"deleted": bool} or
+        {"in_use": [job ids]}."""
+        users = [j.id for state in ("queued", "running", "paused")
+                 for j in self.store.list(limit=100_000, state=state) if file_id in file_ids(j.request)]
+        if users and self.files.get(file_id, owner) is not None:
+            return {"in_use": users}
+        return {"deleted": self.files.delete(file_id, owner)}
+
     def job_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id
 
@@ -276,7 +289,8 @@ class JobManager:
 
         try:
             with Lease(self.store, job_id, owner, self.limits.lease_s) as lease:
-                job = prepare({**record.request, "model": self.model, "out": str(out_dir / "video.mp4"),
+                request, _ = self.files.local_request(record.request, None)
+                job = prepare({**request, "model": self.model, "out": str(out_dir / "video.mp4"),
                                "preview": str(out_dir / "preview.png")})
                 spec = self.pool.spec
                 ckpt = Checkpointer(out_dir / "checkpoints", self.limits.checkpoint_every,
