@@ -625,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for f in fields(Limits):  # one flag per request limit, its default and help from Limits
         sv.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                        help=f"{f.metadata['help']} (default {f.default:g})")
+                        help=f"{f.metadata['help']} (default {f.default if isinstance(f.default, int) else format(f.default, 'g')})")
     sv.add_argument("-q", "--quiet", action="store_true", help="no start and stop lines (errors and a newly "
                                                                "generated token are still printed)")
     sv.set_defaults(func=cmd_serve)
