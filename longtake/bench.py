@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +39,8 @@ from longtake.video import VideoWriter
 logger = logging.getLogger(__name__)
 
 TARGETS = {"parallel_efficiency": ">= 0.9", "overhead_ratio_1": "<= 1.10", "overhead_ratio_2": "<= 1.10",
-           "seam_ratio": "<= 1.2", "projection_error": "<= 0.10"}
+           "seam_ratio": "<= 1.2", "projection_error": "<= 0.10", "startup_s": "<= 6"}
+STARTUP_SECONDS = 4  # the short render whose start-up `startup` measures
 
 
 def plan_spec(job, device: str):
@@ -63,6 +66,31 @@ def timed_render(pool, request: dict, on_frames=None) -> tuple[RenderResult, dic
     return result, {"predict_sum": sum(predict), "predict_mean": float(np.mean(predict)),
                     "decode_sum": sum(decode), "decode_mean": float(np.mean(decode)) if decode else 0.0,
                     "predict_calls": len(predict)}
+
+
+# ---------------------------------------------------------------- 0: start-up of a short CLI render
+
+def startup(model: str, device: str, tmp: Path) -> dict:
+    """A short `longtake render` as a user runs it (a new process, its own Ray): the process's wall time
+    and where it goes. `startup_s` is the wall time minus the engine's own: interpreter and imports, Ray
+    starting, the workers starting and loading the model, and everything stopping. Run before any other
+    Ray is up, so the render starts its own as a user's would."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "longtake", "render", "a red ball moving right on a blue background",
+           "--seconds", str(STARTUP_SECONDS), "--model", model, "--device", device, "--out", str(tmp / "startup.mp4"),
+           "--json", "-q"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:5])}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    result = json.loads(done.stdout)
+    t = result["timings"]
+    parts = {"engine_s": result["wall_s"], "ray_start_s": t.get("ray_start_s", 0.0),
+             "workers_start_s": t["workers_start_s"] - t.get("ray_start_s", 0.0), "stop_s": t["workers_stop_s"]}
+    parts["interpreter_imports_and_rest_s"] = wall - sum(parts.values())
+    return {"seconds": STARTUP_SECONDS, "process_wall_s": round(wall, 3), "startup_s": round(wall - result["wall_s"], 3),
+            "parts": {k: round(v, 3) for k, v in parts.items()}, "workers": result["workers"]}
 
 
 # ---------------------------------------------------------------- 1-3: scaling, overhead, redundancy
@@ -494,13 +522,15 @@ def bench(quick: bool = True, device: str = "cpu", model: str = "default", progr
 
     t0 = time.time()
     seconds = 10 if quick else 30
+    with tempfile.TemporaryDirectory() as d:
+        start = startup(model, device, Path(d))  # first: no Ray is up yet
     started = start_ray(num_cpus=max(2, os.cpu_count() or 1))
     job = prepare({"prompt": "a red ball moving right on a blue background", "seconds": seconds, "model": model,
                    "device": device, "out": "x.mp4"})
     spec = plan_spec(job, device)
     request = {"prompt": "a red ball moving right on a blue background", "seconds": seconds, "fps": 8,
                "model": model, "device": device, "seed": 0}
-    figures, details = {}, {}
+    figures, details = {"startup_s": start["startup_s"]}, {"startup": start}
     try:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
@@ -596,6 +626,9 @@ def table(result: dict, command: str) -> str:
                                     f"{d['projection']['bandwidth_gbps']:g} Gb/s), 10-min clip", ""),
         ("projection_error_1", "|projected - measured| / measured, 1 worker", ""),
         ("projection_error_2", "... 2 workers", ""),
+        ("startup_s", f"a {d['startup']['seconds']} s `longtake render` in a new process: its wall time minus the "
+                      "engine's", f"{d['startup']['process_wall_s']:.1f} s in all: " + ", ".join(
+            f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in d["startup"]["parts"].items())),
     ]
     lines = ["# Benchmarks", "",
              f"Produced by `{command}` on {s['machine']}, {s['cpus']} CPUs, torch {s['torch']}, device {s['device']}, "

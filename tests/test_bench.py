@@ -1,5 +1,6 @@
 """The measuring parts of `longtake bench`: per-window compute times, phase timings, the peak-memory
-reset, the encoder timing and the projection model (the full bench is run by hand: BENCHMARKS.md)."""
+reset, the encoder timing, the projection model and the start-up of a short render (the full bench is run
+by hand: BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,20 @@ def test_worker_times_every_window_and_the_engine_times_every_phase(tmp_path, ti
     assert t["fuse_s"] + t["scheduler_s"] < t["denoise_s"]
     assert compute["predict_sum"] < t["denoise_s"]  # in-process: predictions run inside the denoise phase
     assert t["encode_s"] + t["denoise_s"] + t["decode_s"] <= result.wall_s + 0.002  # (rounded to ms)
+
+
+def test_startup_is_a_new_process_wall_time_minus_the_engines_and_says_where_it_goes(tmp_path, tiny_model):
+    from longtake.video import probe
+
+    out = bench.startup(tiny_model, "cpu", tmp_path)
+    parts = out["parts"]
+    assert out["startup_s"] == pytest.approx(out["process_wall_s"] - parts["engine_s"], abs=0.002)
+    # Ray and two workers started and stopped in the render's own process; the rest (interpreter, imports,
+    # validation) is what is left of the process's wall time, and is positive when the parts are honest
+    assert out["workers"] >= 1 and parts["ray_start_s"] > 0.2 and parts["workers_start_s"] > 0.2 and parts["stop_s"] > 0
+    assert 0.1 < parts["interpreter_imports_and_rest_s"] < out["startup_s"]
+    assert sum(parts.values()) == pytest.approx(out["process_wall_s"], abs=0.01)
+    assert probe(tmp_path / "startup.mp4")["frames"] == bench.STARTUP_SECONDS * 8
 
 
 def test_peak_memory_reset_sees_a_new_lower_peak():

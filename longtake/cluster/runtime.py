@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import replace
 
 from longtake.actors.pool import InProcessPool
@@ -55,14 +56,18 @@ def worker_plan(job: Job, gpus: float, cpus: float) -> tuple[WorkerSpec, int]:
     return WorkerSpec(job.model.path, "cpu", "float32", threads=1, roles=roles), workers
 
 
-def make_ray_pool(job: Job, address: str | None = None):
-    """Start (or join) Ray and build a pool for the job. Returns (pool, ray_started_here)."""
+def make_ray_pool(job: Job, address: str | None = None, timings: dict | None = None):
+    """Start (or join) Ray and build a pool for the job. Returns (pool, ray_started_here); `timings`, if
+    given, gets `ray_start_s`."""
     import ray
 
     from longtake.actors.ray_pool import RayPool
 
     want = job.request.workers or os.cpu_count() or 1
+    t0 = time.perf_counter()
     started = start_ray(address, num_cpus=max(os.cpu_count() or 1, want))
+    if timings is not None:
+        timings["ray_start_s"] = round(time.perf_counter() - t0, 3)
     resources = ray.cluster_resources()
     spec, workers = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))
     if spec.device == "cuda" and resources.get("GPU", 0) < workers:
@@ -83,17 +88,23 @@ def render(request: RenderRequest | dict | Job, pool=None, progress: bool = Fals
     job = request if isinstance(request, Job) else prepare(request)
     if pool is not None:
         return run(job, pool, progress, on_frames)
-    started = False
+    started, t0, around = False, time.perf_counter(), {}
     if in_process:
         spec, _ = worker_plan(job, gpus=0, cpus=1)
         pool = InProcessPool(replace(spec, roles=ROLES))  # the one worker does everything
     else:
-        pool, started = make_ray_pool(job, address)
+        pool, started = make_ray_pool(job, address, around)
+    around["workers_start_s"] = round(time.perf_counter() - t0, 3)
     try:
-        return run(job, pool, progress, on_frames)
+        result = run(job, pool, progress, on_frames)
     finally:
+        t1 = time.perf_counter()
         pool.shutdown()
         if started:
             import ray
 
             ray.shutdown()
+    # what a render costs around the engine: Ray starting (ray_start_s), then the workers with their model
+    # (workers_start_s includes ray_start_s), and both stopping
+    result.timings.update(around, workers_stop_s=round(time.perf_counter() - t1, 3))
+    return result
