@@ -24,7 +24,7 @@ import signal
 import sys
 from dataclasses import fields
 
-from longtake.request import (DEVICES, NOISE_MODES, WEIGHTINGS, RenderRequest, RequestError, load_timeline,
+from longtake.request import (DEVICES, NOISE_MODES, SCHEDULES, WEIGHTINGS, RenderRequest, RequestError, load_timeline,
                               parse_request)
 
 # --------------------------------------------------------------------------- what reaches the terminal
@@ -260,6 +260,7 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
         "{native_window}")
     p.add_argument("--overlap", type=int, help=_field_help("overlap"))
     p.add_argument("--weighting", choices=WEIGHTINGS, help=_field_help("weighting"))
+    p.add_argument("--schedule", choices=SCHEDULES, help=_field_help("schedule"))
     _model_default(p.add_argument("--noise", choices=NOISE_MODES, help=_field_help("noise").replace(
         "the model's, else independent", "the model's default (%(bundled)s; independent for models whose "
         "longtake.json names none)")), "{default_noise}")
@@ -286,7 +287,7 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
 
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "width", "steps", "guidance", "guidance_2",
-                  "seed", "window", "overlap", "weighting", "noise", "workers", "model", "device", "out", "preview",
+                  "seed", "window", "overlap", "weighting", "schedule", "noise", "workers", "model", "device", "out", "preview",
                   "image", "extend", "lead_into", "context", "loop", "video", "strength")
 
 

@@ -22,6 +22,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 WEIGHTINGS = ("flat", "pyramid", "overlap-linear")
 NOISE_MODES = ("independent", "freenoise", "correlated")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("wavefront", "barrier")  # when a window runs its next step (longtake.cluster.sampler)
 # accepted spellings of a field besides its name: {alias: field}
 ALIASES = {"negative": "negative_prompt"}
 
@@ -86,6 +87,10 @@ class RenderRequest(BaseModel):
     overlap: int | None = Field(None, description="Latent frames shared by consecutive windows (default: window // 4).")
     weighting: Literal[WEIGHTINGS] = Field(
         "pyramid", description="Taper used to fuse overlapping window predictions."
+    )
+    schedule: Literal[SCHEDULES] = Field(
+        "wavefront", description="When a window runs its next step: as soon as its neighbours have finished "
+        "this one (wavefront), or after every window has (barrier, the reference). Same frames either way.",
     )
     noise: Literal[NOISE_MODES] | None = Field(
         None, description="Initial noise: independent per frame, FreeNoise-style shuffled windows, or correlated "

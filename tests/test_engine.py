@@ -119,8 +119,9 @@ def test_progress_and_cancel_hooks(tmp_path, tiny_model, inproc_pool):
     denoise = [e for e in events if e["phase"] == "denoise"]
     assert [e["window_steps_done"] for e in denoise] == list(range(1, 16))  # 5 windows x 3 steps, in order
     assert {e["window_steps_total"] for e in events} == {15}
-    # `step` counts the steps completed (what a checkpoint would save): 0 during the first step's windows
-    assert [e["step"] for e in denoise] == [0] * 5 + [1] * 5 + [2] * 5
+    # `step` counts the steps every frame has completed (what a checkpoint would save): 0 until the first
+    # step's last window is fused (one worker runs the lowest step first)
+    assert [e["step"] for e in denoise] == [0] * 4 + [1] * 5 + [2] * 5 + [3]
     assert denoise[-1]["eta_s"] == 0
     decode = [e for e in events if e["phase"] == "decode"]
     assert decode and all(e["step"] == 3 for e in decode) and decode[-1]["frames_done"] == 24

@@ -296,7 +296,7 @@ def test_killed_worker_window_is_retried_and_logged(tmp_path, tiny_model, refere
     assert done.state == "done", done.error
     assert done.result["frames_sha256"] == reference()
     log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
-    assert "died during predict task" in log and "retrying predict task" in log
+    assert "died during window" in log and "retrying window" in log
 
 
 def test_bad_worker_is_excluded_and_the_job_still_finishes(tmp_path, tiny_model, reference, ray_session):
@@ -327,7 +327,7 @@ def test_window_failing_everywhere_fails_the_job_clearly_in_time(tmp_path, tiny_
     store = farm.open_store(farm_dir)
     failed = store.get(record.id)
     assert failed.state == "failed"
-    assert failed.error == ("render failed: step 1 of 8: task 1 (predict) failed 3 times; "
+    assert failed.error == ("render failed: window 2 of 5 at step 1 of 8 failed 3 times; "
                             "last error: RuntimeError: injected fault in window 6")
     assert store.get(second.id).state == "failed"  # the runner went on to the next job (it fails the same way)
     assert list((farm.job_dir(farm_dir, record.id)).glob("checkpoints/*.safetensors")) == []

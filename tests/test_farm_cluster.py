@@ -123,7 +123,7 @@ def test_lost_node_job_completes_on_what_is_left(tmp_path, tiny_model):
     assert done.state == "done", done.error
     assert done.result["frames_sha256"] == reference_sha(request, tmp_path)
     job_log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
-    assert "died during predict task" in job_log and "retrying predict task" in job_log
+    assert "died during window" in job_log and "retrying window" in job_log
 
 
 def test_chaos_script_every_job_finishes_with_its_frames(tmp_path):

@@ -63,7 +63,8 @@ def test_window_failing_every_retry_fails_the_job_clearly(tmp_path, tiny_model, 
     pool = RayPool(WorkerSpec(tiny_model), 2, max_attempts=3, worker_cls=BrokenWindowWorker)
     t0 = time.monotonic()
     try:
-        with pytest.raises(WindowFailed, match=r"task 1 \(predict\) failed 3 times; last error: RuntimeError: injected fault in window 5$"):
+        with pytest.raises(WindowFailed, match=r"^window 2 of 5 at step 1 of 3 failed 3 times; last error: RuntimeError: "
+                                                 r"injected fault in window 5$"):
             run(_req(tiny_model, tmp_path, "broken.mp4"), pool, progress=False)
     finally:
         pool.shutdown()

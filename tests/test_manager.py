@@ -21,10 +21,9 @@ IDLE = Limits(max_running=0)  # validation only: nothing is rendered
 class SlowPool(InProcessPool):
     """The in-process pool, a little slower per window, so a test can act mid-job."""
 
-    def imap(self, method, args_list):
-        for result in super().imap(method, args_list):
-            time.sleep(0.05)
-            yield result
+    def poll(self):
+        time.sleep(0.05)
+        return super().poll()
 
 
 def wait_for(predicate, timeout=120, what="condition"):
@@ -194,7 +193,7 @@ class FailingPool(InProcessPool):
         super().__init__(spec)
         self.where = where
 
-    def imap(self, method, args_list):
+    def poll(self):
         raise OSError(f"cannot read {self.where}/weights/diffusion_pytorch_model.safetensors")
 
 

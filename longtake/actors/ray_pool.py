@@ -1,13 +1,14 @@
 """Ray actor pool: one `Worker` actor per GPU (num_gpus=1) or per CPU slot (num_cpus=threads).
 
-Dispatch is dynamic: each idle actor takes the next task; results come back in task order, so the
-engine fuses in window order whatever the timing. An actor that dies (or whose node is lost) is
+Dispatch is dynamic: each idle actor takes the queued task with the lowest key (`submit` / `poll`
+tickets, see `pool.py`); results come back as they finish, and the engine fuses in window order whatever
+the timing (`imap` restores list order). An actor that dies (or whose node is lost) is
 replaced and its task retried; the replacement joins when it has started, so a lost node never blocks
 the job. An actor whose tasks fail `blocklist_after` times is excluded (killed, not replaced), like
 a blocklisted render node. A task that fails `max_attempts` times, a pool left with no worker, or a
 task running past `task_timeout_s`, raise `WindowFailed`: never a hang.
 
-A consumer that stops early (a cancelled or paused job closes `imap` / `stream`) leaves the pool ready for
+A consumer that stops early (a cancelled or paused job cancels its tickets, or closes `imap` / `stream`) leaves the pool ready for
 the next call: its tasks are cancelled, and as `ray.cancel` does not stop an actor task already running, an
 actor still finishing one is "stale": the next calls use the other workers, it rejoins when that task is
 done, and one still busy after `stale_timeout_s` is killed and replaced. Nothing queues behind stale work.
@@ -16,6 +17,7 @@ Ray is imported here and in `cluster/`, nowhere else.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import deque
@@ -24,7 +26,7 @@ from typing import Any, Iterable, Iterator
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from longtake.actors.pool import WindowFailed
+from longtake.actors.pool import RetryPolicy, WindowFailed, ordered
 from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class RayPool:
                  worker_cls: type = Worker, blocklist_after: int = 0, task_timeout_s: float | None = None,
                  start_timeout_s: float = 600.0, join_grace_s: float = 30.0, stale_timeout_s: float = 60.0):
         self.spec = spec
+        self.retry = RetryPolicy(max_attempts)
         self.max_attempts = max_attempts
         self.lookahead = lookahead  # tasks beyond the oldest unfinished one, per worker (bounds buffered results)
         self.blocklist_after = blocklist_after  # failed tasks before an actor is excluded (0: never)
@@ -57,6 +60,11 @@ class RayPool:
         self.start_timeout_s = start_timeout_s  # how long to wait for a replacement when no worker is left
         self.stale_timeout_s = stale_timeout_s  # how long an actor may finish a cancelled task before it is replaced
         self._stale: dict[Any, tuple[int, float]] = {}  # ready() probe queued behind a cancelled task -> (slot, since)
+        self._todo: list[tuple[tuple, int]] = []  # heap of (key, ticket): queued tasks
+        self._tasks: dict[int, tuple[str, tuple, str]] = {}  # ticket -> (method, args, label), until it returns
+        self._attempts: dict[int, int] = {}
+        self._inflight: dict[Any, tuple[int, int, float]] = {}  # ref -> (ticket, slot, submitted at)
+        self._next = 0
         if spec.device == "cuda":
             options = {"num_gpus": 1, "num_cpus": 1}
         else:
@@ -147,14 +155,27 @@ class RayPool:
                 finished = True
                 return
             except RayError as e:
-                self._retry_or_fail(method, 0, a, attempt, e, deque(), deque())
+                self._stream_failed(method, a, attempt, e)
             finally:
                 if not finished:  # failed, or the consumer stopped early (cancelled job, frames all written)
                     self._abandon({stream: a})
 
+    def _stream_failed(self, method: str, a: int, attempt: int, error) -> None:
+        if not isinstance(error, RayTaskError) or isinstance(error.cause, RayActorError):
+            logger.warning("worker %d died during %s (%s); replacing it", a, method, _reason(error))
+            self._replace(a)
+        else:
+            self.failures[a] += 1
+            if self.blocklist_after and self.failures[a] >= self.blocklist_after:
+                self._exclude(a, _reason(error))
+        self.retry.after_failure(method, attempt, _reason(error), error)
+        self.retries += 1
+
     def _busy(self) -> set[int]:
-        """Slots whose actor cannot take a task now: starting, or still running a cancelled one."""
-        return set(self.starting.values()) | {a for a, _ in self._stale.values()}
+        """Slots whose actor cannot take a task now: starting, running a task, or still running a cancelled
+        one."""
+        return (set(self.starting.values()) | {a for a, _ in self._stale.values()}
+                | {a for _, a, _ in self._inflight.values()})
 
     def _abandon(self, refs: dict) -> None:
         """Cancel the tasks (ref -> slot) of a call that stopped early. A task already running goes on (Ray
@@ -234,92 +255,114 @@ class RayPool:
         self.actors[a] = None
         self.excluded += 1
 
-    def imap(self, method: str, args_list: Iterable[tuple]) -> Iterator[Any]:
-        tasks = list(args_list)
-        todo = deque(range(len(tasks)))
-        attempts = [0] * len(tasks)
-        done: dict[int, Any] = {}
-        inflight: dict[Any, tuple[int, int, float]] = {}  # ref -> (task, slot, submitted at)
-        self._poll_stale()
+    def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
+        """Queue a task; the lowest key starts first on the next idle worker (`poll` dispatches)."""
+        ticket, self._next = self._next, self._next + 1
+        self._tasks[ticket] = (method, args, label or f"{method} task {ticket}")
+        self._attempts[ticket] = 0
+        heapq.heappush(self._todo, (key, ticket))
+        return ticket
+
+    def cancel(self, tickets: Iterable[int] | None = None) -> None:
+        """Drop queued tasks and abandon running ones (all when `tickets` is None): their actors rejoin
+        when done (stale), nothing queues behind them."""
+        drop = set(self._tasks) if tickets is None else set(tickets)
+        for ticket in drop:
+            self._tasks.pop(ticket, None)
+            self._attempts.pop(ticket, None)
+        self._todo = [entry for entry in self._todo if entry[1] in self._tasks]
+        heapq.heapify(self._todo)
+        abandon = {ref: a for ref, (ticket, a, _) in self._inflight.items() if ticket in drop}
+        for ref in abandon:
+            del self._inflight[ref]
+        self._abandon(abandon)
+
+    def _dispatch(self) -> None:
         busy = self._busy()
         idle = deque(a for a, actor in enumerate(self.actors) if actor is not None and a not in busy)
-        next_out = 0
-        limit = self.lookahead * max(1, len(self.actors))
-        waiting_since = None  # when the pool last had nothing running and only replacements starting
-        try:
-            while next_out < len(tasks):
-                while idle and todo and todo[0] < next_out + limit:
-                    i, a = todo.popleft(), idle.popleft()
-                    attempts[i] += 1
-                    ref = getattr(self.actors[a], method).remote(*tasks[i])
-                    inflight[ref] = (i, a, time.monotonic())
-                if not inflight and not self.starting and not self._stale:
-                    raise WindowFailed(f"no worker left for {method} task {todo[0]}: {self.excluded} excluded"
-                                       + (f" (last start error: {self.last_start_error})" if self.last_start_error else ""))
-                waiting_since = (waiting_since or time.monotonic()) if not inflight else None
-                if waiting_since and time.monotonic() - waiting_since > self.start_timeout_s:
-                    raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {method} "
-                                       f"task {todo[0]} (not enough resources left in the cluster?)")
-                # poll only when something needs watching (a replacement starting, or hung-task timeouts);
-                # otherwise block until a task returns
-                poll = 1.0 if self.starting or self._stale or self.task_timeout_s is not None else None
-                ready, _ = ray.wait(list(inflight) + list(self.starting) + list(self._stale), num_returns=1,
-                                    timeout=poll)
-                if not ready:
-                    self._check_timeouts(method, inflight, attempts, todo, idle)
-                    self._expire_stale()
-                    continue
-                if ready[0] in self._stale:
-                    a = self._reap(ready[0])
-                    if a is not None:
-                        idle.append(a)
-                    continue
-                if ready[0] in self.starting:
-                    a = self._started(ready[0])
-                    if a is not None:
-                        idle.append(a)
-                    continue
-                i, a, _ = inflight.pop(ready[0])
-                try:
-                    done[i] = ray.get(ready[0])
-                    idle.append(a)
-                except RayError as e:
-                    self._retry_or_fail(method, i, a, attempts[i], e, todo, idle)
-                while next_out in done:
-                    yield done.pop(next_out)
-                    next_out += 1
-        finally:
-            # stopped early (a cancelled job) or failed: cancel what runs; its actors rejoin once done
-            self._abandon({ref: a for ref, (_, a, _) in inflight.items()})
+        while idle and self._todo:
+            _, ticket = heapq.heappop(self._todo)
+            if ticket not in self._tasks:
+                continue
+            a = idle.popleft()
+            method, args, _ = self._tasks[ticket]
+            self._attempts[ticket] += 1
+            self._inflight[getattr(self.actors[a], method).remote(*args)] = (ticket, a, time.monotonic())
 
-    def _check_timeouts(self, method, inflight, attempts, todo, idle) -> None:
+    def poll(self) -> list[tuple[int, Any]]:
+        """Dispatch queued tasks to idle workers and wait for one to finish: [(ticket, result)], or [] when
+        nothing is queued or running. A failed task is retried (the policy), a dead worker replaced."""
+        self._poll_stale()
+        waiting_since = None  # when the pool last had nothing running and only replacements starting
+        while True:
+            self._dispatch()
+            if not self._inflight and not self._todo:
+                return []
+            if not self._inflight and not self.starting and not self._stale:
+                label = self._tasks[self._todo[0][1]][2]
+                raise WindowFailed(f"no worker left for {label}: {self.excluded} excluded"
+                                   + (f" (last start error: {self.last_start_error})" if self.last_start_error else ""))
+            waiting_since = (waiting_since or time.monotonic()) if not self._inflight else None
+            if waiting_since and time.monotonic() - waiting_since > self.start_timeout_s:
+                label = self._tasks[self._todo[0][1]][2]
+                raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {label} "
+                                   "(not enough resources left in the cluster?)")
+            # poll only when something needs watching (a replacement starting, or hung-task timeouts);
+            # otherwise block until a task returns
+            watch = 1.0 if self.starting or self._stale or self.task_timeout_s is not None else None
+            ready, _ = ray.wait(list(self._inflight) + list(self.starting) + list(self._stale), num_returns=1,
+                                timeout=watch)
+            if not ready:
+                self._check_timeouts()
+                self._expire_stale()
+                continue
+            if ready[0] in self._stale:
+                self._reap(ready[0])
+                continue
+            if ready[0] in self.starting:
+                self._started(ready[0])
+                continue
+            ticket, a, _ = self._inflight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except RayError as e:
+                self._retry_or_fail(ticket, a, e)
+                continue
+            self._tasks.pop(ticket, None)
+            self._attempts.pop(ticket, None)
+            return [(ticket, result)]
+
+    def imap(self, method: str, args_list: Iterable[tuple]) -> Iterator[Any]:
+        return ordered(self, method, args_list, self.lookahead * max(1, len(self.actors)))
+
+    def _check_timeouts(self) -> None:
         if self.task_timeout_s is None:
             return
         now = time.monotonic()
-        for ref, (i, a, since) in list(inflight.items()):
+        for ref, (ticket, a, since) in list(self._inflight.items()):
             if now - since > self.task_timeout_s:
-                del inflight[ref]  # the worker is killed and replaced below: that stops the task
-                error = GetTimeoutError(f"{method} task {i} ran over {self.task_timeout_s:g} s on worker {a}")
-                self._retry_or_fail(method, i, a, attempts[i], error, todo, idle, hung=True)
+                del self._inflight[ref]  # the worker is killed and replaced below: that stops the task
+                error = GetTimeoutError(f"{self._tasks[ticket][2]} ran over {self.task_timeout_s:g} s on worker {a}")
+                self._retry_or_fail(ticket, a, error, hung=True)
 
-    def _retry_or_fail(self, method, i, a, attempt, error, todo, idle, hung: bool = False) -> None:
+    def _retry_or_fail(self, ticket: int, a: int, error, hung: bool = False) -> None:
+        method, _, label = self._tasks[ticket]
         actor_died = hung or not isinstance(error, RayTaskError) or isinstance(error.cause, RayActorError)
         reason = _reason(error)
         if actor_died:
-            logger.warning("worker %d died during %s task %d (%s); replacing it", a, method, i, reason)
+            logger.warning("worker %d died during %s (%s); replacing it", a, label, reason)
             self._replace(a)
         else:
             self.failures[a] += 1
             if self.blocklist_after and self.failures[a] >= self.blocklist_after:
                 self._exclude(a, reason)
-            else:
-                idle.append(a)
-        if attempt >= self.max_attempts:
-            raise WindowFailed(f"task {i} ({method}) failed {attempt} times; last error: {reason}") from error
-        logger.warning("retrying %s task %d (attempt %d of %d) after: %s", method, i, attempt + 1, self.max_attempts,
-                       reason)
+        try:
+            self.retry.after_failure(label, self._attempts[ticket], reason, error)
+        except WindowFailed:
+            self.cancel()  # the job is over: nothing of it stays queued or running
+            raise
         self.retries += 1
-        todo.appendleft(i)
+        heapq.heappush(self._todo, ((), ticket))  # first in line: the empty key sorts before any other
 
     def stats(self) -> list[dict]:
         """Per live worker: seconds of each predict / decode call since the last call (then reset)."""
@@ -333,6 +376,7 @@ class RayPool:
         self._encoder = None
         self.starting = {}
         self._stale = {}
+        self._todo, self._tasks, self._attempts, self._inflight = [], {}, {}, {}
 
 
 def _reason(error: Exception) -> str:

@@ -2,11 +2,12 @@
 
     ckpt = Checkpointer(job_dir / "checkpoints", every=5, fingerprint=...)
     ckpt.save(step, z, scheduler)          # atomic: temp file, fsync, rename; keeps the newest `keep`
+    ckpt.save(step, z, [state, ...])       # or the states (`scheduler_state`) of one scheduler per frame range
     state = ckpt.load_latest()             # newest valid one, or None; corrupt ones are skipped, logged
-    restore_scheduler(scheduler, state)
+    restore_scheduler(scheduler, state)    # (one range; the sampler restores state.schedulers per range)
 
-One safetensors file per checkpoint: tensors (z and the scheduler's tensor state) plus metadata (step,
-the scheduler's scalar state, the job's fingerprint, and a SHA-256 over every tensor's bytes). No
+One safetensors file per checkpoint: tensors (z and each scheduler's tensor state) plus metadata (step,
+the schedulers' scalar state, the job's fingerprint, and a SHA-256 over every tensor's bytes). No
 pickle anywhere: a checkpoint file is data only. A truncated file fails to parse; a flipped byte fails
 the checksum; either way the previous checkpoint is used, or the job restarts from step 0.
 """
@@ -36,8 +37,13 @@ NAME = re.compile(r"^step-(\d{6})\.safetensors$")
 class CheckpointState:
     step: int  # denoising steps already applied to z
     z: torch.Tensor  # (1, C, F, h, w) float32
-    scheduler: dict  # attribute -> value (tensors, lists of tensors, scalars)
+    schedulers: list[dict]  # per frame range: attribute -> value (tensors, lists of tensors, scalars)
     path: Path
+
+    @property
+    def scheduler(self) -> dict:
+        """The first (for a job stepped as one range: the only) scheduler's state."""
+        return self.schedulers[0]
 
 
 # Instance attributes a checkpoint leaves out: the config (the scheduler is rebuilt from the model's own), and
@@ -89,6 +95,20 @@ def restore_scheduler(scheduler, state: CheckpointState) -> None:
         setattr(scheduler, name, value)
 
 
+def _tensor_state(prefix: str, tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    """One scheduler's state from a checkpoint's tensors (named `prefix` + attribute) and JSON scalars."""
+    state: dict = {}
+    for name, entry in scalars.items():
+        if "tensor_list" in entry:
+            state[name] = [tensors.get(f"{prefix}{name}.{i}") for i in range(entry["tensor_list"])]
+        else:
+            state[name] = entry["value"]
+    for key, t in tensors.items():
+        if key.startswith(prefix) and "." not in key[len(prefix):]:
+            state[key[len(prefix):]] = t
+    return state
+
+
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -124,11 +144,16 @@ class Checkpointer:
         return sorted((p for p in self.dir.iterdir() if NAME.match(p.name)), reverse=True)
 
     def save(self, step: int, z: torch.Tensor, scheduler) -> Path:
+        """`scheduler`: a scheduler, or a list of `scheduler_state`s (one per frame range)."""
         t0 = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
-        tensors, scalars = scheduler_state(scheduler)
+        states = scheduler if isinstance(scheduler, list) else [scheduler_state(scheduler)]
+        tensors, scalars = {}, []
+        for r, (range_tensors, range_scalars) in enumerate(states):
+            tensors.update({f"{r}.{name}": t for name, t in range_tensors.items()})
+            scalars.append(range_scalars)
         tensors["z"] = z.detach().cpu().clone()
-        meta = {"step": str(step), "fingerprint": self.fingerprint, "scheduler": json.dumps(scalars),
+        meta = {"step": str(step), "fingerprint": self.fingerprint, "schedulers": json.dumps(scalars),
                 "sha256": _digest(tensors)}
         final = self.dir / f"step-{step:06d}.safetensors"
         tmp = self.dir / f".{final.name}.tmp"
@@ -159,20 +184,12 @@ class Checkpointer:
         if _digest(tensors) != meta.get("sha256"):
             raise CheckpointError("checksum mismatch")
         try:
-            scalars = json.loads(meta["scheduler"])
+            scalars = json.loads(meta["schedulers"])  # (a checkpoint of an older longtake has "scheduler")
             step = int(meta["step"])
         except (KeyError, ValueError) as e:
-            raise CheckpointError(f"bad metadata ({e})") from e
-        state: dict = {}
-        for name, entry in scalars.items():
-            if "tensor_list" in entry:
-                state[name] = [tensors.get(f"scheduler.{name}.{i}") for i in range(entry["tensor_list"])]
-            else:
-                state[name] = entry["value"]
-        for key, t in tensors.items():
-            if key.startswith("scheduler.") and key.count(".") == 1:
-                state[key.split(".", 1)[1]] = t
-        return CheckpointState(step=step, z=tensors["z"], scheduler=state, path=path)
+            raise CheckpointError(f"bad metadata ({type(e).__name__}: {e})") from e
+        states = [_tensor_state(f"{r}.scheduler.", tensors, entry) for r, entry in enumerate(scalars)]
+        return CheckpointState(step=step, z=tensors["z"], schedulers=states, path=path)
 
     def load_latest(self) -> CheckpointState | None:
         """The newest checkpoint that verifies; corrupt ones are logged and skipped."""

@@ -25,7 +25,6 @@ identical frames.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import resource
@@ -37,19 +36,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from longtake.actors.pool import Pool, WindowFailed
-from longtake.cluster.checkpoint import Checkpointer, restore_scheduler, scheduler_state
+from longtake.actors.pool import Pool
+from longtake.cluster.checkpoint import Checkpointer, scheduler_state
+from longtake.cluster.sampler import Sampler
 from longtake.cluster.inputs import Inputs, latent_index, resolve_inputs
 from longtake.pipelines import ModelInfo, inspect_model, load_scheduler, weights_identity
 from longtake.pipelines.windows import (
     PromptKey,
-    fuse,
-    frame_seed,
     initial_noise,
     plan_loop,
     plan_windows,
     prompt_schedule,
-    take_window,
     window_weights,
 )
 from longtake.request import RenderRequest, RequestError, parse_request
@@ -131,6 +128,7 @@ class RenderResult:
     seed: int
     weighting: str
     noise: str
+    schedule: str = "wavefront"  # what ran: the request's, or the barrier for a scheduler that needs it
     preview: str | None = None
     input_frames: int = 0  # frames of `frames` copied from extend / lead_into
     loop: bool = False
@@ -213,18 +211,6 @@ def fingerprint(job: Job, dtype: str, device: str) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _step_kwargs(scheduler, seed: int, step: int) -> dict:
-    """eta=0 for DDIM-like schedulers (as diffusers' pipelines); a per-step generator for stochastic
-    ones, seeded from (seed, step) so the noise never depends on the workers."""
-    params = inspect.signature(scheduler.step).parameters
-    kwargs = {}
-    if "eta" in params:
-        kwargs["eta"] = 0.0
-    if "generator" in params:
-        kwargs["generator"] = torch.Generator("cpu").manual_seed(frame_seed(seed, -1_000_000 - step))
-    return kwargs
-
-
 def _noised(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x0 noised to timestep t's level as the scheduler defines it (add_noise; flow matching: scale_noise)."""
     if hasattr(scheduler, "add_noise"):
@@ -262,7 +248,7 @@ def _source_latents(job: Job, pool: Pool) -> torch.Tensor:
 
 
 def _known_latents(job: Job, pool: Pool):
-    """For a job with known frames: `pin(z)`, which sets their latents in z, in place, to the known latents
+    """For a job with known frames: `pin(z, start, end)`, which sets their latents in z's frames [start, end), in place, to the known latents
     themselves (clean, at every step: a clean context, which the bundled model follows much more closely than
     RePaint-style context noised to each step's level; the note of issue 15 has the figures). The latents
     are encoded once, on a worker. None when nothing is known."""
@@ -279,8 +265,11 @@ def _known_latents(job: Job, pool: Pool):
     known = torch.stack([at[f] for f in sorted(at)], 2)  # (1, C, k, h, w)
     logger.info("%d latent frames known (%s)", len(index), ", ".join(p.source for p in job.inputs.pinned))
 
-    def pin(z: torch.Tensor) -> None:
-        z[:, :, index] = known.to(z.dtype)
+    def pin(z: torch.Tensor, start: int = 0, end: int | None = None) -> None:
+        """Set the known frames of z's range [start, end) (all of z by default)."""
+        inside = (index >= start) & (index < (z.shape[2] if end is None else end))
+        if bool(inside.any()):
+            z[:, :, index[inside]] = known[:, :, inside].to(z.dtype)
 
     return pin
 
@@ -322,9 +311,10 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     req, plan = job.request, job.windows
     latent_frames = job.latent_frames
 
-    timings = {"fuse_s": 0.0, "scheduler_s": 0.0}
+    timings = {}
     scheduler = load_scheduler(job.model.path)
     scheduler.set_timesteps(job.steps)
+    steps = len(scheduler.timesteps)  # job.steps (PNDM: one more, its warm-up), as diffusers' pipelines iterate
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)  # as the pipelines do: step i is timesteps[i]
     if checkpoint is not None:
@@ -344,7 +334,6 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     first_step = 0
     resumed = checkpoint.load_latest() if checkpoint is not None else None
     if resumed is not None:
-        restore_scheduler(scheduler, resumed)
         z, first_step = resumed.z, resumed.step
         logger.info("resumed from checkpoint %s: %d of %d steps done", resumed.path.name, first_step, job.steps)
     else:
@@ -353,30 +342,34 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(first_step)
             x0 = _source_latents(job, pool)
-            z = x0 if first_step == job.steps else _noised(scheduler, x0, z / getattr(scheduler, "init_noise_sigma", 1.0),
-                                                          scheduler.timesteps[first_step:first_step + 1])
-            logger.info("video to video: strength %g, %d of %d steps", job.inputs.strength, job.steps - first_step,
-                        job.steps)
+            if first_step == job.steps:
+                first_step = steps  # strength 0: the input's latents, no step
+            z = x0 if first_step == steps else _noised(scheduler, x0, z / getattr(scheduler, "init_noise_sigma", 1.0),
+                                                       scheduler.timesteps[first_step:first_step + 1])
+            logger.info("video to video: strength %g, %d of %d steps", job.inputs.strength, steps - first_step, steps)
         if pin is not None:
             pin(z)
+    sampler = Sampler(z, scheduler, plan, weights, steps, first_step, req.seed, loop=job.loop,
+                      schedule=req.schedule, pin=pin, snapshots=checkpoint is not None,
+                      restore=resumed.schedulers if resumed is not None else None)
 
-    total = job.steps * len(plan)
+    total = steps * len(plan)
     started = time.perf_counter()
     timings["encode_s"] = started - t0
-    step_now = first_step  # steps applied to z: the steps completed, as progress reports them
 
     def progress_dict(phase: str, window_steps_done: int, frames_done: int, eta_s) -> dict:
-        return {"phase": phase, "step": step_now, "steps": job.steps, "window_steps_done": window_steps_done,
-                "window_steps_total": total, "frames_done": frames_done, "frames": job.output_frames,
-                "eta_s": eta_s}
+        return {"phase": phase, "step": sampler.coherent_step, "steps": steps,
+                "window_steps_done": window_steps_done, "window_steps_total": total, "frames_done": frames_done,
+                "frames": job.output_frames, "eta_s": eta_s}
 
     def report(phase: str, window_steps_done: int, frames_done: int = 0) -> None:
         reason = cancelled() if cancelled is not None else None
         if reason:
             reason = reason if isinstance(reason, str) else "cancelled"
+            step_now = sampler.coherent_step  # every range has reached it: one coherent checkpoint
             if checkpoint is not None and phase == "denoise" and step_now > first_step and reason not in DISCARD:
-                checkpoint.save(step_now, z, scheduler)  # z and the scheduler are still those of step_now
-                logger.info("stopped (%s) at step %d of %d; checkpoint saved", reason, step_now, job.steps)
+                checkpoint.save(step_now, *sampler.state(step_now))
+                logger.info("stopped (%s) at step %d of %d; checkpoint saved", reason, step_now, steps)
             raise Cancelled(f"job {reason} during {phase}", reason, step_now)
         if on_progress is not None:
             elapsed = time.perf_counter() - started
@@ -384,33 +377,39 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
             eta = elapsed / done * (total - window_steps_done) if done > 0 and phase == "denoise" else None
             on_progress(progress_dict(phase, window_steps_done, frames_done, None if eta is None else round(eta, 1)))
 
-    # 3. denoise: predict every window, fuse in window order, one scheduler step
+    # 3. denoise: a window runs its next step as soon as its frames are there (the sampler says when), its
+    # prediction is fused and stepped per frame range as it arrives
     bar = _bar(total, "denoise", "win", progress, initial=first_step * len(plan))  # the rate counts computed work
-    for i, t in enumerate(scheduler.timesteps):
-        if i < first_step:
-            continue
-        model_in = scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z  # (1, C, F, h, w)
-        tasks = [(take_window(model_in, s, e), t, cond, s, e, job.guidances) for s, e in plan]
-        bar.set_postfix_str(f"step {i + 1}/{job.steps}, {len(plan)} windows")
-        preds = []
-        try:
-            for pred in pool.imap("predict", tasks):
-                preds.append(pred)
+    done = first_step * len(plan)
+    running: dict[int, int] = {}  # ticket -> window
+    saved_at = first_step
+    try:
+        while not sampler.done:
+            for w in sampler.ready():
+                x, t = sampler.window_input(w)
+                s, e = plan[w]
+                step = sampler.next_step[w]
+                ticket = pool.submit("predict", (x, t, cond, s, e, job.guidances), key=(step, w),
+                                     label=f"window {w + 1} of {len(plan)} at step {step + 1} of {steps}")
+                running[ticket] = w
+            finished = pool.poll()
+            if not finished:
+                raise RuntimeError(f"the pool returned nothing with {len(running)} windows running")
+            for ticket, pred in finished:
+                sampler.add(running.pop(ticket), pred)
+                done += 1
                 bar.update()
-                report("denoise", i * len(plan) + len(preds))
-        except WindowFailed as e:
-            raise WindowFailed(f"step {i + 1} of {job.steps}: {e}") from e
-        t1 = time.perf_counter()
-        fused = fuse(preds, plan, weights, latent_frames, loop=job.loop)  # (1, C, F, h, w)
-        t2 = time.perf_counter()
-        z = scheduler.step(fused, t, z, **_step_kwargs(scheduler, req.seed, i)).prev_sample
-        if pin is not None:
-            pin(z)
-        timings["fuse_s"] += t2 - t1
-        timings["scheduler_s"] += time.perf_counter() - t2
-        step_now = i + 1
-        if checkpoint is not None and checkpoint.due(step_now, job.steps):
-            checkpoint.save(step_now, z, scheduler)
+            bar.set_postfix_str(f"step {sampler.coherent_step}/{steps}, {len(plan)} windows, {sampler.schedule}")
+            if checkpoint is not None and sampler.coherent_step > saved_at:
+                saved_at = sampler.coherent_step
+                if checkpoint.due(saved_at, steps):
+                    checkpoint.save(saved_at, *sampler.state(saved_at))
+            report("denoise", done)
+    finally:
+        if running:  # stopped early: cancelled, or a window failed
+            pool.cancel(list(running))
+    z = sampler.z
+    timings["fuse_s"], timings["scheduler_s"] = sampler.fuse_s, sampler.scheduler_s
     bar.close()
     decode_start = time.perf_counter()
     timings["denoise_s"] = decode_start - started
@@ -473,13 +472,14 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         windows=len(plan),
         workers=pool.num_workers,
         steps=job.steps,
-        model_evaluations=job.steps * len(plan),
+        model_evaluations=steps * len(plan),
         wall_s=round(time.perf_counter() - t0, 3),
         frames_sha256=writer.sha256,
         model=req.model,
         seed=req.seed,
         weighting=req.weighting,
         noise=job.noise,
+        schedule=sampler.schedule,
         preview=req.preview,
         input_frames=job.inputs.passthrough,
         loop=job.loop,

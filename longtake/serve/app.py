@@ -20,21 +20,23 @@ shared by every pod), are probed there, and are named by id in requests; the man
 
 
 import asyncio
+import heapq
 import json
 import logging
 import os
 import queue
 import secrets
 import threading
-from collections import deque
-from dataclasses import asdict, fields
+from concurrent import futures
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.pool import WindowFailed
+from longtake.actors.pool import RetryPolicy, WindowFailed, ordered
 from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 from longtake.cluster.jobs import SQLITE_INT_MAX, Conflict
 from longtake.request import RenderRequest, RequestError
@@ -51,6 +53,27 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[-1] if text else 'failed'}"
 
 
+@dataclass
+class _Call:
+    """One task of a ServePool ticket: what to call, and the response to cancel while it runs."""
+
+    method: str
+    args: tuple
+    label: str
+    response: Any = None
+    cancelled: bool = False
+
+
+@dataclass
+class _Tickets:
+    """One engine thread's tasks in a ServePool."""
+
+    todo: list = field(default_factory=list)  # heap of (key, ticket)
+    calls: dict = field(default_factory=dict)  # ticket -> _Call, until its result is taken or it is cancelled
+    running: dict = field(default_factory=dict)  # future -> ticket
+    next: int = 0
+
+
 class ServePool:
     """The engine's pool interface over the Denoiser deployment (used from the manager's threads).
 
@@ -58,10 +81,15 @@ class ServePool:
     a CPU worker built on first use and kept."""
 
     def __init__(self, handle: DeploymentHandle, num_workers: int, model_path: str, device: str = "cpu",
-                 decode_in_flight: int = 4, timeout_s: float = 600.0, max_attempts: int = 3):
+                 decode_in_flight: int = 4, timeout_s: float = 600.0, max_attempts: int = 3,
+                 per_job: int | None = None):
         self.handle, self.num_workers, self.decode_in_flight = handle, num_workers, decode_in_flight
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
+        self.retry = RetryPolicy(max_attempts)
         self.retries = 0
+        self.per_job = per_job or 2 * num_workers  # a job's calls in flight at once (its fair share)
+        self._local = threading.local()
+        self._executor = futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="serve-call")
         self.spec = denoiser_spec(model_path, device)
         self._encoder = None
         self._lock = threading.Lock()
@@ -114,11 +142,7 @@ class ServePool:
             finally:
                 stop.set()
                 response.cancel()
-            reason = _one_line(value)
-            if attempt == self.max_attempts:
-                raise WindowFailed(f"{method} failed {attempt} times; last error: {reason}") from value
-            logger.warning("restarting %s after %d items (attempt %d of %d) after: %s", method, delivered,
-                           attempt + 1, self.max_attempts, reason)
+            self.retry.after_failure(f"{method} (after {delivered} items)", attempt, _one_line(value), value)
             self.retries += 1
 
     def put(self, obj):
@@ -127,43 +151,80 @@ class ServePool:
     def call(self, method: str, *args):
         return next(self.imap(method, [args]))
 
-    def _result(self, method: str, i: int, args: tuple, response, attempt: int):
-        """A call's result within the timeout; a failure is retried (a new call: Serve may pick another
-        replica) until max_attempts; then, or on a timeout, WindowFailed."""
+    def _call(self, call: "_Call"):
+        """One task in a caller thread: the call's result within the timeout; a failure is retried (a new
+        call: Serve may pick another replica) by the policy; then, or on a timeout, WindowFailed."""
+        attempt = 1
         while True:
+            if call.cancelled:
+                return None
+            call.response = getattr(self.handle, call.method).remote(*call.args)
             try:
-                return response.result(timeout_s=self.timeout_s)
+                return call.response.result(timeout_s=self.timeout_s)
             except TimeoutError:
-                response.cancel()
-                raise WindowFailed(f"{method} task {i}: no denoiser answered in {self.timeout_s:g} s (can a replica "
+                call.response.cancel()
+                raise WindowFailed(f"{call.label}: no denoiser answered in {self.timeout_s:g} s (can a replica "
                                    "be scheduled? see `ray status`)") from None
-            except Exception as e:  # the replica's own error, or a replica that died
-                reason = _one_line(e)
-                if attempt >= self.max_attempts:
-                    raise WindowFailed(f"{method} task {i} failed {attempt} times; last error: {reason}") from e
-                logger.warning("retrying %s task %d (attempt %d of %d) after: %s", method, i, attempt + 1,
-                               self.max_attempts, reason)
+            except Exception as e:  # the replica's own error, a replica that died, or our own cancel
+                if call.cancelled:
+                    return None
+                self.retry.after_failure(call.label, attempt, _one_line(e), e)
                 self.retries += 1
                 attempt += 1
-                response = getattr(self.handle, method).remote(*args)
+
+    def _state(self) -> "_Tickets":
+        """The calling thread's tickets: each engine thread (one job) sees only its own."""
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _Tickets()
+        return state
+
+    def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
+        """Queue a task of this thread's job. At most `per_job` of a job's calls are sent at once (the
+        lowest keys first), so a short job's windows are not queued behind every window of a long one."""
+        state = self._state()
+        ticket, state.next = state.next, state.next + 1
+        state.calls[ticket] = _Call(method, args, label or f"{method} task {ticket}")
+        heapq.heappush(state.todo, (key, ticket))
+        return ticket
+
+    def poll(self):
+        """Send queued calls (up to the job's share), wait for one to finish: [(ticket, result)], or []."""
+        state = self._state()
+        while state.todo and len(state.running) < self.per_job:
+            _, ticket = heapq.heappop(state.todo)
+            if ticket in state.calls:
+                state.running[self._executor.submit(self._call, state.calls[ticket])] = ticket
+        if not state.running:
+            return []
+        done, _ = futures.wait(list(state.running), return_when=futures.FIRST_COMPLETED)
+        finished = []
+        for future in done:
+            ticket = state.running.pop(future)
+            call = state.calls.pop(ticket, None)
+            error = future.exception()
+            if error is not None:
+                self.cancel()
+                raise error
+            if call is not None and not call.cancelled:
+                finished.append((ticket, future.result()))
+        return finished
+
+    def cancel(self, tickets=None) -> None:
+        state = self._state()
+        for ticket in list(state.calls) if tickets is None else tickets:
+            call = state.calls.pop(ticket, None)
+            if call is not None:
+                call.cancelled = True
+                if call.response is not None:
+                    call.response.cancel()
+        state.todo = [entry for entry in state.todo if entry[1] in state.calls]
+        heapq.heapify(state.todo)
+        state.running = {f: t for f, t in state.running.items() if t in state.calls}
 
     def imap(self, method: str, args_list):
-        tasks = list(args_list)
-        # all windows of a step are queued at once (the autoscaler sees the queue); decoded frames are big,
-        # so only a few decode chunks are in flight
-        limit = self.decode_in_flight if method == "decode" else len(tasks)
-        pending: deque = deque()
-        nxt = 0
-        try:
-            while nxt < len(tasks) or pending:
-                while nxt < len(tasks) and len(pending) < limit:
-                    pending.append((nxt, getattr(self.handle, method).remote(*tasks[nxt])))
-                    nxt += 1
-                i, response = pending.popleft()
-                yield self._result(method, i, tasks[i], response, 1)
-        finally:
-            for _, response in pending:  # cancelled or failed: stop what is still queued
-                response.cancel()
+        # decoded frames are big: only a few decode chunks are in flight
+        return ordered(self, method, args_list, self.decode_in_flight if method == "decode" else self.per_job)
 
     def shutdown(self) -> None:
         pass

@@ -1,0 +1,266 @@
+"""The sampler: the latents and the scheduler state of a job, per frame range, and when each window runs.
+
+The clip's frames are cut into ranges at every window edge, so each range is covered by a fixed set of
+windows (1 or 2 in a plan with overlap < half a window). Each range has its own copy of the scheduler
+(multistep solvers keep their history per range) and its own step count. When every window covering a
+range has predicted step t, the range is fused (in window order, as `fuse` does for the whole clip) and
+stepped to t + 1; a window runs step t + 1 as soon as all its ranges are there:
+
+    wavefront   a window starts step t + 1 when its own ranges (so its neighbours) have finished step t
+    barrier     a window starts step t + 1 when every range has (the reference schedule: all windows of a
+                step, then the next step)
+
+Both give the same frames: the same fusion sums and the same scheduler arithmetic per frame, only in
+another order. That holds for a scheduler whose step is elementwise over the sample (DDIM, Euler, UniPC,
+DPM-Solver, the flow-matching ones: checked on every job by `elementwise`, a few steps of the job's own
+scheduler on a small tensor, whole against per range). A stochastic scheduler's step noise is seeded per
+frame and step (`frame_seed`), the same for any range. A scheduler that is not elementwise (dynamic
+thresholding over the whole sample) keeps one range over the clip: that is the barrier, logged.
+
+Checkpoints take one coherent step: the newest step every range has reached (`coherent_step`), from
+snapshots each range keeps of the steps it has passed since (`snapshots=True`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+
+import torch
+
+from longtake.cluster.checkpoint import scheduler_state
+from longtake.pipelines.windows import frame_seed, fuse, take_window
+from longtake.request import SCHEDULES  # the one list (torch-free, for the CLI)
+
+logger = logging.getLogger(__name__)
+
+STEP_NOISE = -1_000_000  # frame_seed's frame for a step's noise: STEP_NOISE - step (no clash with frames >= 0)
+
+
+def frame_ranges(plan: list[tuple[int, int]], frames: int, loop: bool) -> list[tuple[int, int]]:
+    """The clip's frames [0, frames) cut at every window edge (modulo `frames` for a loop's windows)."""
+    cuts = {0, frames}
+    for start, end in plan:
+        cuts.update({start % frames, end % frames} if loop else {start, end})
+    cuts = sorted(c for c in cuts if 0 <= c <= frames)
+    return list(zip(cuts, cuts[1:]))
+
+
+def _covers(window: tuple[int, int], frame: int, frames: int) -> bool:
+    start, end = window
+    return start <= frame < end or start <= frame + frames < end
+
+
+def _offset(window: tuple[int, int], frame: int, frames: int) -> int:
+    """Where a frame sits in a window (a loop's window past the end holds frames modulo `frames`)."""
+    return frame - window[0] if frame >= window[0] else frame + frames - window[0]
+
+
+def step_kwargs(scheduler, seed: int, step: int, frames: tuple[int, int] | None) -> dict:
+    """eta=0 for DDIM-like schedulers (as diffusers' pipelines); for stochastic ones, generators seeded
+    from (seed, step): one per frame of `frames` (with the frames on the batch axis, see `_step`), or one
+    for the whole sample when `frames` is None (one range over the clip)."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:
+        step_seed = frame_seed(seed, STEP_NOISE - step)
+        if frames is None:
+            kwargs["generator"] = torch.Generator("cpu").manual_seed(step_seed)
+        else:
+            kwargs["generator"] = [torch.Generator("cpu").manual_seed(frame_seed(step_seed, f))
+                                   for f in range(*frames)]
+    return kwargs
+
+
+def _stochastic(scheduler) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def _step(scheduler, pred: torch.Tensor, t, sample: torch.Tensor, seed: int, step: int,
+          frames: tuple[int, int] | None) -> torch.Tensor:
+    """One scheduler step of a (1, C, n, h, w) sample. Per range (`frames` given) a stochastic scheduler
+    gets the frames on the batch axis, (n, C, 1, h, w), and a generator per frame, so its noise for a frame
+    is the same whichever range the frame is stepped in."""
+    kwargs = step_kwargs(scheduler, seed, step, frames)
+    if frames is not None and "generator" in kwargs:
+        swap = (2, 1, 0, 3, 4)
+        out = scheduler.step(pred.permute(swap).contiguous(), t, sample.permute(swap).contiguous(), **kwargs)
+        return out.prev_sample.permute(swap).contiguous()
+    return scheduler.step(pred, t, sample, **kwargs).prev_sample
+
+
+def elementwise(scheduler, steps: int = 3) -> bool:
+    """Whether stepping per frame range gives the same numbers as one step over the whole sample, for this
+    scheduler as configured (its timesteps set): a few steps on a small random (1, 2, 4, 2, 2) sample,
+    whole against two ranges, each with its own copy; dynamic thresholding is never elementwise."""
+    if getattr(scheduler.config, "thresholding", False):
+        return False
+    probe = copy.deepcopy(scheduler)
+    if hasattr(probe, "set_begin_index"):
+        probe.set_begin_index(0)  # from the first step, whatever the job's first (video to video)
+    steps = min(steps, len(probe.timesteps))
+    gen = torch.Generator("cpu").manual_seed(0)
+    sample = torch.randn(1, 2, 4, 2, 2, generator=gen) * getattr(probe, "init_noise_sigma", 1.0)
+    preds = [torch.randn(1, 2, 4, 2, 2, generator=gen) for _ in range(steps)]
+    whole, parts = copy.deepcopy(probe), [copy.deepcopy(probe), copy.deepcopy(probe)]
+    ranges = [(0, 1), (1, 4)]
+    a = sample.clone()
+    b = [sample[:, :, s:e].clone() for s, e in ranges]
+    try:
+        for i, t in enumerate(probe.timesteps[:steps]):
+            a = _step(whole, preds[i], t, _scaled(whole, a, t), 0, i, (0, 4))
+            b = [_step(p, preds[i][:, :, s:e], t, _scaled(p, x, t), 0, i, (s, e))
+                 for p, x, (s, e) in zip(parts, b, ranges)]
+    except Exception as e:  # a scheduler that cannot step a part of a sample: one range, the barrier
+        logger.info("%s cannot be stepped per frame range (%s: %s)", type(scheduler).__name__, type(e).__name__, e)
+        return False
+    return torch.equal(a, torch.cat(b, 2))
+
+
+def _scaled(scheduler, z: torch.Tensor, t) -> torch.Tensor:
+    return scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z
+
+
+class Sampler:
+    """A job's latents and scheduler state per frame range; `ready()` says which windows may run now.
+
+        sampler = Sampler(z, scheduler, plan, weights, ...)   # z at `first_step`, scheduler prepared
+        for window in sampler.ready():                         # marks them dispatched
+            x, t = sampler.window_input(window)                # its model input at its step
+        sampler.add(window, pred)                              # fuses and steps the ranges it completes
+        sampler.done, sampler.z                                # when every range has made every step
+    """
+
+    def __init__(self, z: torch.Tensor, scheduler, plan: list[tuple[int, int]], weights: list[torch.Tensor],
+                 steps: int, first_step: int, seed: int, loop: bool = False, schedule: str = "wavefront",
+                 pin=None, snapshots: bool = False, restore: list[dict] | None = None):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule: got {schedule!r}, expected one of {', '.join(SCHEDULES)}")
+        self.z, self.plan, self.weights, self.loop = z, plan, weights, loop
+        self.frames = z.shape[2]
+        self.steps, self.seed, self.pin = steps, seed, pin
+        self.schedule = schedule
+        self.per_range = elementwise(scheduler)
+        if not self.per_range:
+            logger.warning("%s is not elementwise over the sample (%s): one range over the clip, so the barrier "
+                           "schedule", type(scheduler).__name__,
+                           "dynamic thresholding" if getattr(scheduler.config, "thresholding", False)
+                           else "stepping per frame range changes its numbers")
+            self.schedule = "barrier"
+        self.ranges = frame_ranges(plan, self.frames, loop) if self.per_range else [(0, self.frames)]
+        if self.per_range:
+            self.cover = [[w for w, window in enumerate(plan) if _covers(window, a, self.frames)] for a, _ in self.ranges]
+        else:  # one range: every window
+            self.cover = [list(range(len(plan)))]
+        self.ranges_of = [[r for r, cover in enumerate(self.cover) if w in cover] for w in range(len(plan))]
+        self.schedulers = [copy.deepcopy(scheduler) for _ in self.ranges]
+        if restore is not None:
+            if len(restore) != len(self.schedulers):
+                raise ValueError(f"restore: got {len(restore)} scheduler states, expected {len(self.ranges)} "
+                                 "(one per frame range)")
+            for s, state in zip(self.schedulers, restore):
+                for name, value in state.items():
+                    setattr(s, name, value)
+        self.at = [first_step] * len(self.ranges)  # steps applied to each range
+        self.next_step = [first_step] * len(plan)  # the step each window runs next
+        self.dispatched = [False] * len(plan)  # its next step is running
+        self.preds: list[torch.Tensor | None] = [None] * len(plan)  # its prediction at next_step - 1, until used
+        self.model_in = torch.empty_like(z)  # each range's model input at its step
+        self.snapshots: list[dict[int, tuple]] | None = [{} for _ in self.ranges] if snapshots else None
+        self.fuse_s = self.scheduler_s = 0.0
+        for r in range(len(self.ranges)):
+            self._entered(r)
+
+    @property
+    def done(self) -> bool:
+        return min(self.at) >= self.steps
+
+    @property
+    def coherent_step(self) -> int:
+        """The newest step every range has reached: what a checkpoint holds."""
+        return min(self.at)
+
+    def _entered(self, r: int) -> None:
+        """Range r has reached step at[r]: its model input for that step, a snapshot for checkpoints."""
+        a, b = self.ranges[r]
+        step = self.at[r]
+        if step < self.steps:
+            s = self.schedulers[r]
+            t = s.timesteps[step]
+            self.model_in[:, :, a:b] = _scaled(s, self.z[:, :, a:b], t)
+        if self.snapshots is not None:
+            low = self.coherent_step
+            snaps = self.snapshots[r]
+            snaps[step] = (self.z[:, :, a:b].clone(), scheduler_state(self.schedulers[r]))
+            for old in [k for k in snaps if k < low]:
+                del snaps[old]
+
+    def ready(self) -> list[int]:
+        """Windows that may run their next step now (in window order), marked dispatched."""
+        low = min(self.at)
+        out = []
+        for w, rs in enumerate(self.ranges_of):
+            step = self.next_step[w]
+            if self.dispatched[w] or step >= self.steps:
+                continue
+            if any(self.at[r] != step for r in rs) or (self.schedule == "barrier" and low < step):
+                continue
+            self.dispatched[w] = True
+            out.append(w)
+        return out
+
+    def window_input(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model input of window w at its next step (a copy), and the step's timestep."""
+        start, end = self.plan[w]
+        step = self.next_step[w]
+        return take_window(self.model_in, start, end), self.schedulers[self.ranges_of[w][0]].timesteps[step]
+
+    def add(self, w: int, pred: torch.Tensor) -> None:
+        """Window w's prediction at its step: every range it completes is fused and stepped."""
+        step = self.next_step[w]
+        self.preds[w], self.next_step[w], self.dispatched[w] = pred, step + 1, False
+        for r in self.ranges_of[w]:
+            if self.at[r] == step and all(self.next_step[v] > step for v in self.cover[r]):
+                self._advance(r, step)
+
+    def _advance(self, r: int, step: int) -> None:
+        a, b = self.ranges[r]
+        n = b - a
+        t0 = time.perf_counter()
+        if self.per_range:
+            parts, weights = [], []
+            for v in self.cover[r]:  # window order, as `fuse` over the whole clip
+                off = _offset(self.plan[v], a, self.frames)
+                parts.append(self.preds[v][:, :, off:off + n])
+                weights.append(self.weights[v][off:off + n])
+            fused = fuse(parts, [(0, n)] * len(parts), weights, n)  # (1, C, n, h, w)
+        else:
+            fused = fuse(self.preds, self.plan, self.weights, self.frames, loop=self.loop)
+        t1 = time.perf_counter()
+        s = self.schedulers[r]
+        t = s.timesteps[step]
+        frames = (a, b) if self.per_range else None
+        # a copy: schedulers keep the sample they were given (multistep history), and z is written in place
+        self.z[:, :, a:b] = _step(s, fused, t, self.z[:, :, a:b].clone(), self.seed, step, frames)
+        if self.pin is not None:
+            self.pin(self.z, a, b)
+        self.at[r] = step + 1
+        self.fuse_s += t1 - t0
+        self.scheduler_s += time.perf_counter() - t1
+        self._entered(r)
+        for v in self.cover[r]:
+            if all(self.at[q] > step for q in self.ranges_of[v]):
+                self.preds[v] = None  # every range it covers is past that step
+
+    def state(self, step: int) -> tuple[torch.Tensor, list[tuple[dict, dict]]]:
+        """The latents and each range's scheduler state at `step` (a step every range has reached, from
+        the snapshots): what a checkpoint stores."""
+        if self.snapshots is None:
+            raise ValueError("state: this sampler keeps no snapshots (snapshots=False)")
+        parts = [snaps[step] for snaps in self.snapshots]
+        return torch.cat([z for z, _ in parts], 2), [state for _, state in parts]
+
