@@ -36,14 +36,14 @@ class BrokenWindowWorker(Worker):
         return super().predict(z, t, cond, start, end, guidance)
 
 
-def _req(model, tmp_path, name):
+def _req(model, tmp_path, name, schedule="wavefront"):
     return prepare(dict(prompt="a red ball", seconds=3, fps=8, steps=3, window=8, overlap=3, model=model,
-                        out=str(tmp_path / name)))
+                        out=str(tmp_path / name), schedule=schedule))
 
 
 def test_killed_worker_is_replaced_and_frames_are_identical(tmp_path, tiny_model, ray_session):
     ref_pool = InProcessPool(WorkerSpec(tiny_model))
-    ref = run(_req(tiny_model, tmp_path, "ref.mp4"), ref_pool, progress=False)
+    ref = run(_req(tiny_model, tmp_path, "ref.mp4", "barrier"), ref_pool, progress=False)  # the reference schedule
     ref_pool.shutdown()
 
     pool = RayPool(WorkerSpec(tiny_model), 2, worker_cls=SlowWorker)
