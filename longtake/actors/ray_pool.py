@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections import deque
 from typing import Any, Iterable, Iterator
 
 import ray
@@ -50,7 +49,8 @@ def _actor_class(worker_cls: type):
 class RayPool:
     def __init__(self, spec: WorkerSpec, num_workers: int, max_attempts: int = 3, lookahead: int = 2,
                  worker_cls: type = Worker, blocklist_after: int = 0, task_timeout_s: float | None = None,
-                 start_timeout_s: float = 600.0, join_grace_s: float = 30.0, stale_timeout_s: float = 60.0):
+                 start_timeout_s: float = 600.0, join_grace_s: float = 30.0, stale_timeout_s: float = 60.0,
+                 depth: int = 2):
         self.spec = spec
         self.retry = RetryPolicy(max_attempts)
         self.max_attempts = max_attempts
@@ -63,7 +63,9 @@ class RayPool:
         self._todo: list[tuple[tuple, int]] = []  # heap of (key, ticket): queued tasks
         self._tasks: dict[int, tuple[str, tuple, str]] = {}  # ticket -> (method, args, label), until it returns
         self._attempts: dict[int, int] = {}
-        self._inflight: dict[Any, tuple[int, int, float]] = {}  # ref -> (ticket, slot, submitted at)
+        self._inflight: dict[Any, tuple[int, int, float, Any]] = {}  # ref -> (ticket, slot, submitted at, actor)
+        self.depth = depth  # tasks sent to an actor at once: the next waits on the actor, not on a round trip
+        self._freed: dict[int, float] = {}  # slot -> when its last task returned (a queued task starts then)
         self._next = 0
         if spec.device == "cuda":
             options = {"num_gpus": 1, "num_cpus": 1}
@@ -174,8 +176,14 @@ class RayPool:
     def _busy(self) -> set[int]:
         """Slots whose actor cannot take a task now: starting, running a task, or still running a cancelled
         one."""
-        return (set(self.starting.values()) | {a for a, _ in self._stale.values()}
-                | {a for _, a, _ in self._inflight.values()})
+        return set(self.starting.values()) | {a for a, _ in self._stale.values()} | set(self._load())
+
+    def _load(self) -> dict[int, int]:
+        """Tasks sent to each slot's actor and not returned."""
+        load: dict[int, int] = {}
+        for _, a, _, _ in self._inflight.values():
+            load[a] = load.get(a, 0) + 1
+        return load
 
     def _abandon(self, refs: dict) -> None:
         """Cancel the tasks (ref -> slot) of a call that stopped early. A task already running goes on (Ray
@@ -272,22 +280,28 @@ class RayPool:
             self._attempts.pop(ticket, None)
         self._todo = [entry for entry in self._todo if entry[1] in self._tasks]
         heapq.heapify(self._todo)
-        abandon = {ref: a for ref, (ticket, a, _) in self._inflight.items() if ticket in drop}
+        abandon = {ref: a for ref, (ticket, a, _, _) in self._inflight.items() if ticket in drop}
         for ref in abandon:
             del self._inflight[ref]
         self._abandon(abandon)
 
     def _dispatch(self) -> None:
-        busy = self._busy()
-        idle = deque(a for a, actor in enumerate(self.actors) if actor is not None and a not in busy)
-        while idle and self._todo:
-            _, ticket = heapq.heappop(self._todo)
-            if ticket not in self._tasks:
-                continue
-            a = idle.popleft()
-            method, args, _ = self._tasks[ticket]
-            self._attempts[ticket] += 1
-            self._inflight[getattr(self.actors[a], method).remote(*args)] = (ticket, a, time.monotonic())
+        """Queued tasks, lowest key first, to the actors with the fewest tasks (up to `depth` each)."""
+        unavailable = set(self.starting.values()) | {a for a, _ in self._stale.values()}
+        load = self._load()
+        for level in range(self.depth):
+            for a, actor in enumerate(self.actors):
+                if actor is None or a in unavailable or load.get(a, 0) != level:
+                    continue
+                while self._todo and self._todo[0][1] not in self._tasks:
+                    heapq.heappop(self._todo)  # cancelled
+                if not self._todo:
+                    return
+                _, ticket = heapq.heappop(self._todo)
+                method, args, _ = self._tasks[ticket]
+                self._attempts[ticket] += 1
+                self._inflight[getattr(actor, method).remote(*args)] = (ticket, a, time.monotonic(), actor)
+                load[a] = level + 1
 
     def poll(self) -> list[tuple[int, Any]]:
         """Dispatch queued tasks to idle workers and wait for one to finish: [(ticket, result)], or [] when
@@ -322,11 +336,12 @@ class RayPool:
             if ready[0] in self.starting:
                 self._started(ready[0])
                 continue
-            ticket, a, _ = self._inflight.pop(ready[0])
+            ticket, a, _, actor = self._inflight.pop(ready[0])
+            self._freed[a] = time.monotonic()
             try:
                 result = ray.get(ready[0])
             except RayError as e:
-                self._retry_or_fail(ticket, a, e)
+                self._retry_or_fail(ticket, a, e, actor=actor)
                 continue
             self._tasks.pop(ticket, None)
             self._attempts.pop(ticket, None)
@@ -339,16 +354,26 @@ class RayPool:
         if self.task_timeout_s is None:
             return
         now = time.monotonic()
-        for ref, (ticket, a, since) in list(self._inflight.items()):
-            if now - since > self.task_timeout_s:
+        oldest: dict[int, tuple] = {}  # per slot, its first task (the one running; the others wait behind it)
+        for ref, (ticket, a, since, actor) in self._inflight.items():
+            if a not in oldest or since < oldest[a][1]:
+                oldest[a] = (ref, since, ticket, actor)
+        for a, (ref, since, ticket, actor) in oldest.items():
+            if now - max(since, self._freed.get(a, since)) > self.task_timeout_s:
                 del self._inflight[ref]  # the worker is killed and replaced below: that stops the task
                 error = GetTimeoutError(f"{self._tasks[ticket][2]} ran over {self.task_timeout_s:g} s on worker {a}")
-                self._retry_or_fail(ticket, a, error, hung=True)
+                self._retry_or_fail(ticket, a, error, hung=True, actor=actor)
 
-    def _retry_or_fail(self, ticket: int, a: int, error, hung: bool = False) -> None:
+    def _retry_or_fail(self, ticket: int, a: int, error, hung: bool = False, actor=None) -> None:
         method, _, label = self._tasks[ticket]
         actor_died = hung or not isinstance(error, RayTaskError) or isinstance(error.cause, RayActorError)
         reason = _reason(error)
+        if actor is not None and self.actors[a] is not actor:
+            # queued behind a task that killed or hung its actor (already replaced or excluded): it never
+            # ran, so it goes back first in line without using an attempt
+            self._attempts[ticket] -= 1
+            heapq.heappush(self._todo, ((), ticket))
+            return
         if actor_died:
             logger.warning("worker %d died during %s (%s); replacing it", a, label, reason)
             self._replace(a)
