@@ -1,17 +1,21 @@
 """Ray actor pool: one `Worker` actor per GPU (num_gpus=1) or per CPU slot (num_cpus=threads).
 
-Dispatch is dynamic: each idle actor takes the queued task with the lowest key (`submit` / `poll`
-tickets, see `pool.py`); results come back as they finish, and the engine fuses in window order whatever
-the timing (`imap` restores list order). An actor that dies (or whose node is lost) is
-replaced and its task retried; the replacement joins when it has started, so a lost node never blocks
-the job. An actor whose tasks fail `blocklist_after` times is excluded (killed, not replaced), like
-a blocklisted render node. A task that fails `max_attempts` times, a pool left with no worker, or a
-task running past `task_timeout_s`, raise `WindowFailed`: never a hang.
+Dispatch is dynamic: queued tasks (`submit` / `poll` tickets, see `pool.py`) go lowest key first to
+the actors with the fewest tasks, up to `depth` per actor, so an actor starts its next task the moment
+it finishes one instead of waiting for a round trip through the driver. Results come back as they
+finish; the engine fuses in window order whatever the timing (`ordered` restores list order for
+`imap`). An actor that dies (or whose node is lost) is replaced and its task retried; tasks queued
+behind it go back first in line without using an attempt. The replacement joins when it has started,
+so a lost node never blocks the job. An actor whose tasks fail `blocklist_after` times is excluded
+(killed, not replaced), like a blocklisted render node. A task that fails `max_attempts` times, a pool
+left with no worker, or a task running past `task_timeout_s` (counted from when its actor was free to
+start it), raise `WindowFailed`: never a hang.
 
-A consumer that stops early (a cancelled or paused job cancels its tickets, or closes `imap` / `stream`) leaves the pool ready for
-the next call: its tasks are cancelled, and as `ray.cancel` does not stop an actor task already running, an
-actor still finishing one is "stale": the next calls use the other workers, it rejoins when that task is
-done, and one still busy after `stale_timeout_s` is killed and replaced. Nothing queues behind stale work.
+A consumer that stops early (a cancelled or paused job cancels its tickets, or closes `imap` /
+`stream`) leaves the pool ready for the next call: its tasks are cancelled, and as `ray.cancel` does
+not stop an actor task already running, an actor still finishing one is "stale": the next calls use
+the other workers, it rejoins when that task is done, and one still busy after `stale_timeout_s` is
+killed and replaced. Nothing queues behind stale work.
 Ray is imported here and in `cluster/`, nowhere else.
 """
 
