@@ -274,7 +274,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", metavar="VIDEO", help=_field_help("video"))
     p.add_argument("--strength", type=float, help=_field_help("strength"))
     p.add_argument("--loop", action="store_true", default=None, help=_field_help("loop"))
-    p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core)")
+    p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core; a short job "
+                   "on the CPU: in this process, unless this is given)")
     p.add_argument("--model", help=_field_help("model"))
     p.add_argument("--device", choices=DEVICES, help=_field_help("device"))
     p.add_argument("--out", help=_field_help("out"))
@@ -282,13 +283,14 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout (nothing else is "
                                                        "written there)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    p.add_argument("--in-process", action="store_true", help="no Ray: one in-process worker (reference result)")
+    p.add_argument("--in-process", action="store_true",
+                   help="no Ray: one in-process worker (the default for a short job on the CPU; --workers N for Ray)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "width", "steps", "guidance", "guidance_2",
-                  "seed", "window", "overlap", "weighting", "schedule", "noise", "workers", "model", "device", "out", "preview",
-                  "image", "extend", "lead_into", "context", "loop", "video", "strength")
+                  "seed", "window", "overlap", "weighting", "schedule", "noise", "workers", "model", "device", "out",
+                  "preview", "image", "extend", "lead_into", "context", "loop", "video", "strength")
 
 
 def parse_keyframe(value: str) -> dict:
@@ -328,10 +330,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     stop_on_signals()
     with reserved_stdout() as emit, log_above_progress_bars():
         try:
-            quiet_libraries(*(("diffusers", "transformers") if args.in_process else ("ray", "diffusers")))
-            from longtake.cluster.runtime import render
+            from longtake.cluster.runtime import local_reason, render
 
-            result = render(job, progress=not args.quiet, address=args.address, in_process=args.in_process)
+            local = args.in_process or local_reason(job, args.address) is not None
+            quiet_libraries(*(("diffusers", "transformers") if local else ("ray", "diffusers")))
+            result = render(job, progress=not args.quiet, address=args.address,
+                            in_process=True if args.in_process else None)
         except KeyboardInterrupt:
             return _interrupted("render", "stopped workers, no output written")
         if args.json:

@@ -28,8 +28,10 @@ def test_worker_times_every_window_and_the_engine_times_every_phase(tmp_path, ti
     assert compute["predict_calls"] == len(job.windows) * 3 == result.model_evaluations
     assert 0 < compute["predict_sum"] < result.wall_s
     t = result.timings
-    assert set(t) == {"encode_s", "denoise_s", "fuse_s", "scheduler_s", "decode_s"}
+    assert set(t) == {"encode_s", "denoise_s", "fuse_s", "scheduler_s", "driver_s", "decode_s"}
     assert t["fuse_s"] + t["scheduler_s"] < t["denoise_s"]
+    # the driver thread's CPU time: in-process, the predictions run on it too
+    assert 0.5 * compute["predict_sum"] < t["driver_s"] <= t["denoise_s"] + 0.002
     assert compute["predict_sum"] < t["denoise_s"]  # in-process: predictions run inside the denoise phase
     assert t["encode_s"] + t["denoise_s"] + t["decode_s"] <= result.wall_s + 0.002  # (rounded to ms)
 
@@ -40,12 +42,20 @@ def test_startup_is_a_new_process_wall_time_minus_the_engines_and_says_where_it_
     out = bench.startup(tiny_model, "cpu", tmp_path)
     parts = out["parts"]
     assert out["startup_s"] == pytest.approx(out["process_wall_s"] - parts["engine_s"], abs=0.002)
-    # Ray and two workers started and stopped in the render's own process; the rest (interpreter, imports,
-    # validation) is what is left of the process's wall time, and is positive when the parts are honest
-    assert out["workers"] >= 1 and parts["ray_start_s"] > 0.2 and parts["workers_start_s"] > 0.2 and parts["stop_s"] > 0
+    # a short job on the CPU: one worker in the render's own process, no Ray started; loading the model is
+    # the workers' start, and the rest (interpreter, imports, validation) is positive when the parts are honest
+    assert not out["ray"] and out["workers"] == 1 and parts["ray_start_s"] == 0 and parts["workers_start_s"] > 0
     assert 0.1 < parts["interpreter_imports_and_rest_s"] < out["startup_s"]
     assert sum(parts.values()) == pytest.approx(out["process_wall_s"], abs=0.01)
     assert probe(tmp_path / "startup.mp4")["frames"] == bench.STARTUP_SECONDS * 8
+
+
+def test_startup_with_ray_workers_counts_ray_and_the_workers_starting(tmp_path, tiny_model):
+    out = bench.startup(tiny_model, "cpu", tmp_path, workers=2)
+    parts = out["parts"]
+    # Ray and two workers started and stopped in the render's own process
+    assert out["ray"] and out["workers"] == 2 and parts["ray_start_s"] > 0.2 and parts["workers_start_s"] > 0.2
+    assert parts["stop_s"] > 0 and 0.1 < parts["interpreter_imports_and_rest_s"] < out["startup_s"]
 
 
 def test_peak_memory_reset_sees_a_new_lower_peak():
@@ -66,25 +76,36 @@ def test_encoding_speed_is_measured_on_real_ffmpeg_output(tmp_path):
     assert probe(tmp_path / "enc512.mp4")["frames"] == 16
 
 
-MEASURED = {"window_s": 0.5, "driver_step_s": 0.01, "transfer_s": 0.02, "decode_chunk_s": 0.1, "encode_fps": 400.0,
-            "encode_s": 0.2}
+MEASURED = {"window_s": 0.5, "driver_s": 0.004, "fuse_step_s": 0.001, "transfer_s": 0.02, "decode_chunk_s": 0.1,
+            "encode_fps": 400.0, "encode_s": 0.2}
 
 
 def test_projection_on_one_worker_is_the_serial_sum():
-    wall = bench.project(MEASURED, 1, windows=7, chunks=5, steps=20, frames=80, workers_per_node=8,
-                         bandwidth_gbps=10, window_bytes=1e5)
-    assert wall == pytest.approx(0.2 + 20 * (0.01 + 7 * 0.52) + max(5 * 0.1, 80 / 400))
+    kw = dict(windows=7, chunks=5, steps=20, frames=80, workers_per_node=8, bandwidth_gbps=10, window_bytes=1e5)
+    decode = max(5 * 0.1, 80 / 400)
+    # wavefront: the driver's work overlaps the worker's; barrier: the fusion and step wait for every window
+    assert bench.project(MEASURED, 1, **kw) == pytest.approx(0.2 + 20 * 7 * 0.52 + decode)
+    assert bench.project(MEASURED, 1, **kw, schedule="barrier") == pytest.approx(0.2 + 20 * (7 * 0.001 + 7 * 0.52)
+                                                                                 + decode)
 
 
-def test_projection_rounds_windows_and_is_limited_by_the_drivers_network():
+def test_projection_wavefront_has_no_rounds_and_is_bounded_by_chain_driver_and_network():
     args = dict(chunks=400, steps=20, frames=4800, workers_per_node=8, window_bytes=4e6)
-    one = bench.project(MEASURED, 1, windows=400, bandwidth_gbps=100, **args)
-    eff = {k: one / (k * bench.project(MEASURED, k, windows=400, bandwidth_gbps=100, **args)) for k in (8, 64, 400)}
-    assert 0.9 < eff[8] <= 1.0 and eff[64] < eff[8]  # 400 windows on 64 workers: 7 rounds, not 6.25
-    assert math.isclose(bench.project(MEASURED, 64, windows=400, bandwidth_gbps=100, **args),
-                        0.2 + 20 * (0.01 + 7 * 0.52) + max(7 * 0.1, 4800 / 400))
-    slow = bench.project(MEASURED, 64, windows=400, bandwidth_gbps=0.1, **args)  # a thin pipe to the driver
-    assert slow > 3 * bench.project(MEASURED, 64, windows=400, bandwidth_gbps=100, **args)
+    decode = max(7 * 0.1, 4800 / 400)
+    wave = bench.project(MEASURED, 64, windows=400, bandwidth_gbps=100, **args)
+    barrier = bench.project(MEASURED, 64, windows=400, bandwidth_gbps=100, **args, schedule="barrier")
+    assert wave == pytest.approx(0.2 + math.ceil(400 * 20 / 64) * 0.52 + decode)  # 125 window-steps each
+    assert barrier == pytest.approx(0.2 + 20 * (400 * 0.001 + 7 * 0.52) + decode)  # 7 rounds a step, not 6.25
+    assert wave < barrier
+    # more workers than windows: the chain of steps; a slow driver: its own time per window-step
+    fast_driver = {**MEASURED, "driver_s": 0.0001}
+    assert bench.project(fast_driver, 1000, windows=400, bandwidth_gbps=1e6, **{**args, "workers_per_node": 1000}) \
+        == pytest.approx(0.2 + 20 * 0.52 + max(math.ceil(400 / 1000) * 0.1, 4800 / 400))
+    slow_driver = {**MEASURED, "driver_s": 0.05}
+    assert bench.project(slow_driver, 64, windows=400, bandwidth_gbps=100, **args) == \
+        pytest.approx(0.2 + 400 * 20 * 0.05 + decode)
+    thin = bench.project(MEASURED, 64, windows=400, bandwidth_gbps=0.1, **args)  # a thin pipe to the driver
+    assert thin > 3 * wave
     # on one node nothing crosses the network, whatever the bandwidth
     assert bench.project(MEASURED, 8, windows=400, bandwidth_gbps=0.1, **args) == \
         bench.project(MEASURED, 8, windows=400, bandwidth_gbps=100, **args)

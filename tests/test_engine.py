@@ -108,6 +108,28 @@ def test_python_api_render(tmp_path, tiny_model):
         longtake.render(_request(tiny_model, out, fps=-8))
 
 
+def test_a_short_cpu_job_of_a_small_model_renders_in_process_by_default(tmp_path, tiny_model, monkeypatch):
+    import longtake
+    from longtake.cluster import runtime
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    job = lambda **kw: prepare(_request(tiny_model, tmp_path / "x.mp4", **{"seconds": 1.5, "device": "cpu", **kw}))
+    assert "rendering in this process" in runtime.local_reason(job())
+    # a worker count, a cluster, a long job or a large model: Ray
+    assert runtime.local_reason(job(workers=2)) is None
+    assert runtime.local_reason(job(), address="10.0.0.1:6379") is None
+    long = job(seconds=600)
+    assert len(long.windows) * long.steps > runtime.LOCAL_MAX_WINDOW_STEPS and runtime.local_reason(long) is None
+    monkeypatch.setattr(runtime, "LOCAL_MAX_MODEL_MB", runtime.model_mb(tiny_model) / 2)
+    assert runtime.local_reason(job()) is None
+    monkeypatch.undo()
+    # the default path: no Ray started, one worker, the frames of the explicit in-process render
+    result = longtake.render(_request(tiny_model, tmp_path / "a.mp4", seconds=1.5, device="cpu"))
+    reference = longtake.render(_request(tiny_model, tmp_path / "b.mp4", seconds=1.5, device="cpu"), in_process=True)
+    assert result.workers == 1 and "ray_start_s" not in result.timings
+    assert result.frames_sha256 == reference.frames_sha256
+
+
 def test_progress_and_cancel_hooks(tmp_path, tiny_model, inproc_pool):
     from longtake.cluster.engine import Cancelled
 

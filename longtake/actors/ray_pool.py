@@ -27,6 +27,7 @@ import time
 from typing import Any, Iterable, Iterator
 
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from longtake.actors.pool import RetryPolicy, WindowFailed, ordered
@@ -38,13 +39,47 @@ logger = logging.getLogger(__name__)
 STREAM_BACKLOG = 4  # decoded chunks a streaming worker may run ahead of the driver
 
 
+def _wire(value):
+    """A CPU tensor crosses Ray as a numpy array (pickle 5, out of band: cheaper than a torch tensor's
+    pickling on both ends, which is the driver's time per window); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dtype in _NUMPY_DTYPES:
+        return _Wired(value.numpy())
+    return value
+
+
+def _unwire(value):
+    if not isinstance(value, _Wired):
+        return value
+    array = value.array  # read-only when Ray maps it from its object store: a copy then
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+class _Wired:
+    """A tensor sent as its numpy array (a marker, so a method's own numpy results stay numpy)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = array
+
+    def __reduce__(self):
+        return _Wired, (self.array,)
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32)
+
+
 def _actor_class(worker_cls: type):
-    """The worker class with its generator method declared as a Ray stream with backpressure."""
+    """The worker class with its generator method declared as a Ray stream with backpressure, and
+    `predict` taking and returning tensors as `_wire` sends them."""
 
     class Actor(worker_cls):
         @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKLOG)
         def decode_stream(self, *args):
             yield from super().decode_stream(*args)
+
+        def predict(self, *args):
+            return _wire(super().predict(*(_unwire(a) for a in args)))
 
     Actor.__name__ = Actor.__qualname__ = worker_cls.__name__
     return Actor
@@ -270,6 +305,8 @@ class RayPool:
     def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
         """Queue a task; the lowest key starts first on the next idle worker (`poll` dispatches)."""
         ticket, self._next = self._next, self._next + 1
+        if method == "predict":
+            args = tuple(_wire(a) for a in args)
         self._tasks[ticket] = (method, args, label or f"{method} task {ticket}")
         self._attempts[ticket] = 0
         heapq.heappush(self._todo, (key, ticket))
@@ -349,7 +386,7 @@ class RayPool:
                 continue
             self._tasks.pop(ticket, None)
             self._attempts.pop(ticket, None)
-            return [(ticket, result)]
+            return [(ticket, _unwire(result))]
 
     def imap(self, method: str, args_list: Iterable[tuple]) -> Iterator[Any]:
         return ordered(self, method, args_list, self.lookahead * max(1, len(self.actors)))

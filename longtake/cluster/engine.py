@@ -136,7 +136,8 @@ class RenderResult:
     resumed_from_step: int = 0  # steps taken from a checkpoint instead of computed
     checkpoints_saved: int = 0
     checkpoint_s: float = 0.0  # total seconds spent writing checkpoints
-    timings: dict = field(default_factory=dict)  # seconds per phase: encode, denoise (fuse, scheduler in it), decode
+    timings: dict = field(default_factory=dict)  # seconds per phase: encode, denoise (fuse, scheduler and the
+    # driver thread's CPU time in it: driver_s), decode
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -383,6 +384,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     done = first_step * len(plan)
     running: dict[int, int] = {}  # ticket -> window
     saved_at = first_step
+    driver_t0 = time.thread_time()  # the driver's own CPU time: submitting, receiving, fusing, stepping
     try:
         while not sampler.done:
             for w in sampler.ready():
@@ -410,6 +412,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
             pool.cancel(list(running))
     z = sampler.z
     timings["fuse_s"], timings["scheduler_s"] = sampler.fuse_s, sampler.scheduler_s
+    timings["driver_s"] = time.thread_time() - driver_t0
     bar.close()
     decode_start = time.perf_counter()
     timings["denoise_s"] = decode_start - started

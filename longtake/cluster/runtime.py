@@ -2,6 +2,10 @@
 
 `render(request)` is the public Python API: prepare (no Ray), start or join Ray, run, clean up.
 Only what longtake started is stopped: actors always, Ray itself only if this call started it.
+
+A short job on the CPU renders in this process, without Ray, unless told otherwise (`local_reason`):
+Ray's start and stop and a worker process per core loading the model cost a few seconds, more than a
+second CPU worker saves on a job that small. Same frames either way (one torch thread per worker).
 """
 
 from __future__ import annotations
@@ -56,6 +60,45 @@ def worker_plan(job: Job, gpus: float, cpus: float) -> tuple[WorkerSpec, int]:
     return WorkerSpec(job.model.path, "cpu", "float32", threads=1, roles=roles), workers
 
 
+# The rule of `local_reason`, one place: at most this many window predictions, of a model whose
+# weights are at most this size (the bundled default: 10 MB, about 60 ms a window on one core; a real
+# model's window takes seconds on a CPU, where a second worker pays for Ray at once)
+LOCAL_MAX_WINDOW_STEPS = 200
+LOCAL_MAX_MODEL_MB = 64
+
+
+def model_mb(path: str) -> float:
+    """Size of a model directory's safetensors weights, in MB."""
+    total = 0
+    for directory, _, files in os.walk(path, followlinks=True):
+        total += sum(os.path.getsize(os.path.join(directory, f)) for f in files if f.endswith(".safetensors"))
+    return total / 1e6
+
+
+def local_reason(job: Job, address: str | None = None) -> str | None:
+    """Why this job renders in this process by default (None: on Ray): on the CPU, no cluster named (no
+    `address`, no RAY_ADDRESS), no worker count asked for, and a small job of a small model."""
+    req = job.request
+    if address or os.environ.get("RAY_ADDRESS") or req.workers is not None:
+        return None
+    if req.device == "cuda" or req.device == "auto" and _cuda():
+        return None
+    window_steps = len(job.windows) * job.steps
+    if window_steps > LOCAL_MAX_WINDOW_STEPS:
+        return None
+    size = model_mb(job.model.path)
+    if size > LOCAL_MAX_MODEL_MB:
+        return None
+    return (f"a short job on the CPU ({window_steps} window predictions, a {size:.0f} MB model): rendering in "
+            "this process; --workers N renders on Ray")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def make_ray_pool(job: Job, address: str | None = None, timings: dict | None = None):
     """Start (or join) Ray and build a pool for the job. Returns (pool, ray_started_here); `timings`, if
     given, gets `ray_start_s`."""
@@ -81,13 +124,19 @@ def make_ray_pool(job: Job, address: str | None = None, timings: dict | None = N
 
 
 def render(request: RenderRequest | dict | Job, pool=None, progress: bool = False, address: str | None = None,
-           in_process: bool = False, on_frames=None) -> RenderResult:
+           in_process: bool | None = None, on_frames=None) -> RenderResult:
     """Render a request (or a job `prepare` made: its media inputs are not opened again) to an MP4; returns
     the summary. Bad input raises RequestError before anything starts. Give `pool` to reuse workers across
-    renders (it is left running)."""
+    renders (it is left running). `in_process`: True, one worker in this process; False, Ray; None (the
+    default), in this process when `local_reason` says so."""
     job = request if isinstance(request, Job) else prepare(request)
     if pool is not None:
         return run(job, pool, progress, on_frames)
+    if in_process is None:
+        reason = local_reason(job, address)
+        if reason:
+            logger.info(reason)
+        in_process = reason is not None
     started, t0, around = False, time.perf_counter(), {}
     if in_process:
         spec, _ = worker_plan(job, gpus=0, cpus=1)

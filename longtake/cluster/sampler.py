@@ -24,6 +24,7 @@ snapshots each range keeps of the steps it has passed since (`snapshots=True`).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import time
@@ -58,14 +59,19 @@ def _offset(window: tuple[int, int], frame: int, frames: int) -> int:
     return frame - window[0] if frame >= window[0] else frame + frames - window[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _step_params(cls: type) -> frozenset:
+    return frozenset(inspect.signature(cls.step).parameters)
+
+
 def step_kwargs(scheduler, seed: int, step: int, frames: tuple[int, int] | None) -> dict:
-    """eta=0 for DDIM-like schedulers (as diffusers' pipelines); for stochastic ones, generators seeded
-    from (seed, step): one per frame of `frames` (with the frames on the batch axis, see `_step`), or one
-    for the whole sample when `frames` is None (one range over the clip)."""
-    params = inspect.signature(scheduler.step).parameters
-    kwargs = {}
+    """eta=0 for DDIM-like schedulers (as diffusers' pipelines: no step noise then); for stochastic ones,
+    generators seeded from (seed, step): one per frame of `frames` (with the frames on the batch axis, see
+    `_step`), or one for the whole sample when `frames` is None (one range over the clip)."""
+    params = _step_params(type(scheduler))
     if "eta" in params:
-        kwargs["eta"] = 0.0
+        return {"eta": 0.0}
+    kwargs = {}
     if "generator" in params:
         step_seed = frame_seed(seed, STEP_NOISE - step)
         if frames is None:
@@ -74,10 +80,6 @@ def step_kwargs(scheduler, seed: int, step: int, frames: tuple[int, int] | None)
             kwargs["generator"] = [torch.Generator("cpu").manual_seed(frame_seed(step_seed, f))
                                    for f in range(*frames)]
     return kwargs
-
-
-def _stochastic(scheduler) -> bool:
-    return "generator" in inspect.signature(scheduler.step).parameters
 
 
 def _step(scheduler, pred: torch.Tensor, t, sample: torch.Tensor, seed: int, step: int,
@@ -166,6 +168,9 @@ class Sampler:
                 for name, value in state.items():
                     setattr(s, name, value)
         self.at = [first_step] * len(self.ranges)  # steps applied to each range
+        self._low = first_step  # min(self.at), kept as ranges advance (one step at a time)
+        self._at_low = len(self.ranges)  # ranges at that step
+        self._candidates = set(range(len(plan)))  # windows that may have become ready since `ready()`
         self.next_step = [first_step] * len(plan)  # the step each window runs next
         self.dispatched = [False] * len(plan)  # its next step is running
         self.preds: list[torch.Tensor | None] = [None] * len(plan)  # its prediction at next_step - 1, until used
@@ -177,12 +182,12 @@ class Sampler:
 
     @property
     def done(self) -> bool:
-        return min(self.at) >= self.steps
+        return self._low >= self.steps
 
     @property
     def coherent_step(self) -> int:
         """The newest step every range has reached: what a checkpoint holds."""
-        return min(self.at)
+        return self._low
 
     def _entered(self, r: int) -> None:
         """Range r has reached step at[r]: its model input for that step, a snapshot for checkpoints."""
@@ -200,14 +205,16 @@ class Sampler:
                 del snaps[old]
 
     def ready(self) -> list[int]:
-        """Windows that may run their next step now (in window order), marked dispatched."""
-        low = min(self.at)
+        """Windows that may run their next step now (in window order), marked dispatched. Only windows
+        next to a range that advanced are looked at (the barrier: all, when the coherent step advances)."""
+        low = self._low
         out = []
-        for w, rs in enumerate(self.ranges_of):
+        candidates, self._candidates = sorted(self._candidates), set()
+        for w in candidates:
             step = self.next_step[w]
             if self.dispatched[w] or step >= self.steps:
                 continue
-            if any(self.at[r] != step for r in rs) or (self.schedule == "barrier" and low < step):
+            if any(self.at[r] != step for r in self.ranges_of[w]) or (self.schedule == "barrier" and low < step):
                 continue
             self.dispatched[w] = True
             out.append(w)
@@ -249,6 +256,14 @@ class Sampler:
         if self.pin is not None:
             self.pin(self.z, a, b)
         self.at[r] = step + 1
+        if step == self._low:
+            self._at_low -= 1
+            if self._at_low == 0:  # the last range of the coherent step: the next is reached by this one
+                self._low = step + 1
+                self._at_low = sum(1 for x in self.at if x == step + 1)
+                if self.schedule == "barrier":
+                    self._candidates.update(range(len(self.plan)))
+        self._candidates.update(self.cover[r])
         self.fuse_s += t1 - t0
         self.scheduler_s += time.perf_counter() - t1
         self._entered(r)
