@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 TARGETS = {"parallel_efficiency": ">= 0.95", "overhead_ratio_1": "<= 1.05", "overhead_ratio_2": "<= 1.05",
            "seam_ratio": "<= 1.2", "projection_error_1": "<= 0.10", "projection_error_2": "<= 0.10",
-           "projected_efficiency_64": ">= 0.92", "scaling_linear": "<= 1.10", "startup_s": "<= 6"}
+           "projected_efficiency_64": ">= 0.92", "scaling_linear": "<= 1.10", "serve_share": "<= 2",
+           "startup_s": "<= 6"}
 STARTUP_SECONDS = 4  # the short render whose start-up `startup` measures
 
 
@@ -168,6 +169,72 @@ def linear(spec, request: dict, tmp: Path, lengths=(10, 30, 60, 120)) -> dict:
         pool.shutdown()
     per = [r["wall_per_second"] for r in rows.values()]
     return {"rows": rows, "scaling_linear": max(per) / min(per)}
+
+
+# ---------------------------------------------------------------- 3b: two jobs sharing `serve`
+
+def _http(base: str, method: str, path: str, token: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _until(base: str, token: str, job_id: str, done, timeout_s: float = 900) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = _http(base, "GET", f"/v1/videos/{job_id}", token)
+        if done(job):
+            return job
+        if job["status"] in ("failed", "cancelled", "deleted"):
+            raise RuntimeError(f"serve bench: job {job_id} {job['status']}: {job.get('error')}")
+        time.sleep(0.1)
+    raise RuntimeError(f"serve bench: job {job_id} not there after {timeout_s:g} s")
+
+
+def serve_share(model_path: str, request: dict, tmp: Path, short: float = 5, long: float = 60) -> dict:
+    """`longtake serve` with 2 warm denoiser replicas: a `short`-second job alone, then the same job
+    submitted while a `long`-second one renders. `serve_share` is its time from submission to done with
+    the long job running over its time alone (fair sharing: about 2, a queue behind the long job's
+    windows: far more)."""
+    import socket
+
+    from ray import serve
+
+    from longtake.serve.app import build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    token, base = "bench-token", f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(model_path, str(tmp / "serve"), token, "cpu", 2, 2), name="longtake", route_prefix="/")
+        job = {k: v for k, v in request.items() if k not in ("model", "device", "out")}
+        finished = lambda j: j["status"] == "done"
+
+        def timed(seconds: float) -> float:
+            t0 = time.monotonic()
+            job_id = _http(base, "POST", "/v1/videos", token, {**job, "seconds": seconds})["id"]
+            _until(base, token, job_id, finished)
+            return time.monotonic() - t0
+
+        timed(2)  # warm up: the replicas have their model, the manager its scheduler
+        alone = timed(short)
+        long_id = _http(base, "POST", "/v1/videos", token, {**job, "seconds": long})["id"]
+        _until(base, token, long_id, lambda j: ((j.get("progress") or {}).get("window_steps_done") or 0) >= 10)
+        shared = timed(short)
+        long_job = _http(base, "GET", f"/v1/videos/{long_id}", token)
+        still_running = long_job["status"] == "running"
+        _http(base, "DELETE", f"/v1/videos/{long_id}", token)
+    finally:
+        serve.shutdown()
+    return {"short_seconds": short, "long_seconds": long, "short_alone_s": round(alone, 3),
+            "short_with_long_s": round(shared, 3), "long_still_running": still_running,
+            "serve_share": shared / alone}
 
 
 # ---------------------------------------------------------------- 4: seams
@@ -612,6 +679,10 @@ def bench(quick: bool = True, device: str = "cpu", model: str = "default", progr
             details["linear"] = lin
             figures["scaling_linear"] = lin["scaling_linear"]
             if device == "cpu":
+                share = serve_share(job.model.path, request, tmp)
+                details["serve"] = share
+                figures["serve_share"] = share["serve_share"]
+            if device == "cpu":
                 s = seams(spec, model, 3 if quick else 8, 6 if quick else 8, tmp, progress)
                 figures.update(seam_ratio=s["pyramid"], seam_ratio_naive=s["naive"],
                                **{f"seam_ratio_{k}": v for k, v in s.items() if k not in ("pyramid", "naive")})
@@ -681,6 +752,9 @@ def table(result: dict, command: str) -> str:
          f"{sc[1]['windows']} windows per step"),
         ("scaling_linear", "wall per second of video, largest / smallest, 2 workers", ", ".join(
             f"{k} s: {v['wall_per_second']:.3f}" for k, v in d["linear"]["rows"].items())),
+        ("serve_share", "`serve`, 2 replicas: a 5 s job's time with a 60 s job rendering / alone",
+         "n/a" if "serve" not in d else f"{d['serve']['short_alone_s']:.1f} s -> {d['serve']['short_with_long_s']:.1f} s"
+                                        f", the 60 s job still rendering: {d['serve']['long_still_running']}"),
         ("evals_per_frame", "window frames evaluated per output frame, per step", f"{sc[1]['windows']} windows"),
         ("evals_per_frame_min", "the plan's minimum, L / S", ""),
         ("seam_ratio", "seam continuity, default settings (pyramid)", "median over moving clips"),

@@ -454,3 +454,41 @@ def test_failed_windows_are_retried_and_a_failing_replica_is_replaced(server, ti
         assert now["failures"] == 0
     finally:
         serve.delete("flaky")
+
+
+def test_jobs_share_the_denoisers_shortest_first_and_none_stops(tiny_model):
+    """The ServePool's budget (2 calls per replica for all jobs): a job alone has all of it; with others,
+    the job with the fewest window predictions left has all but one per other job, each other job one."""
+    import threading
+
+    from longtake.serve.app import ServePool
+
+    pool = ServePool(None, 2, tiny_model)  # no call is sent: only the shares are read
+    shares, ready, go = {}, threading.Barrier(3), threading.Event()
+
+    def job(name, total, todo):
+        state = pool.begin_job(total)
+        for i in range(todo):
+            pool.submit("predict", (i,), key=(0, i))
+        ready.wait()
+        go.wait()
+        shares[name] = pool._share(state)
+        ready.wait()
+
+    threads = [threading.Thread(target=job, args=("long", 600, 5)), threading.Thread(target=job, args=("short", 40, 5))]
+    for t in threads:
+        t.start()
+    ready.wait()
+    go.set()
+    ready.wait()
+    for t in threads:
+        t.join()
+    assert pool.per_job == 4
+    assert shares["short"] == 3 and shares["long"] == 1  # the short job first, the long one never stopped
+    # the finished threads' tickets went with them (weakly held): a new job runs alone, with all of it
+    import gc
+
+    gc.collect()
+    state = pool.begin_job(None)
+    pool.submit("predict", (0,))
+    assert list(pool._jobs) == [state] and pool._share(state) == 4

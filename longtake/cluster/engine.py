@@ -7,9 +7,12 @@
            the known frames' latents once (a worker's `encode_frames`)
         2. initial latents from (seed, latent frame index); video to video: the input's latents (encoded
            chunk by chunk as it streams) noised to `strength`, the first steps skipped
-        3. for each step: every window predicts alone -> fuse in window order -> scheduler step -> the
-           known frames set to their latents (clean context); a loop's windows wrap around the end
-           (with a checkpointer: resume from the newest valid checkpoint; save one every k steps)
+        3. denoise (`sampler.py`): a window predicts its next step alone as soon as the frames it covers
+           have reached that step (the wavefront; `schedule="barrier"`: when every frame has); each
+           frame range is fused in window order and stepped by its own scheduler when all its windows
+           have predicted, then its known frames are set to their latents (clean context); a loop's
+           windows wrap around the end (with a checkpointer: resume from the newest valid checkpoint;
+           save one of the coherent step, the newest every range has reached, every k steps)
         4. decode: window-length chunks on any worker (per-frame VAEs), or one ordered streamed session
            (causal 3D VAEs); frames stream in order into ffmpeg, the surplus of the model's frame rule
            (Wan: 4k+1) dropped at the end, so the MP4 has exactly round(seconds * fps) new frames, after
@@ -18,8 +21,8 @@
         frames, eta_s} per window and decoded chunk, then once with phase "done" and the final numbers
 
 The engine is family-blind: geometry comes from the model's `LatentLayout`, conditioning is the backend's
-(the engine passes it along unread). The pool is an in-process worker (reference) or Ray actors; both give
-identical frames.
+(the engine passes it along unread). The pool (tickets: `submit` / `poll` / `cancel`) is an in-process
+worker (reference), Ray actors or serve's denoisers; all give identical frames, with either schedule.
 """
 
 from __future__ import annotations

@@ -3,8 +3,12 @@
     Ingress (FastAPI: auth, limits, routes) -> Manager (job store, engine threads) -> Denoiser replicas
                                                                                      (one model each,
                                                                                       0..max replicas)
-The manager's engine threads send every window of every running job to the denoiser deployment at
-once, so Serve's queue (ongoing requests) is what the autoscaler scales on. Families with a large text
+The manager's engine threads send their jobs' windows to the denoiser deployment as the wavefront makes
+them ready, up to 2 calls per replica (max replicas) in flight for all jobs together, so Serve's queue
+(ongoing requests) is what the autoscaler scales on. Jobs share that budget shortest first: the job with
+the fewest window predictions left takes all but one call per other running job, and every running job
+keeps at least one call in flight (a short job submitted while a long one renders is not queued behind
+it, and the long one never stops). Families with a large text
 encoder (Wan's UMT5) encode in the manager, on a CPU worker kept there; their denoisers never load it.
 A causal VAE's decode is one streamed call to one replica.
 
@@ -23,10 +27,13 @@ import asyncio
 import heapq
 import json
 import logging
+import math
 import os
 import queue
 import secrets
 import threading
+import time
+import weakref
 from concurrent import futures
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -64,7 +71,7 @@ class _Call:
     cancelled: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class _Tickets:
     """One engine thread's tasks in a ServePool."""
 
@@ -72,6 +79,13 @@ class _Tickets:
     calls: dict = field(default_factory=dict)  # ticket -> _Call, until its result is taken or it is cancelled
     running: dict = field(default_factory=dict)  # future -> ticket
     next: int = 0
+    total: int | None = None  # the job's window predictions, when told (`begin_job`): unknown sorts last
+    done: int = 0  # calls finished
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def remaining(self) -> float:
+        return math.inf if self.total is None else self.total - self.done
 
 
 class ServePool:
@@ -87,8 +101,9 @@ class ServePool:
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
         self.retry = RetryPolicy(max_attempts)
         self.retries = 0
-        self.per_job = per_job or 2 * num_workers  # a job's calls in flight at once (its fair share)
+        self.per_job = per_job or 2 * num_workers  # calls in flight at once, all jobs together
         self._local = threading.local()
+        self._jobs: weakref.WeakSet = weakref.WeakSet()  # every engine thread's tickets (gone with the thread)
         self._executor = futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="serve-call")
         self.spec = denoiser_spec(model_path, device)
         self._encoder = None
@@ -176,12 +191,28 @@ class ServePool:
         """The calling thread's tickets: each engine thread (one job) sees only its own."""
         state = getattr(self._local, "state", None)
         if state is None:
-            state = self._local.state = _Tickets()
+            state = self.begin_job(None)
         return state
 
+    def begin_job(self, total: int | None) -> "_Tickets":
+        """The calling thread starts a job of `total` window predictions (its share depends on what is left)."""
+        state = self._local.state = _Tickets(total=total)
+        with self._lock:
+            self._jobs.add(state)
+        return state
+
+    def _share(self, state: "_Tickets") -> int:
+        """Calls this job may have in flight now: all of them when it runs alone; else the job with the
+        fewest window predictions left takes all but one per other running job, and the others one each."""
+        with self._lock:
+            active = [s for s in self._jobs if s.todo or s.running]
+        if len(active) <= 1:
+            return self.per_job
+        first = min(active, key=lambda s: (s.remaining, s.started))
+        return max(1, self.per_job - (len(active) - 1)) if first is state else 1
+
     def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
-        """Queue a task of this thread's job. At most `per_job` of a job's calls are sent at once (the
-        lowest keys first), so a short job's windows are not queued behind every window of a long one."""
+        """Queue a task of this thread's job; `poll` sends it (lowest keys first) within the job's share."""
         state = self._state()
         ticket, state.next = state.next, state.next + 1
         state.calls[ticket] = _Call(method, args, label or f"{method} task {ticket}")
@@ -191,7 +222,8 @@ class ServePool:
     def poll(self):
         """Send queued calls (up to the job's share), wait for one to finish: [(ticket, result)], or []."""
         state = self._state()
-        while state.todo and len(state.running) < self.per_job:
+        share = self._share(state) if state.todo else 0
+        while state.todo and len(state.running) < share:
             _, ticket = heapq.heappop(state.todo)
             if ticket in state.calls:
                 state.running[self._executor.submit(self._call, state.calls[ticket])] = ticket
@@ -201,6 +233,7 @@ class ServePool:
         finished = []
         for future in done:
             ticket = state.running.pop(future)
+            state.done += 1
             call = state.calls.pop(ticket, None)
             error = future.exception()
             if error is not None:

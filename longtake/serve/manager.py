@@ -295,6 +295,9 @@ class JobManager:
                 spec = self.pool.spec
                 ckpt = Checkpointer(out_dir / "checkpoints", self.limits.checkpoint_every,
                                     fingerprint(job, spec.dtype, spec.device))
+                begin_job = getattr(self.pool, "begin_job", None)  # the ServePool shares its calls by work left
+                if begin_job is not None:
+                    begin_job(len(job.windows) * job.steps)
                 result = run(job, self.pool, progress=False, on_progress=on_progress,
                              cancelled=lambda: stopped(lease), checkpoint=ckpt)
             self.m_duration.observe(time.perf_counter() - t0)
