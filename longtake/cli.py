@@ -569,7 +569,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     stop_on_signals()
     with reserved_stdout() as emit, log_above_progress_bars():
         try:
-            quiet_libraries("ray", "diffusers", "transformers")
+            quiet_libraries("ray", "ray.serve", "diffusers", "transformers")
             result = bench(quick=args.quick, device=args.device, model=args.model, progress=not args.quiet,
                            workers_per_node=args.workers_per_node, bandwidth_gbps=args.bandwidth_gbps)
         except KeyboardInterrupt:
