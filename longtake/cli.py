@@ -24,8 +24,9 @@ import signal
 import sys
 from dataclasses import fields
 
-from longtake.request import (DEVICES, NOISE_MODES, SCHEDULES, WEIGHTINGS, RenderRequest, RequestError, load_timeline,
-                              parse_request)
+from longtake.cluster.retention import DEFAULT_OUTPUTS
+from longtake.request import (DEVICES, LABEL_MODES, LABEL_POSITIONS, NOISE_MODES, SCHEDULES, WEIGHTINGS, RenderRequest,
+                              RequestError, load_timeline, parse_request)
 
 # --------------------------------------------------------------------------- what reaches the terminal
 
@@ -280,6 +281,10 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, help=_field_help("device"))
     p.add_argument("--out", help=_field_help("out"))
     p.add_argument("--preview", metavar="PNG", help="also write a contact sheet of sampled frames")
+    p.add_argument("--label", choices=LABEL_MODES, help=_field_help("label"))
+    p.add_argument("--label-text", dest="label_text", metavar="TEXT", help=_field_help("label_text"))
+    p.add_argument("--label-position", dest="label_position", choices=LABEL_POSITIONS,
+                   help=_field_help("label_position"))
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout (nothing else is "
                                                        "written there)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
@@ -290,7 +295,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "width", "steps", "guidance", "guidance_2",
                   "seed", "window", "overlap", "weighting", "schedule", "noise", "workers", "model", "device", "out",
-                  "preview", "image", "extend", "lead_into", "context", "loop", "video", "strength")
+                  "preview", "image", "extend", "lead_into", "context", "loop", "video", "strength", "label", "label_text",
+                  "label_position")
 
 
 def parse_keyframe(value: str) -> dict:
@@ -403,6 +409,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
+    from longtake.cluster.retention import RetentionError
     from longtake.pipelines import inspect_model
     from longtake.serve import load_or_create_token
     from longtake.serve.limits import Limits
@@ -411,7 +418,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model = inspect_model(args.model)
         if not 0 <= args.min_replicas <= args.max_replicas:
             raise RequestError("min_replicas", args.min_replicas, f"0 <= min_replicas <= max_replicas ({args.max_replicas})")
-    except RequestError as e:
+        limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+    except (RequestError, RetentionError) as e:
         print(f"longtake serve: error: {e}", file=sys.stderr)
         return 2
     data_dir = Path(args.data_dir).resolve()
@@ -441,7 +449,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             started = start_ray(args.address)
             device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
             serve.start(http_options={"host": args.host, "port": args.port})
-            limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
             serve.run(build_app(model.path, str(data_dir), token, device, args.min_replicas, args.max_replicas, limits,
                                 model_name=args.model), name="longtake", route_prefix="/")
             serving.set()
@@ -490,13 +497,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_farm_run(args: argparse.Namespace) -> int:
     from longtake.cluster.farm import Runner
+    from longtake.cluster.retention import Retention, RetentionError
 
     try:
         runner = Runner(args.farm_dir, address=args.address, workers=args.workers,
                         checkpoint_every=args.checkpoint_every, max_attempts=args.max_attempts,
                         blocklist_after=args.blocklist_after, task_timeout_s=args.task_timeout,
-                        min_free_mb=args.min_free_mb, progress=not args.quiet)
-    except RequestError as e:
+                        min_free_mb=args.min_free_mb, progress=not args.quiet,
+                        keep=Retention(outputs=args.retain_outputs))
+    except (RequestError, RetentionError) as e:
         print(f"longtake farm run: error: {e}", file=sys.stderr)
         return 2
 
@@ -578,6 +587,93 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from longtake.provenance import home, load_key, verify
+
+    try:
+        if args.key_file:
+            key_dir, name = Path(args.key_file).parent, Path(args.key_file).name
+            if name != "provenance.key" or not Path(args.key_file).is_file():
+                raise RequestError("key_file", args.key_file, "a provenance.key file")
+        else:
+            key_dir = Path(args.farm_dir or args.data_dir or home())
+        key = load_key(key_dir, create=False)
+        report = verify(args.file, key)
+    except (RequestError, FileNotFoundError, ValueError) as e:
+        print(f"longtake verify: error: {e}", file=sys.stderr)
+        return 2
+    job_id = (report["aigc"] or {}).get("ProduceID")
+    report["job"] = None
+    store_path = Path(args.farm_dir) / "farm.db" if args.farm_dir else Path(args.data_dir) / "jobs.db" \
+        if args.data_dir else None
+    if job_id and store_path is not None and store_path.is_file():
+        from longtake.cluster.jobs import JobStore
+
+        record = JobStore(store_path, create=False).get(str(job_id))
+        if record is not None:
+            report["job"] = {"id": record.id, "state": record.state, "request": record.request}
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        aigc, visible = report["aigc"], report["visible_label"]
+        print(f"{report['file']}: {'marked as AI-generated' if report['marked'] else 'no AI-generated mark found'}")
+        print(f"  AIGC metadata: {json.dumps(aigc, ensure_ascii=False) if aigc else report['aigc_error'] or 'none'}")
+        if aigc:
+            print(f"  integrity: {report['integrity']}")
+        print(f"  visible label: {'present' if visible['present'] else 'not found'} ({visible['text']!r}, "
+              f"{visible['position']})")
+        if report["job"]:
+            print(f"  job: {report['job']['id']} ({report['job']['state']})")
+    return 0 if report["marked"] else 1
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from longtake.cluster import farm
+
+    try:
+        done = farm.delete(args.farm_dir, args.id)
+    except RequestError as e:
+        print(f"longtake delete: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.id} deleted: {len(done['files'])} files, {done['bytes']} bytes")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from longtake.cluster.retention import RetentionError, load_policy
+
+    directory = args.farm_dir or args.data_dir
+    try:
+        policy = load_policy(directory, args.retain_uploads, args.retain_outputs)
+        if args.farm_dir:
+            from longtake.cluster import farm
+
+            done = farm.gc(args.farm_dir, policy, dry_run=args.dry_run)
+        else:
+            from longtake.serve.manager import gc
+
+            if not (Path(directory) / "jobs.db").is_file():
+                raise RequestError("data_dir", directory, "a serve data directory (no jobs.db there)")
+            done = gc(directory, policy, dry_run=args.dry_run)
+    except (RequestError, RetentionError) as e:
+        print(f"longtake gc: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "policy": {"uploads": policy.uploads, "outputs": policy.outputs},
+                          "deleted": done}))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for item in done:
+        print(f"{verb} {item['what']} {item['id']}: {len(item['files'])} files, {item['bytes']} bytes ({item['why']})")
+    print(f"{len(done)} {'items' if len(done) != 1 else 'item'} {verb} (uploads kept {policy.uploads}, outputs "
+          f"{policy.outputs})")
+    return 0
+
+
 def _farm_dir_arg(p: argparse.ArgumentParser) -> None:
     from longtake.cluster.farm import default_farm_dir
 
@@ -629,8 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
     from longtake.serve.limits import Limits  # no Ray, no torch: the limits are plain data
 
     for f in fields(Limits):  # one flag per request limit, its default and help from Limits
+        if isinstance(f.default, bool):  # a switch, off by default
+            sv.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
+            continue
+        shown = f.default if isinstance(f.default, (int, str)) else format(f.default, "g")
         sv.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                        help=f"{f.metadata['help']} (default {f.default if isinstance(f.default, int) else format(f.default, 'g')})")
+                        help=f"{f.metadata['help']} (default {shown})")
     sv.add_argument("-q", "--quiet", action="store_true", help="no start and stop lines (errors and a newly "
                                                                "generated token are still printed)")
     sv.set_defaults(func=cmd_serve)
@@ -648,6 +748,19 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--bandwidth-gbps", type=float, default=10.0, help="projection: driver network, Gb/s (default 10)")
     bn.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     bn.set_defaults(func=cmd_bench)
+
+    vf = sub.add_parser("verify", help="what an MP4 carries: AI-generated label, metadata, integrity",
+                        description="Report a video's AIGC metadata (GB 45438-2025) and whether its integrity code "
+                                    "matches the file (with the key that made it), its visible label, and the job it "
+                                    "names (with --farm-dir or --data-dir). Exit 0: marked as AI-generated; 1: not; "
+                                    "2: bad input.")
+    vf.add_argument("file", help="an MP4 file")
+    vf.add_argument("--json", action="store_true", help="print one JSON object")
+    where = vf.add_mutually_exclusive_group()
+    where.add_argument("--farm-dir", help="the farm that made it: its key and job store")
+    where.add_argument("--data-dir", help="the serve data dir that made it: its key and job store")
+    where.add_argument("--key-file", help="a provenance.key file (default: $LONGTAKE_HOME/provenance.key, the CLI's)")
+    vf.set_defaults(func=cmd_verify)
 
     sb = sub.add_parser("submit", help="queue render jobs on the farm",
                         description="Queue the jobs of one or more spec files (YAML or JSON: a job, a list of jobs, "
@@ -675,6 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--min-free-mb", type=float, default=256,
                     help="fail a job (keeping its checkpoints) when less disk is free (default 256)")
     fr.add_argument("--exit-when-idle", action="store_true", help="stop when the queue is empty")
+    fr.add_argument("--retain-outputs", default=DEFAULT_OUTPUTS, help="how long a finished job's video, preview "
+                    f"and files are kept, then deleted (default {DEFAULT_OUTPUTS}; e.g. 30d, 12h)")
     fr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     fr.set_defaults(func=cmd_farm_run)
     st = sub.add_parser("status", help="farm jobs, or one job", description="List the farm's jobs, or show one.")
@@ -692,6 +807,26 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("id", help="a job id")
         _farm_dir_arg(c)
         c.set_defaults(func=cmd_control)
+    dl = sub.add_parser("delete", help="delete a farm job's files and data at once",
+                        description="Delete a farm job that is not running (cancel a running one first): its video, "
+                                    "preview, checkpoints and log are unlinked, its row scrubbed, and a line goes to "
+                                    "the farm's audit.log. (Over HTTP: DELETE /v1/videos/ID.)")
+    dl.add_argument("id", help="a job id")
+    _farm_dir_arg(dl)
+    dl.set_defaults(func=cmd_delete)
+    gcp = sub.add_parser("gc", help="delete what retention says has expired",
+                         description="The retention sweep a server or farm runner makes by itself, now: outputs of "
+                                     "jobs finished longer ago than kept, uploads older than kept (not while a job "
+                                     "that has not finished names them). Each deletion is a line in audit.log. The "
+                                     "policy: the flags, else what the server or runner recorded, else 90d / 365d.")
+    where = gcp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--farm-dir", help="a farm directory")
+    where.add_argument("--data-dir", help="a serve data directory")
+    gcp.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    gcp.add_argument("--retain-uploads", help="how long uploads are kept (e.g. 90d)")
+    gcp.add_argument("--retain-outputs", help="how long outputs are kept (e.g. 365d)")
+    gcp.add_argument("--json", action="store_true", help="print one JSON object")
+    gcp.set_defaults(func=cmd_gc)
     return parser
 
 

@@ -23,6 +23,13 @@ WEIGHTINGS = ("flat", "pyramid", "overlap-linear")
 NOISE_MODES = ("independent", "freenoise", "correlated")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("wavefront", "barrier")  # when a window runs its next step (longtake.cluster.sampler)
+# the visible label (longtake.label, which imports no torch either, holds them with the font)
+from longtake.label import DEFAULT_POSITION as LABEL_POSITION  # noqa: E402
+from longtake.label import DEFAULT_TEXT as LABEL_TEXT  # noqa: E402
+from longtake.label import MODES as LABEL_MODES  # noqa: E402
+from longtake.label import POSITIONS as LABEL_POSITIONS  # noqa: E402
+from longtake.label import LabelError, check_text  # noqa: E402
+
 # accepted spellings of a field besides its name: {alias: field}
 ALIASES = {"negative": "negative_prompt"}
 
@@ -116,6 +123,14 @@ class RenderRequest(BaseModel):
                                    f"(text to video, the input only sets the length) (default {DEFAULT_STRENGTH:g}).")
     loop: bool = Field(False, description="A seamless loop: the windows wrap around the clip's end, so its last "
                        "frame flows into its first.")
+    label: Literal[LABEL_MODES] = Field(
+        "start", description="The visible 'AI-generated' label: on the first 2 seconds (start), on every frame "
+        "(always), or none (recorded in the file's metadata; a server may refuse it).",
+    )
+    label_text: str = Field(LABEL_TEXT, description="The label's text (one line, up to 40 characters; any script "
+                            "of Unicode's Basic Multilingual Plane, e.g. 'AI生成').")
+    label_position: Literal[LABEL_POSITIONS] = Field(LABEL_POSITION, description="The frame corner the label sits "
+                                                     "in.")
     out: str = Field("longtake.mp4", description="Output MP4 path.")
     preview: str | None = Field(None, description="Optional contact-sheet PNG path.")
 
@@ -191,6 +206,14 @@ class RenderRequest(BaseModel):
         if v is not None and not 1 <= v <= 1024:
             raise RequestError("workers", v, "an integer from 1 to 1024")
         return v
+
+    @field_validator("label_text")
+    @classmethod
+    def _label_text(cls, v: str) -> str:
+        try:
+            return check_text(v)
+        except LabelError as e:
+            raise RequestError(e.field, e.value, e.expected) from None
 
     @field_validator("prompt")
     @classmethod

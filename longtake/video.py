@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import ffmpeg
 import imageio_ffmpeg
@@ -62,10 +63,14 @@ def _rate(fps: float) -> str:
 
 
 class VideoWriter:
-    """Streams uint8 RGB frames into ffmpeg (libx264, yuv420p, +faststart) at exactly ``fps``."""
+    """Streams uint8 RGB frames into ffmpeg (libx264, yuv420p, +faststart) at exactly ``fps``.
+
+    ``tags``: called at close with the SHA-256 of the encoded video stream (`provenance.stream_sha256`), it
+    returns the MP4 tags to write; the encoded file is then remuxed (``-c copy``, the frames are not encoded
+    again) with them under ``moov/udta/meta`` (``-movflags use_metadata_tags``)."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float,
-                 crf: int = 18, preset: str = "medium"):
+                 crf: int = 18, preset: str = "medium", tags: Callable[[str], dict[str, str]] | None = None):
         for name, value in (("width", width), ("height", height)):
             if not valid_frame_side(value):
                 raise ValueError(f"{name}: got {value}, expected an even number > 0 (H.264 in yuv420p halves the "
@@ -78,12 +83,14 @@ class VideoWriter:
         self._sha = hashlib.sha256()
         self._state = "open"  # -> "closed" (file at path) or "aborted" (nothing left behind)
         self._tmp = _partial_path(self.path, ".mp4")
+        self._tags = tags
         rate = _rate(self.fps)
+        flags = {"movflags": "+faststart"} if tags is None else {}  # with tags, the remux moves moov first
         stream = (
             ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24",
                          s=f"{self.width}x{self.height}", framerate=rate)
             .output(str(self._tmp), format="mp4", vcodec="libx264", pix_fmt="yuv420p",
-                    movflags="+faststart", crf=crf, preset=preset, r=rate)
+                    crf=crf, preset=preset, r=rate, **flags)
         )
         # Global options go first; -y because ffmpeg would otherwise prompt on our stdin pipe.
         self._cmd = ffmpeg.compile(stream, cmd=[ffmpeg_exe(), "-hide_banner", "-nostats", "-y"])
@@ -141,14 +148,33 @@ class VideoWriter:
         if returncode != 0:
             raise self._fail(f"ffmpeg exited with status {returncode}")
         try:
+            if self._tags is not None:
+                self._add_tags()
             os.replace(self._tmp, self.path)
-        except OSError:
+        except BaseException:  # nothing left behind: no partial file, no untagged output
             self.abort()
             raise
         self._state = "closed"
         self._stderr.close()
         log.info("wrote %s: %d frames at %g fps, %dx%d", self.path, self.frames_written,
                  self.fps, self.width, self.height)
+
+    def _add_tags(self) -> None:
+        """Remux the encoded file with its tags (the packets copied as they are)."""
+        from longtake.provenance import stream_sha256
+
+        tags = self._tags(stream_sha256(self._tmp))
+        tagged = _partial_path(self.path, ".mp4")
+        cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", "-i", str(self._tmp),
+               "-map", "0", "-map_metadata", "-1", "-c", "copy", "-movflags", "+faststart+use_metadata_tags"]
+        for key, value in tags.items():
+            cmd += ["-metadata", f"{key}={value}"]
+        proc = subprocess.run([*cmd, "-f", "mp4", str(tagged)], capture_output=True, timeout=3600)
+        if proc.returncode != 0:
+            tagged.unlink(missing_ok=True)
+            raise RuntimeError(f"tagging {self.path} failed: ffmpeg exited with status {proc.returncode}: "
+                               f"{proc.stderr.decode('utf-8', 'replace')[-_STDERR_TAIL_BYTES:]}")
+        os.replace(tagged, self._tmp)
 
     def abort(self) -> None:
         """Kill ffmpeg if it is running and remove the partial file. Idempotent; never raises."""
@@ -238,6 +264,18 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
     width, height = next(reader)["size"]
     frames = [np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader]
     return np.stack(frames) if frames else np.empty((0, height, width, 3), np.uint8)
+
+
+def read_first_frame(path: str | os.PathLike) -> np.ndarray:
+    """The first frame, uint8 (H, W, 3), decoding nothing after it."""
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    try:
+        width, height = next(reader)["size"]
+        return np.frombuffer(next(reader), np.uint8).reshape(height, width, 3).copy()
+    except StopIteration:
+        raise ValueError(f"{path}: no frames") from None
+    finally:
+        reader.close()
 
 
 def preview_indices(num_frames: int, count: int = 16) -> list[int]:

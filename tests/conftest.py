@@ -13,8 +13,10 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    # the built-in 'tiny' model is built into this cache, never into the user's home
+    # the built-in 'tiny' model is built into this cache, never into the user's home; the CLI's provenance key
+    # (longtake.provenance.home) too
     os.environ["LONGTAKE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["LONGTAKE_HOME"] = str(tmp_path_factory.mktemp("home"))
 
 
 @pytest.fixture(scope="session")

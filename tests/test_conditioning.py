@@ -20,7 +20,9 @@ PROMPT = "a red ball moving right on blue"
 
 
 def _req(tmp_path, name: str, **kw) -> dict:
-    return {"prompt": PROMPT, "seconds": 3, "fps": 8, "model": "default", "out": str(tmp_path / name), **kw}
+    # no visible label: these tests compare pixels with their inputs (tests/test_compliance.py has the label)
+    return {"prompt": PROMPT, "seconds": 3, "fps": 8, "model": "default", "out": str(tmp_path / name), "label": "none",
+            **kw}
 
 
 def _change(frames: np.ndarray) -> np.ndarray:

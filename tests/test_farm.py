@@ -286,7 +286,7 @@ def _running(tmp_path, request: dict, step: int, **runner_kw):
     return farm_dir, record, runner, thread, store
 
 
-def test_killed_worker_window_is_retried_and_logged(tmp_path, tiny_model, reference, ray_session):
+def test_killed_worker_window_is_retried_and_logged(tmp_path, tiny_model, reference, ray_session, capsys):
     import ray
 
     farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 3, worker_cls=SlowWorker)
@@ -297,6 +297,11 @@ def test_killed_worker_window_is_retried_and_logged(tmp_path, tiny_model, refere
     assert done.result["frames_sha256"] == reference()
     log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
     assert "died during window" in log and "retrying window" in log
+    # the output names its job (AIGC ProduceID) under the farm's key
+    capsys.readouterr()
+    assert main(["verify", done.result["out"], "--farm-dir", str(farm_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["integrity"] == "intact" and report["job"]["id"] == record.id == report["aigc"]["ProduceID"]
 
 
 def test_bad_worker_is_excluded_and_the_job_still_finishes(tmp_path, tiny_model, reference, ray_session):

@@ -72,6 +72,60 @@ def test_window_failing_every_retry_fails_the_job_clearly(tmp_path, tiny_model, 
     assert not (tmp_path / "broken.mp4").exists()
 
 
+class NoWeightsWorker(Worker):
+    def __init__(self, spec):
+        raise RuntimeError("no weights here")
+
+
+class SlowStartWorker(SlowWorker):
+    def __init__(self, spec):
+        time.sleep(1.5)
+        super().__init__(spec)
+
+
+def test_a_worker_that_cannot_start_is_excluded_with_its_error(ray_session, tiny_model):
+    t0 = time.monotonic()
+    with pytest.raises(WindowFailed, match=r"^no worker could start: RuntimeError: no weights here \(raised as the "
+                                             r"worker started\)$"):  # the pool waits for its workers: fails at once
+        RayPool(WorkerSpec(tiny_model), 2, max_attempts=2, worker_cls=NoWeightsWorker, start_timeout_s=60)
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_worker_killed_while_it_starts_is_started_again_not_excluded(tmp_path, tiny_model, ray_session, caplog):
+    """A starting actor killed (its node lost, a process killed) is not the worker's fault: with max_attempts 3,
+    three such losses of one slot used to exclude it."""
+    ref_pool = InProcessPool(WorkerSpec(tiny_model))
+    ref = run(_req(tiny_model, tmp_path, "ref.mp4"), ref_pool, progress=False)
+    ref_pool.shutdown()
+    pool = RayPool(WorkerSpec(tiny_model), 2, max_attempts=3, worker_cls=SlowStartWorker)
+    killed, stop = [], threading.Event()
+
+    def killer():
+        ray.kill(pool.actors[0], no_restart=True)  # the first actor, still starting: slot 0 is replaced
+        killed.append("first")
+        while len(killed) < 4 and not stop.is_set():
+            starting = [a for a in list(pool.starting.values())]
+            actor = pool.actors[0]
+            if 0 in starting and actor is not None and actor not in killed:
+                time.sleep(0.3)  # well inside its 1.5 s start
+                ray.kill(actor, no_restart=True)
+                killed.append(actor)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        res = run(_req(tiny_model, tmp_path, "restarted.mp4"), pool, progress=False)
+    finally:
+        stop.set()
+        thread.join(10)
+        pool.shutdown()
+    assert len(killed) == 4, killed  # the first actor, then three replacements while they started
+    assert pool.excluded == 0 and pool.start_failures[0] == 0 and pool.start_losses[0] == 3
+    assert caplog.text.count("worker 0 was lost while starting") == 3 and "excluding" not in caplog.text
+    assert res.frames_sha256 == ref.frames_sha256
+
+
 class Sleeper(Worker):
     """No model: predict(seconds) sleeps that long and returns it (only the pool's dispatch is under test)."""
 

@@ -17,7 +17,9 @@ from ray import cloudpickle
 
 from longtake.actors.worker import Worker
 
-from longtake.serve.manager import Limits
+from longtake.cluster.retention import Retention
+from longtake.provenance import load_key, verify
+from longtake.serve.manager import Limits, gc
 from longtake.video import probe
 
 pytestmark = pytest.mark.slow
@@ -89,7 +91,7 @@ def test_auth(server):
     assert r.json()["info"]["title"] == "longtake"
 
 
-def test_submit_stream_and_download(server, tmp_path):
+def test_submit_stream_and_download(server, tmp_path, serve_dir):
     assert denoiser_replicas() == 0  # scaled to zero before any work
     r = call(server, "POST", "/v1/videos", json=JOB)
     assert r.status_code == 202 and set(r.json()) == {"id", "status"}
@@ -126,6 +128,10 @@ def test_submit_stream_and_download(server, tmp_path):
     assert preview.status_code == 200 and preview.content[:8] == b"\x89PNG\r\n\x1a\n"
     listed = call(server, "GET", "/v1/videos?limit=1").json()
     assert listed["total"] >= 1 and len(listed["data"]) == 1
+    # labelled and tagged: the AIGC ProduceID is the job, the integrity code checks under the server's key
+    report = verify(tmp_path / "v.mp4", load_key(serve_dir, create=False))
+    assert report["aigc"]["ProduceID"] == job_id and report["integrity"] == "intact"
+    assert report["visible_label"]["present"] and job["result"]["delivered_sha256"] != job["result"]["frames_sha256"]
 
 
 def test_idempotent_submit(server):
@@ -423,6 +429,17 @@ class FlakyWorker(Worker):
             FlakyWorker.failed += 1
             raise RuntimeError("injected fault")
         return super().predict(*args)
+
+
+def test_an_expired_output_answers_410_gone(server, serve_dir):
+    job_id = call(server, "POST", "/v1/videos", json={**JOB, "seed": 91}).json()["id"]
+    assert wait_done(server, job_id)["status"] == "done"
+    swept = gc(serve_dir, Retention(outputs="1s"), now=time.time() + 5)  # what the server's sweep does, a clock ahead
+    assert job_id in [d["id"] for d in swept if d["what"] == "output"]
+    for path in ("", "/content", "/preview"):
+        r = call(server, "GET", f"/v1/videos/{job_id}{path}")
+        assert r.status_code == 410 and "expired" in r.text, r.text
+    assert job_id not in [j["id"] for j in call(server, "GET", "/v1/videos?limit=100").json()["data"]]
 
 
 def test_failed_windows_are_retried_and_a_failing_replica_is_replaced(server, tiny_model, tmp_path, render_in_process):

@@ -6,7 +6,10 @@ it finishes one instead of waiting for a round trip through the driver. Results 
 finish; the engine fuses in window order whatever the timing (`ordered` restores list order for
 `imap`). An actor that dies (or whose node is lost) is replaced and its task retried; tasks queued
 behind it go back first in line without using an attempt. The replacement joins when it has started,
-so a lost node never blocks the job. An actor whose tasks fail `blocklist_after` times is excluded
+so a lost node never blocks the job. A slot whose actor fails to start `max_attempts` times (its own
+error: the model does not load) is excluded; one whose starting actor is killed or loses its node is
+started again, and excluded only after `LOST_STARTS` x `max_attempts` such losses in a row (a node that
+keeps dying under it). An actor whose tasks fail `blocklist_after` times is excluded
 (killed, not replaced), like a blocklisted render node. A task that fails `max_attempts` times, a pool
 left with no worker, or a task running past `task_timeout_s` (counted from when its actor was free to
 start it), raise `WindowFailed`: never a hang.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import re
 import time
 from typing import Any, Iterable, Iterator
 
@@ -37,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 STREAM_BACKLOG = 4  # decoded chunks a streaming worker may run ahead of the driver
+LOST_STARTS = 5  # x max_attempts: starts lost in a row (killed, node gone) before a slot is excluded
 
 
 def _wire(value):
@@ -116,7 +121,8 @@ class RayPool:
         self.actors: list = [self._actor_cls.remote(spec) for _ in range(num_workers)]  # None: excluded slot
         self.failures = [0] * num_workers  # failed tasks of each slot's current actor
         self.starting: dict[Any, int] = {}  # ready() ref of a replacement -> slot
-        self.start_failures = [0] * num_workers
+        self.start_failures = [0] * num_workers  # its own start errors (the model does not load)
+        self.start_losses = [0] * num_workers  # starting actors killed or lost with their node, in a row
         self.retries = 0
         self.excluded = 0
         self.last_start_error = ""
@@ -278,16 +284,22 @@ class RayPool:
         try:
             ray.get(ref)
             logger.info("worker %d started", a)
+            self.start_losses[a] = 0
             return a
         except RayError as e:
             self.last_start_error = _reason(e)
-            self.start_failures[a] += 1
-            if self.start_failures[a] >= self.max_attempts:
-                logger.warning("excluding worker %d: it failed to start %d times (%s)", a, self.start_failures[a],
-                               self.last_start_error)
+            lost = isinstance(e, RayActorError) and not e.actor_init_failed  # killed or its node lost: not its fault
+            if lost:
+                self.start_losses[a] += 1
+            else:
+                self.start_failures[a] += 1
+            if self.start_failures[a] >= self.max_attempts or self.start_losses[a] >= LOST_STARTS * self.max_attempts:
+                logger.warning("excluding worker %d: it failed to start %d times and was lost starting %d times in "
+                               "a row (%s)", a, self.start_failures[a], self.start_losses[a], self.last_start_error)
                 self._drop(a)
             else:
-                logger.warning("worker %d failed to start (%s); trying again", a, self.last_start_error)
+                logger.warning("worker %d %s (%s); starting it again", a,
+                               "was lost while starting" if lost else "failed to start", self.last_start_error)
                 self._replace(a)
             return None
 
@@ -445,9 +457,16 @@ class RayPool:
         self._todo, self._tasks, self._attempts, self._inflight = [], {}, {}, {}
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the actor names in its messages
+
+
 def _reason(error: Exception) -> str:
-    """One line: the worker's own exception for a task error, else the actor error's first line."""
+    """One line: the worker's own exception for a task error or a failed start, else the actor error's first
+    line."""
     cause = getattr(error, "cause", None) if isinstance(error, RayTaskError) else None
     if cause is not None and not isinstance(cause, RayActorError):
         return f"{type(cause).__name__}: {cause}"
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'worker died'}"
+    text = _ANSI.sub("", str(error)).strip()
+    if isinstance(error, RayActorError) and error.actor_init_failed and text:
+        return f"{text.splitlines()[-1].strip()} (raised as the worker started)"  # its traceback's last line
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'worker died'}"

@@ -53,7 +53,10 @@ from longtake.pipelines.windows import (
     window_weights,
 )
 from longtake.request import RenderRequest, RequestError, parse_request
+from longtake.label import Layout, LabelError, frames_labelled
+from longtake.label import layout as layout_label
 from longtake.media import video_chunks
+from longtake.provenance import Provenance
 from longtake.video import VideoWriter, contact_sheet, preview_indices
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,7 @@ class Job:
     noise: str  # the request's initial-noise mode, else the model's default
     inputs: Inputs = Inputs()  # known frames (image, keyframes, extend, lead_into) and passed-through clips
     loop: bool = False  # circular windows: the last frame flows into the first
+    label: Layout | None = None  # the visible label on the output's opening frames (None: label "none")
 
     @property
     def new_frames(self) -> int:
@@ -126,11 +130,15 @@ class RenderResult:
     steps: int
     model_evaluations: int  # window predictions (each includes classifier-free guidance)
     wall_s: float
-    frames_sha256: str
+    frames_sha256: str  # the frames as generated (before the label): the same request and seed, the same hash
     model: str
     seed: int
     weighting: str
     noise: str
+    delivered_sha256: str = ""  # the frames written to the MP4, label included
+    produce_id: str = ""  # the AIGC ProduceID in the MP4's metadata
+    label: str = "start"  # the visible label: start, always or none
+    labelled_frames: int = 0
     schedule: str = "wavefront"  # what ran: the request's, or the barrier for a scheduler that needs it
     preview: str | None = None
     input_frames: int = 0  # frames of `frames` copied from extend / lead_into
@@ -172,6 +180,12 @@ def prepare(request: RenderRequest | dict) -> Job:
         raise RequestError("guidance_2", request.guidance_2, "no value: it is for models with two experts (Wan 2.2 "
                                                              "A14B), this one has one")
     guidance = request.guidance if request.guidance is not None else model.default_guidance
+    label = None
+    if request.label != "none":
+        try:
+            label = layout_label(request.label_text, request.label_position, width, height)
+        except LabelError as e:
+            raise RequestError(e.field, e.value, e.expected) from None
     if request.timeline is not None:
         keys = [PromptKey(k.at, k.prompt) for k in request.timeline]
     else:
@@ -192,6 +206,7 @@ def prepare(request: RenderRequest | dict) -> Job:
         noise=request.noise or model.default_noise,
         inputs=inputs,
         loop=request.loop,
+        label=label,
     )
 
 
@@ -296,7 +311,7 @@ class Cancelled(Exception):
 
 
 def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress=None, cancelled=None,
-        checkpoint: Checkpointer | None = None) -> RenderResult:
+        checkpoint: Checkpointer | None = None, provenance: Provenance | None = None) -> RenderResult:
     """Render a prepared job on a pool. Writes the MP4 (and preview) atomically.
 
     Optional hooks: `on_frames(first_index, frames)` sees every decoded uint8 chunk in order;
@@ -310,8 +325,12 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     `checkpoint`: resume from its newest valid checkpoint, save one every k steps and after the last
     step, and one of the current step when stopped (so a paused job loses at most one step), unless the
     reason is in DISCARD (a cancelled job's checkpoints are deleted; a job whose lease was lost is another
-    runner's now)."""
+    runner's now).
+    `provenance`: who produced the video and the key of its AIGC metadata (default: `Provenance.local()`,
+    the CLI's key); the visible label is the request's (`job.label`), drawn on the frames written and the
+    preview; `on_frames` sees the frames as generated, without it."""
     t0 = time.perf_counter()
+    provenance = provenance or Provenance.local()
     req, plan = job.request, job.windows
     latent_frames = job.latent_frames
 
@@ -431,12 +450,27 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     bar = _bar(job.output_frames, "decode", "frame", progress)
     inputs = job.inputs
     keep = (inputs.ctx_before, inputs.ctx_before + job.new_frames)  # the new frames, in the denoised clip
-    with VideoWriter(req.out, job.width, job.height, req.fps) as writer:
+    generated = hashlib.sha256()  # frames_sha256: the frames before the label
+    labelled = frames_labelled(req.label, req.fps, job.output_frames) if job.label is not None else 0
+    label_info = {"mode": req.label, "text": req.label_text, "position": req.label_position}
+    produce = {}
+
+    def tags(stream_sha256: str) -> dict[str, str]:
+        found = provenance.tags(request=req.model_dump(mode="json"), frames_sha256=generated.hexdigest(),
+                                delivered_sha256=writer.sha256, stream_sha256=stream_sha256, label=label_info)
+        produce["id"] = json.loads(found["AIGC"])["ProduceID"]
+        return found
+
+    with VideoWriter(req.out, job.width, job.height, req.fps, tags=tags) as writer:
         def emit(frames: np.ndarray) -> None:  # (n, H, W, 3), the output's next frames
             first = writer.frames_written
-            writer.write(frames)
+            generated.update(np.ascontiguousarray(frames))
             if on_frames is not None:
                 on_frames(first, frames)
+            if first < labelled:
+                frames = frames.copy()
+                job.label.draw(frames[: labelled - first])
+            writer.write(frames)
             previews.extend((first + k, frames[k].copy()) for k in range(len(frames)) if first + k in sampled)
             bar.update(len(frames))
             report("decode", total, writer.frames_written)
@@ -480,7 +514,11 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         steps=job.steps,
         model_evaluations=steps * len(plan),
         wall_s=round(time.perf_counter() - t0, 3),
-        frames_sha256=writer.sha256,
+        frames_sha256=generated.hexdigest(),
+        delivered_sha256=writer.sha256,
+        produce_id=produce.get("id", ""),
+        label=req.label,
+        labelled_frames=labelled,
         model=req.model,
         seed=req.seed,
         weighting=req.weighting,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -34,7 +35,9 @@ from longtake.actors.pool import WindowFailed
 from longtake.actors.worker import Worker
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, prepare, run, fingerprint
+from longtake.cluster import retention
 from longtake.cluster.jobs import JobRecord, JobStore, Lease, ProgressWriter, new_runner_id
+from longtake.provenance import Provenance
 from longtake.request import RequestError, load_timeline
 
 logger = logging.getLogger(__name__)
@@ -171,6 +174,37 @@ def control(farm_dir: str | Path, command: str, job_id: str) -> JobRecord:
     return store.get(job_id)
 
 
+# ---------------------------------------------------------------- retention (cluster/retention.py)
+
+def job_paths(farm_dir: str | Path, record: JobRecord) -> list[Path]:
+    """What a farm job wrote: its directory (log, checkpoints) and, once done, its video and preview."""
+    paths = [job_dir(farm_dir, record.id)]
+    for key in ("out", "preview"):
+        if (record.result or {}).get(key):
+            paths.append(Path(record.result[key]))
+    return paths
+
+
+def delete(farm_dir: str | Path, job_id: str) -> dict:
+    """`longtake delete ID`: the job's files deleted and its row scrubbed at once, with an audit line.
+    A running job is refused (cancel it first: its runner is still writing)."""
+    store = open_store(farm_dir, create=False)
+    record = store.get(job_id)
+    if record is None:
+        raise RequestError("id", job_id, "the id of a job in this farm (see `longtake status`)")
+    if record.state in ("running", "deleted"):
+        raise RequestError("id", job_id, f"a job that is not {record.state} (it is"
+                                         + (": `longtake cancel` it first)" if record.state == "running" else ")"))
+    return retention.delete_job(store, Path(farm_dir), job_id, job_paths(farm_dir, record),
+                                "deleted on request (longtake delete)", retention.Audit(farm_dir))
+
+
+def gc(farm_dir: str | Path, policy: retention.Retention, now: float | None = None, dry_run: bool = False):
+    """The retention sweep over a farm (no uploads: farm jobs read their inputs where they are)."""
+    store = open_store(farm_dir, create=False)
+    return retention.sweep(store, farm_dir, lambda r: job_paths(farm_dir, r), policy, now=now, dry_run=dry_run)
+
+
 # ---------------------------------------------------------------- runner
 
 class DiskFull(OSError):
@@ -183,7 +217,8 @@ class Runner:
     def __init__(self, farm_dir: str | Path, address: str | None = None, workers: int | None = None,
                  checkpoint_every: int = 5, max_attempts: int = 3, blocklist_after: int = 3,
                  task_timeout_s: float | None = None, min_free_mb: float = 256, lease_s: float = 120,
-                 poll_s: float = 1.0, worker_cls: type = Worker, progress: bool = False):
+                 poll_s: float = 1.0, worker_cls: type = Worker, progress: bool = False,
+                 keep: retention.Retention | None = None, sweep_every_s: float = 3600.0):
         if checkpoint_every < 1:
             raise RequestError("checkpoint_every", checkpoint_every, "an integer >= 1 (steps between checkpoints)")
         self.farm_dir = Path(farm_dir)
@@ -192,6 +227,8 @@ class Runner:
         self.checkpoint_every, self.max_attempts, self.blocklist_after = checkpoint_every, max_attempts, blocklist_after
         self.task_timeout_s, self.min_free_mb, self.lease_s, self.poll_s = task_timeout_s, min_free_mb, lease_s, poll_s
         self.worker_cls, self.progress = worker_cls, progress
+        self.keep, self.sweep_every_s, self._swept = keep or retention.Retention(), sweep_every_s, -math.inf
+        retention.save_policy(self.farm_dir, self.keep)
         self.id = new_runner_id()
         self.stop = threading.Event()
         self._pool, self._pool_key = None, None
@@ -218,6 +255,7 @@ class Runner:
         try:
             self.recover()
             while not self.stop.is_set():
+                self.sweep()
                 record = self.store.claim_next(self.id)
                 if record is None:
                     if exit_when_idle:
@@ -228,6 +266,16 @@ class Runner:
                 self.run_job(record)
         finally:
             self.close()
+
+    def sweep(self) -> None:
+        """The retention sweep, between jobs, at most every `sweep_every_s`."""
+        if time.monotonic() - self._swept < self.sweep_every_s:
+            return
+        self._swept = time.monotonic()
+        try:
+            gc(self.farm_dir, self.keep)
+        except OSError as e:
+            logger.warning("retention sweep failed (retried in %g s): %s", self.sweep_every_s, e)
 
     def close(self) -> None:
         self._drop_pool()
@@ -292,7 +340,8 @@ class Runner:
             ckpt = Checkpointer(d / "checkpoints", self.checkpoint_every, fingerprint(job, pool.spec.dtype,
                                                                                         pool.spec.device), log=JOB_LOGGER)
             result = run(job, pool, progress=self.progress, on_progress=ProgressWriter(self.store, record.id, owner),
-                         cancelled=should_stop, checkpoint=ckpt)
+                         cancelled=should_stop, checkpoint=ckpt,
+                         provenance=Provenance.local(self.farm_dir, produce_id=record.id))
         except Cancelled as e:
             if e.reason == "cancelled":
                 self._drop_pool()  # frees the workers now, whatever they were doing

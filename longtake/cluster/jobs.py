@@ -135,6 +135,7 @@ class JobStore:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
             db.row_factory = sqlite3.Row
+            db.execute("PRAGMA secure_delete=ON")  # what a scrub overwrites is zeroed, not left in free space
             yield db
         finally:
             db.close()
@@ -168,6 +169,28 @@ class JobStore:
             finally:
                 db.execute("COMMIT")
         return self.get(job_id), True
+
+    def scrub(self, job_id: str, why: str) -> None:
+        """Delete a job for good (retention.py): its request, result and progress overwritten, the state
+        `deleted` and `why` as its error (what a read answers with 410); then the WAL is checkpointed and
+        truncated, so the old text is in neither database file."""
+        with self._db() as db:
+            db.execute("UPDATE jobs SET state = 'deleted', request = '{}', result = NULL, progress = '{}', "
+                       "error = ?, idempotency_key = NULL, runner = NULL, updated = ? WHERE id = ?",
+                       (why, time.time(), job_id))
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        with self._db() as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def finished_before(self, t: float, states: tuple[str, ...] = FINAL) -> list[JobRecord]:
+        """Jobs in `states` whose last change is older than `t` (seconds since the epoch), oldest first."""
+        marks = ",".join("?" * len(states))
+        with self._db() as db:
+            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) AND updated < ? ORDER BY updated",
+                              (*states, t)).fetchall()
+        return [_record(r) for r in rows]
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._db() as db:

@@ -76,6 +76,13 @@ class FileStore:
             return None
         return meta if owner is None or secrets.compare_digest(meta.get("owner", ""), owner) else None
 
+    def all(self) -> list[dict]:
+        """Every stored file's metadata (owners included: for retention, never for clients)."""
+        if not self.root.is_dir():
+            return []
+        found = (self._meta(p.name, None) for p in sorted(self.root.iterdir()) if FILE_ID.fullmatch(p.name))
+        return [m for m in found if m is not None]
+
     def get(self, file_id: str, owner: str | None) -> dict | None:
         """The file's metadata as clients see it; None if there is none of this owner's."""
         meta = self._meta(file_id, owner)

@@ -31,4 +31,16 @@ class Limits:
     max_attempts: int = _limit(3, "attempts per window, across replicas")
     blocklist_after: int = _limit(3, "failed calls after which a denoiser replica is replaced (0: never)")
     checkpoint_every: int = _limit(5, "steps between checkpoints of a job")
+    allow_unlabelled: bool = _limit(False, "accept requests for no visible label (label 'none'; each such file says "
+                                           "so in its metadata)")
+    retain_uploads: str = _limit("90d", "how long uploaded files are kept (e.g. 90d, 12h), then deleted")
+    retain_outputs: str = _limit("365d", "how long a finished job's video and files are kept, then deleted (reads "
+                                         "answer 410)")
+    sweep_every_s: float = _limit(3600.0, "seconds between retention sweeps")
     lease_s: float = _limit(60.0, "seconds without a heartbeat after which another server takes a job over")
+
+    def __post_init__(self):
+        from longtake.cluster.retention import parse_duration  # plain Python: no Ray, no torch
+
+        parse_duration("retain_uploads", self.retain_uploads)
+        parse_duration("retain_outputs", self.retain_outputs)

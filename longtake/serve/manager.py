@@ -14,6 +14,7 @@ Plain Python (no Ray Serve imports), so it is testable with any pool.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import threading
@@ -24,7 +25,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, Job, fingerprint, prepare, run
+from longtake.cluster.retention import Audit, Retention, delete_job, files_under, save_policy, sweep
 from longtake.cluster.jobs import FINAL, STATES, JobStore, Lease, ProgressWriter, QueueFull, new_runner_id
+from longtake.provenance import Provenance
 from longtake.request import RenderRequest, RequestError, parse_request
 from longtake.serve.files import FileStore, file_ids
 from longtake.serve.limits import Limits
@@ -43,6 +46,29 @@ def public_message(text: str) -> str:
 
 class Gone(Exception):
     """The job was deleted (HTTP 410)."""
+
+
+def gone_message(job) -> str:
+    """What a read of a deleted job answers: deleted, and why (on request, or its output expired)."""
+    return f"job {job.id} was deleted" + (f": {job.error}" if job.error else "")
+
+
+def job_dir(data_dir: Path, job_id: str) -> Path:
+    return Path(data_dir) / "jobs" / job_id
+
+
+def gc(data_dir: str | Path, policy: Retention, now: float | None = None, dry_run: bool = False) -> list[dict]:
+    """The retention sweep of a serve data dir (`longtake gc --data-dir`, and every server's): outputs of
+    jobs finished longer ago than the policy keeps them, and uploads no unfinished job names."""
+    store = JobStore(Path(data_dir) / "jobs.db", create=False)
+    files = FileStore(data_dir)
+
+    def live_file_ids() -> set:
+        return {i for state in ("queued", "running", "paused")
+                for j in store.list(limit=100_000, state=state) for i in file_ids(j.request)}
+
+    return sweep(store, data_dir, lambda r: [job_dir(data_dir, r.id)], policy, files, live_file_ids, now=now,
+                 dry_run=dry_run)
 
 
 def request_cost(job: Job) -> tuple[int, float]:
@@ -66,6 +92,9 @@ class JobManager:
         self.store = JobStore(self.data_dir / "jobs.db")
         self.files = FileStore(self.data_dir)
         self.pool, self.model, self.limits = pool, model, limits
+        self.retention = Retention(limits.retain_uploads, limits.retain_outputs)
+        save_policy(self.data_dir, self.retention)
+        self._swept = -math.inf
         self.model_name = Path(model_name or model).name  # what clients see; `model` is where it lives here
         self.id = new_runner_id("serve-")
         self._cancel: set[str] = set()  # running jobs to stop
@@ -129,6 +158,9 @@ class JobManager:
             if value is not None and value > top:
                 shown = f"{value} keys" if field == "timeline" else value
                 raise RequestError(field, shown, f"at most {top:g}{' keys' if field == 'timeline' else ''} on this server")
+        if req.label == "none" and not lim.allow_unlabelled:
+            raise RequestError("label", "none", "start or always: this server labels every video (started without "
+                                                "--allow-unlabelled)")
         job = self._prepare(req)
         evaluations, mb = request_cost(job)
         if evaluations <= lim.max_model_evaluations and mb <= lim.max_latent_mb:
@@ -170,7 +202,7 @@ class JobManager:
         """The job's status; None if there is no such job. Raises Gone for a deleted one."""
         job = self.store.get(job_id)
         if job is not None and job.state == "deleted":
-            raise Gone(f"job {job_id} was deleted")
+            raise Gone(gone_message(job))
         return job.to_dict() if job else None
 
     def list(self, limit: int = 20, offset: int = 0) -> dict:
@@ -186,7 +218,7 @@ class JobManager:
         if job is None:
             return None
         if job.state == "deleted":
-            raise Gone(f"job {job_id} was deleted")
+            raise Gone(gone_message(job))
         with self._lock:
             thread = self._running.get(job_id)
             if thread is not None:
@@ -194,9 +226,14 @@ class JobManager:
         self.store.update(job_id, state="deleted", progress={}, only_from=LIVE)
         if thread is not None:
             thread.join(timeout=30)
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        delete_job(self.store, self.data_dir, job_id, [self.job_dir(job_id)],
+                   f"deleted on request (DELETE /v1/videos/{job_id})", Audit(self.data_dir))
         logger.info("job %s deleted (it was %s)", job_id, job.state)
         return job.state
+
+    def gc(self, now: float | None = None, dry_run: bool = False) -> list[dict]:
+        """The retention sweep (cluster/retention.py): expired outputs and uploads deleted, audited."""
+        return gc(self.data_dir, self.retention, now, dry_run)
 
     def delete_file(self, file_id: str, owner: str | None) -> dict:
         """Delete an uploaded file unless a job that is not finished names it: {"deleted": bool} or
@@ -205,10 +242,15 @@ class JobManager:
                  for j in self.store.list(limit=100_000, state=state) if file_id in file_ids(j.request)]
         if users and self.files.get(file_id, owner) is not None:
             return {"in_use": users}
-        return {"deleted": self.files.delete(file_id, owner)}
+        names, size = files_under([self.files.root / file_id], self.data_dir)
+        deleted = self.files.delete(file_id, owner)
+        if deleted:
+            Audit(self.data_dir).write("upload", file_id, f"deleted on request (DELETE /v1/files/{file_id})",
+                                       names, size)
+        return {"deleted": deleted}
 
     def job_dir(self, job_id: str) -> Path:
-        return self.data_dir / "jobs" / job_id
+        return job_dir(self.data_dir, job_id)
 
     def file(self, job_id: str, name: str) -> str | None:
         job = self.store.get(job_id)
@@ -252,6 +294,12 @@ class JobManager:
                     thread = threading.Thread(target=self._run_job, args=(job,), daemon=True, name=f"job-{job.id}")
                     self._running[job.id] = thread
                     thread.start()
+            if time.monotonic() - self._swept >= self.limits.sweep_every_s:
+                self._swept = time.monotonic()
+                try:
+                    self.gc()
+                except (OSError, ValueError) as e:
+                    logger.warning("retention sweep failed (retried in %g s): %s", self.limits.sweep_every_s, e)
             self._wake.wait(timeout=1.0)
             self._wake.clear()
 
@@ -299,7 +347,8 @@ class JobManager:
                 if begin_job is not None:
                     begin_job(len(job.windows) * job.steps)
                 result = run(job, self.pool, progress=False, on_progress=on_progress,
-                             cancelled=lambda: stopped(lease), checkpoint=ckpt)
+                             cancelled=lambda: stopped(lease), checkpoint=ckpt,
+                             provenance=Provenance.local(self.data_dir, produce_id=job_id))
             self.m_duration.observe(time.perf_counter() - t0)
             self.m_frames.inc(result.frames)
             summary = {k: v for k, v in result.to_dict().items() if k not in ("out", "preview")}

@@ -1,0 +1,177 @@
+"""Compliance (#17): the visible label, the AIGC metadata read back by ffprobe, the integrity code, `verify`,
+and determinism on the frames as generated."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from longtake import label as labels
+from longtake.actors.pool import InProcessPool
+from longtake.actors.worker import WorkerSpec
+from longtake.cluster.engine import prepare, run
+from longtake.provenance import AIGC_FIELDS, Provenance, load_key, stream_sha256, verify
+from longtake.request import RequestError
+from longtake.serve.manager import JobManager, Limits
+from longtake.video import VideoWriter, ffmpeg_exe, read_frames
+
+
+def ffprobe() -> str:
+    found = shutil.which("ffprobe") or str(Path(sys.executable).parent / "ffprobe")
+    assert Path(found).is_file(), "ffprobe is missing: `make test` unpacks one into the venv"
+    return found
+
+
+def boxes(data: bytes, start: int = 0, end: int | None = None):
+    """(type, payload start, payload end) of the MP4 boxes in data[start:end]."""
+    end = len(data) if end is None else end
+    while start + 8 <= end:
+        size, kind = int.from_bytes(data[start:start + 4], "big"), data[start + 4:start + 8].decode("latin-1")
+        header = 8
+        if size == 1:
+            size, header = int.from_bytes(data[start + 8:start + 16], "big"), 16
+        size = size or end - start
+        yield kind, start + header, start + size
+        start += size
+
+
+def child(data: bytes, parent: tuple[int, int], kind: str, skip: int = 0) -> tuple[int, int]:
+    for k, s, e in boxes(data, parent[0] + skip, parent[1]):
+        if k == kind:
+            return s, e
+    raise AssertionError(f"no {kind} box")
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_model):
+    p = InProcessPool(WorkerSpec(tiny_model))
+    yield p
+    p.shutdown()
+
+
+def _request(model, out, **kw) -> dict:
+    return {"prompt": "a red ball", "seconds": 3, "fps": 8, "steps": 2, "window": 8, "overlap": 2, "seed": 3,
+            "model": model, "out": str(out), **kw}
+
+
+@pytest.mark.parametrize("width, height", [(64, 64), (96, 64), (256, 256), (512, 288), (1280, 720)])
+@pytest.mark.parametrize("text", [labels.DEFAULT_TEXT, "AI生成"])
+def test_the_label_fits_the_frame_and_is_at_least_5_percent_of_its_short_side_high(width, height, text):
+    lay = labels.layout(text, labels.DEFAULT_POSITION, width, height)
+    x0, y0, x1, y1 = lay.box
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    assert lay.mask.shape[0] >= labels.MIN_HEIGHT_SHARE * min(width, height)
+    assert lay.font == ("3x5" if width < 104 and text == labels.DEFAULT_TEXT else "unifont")
+    frame = np.full((1, height, width, 3), 128, np.uint8)
+    lay.draw(frame)
+    assert labels.detect(frame[0], lay)["present"]
+    assert not labels.detect(np.full((height, width, 3), 128, np.uint8), lay)["present"]
+
+
+def test_a_label_that_cannot_be_drawn_is_refused_before_any_work(tiny_model, tmp_path):
+    with pytest.raises(RequestError) as e:  # 40 characters at 3x5 need 160 px
+        prepare(_request(tiny_model, tmp_path / "x.mp4", label_text="x" * 40))
+    assert e.value.field == "label_text" and "64x64" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        prepare(_request(tiny_model, tmp_path / "x.mp4", label_text="🎬 AI"))  # outside the BMP: no glyph
+    assert e.value.field == "label_text" and "🎬" in str(e.value)
+    assert prepare(_request(tiny_model, tmp_path / "x.mp4", label="none", label_text="x" * 40)).label is None
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_default_render_is_labelled_tagged_and_verifies(tiny_model, pool, tmp_path):
+    key_dir = tmp_path / "keys"
+    out = tmp_path / "clip.mp4"
+    result = run(prepare(_request(tiny_model, out)), pool, progress=False,
+                 provenance=Provenance.local(key_dir, producer="studio-7"))
+    # ffprobe, a third-party reader, finds the GB 45438 object and the standard tags
+    probe = json.loads(subprocess.run([ffprobe(), "-v", "error", "-show_format", "-of", "json", str(out)],
+                                      capture_output=True, text=True, check=True).stdout)
+    tags = probe["format"]["tags"]
+    aigc = json.loads(tags["AIGC"])
+    assert tuple(aigc) == AIGC_FIELDS
+    assert aigc["Label"] == "1" and aigc["ContentProducer"] == "studio-7" and aigc["ProduceID"] == result.produce_id
+    assert len(aigc["ReservedCode1"]) == 64
+    assert tags["frames_sha256"] == result.frames_sha256 and tags["delivered_sha256"] == result.delivered_sha256
+    assert tags["generator"].startswith("longtake ") and tags["seed"] == "3" and tags["label"] == "start"
+    # ... in moov/udta/meta, as an mdta key named AIGC
+    data = out.read_bytes()
+    moov = child(data, (0, len(data)), "moov")
+    meta = child(data, child(data, moov, "udta"), "meta")
+    keys = child(data, meta, "keys", skip=4)  # meta is a full box: version and flags first
+    assert b"mdtaAIGC" in data[keys[0]:keys[1]]
+    # the label is on the first 2 seconds (16 frames at 8 fps) and nowhere after
+    frames = read_frames(out)
+    lay = labels.layout(labels.DEFAULT_TEXT, labels.DEFAULT_POSITION, 64, 64)
+    present = [labels.detect(f, lay)["present"] for f in frames]
+    assert result.labelled_frames == math.ceil(2 * 8) == 16
+    assert present == [True] * 16 + [False] * (len(frames) - 16)
+    # verify: marked, intact with the key, unchecked without it
+    report = verify(out, load_key(key_dir, create=False))
+    assert report["marked"] and report["integrity"] == "intact" and report["visible_label"]["present"]
+    assert verify(out)["integrity"] == "unchecked (no key)"
+    assert verify(out, b"\0" * 32)["integrity"] == "altered"
+
+
+def test_frames_sha256_is_the_frames_as_generated_whatever_the_label(tiny_model, pool, tmp_path):
+    results = {mode: run(prepare(_request(tiny_model, tmp_path / f"{mode}.mp4", label=mode)), pool, progress=False,
+                         provenance=Provenance.local(tmp_path))
+               for mode in ("start", "always", "none")}
+    assert len({r.frames_sha256 for r in results.values()}) == 1
+    assert results["none"].delivered_sha256 == results["none"].frames_sha256
+    assert len({r.delivered_sha256 for r in results.values()}) == 3
+    assert [r.labelled_frames for r in results.values()] == [16, 24, 0]
+    unlabelled = verify(tmp_path / "none.mp4", load_key(tmp_path))
+    assert unlabelled["tags"]["label"] == "none" and not unlabelled["visible_label"]["present"]
+    assert unlabelled["marked"] and unlabelled["integrity"] == "intact"  # the metadata still says AI
+
+
+def test_verify_catches_a_reencoded_file_and_changed_metadata(tiny_model, pool, tmp_path):
+    out = tmp_path / "clip.mp4"
+    run(prepare(_request(tiny_model, out)), pool, progress=False, provenance=Provenance.local(tmp_path))
+    key = load_key(tmp_path)
+    reencoded, retagged = tmp_path / "reencoded.mp4", tmp_path / "retagged.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(out), "-c:v", "libx264", "-crf", "28",
+                    "-movflags", "use_metadata_tags", "-map_metadata", "0", str(reencoded)], check=True)
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(out), "-c", "copy", "-movflags", "use_metadata_tags",
+                    "-map_metadata", "0", "-metadata", "frames_sha256=" + "0" * 64, str(retagged)], check=True)
+    assert stream_sha256(retagged) == stream_sha256(out)  # a remux keeps the packets: only the tag changed
+    for path in (reencoded, retagged):
+        report = verify(path, key)
+        assert report["aigc"] is not None and report["integrity"] == "altered", path
+
+
+def test_verify_cli_exit_codes(tiny_model, pool, tmp_path, cli_cases):
+    marked, plain = tmp_path / "marked.mp4", tmp_path / "plain.mp4"
+    run(prepare(_request(tiny_model, marked)), pool, progress=False, provenance=Provenance.local(tmp_path))
+    with VideoWriter(plain, 64, 64, 8) as w:  # an MP4 longtake did not make
+        w.write(np.full((8, 64, 64, 3), 90, np.uint8))
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    cases = cli_cases([["verify", str(marked), "--key-file", str(tmp_path / "provenance.key")],
+                       ["verify", str(plain)], ["verify", str(tmp_path / "junk.mp4")],
+                       ["verify", str(tmp_path / "missing.mp4")]], tmp_path)
+    assert [c["rc"] for c in cases[:4]] == [0, 1, 2, 2], cases
+    assert "error: file" in cases[3]["err"] and "Traceback" not in cases[2]["err"] + cases[3]["err"]
+
+
+def test_serve_refuses_an_unlabelled_request_unless_allowed(tmp_path, tiny_model):
+    body = {"prompt": "a red ball", "seconds": 2, "fps": 8, "steps": 2, "window": 8, "overlap": 2, "label": "none"}
+    strict = JobManager(tmp_path / "a", None, tiny_model, Limits(max_running=0))
+    allowing = JobManager(tmp_path / "b", None, tiny_model, Limits(max_running=0, allow_unlabelled=True))
+    try:
+        with pytest.raises(RequestError) as e:
+            strict.submit(body)
+        assert e.value.field == "label" and "--allow-unlabelled" in str(e.value)
+        assert strict.store.count() == 0
+        record, created = allowing.submit(body)
+        assert created and record["status"] == "queued" and record["request"]["label"] == "none"
+    finally:
+        strict.close()
+        allowing.close()
