@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from longtake import bench_watermark
 from longtake.cluster.engine import RenderResult, prepare, run
 from longtake.video import VideoWriter
 
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 TARGETS = {"parallel_efficiency": ">= 0.95", "overhead_ratio_1": "<= 1.05", "overhead_ratio_2": "<= 1.05",
            "seam_ratio": "<= 1.2", "projection_error_1": "<= 0.10", "projection_error_2": "<= 0.10",
            "projected_efficiency_64": ">= 0.92", "scaling_linear": "<= 1.10", "serve_share": "<= 2",
-           "startup_s": "<= 6"}
+           "startup_s": "<= 6", "watermark_bit_accuracy_min": ">= 0.95", "watermark_psnr_db_min": ">= 38"}
 STARTUP_SECONDS = 4  # the short render whose start-up `startup` measures
 
 
@@ -672,7 +673,7 @@ def bench(quick: bool = True, device: str = "cpu", model: str = "default", progr
     try:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
-            bar = tqdm(total=7, desc="bench", unit="part", disable=not progress)
+            bar = tqdm(total=8, desc="bench", unit="part", disable=not progress)
             scale = scaling(spec, request, tmp)
             bar.update()
             figures.update(parallel_efficiency=scale["parallel_efficiency"], overhead_ratio_1=scale[1]["overhead_ratio"],
@@ -728,6 +729,12 @@ def bench(quick: bool = True, device: str = "cpu", model: str = "default", progr
                            projected_efficiency_64_barrier_window_1s=proj["efficiency_barrier_window_1s"][64],
                            driver_bound_workers=proj["driver_bound_workers"],
                            **{k: v for k, v in proj.items() if k.startswith("projection_error")})
+            bar.update()
+            marks = bench_watermark.measure(tmp / "watermark")
+            details["watermark"] = {"longtake": marks, "candidates": bench_watermark.candidates()}
+            rows = [r for by_size in marks.values() for r in by_size.values()]
+            figures.update(watermark_bit_accuracy_min=min(min(r["bit_accuracy"].values()) for r in rows),
+                           watermark_psnr_db_min=min(r["psnr_db"] for r in rows))
             bar.update()
             bar.close()
     finally:
@@ -805,6 +812,9 @@ def table(result: dict, command: str) -> str:
                       "engine's" + (" (in-process: a short CPU job)" if not d["startup"]["ray"] else ""),
          _startup_note(d["startup"])),
         ("startup_s_ray", "... with `--workers 2` (Ray)", _startup_note(d["startup_ray"])),
+        ("watermark_bit_accuracy_min", "watermark: lowest bit accuracy, 256 and 512 px, every attack",
+         "see the watermark table below"),
+        ("watermark_psnr_db_min", "watermark: lowest PSNR against the unmarked frames", ""),
     ]
     lines = ["# Benchmarks", "",
              f"Produced by `{command}` on {s['machine']}, {s['cpus']} CPUs, torch {s['torch']}, device {s['device']}, "
@@ -838,6 +848,8 @@ def table(result: dict, command: str) -> str:
               + ("GPU figures: not measured in this run (no GPU)." if s["device"] == "cpu" else "")]
     if "wan" in d:
         lines += ["", *wan_table(d["wan"])]
+    if "watermark" in d:
+        lines += ["", *bench_watermark.section(d["watermark"])]
     return "\n".join(lines) + "\n"
 
 

@@ -327,10 +327,12 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from longtake.cluster.engine import prepare
+    from longtake.provenance import Provenance
 
     try:
         job = prepare(request_from_args(args))  # every check, before Ray or a model starts
-    except RequestError as e:
+        provenance = Provenance.local()  # the key, and C2PA credentials if configured
+    except (RequestError, ValueError) as e:
         print(f"longtake render: error: {e}", file=sys.stderr)
         return 2
     stop_on_signals()
@@ -341,7 +343,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             local = args.in_process or local_reason(job, args.address) is not None
             quiet_libraries(*(("diffusers", "transformers") if local else ("ray", "diffusers")))
             result = render(job, progress=not args.quiet, address=args.address,
-                            in_process=True if args.in_process else None)
+                            in_process=True if args.in_process else None, provenance=provenance)
         except KeyboardInterrupt:
             return _interrupted("render", "stopped workers, no output written")
         if args.json:
@@ -409,8 +411,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
-    from longtake.cluster.retention import RetentionError
     from longtake.pipelines import inspect_model
+    from longtake.provenance import load_c2pa
     from longtake.serve import load_or_create_token
     from longtake.serve.limits import Limits
 
@@ -419,7 +421,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not 0 <= args.min_replicas <= args.max_replicas:
             raise RequestError("min_replicas", args.min_replicas, f"0 <= min_replicas <= max_replicas ({args.max_replicas})")
         limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
-    except (RequestError, RetentionError) as e:
+        load_c2pa(args.data_dir)  # C2PA credentials that cannot sign: say so now, not at the first job
+    except (RequestError, ValueError) as e:
         print(f"longtake serve: error: {e}", file=sys.stderr)
         return 2
     data_dir = Path(args.data_dir).resolve()
@@ -497,7 +500,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_farm_run(args: argparse.Namespace) -> int:
     from longtake.cluster.farm import Runner
-    from longtake.cluster.retention import Retention, RetentionError
+    from longtake.cluster.retention import Retention
+    from longtake.provenance import load_c2pa
 
     try:
         runner = Runner(args.farm_dir, address=args.address, workers=args.workers,
@@ -505,7 +509,8 @@ def cmd_farm_run(args: argparse.Namespace) -> int:
                         blocklist_after=args.blocklist_after, task_timeout_s=args.task_timeout,
                         min_free_mb=args.min_free_mb, progress=not args.quiet,
                         keep=Retention(outputs=args.retain_outputs))
-    except (RequestError, RetentionError) as e:
+        load_c2pa(args.farm_dir)
+    except (RequestError, ValueError) as e:
         print(f"longtake farm run: error: {e}", file=sys.stderr)
         return 2
 
@@ -558,11 +563,16 @@ def cmd_control(args: argparse.Namespace) -> int:
     from longtake.cluster import farm
 
     try:
-        record = farm.control(args.farm_dir, args.command, args.id)
+        if args.command == "delete":
+            done = farm.delete(args.farm_dir, args.id)
+            line = f"{args.id} deleted: {len(done['files'])} files, {done['bytes']} bytes"
+        else:
+            record = farm.control(args.farm_dir, args.command, args.id)
+            line = f"{record.id} {record.state}"
     except RequestError as e:
         print(f"longtake {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print(f"{record.id} {record.state}")
+    print(line)
     return 0
 
 
@@ -604,16 +614,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except (RequestError, FileNotFoundError, ValueError) as e:
         print(f"longtake verify: error: {e}", file=sys.stderr)
         return 2
-    job_id = (report["aigc"] or {}).get("ProduceID")
     report["job"] = None
     store_path = Path(args.farm_dir) / "farm.db" if args.farm_dir else Path(args.data_dir) / "jobs.db" \
         if args.data_dir else None
-    if job_id and store_path is not None and store_path.is_file():
+    if store_path is not None and store_path.is_file():  # the job the metadata names, else the watermark
         from longtake.cluster.jobs import JobStore
+        from longtake.watermark import payload_of
 
-        record = JobStore(store_path, create=False).get(str(job_id))
+        store = JobStore(store_path, create=False)
+        named, via = (report["aigc"] or {}).get("ProduceID"), "metadata"
+        record = store.get(str(named)) if named else None
+        if record is None and report["watermark"]["found"]:
+            via = "watermark"
+            record = next((r for r in store.list(limit=10**9)
+                           if f"{payload_of(r.id):08x}" == report["watermark"]["payload"]), None)
         if record is not None:
-            report["job"] = {"id": record.id, "state": record.state, "request": record.request}
+            report["job"] = {"id": record.id, "state": record.state, "found_by": via}
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -624,21 +640,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"  integrity: {report['integrity']}")
         print(f"  visible label: {'present' if visible['present'] else 'not found'} ({visible['text']!r}, "
               f"{visible['position']})")
+        mark = report["watermark"]
+        print("  watermark: " + (f"payload {mark['payload']} (confidence {mark['confidence']:.2f}, "
+                                f"{mark['frames']} frames read)" if mark["found"] else "not found"))
+        c2pa = report["c2pa"]
+        print("  C2PA manifest: " + ("signed by " + str(c2pa["signer"].get("common_name") or c2pa["signer"])
+                                     + f" ({', '.join(c2pa['validation']) or 'valid'})" if c2pa["present"]
+                                     else c2pa.get("note") or c2pa.get("error") or "none"))
         if report["job"]:
-            print(f"  job: {report['job']['id']} ({report['job']['state']})")
+            print(f"  job: {report['job']['id']} ({report['job']['state']}, found by its "
+                  f"{report['job']['found_by']})")
     return 0 if report["marked"] else 1
-
-
-def cmd_delete(args: argparse.Namespace) -> int:
-    from longtake.cluster import farm
-
-    try:
-        done = farm.delete(args.farm_dir, args.id)
-    except RequestError as e:
-        print(f"longtake delete: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.id} deleted: {len(done['files'])} files, {done['bytes']} bytes")
-    return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -802,18 +814,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("cancel", "cancel a queued, paused or running job (frees its workers)"),
                        ("pause", "pause a queued or running job (a running one is checkpointed at its step)"),
                        ("resume", "put a paused job back in the queue"),
-                       ("retry", "requeue a failed or cancelled job; it resumes from its last checkpoint")):
+                       ("retry", "requeue a failed or cancelled job; it resumes from its last checkpoint"),
+                       ("delete", "delete a job that is not running (cancel a running one first) at once: its video, "
+                                  "preview, checkpoints and log unlinked, its row scrubbed, a line in the farm's "
+                                  "audit.log (over HTTP: DELETE /v1/videos/ID)")):
         c = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         c.add_argument("id", help="a job id")
         _farm_dir_arg(c)
         c.set_defaults(func=cmd_control)
-    dl = sub.add_parser("delete", help="delete a farm job's files and data at once",
-                        description="Delete a farm job that is not running (cancel a running one first): its video, "
-                                    "preview, checkpoints and log are unlinked, its row scrubbed, and a line goes to "
-                                    "the farm's audit.log. (Over HTTP: DELETE /v1/videos/ID.)")
-    dl.add_argument("id", help="a job id")
-    _farm_dir_arg(dl)
-    dl.set_defaults(func=cmd_delete)
     gcp = sub.add_parser("gc", help="delete what retention says has expired",
                          description="The retention sweep a server or farm runner makes by itself, now: outputs of "
                                      "jobs finished longer ago than kept, uploads older than kept (not while a job "

@@ -5,8 +5,10 @@ Unicode's Basic Multilingual Plane (CJK included: "AI生成"), scaled by whole p
 our own for ASCII in frames too narrow for Unifont's 8 px per letter. The text is at least 5 % of the frame's
 short side high (the bar GB 45438-2025 sets for a video's explicit label): Unifont at ceil(5 % of the short
 side / 16) px per font pixel when the text fits the width that way, else the 3x5 font (letters upper-cased)
-at ceil(5 % / 5). A text that fits neither way is refused before any work (`layout` raises `LabelError`):
-the default "AI-generated" needs a frame 104 px wide for Unifont and 52 px for the 3x5 font.
+at ceil(5 % / 5); on frames whose short side is under 107 px (where Unifont's 16 px would be over 15 % of
+it) the 3x5 font comes first. A text that fits neither way is refused before any work (`layout` raises `LabelError`):
+the default "AI-generated" needs a frame 104 px wide for Unifont and 52 px for the 3x5 font; on a narrower
+frame it becomes "AI" (3x5, from 11 px), and a request whose own text does not fit is refused.
 
 Drawn pixels are pure black and white (neutral chroma survives H.264's 4:2:0), so the box is legible on any
 background and `detect` finds it again in a decoded file.
@@ -28,8 +30,10 @@ POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right")
 MODES = ("start", "always", "none")  # the request's `label`: the first LABEL_SECONDS, every frame, no label
 LABEL_SECONDS = 2.0
 DEFAULT_TEXT = "AI-generated"
+SHORT_TEXT = "AI"  # the default text's stand-in on frames too narrow for it (under 52 px)
 DEFAULT_POSITION = "bottom-right"
 MAX_TEXT = 40
+SMALL_FRAME = 107  # short side under which the 3x5 font comes first (Unifont's 16 px would be over 15 %)
 
 _TINY = {  # the 3x5 font, rows top to bottom, '#' on
     "A": (".#.", "#.#", "###", "#.#", "#.#"), "B": ("##.", "#.#", "##.", "#.#", "##."),
@@ -154,13 +158,26 @@ def check_text(text) -> str:
 
 
 def layout(text: str, position: str, width: int, height: int) -> Layout:
-    """The label's layout on a width x height frame, or LabelError when it does not fit."""
+    """The label's layout on a width x height frame, or LabelError when it does not fit (the default text
+    falls back to SHORT_TEXT first)."""
     check_text(text)
     if position not in POSITIONS:
         raise LabelError("label_position", position, f"one of {', '.join(POSITIONS)}")
+    try:
+        return _layout(text, position, width, height)
+    except LabelError:
+        if text != DEFAULT_TEXT:
+            raise
+        return _layout(SHORT_TEXT, position, width, height)
+
+
+def _layout(text: str, position: str, width: int, height: int) -> Layout:
     short = min(width, height)
     margin = max(1, round(0.02 * short))
-    for font, cell in (("unifont", 16), ("3x5", 5)):
+    fonts = (("unifont", 16), ("3x5", 5))
+    if short < SMALL_FRAME:  # Unifont's 16 px would cover too much of a small frame: the 3x5 font first
+        fonts = fonts[::-1]
+    for font, cell in fonts:
         bitmap = _text_bitmap(text, font)
         if bitmap is None:
             continue

@@ -67,10 +67,12 @@ class VideoWriter:
 
     ``tags``: called at close with the SHA-256 of the encoded video stream (`provenance.stream_sha256`), it
     returns the MP4 tags to write; the encoded file is then remuxed (``-c copy``, the frames are not encoded
-    again) with them under ``moov/udta/meta`` (``-movflags use_metadata_tags``)."""
+    again) with them under ``moov/udta/meta`` (``-movflags use_metadata_tags``). ``sign(src, dst)``, last:
+    writes the file to ``dst`` signed (a C2PA manifest)."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float,
-                 crf: int = 18, preset: str = "medium", tags: Callable[[str], dict[str, str]] | None = None):
+                 crf: int = 18, preset: str = "medium", tags: Callable[[str], dict[str, str]] | None = None,
+                 sign: Callable[[Path, Path], None] | None = None):
         for name, value in (("width", width), ("height", height)):
             if not valid_frame_side(value):
                 raise ValueError(f"{name}: got {value}, expected an even number > 0 (H.264 in yuv420p halves the "
@@ -83,7 +85,7 @@ class VideoWriter:
         self._sha = hashlib.sha256()
         self._state = "open"  # -> "closed" (file at path) or "aborted" (nothing left behind)
         self._tmp = _partial_path(self.path, ".mp4")
-        self._tags = tags
+        self._tags, self._sign = tags, sign
         rate = _rate(self.fps)
         flags = {"movflags": "+faststart"} if tags is None else {}  # with tags, the remux moves moov first
         stream = (
@@ -150,6 +152,13 @@ class VideoWriter:
         try:
             if self._tags is not None:
                 self._add_tags()
+            if self._sign is not None:  # sign(src, dst): the file again, with a C2PA manifest
+                signed = _partial_path(self.path, ".mp4")
+                try:
+                    self._sign(self._tmp, signed)
+                    os.replace(signed, self._tmp)
+                finally:
+                    signed.unlink(missing_ok=True)
             os.replace(self._tmp, self.path)
         except BaseException:  # nothing left behind: no partial file, no untagged output
             self.abort()
@@ -266,16 +275,24 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
     return np.stack(frames) if frames else np.empty((0, height, width, 3), np.uint8)
 
 
-def read_first_frame(path: str | os.PathLike) -> np.ndarray:
-    """The first frame, uint8 (H, W, 3), decoding nothing after it."""
+def iter_frames(path: str | os.PathLike, limit: int | None = None):
+    """Decoded uint8 (H, W, 3) frames, one at a time, at most `limit` (decoding nothing after them)."""
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     try:
         width, height = next(reader)["size"]
-        return np.frombuffer(next(reader), np.uint8).reshape(height, width, 3).copy()
-    except StopIteration:
-        raise ValueError(f"{path}: no frames") from None
+        for i, buf in enumerate(reader):
+            if limit is not None and i >= limit:
+                break
+            yield np.frombuffer(buf, np.uint8).reshape(height, width, 3)
     finally:
         reader.close()
+
+
+def read_first_frame(path: str | os.PathLike) -> np.ndarray:
+    """The first frame, uint8 (H, W, 3), decoding nothing after it."""
+    for frame in iter_frames(path, 1):
+        return frame.copy()
+    raise ValueError(f"{path}: no frames")
 
 
 def preview_indices(num_frames: int, count: int = 16) -> list[int]:

@@ -13,14 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from longtake import bench_watermark, watermark
 from longtake import label as labels
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
 from longtake.cluster.engine import prepare, run
-from longtake.provenance import AIGC_FIELDS, Provenance, load_key, stream_sha256, verify
+from longtake.provenance import AIGC_FIELDS, C2PA_FILES, SOURCE_TYPE, Provenance, load_key, stream_sha256, verify
 from longtake.request import RequestError
 from longtake.serve.manager import JobManager, Limits
 from longtake.video import VideoWriter, ffmpeg_exe, read_frames
+from longtake.watermark import payload_of
 
 
 def ffprobe() -> str:
@@ -61,10 +63,15 @@ def _request(model, out, **kw) -> dict:
             "model": model, "out": str(out), **kw}
 
 
-@pytest.mark.parametrize("width, height", [(64, 64), (96, 64), (256, 256), (512, 288), (1280, 720)])
+@pytest.mark.parametrize("width, height", [(32, 32), (64, 64), (96, 64), (256, 256), (512, 288), (1280, 720)])
 @pytest.mark.parametrize("text", [labels.DEFAULT_TEXT, "AI生成"])
 def test_the_label_fits_the_frame_and_is_at_least_5_percent_of_its_short_side_high(width, height, text):
+    if width < 50 and text != labels.DEFAULT_TEXT:
+        with pytest.raises(labels.LabelError, match="label_text"):  # a text of one's own is never shortened
+            labels.layout(text, labels.DEFAULT_POSITION, width, height)
+        return
     lay = labels.layout(text, labels.DEFAULT_POSITION, width, height)
+    assert lay.text == (labels.SHORT_TEXT if width < 52 else text)
     x0, y0, x1, y1 = lay.box
     assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
     assert lay.mask.shape[0] >= labels.MIN_HEIGHT_SHARE * min(width, height)
@@ -73,6 +80,17 @@ def test_the_label_fits_the_frame_and_is_at_least_5_percent_of_its_short_side_hi
     lay.draw(frame)
     assert labels.detect(frame[0], lay)["present"]
     assert not labels.detect(np.full((height, width, 3), 128, np.uint8), lay)["present"]
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_the_watermark_survives_reencoding_resizing_and_excerpts_unseen(tmp_path, size):
+    row = bench_watermark.trial(bench_watermark._longtake_embed, bench_watermark._longtake_read, size, tmp_path, "t")
+    assert row["psnr_db"] >= 38, row
+    assert set(row["bit_accuracy"]) == {"none", "crf28", "half", "excerpt_2s", "half_excerpt_2s"}
+    assert min(row["bit_accuracy"].values()) >= 0.95, row
+    assert not row["false_positive"]
+    plain = bench_watermark.make_clip(size, seconds=2)  # never marked: the CRC says so
+    assert not watermark.read(plain)["found"]
 
 
 def test_a_label_that_cannot_be_drawn_is_refused_before_any_work(tiny_model, tmp_path):
@@ -113,20 +131,22 @@ def test_a_default_render_is_labelled_tagged_and_verifies(tiny_model, pool, tmp_
     present = [labels.detect(f, lay)["present"] for f in frames]
     assert result.labelled_frames == math.ceil(2 * 8) == 16
     assert present == [True] * 16 + [False] * (len(frames) - 16)
-    # verify: marked, intact with the key, unchecked without it
+    # verify: marked, intact with the key, unchecked without it; the watermark names the job
     report = verify(out, load_key(key_dir, create=False))
     assert report["marked"] and report["integrity"] == "intact" and report["visible_label"]["present"]
+    assert report["watermark"]["found"] and report["watermark"]["payload"] == f"{payload_of(result.produce_id):08x}"
+    assert tags["watermark"] == f"{watermark.NAME} {report['watermark']['payload']}"
     assert verify(out)["integrity"] == "unchecked (no key)"
     assert verify(out, b"\0" * 32)["integrity"] == "altered"
 
 
-def test_frames_sha256_is_the_frames_as_generated_whatever_the_label(tiny_model, pool, tmp_path):
+def test_frames_sha256_is_the_frames_as_generated_whatever_the_label_and_watermark(tiny_model, pool, tmp_path):
     results = {mode: run(prepare(_request(tiny_model, tmp_path / f"{mode}.mp4", label=mode)), pool, progress=False,
                          provenance=Provenance.local(tmp_path))
                for mode in ("start", "always", "none")}
     assert len({r.frames_sha256 for r in results.values()}) == 1
-    assert results["none"].delivered_sha256 == results["none"].frames_sha256
-    assert len({r.delivered_sha256 for r in results.values()}) == 3
+    delivered = {r.delivered_sha256 for r in results.values()}  # watermarked, then labelled on 0, 16 or 24 frames
+    assert len(delivered) == 3 and results["none"].frames_sha256 not in delivered
     assert [r.labelled_frames for r in results.values()] == [16, 24, 0]
     unlabelled = verify(tmp_path / "none.mp4", load_key(tmp_path))
     assert unlabelled["tags"]["label"] == "none" and not unlabelled["visible_label"]["present"]
@@ -175,3 +195,64 @@ def test_serve_refuses_an_unlabelled_request_unless_allowed(tmp_path, tiny_model
     finally:
         strict.close()
         allowing.close()
+
+
+def _c2pa_credentials(directory: Path) -> None:
+    """A test CA and a signing certificate it issued (c2pa-rs refuses a self-signed signer), written as
+    provenance.C2PA_FILES."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "longtake test")])
+
+    def usage(sign_certs: bool):
+        return x509.KeyUsage(digital_signature=not sign_certs, content_commitment=False, key_encipherment=False,
+                             data_encipherment=False, key_agreement=False, key_cert_sign=sign_certs,
+                             crl_sign=sign_certs, encipher_only=False, decipher_only=False)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(usage(True), critical=True).sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(name("longtake test signer")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(usage(False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_file, key_file = (directory / name for name in C2PA_FILES)
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+
+def test_a_configured_certificate_signs_a_c2pa_manifest_beside_the_rest(tiny_model, pool, tmp_path):
+    _c2pa_credentials(tmp_path)
+    out = tmp_path / "signed.mp4"
+    result = run(prepare(_request(tiny_model, out)), pool, progress=False, provenance=Provenance.local(tmp_path))
+    report = verify(out, load_key(tmp_path))
+    c2pa = report["c2pa"]
+    assert c2pa["present"] and c2pa["claim_generator"] == ["longtake"]
+    assert c2pa["signer"]["common_name"] == "longtake test signer"
+    assert [(a["action"], a["digitalSourceType"]) for a in c2pa["actions"]] == [("c2pa.created", SOURCE_TYPE)]
+    assert c2pa["validation"] == ["signingCredential.untrusted"]  # our test CA is in no trust list; nothing else
+    # the manifest sits beside the video stream: the metadata, its integrity code and the watermark all hold
+    assert report["integrity"] == "intact" and report["watermark"]["found"]
+    tags = json.loads(subprocess.run([ffprobe(), "-v", "error", "-show_format", "-of", "json", str(out)],
+                                     capture_output=True, text=True, check=True).stdout)["format"]["tags"]
+    assert json.loads(tags["AIGC"])["ProduceID"] == result.produce_id
+    (tmp_path / C2PA_FILES[1]).unlink()  # a certificate without its key: refused before any work
+    with pytest.raises(ValueError, match="without .*c2pa-key.pem"):
+        Provenance.local(tmp_path)

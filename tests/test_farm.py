@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from longtake.cli import main
 from longtake.cluster import farm
 from longtake.cluster.checkpoint import Checkpointer, CheckpointError
 from longtake.cluster.engine import Cancelled, fingerprint, prepare, run
+from longtake.video import ffmpeg_exe
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
 
@@ -302,6 +304,13 @@ def test_killed_worker_window_is_retried_and_logged(tmp_path, tiny_model, refere
     assert main(["verify", done.result["out"], "--farm-dir", str(farm_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["integrity"] == "intact" and report["job"]["id"] == record.id == report["aigc"]["ProduceID"]
+    # stripped of its metadata and re-encoded, the watermark still names the job
+    stripped = tmp_path / "stripped.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", done.result["out"], "-map_metadata", "-1", "-c:v", "libx264",
+                    "-crf", "28", str(stripped)], check=True)
+    assert main(["verify", str(stripped), "--farm-dir", str(farm_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["aigc"] is None and report["job"] == {"id": record.id, "state": "done", "found_by": "watermark"}
 
 
 def test_bad_worker_is_excluded_and_the_job_still_finishes(tmp_path, tiny_model, reference, ray_session):

@@ -34,6 +34,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ from longtake.label import Layout, LabelError, frames_labelled
 from longtake.label import layout as layout_label
 from longtake.media import video_chunks
 from longtake.provenance import Provenance
+from longtake.watermark import Embedder, payload_of
 from longtake.video import VideoWriter, contact_sheet, preview_indices
 
 logger = logging.getLogger(__name__)
@@ -327,8 +329,9 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     reason is in DISCARD (a cancelled job's checkpoints are deleted; a job whose lease was lost is another
     runner's now).
     `provenance`: who produced the video and the key of its AIGC metadata (default: `Provenance.local()`,
-    the CLI's key); the visible label is the request's (`job.label`), drawn on the frames written and the
-    preview; `on_frames` sees the frames as generated, without it."""
+    the CLI's key); the new frames carry an invisible watermark naming the job (`watermark.py`), and the
+    visible label is the request's (`job.label`), drawn on the frames written and the preview; `on_frames`
+    sees the frames as generated, without either."""
     t0 = time.perf_counter()
     provenance = provenance or Provenance.local()
     req, plan = job.request, job.windows
@@ -450,26 +453,28 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     bar = _bar(job.output_frames, "decode", "frame", progress)
     inputs = job.inputs
     keep = (inputs.ctx_before, inputs.ctx_before + job.new_frames)  # the new frames, in the denoised clip
-    generated = hashlib.sha256()  # frames_sha256: the frames before the label
+    generated = hashlib.sha256()  # frames_sha256: the frames before the watermark and the label
+    produce_id = provenance.produce_id_for(req.model_dump(mode="json"))
+    marker = Embedder(payload_of(produce_id), job.width, job.height)  # the new frames' invisible watermark
     labelled = frames_labelled(req.label, req.fps, job.output_frames) if job.label is not None else 0
     label_info = {"mode": req.label, "text": req.label_text, "position": req.label_position}
-    produce = {}
 
     def tags(stream_sha256: str) -> dict[str, str]:
-        found = provenance.tags(request=req.model_dump(mode="json"), frames_sha256=generated.hexdigest(),
-                                delivered_sha256=writer.sha256, stream_sha256=stream_sha256, label=label_info)
-        produce["id"] = json.loads(found["AIGC"])["ProduceID"]
-        return found
+        return provenance.tags(request=req.model_dump(mode="json"), frames_sha256=generated.hexdigest(),
+                               delivered_sha256=writer.sha256, stream_sha256=stream_sha256, label=label_info)
 
-    with VideoWriter(req.out, job.width, job.height, req.fps, tags=tags) as writer:
-        def emit(frames: np.ndarray) -> None:  # (n, H, W, 3), the output's next frames
+    sign = (lambda src, dst: provenance.sign(src, dst, Path(req.out).name)) if provenance.c2pa else None
+    with VideoWriter(req.out, job.width, job.height, req.fps, tags=tags, sign=sign) as writer:
+        def emit(frames: np.ndarray, new: bool = True) -> None:  # (n, H, W, 3), the output's next frames
             first = writer.frames_written
             generated.update(np.ascontiguousarray(frames))
             if on_frames is not None:
                 on_frames(first, frames)
-            if first < labelled:
+            if first < labelled:  # the label first: the watermark is then measured on what is written
                 frames = frames.copy()
                 job.label.draw(frames[: labelled - first])
+            if new:  # frames made here (an input clip's frames keep whatever mark they carry)
+                frames = marker.mark(frames)
             writer.write(frames)
             previews.extend((first + k, frames[k].copy()) for k in range(len(frames)) if first + k in sampled)
             bar.update(len(frames))
@@ -477,7 +482,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
 
         if inputs.before is not None:  # extend: the input's frames, as read, then the new ones
             for frames in video_chunks("extend", inputs.before.path, req.fps, job.width, job.height):
-                emit(frames)
+                emit(frames, new=False)
         done = 0  # frames of the denoised clip decoded so far
         for frames in decoded:  # (n, H, W, 3)
             lo, hi = max(keep[0] - done, 0), min(keep[1] - done, len(frames))
@@ -488,7 +493,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
                 break  # only a context already read, or the frame rule's surplus, is left
         if inputs.after is not None:  # lead_into: its frames close the output
             for frames in video_chunks("lead_into", inputs.after.path, req.fps, job.width, job.height):
-                emit(frames)
+                emit(frames, new=False)
     decoded.close()  # stops a stream still decoding the surplus
     bar.close()
     if req.preview:
@@ -516,7 +521,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         wall_s=round(time.perf_counter() - t0, 3),
         frames_sha256=generated.hexdigest(),
         delivered_sha256=writer.sha256,
-        produce_id=produce.get("id", ""),
+        produce_id=produce_id,
         label=req.label,
         labelled_frames=labelled,
         model=req.model,

@@ -124,14 +124,15 @@ def make_ray_pool(job: Job, address: str | None = None, timings: dict | None = N
 
 
 def render(request: RenderRequest | dict | Job, pool=None, progress: bool = False, address: str | None = None,
-           in_process: bool | None = None, on_frames=None) -> RenderResult:
+           in_process: bool | None = None, on_frames=None, provenance=None) -> RenderResult:
     """Render a request (or a job `prepare` made: its media inputs are not opened again) to an MP4; returns
     the summary. Bad input raises RequestError before anything starts. Give `pool` to reuse workers across
     renders (it is left running). `in_process`: True, one worker in this process; False, Ray; None (the
-    default), in this process when `local_reason` says so."""
+    default), in this process when `local_reason` says so. `provenance`: see `engine.run` (default: the CLI's
+    key, `provenance.Provenance.local`)."""
     job = request if isinstance(request, Job) else prepare(request)
     if pool is not None:
-        return run(job, pool, progress, on_frames)
+        return run(job, pool, progress, on_frames, provenance=provenance)
     if in_process is None:
         reason = local_reason(job, address)
         if reason:
@@ -145,7 +146,7 @@ def render(request: RenderRequest | dict | Job, pool=None, progress: bool = Fals
         pool, started = make_ray_pool(job, address, around)
     around["workers_start_s"] = round(time.perf_counter() - t0, 3)
     try:
-        result = run(job, pool, progress, on_frames)
+        result = run(job, pool, progress, on_frames, provenance=provenance)
     finally:
         t1 = time.perf_counter()
         pool.shutdown()
