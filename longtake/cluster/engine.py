@@ -16,7 +16,11 @@
         4. decode: window-length chunks on any worker (per-frame VAEs), or one ordered streamed session
            (causal 3D VAEs); frames stream in order into ffmpeg, the surplus of the model's frame rule
            (Wan: 4k+1) dropped at the end, so the MP4 has exactly round(seconds * fps) new frames, after
-           an extended clip's frames and before a lead-into clip's (passed through as read)
+           an extended clip's frames and before a lead-into clip's (passed through as read);
+           frames_sha256 is taken on them as generated, then the visible label (`label.py`) is drawn on the
+           opening seconds and the invisible watermark (`watermark.py`) on the new frames; the finished MP4
+           is remuxed with its AIGC metadata and integrity code, and C2PA-signed when configured
+           (`provenance.py`)
         progress: {phase, step (steps completed), steps, window_steps_done, window_steps_total, frames_done,
         frames, eta_s} per window and decoded chunk, then once with phase "done" and the final numbers
 
