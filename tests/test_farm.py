@@ -559,7 +559,7 @@ def test_status_has_one_json_shape_and_short_tables(tmp_path, tiny_model, capsys
     assert main(["status", record.id, *args, "--json"]) == 0
     one = json.loads(capsys.readouterr().out)
     assert listed == [one]
-    assert set(one) == {"id", "status", "priority", "created", "updated", "request", "progress", "error", "result"}
+    assert set(one) == {"id", "status", "priority", "created", "updated", "request", "progress", "error", "result", "client"}
     assert one["status"] == "queued" and one["request"]["prompt"] == prompt
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", one["created"])
     assert set(one["progress"]) == {"phase", "step", "steps", "window_steps_done", "window_steps_total",

@@ -110,18 +110,21 @@ def _upload(manager, owner: str, name: str = "a.png", colour: str = "red") -> st
     return manager.files.add(path, owner, name)["id"]
 
 
-def test_an_uploaded_file_belongs_to_the_token_that_sent_it(idle):
+def test_an_uploaded_file_belongs_to_the_client_that_sent_it(idle):
     from longtake.serve.files import owner_of
 
-    alice, bob = owner_of("token-a"), owner_of("token-b")
+    alice, bob = owner_of("alice"), owner_of("bob")
     file_id = _upload(idle, alice)
     assert idle.files.get(file_id, alice)["kind"] == "image" and idle.files.get(file_id, bob) is None
     with pytest.raises(RequestError, match="the id of a file you uploaded") as e:
-        idle.submit({**JOB, "keyframes": [{"image": file_id, "at": 0.5}]}, owner=bob)
+        idle.submit({**JOB, "keyframes": [{"image": file_id, "at": 0.5}]}, client="bob")
     assert e.value.field == "keyframes[0].image" and e.value.value == file_id
     assert idle.delete_file(file_id, bob) == {"deleted": False} and idle.files.get(file_id, alice)
-    job, _ = idle.submit({**JOB, "image": file_id}, owner=alice)
-    assert job["request"]["image"] == file_id  # stored as sent
+    job, _ = idle.submit({**JOB, "image": file_id}, client="alice")
+    assert job["request"]["image"] == file_id and job["client"] == "alice"  # stored as sent, and whose
+    assert idle.get(job["id"], "bob") is None and idle.get(job["id"], "alice") and idle.get(job["id"])
+    assert idle.list(client="bob")["total"] == 0 and idle.list(client="alice")["total"] == 1
+    assert idle.delete(job["id"], "bob") is None and idle.cancel(job["id"], "bob") is None
     assert idle.delete_file(file_id, alice) == {"in_use": [job["id"]]}  # the queued job needs it
     idle.delete(job["id"])
     assert idle.delete_file(file_id, alice) == {"deleted": True} and idle.files.get(file_id, alice) is None
@@ -136,7 +139,7 @@ def test_a_media_error_names_the_file_id_never_the_server_path(idle, tmp_path):
     from longtake.serve.files import owner_of
     from longtake.video import VideoWriter
 
-    owner = owner_of("t")
+    owner = owner_of("t")  # the files of client "t"
     image = _upload(idle, owner)
     with VideoWriter(tmp_path / "short.mp4", 64, 64, 8) as w:
         w.write(np.zeros((4, 64, 64, 3), np.uint8))
@@ -144,10 +147,10 @@ def test_a_media_error_names_the_file_id_never_the_server_path(idle, tmp_path):
     shutil.copy(tmp_path / "short.mp4", path)
     video = idle.files.add(path, owner, "short.mp4")["id"]
     with pytest.raises(RequestError, match="a video file \\(this one is an image\\)") as e:
-        idle.submit({**JOB, "extend": image}, owner=owner)
+        idle.submit({**JOB, "extend": image}, client="t")
     assert e.value.field == "extend"
     with pytest.raises(RequestError, match="at least 16 frames") as e:  # 2 s of context from a 4-frame clip
-        idle.submit({**JOB, "extend": video, "context": 2}, owner=owner)
+        idle.submit({**JOB, "extend": video, "context": 2}, client="t")
     assert e.value.field == "extend" and e.value.value == video and str(idle.data_dir) not in str(e.value)
 
 

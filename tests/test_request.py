@@ -7,7 +7,7 @@ import json
 import pytest
 
 from longtake.cli import build_parser, request_from_args
-from longtake.request import RenderRequest, RequestError, parse_request
+from longtake.request import FIELD_BOUNDS, RenderRequest, RequestError, parse_request
 
 
 def test_negative_is_an_alias_of_negative_prompt_and_dumps_by_name(tmp_path):
@@ -52,3 +52,50 @@ def test_unknown_timeline_key_suggests_the_closest_key():
     with pytest.raises(RequestError) as e:
         parse_request({"timeline": [{"at": 0, "promt": "a ball"}]})
     assert str(e.value) == "timeline[0].promt: got 'a ball', expected no such field (did you mean 'prompt'?)"
+
+
+def _base(name: str) -> dict:
+    """A valid request that a value of `name` can be tried in (the fields some rules need)."""
+    base = {"prompt": "a red ball", "seconds": 2}
+    if name == "strength":
+        base["video"] = "in.mp4"
+    if name == "context":
+        base["extend"] = "in.mp4"
+    if name == "overlap":
+        base["window"] = 10**6
+    return base
+
+
+@pytest.mark.parametrize("name", sorted(n for n, b in FIELD_BOUNDS.items() if b))
+def test_field_bounds_are_what_the_validators_take(name, tmp_path):
+    """FIELD_BOUNDS (what the served OpenAPI schema documents) against the validators: each bound is
+    accepted and a value just past it refused, naming the field."""
+    import re
+
+    bounds = FIELD_BOUNDS[name]
+    ok, bad = [], []
+    for key, limit in bounds.items():
+        step = 1 if name in ("height", "width", "steps", "seed", "window", "overlap", "workers") else 1e-6
+        if key == "minimum":
+            ok.append(limit)
+            bad.append(limit - step)
+        elif key == "maximum":
+            ok.append(limit)
+            bad.append(limit + step if step == 1 or limit < 1e6 else limit * 1.001)
+        elif key == "exclusiveMinimum":
+            ok.append(limit + {"fps": 0.5, "seconds": 0.125}.get(name, step))  # (still one frame)
+            bad.append(limit)
+        elif key == "maxLength":
+            ok.append("x" * limit)
+            bad.append("x" * (limit + 1))
+        elif key == "pattern":
+            ok.append("a b")
+            bad.append("   ")
+            assert re.search(limit, "a b") and not re.search(limit, "   ")
+    for value in ok:
+        req = parse_request({**_base(name), name: value, "out": str(tmp_path / "a.mp4")})
+        assert getattr(req, name) == value
+    for value in bad:
+        with pytest.raises(RequestError) as e:
+            parse_request({**_base(name), name: value, "out": str(tmp_path / "a.mp4")})
+        assert e.value.field == name, (value, e.value)

@@ -15,6 +15,7 @@ from PIL import Image
 from longtake.cli import main
 from longtake.cluster import farm
 from longtake.cluster.retention import DAY, Audit, Retention, RetentionError, parse_duration
+from longtake.serve.files import owner_of
 from longtake.serve.manager import Gone, JobManager, Limits
 
 SECRET = "a zebra named Quillfeather-5521 dancing"  # what must leave the database files
@@ -39,13 +40,13 @@ def test_bad_durations_name_the_field(text):
 def _upload(manager: JobManager, value: int) -> str:
     path = manager.files.incoming()  # where the ingress writes an upload
     Image.fromarray(np.full((64, 64, 3), value, np.uint8)).save(path, format="PNG")
-    return manager.files.add(path, owner="o1")["id"]
+    return manager.files.add(path, owner=owner_of("o1"))["id"]
 
 
 def _finish(manager: JobManager, job_id: str) -> Path:
     """Mark a queued job done with files in its directory, as a render leaves them."""
     d = manager.job_dir(job_id)
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)  # (its log.txt is there from the submit)
     (d / "video.mp4").write_bytes(b"\0" * 1000)
     (d / "preview.png").write_bytes(b"\0" * 10)
     assert manager.store.update(job_id, state="done", result={"frames": 16})
@@ -59,7 +60,7 @@ def test_the_sweep_deletes_exactly_what_expired_and_audits_it(tmp_path, tiny_mod
         old_upload, used_upload = _upload(manager, 200), _upload(manager, 100)
         done, _ = manager.submit({"prompt": SECRET, "seconds": 2, "fps": 8, "steps": 2, "window": 8, "overlap": 2})
         queued, _ = manager.submit({"prompt": "a red ball", "seconds": 2, "fps": 8, "steps": 2, "window": 8,
-                                    "overlap": 2, "image": used_upload}, owner="o1")
+                                    "overlap": 2, "image": used_upload}, client="o1")
         job_dir = _finish(manager, done["id"])
         assert SECRET.encode() in db_bytes(data / "jobs.db")
         now = time.time()
@@ -74,10 +75,11 @@ def test_the_sweep_deletes_exactly_what_expired_and_audits_it(tmp_path, tiny_mod
         assert not (manager.files.root / old_upload).exists() and (manager.files.root / used_upload).is_dir()
         assert manager.get(done["id"])["status"] == "done" and job_dir.is_dir()
 
+        log_bytes = (job_dir / "log.txt").stat().st_size  # the job's log goes with it
         swept = manager.gc(now=now + 366 * DAY)
         assert [(d["what"], d["id"]) for d in swept] == [("output", done["id"])]
-        assert swept[0]["bytes"] == 1010 and sorted(swept[0]["files"]) == [
-            f"jobs/{done['id']}/preview.png", f"jobs/{done['id']}/video.mp4"]
+        assert swept[0]["bytes"] == 1010 + log_bytes and sorted(swept[0]["files"]) == [
+            f"jobs/{done['id']}/log.txt", f"jobs/{done['id']}/preview.png", f"jobs/{done['id']}/video.mp4"]
         assert not job_dir.exists()
         with pytest.raises(Gone, match="expired"):
             manager.get(done["id"])
@@ -102,7 +104,7 @@ def test_delete_on_request_is_physical_and_audited(tmp_path, tiny_model):
         with pytest.raises(Gone, match="deleted on request"):
             manager.get(job["id"])
         upload = _upload(manager, 0)
-        assert manager.delete_file(upload, "o1") == {"deleted": True}
+        assert manager.delete_file(upload, owner_of("o1")) == {"deleted": True}
         lines = Audit(data).lines()
         assert [(a["what"], a["id"], a["why"].split(" (")[0]) for a in lines] == [
             ("output", job["id"], "deleted on request"), ("upload", upload, "deleted on request")]

@@ -182,7 +182,14 @@ def test_malformed_and_oversized_bodies(server):
     assert r.status_code == 400
     r = call(server, "POST", "/v1/videos", data=json.dumps({**JOB, "prompt": "x" * 5000}))
     assert r.status_code == 413
-    assert call(server, "GET", "/v1/videos/nope").status_code == 404
+    assert call(server, "GET", "/v1/videos/0123456789abcdef").status_code == 404
+    r = call(server, "GET", "/v1/videos/nope")  # not a job id at all
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "job_id", r.text
+    # every error has the one documented shape
+    for r in (call(server, "GET", "/v1/videos/0123456789abcdef"), call(server, "GET", "/v1/videos", token=None),
+              call(server, "GET", "/v1/videos?limit=0"), call(server, "GET", "/no/such/route")):
+        assert set(r.json()) == {"detail"} and set(r.json()["detail"]) == {"field", "error"}, r.text
+        assert isinstance(r.json()["detail"]["error"], str) and r.json()["detail"]["error"]
     assert call(server, "GET", "/v1/videos").json()["total"] == before
 
 
@@ -368,17 +375,27 @@ def test_serve_pool_renders_a_wan_job_like_the_in_process_pool(server, tiny_wan_
 
 def test_schema_driven_fuzz_never_gets_a_5xx(server):
     """Every operation of the served OpenAPI schema, with valid and invalid generated inputs and a valid
-    token: no input may produce a 5xx. Bounded: a fixed number of examples per operation, derandomized."""
+    key: no input produces a 5xx, every response has a documented status, content type and shape, invalid
+    inputs are rejected, and a valid render request is accepted (202, 200 or 429) unless it breaks one of
+    the rules the schema lists in x-rules (a 422 naming one of that rule's fields). Bounded: a fixed number
+    of examples per operation, derandomized."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
+    from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
+                                     response_schema_conformance, status_code_conformance)
 
     schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
-    seen = []
+    body_schema = call(server, "GET", "/openapi.json").json()["paths"]["/v1/videos"]["post"]["requestBody"]
+    rule_fields = {f for rule in body_schema["content"]["application/json"]["schema"]["x-rules"] for f in rule["fields"]}
+    seen, renders = [], {GenerationMode.POSITIVE: [], GenerationMode.NEGATIVE: []}
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+                      response_schema_conformance] + ([negative_data_rejection] if mode == GenerationMode.NEGATIVE else [])
+
             @given(case=operation.as_strategy(generation_mode=mode))
             @settings(max_examples=30, deadline=None, derandomize=True, database=None,
                       suppress_health_check=list(HealthCheck))
@@ -386,12 +403,24 @@ def test_schema_driven_fuzz_never_gets_a_5xx(server):
                 r = case.call(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
                 seen.append(r.status_code)
                 assert r.status_code < 500, (case.method, case.formatted_path, case.query, case.body, r.text[:500])
+                case.validate_response(r, checks=checks)
+                if (case.method, case.path) == ("POST", "/v1/videos"):
+                    renders[mode].append(r.status_code)
+                    if mode == GenerationMode.POSITIVE and r.status_code not in (200, 202, 429) and not (
+                            r.status_code == 409 and r.json()["detail"]["field"] == "Idempotency-Key"):  # key reused
+                        field = r.json()["detail"]["field"] or ""
+                        assert r.status_code == 422 and field.split("[")[0].split(".")[0] in rule_fields, \
+                            (case.body, r.status_code, r.text[:500])
+                    if mode == GenerationMode.NEGATIVE:
+                        assert 400 <= r.status_code < 500, (case.body, r.status_code, r.text[:300])
 
             try:
                 check()
             except Unsatisfiable:  # no invalid input exists for an operation without parameters
                 assert mode == GenerationMode.NEGATIVE and not operation.query and not operation.body
     assert len(seen) > 100 and any(400 <= code < 500 for code in seen)
+    accepted = [c for c in renders[GenerationMode.POSITIVE] if c in (200, 202, 429)]
+    assert len(renders[GenerationMode.POSITIVE]) >= 20 and accepted, renders  # the render path is reached
     for job in call(server, "GET", "/v1/videos?limit=100").json()["data"]:  # what the fuzzer queued
         call(server, "DELETE", f"/v1/videos/{job['id']}")
 
@@ -509,3 +538,129 @@ def test_jobs_share_the_denoisers_shortest_first_and_none_stops(tiny_model):
     state = pool.begin_job(None)
     pool.submit("predict", (0,))
     assert list(pool._jobs) == [state] and pool._share(state) == 4
+
+
+def test_the_schema_documents_the_body_with_this_servers_limits(server, tiny_model):
+    """The body of POST /v1/videos is typed: every field's bound, this server's limits and the model's size
+    multiple, the server-chosen fields left out, the label this server refuses left out, bearer keys."""
+    spec = call(server, "GET", "/openapi.json", token=None).json()
+    body = spec["paths"]["/v1/videos"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+    def value(name):
+        prop = body["properties"][name]
+        return next((b for b in prop.get("anyOf", []) if b.get("type") != "null"), prop)
+
+    assert value("seconds")["maximum"] == 20 and value("seconds")["exclusiveMinimum"] == 0  # Limits(max_seconds=20)
+    assert value("steps") == {**value("steps"), "minimum": 1, "maximum": 10}
+    from pathlib import Path
+
+    from longtake.pipelines import inspect_model
+
+    multiple = inspect_model(tiny_model).layout.pixel_multiple
+    assert value("height")["maximum"] == 128 and value("height")["multipleOf"] == multiple
+    assert body["properties"]["label"]["enum"] == ["start", "always"]  # no --allow-unlabelled
+    assert body["properties"]["model"]["enum"] == [Path(tiny_model).name]
+    assert not {"out", "preview", "device", "workers"} & set(body["properties"])
+    assert body["additionalProperties"] is False and body["x-rules"]
+    assert value("image")["pattern"].startswith("^file-")
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if path.startswith("/v1/"):
+                assert operation["security"] == [{"key": []}], (method, path)
+                for code, response in operation["responses"].items():
+                    if code.startswith("4"):
+                        assert response["content"]["application/json"]["schema"] == {
+                            "$ref": "#/components/schemas/Error"}, (method, path, code)
+    for name in ("Job", "JobList", "Accepted", "Changed", "FileMeta", "Links", "Me", "Error"):
+        assert name in spec["components"]["schemas"]
+
+
+def test_keys_own_their_jobs_files_and_limits(server, serve_dir, media):
+    """Client keys (hashed on disk): a job, its files, its log and its uploads are 404 to another client,
+    an admin key sees all, idempotency keys are per client, each key has its own job limit (429 with
+    Retry-After), and a revoked key is refused."""
+    from longtake.serve.keys import KeyStore
+
+    keys = KeyStore(serve_dir)
+    alice, bob, boss = keys.add("alice"), keys.add("bob", max_jobs=1), keys.add("boss", admin=True)
+    on_disk = (serve_dir / "api_keys.json").read_text()
+    assert alice not in on_disk and bob not in on_disk and boss not in on_disk and "sha256" in on_disk
+    assert oct((serve_dir / "api_keys.json").stat().st_mode & 0o777) == "0o600"
+    assert call(server, "GET", "/v1/me", token=bob).json() == {"name": "bob", "admin": False, "max_jobs": 1}
+
+    mine = call(server, "POST", "/v1/videos", token=alice, json={**JOB, "seed": 5}, headers={"Idempotency-Key": "k1"})
+    job_id = mine.json()["id"]
+    theirs = call(server, "POST", "/v1/videos", token=bob, json={**JOB, "seed": 5}, headers={"Idempotency-Key": "k1"})
+    assert mine.status_code == theirs.status_code == 202 and theirs.json()["id"] != job_id  # same key, two clients
+    assert call(server, "GET", f"/v1/videos/{job_id}", token=alice).json()["client"] == "alice"
+    for method, path in (("GET", ""), ("GET", "/content"), ("GET", "/preview"), ("GET", "/log"), ("GET", "/events"),
+                         ("POST", "/links"), ("POST", "/cancel"), ("DELETE", "")):
+        r = call(server, method, f"/v1/videos/{job_id}{path}", token=bob)
+        assert r.status_code == 404, (method, path, r.status_code, r.text)  # 404, not 403: ids do not leak
+    assert job_id not in [j["id"] for j in call(server, "GET", "/v1/videos?limit=100", token=bob).json()["data"]]
+    listed = call(server, "GET", "/v1/videos?limit=100", token=boss).json()["data"]
+    assert {job_id, theirs.json()["id"]} <= {j["id"] for j in listed}  # an admin sees every client's
+    assert call(server, "GET", f"/v1/videos/{job_id}", token=boss).status_code == 200
+
+    # bob may have one job at once: a second is 429 with Retry-After, and nothing is queued
+    full = call(server, "POST", "/v1/videos", token=bob, json={**JOB, "seed": 6})
+    assert full.status_code == 429 and int(full.headers["Retry-After"]) > 0 and "bob" in full.json()["detail"]["error"]
+
+    # uploads: bob's file is not alice's to use or see
+    upload = call(server, "POST", "/v1/files", token=bob, files={"file": ("s.png", (media / "start.png").read_bytes())})
+    file_id = upload.json()["id"]
+    assert call(server, "GET", f"/v1/files/{file_id}", token=alice).status_code == 404
+    assert call(server, "DELETE", f"/v1/files/{file_id}", token=alice).status_code == 404
+    r = call(server, "POST", "/v1/videos", token=alice, json={**JOB, "image": file_id})
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "image"
+
+    # cancel: alice's job stops, a second cancel is 409, the log says so; the admin deletes bob's
+    assert call(server, "POST", f"/v1/videos/{job_id}/cancel", token=alice).json()["status"] == "cancelled"
+    assert call(server, "POST", f"/v1/videos/{job_id}/cancel", token=alice).status_code == 409
+    assert "cancelled on request" in call(server, "GET", f"/v1/videos/{job_id}/log", token=alice).text
+    assert call(server, "DELETE", f"/v1/videos/{theirs.json()['id']}", token=boss).json()["was"] in ("queued", "running")
+    assert call(server, "POST", "/v1/videos", token=bob, json={**JOB, "seed": 6}).status_code == 202  # room again
+    keys.revoke("bob")
+    assert call(server, "GET", "/v1/videos", token=bob).status_code == 403
+    assert call(server, "GET", "/v1/videos", token=alice).status_code == 200
+    for job in call(server, "GET", "/v1/videos?limit=100", token=boss).json()["data"]:
+        if job["client"] == "bob":
+            call(server, "DELETE", f"/v1/videos/{job['id']}", token=boss)
+
+
+def test_signed_links_play_the_video_without_the_key(server):
+    job_id = call(server, "POST", "/v1/videos", json={**JOB, "seed": 12}).json()["id"]
+    assert call(server, "POST", f"/v1/videos/{job_id}/links").status_code in (409, 200)  # 409 until done
+    assert wait_done(server, job_id)["status"] == "done"
+    links = call(server, "POST", f"/v1/videos/{job_id}/links").json()
+    assert "token" not in links["content"] and TOKEN not in json.dumps(links)
+    video = requests.get(server + links["content"], timeout=60)
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    part = requests.get(server + links["content"], headers={"Range": "bytes=10-19"}, timeout=60)
+    assert part.status_code == 206 and part.content == video.content[10:20]
+    assert requests.get(server + links["preview"], timeout=60).content[:4] == b"\x89PNG"
+    tampered = links["content"][:-1] + ("0" if links["content"][-1] != "0" else "1")
+    assert requests.get(server + tampered, timeout=60).status_code == 401
+    other = call(server, "POST", "/v1/videos", json={**JOB, "seed": 13}).json()["id"]  # a link names one job
+    assert requests.get(server + links["content"].replace(job_id, other), timeout=60).status_code == 401
+    sig = links["content"].split("link=")[1].split(".")[1]
+    stale = f"/v1/videos/{job_id}/content?link=1000.{sig}"  # expired (and so not signed for that time either)
+    assert requests.get(server + stale, timeout=60).status_code == 401
+    call(server, "DELETE", f"/v1/videos/{other}")
+
+
+def test_security_headers_and_no_cors(server):
+    for path, token in (("/", None), ("/static/app.js", None), ("/v1/videos", TOKEN), ("/openapi.json", None)):
+        r = call(server, "GET", path, token=token, headers={"Origin": "https://evil.example"})
+        assert r.status_code == 200, (path, r.status_code)
+        csp = r.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert "Access-Control-Allow-Origin" not in r.headers
+    page = call(server, "GET", "/", token=None).text
+    assert "<script src=" in page and "<script>" not in page and " style=" not in page and "http" not in page.split(
+        "<body")[1]  # no inline script or style, nothing from elsewhere
+    preflight = requests.options(server + "/v1/videos", headers={"Origin": "https://evil.example",
+                                                                  "Access-Control-Request-Method": "POST"}, timeout=30)
+    assert "Access-Control-Allow-Origin" not in preflight.headers
+    assert call(server, "GET", "/static/..%2Fapp.py", token=None).status_code == 404

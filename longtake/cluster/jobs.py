@@ -14,7 +14,9 @@ generation)` and change nothing once the job was taken from it; `Lease` heartbea
 The job-status JSON (`JobRecord.to_dict`, the one shape of `longtake status --json` and the HTTP API):
     {"id", "status", "priority", "created", "updated" (ISO 8601 UTC), "request" (as submitted, full prompt),
      "progress": {"phase", "step" (steps completed), "steps", "window_steps_done", "window_steps_total",
-                  "frames_done", "frames", "eta_s"}, "error", "result"}
+                  "frames_done", "frames", "eta_s"}, "error", "result", "client" (the API client that submitted
+     it, serve.keys; None on the farm)}
+Over HTTP an idempotency key belongs to its client: the store keeps it as "CLIENT/KEY" (`scoped_key`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     result TEXT,
     runner TEXT,
-    lease INTEGER NOT NULL DEFAULT 0
+    lease INTEGER NOT NULL DEFAULT 0,
+    client TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, created);
 """
@@ -63,8 +66,17 @@ class Conflict(Exception):
     """An idempotency key already used for a different request."""
 
 
+def scoped_key(client: str | None, key: str | None) -> str | None:
+    """An idempotency key as stored: one client's key never names another client's job."""
+    return None if key is None or client is None else f"{client}/{key}"
+
+
 class QueueFull(Exception):
     """Too many jobs queued or running; retry later."""
+
+
+class ClientFull(QueueFull):
+    """One client has as many jobs queued, running or paused as its key allows; retry later."""
 
 
 def iso(t: float) -> str:
@@ -91,13 +103,14 @@ class JobRecord:
     result: dict | None = None
     runner: str | None = None  # runner_id of the process rendering it
     lease: int = 0  # lease generation: grows at every claim
+    client: str | None = None  # the API client (serve.keys) that submitted it
 
     def to_dict(self) -> dict:
         """The one job-status shape (module docstring)."""
         progress = {k: self.progress.get(k) for k in PROGRESS_KEYS}
         return {"id": self.id, "status": self.state, "priority": self.priority, "created": iso(self.created),
                 "updated": iso(self.updated), "request": self.request, "progress": progress,
-                "error": self.error or None, "result": self.result}
+                "error": self.error or None, "result": self.result, "client": self.client}
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
@@ -105,7 +118,8 @@ def _record(row: sqlite3.Row) -> JobRecord:
         id=row["id"], state=row["state"], request=json.loads(row["request"]), priority=row["priority"],
         idempotency_key=row["idempotency_key"], created=row["created"], updated=row["updated"],
         progress=json.loads(row["progress"]), error=row["error"],
-        result=json.loads(row["result"]) if row["result"] else None, runner=row["runner"], lease=row["lease"])
+        result=json.loads(row["result"]) if row["result"] else None, runner=row["runner"], lease=row["lease"],
+        client=row["client"])
 
 
 def _check_int(name: str, value, low: int, high: int = SQLITE_INT_MAX) -> int:
@@ -128,6 +142,8 @@ class JobStore:
                 db.execute("ALTER TABLE jobs ADD COLUMN runner TEXT")
             if "lease" not in columns:  # a store made before leases
                 db.execute("ALTER TABLE jobs ADD COLUMN lease INTEGER NOT NULL DEFAULT 0")
+            if "client" not in columns:  # a store made before API keys
+                db.execute("ALTER TABLE jobs ADD COLUMN client TEXT")
 
     @contextmanager
     def _db(self):
@@ -141,10 +157,12 @@ class JobStore:
             db.close()
 
     def create(self, request: dict, priority: int = 0, idempotency_key: str | None = None,
-               max_active: int | None = None) -> tuple[JobRecord, bool]:
+               max_active: int | None = None, client: str | None = None,
+               client_max_active: int | None = None) -> tuple[JobRecord, bool]:
         """Insert a queued job; returns (job, created). An idempotency key already used for the same request
         returns that job (created False); for another request it raises Conflict. With `max_active`, raises
-        QueueFull when that many jobs are queued or running; the check and the insert are one transaction."""
+        QueueFull when that many jobs are queued or running; with `client_max_active`, when `client` has that
+        many queued, running or paused (ClientFull); the checks and the insert are one transaction."""
         _check_int("priority", priority, -SQLITE_INT_MAX)
         now = time.time()
         job_id = uuid.uuid4().hex[:16]
@@ -164,8 +182,16 @@ class JobStore:
                     active = db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", ACTIVE).fetchone()[0]
                     if active >= max_active:
                         raise QueueFull(f"{active} jobs queued or running, at most {max_active}")
-                db.execute("INSERT INTO jobs (id, state, request, priority, idempotency_key, created, updated) "
-                           "VALUES (?, 'queued', ?, ?, ?, ?, ?)", (job_id, text, priority, idempotency_key, now, now))
+                if client_max_active is not None:
+                    states = (*ACTIVE, "paused")
+                    mine = db.execute(f"SELECT COUNT(*) FROM jobs WHERE client = ? AND state IN "
+                                      f"({','.join('?' * len(states))})", (client, *states)).fetchone()[0]
+                    if mine >= client_max_active:
+                        raise ClientFull(f"client {client!r} has {mine} jobs queued, running or paused, at most "
+                                         f"{client_max_active}")
+                db.execute("INSERT INTO jobs (id, state, request, priority, idempotency_key, created, updated, client) "
+                           "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                           (job_id, text, priority, idempotency_key, now, now, client))
             finally:
                 db.execute("COMMIT")
         return self.get(job_id), True
@@ -203,13 +229,17 @@ class JobStore:
         return _record(row) if row else None
 
     def list(self, limit: int = 20, offset: int = 0, state: str | None = None,
-             hide: tuple[str, ...] = ()) -> list[JobRecord]:
-        """Newest first. Raises ValueError for a limit or offset SQLite cannot take."""
+             hide: tuple[str, ...] = (), client: str | None = None) -> list[JobRecord]:
+        """Newest first (with `client`: that client's only). Raises ValueError for a limit or offset SQLite
+        cannot take."""
         _check_int("limit", limit, 0)
         _check_int("offset", offset, 0)
         where, args = [], []
         if state is not None:
             where, args = ["state = ?"], [state]
+        if client is not None:
+            where.append("client = ?")
+            args.append(client)
         if hide:
             where.append(f"state NOT IN ({','.join('?' * len(hide))})")
             args += list(hide)
@@ -218,10 +248,11 @@ class JobStore:
             rows = db.execute(query + " ORDER BY created DESC, id LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
         return [_record(r) for r in rows]
 
-    def count(self, states: tuple[str, ...] = STATES) -> int:
+    def count(self, states: tuple[str, ...] = STATES, client: str | None = None) -> int:
         marks = ",".join("?" * len(states))
+        mine, args = (" AND client = ?", (client,)) if client is not None else ("", ())
         with self._db() as db:
-            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", states).fetchone()[0]
+            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}){mine}", (*states, *args)).fetchone()[0]
 
     def claim_next(self, runner: str | None = None) -> JobRecord | None:
         """Atomically move the best queued job (priority, then submit time) to running, leased to `runner`

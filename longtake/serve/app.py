@@ -20,11 +20,19 @@ query integers, and, in the manager, the request's cost.
 
 Uploads (`POST /v1/files`) stream from the ingress into DATA_DIR/uploads (files.py; the data directory is
 shared by every pod), are probed there, and are named by id in requests; the manager swaps ids for paths.
+
+Clients: every /v1 route takes an API key (keys.py); jobs and uploads belong to the key's client and are
+404 to others (an admin key sees all). The contract: schema.py (the request body with this server's
+limits and model, the response shapes, one error shape); pages.py adds the security headers, the error
+handlers and the web monitor (web/: plain HTML, CSS, JavaScript), whose <video> and <img> load a done
+job's files through signed, expiring links (POST .../links) so the key never goes in a URL.
 """
 
 
 import asyncio
+import hashlib
 import heapq
+import hmac
 import json
 import logging
 import math
@@ -36,19 +44,25 @@ import time
 import weakref
 from concurrent import futures
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi import Path as FilePath
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from longtake.actors.pool import RetryPolicy, WindowFailed, ordered
 from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
-from longtake.cluster.jobs import SQLITE_INT_MAX, Conflict
-from longtake.request import RenderRequest, RequestError
+from longtake.cluster.jobs import SQLITE_INT_MAX, Conflict, iso
+from longtake.request import RequestError
 from longtake.serve.files import FileStore, owner_of
-from longtake.serve.manager import Gone, JobManager, Limits, QueueFull, public_message
+from longtake.serve.keys import Client, KeyStore
+from longtake.serve.manager import Gone, JobManager, Limits, NotCancellable, QueueFull, public_message
+from longtake.serve.pages import error, install
+from longtake.serve.schema import (FILE_ID, Accepted, Changed, FileDeleted, FileMeta, Job, JobList, Links, Me, errors,
+                                   request_schema)
 
 logger = logging.getLogger(__name__)
 
@@ -333,11 +347,14 @@ class Manager:
             return {"value": await asyncio.to_thread(getattr(self.manager, method), *args)}
         except Gone as e:
             return {"gone": str(e)}
+        except NotCancellable as e:
+            return {"conflict": str(e)}
 
-    async def submit(self, body: dict, idempotency_key: str | None, owner: str | None = None) -> dict:
+    async def submit(self, body: dict, idempotency_key: str | None, client: str | None = None,
+                     max_jobs: int | None = None) -> dict:
         """Errors come back as values, not exceptions, across the Ray boundary."""
         try:
-            job, created = await asyncio.to_thread(self.manager.submit, body, idempotency_key, owner)
+            job, created = await asyncio.to_thread(self.manager.submit, body, idempotency_key, client, max_jobs)
         except RequestError as e:
             return {"error": "invalid", "field": e.field, "message": public_message(str(e))}
         except QueueFull as e:
@@ -350,28 +367,14 @@ class Manager:
         self.manager.close()
 
 
-api = FastAPI(title="longtake", description="Long AI video rendering: submit, watch, download.")
-
-# the body of POST /v1/videos, as the OpenAPI schema documents it (the server chooses output paths)
-SERVER_FIELDS = ("out", "preview")
-
-
-def _request_schema() -> dict:
-    """RenderRequest's JSON schema, definitions inlined (OpenAPI keeps them elsewhere), output paths left out."""
-    schema = RenderRequest.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node):
-        if isinstance(node, dict):
-            if set(node) == {"$ref"}:
-                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
-            return {k: inline(v) for k, v in node.items()}
-        return [inline(v) for v in node] if isinstance(node, list) else node
-
-    schema = inline(schema)
-    for name in SERVER_FIELDS:
-        schema["properties"].pop(name, None)
-    return schema
+api = FastAPI(title="longtake", description="Long AI video rendering: submit, watch, download. Every /v1 route "
+              "needs 'Authorization: Bearer KEY' (`longtake keys add NAME`); a job belongs to the key that created it. "
+              "The web monitor is at /.")
+install(api, "index.html")
+JOB_ID = FilePath(pattern=r"^[0-9a-f]{16}$", description="A job id.")
+LINK = Query(None, pattern=r"^[0-9]{1,12}\.[0-9a-f]{32}$", description="A signed link (POST /v1/videos/{job_id}/links) "
+             "instead of the Authorization header.")
+LINK_TTL_S = 3600
 
 
 class TooLarge(Exception):
@@ -457,43 +460,112 @@ def _sse(event: str, data: dict) -> str:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
-    """Thin ingress: authenticates, enforces limits, routes to the manager. Holds no job state."""
+    """Thin ingress: authenticates (API keys, keys.py), enforces limits, routes to the manager, serves the
+    web monitor. Holds no job state. A job of another client is 404 (an admin key sees all)."""
 
-    def __init__(self, manager: DeploymentHandle, token: str, limits: dict, data_dir: str):
-        self.manager, self.token, self.limits = manager, token, Limits(**limits)
-        self.owner, self.files = owner_of(token), FileStore(data_dir)
+    def __init__(self, manager: DeploymentHandle, token: str, limits: dict, data_dir: str, model_path: str | None = None,
+                 model_name: str | None = None):
+        from longtake.serve import load_or_create_secret
 
-    def _check(self, authorization: str | None) -> None:
+        self.manager, self.limits = manager, Limits(**limits)
+        self.keys, self.files = KeyStore(data_dir, legacy_token=token), FileStore(data_dir)
+        self.link_key = load_or_create_secret(Path(data_dir) / "link_key")[0].encode()
+        model = None
+        if model_path is not None:
+            from longtake.pipelines import inspect_model
+
+            model = inspect_model(model_path)
+        body = request_schema(self.limits, model, model_name)
+        api.openapi_schema = None
+        original = api.openapi
+
+        def openapi():  # the request body as this server accepts it (its limits, its model); bearer keys
+            if api.openapi_schema is None:
+                schema = original()
+                schema["paths"]["/v1/videos"]["post"]["requestBody"] = {
+                    "required": True, "content": {"application/json": {"schema": body}}}
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "key": {"type": "http", "scheme": "bearer", "description": "An API key (`longtake keys add`)."}}
+                for path, operations in schema["paths"].items():
+                    for operation in operations.values():
+                        params = operation.get("parameters", [])
+                        if any(p["name"] == "authorization" for p in params):
+                            operation["parameters"] = [p for p in params if p["name"] != "authorization"]
+                            operation["security"] = [{"key": []}]
+                        if not operation.get("parameters") and "requestBody" not in operation:
+                            operation["responses"].pop("422", None)  # nothing to be invalid
+                        elif "422" in operation["responses"]:  # FastAPI's own shape is never sent: ours is
+                            operation["responses"]["422"] = {"description": "Invalid input", "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                for name in ("HTTPValidationError", "ValidationError"):
+                    schema["components"]["schemas"].pop(name, None)
+                api.openapi_schema = schema
+            return api.openapi_schema
+
+        api.openapi = openapi
+
+    def _client(self, authorization: str | None) -> Client:
         if not authorization or not authorization.startswith("Bearer "):
-            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        if not secrets.compare_digest(authorization[7:].encode(), self.token.encode()):
-            raise HTTPException(403, "wrong token")
+            raise HTTPException(401, {"field": "Authorization", "error": "missing key: send 'Authorization: Bearer "
+                                      "KEY'"}, headers={"WWW-Authenticate": "Bearer"})
+        client = self.keys.lookup(authorization[7:])
+        if client is None:
+            raise HTTPException(403, {"field": "Authorization", "error": "wrong key (unknown or revoked)"})
+        return client
+
+    @staticmethod
+    def _scope(client: Client) -> str | None:
+        """Whose jobs a client sees: its own (an admin: everyone's, None)."""
+        return None if client.admin else client.name
+
+    def _file_owner(self, client: Client) -> str | None:
+        return None if client.admin else owner_of(client.name)
 
     async def _call(self, method: str, *args):
         answer = await self.manager.call.remote(method, *args)
         if "gone" in answer:
             raise HTTPException(410, answer["gone"])
+        if "conflict" in answer:
+            raise HTTPException(409, answer["conflict"])
         return answer["value"]
 
-    async def _job(self, job_id: str) -> dict:
-        job = await self._call("get", job_id)
+    async def _job(self, job_id: str, client: Client) -> dict:
+        job = await self._call("get", job_id, self._scope(client))
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
         return job
+
+    def _sign(self, job_id: str, name: str, expires: int) -> str:
+        return hmac.new(self.link_key, f"{job_id}/{name}/{expires}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _link_ok(self, job_id: str, name: str, link: str | None) -> bool:
+        if not link:
+            return False
+        expires, _, sig = link.partition(".")
+        return expires.isdigit() and int(expires) >= time.time() and secrets.compare_digest(
+            sig.encode(), self._sign(job_id, name, int(expires)).encode())
 
     @api.get("/healthz")
     async def healthz(self):
         return {"ok": True}
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self):
         return Response(await self._call("metrics"), media_type="text/plain; version=0.0.4")
 
-    @api.post("/v1/videos", status_code=202, openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": _request_schema()}}}})
+    @api.get("/v1/me", response_model=Me, responses=errors(401, 403))
+    async def me(self, authorization: str | None = Header(None)):
+        """Who this key is: its client name, whether it is an admin key, its job limit."""
+        client = self._client(authorization)
+        return Me(name=client.name, admin=client.admin, max_jobs=client.max_jobs)
+
+    @api.post("/v1/videos", status_code=202, response_model=Accepted,
+              responses={200: {"model": Accepted, "description": "Already submitted with this Idempotency-Key"},
+                         **errors(400, 401, 403, 409, 413, 422, 429)})
     async def create(self, request: Request, authorization: str | None = Header(None),
-                     idempotency_key: str | None = Header(None)):
-        self._check(authorization)
+                     idempotency_key: str | None = Header(None, min_length=1, max_length=200)):
+        """Queue a render. The body is a render request (its schema below, with this server's limits)."""
+        client = self._client(authorization)
         top = self.limits.max_body_bytes
         size = request.headers.get("content-length")
         if size and size.isdigit() and int(size) > top:
@@ -506,35 +578,35 @@ class Ingress:
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPException(400, f"body: expected a JSON object ({e})")
+            raise HTTPException(400, {"field": "body", "error": f"body: expected a JSON object ({e})"})
         if not isinstance(body, dict):
-            return JSONResponse({"detail": {"field": "body", "error": f"body: got {type(body).__name__}, "
-                                                                       "expected a JSON object"}}, status_code=422)
-        answer = await self.manager.submit.remote(body, idempotency_key, self.owner)
+            return error(422, f"body: got {type(body).__name__}, expected a JSON object", "body")
+        answer = await self.manager.submit.remote(body, idempotency_key, client.name, client.max_jobs)
         if answer.get("error") == "invalid":
-            return JSONResponse({"detail": {"field": answer["field"], "error": answer["message"]}}, status_code=422)
+            return error(422, answer["message"], answer["field"])
         if answer.get("error") == "full":
-            return JSONResponse({"detail": f"queue full: {answer['message']}"}, status_code=429,
-                                headers={"Retry-After": "10"})
+            return error(429, f"queue full: {answer['message']}", None, headers={"Retry-After": "10"})
         if answer.get("error") == "conflict":
-            return JSONResponse({"detail": {"field": "Idempotency-Key", "error": answer["message"]}}, status_code=409)
+            return error(409, answer["message"], "Idempotency-Key")
         job = answer["job"]
         return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202 if answer["created"] else 200)
 
-    @api.post("/v1/files", status_code=201, openapi_extra={"requestBody": UPLOAD_BODY})
+    @api.post("/v1/files", status_code=201, response_model=FileMeta, openapi_extra={"requestBody": UPLOAD_BODY},
+              responses=errors(400, 401, 403, 413, 415, 422))
     async def upload(self, request: Request, authorization: str | None = Header(None)):
         """Upload an image or a video (multipart/form-data, one part named `file`): its id, kind, size and
         SHA-256. Request fields `image`, `keyframes[].image`, `video`, `extend` and `lead_into` take the id."""
         from python_multipart.multipart import MultipartParseError, parse_options_header
 
-        self._check(authorization)
+        client = self._client(authorization)
         top = self.limits.max_upload_bytes
         size = request.headers.get("content-length")
         if size and size.isdigit() and int(size) > top + 2**20:
             raise HTTPException(413, f"body of {size} bytes, a file of at most {top}")
         kind, params = parse_options_header(request.headers.get("content-type", ""))
         if kind != b"multipart/form-data" or not params.get(b"boundary"):
-            raise HTTPException(415, "expected a multipart/form-data body with one part named 'file'")
+            raise HTTPException(415, {"field": "Content-Type", "error": "expected a multipart/form-data body with one "
+                                      "part named 'file'"})
         path = self.files.incoming()
         upload = Upload(path, params[b"boundary"], top)
         try:
@@ -543,36 +615,37 @@ class Ingress:
             upload.close()
         except TooLarge as e:
             upload.abort()
-            raise HTTPException(413, str(e))
+            raise HTTPException(413, {"field": "file", "error": str(e)})
         except (MultipartParseError, ValueError) as e:
             upload.abort()
-            raise HTTPException(400, f"body: not a well-formed multipart/form-data body ({e})")
+            raise HTTPException(400, {"field": "body", "error": f"body: not a well-formed multipart/form-data body "
+                                                                f"({e})"})
         except BaseException:  # the client went away, or the server stops
             upload.abort()
             raise
         if upload.parts != 1:
             upload.abort()
-            return JSONResponse({"detail": {"field": "file", "error": f"file: got {upload.parts} parts named 'file', "
-                                                                      "expected one"}}, status_code=422)
+            return error(422, f"file: got {upload.parts} parts named 'file', expected one", "file")
         try:
-            meta = await asyncio.to_thread(self.files.add, path, self.owner, upload.filename)
+            meta = await asyncio.to_thread(self.files.add, path, owner_of(client.name), upload.filename)
         except RequestError as e:
-            return JSONResponse({"detail": {"field": "file", "error": public_message(str(e))}}, status_code=422)
+            return error(422, public_message(str(e)), "file")
         return JSONResponse(meta, status_code=201)
 
-    @api.get("/v1/files/{file_id}")
-    async def get_file(self, file_id: str, authorization: str | None = Header(None)):
-        self._check(authorization)
-        meta = await asyncio.to_thread(self.files.get, file_id, self.owner)
+    @api.get("/v1/files/{file_id}", response_model=FileMeta, response_model_exclude_none=True,
+             responses=errors(401, 403, 404, 422))
+    async def get_file(self, file_id: str = FilePath(pattern=FILE_ID), authorization: str | None = Header(None)):
+        client = self._client(authorization)
+        meta = await asyncio.to_thread(self.files.get, file_id, self._file_owner(client))
         if meta is None:
             raise HTTPException(404, f"no file {file_id}")
         return meta
 
-    @api.delete("/v1/files/{file_id}")
-    async def delete_file(self, file_id: str, authorization: str | None = Header(None)):
+    @api.delete("/v1/files/{file_id}", response_model=FileDeleted, responses=errors(401, 403, 404, 409, 422))
+    async def delete_file(self, file_id: str = FilePath(pattern=FILE_ID), authorization: str | None = Header(None)):
         """Delete an uploaded file; 409 while a job that is not finished uses it."""
-        self._check(authorization)
-        answer = await self._call("delete_file", file_id, self.owner)
+        client = self._client(authorization)
+        answer = await self._call("delete_file", file_id, self._file_owner(client))
         if "in_use" in answer:
             raise HTTPException(409, f"file {file_id} is used by job(s) {', '.join(answer['in_use'])}: delete or "
                                      "wait for them first")
@@ -580,27 +653,31 @@ class Ingress:
             raise HTTPException(404, f"no file {file_id}")
         return {"id": file_id, "deleted": True}
 
-    @api.get("/v1/videos")
+    @api.get("/v1/videos", response_model=JobList, responses=errors(401, 403, 422))
     async def list_jobs(self, limit: int = Query(20, ge=1, le=100), offset: int = Query(0, ge=0, le=SQLITE_INT_MAX),
                         authorization: str | None = Header(None)):
-        self._check(authorization)
-        return await self._call("list", limit, offset)
+        """Your jobs, newest first (an admin key: every client's)."""
+        client = self._client(authorization)
+        return await self._call("list", limit, offset, self._scope(client))
 
-    @api.get("/v1/videos/{job_id}")
-    async def get_job(self, job_id: str, authorization: str | None = Header(None)):
-        self._check(authorization)
-        return await self._job(job_id)
+    @api.get("/v1/videos/{job_id}", response_model=Job, responses=errors(401, 403, 404, 410, 422))
+    async def get_job(self, job_id: str = JOB_ID, authorization: str | None = Header(None)):
+        return await self._job(job_id, self._client(authorization))
 
-    @api.get("/v1/videos/{job_id}/events")
-    async def events(self, job_id: str, authorization: str | None = Header(None)):
-        self._check(authorization)
-        await self._job(job_id)
+    @api.get("/v1/videos/{job_id}/events", responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+              "description": "Server-sent events: `progress` {id, status, progress, error} on every change, then "
+                             "`end` {id, status} (or `deleted` {id})."}, **errors(401, 403, 404, 410, 422)})
+    async def events(self, job_id: str = JOB_ID, authorization: str | None = Header(None)):
+        client = self._client(authorization)
+        scope = self._scope(client)
+        await self._job(job_id, client)
 
         async def stream():
             last = None
             while True:
                 try:
-                    job = await self._call("get", job_id)
+                    job = await self._call("get", job_id, scope)
                 except HTTPException:  # 410: deleted meanwhile
                     job = None
                 if job is None:
@@ -617,29 +694,68 @@ class Ingress:
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    async def _file(self, job_id: str, name: str, media_type: str):
-        job = await self._job(job_id)
-        path = await self._call("file", job_id, name)
+    async def _file(self, job_id: str, name: str, media_type: str, authorization: str | None, link: str | None):
+        if self._link_ok(job_id, name, link):  # a signed link: no key needed (the page's <video> and <img>)
+            scope = None
+        else:
+            scope = self._scope(self._client(authorization))
+        job = await self._call("get", job_id, scope)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        path = await self._call("file", job_id, name, scope)
         if path is None:
             raise HTTPException(409, f"job {job_id} is {job['status']}: no {name} yet")
         return FileResponse(path, media_type=media_type)
 
-    @api.get("/v1/videos/{job_id}/content")
-    async def content(self, job_id: str, authorization: str | None = Header(None)):
-        self._check(authorization)
-        return await self._file(job_id, "video.mp4", "video/mp4")
+    @api.get("/v1/videos/{job_id}/content", responses={
+        200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "The MP4 (byte ranges: 206)"}, **errors(401, 403, 404, 409, 410, 422)})
+    async def content(self, job_id: str = JOB_ID, link: str | None = LINK, authorization: str | None = Header(None)):
+        """The video: with the Authorization header, or a signed `link` from POST .../links."""
+        return await self._file(job_id, "video.mp4", "video/mp4", authorization, link)
 
-    @api.get("/v1/videos/{job_id}/preview")
-    async def preview(self, job_id: str, authorization: str | None = Header(None)):
-        self._check(authorization)
-        return await self._file(job_id, "preview.png", "image/png")
+    @api.get("/v1/videos/{job_id}/preview", responses={
+        200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "The contact sheet"}, **errors(401, 403, 404, 409, 410, 422)})
+    async def preview(self, job_id: str = JOB_ID, link: str | None = LINK, authorization: str | None = Header(None)):
+        """The contact sheet (PNG): with the Authorization header, or a signed `link` from POST .../links."""
+        return await self._file(job_id, "preview.png", "image/png", authorization, link)
 
-    @api.delete("/v1/videos/{job_id}")
-    async def delete(self, job_id: str, authorization: str | None = Header(None)):
+    @api.post("/v1/videos/{job_id}/links", response_model=Links, responses=errors(401, 403, 404, 409, 410, 422))
+    async def links(self, job_id: str = JOB_ID, authorization: str | None = Header(None)):
+        """Signed URLs of a done job's video and contact sheet, valid for an hour, usable without the key."""
+        client = self._client(authorization)
+        job = await self._job(job_id, client)
+        if job["status"] != "done":
+            raise HTTPException(409, f"job {job_id} is {job['status']}: no files yet")
+        expires = int(time.time()) + LINK_TTL_S
+        url = {name: f"/v1/videos/{job_id}/{route}?link={expires}.{self._sign(job_id, name, expires)}"
+               for name, route in (("video.mp4", "content"), ("preview.png", "preview"))}
+        return {"content": url["video.mp4"], "preview": url["preview.png"], "expires": iso(expires)}
+
+    @api.get("/v1/videos/{job_id}/log", responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "One line per event"},
+        **errors(401, 403, 404, 410, 422)})
+    async def log(self, job_id: str = JOB_ID, authorization: str | None = Header(None)):
+        """What happened to the job: queued, started, each step, done or failed."""
+        text = await self._call("log", job_id, self._scope(self._client(authorization)))
+        if text is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return PlainTextResponse(text)
+
+    @api.post("/v1/videos/{job_id}/cancel", response_model=Changed, responses=errors(401, 403, 404, 409, 410, 422))
+    async def cancel(self, job_id: str = JOB_ID, authorization: str | None = Header(None)):
+        """Stop a queued, paused or running job (its workers are freed at once); 409 if it has finished."""
+        was = await self._call("cancel", job_id, self._scope(self._client(authorization)))
+        if was is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return {"id": job_id, "status": "cancelled", "was": was}
+
+    @api.delete("/v1/videos/{job_id}", response_model=Changed, responses=errors(401, 403, 404, 410, 422))
+    async def delete(self, job_id: str = JOB_ID, authorization: str | None = Header(None)):
         """Cancel the job if it is queued or running, then delete it and its files: its status becomes
         `deleted`, later reads answer 410, and it leaves the job list."""
-        self._check(authorization)
-        was = await self._call("delete", job_id)
+        was = await self._call("delete", job_id, self._scope(self._client(authorization)))
         if was is None:
             raise HTTPException(404, f"no job {job_id}")
         return {"id": job_id, "status": "deleted", "was": was}
@@ -657,7 +773,7 @@ def build_app(model_path: str, data_dir: str, token: str, device: str = "cpu", m
         health_check_period_s=2,
     ).bind(model_path, device, limits.blocklist_after, worker_cls)
     manager = Manager.bind(denoiser, data_dir, model_path, max_replicas, asdict(limits), device, model_name)
-    return Ingress.bind(manager, token, asdict(limits), data_dir)
+    return Ingress.bind(manager, token, asdict(limits), data_dir, model_path, model_name or Path(model_path).name)
 
 
 def app_builder(args: dict):

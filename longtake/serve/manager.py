@@ -8,6 +8,10 @@ checkpoint, with the same frames, and never takes a job another live manager is 
 What a client sees carries no server path: the request names the served model by its name, and a
 failed job's error is the error class and a message with paths cut out (the full one is in the log).
 
+Every job belongs to the API client (serve.keys) that submitted it: the API methods take `client` (a
+name; None for an admin key) and a job of another client is answered as missing (the ingress says 404,
+so ids do not leak). Each job keeps a short log of what happened to it (JOB_DIR/log.txt).
+
 Plain Python (no Ray Serve imports), so it is testable with any pool.
 """
 
@@ -26,15 +30,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, Job, fingerprint, prepare, run
 from longtake.cluster.retention import Audit, Retention, delete_job, files_under, save_policy, sweep
-from longtake.cluster.jobs import FINAL, STATES, JobStore, Lease, ProgressWriter, QueueFull, new_runner_id
+from longtake.cluster.jobs import (FINAL, STATES, ClientFull, Conflict, JobStore, Lease, ProgressWriter, QueueFull, new_runner_id,
+                                   scoped_key)
 from longtake.provenance import Provenance
 from longtake.request import RenderRequest, RequestError, parse_request
-from longtake.serve.files import FileStore, file_ids
+from longtake.serve.files import FileStore, file_ids, owner_of
 from longtake.serve.limits import Limits
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobManager", "Limits", "QueueFull", "Gone", "public_message"]
+__all__ = ["JobManager", "Limits", "QueueFull", "ClientFull", "Gone", "NotCancellable", "public_message"]
 
 _PATH = re.compile(r"(?<![\w.])(?:~|\.{1,2})?(?:/[^\s'\"(),:;]+)+/?")
 
@@ -46,6 +51,10 @@ def public_message(text: str) -> str:
 
 class Gone(Exception):
     """The job was deleted (HTTP 410)."""
+
+
+class NotCancellable(Exception):
+    """The job has finished already (HTTP 409)."""
 
 
 def gone_message(job) -> str:
@@ -122,17 +131,20 @@ class JobManager:
         self._scheduler.start()
 
     # -- API --------------------------------------------------------------------------------------
-    def submit(self, body: dict, idempotency_key: str | None = None, owner: str | None = None) -> tuple[dict, bool]:
-        """Validate and queue a render request. Its media fields name files `owner` uploaded (by id, never
-        a path; owner None: any uploader's). Raises RequestError (bad input or over a limit), QueueFull, or
-        jobs.Conflict (an idempotency key reused with another request)."""
+    def submit(self, body: dict, idempotency_key: str | None = None, client: str | None = None,
+               max_jobs: int | None = None) -> tuple[dict, bool]:
+        """Validate and queue a render request for `client` (None: no client, e.g. a test). Its media fields
+        name files that client uploaded (by id, never a path; client None: any uploader's). Raises
+        RequestError (bad input or over a limit), QueueFull (the server's queue, or ClientFull: the client
+        has `max_jobs` queued, running or paused), or jobs.Conflict (an idempotency key reused with another
+        request)."""
         for field in ("out", "preview"):
             if field in body:
                 raise RequestError(field, body[field], "no value: the server chooses output paths")
         if "model" in body and body["model"] not in (self.model_name, self.model):
             raise RequestError("model", body["model"], f"{self.model_name!r}, the model this server runs (or no value)")
         body = {**body, "model": self.model_name}
-        local, ids = self.files.local_request(body, owner)
+        local, ids = self.files.local_request(body, owner_of(client) if client is not None else None)
         try:
             job = self._check(local)
         except RequestError as e:  # name the file id the client sent, not where the file lives here
@@ -141,9 +153,15 @@ class JobManager:
         lim = self.limits
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
             raise RequestError("Idempotency-Key", idempotency_key, "1 to 200 characters")
-        record, created = self.store.create(body, idempotency_key=idempotency_key, max_active=lim.max_queued)
+        scoped = scoped_key(client, idempotency_key) or idempotency_key
+        try:
+            record, created = self.store.create(body, idempotency_key=scoped, max_active=lim.max_queued, client=client,
+                                                client_max_active=max_jobs)
+        except Conflict as e:  # name the key as the client sent it
+            raise Conflict(str(e).replace(repr(scoped), repr(idempotency_key))) from None
         if created:
             logger.info("job %s queued: %d windows x %d steps", record.id, len(job.windows), job.steps)
+            self._log(record.id, f"queued by {client or '-'}: {len(job.windows)} windows x {job.steps} steps")
         self._wake.set()
         return record.to_dict(), created
 
@@ -198,23 +216,45 @@ class JobManager:
                 best, best_cost = field, cost
         return best
 
-    def get(self, job_id: str) -> dict | None:
-        """The job's status; None if there is no such job. Raises Gone for a deleted one."""
+    def _record(self, job_id: str, client: str | None):
+        """The job if `client` may see it (None: any client's), else None."""
         job = self.store.get(job_id)
+        return job if job is not None and (client is None or job.client == client) else None
+
+    def get(self, job_id: str, client: str | None = None) -> dict | None:
+        """The job's status; None if there is no such job of `client`'s. Raises Gone for a deleted one."""
+        job = self._record(job_id, client)
         if job is not None and job.state == "deleted":
             raise Gone(gone_message(job))
         return job.to_dict() if job else None
 
-    def list(self, limit: int = 20, offset: int = 0) -> dict:
-        jobs = self.store.list(limit=limit, offset=offset, hide=("deleted",))
-        total = self.store.count(LIVE)
+    def list(self, limit: int = 20, offset: int = 0, client: str | None = None) -> dict:
+        jobs = self.store.list(limit=limit, offset=offset, hide=("deleted",), client=client)
+        total = self.store.count(LIVE, client=client)
         return {"data": [j.to_dict() for j in jobs], "limit": limit, "offset": offset, "total": total}
 
-    def delete(self, job_id: str) -> str | None:
+    def cancel(self, job_id: str, client: str | None = None) -> str | None:
+        """Stop a queued, paused or running job (its workers are freed; its files stay until it is deleted):
+        the state it had, or None if there is no such job of `client`'s. Raises Gone (deleted) or
+        NotCancellable (finished)."""
+        job = self._record(job_id, client)
+        if job is None:
+            return None
+        if job.state == "deleted":
+            raise Gone(gone_message(job))
+        if not self.store.update(job_id, state="cancelled", only_from=("queued", "running", "paused")):
+            raise NotCancellable(f"job {job_id} is {self.store.get(job_id).state}: nothing to cancel")
+        with self._lock:
+            if job_id in self._running:
+                self._cancel.add(job_id)
+        self._log(job_id, f"cancelled on request (it was {job.state})")
+        return job.state
+
+    def delete(self, job_id: str, client: str | None = None) -> str | None:
         """Cancel the job if it is queued or running, then delete its files; its state becomes `deleted`
-        (reads answer 410). Returns the state it had, or None if there is no such job; raises Gone if it
-        was deleted already."""
-        job = self.store.get(job_id)
+        (reads answer 410). Returns the state it had, or None if there is no such job of `client`'s; raises
+        Gone if it was deleted already."""
+        job = self._record(job_id, client)
         if job is None:
             return None
         if job.state == "deleted":
@@ -236,8 +276,8 @@ class JobManager:
         return gc(self.data_dir, self.retention, now, dry_run)
 
     def delete_file(self, file_id: str, owner: str | None) -> dict:
-        """Delete an uploaded file unless a job that is not finished names it: {"deleted": bool} or
-        {"in_use": [job ids]}."""
+        """Delete an uploaded file of `owner`'s (files.owner_of(client); None: anyone's) unless a job that is
+        not finished names it: {"deleted": bool} or {"in_use": [job ids]}."""
         users = [j.id for state in ("queued", "running", "paused")
                  for j in self.store.list(limit=100_000, state=state) if file_id in file_ids(j.request)]
         if users and self.files.get(file_id, owner) is not None:
@@ -252,10 +292,30 @@ class JobManager:
     def job_dir(self, job_id: str) -> Path:
         return job_dir(self.data_dir, job_id)
 
-    def file(self, job_id: str, name: str) -> str | None:
-        job = self.store.get(job_id)
+    def file(self, job_id: str, name: str, client: str | None = None) -> str | None:
+        job = self._record(job_id, client)
         path = self.job_dir(job_id) / name
         return str(path) if job is not None and job.state == "done" and path.is_file() else None
+
+    def log(self, job_id: str, client: str | None = None) -> str | None:
+        """The job's log (what happened to it, one line each); None if there is no such job of `client`'s.
+        Raises Gone for a deleted one."""
+        if self.get(job_id, client) is None:
+            return None
+        try:
+            return (self.job_dir(job_id) / "log.txt").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def _log(self, job_id: str, message: str) -> None:
+        d = self.job_dir(job_id)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+            with open(d / "log.txt", "a") as f:
+                f.write(f"{stamp} {public_message(message)}\n")
+        except OSError as e:  # a log line is never worth failing a job for
+            logger.warning("job %s: cannot write its log: %s", job_id, e)
 
     def metrics(self) -> bytes:
         for state in STATES:
@@ -310,8 +370,16 @@ class JobManager:
         t0 = last = time.perf_counter()
         write_progress = ProgressWriter(self.store, job_id, owner)
 
+        logged = {"step": None, "phase": None}
+
         def on_progress(p: dict) -> None:
             nonlocal last
+            if (p["phase"], p.get("step")) != (logged["phase"], logged["step"]) and p["phase"] != "done":
+                logged.update(phase=p["phase"], step=p.get("step"))
+                if p["phase"] == "denoise" and p.get("step"):
+                    self._log(job_id, f"step {p['step']} of {p['steps']} done")
+                elif p["phase"] != "denoise":
+                    self._log(job_id, f"{p['phase']}")
             now = time.perf_counter()
             if p["phase"] == "denoise":
                 self.m_window.observe(now - last)
@@ -335,6 +403,7 @@ class JobManager:
                 polled["state"] = current.state if current else "deleted"
             return "cancelled" if polled["state"] != "running" else None
 
+        self._log(job_id, f"running on {self.id} (lease {record.lease})")
         try:
             with Lease(self.store, job_id, owner, self.limits.lease_s) as lease:
                 request, _ = self.files.local_request(record.request, None)
@@ -355,16 +424,20 @@ class JobManager:
             summary["model"] = self.model_name
             if self.store.update(job_id, state="done", result=summary, only_from=("running",), owner=owner):
                 ckpt.clear()
+                self._log(job_id, f"done: {result.frames} frames in {time.perf_counter() - t0:.1f} s")
             else:
                 shutil.rmtree(out_dir, ignore_errors=True)  # deleted at the last moment
         except Cancelled as e:
             if e.reason == "shutdown":  # the server stops: the job resumes from its checkpoint at the next start
                 self.store.update(job_id, state="queued", progress={}, only_from=("running",), owner=owner)
             logger.info("job %s stopped (%s) at step %d", job_id, e.reason, e.step)
+            if e.reason != "cancelled":
+                self._log(job_id, f"stopped ({e.reason}) at step {e.step}; it resumes from its checkpoint")
         except Exception as e:  # the job fails; the server goes on
             logger.exception("job %s failed", job_id)
-            self.store.update(job_id, state="failed", error=f"{type(e).__name__}: {public_message(str(e))}",
-                              only_from=("running",), owner=owner)
+            error = f"{type(e).__name__}: {public_message(str(e))}"
+            if self.store.update(job_id, state="failed", error=error, only_from=("running",), owner=owner):
+                self._log(job_id, f"failed: {error}")
         finally:
             self._left.pop(job_id, None)
             with self._lock:

@@ -1,0 +1,241 @@
+/* longtake web monitors: shared helpers (no modules, exposed as window.LT). */
+'use strict';
+(function () {
+  const KEY = 'longtake.key';
+  const TERMINAL = new Set(['done', 'failed', 'cancelled', 'deleted']);
+
+  const $ = (sel, root = document) => root.querySelector(sel);
+
+  function getKey() {
+    try { return sessionStorage.getItem(KEY) || ''; } catch (_) { return ''; }
+  }
+  function setKey(k) { try { sessionStorage.setItem(KEY, k); } catch (_) { /* private mode */ } }
+  function clearKey() { try { sessionStorage.removeItem(KEY); } catch (_) { /* ignore */ } }
+
+  /* An HTTP error; message is "field: error" from {"detail": {"field", "error"}} when present. */
+  class ApiError extends Error {
+    constructor(status, message, field) {
+      super(message);
+      this.status = status;
+      this.field = field || null;
+    }
+  }
+
+  function detailText(body) {
+    const d = body && typeof body === 'object' ? body.detail : null;
+    if (!d) return '';
+    if (typeof d === 'string') return d;
+    if (Array.isArray(d)) { // FastAPI's default validation list
+      return d.map(x => (x && x.loc ? x.loc.slice(1).join('.') + ': ' : '') + (x && x.msg ? x.msg : String(x))).join('; ');
+    }
+    if (typeof d === 'object') return (d.field ? d.field + ': ' : '') + (d.error || '');
+    return String(d);
+  }
+
+  async function toError(res) {
+    let body = null;
+    try { body = await res.json(); } catch (_) { /* not JSON */ }
+    const field = body && body.detail && typeof body.detail === 'object' ? body.detail.field : null;
+    return new ApiError(res.status, detailText(body) || ('HTTP ' + res.status + (res.statusText ? ' ' + res.statusText : '')), field);
+  }
+
+  const LT = {
+    KEY, TERMINAL, $, getKey, setKey, clearKey, ApiError,
+    onAuthFail: null, // set by the page: called after a stored key got 401/403
+  };
+
+  function headersFor(opts) {
+    const h = {};
+    const key = opts.key !== undefined ? opts.key : getKey();
+    if (key) h.Authorization = 'Bearer ' + key;
+    if (opts.body !== undefined) h['Content-Type'] = 'application/json';
+    if (opts.accept) h.Accept = opts.accept;
+    return h;
+  }
+
+  function authFailed(res, opts) {
+    if ((res.status === 401 || res.status === 403) && opts.key === undefined) {
+      clearKey();
+      if (typeof LT.onAuthFail === 'function') LT.onAuthFail();
+    }
+  }
+
+  /* fetch(path) with the bearer key. Returns parsed JSON (or text when opts.text). Throws ApiError. */
+  LT.api = async function api(path, opts = {}) {
+    const res = await fetch(path, {
+      method: opts.method || (opts.body !== undefined ? 'POST' : 'GET'),
+      headers: headersFor(opts),
+      body: opts.body !== undefined ? JSON.stringify(opts.body) : undefined,
+      signal: opts.signal,
+      cache: 'no-store',
+      credentials: 'omit',
+    });
+    if (!res.ok) {
+      authFailed(res, opts);
+      throw await toError(res);
+    }
+    if (opts.text) return res.text();
+    const type = res.headers.get('content-type') || '';
+    return type.includes('json') ? res.json() : res.text();
+  };
+
+  /* Server-sent events over fetch (EventSource cannot send Authorization).
+     Calls onEvent(name, data) per frame (data JSON-parsed when possible). Resolves when the stream
+     closes, quietly when aborted through opts.signal; throws ApiError on a non-2xx answer. */
+  LT.sse = async function sse(path, onEvent, opts = {}) {
+    let res;
+    try {
+      res = await fetch(path, {
+        headers: headersFor({ key: opts.key, accept: 'text/event-stream' }),
+        signal: opts.signal, cache: 'no-store', credentials: 'omit',
+      });
+    } catch (e) {
+      if (e.name === 'AbortError') return;
+      throw e;
+    }
+    if (!res.ok) {
+      authFailed(res, opts);
+      throw await toError(res);
+    }
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = '';
+    const dispatch = frame => {
+      let event = 'message';
+      const data = [];
+      for (const line of frame.split('\n')) {
+        if (!line || line.startsWith(':')) continue;
+        const i = line.indexOf(':');
+        const name = i < 0 ? line : line.slice(0, i);
+        let value = i < 0 ? '' : line.slice(i + 1);
+        if (value.startsWith(' ')) value = value.slice(1);
+        if (name === 'event') event = value;
+        else if (name === 'data') data.push(value);
+      }
+      if (!data.length) return;
+      const text = data.join('\n');
+      let parsed = text;
+      try { parsed = JSON.parse(text); } catch (_) { /* keep text */ }
+      onEvent(event, parsed);
+    };
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += decoder.decode(value, { stream: true }).replace(/\r\n?/g, '\n');
+        let cut;
+        while ((cut = buf.indexOf('\n\n')) >= 0) {
+          const frame = buf.slice(0, cut);
+          buf = buf.slice(cut + 2);
+          dispatch(frame);
+        }
+      }
+      if (buf.trim()) dispatch(buf);
+    } catch (e) {
+      if (e.name !== 'AbortError') throw e;
+    } finally {
+      try { reader.releaseLock(); } catch (_) { /* ignore */ }
+    }
+  };
+
+  /* Login form (#login, #key, #login-submit, #login-error). verify(key) must resolve when the key
+     works (it is passed the key explicitly) and throw ApiError otherwise. */
+  LT.setupLogin = function setupLogin(verify, onSuccess) {
+    const form = $('#login'), input = $('#key'), err = $('#login-error'), btn = $('#login-submit');
+    form.addEventListener('submit', async ev => {
+      ev.preventDefault();
+      const key = input.value.trim();
+      err.hidden = true;
+      if (!key) { err.textContent = 'enter a key'; err.hidden = false; return; }
+      btn.disabled = true;
+      try {
+        const info = await verify(key);
+        setKey(key);
+        input.value = '';
+        onSuccess(info);
+      } catch (e) {
+        err.textContent = e.status === 401 || e.status === 403 ? 'wrong key' : 'login failed: ' + e.message;
+        err.hidden = false;
+      } finally {
+        btn.disabled = false;
+      }
+    });
+  };
+
+  LT.showLogin = function showLogin() {
+    $('#login-view').hidden = false;
+    $('#app').hidden = true;
+    const session = $('#session');
+    if (session) session.hidden = true;
+    $('#key').focus();
+  };
+  LT.showApp = function showApp() {
+    $('#login-view').hidden = true;
+    $('#login-error').hidden = true;
+    $('#app').hidden = false;
+    const session = $('#session');
+    if (session) session.hidden = false;
+  };
+
+  /* ---- formatting ---- */
+  LT.percent = function percent(progress, status) {
+    if (status === 'done') return 100;
+    const p = progress || {};
+    const done = Number(p.window_steps_done), total = Number(p.window_steps_total);
+    if (!Number.isFinite(done) || !Number.isFinite(total) || total <= 0) return 0;
+    return Math.max(0, Math.min(100, Math.round((100 * done) / total)));
+  };
+
+  LT.eta = function eta(progress, status) {
+    const s = progress ? progress.eta_s : null;
+    if (s === null || s === undefined || !Number.isFinite(Number(s)) || TERMINAL.has(status)) return '-';
+    const t = Math.max(0, Math.round(Number(s)));
+    if (t < 60) return t + ' s';
+    const h = Math.floor(t / 3600), m = Math.floor((t % 3600) / 60), sec = t % 60;
+    return (h ? h + ' h ' : '') + m + ' min ' + String(sec).padStart(2, '0') + ' s';
+  };
+
+  LT.date = function date(iso) {
+    if (!iso) return '-';
+    const d = new Date(iso);
+    if (Number.isNaN(d.getTime())) return String(iso);
+    const p = n => String(n).padStart(2, '0');
+    return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+  };
+
+  LT.firstPrompt = function firstPrompt(request) {
+    const r = request || {};
+    if (typeof r.prompt === 'string') return r.prompt;
+    if (Array.isArray(r.timeline) && r.timeline.length) {
+      const k = r.timeline[0];
+      return k && typeof k.prompt === 'string' ? k.prompt : '';
+    }
+    return '';
+  };
+
+  LT.truncate = (s, n = 80) => (s.length > n ? s.slice(0, n - 1) + '\u2026' : s);
+
+  LT.steps = function steps(progress) {
+    const p = progress || {};
+    return p.step === null || p.step === undefined ? '-' : p.step + '/' + (p.steps === null || p.steps === undefined ? '?' : p.steps);
+  };
+
+  /* createElement shorthand: el('td', {className: 'x', textContent: 'y'}, child...) */
+  LT.el = function el(tag, props = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(props)) {
+      if (k.startsWith('data-')) node.setAttribute(k, v);
+      else node[k] = v;
+    }
+    for (const c of children) node.append(c);
+    return node;
+  };
+
+  LT.setStatus = function setStatus(node, status) {
+    node.textContent = status || '-';
+    node.className = node.className.split(' ').filter(c => !c.startsWith('st-')).join(' ');
+    if (status) node.classList.add('st-' + status);
+  };
+
+  window.LT = LT;
+})();
