@@ -26,8 +26,8 @@ from dataclasses import fields
 
 from longtake.cluster.retention import DEFAULT_OUTPUTS
 from longtake.serve.keys import DEFAULT_MAX_JOBS
-from longtake.request import (DEVICES, LABEL_MODES, LABEL_POSITIONS, NOISE_MODES, SCHEDULES, WEIGHTINGS, RenderRequest,
-                              RequestError, load_timeline, parse_request)
+from longtake.request import (DEVICES, LABEL_MODES, LABEL_POSITIONS, NOISE_MODES, RETARGET_MODES, SCHEDULES, WEIGHTINGS,
+                              RenderRequest, RequestError, load_timeline, parse_request)
 
 # --------------------------------------------------------------------------- what reaches the terminal
 
@@ -276,6 +276,12 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", metavar="VIDEO", help=_field_help("video"))
     p.add_argument("--strength", type=float, help=_field_help("strength"))
     p.add_argument("--loop", action="store_true", default=None, help=_field_help("loop"))
+    p.add_argument("--pose", metavar="VIDEO_OR_JSON", help=_field_help("pose"))
+    p.add_argument("--pose-loop", dest="pose_loop", action="store_true", default=None, help=_field_help("pose_loop"))
+    p.add_argument("--reference", metavar="IMAGE", help=_field_help("reference"))
+    p.add_argument("--reference-pose", dest="reference_pose", metavar="JSON", help=_field_help("reference_pose"))
+    p.add_argument("--retarget", choices=RETARGET_MODES, help=_field_help("retarget"))
+    p.add_argument("--control-scale", dest="control_scale", type=float, help=_field_help("control_scale"))
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core; a short job "
                    "on the CPU: in this process, unless this is given)")
     p.add_argument("--model", help=_field_help("model"))
@@ -297,7 +303,7 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "width", "steps", "guidance", "guidance_2",
                   "seed", "window", "overlap", "weighting", "schedule", "noise", "workers", "model", "device", "out",
                   "preview", "image", "extend", "lead_into", "context", "loop", "video", "strength", "label", "label_text",
-                  "label_position")
+                  "label_position", "pose", "pose_loop", "reference", "reference_pose", "retarget", "control_scale")
 
 
 def parse_keyframe(value: str) -> dict:

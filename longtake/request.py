@@ -23,6 +23,8 @@ WEIGHTINGS = ("flat", "pyramid", "overlap-linear")
 NOISE_MODES = ("independent", "freenoise", "correlated")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("wavefront", "barrier")  # when a window runs its next step (longtake.cluster.sampler)
+RETARGET_MODES = ("reference", "none")  # the driving skeleton onto the reference pose, or as drawn (longtake.pose)
+MAX_CONTROL_SCALE = 5.0
 # the visible label (longtake.label, which imports no torch either, holds them with the font)
 from longtake.label import DEFAULT_POSITION as LABEL_POSITION  # noqa: E402
 from longtake.label import DEFAULT_TEXT as LABEL_TEXT  # noqa: E402
@@ -66,6 +68,7 @@ FIELD_BOUNDS = {
     "strength": {"minimum": 0, "maximum": 1},
     "context": {"exclusiveMinimum": 0, "maximum": MAX_CONTEXT_SECONDS},
     "label_text": {"pattern": "^[^\n]*\\S[^\n]*$", "maxLength": LABEL_MAX_TEXT},
+    "control_scale": {"exclusiveMinimum": 0, "maximum": MAX_CONTROL_SCALE},
 }
 
 
@@ -91,7 +94,8 @@ class Keyframe(BaseModel):
 
 # the request fields that name media files, and the kind of file each takes: paths on the CLI, the Python
 # API and the farm; file ids over HTTP (keyframes: the `image` of each)
-MEDIA_KINDS = {"image": "image", "keyframes": "image", "extend": "video", "lead_into": "video", "video": "video"}
+MEDIA_KINDS = {"image": "image", "keyframes": "image", "extend": "video", "lead_into": "video", "video": "video",
+               "pose": "video", "reference": "image"}
 MEDIA_FIELDS = tuple(MEDIA_KINDS)
 
 
@@ -151,6 +155,21 @@ class RenderRequest(BaseModel):
                                    f"(text to video, the input only sets the length) (default {DEFAULT_STRENGTH:g}).")
     loop: bool = Field(False, description="A seamless loop: the windows wrap around the clip's end, so its last "
                        "frame flows into its first.")
+    pose: str | None = Field(None, description="A pose sequence that drives the motion: a video of skeleton frames "
+                             "(as OpenPose or DWPose tools draw them) or an OpenPose keypoint JSON file (BODY_25 or "
+                             "COCO-18, hands and face optional) drawn at the output size; resampled to fps (over HTTP: "
+                             "a video's file id). Needs a model with a pose ControlNet.")
+    pose_loop: bool = Field(False, description="Repeat a pose sequence shorter than the clip (else it is an error).")
+    reference: str | None = Field(None, description="The look the pose animates: a photo pinned at frame 0, as "
+                                  "`image` is (over HTTP: a file id).")
+    reference_pose: str | None = Field(None, description="The reference figure's pose: a keypoint JSON file (one "
+                                       "frame, on the photo's canvas); the driving skeleton is retargeted onto it "
+                                       "(CLI and farm; not over HTTP).")
+    retarget: Literal[RETARGET_MODES] = Field("reference", description="With reference_pose: scale and move the "
+                                              "driving skeleton to the reference figure's height and place "
+                                              "(reference), or draw it as given (none).")
+    control_scale: float | None = Field(None, description="How strongly the pose conditions the frames (the "
+                                        "ControlNet's conditioning scale; default 1).")
     label: Literal[LABEL_MODES] = Field(
         "start", description="The visible 'AI-generated' label: on the first 2 seconds (start), on every frame "
         "(always), or none (recorded in the file's metadata; a server may refuse it).",
@@ -264,6 +283,20 @@ class RenderRequest(BaseModel):
             raise RequestError(info.field_name, v, "a file path (or, over HTTP, a file id)")
         return v
 
+    @field_validator("control_scale")
+    @classmethod
+    def _control_scale(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or not 0 < v <= MAX_CONTROL_SCALE):
+            raise RequestError("control_scale", v, f"a number > 0 and <= {MAX_CONTROL_SCALE:g}")
+        return v
+
+    @field_validator("pose", "reference", "reference_pose")
+    @classmethod
+    def _paths(cls, v: str | None, info) -> str | None:
+        if v is not None and not v.strip():
+            raise RequestError(info.field_name, v, "a file path (or, over HTTP, a file id)")
+        return v
+
     @field_validator("context")
     @classmethod
     def _context(cls, v: float | None) -> float | None:
@@ -291,6 +324,7 @@ class RenderRequest(BaseModel):
             raise RequestError(field, getattr(self, field), "no value with video (redraw a video, or continue one)")
         if self.context is not None and self.extend is None and self.lead_into is None:
             raise RequestError("context", self.context, "no value without extend or lead_into (it is their context)")
+        self._check_pose()
         for i, key in enumerate(self.keyframes or []):
             if not math.isfinite(key.at) or key.at < 0 or (key.at >= self.length and self.video is None):
                 raise RequestError(f"keyframes[{i}].at", key.at, f"a time from 0 to below seconds ({self.length:g})")
@@ -300,6 +334,22 @@ class RenderRequest(BaseModel):
         if self.preview is not None:
             _check_writable("preview", self.preview, ".png")
         return self
+
+    def _check_pose(self) -> None:
+        """The pose fields: what needs a pose, and what a pose-driven clip cannot be combined with."""
+        if self.pose is None:
+            for name in ("pose_loop", "reference_pose", "control_scale"):
+                value = getattr(self, name)
+                if value not in (None, False):
+                    raise RequestError(name, value, "no value without pose (it is about the pose sequence)")
+        else:
+            for name in ("extend", "lead_into", "video", "loop"):
+                value = getattr(self, name)
+                if value not in (None, False):
+                    raise RequestError(name, value, "no value with pose (a pose-driven clip is made from its first "
+                                                    "frame to its last)")
+        if self.reference is not None and self.image is not None:
+            raise RequestError("reference", self.reference, "no value with image (both pin frame 0: give one)")
 
     @property
     def length(self) -> float:

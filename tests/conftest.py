@@ -29,6 +29,37 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
+def walking_pose(path, frames: int = 16, fps: float = 8, size: int = 64) -> str:
+    """An OpenPose COCO-18 keypoint file: a figure walking right across a size x size canvas."""
+    import json
+
+    poses = []
+    for i in range(frames):
+        x = size * (0.25 + 0.5 * i / max(1, frames - 1))
+        points = {0: (x, 10), 1: (x, 16), 2: (x - 6, 18), 5: (x + 6, 18), 3: (x - 8, 28), 6: (x + 8, 28),
+                  8: (x - 4, 38), 11: (x + 4, 38), 9: (x - 4 - (i % 2) * 3, 48), 12: (x + 4 + (i % 2) * 3, 48),
+                  10: (x - 4, 58), 13: (x + 4, 58)}
+        flat = [0.0] * 54
+        for k, (px, py) in points.items():
+            flat[k * 3: k * 3 + 3] = [px, py * size / 64, 1.0]
+        poses.append({"people": [{"pose_keypoints_2d": flat}]})
+    with open(path, "w") as f:
+        json.dump({"fps": fps, "width": size, "height": size, "frames": poses}, f)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_pose_model(tmp_path_factory) -> str:
+    """A tiny AnimateDiffControlNetPipeline directory (the tiny AnimateDiff model plus a pose ControlNet with
+    random output convolutions), with a walking skeleton's keypoints beside it in pose.json."""
+    from longtake.pipelines.tiny import build_tiny_animatediff
+
+    path = tmp_path_factory.mktemp("models") / "tiny-pose"
+    build_tiny_animatediff(path, seed=0, controlnet=True)
+    walking_pose(path / "pose.json")
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Ray, started once for the whole test session (2 cores: logical CPUs are oversubscribed)."""

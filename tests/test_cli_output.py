@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import requests
 
 from longtake.cli import build_parser
 
@@ -114,6 +115,10 @@ def test_serve_stops_at_once_on_sigint_even_when_started_in_the_background(tmp_p
             assert proc.poll() is None, "".join(line for _, line in lines)
             time.sleep(0.1)
         assert any("(Ctrl-C to stop)" in line for _, line in lines), "".join(line for _, line in lines)
+        said = "".join(line for _, line in lines)
+        assert f"web monitor: http://127.0.0.1:{port}/" in said and "longtake keys add" in said, said
+        page = requests.get(f"http://127.0.0.1:{port}/", timeout=30)  # where it says the monitor is
+        assert page.status_code == 200 and 'id="login"' in page.text
         asked = time.time()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)  # without a handler of its own, serve would ignore it and run on

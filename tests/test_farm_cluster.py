@@ -127,12 +127,12 @@ def test_lost_node_job_completes_on_what_is_left(tmp_path, tiny_model):
 
 
 def test_chaos_script_every_job_finishes_with_its_frames(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--jobs", "3", "--nodes", "3",
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--jobs", "2", "--nodes", "3",
                            "--limit", "400", "--kill-every", "2", "--farm-dir", str(tmp_path / "farm"),
                            "--out", str(tmp_path / "chaos.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "chaos.json").read_text())
-    assert summary["ok"] and len(summary["jobs"]) == 3
+    assert summary["ok"] and len(summary["jobs"]) == 2
     assert all(j["state"] == "done" and j["same_frames"] for j in summary["jobs"])
     assert len(summary["faults"]) >= 3  # the run was really disturbed

@@ -167,6 +167,11 @@ def test_idempotent_submit(server):
     ({**JOB, "seconds": "ten"}, 422, "seconds"),
     ([1, 2], 422, "body"),
     ({"height": False, "prompt": []}, 422, "prompt"),  # a list as the value in an error (found by the fuzz run)
+    ({**JOB, "pose": "/etc/passwd"}, 422, "pose"),  # a pose is an uploaded video's id, never a path
+    ({**JOB, "pose": "file-000000000000000000000000"}, 422, "pose"),
+    ({**JOB, "reference_pose": "/tmp/pose.json"}, 422, "reference_pose"),  # keypoint files: CLI and farm only
+    ({**JOB, "workers": 8}, 422, "workers"),
+    ({**JOB, "device": "cuda"}, 422, "device"),
 ])
 def test_bad_input_is_4xx_and_creates_no_job(server, body, status, field):
     before = call(server, "GET", "/v1/videos").json()["total"]
@@ -183,6 +188,8 @@ def test_malformed_and_oversized_bodies(server):
     r = call(server, "POST", "/v1/videos", data=json.dumps({**JOB, "prompt": "x" * 5000}))
     assert r.status_code == 413
     assert call(server, "GET", "/v1/videos/0123456789abcdef").status_code == 404
+    r = call(server, "GET", "/v1/videos?limt=5")  # a misspelt parameter is an error, not ignored
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "limt", r.text
     r = call(server, "GET", "/v1/videos/nope")  # not a job id at all
     assert r.status_code == 422 and r.json()["detail"]["field"] == "job_id", r.text
     # every error has the one documented shape
@@ -412,7 +419,7 @@ def test_schema_driven_fuzz_never_gets_a_5xx(server):
                         assert r.status_code == 422 and field.split("[")[0].split(".")[0] in rule_fields, \
                             (case.body, r.status_code, r.text[:500])
                     if mode == GenerationMode.NEGATIVE:
-                        assert 400 <= r.status_code < 500, (case.body, r.status_code, r.text[:300])
+                        assert 400 <= r.status_code < 500, (case.body, case.headers, case.query, r.status_code, r.text[:300])
 
             try:
                 check()
@@ -560,7 +567,8 @@ def test_the_schema_documents_the_body_with_this_servers_limits(server, tiny_mod
     assert value("height")["maximum"] == 128 and value("height")["multipleOf"] == multiple
     assert body["properties"]["label"]["enum"] == ["start", "always"]  # no --allow-unlabelled
     assert body["properties"]["model"]["enum"] == [Path(tiny_model).name]
-    assert not {"out", "preview", "device", "workers"} & set(body["properties"])
+    assert not {"out", "preview", "device", "workers", "reference_pose"} & set(body["properties"])
+    assert value("pose")["pattern"] == value("reference")["pattern"] == value("image")["pattern"]
     assert body["additionalProperties"] is False and body["x-rules"]
     assert value("image")["pattern"].startswith("^file-")
     for path, operations in spec["paths"].items():

@@ -61,6 +61,7 @@ from longtake.request import RenderRequest, RequestError, parse_request
 from longtake.label import Layout, LabelError, frames_labelled
 from longtake.label import layout as layout_label
 from longtake.media import video_chunks
+from longtake.pose import pose_frames, reference_person
 from longtake.provenance import Provenance
 from longtake.watermark import Embedder, payload_of
 from longtake.video import VideoWriter, contact_sheet, preview_indices
@@ -91,6 +92,8 @@ class Job:
     inputs: Inputs = Inputs()  # known frames (image, keyframes, extend, lead_into) and passed-through clips
     loop: bool = False  # circular windows: the last frame flows into the first
     label: Layout | None = None  # the visible label on the output's opening frames (None: label "none")
+    control: np.ndarray | None = field(default=None, repr=False, compare=False)  # (frames, H, W, 3) uint8 pose frames
+    control_scale: float = 1.0
 
     @property
     def new_frames(self) -> int:
@@ -196,6 +199,15 @@ def prepare(request: RenderRequest | dict) -> Job:
         keys = [PromptKey(k.at, k.prompt) for k in request.timeline]
     else:
         keys = [PromptKey(0.0, request.prompt)]
+    control = None
+    if request.pose is not None:  # pose-driven: the skeleton frames, checked and drawn before any work
+        if not model.options.get("controlnet"):
+            raise RequestError("pose", request.pose, "a model with a pose ControlNet (an AnimateDiffControlNetPipeline "
+                                                     "directory); this one has none")
+        reference = None
+        if request.reference_pose is not None and request.retarget != "none":
+            reference = reference_person("reference_pose", request.reference_pose, width, height)
+        control = pose_frames("pose", request.pose, frames, request.fps, width, height, request.pose_loop, reference)
     return Job(
         request=request,
         model=model,
@@ -213,6 +225,8 @@ def prepare(request: RenderRequest | dict) -> Job:
         inputs=inputs,
         loop=request.loop,
         label=label,
+        control=control,
+        control_scale=request.control_scale if request.control_scale is not None else 1.0,
     )
 
 
@@ -233,6 +247,8 @@ def fingerprint(job: Job, dtype: str, device: str) -> str:
                                                                   for p in job.inputs.pinned], "loop": job.loop}
     if job.model.experts > 1:
         data["guidance_2"] = job.guidance_2
+    if job.control is not None:  # the pose as drawn (retargeting and resampling included)
+        data["pose"] = {"sha256": hashlib.sha256(job.control.tobytes()).hexdigest(), "scale": job.control_scale}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -354,7 +370,10 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     shift = job.inputs.ctx_before / req.fps  # timeline times count in the new frames, after extend's context
     keys = [PromptKey(k.at + shift, k.prompt) for k in job.keys] if shift else job.keys
     schedule = prompt_schedule(keys, latent_frames, req.fps / job.model.layout.temporal, loop=job.loop)
-    cond = pool.put(pool.encode([k.prompt for k in job.keys], req.negative_prompt, schedule))
+    encoded = pool.encode([k.prompt for k in job.keys], req.negative_prompt, schedule)
+    if job.control is not None:  # the pose frames travel with the conditioning: once per worker
+        encoded.control, encoded.control_scale = torch.from_numpy(job.control), job.control_scale
+    cond = pool.put(encoded)
 
     # 2. initial latents from (seed, frame)
     z = initial_noise(req.seed, latent_frames, job.latent_shape, job.noise, job.window, job.overlap)  # (1, C, F, h, w)

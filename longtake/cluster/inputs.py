@@ -101,17 +101,20 @@ def resolve_inputs(request: RenderRequest, height: int, width: int, window_frame
         ctx_after = _fit(after, want, explicit, "lead_into", fps, causal, temporal)
         pinned.append(Pinned(ctx_before + new, after.head[:ctx_after], "lead_into"))
         hashes["lead_into"] = after.sha256
-    if request.image is not None:
-        pinned.append(Pinned(ctx_before, load_image("image", request.image, width, height)[None], "image"))
-        hashes["image"] = file_sha256(request.image)
+    for name in ("image", "reference"):  # the reference photo of a pose-driven clip is pinned as an image is
+        path = getattr(request, name)
+        if path is not None:
+            pinned.append(Pinned(ctx_before, load_image(name, path, width, height)[None], name))
+            hashes[name] = file_sha256(path)
     taken = {}
     for i, key in enumerate(request.keyframes or []):
         name = f"keyframes[{i}]"
         frame = min(round(key.at * fps), new - 1)
         if key.at * fps >= new:
             raise RequestError(f"{name}.at", key.at, f"a time from 0 to below the clip's length ({new / fps:g} s)")
-        if frame in taken or (frame == 0 and request.image is not None):
-            other = taken.get(frame, "image")
+        first = "image" if request.image is not None else "reference" if request.reference is not None else None
+        if frame in taken or (frame == 0 and first):
+            other = taken.get(frame, first)
             raise RequestError(f"{name}.at", key.at, f"a time whose frame ({frame} at {fps:g} fps) no other image "
                                                      f"is pinned at ({other} is)")
         taken[frame] = name

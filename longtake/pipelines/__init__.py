@@ -53,6 +53,7 @@ DIFFUSERS_FLOOR = "0.40.0"
 # model_index.json `_class_name` -> family module (imported when a model of that family is used)
 FAMILIES = {
     "AnimateDiffPipeline": "longtake.pipelines.animatediff",
+    "AnimateDiffControlNetPipeline": "longtake.pipelines.animatediff",  # with a pose ControlNet
     "WanPipeline": "longtake.pipelines.wan",
 }
 ROLES = ("encode", "predict", "decode")

@@ -43,7 +43,8 @@ def pooled_text_kwargs(hidden: torch.Tensor, batch: int) -> dict:
 
 def required_weights(index: dict) -> tuple[str, ...]:
     """Components whose weights must be present as safetensors."""
-    return ("unet", "text_encoder") + (("vae",) if index.get("vae", [None])[0] else ())
+    return (("unet", "text_encoder") + (("vae",) if index.get("vae", [None])[0] else ())
+            + (("controlnet",) if index.get("controlnet", [None])[0] else ()))
 
 
 def inspect(path: Path, index: dict, model: str) -> ModelInfo:
@@ -80,6 +81,8 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
             "circular_padding": bool(extra.get("circular_padding", False)),
             # a "text_time" UNet fed the mean of the caption's hidden states
             "pooled_text": _pooled_text(unet, extra, model),
+            # a ControlNet (AnimateDiffControlNetPipeline directories): requests may give a pose
+            "controlnet": bool(index.get("controlnet", [None])[0]),
         },
     )
 
@@ -98,7 +101,7 @@ def _pooled_text(unet: dict, extra: dict, model: str) -> bool:
 class Backend:
     def __init__(self, info: ModelInfo, device: str = "cpu", dtype: str = "float32",
                  roles: tuple[str, ...] = ("encode", "predict", "decode")):
-        from diffusers import AnimateDiffPipeline
+        from diffusers import AnimateDiffControlNetPipeline, AnimateDiffPipeline
 
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
@@ -108,7 +111,13 @@ class Backend:
         skip = {"vae": None} if self.pixel_shuffle or "decode" not in roles else {}
         if "encode" not in roles:
             skip |= {"text_encoder": None, "tokenizer": None}
-        pipe = AnimateDiffPipeline.from_pretrained(info.path, use_safetensors=True, dtype=self.dtype, **skip)
+        if info.options["controlnet"] and "predict" not in roles:
+            skip["controlnet"] = None
+        cls = AnimateDiffControlNetPipeline if info.options["controlnet"] else AnimateDiffPipeline
+        pipe = cls.from_pretrained(info.path, use_safetensors=True, dtype=self.dtype, **skip)
+        self.controlnet = getattr(pipe, "controlnet", None)
+        if self.controlnet is not None:
+            self.controlnet = self.controlnet.to(self.device).eval().requires_grad_(False)
         self.unet = pipe.unet.to(self.device).eval().requires_grad_(False)
         if info.options["circular_padding"]:
             wrap_convolutions(self.unet)
@@ -155,7 +164,17 @@ class Backend:
         else:
             model_in, hidden = z, hidden_cond
         added = pooled_text_kwargs(hidden, model_in.shape[0]) if self.pooled_text else None
-        out = self.unet(model_in, t.to(self.device), encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+        residuals = {}
+        if self.controlnet is not None and cond.control is not None:  # the window's own pose frames
+            control = cond.control_frames(*window).to(self.device, self.dtype)  # (L, 3, H, W)
+            control = torch.cat([control] * model_in.shape[0])
+            frames_in = model_in.transpose(1, 2).flatten(0, 1)  # (B*L, C, h, w), frames of each batch in order
+            down, mid = self.controlnet(frames_in, t.to(self.device), encoder_hidden_states=hidden,
+                                        controlnet_cond=control, conditioning_scale=cond.control_scale,
+                                        guess_mode=False, return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        out = self.unet(model_in, t.to(self.device), encoder_hidden_states=hidden, added_cond_kwargs=added,
+                        **residuals).sample
         if guidance > 1:
             uncond, text = out.chunk(2)
             out = uncond + guidance * (text - uncond)

@@ -1,4 +1,5 @@
-"""Tiny random-weight models built from configs: `tiny` (AnimateDiff) and `tiny-wan` (Wan 2.1 T2V).
+"""Tiny random-weight models built from configs: `tiny` (AnimateDiff), `tiny-pose` (AnimateDiff with a pose
+ControlNet) and `tiny-wan` (Wan 2.1 T2V).
 
 They render noise, quickly: for checks, the bench and the tests. Each builder writes a complete diffusers
 directory (model_index.json, safetensors weights, a tokenizer written locally, the family's scheduler),
@@ -19,6 +20,7 @@ import torch
 
 TINY_NAME = "tiny"  # the --model value that selects the tiny AnimateDiff model
 TINY_WAN = "tiny-wan"  # the --model value that selects the tiny Wan 2.1 model
+TINY_POSE = "tiny-pose"  # the tiny AnimateDiff model with a pose ControlNet
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -64,9 +66,12 @@ def write_tokenizer_files(directory: Path, words: list[str] = ()) -> tuple[Path,
     return vocab_file, merges_file
 
 
-def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: int = 16):
-    """Build and save a tiny AnimateDiff pipeline; returns the pipeline object."""
-    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: int = 16, controlnet: bool = False):
+    """Build and save a tiny AnimateDiff pipeline (with `controlnet`: an AnimateDiffControlNetPipeline whose
+    ControlNet has the UNet's shape and random, not zero, output convolutions, the control image's embedding
+    included, so that the pose changes the frames); returns the pipeline object."""
+    from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AutoencoderKL, ControlNetModel,
+                           DDIMScheduler, MotionAdapter, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out_dir = Path(out_dir)
@@ -121,14 +126,19 @@ def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: in
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False, steps_offset=1
     )
-    pipe = AnimateDiffPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        motion_adapter=motion_adapter,
-        scheduler=scheduler,
-    )
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=motion_adapter,
+                 scheduler=scheduler)
+    if controlnet:
+        net = ControlNetModel(block_out_channels=(16, 32), layers_per_block=1, in_channels=4,
+                              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
+                              attention_head_dim=8, norm_num_groups=4,
+                              conditioning_embedding_out_channels=(8, 16, 16))  # 4x down: the VAE's factor
+        with torch.no_grad():
+            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+                torch.nn.init.normal_(conv.weight, std=0.05)
+        pipe = AnimateDiffControlNetPipeline(controlnet=net, **parts)
+    else:
+        pipe = AnimateDiffPipeline(**parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     for f in tok_dir.iterdir():
         f.unlink()
@@ -186,7 +196,8 @@ def build_tiny_wan(out_dir: str | os.PathLike, seed: int = 0, two_experts: bool 
 
 
 # --model names of the tiny models -> (cache directory name, builder)
-TINY_MODELS = {TINY_NAME: ("tiny-animatediff-v1", build_tiny_animatediff), TINY_WAN: ("tiny-wan-v1", build_tiny_wan)}
+TINY_MODELS = {TINY_NAME: ("tiny-animatediff-v1", build_tiny_animatediff), TINY_WAN: ("tiny-wan-v1", build_tiny_wan),
+               TINY_POSE: ("tiny-pose-v2", lambda out: build_tiny_animatediff(out, controlnet=True))}
 
 
 def cache_dir() -> Path:

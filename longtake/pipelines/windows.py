@@ -340,6 +340,14 @@ class TextConditioning:
     a: torch.Tensor  # (F,) key index before each frame
     b: torch.Tensor  # (F,) key index after each frame
     alpha: torch.Tensor  # (F,) weight of key b
+    control: torch.Tensor | None = None  # (F, H, W, 3) uint8 control frames (a pose), set by the engine
+    control_scale: float = 1.0  # the ControlNet's conditioning scale
+
+    def control_frames(self, start: int, end: int) -> torch.Tensor:
+        """Control frames start..end-1 (a loop's window wraps), (L, 3, H, W) float32 in [0, 1], as diffusers'
+        control video processor gives them."""
+        index = torch.arange(start, end) % len(self.control)
+        return self.control[index].permute(0, 3, 1, 2).float() / 255
 
     def frames(self, start: int, end: int) -> torch.Tensor:
         """Per-frame embeddings of frames start..end-1 (UNets with motion modules)."""

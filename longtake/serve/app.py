@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as FilePath
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
@@ -60,7 +60,7 @@ from longtake.request import RequestError
 from longtake.serve.files import FileStore, owner_of
 from longtake.serve.keys import Client, KeyStore
 from longtake.serve.manager import Gone, JobManager, Limits, NotCancellable, QueueFull, public_message
-from longtake.serve.pages import error, install
+from longtake.serve.pages import error, install, known_query
 from longtake.serve.schema import (FILE_ID, Accepted, Changed, FileDeleted, FileMeta, Job, JobList, Links, Me, errors,
                                    request_schema)
 
@@ -367,7 +367,7 @@ class Manager:
         self.manager.close()
 
 
-api = FastAPI(title="longtake", description="Long AI video rendering: submit, watch, download. Every /v1 route "
+api = FastAPI(dependencies=[Depends(known_query)], title="longtake", description="Long AI video rendering: submit, watch, download. Every /v1 route "
               "needs 'Authorization: Bearer KEY' (`longtake keys add NAME`); a job belongs to the key that created it. "
               "The web monitor is at /.")
 install(api, "index.html")

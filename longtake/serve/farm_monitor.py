@@ -14,11 +14,11 @@ import re
 import secrets
 from pathlib import Path
 
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi import Path as PathParam
 
 from longtake.cluster.jobs import JobStore
-from longtake.serve.pages import install
+from longtake.serve.pages import install, known_query
 
 RETRY = re.compile(r"retrying (.+?) \(attempt (\d+) of (\d+)\) after: (.*)")
 EXCLUDED = re.compile(r"excluding worker (\d+)")
@@ -52,7 +52,8 @@ def farm_job(record, log: str) -> dict:
 
 def build_monitor(farm_dir: str | Path, key: str | None = None) -> FastAPI:
     farm_dir = Path(farm_dir)
-    app = FastAPI(title="longtake farm monitor", description="Read-only: the jobs of one farm directory.")
+    app = FastAPI(dependencies=[Depends(known_query)], title="longtake farm monitor",
+                  description="Read-only: the jobs of one farm directory.")
     install(app, "farm.html")
 
     def store() -> JobStore:

@@ -36,6 +36,7 @@ from longtake.provenance import Provenance
 from longtake.request import RenderRequest, RequestError, parse_request
 from longtake.serve.files import FileStore, file_ids, owner_of
 from longtake.serve.limits import Limits
+from longtake.serve.schema import SERVER_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +139,9 @@ class JobManager:
         RequestError (bad input or over a limit), QueueFull (the server's queue, or ClientFull: the client
         has `max_jobs` queued, running or paused), or jobs.Conflict (an idempotency key reused with another
         request)."""
-        for field in ("out", "preview"):
+        for field, why in SERVER_FIELDS.items():
             if field in body:
-                raise RequestError(field, body[field], "no value: the server chooses output paths")
+                raise RequestError(field, body[field], f"no value: {why}")
         if "model" in body and body["model"] not in (self.model_name, self.model):
             raise RequestError("model", body["model"], f"{self.model_name!r}, the model this server runs (or no value)")
         body = {**body, "model": self.model_name}

@@ -34,8 +34,25 @@ def _field(loc) -> str:
     return ".".join(parts) or "request"
 
 
+def known_query(request: Request) -> None:
+    """A dependency for every route: a query parameter the route does not take is an error (422), not
+    silently ignored (a misspelt `limt=5` would otherwise return the default page)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        known |= {p.alias for p in sub.query_params}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise HTTPException(422, {"field": unknown[0], "error": f"{unknown[0]}: no such query parameter (this route "
+                                  f"takes {', '.join(sorted(known)) or 'none'})"})
+
+
 def install(app: FastAPI, index: str) -> None:
-    """Security headers, the error shape, `/` (web/`index`) and `/static/NAME` (web/NAME) on `app`."""
+    """Security headers, the error shape, `/` (web/`index`) and `/static/NAME` (web/NAME) on `app`; create
+    `app` with `dependencies=[Depends(known_query)]` for strict query parameters."""
     files = {p.name: p for p in WEB_DIR.iterdir() if p.suffix in MEDIA_TYPES}  # what exists, nothing else
 
     @app.middleware("http")

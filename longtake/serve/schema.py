@@ -22,8 +22,10 @@ from pydantic import BaseModel, Field
 from longtake.cluster.jobs import PROGRESS_KEYS, STATES
 from longtake.request import FIELD_BOUNDS, LABEL_MODES, MAX_FPS, MAX_SECONDS, STEPS_RANGE, RenderRequest
 
-# fields the server sets itself: a request naming them is refused
-SERVER_FIELDS = ("out", "preview", "device", "workers")
+# fields a client may not set over HTTP, and why: a request naming one is refused (422)
+SERVER_FIELDS = {"out": "the server chooses output paths", "preview": "the server chooses output paths",
+                 "device": "the server chooses where its workers run", "workers": "the server's replicas do the work",
+                 "reference_pose": "keypoint files are read on the CLI and the farm; over HTTP give a pose video"}
 FILE_ID = r"^file-[0-9a-f]{24}$"
 
 
@@ -155,6 +157,7 @@ def _value(prop: dict) -> dict:
 # (422), and the fields such a 422 names
 RULES = [
     ("exactly one of prompt or timeline", ["prompt"]),
+    ("negative is an alias of negative_prompt: not both", ["negative_prompt"]),
     ("timeline keys: at from 0 to below seconds, increasing; prompts not blank", ["timeline"]),
     ("seconds x fps gives 1 to 100000 frames (a loop: at least 2 latent frames)", ["seconds"]),
     ("overlap < window (default window // 4); window at most the model's limit", ["overlap", "window"]),
@@ -164,6 +167,9 @@ RULES = [
     ("media fields name files this key uploaded (POST /v1/files) of the right kind (image or video)",
      ["image", "keyframes", "video", "extend", "lead_into"]),
     ("the label fits the frame, and the font has every character of label_text", ["label", "label_text"]),
+    ("pose needs a model with a pose ControlNet, and no extend, lead_into, video or loop; pose_loop and "
+     "control_scale only with pose; reference not with image; the pose as long as the clip unless pose_loop",
+     ["pose", "pose_loop", "control_scale", "reference", "extend", "lead_into", "video", "loop"]),
     ("the request's cost: windows x steps and the latents held, within this server's limits",
      ["overlap", "fps", "seconds", "steps", "window", "height", "width"]),
 ]
@@ -182,7 +188,7 @@ def request_schema(limits=None, model=None, model_name: str | None = None) -> di
             _value(props[name]).update(bounds)
     props["negative"] = {"type": "string", "deprecated": True,
                          "description": "Alias of negative_prompt (not both)."}
-    for name in ("image", "extend", "lead_into", "video"):
+    for name in ("image", "extend", "lead_into", "video", "pose", "reference"):
         _value(props[name]).update(pattern=FILE_ID, description=props[name].get("description", "") +
                                    " A file id from POST /v1/files.")
     keyframe = _value(props["keyframes"])["items"]
