@@ -137,7 +137,7 @@ class RenderRequest(BaseModel):
     )
     workers: int | None = Field(None, description="Worker count (default: one per GPU, else one per CPU core).")
     model: str = Field("default", description="A diffusers model directory (AnimateDiff or Wan), 'default' (the "
-                       "bundled model), 'tiny' or 'tiny-wan'.")
+                       "bundled model), 'tiny', 'tiny-pose' (with a pose ControlNet) or 'tiny-wan'.")
     device: Literal[DEVICES] = Field("auto", description="Where workers run.")
     image: str | None = Field(None, description="An image the clip starts from: pinned at frame 0 (a path; over "
                               "HTTP a file id from POST /v1/files).")

@@ -1,9 +1,11 @@
 """The engine: a request becomes one MP4, rendered by overlapping windows fused at every step.
 
     prepare(request)  -> Job        validate against the model's configs and the video writer's size rule,
-                                    open and check the media inputs (`inputs.py`); no Ray, no weights
+                                    open and check the media inputs (`inputs.py`), draw a pose sequence
+                                    into skeleton frames (`longtake/pose.py`); no Ray, no weights
     run(job, pool)    -> RenderResult
-        1. encode the key prompts once (one encoder); the backend's conditioning goes in the object store;
+        1. encode the key prompts once (one encoder); the backend's conditioning goes in the object store,
+           with a pose's control frames (each window's prediction takes its own range of them);
            the known frames' latents once (a worker's `encode_frames`)
         2. initial latents from (seed, latent frame index); video to video: the input's latents (encoded
            chunk by chunk as it streams) noised to `strength`, the first steps skipped
