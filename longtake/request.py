@@ -276,7 +276,7 @@ class RenderRequest(BaseModel):
             raise RequestError("strength", v, "a number from 0 (keep the video) to 1 (redraw it all)")
         return v
 
-    @field_validator("image", "extend", "lead_into", "video")
+    @field_validator("image", "extend", "lead_into", "video", "pose", "reference", "reference_pose")
     @classmethod
     def _media(cls, v: str | None, info) -> str | None:
         if v is not None and not v.strip():
@@ -288,13 +288,6 @@ class RenderRequest(BaseModel):
     def _control_scale(cls, v: float | None) -> float | None:
         if v is not None and (not math.isfinite(v) or not 0 < v <= MAX_CONTROL_SCALE):
             raise RequestError("control_scale", v, f"a number > 0 and <= {MAX_CONTROL_SCALE:g}")
-        return v
-
-    @field_validator("pose", "reference", "reference_pose")
-    @classmethod
-    def _paths(cls, v: str | None, info) -> str | None:
-        if v is not None and not v.strip():
-            raise RequestError(info.field_name, v, "a file path (or, over HTTP, a file id)")
         return v
 
     @field_validator("context")

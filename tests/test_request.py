@@ -63,6 +63,8 @@ def _base(name: str) -> dict:
         base["extend"] = "in.mp4"
     if name == "overlap":
         base["window"] = 10**6
+    if name == "control_scale":
+        base["pose"] = "pose.json"
     return base
 
 
