@@ -36,7 +36,7 @@ from longtake.actors.worker import Worker
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, prepare, run, fingerprint
 from longtake.cluster import retention
-from longtake.cluster.jobs import JobRecord, JobStore, Lease, ProgressWriter, new_runner_id
+from longtake.cluster.jobs import JobRecord, JobStore, Lease, ProgressWriter, append_log, new_runner_id
 from longtake.provenance import Provenance
 from longtake.request import RequestError, load_timeline
 
@@ -135,14 +135,9 @@ def submit(farm_dir: str | Path, jobs: list[tuple[dict, int, str | None]]) -> li
             d = job_dir(farm_dir, record.id)
             d.mkdir(parents=True, exist_ok=True)
             (d / "request.json").write_text(json.dumps(request, indent=2))
-            _job_log(d, f"submitted (priority {priority})")
+            append_log(d, f"submitted (priority {priority})")
         results.append((record, created))
     return results
-
-
-def _job_log(d: Path, message: str) -> None:
-    with open(d / "log.txt", "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
 # ---------------------------------------------------------------- control
@@ -168,7 +163,7 @@ def control(farm_dir: str | Path, command: str, job_id: str) -> JobRecord:
         raise RequestError("id", job_id, f"a job that is {' or '.join(sources)} to {command} it (it is {now})")
     d = job_dir(farm_dir, job_id)
     if d.is_dir():
-        _job_log(d, f"{command}: {record.state} -> {target}")
+        append_log(d, f"{command}: {record.state} -> {target}")
         if command == "cancel" and record.state != "running":  # a running job's runner cleans up itself
             shutil.rmtree(d / "checkpoints", ignore_errors=True)
     return store.get(job_id)
@@ -242,7 +237,7 @@ class Runner:
         for job_id, owner in self.store.recover(self.id, self.lease_s):
             d = job_dir(self.farm_dir, job_id)
             if d.is_dir():
-                _job_log(d, f"runner {owner or '?'} is gone; requeued by {self.id}")
+                append_log(d, f"runner {owner or '?'} is gone; requeued by {self.id}")
             logger.warning("job %s: runner %s is gone; requeued", job_id, owner or "?")
             requeued.append(job_id)
         return requeued

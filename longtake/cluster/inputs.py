@@ -107,12 +107,12 @@ def resolve_inputs(request: RenderRequest, height: int, width: int, window_frame
             pinned.append(Pinned(ctx_before, load_image(name, path, width, height)[None], name))
             hashes[name] = file_sha256(path)
     taken = {}
+    first = "image" if request.image is not None else "reference" if request.reference is not None else None
     for i, key in enumerate(request.keyframes or []):
         name = f"keyframes[{i}]"
         frame = min(round(key.at * fps), new - 1)
         if key.at * fps >= new:
             raise RequestError(f"{name}.at", key.at, f"a time from 0 to below the clip's length ({new / fps:g} s)")
-        first = "image" if request.image is not None else "reference" if request.reference is not None else None
         if frame in taken or (frame == 0 and first):
             other = taken.get(frame, first)
             raise RequestError(f"{name}.at", key.at, f"a time whose frame ({frame} at {fps:g} fps) no other image "

@@ -67,8 +67,8 @@ class Conflict(Exception):
 
 
 def scoped_key(client: str | None, key: str | None) -> str | None:
-    """An idempotency key as stored: one client's key never names another client's job."""
-    return None if key is None or client is None else f"{client}/{key}"
+    """An idempotency key as stored: one client's key never names another client's job (no client: as is)."""
+    return key if key is None or client is None else f"{client}/{key}"
 
 
 class QueueFull(Exception):
@@ -77,6 +77,12 @@ class QueueFull(Exception):
 
 class ClientFull(QueueFull):
     """One client has as many jobs queued, running or paused as its key allows; retry later."""
+
+
+def append_log(directory: Path, message: str) -> None:
+    """One line in a job's log (DIR/log.txt: the farm's and serve's), stamped with the local time."""
+    with open(Path(directory) / "log.txt", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
 def iso(t: float) -> str:

@@ -62,7 +62,7 @@ from longtake.serve.keys import Client, KeyStore
 from longtake.serve.manager import Gone, JobManager, Limits, NotCancellable, QueueFull, public_message
 from longtake.serve.pages import error, install, known_query
 from longtake.serve.schema import (FILE_ID, Accepted, Changed, FileDeleted, FileMeta, Job, JobList, Links, Me, errors,
-                                   request_schema)
+                                   finish_openapi, request_schema)
 
 logger = logging.getLogger(__name__)
 
@@ -479,27 +479,9 @@ class Ingress:
         api.openapi_schema = None
         original = api.openapi
 
-        def openapi():  # the request body as this server accepts it (its limits, its model); bearer keys
+        def openapi():  # FastAPI's document, finished with this server's request body (schema.py)
             if api.openapi_schema is None:
-                schema = original()
-                schema["paths"]["/v1/videos"]["post"]["requestBody"] = {
-                    "required": True, "content": {"application/json": {"schema": body}}}
-                schema.setdefault("components", {})["securitySchemes"] = {
-                    "key": {"type": "http", "scheme": "bearer", "description": "An API key (`longtake keys add`)."}}
-                for path, operations in schema["paths"].items():
-                    for operation in operations.values():
-                        params = operation.get("parameters", [])
-                        if any(p["name"] == "authorization" for p in params):
-                            operation["parameters"] = [p for p in params if p["name"] != "authorization"]
-                            operation["security"] = [{"key": []}]
-                        if not operation.get("parameters") and "requestBody" not in operation:
-                            operation["responses"].pop("422", None)  # nothing to be invalid
-                        elif "422" in operation["responses"]:  # FastAPI's own shape is never sent: ours is
-                            operation["responses"]["422"] = {"description": "Invalid input", "content": {
-                                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-                for name in ("HTTPValidationError", "ValidationError"):
-                    schema["components"]["schemas"].pop(name, None)
-                api.openapi_schema = schema
+                api.openapi_schema = finish_openapi(original(), body)
             return api.openapi_schema
 
         api.openapi = openapi

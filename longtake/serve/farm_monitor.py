@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import re
 import secrets
 from pathlib import Path
@@ -96,8 +97,6 @@ def build_monitor(farm_dir: str | Path, key: str | None = None) -> FastAPI:
 
 def monitor_key(farm_dir: str | Path, host: str) -> tuple[str | None, bool]:
     """(key, created now): $LONGTAKE_MONITOR_KEY, else none on a loopback address, else FARM/monitor_key."""
-    import os
-
     from longtake.serve import load_or_create_secret
 
     if os.environ.get("LONGTAKE_MONITOR_KEY"):

@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, Job, fingerprint, prepare, run
 from longtake.cluster.retention import Audit, Retention, delete_job, files_under, save_policy, sweep
-from longtake.cluster.jobs import (FINAL, STATES, ClientFull, Conflict, JobStore, Lease, ProgressWriter, QueueFull, new_runner_id,
-                                   scoped_key)
+from longtake.cluster.jobs import (FINAL, STATES, ClientFull, Conflict, JobStore, Lease, ProgressWriter, QueueFull,
+                                   append_log, new_runner_id, scoped_key)
 from longtake.provenance import Provenance
 from longtake.request import RenderRequest, RequestError, parse_request
 from longtake.serve.files import FileStore, file_ids, owner_of
@@ -154,7 +154,7 @@ class JobManager:
         lim = self.limits
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
             raise RequestError("Idempotency-Key", idempotency_key, "1 to 200 characters")
-        scoped = scoped_key(client, idempotency_key) or idempotency_key
+        scoped = scoped_key(client, idempotency_key)
         try:
             record, created = self.store.create(body, idempotency_key=scoped, max_active=lim.max_queued, client=client,
                                                 client_max_active=max_jobs)
@@ -312,9 +312,7 @@ class JobManager:
         d = self.job_dir(job_id)
         try:
             d.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-            with open(d / "log.txt", "a") as f:
-                f.write(f"{stamp} {public_message(message)}\n")
+            append_log(d, public_message(message))
         except OSError as e:  # a log line is never worth failing a job for
             logger.warning("job %s: cannot write its log: %s", job_id, e)
 

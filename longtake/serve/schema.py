@@ -224,3 +224,28 @@ def request_schema(limits=None, model=None, model_name: str | None = None) -> di
     schema["description"] = (schema.get("description", "") + " Besides the bounds of each field, a request is "
                               "refused (422) for the rules in x-rules.")
     return schema
+
+
+def finish_openapi(schema: dict, body: dict) -> dict:
+    """FastAPI's OpenAPI document of the serve app, finished: the body of POST /v1/videos (`request_schema`,
+    read by the ingress itself, so FastAPI cannot see it), bearer keys as a security scheme instead of an
+    `authorization` header parameter, and the one Error shape for 422 (FastAPI's own is never sent; an
+    operation with nothing to validate has no 422)."""
+    schema["paths"]["/v1/videos"]["post"]["requestBody"] = {
+        "required": True, "content": {"application/json": {"schema": body}}}
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "key": {"type": "http", "scheme": "bearer", "description": "An API key (`longtake keys add`)."}}
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            params = operation.get("parameters", [])
+            if any(p["name"] == "authorization" for p in params):
+                operation["parameters"] = [p for p in params if p["name"] != "authorization"]
+                operation["security"] = [{"key": []}]
+            if not operation.get("parameters") and "requestBody" not in operation:
+                operation["responses"].pop("422", None)
+            elif "422" in operation["responses"]:
+                operation["responses"]["422"] = {"description": "Invalid input", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(name, None)
+    return schema
