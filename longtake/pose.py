@@ -26,6 +26,13 @@ becomes (p - anchor_drive) * s + anchor_ref, with s = height_ref / height_drive.
 the lower ankle (else the confident points' vertical extent); anchor: the mid-hip (else the centre of
 the confident points).
 
+Extraction (`--pose-from VIDEO`, the CLI): a pose estimator run once on the video's frames at the job's fps
+writes the keypoints as such a JSON file (OUT.pose.json, then used as `pose`), and on the reference photo
+(OUT.reference-pose.json, for retargeting). The estimator is an optional extra (`pip install
+'longtake[pose]'`: rtmlib's RTMPose on onnxruntime, keypoints in COCO-18 order, below its 0.3 threshold
+missing), or your own `module:factory`. rtmlib downloads its weights at first use; where it cannot, the
+request fails naming `pose_from` and saying why.
+
 Plain numpy and PIL: no torch, no Ray.
 """
 
@@ -306,3 +313,115 @@ def pose_frames(name: str, path: str, frames: int, fps: float, width: int, heigh
         raise RequestError(name, path, "a pose video with at least one frame")
     index = _schedule(name, len(read), None, frames, fps, loop, path)
     return np.stack([read[j] for j in index])
+
+
+# --- pose extraction (--pose-from): an optional estimator, run once before the render -------------------------
+ESTIMATOR_EXTRA = "pip install 'longtake[pose]'"  # rtmlib and onnxruntime (pyproject.toml)
+EXTRACT_SIDE = 640  # frames go to the estimator with their longer side at most this (aspect kept)
+RTMLIB_THRESHOLD = 0.3  # rtmlib's own keypoint threshold when it draws skeletons
+
+
+class EstimatorUnavailable(Exception):
+    """The estimator cannot run here (not installed, or its weights cannot be had): the reason, for the user."""
+
+
+def _rtmlib():
+    """rtmlib's RTMPose body estimator (ONNX, CPU), its keypoints in OpenPose's COCO-18 order. rtmlib downloads
+    its ONNX weights into ~/.cache at first use: offline, that fails, and so does this, saying so."""
+    try:
+        from rtmlib import Body
+    except ImportError as e:
+        raise EstimatorUnavailable(f"rtmlib is not installed ({e}); {ESTIMATOR_EXTRA}") from None
+    try:
+        body = Body(mode="balanced", to_openpose=True, backend="onnxruntime", device="cpu")
+    except Exception as e:  # a download that cannot happen (no network), a missing runtime...
+        raise EstimatorUnavailable(f"rtmlib's weights could not be loaded ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}); rtmlib downloads them at first use, "
+                                   f"so run it once where the network is reachable (they stay in ~/.cache), or give "
+                                   f"--pose keypoints.json") from None
+
+    def estimate(frame: np.ndarray) -> list[np.ndarray]:
+        keypoints, scores = body(np.ascontiguousarray(frame[..., ::-1]))  # rtmlib reads BGR (OpenCV)
+        scores = np.where(scores >= RTMLIB_THRESHOLD, scores, 0.0)  # below it: missing, as rtmlib draws them
+        return [np.concatenate([k, s[:, None]], axis=1) for k, s in zip(keypoints, scores)]
+
+    return estimate
+
+
+ESTIMATORS = {"rtmlib": _rtmlib}  # name -> factory() -> estimate(frame (H, W, 3) RGB uint8) -> [(18, 3) x, y, c]
+
+
+def load_estimator(name: str, video: str):
+    """The estimate function of a named estimator (ESTIMATORS), or of `module:factory` (your own: a factory
+    returning frame -> list of (18, 3) COCO-18 arrays in pixels). RequestError naming pose_estimator (an
+    unknown name) or pose_from (`video`: an estimator that cannot run here, and why)."""
+    import importlib
+
+    try:
+        if name in ESTIMATORS:
+            return ESTIMATORS[name]()
+        module, sep, attr = name.partition(":")
+        if not sep:
+            raise RequestError("pose_estimator", name, f"one of {', '.join(ESTIMATORS)}, or module:factory")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise RequestError("pose_estimator", name, f"an importable module:factory ({e})") from None
+        return factory()
+    except EstimatorUnavailable as e:
+        raise RequestError("pose_from", video, f"a pose estimator that can run here, but {name}: {e}") from None
+
+
+def extract_poses(video: str, fps: float, estimator, out: str, frames: int | None = None) -> str:
+    """Run `estimator` on every frame of `video` read at `fps` (the longer side at most EXTRACT_SIDE), and
+    write the poses as an OpenPose keypoint JSON file at `out` (COCO-18, the people the estimator found; a
+    frame with nobody is kept empty, and the reader holds the previous pose there). Stops after `frames`
+    frames when given. Returns `out`. RequestError naming pose_from: unreadable video, a bad estimate, or
+    nobody found in the first frame."""
+    from longtake.media import probe_media, video_chunks
+
+    info = probe_media("pose_from", video)
+    if info["kind"] != "video":
+        raise RequestError("pose_from", video, "a video of a person moving (not an image)")
+    scale = min(1.0, EXTRACT_SIDE / max(info["width"], info["height"]))
+    width, height = (max(2, round(info[k] * scale / 2) * 2) for k in ("width", "height"))
+    out_frames = []
+    for chunk in video_chunks("pose_from", video, fps, width, height):
+        for frame in chunk:
+            people = []
+            for person in estimator(frame):
+                a = np.asarray(person, np.float64)
+                if a.shape != (18, 3) or not np.isfinite(a).all():
+                    raise RequestError("pose_from", video, f"an estimator giving (18, 3) finite COCO-18 keypoints "
+                                                           f"per person, got shape {a.shape}")
+                people.append({"pose_keypoints_2d": [round(float(v), 3) for v in a.reshape(-1)]})
+            out_frames.append({"people": people})
+            if frames is not None and len(out_frames) >= frames:
+                break
+        if frames is not None and len(out_frames) >= frames:
+            break
+    if not out_frames or not out_frames[0]["people"]:
+        raise RequestError("pose_from", video, "a video whose first frame shows a person (the estimator found "
+                                               "nobody)")
+    Path(out).write_text(json.dumps({"fps": fps, "width": width, "height": height, "frames": out_frames}))
+    return out
+
+
+def extract_reference_pose(image: str, estimator, out: str) -> str:
+    """The estimator on a reference photo (as read, its own size): the first person found, written as a
+    one-frame keypoint JSON file at `out` (for retargeting). RequestError naming reference when nobody is
+    found (give --retarget none, or --reference-pose)."""
+    from longtake.media import load_image, probe_media
+
+    info = probe_media("reference", image)
+    if info["kind"] != "image":
+        raise RequestError("reference", image, "an image file (PNG, JPEG, WebP...), not a video")
+    frame = load_image("reference", image, info["width"], info["height"])
+    people = [np.asarray(p, np.float64) for p in estimator(frame)]
+    people = [p for p in people if p.shape == (18, 3) and np.isfinite(p).all() and (p[:, 2] > 0).any()]
+    if not people:
+        raise RequestError("reference", image, "a photo in which the pose estimator finds a person (to retarget "
+                                               "the pose onto), or --retarget none, or --reference-pose")
+    Path(out).write_text(json.dumps({"width": info["width"], "height": info["height"], "frames": [
+        {"people": [{"pose_keypoints_2d": [round(float(v), 3) for v in people[0].reshape(-1)]}]}]}))
+    return out

@@ -131,3 +131,47 @@ def object_visible(frames: np.ndarray, background: tuple[int, int, int], color: 
     nearest = np.linalg.norm(x[..., None, :] - palette, axis=-1).argmin(axis=-1)  # (F, H, W)
     area = (far & (nearest == names.index(color))).sum(axis=(1, 2))
     return area >= VISIBLE_MIN_SHARE * frames.shape[1] * frames.shape[2]
+
+
+def mask_centroids(masks: np.ndarray) -> np.ndarray:
+    """(F, H, W) or (F, H, W, 3) silhouette frames (white on black) -> (F, 2) wrap-aware centroids (x, y) of
+    their white pixels (> 127); nan where a frame has none."""
+    masks = masks if masks.ndim == 3 else masks.max(axis=-1)
+    _, h, w = masks.shape
+    ang_x, ang_y = 2 * np.pi * (np.arange(w) + 0.5) / w, 2 * np.pi * (np.arange(h) + 0.5) / h
+    out = np.full((len(masks), 2), np.nan)
+    for i, m in enumerate(masks > 127):
+        ys, xs = np.nonzero(m)
+        if len(xs):
+            cx = np.arctan2(np.sin(ang_x[xs]).mean(), np.cos(ang_x[xs]).mean()) % (2 * np.pi) * w / (2 * np.pi) - 0.5
+            cy = np.arctan2(np.sin(ang_y[ys]).mean(), np.cos(ang_y[ys]).mean()) % (2 * np.pi) * h / (2 * np.pi) - 0.5
+            out[i] = (cx % w, cy % h)
+    return out
+
+
+def path_error(frames: np.ndarray, masks: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """(F,) distance in pixels (wrap-aware) from the object's centroid in each frame to its silhouette's
+    (the pose path's) centroid; inf where the frame has no object. frames and masks at one size."""
+    track = object_track(frames, background)
+    want = mask_centroids(masks)
+    d = np.hypot(*wrap_delta(track.centroids, want, track.size).T)
+    return np.where(np.isnan(d), np.inf, d)
+
+
+def identity(frames: np.ndarray, reference: np.ndarray, background: tuple[int, int, int]) -> dict:
+    """How well a clip keeps the look of its reference image (one coloured object on `background`), frame
+    by frame: the object's mean colour distance (RGB) and its area ratio against the reference's object.
+    frames (F, H, W, 3), reference (H, W, 3) uint8 at the same size.
+    Returns the medians and the worst decile of both over the clip, and the share of frames with an
+    object at all."""
+    ref = object_track(reference[None], background)
+    track = object_track(frames, background)
+    seen = ~np.isnan(track.centroids[:, 0])
+    colour = np.linalg.norm(track.colors[seen] - ref.colors[0], axis=-1)
+    size = track.areas[seen] / max(ref.areas[0], 1.0)
+    if not seen.any():
+        return {"present": 0.0, "colour_distance": float("inf"), "colour_distance_p90": float("inf"),
+                "size_ratio": 0.0, "size_ratio_p10": 0.0, "size_ratio_p90": 0.0}
+    return {"present": float(seen.mean()), "colour_distance": float(np.median(colour)),
+            "colour_distance_p90": float(np.percentile(colour, 90)), "size_ratio": float(np.median(size)),
+            "size_ratio_p10": float(np.percentile(size, 10)), "size_ratio_p90": float(np.percentile(size, 90))}

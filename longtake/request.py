@@ -24,6 +24,7 @@ NOISE_MODES = ("independent", "freenoise", "correlated")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("wavefront", "barrier")  # when a window runs its next step (longtake.cluster.sampler)
 RETARGET_MODES = ("reference", "none")  # the driving skeleton onto the reference pose, or as drawn (longtake.pose)
+ANIMATE_MODES = ("animate", "replace")  # Wan-Animate: the character in a new clip, or redrawn into a background
 MAX_CONTROL_SCALE = 5.0
 # the visible label (longtake.label, which imports no torch either, holds them with the font)
 from longtake.label import DEFAULT_POSITION as LABEL_POSITION  # noqa: E402
@@ -95,7 +96,7 @@ class Keyframe(BaseModel):
 # the request fields that name media files, and the kind of file each takes: paths on the CLI, the Python
 # API and the farm; file ids over HTTP (keyframes: the `image` of each)
 MEDIA_KINDS = {"image": "image", "keyframes": "image", "extend": "video", "lead_into": "video", "video": "video",
-               "pose": "video", "reference": "image"}
+               "pose": "video", "reference": "image", "face": "video", "background": "video", "mask": "video"}
 MEDIA_FIELDS = tuple(MEDIA_KINDS)
 
 
@@ -137,7 +138,8 @@ class RenderRequest(BaseModel):
     )
     workers: int | None = Field(None, description="Worker count (default: one per GPU, else one per CPU core).")
     model: str = Field("default", description="A diffusers model directory (AnimateDiff or Wan), 'default' (the "
-                       "bundled model), 'tiny', 'tiny-pose' (with a pose ControlNet) or 'tiny-wan'.")
+                       "bundled model), 'tiny', 'tiny-pose' (with a pose ControlNet), 'tiny-pose-ip' (and an "
+                       "IP-Adapter), 'tiny-wan' or 'tiny-wan-animate'.")
     device: Literal[DEVICES] = Field("auto", description="Where workers run.")
     image: str | None = Field(None, description="An image the clip starts from: pinned at frame 0 (a path; over "
                               "HTTP a file id from POST /v1/files).")
@@ -158,10 +160,24 @@ class RenderRequest(BaseModel):
     pose: str | None = Field(None, description="A pose sequence that drives the motion: a video of skeleton frames "
                              "(as OpenPose or DWPose tools draw them) or an OpenPose keypoint JSON file (BODY_25 or "
                              "COCO-18, hands and face optional) drawn at the output size; resampled to fps (over HTTP: "
-                             "a video's file id). Needs a model with a pose ControlNet.")
-    pose_loop: bool = Field(False, description="Repeat a pose sequence shorter than the clip (else it is an error).")
+                             "a video's file id). Needs a model with a pose ControlNet, or a Wan-Animate model.")
+    pose_loop: bool = Field(False, description="Repeat a pose sequence (and Wan-Animate's face, background and "
+                            "mask videos) shorter than the clip (else it is an error).")
     reference: str | None = Field(None, description="The look the pose animates: a photo pinned at frame 0, as "
-                                  "`image` is (over HTTP: a file id).")
+                                  "`image` is; for a Wan-Animate model the character photo it animates (required; "
+                                  "fitted inside the output size and padded with black, not pinned) (over HTTP: a "
+                                  "file id).")
+    face: str | None = Field(None, description="For Wan-Animate: a video of the performer's face (crops, one per "
+                             "frame) that drives the expression, read at fps and scaled to the model's face size "
+                             "(512 px); without it the model sees a blank face (its unguided input) and the "
+                             "expression is its own (over HTTP: a file id).")
+    animate_mode: Literal[ANIMATE_MODES] = Field("animate", description="For Wan-Animate: animate the reference in a "
+                                                 "new clip (animate), or replace the figure in `background` where "
+                                                 "`mask` is white by the reference (replace; both videos required).")
+    background: str | None = Field(None, description="With animate_mode replace: the video the character is redrawn "
+                                   "into, as long as the clip (over HTTP: a file id).")
+    mask: str | None = Field(None, description="With animate_mode replace: a video, white where the character is "
+                             "redrawn, black where the background stays (over HTTP: a file id).")
     reference_pose: str | None = Field(None, description="The reference figure's pose: a keypoint JSON file (one "
                                        "frame, on the photo's canvas); the driving skeleton is retargeted onto it "
                                        "(CLI and farm; not over HTTP).")
@@ -276,7 +292,8 @@ class RenderRequest(BaseModel):
             raise RequestError("strength", v, "a number from 0 (keep the video) to 1 (redraw it all)")
         return v
 
-    @field_validator("image", "extend", "lead_into", "video", "pose", "reference", "reference_pose")
+    @field_validator("image", "extend", "lead_into", "video", "pose", "reference", "reference_pose", "face",
+                     "background", "mask")
     @classmethod
     def _media(cls, v: str | None, info) -> str | None:
         if v is not None and not v.strip():
@@ -330,8 +347,17 @@ class RenderRequest(BaseModel):
 
     def _check_pose(self) -> None:
         """The pose fields: what needs a pose, and what a pose-driven clip cannot be combined with."""
+        if self.animate_mode == "replace":
+            for name in ("background", "mask"):
+                if getattr(self, name) is None:
+                    raise RequestError(name, None, f"a {name} video with animate_mode replace (the character is "
+                                                   "redrawn into the background where the mask is white)")
+        else:
+            for name in ("background", "mask"):
+                if getattr(self, name) is not None:
+                    raise RequestError(name, getattr(self, name), "no value without animate_mode replace")
         if self.pose is None:
-            for name in ("pose_loop", "reference_pose", "control_scale"):
+            for name in ("pose_loop", "reference_pose", "control_scale", "face"):
                 value = getattr(self, name)
                 if value not in (None, False):
                     raise RequestError(name, value, "no value without pose (it is about the pose sequence)")
@@ -342,7 +368,8 @@ class RenderRequest(BaseModel):
                     raise RequestError(name, value, "no value with pose (a pose-driven clip is made from its first "
                                                     "frame to its last)")
         if self.reference is not None and self.image is not None:
-            raise RequestError("reference", self.reference, "no value with image (both pin frame 0: give one)")
+            raise RequestError("reference", self.reference, "no value with image (give one: both start the clip "
+                                                            "from a photo)")
 
     @property
     def length(self) -> float:

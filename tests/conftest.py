@@ -61,6 +61,27 @@ def tiny_pose_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_pose_ip_model(tmp_path_factory) -> str:
+    """The tiny pose model plus an IP-Adapter (ip_adapter/, image_encoder/, feature_extractor/), with beside it
+    pose.json (a walking skeleton) and two photos of another size than the output (80 x 64): photo.png (a red
+    figure on black) and photo2.png (a blue one on white)."""
+    import numpy as np
+    from PIL import Image
+
+    from longtake.pipelines.tiny import build_tiny_animatediff
+
+    path = tmp_path_factory.mktemp("models") / "tiny-pose-ip"
+    build_tiny_animatediff(path, seed=0, controlnet=True, ip_adapter=True)
+    walking_pose(path / "pose.json")
+    for name, figure, ground in (("photo.png", (220, 40, 40), 0), ("photo2.png", (40, 60, 230), 255)):
+        photo = np.full((64, 80, 3), ground, np.uint8)
+        photo[8:60, 28:52] = figure
+        photo[12:20, 34:46] = (240, 200, 160)  # a face
+        Image.fromarray(photo).save(path / name)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """Ray, started once for the whole test session (2 cores: logical CPUs are oversubscribed)."""
     import ray
@@ -137,3 +158,31 @@ def cli_cases():
         return results if report_imports else results[:-1]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_animate_model(tmp_path_factory) -> str:
+    """A tiny WanAnimatePipeline directory (a 16 px face), with beside it: pose.json (a walking skeleton),
+    photo.png (the character, 64 x 64), face.mp4 (16 x 16), background.mp4 and mask.mp4 (64 x 64), 2 s at 8 fps."""
+    import numpy as np
+    from PIL import Image
+
+    from longtake.pipelines.tiny import build_tiny_wan_animate
+    from longtake.video import VideoWriter
+
+    path = tmp_path_factory.mktemp("models") / "tiny-wan-animate"
+    build_tiny_wan_animate(path, seed=0)
+    walking_pose(path / "pose.json")
+    rng = np.random.default_rng(0)
+    photo = np.zeros((64, 64, 3), np.uint8)
+    photo[8:60, 20:44] = (220, 40, 40)  # a red figure on black
+    photo[12:20, 26:38] = (240, 200, 160)  # a face
+    Image.fromarray(photo).save(path / "photo.png")
+    clips = {"face": rng.integers(0, 255, (16, 16, 16, 3), np.uint8),
+             "background": np.repeat(np.linspace(0, 255, 64, dtype=np.uint8)[None, None, :, None], 16, 0).repeat(64, 1)
+             .repeat(3, 3), "mask": np.zeros((16, 64, 64, 3), np.uint8)}
+    clips["mask"][:, 8:56, 16:48] = 255  # the figure's place
+    for name, frames in clips.items():
+        with VideoWriter(path / f"{name}.mp4", frames.shape[2], frames.shape[1], 8) as writer:
+            writer.write(np.ascontiguousarray(frames))
+    return str(path)

@@ -64,6 +64,55 @@ def _wan_pipeline(path, job, req, latents):
                 latents=latents, output_type="np").frames[0]
 
 
+def _wan_animate_pipeline(path, job, req, latents):
+    """WanAnimatePipeline with longtake's media (the reference as fitted, the pose as drawn, the face, background
+    and mask frames as read) as PIL images, one segment of the clip's rendered frames. The reference slot
+    (pipelines/wan_animate.py's docstring) starts at, and is set before every step to, the value longtake's
+    stateless windows give it: (1 - sigma) r + sigma eps, r the pipeline's own reference latent."""
+    import diffusers.pipelines.wan.pipeline_wan_animate as module
+    from diffusers import WanAnimatePipeline
+    from PIL import Image
+
+    from longtake.pipelines.wan import prompt_clean
+    from longtake.pipelines.wan_animate import slot_latent, slot_noise, slot_sigma
+
+    pipe = WanAnimatePipeline.from_pretrained(path, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    media, frames = job.media, job.frames
+    pil = lambda clip: [Image.fromarray(f) for f in clip]  # noqa: E731
+    face = media.get("face")
+    if face is None:  # longtake's default: the blank face (every pixel -1 once normalized)
+        size = job.model.options["face_size"]
+        face = np.zeros((frames, size, size, 3), np.uint8)
+    image = Image.fromarray(media["reference"])
+    pixels = pipe.vae_image_processor.preprocess(image, height=job.height, width=job.width, resize_mode="fill")
+    reference = pipe.prepare_reference_image_latents(pixels.float())[:, 4:]  # (1, C, 1, h, w), the mask dropped
+    noise = slot_noise(req.get("seed", 0), tuple(reference.shape))
+    train = pipe.scheduler.config.num_train_timesteps
+    pipe.scheduler.set_timesteps(job.steps)
+    timesteps = pipe.scheduler.timesteps.clone()
+    first = torch.cat([slot_latent(reference, noise, slot_sigma(timesteps[0], train)), latents], dim=2)
+
+    def pin_slot(pipe, i, t, kwargs):
+        if i + 1 < len(timesteps):
+            kwargs["latents"][:, :, :1] = slot_latent(reference, noise, slot_sigma(timesteps[i + 1], train))
+        return {"latents": kwargs["latents"]}
+
+    replace = req.get("animate_mode") == "replace"
+    previous, module.prompt_clean = module.prompt_clean, prompt_clean  # the pipeline's needs ftfy (not installed)
+    try:
+        return pipe(image=image, pose_video=pil(job.control), face_video=pil(face),
+                    background_video=pil(media["background"]) if replace else None,
+                    mask_video=[Image.fromarray(m, "L") for m in media["mask"]] if replace else None,
+                    mode="replace" if replace else "animate", prompt=req["prompt"],
+                    negative_prompt=req["negative_prompt"], height=job.height, width=job.width,
+                    segment_frame_length=job.rendered_frames, num_inference_steps=job.steps,
+                    guidance_scale=job.guidance, latents=first, callback_on_step_end=pin_slot,
+                    output_type="np").frames[0]
+    finally:
+        module.prompt_clean = previous
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -94,6 +143,13 @@ FAMILIES = {
                   dict(seconds=17 / 16, fps=16, steps=4), _wan_pipeline, bad_size=72),
     "wan22": Family("wan22", "tiny_wan22_model", dict(seconds=2, fps=16, steps=4, window=5, overlap=2),
                     dict(seconds=17 / 16, fps=16, steps=4), _wan_pipeline, bad_size=72),
+    # Wan-Animate: the photo beside the model animated by the walking skeleton, its face video driving the face
+    "wan_animate": Family("wan_animate", "tiny_wan_animate_model",
+                          dict(seconds=2, fps=16, steps=4, window=5, overlap=2),
+                          dict(seconds=17 / 16, fps=16, steps=4), _wan_animate_pipeline, bad_size=72,
+                          extra=lambda path: {"pose": f"{path}/pose.json", "reference": f"{path}/photo.png",
+                                              "face": f"{path}/face.mp4"},
+                          known_frames="a pose-driven clip is made from its start: no extend, loop or video"),
 }
 
 

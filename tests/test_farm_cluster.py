@@ -128,7 +128,7 @@ def test_lost_node_job_completes_on_what_is_left(tmp_path, tiny_model):
 
 def test_chaos_script_every_job_finishes_with_its_frames(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--jobs", "2", "--nodes", "3",
-                           "--limit", "400", "--kill-every", "3", "--farm-dir", str(tmp_path / "farm"),
+                           "--limit", "400", "--kill-every", "3", "--steps", "6", "--farm-dir", str(tmp_path / "farm"),
                            "--out", str(tmp_path / "chaos.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,6 +4,7 @@ pose-video path, resampling and looping, retargeting arithmetic, and bad input n
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +222,108 @@ def test_the_reference_photo_is_frame_zero(tmp_path, tiny_pose_model, render_in_
     with_image = render_in_process({**req, "image": str(tmp_path / "me.png"), "out": str(tmp_path / "b.mp4")})
     without = render_in_process({**req, "out": str(tmp_path / "c.mp4")})
     assert with_reference.frames_sha256 == with_image.frames_sha256 != without.frames_sha256
+
+
+def test_path_measures_are_wrap_aware_and_name_the_distance():
+    """quality.mask_centroids / path_error / identity on known frames: an object 3 px from its silhouette
+    (across the wrap) is 3 px off; a missing object is infinitely far; identity compares with the reference."""
+    from longtake.quality import identity, mask_centroids, path_error
+
+    size, bg = 64, (30, 50, 160)
+    masks = np.zeros((2, size, size), np.uint8)
+    masks[0, 10:16, 0:3] = masks[0, 10:16, 61:] = 255  # a silhouette across the left/right edge: x = -0.5
+    masks[1, 40:46, 40:46] = 255
+    assert np.allclose(mask_centroids(masks), [[63.5, 12.5], [42.5, 42.5]])
+    frames = np.tile(np.array(bg, np.uint8), (2, size, size, 1))
+    frames[0, 10:16, 2:8] = (220, 30, 30)  # 3 px to the right of its silhouette (x = 4.5 vs -0.5 = 63.5)
+    error = path_error(frames, masks, bg)
+    assert np.isclose(error[0], 5.0) and np.isinf(error[1])
+    look = identity(frames[:1], frames[0], bg)
+    assert look["colour_distance"] == 0 and look["size_ratio"] == 1 and look["present"] == 1
+    assert identity(frames[1:], frames[0], bg)["present"] == 0
+
+
+def test_farm_spec_pose_paths_are_relative_to_the_spec(tmp_path):
+    """Every media field of a farm spec (the pose ones included) names a path relative to the spec file."""
+    from longtake.cluster import farm
+    from longtake.request import MEDIA_FIELDS
+
+    fields = [f for f in MEDIA_FIELDS if f != "keyframes"] + ["reference_pose"]
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "job.json").write_text(json.dumps({"prompt": "x", **{f: f"m/{f}.bin" for f in fields}}))
+    job, = farm.read_specs(str(tmp_path / "specs" / "job.json"))
+    assert {f: job[f] for f in fields} == {f: str((tmp_path / "specs" / "m" / f"{f}.bin").resolve()) for f in fields}
+    assert {"pose", "reference", "reference_pose", "face", "background", "mask"} <= set(fields)
+
+
+def _moving_square(path, frames=16, fps=8, size=64, start=0):
+    from longtake.video import VideoWriter
+
+    with VideoWriter(path, size, size, fps) as w:
+        for i in range(frames):
+            f = np.zeros((size, size, 3), np.uint8)
+            if i >= start:
+                f[20:30, 10 + 2 * i:20 + 2 * i] = 255
+            w.write(f)
+    return str(path)
+
+
+def test_pose_from_runs_the_estimator_on_every_frame(tmp_path):
+    """--pose-from's extraction with a small fake estimator (tests/fake_pose_estimator.py): one keypoint frame
+    per output frame, following the person; drawn, the neck's dot sits where the person is."""
+    from fake_pose_estimator import make
+
+    from longtake.pose import extract_poses, extract_reference_pose
+
+    video = _moving_square(tmp_path / "dance.mp4")
+    out = extract_poses(video, 8, make(), str(tmp_path / "o.pose.json"))
+    data = json.loads((tmp_path / "o.pose.json").read_text())
+    assert (data["fps"], data["width"], data["height"], len(data["frames"])) == (8, 64, 64, 16)
+    necks = [f["people"][0]["pose_keypoints_2d"][3:5] for f in data["frames"]]
+    assert np.allclose(np.diff([x for x, _ in necks]), 2, atol=0.6) and abs(necks[0][0] - 14.5) < 1
+    frames = pose_frames("pose", out, 16, 8, 64, 64)
+    for i in (0, 15):
+        x, y = (round(v) for v in necks[i])
+        assert tuple(frames[i][y, x]) == COLOURS[1]
+    photo = tmp_path / "photo.png"
+    from PIL import Image
+
+    still = np.zeros((48, 32, 3), np.uint8)
+    still[10:20, 10:20] = 255
+    Image.fromarray(still).save(photo)
+    ref = json.loads(Path(extract_reference_pose(str(photo), make(), str(tmp_path / "r.json"))).read_text())
+    assert (ref["width"], ref["height"]) == (32, 48) and ref["frames"][0]["people"][0]["pose_keypoints_2d"][3:5] == [14.5, 14.5]
+    assert load_keypoints("reference_pose", str(tmp_path / "r.json")).frames[0][0].body[1, 0] == 14.5
+
+
+def test_pose_from_on_the_cli_and_its_bad_inputs(tmp_path, cli_cases, tiny_pose_model):
+    """The CLI writes OUT.pose.json and renders with it; an estimator that cannot run (rtmlib absent, or its
+    weights not downloadable here), a video with nobody in its first frame, --pose-from with --pose, an image:
+    exit 2 naming pose_from (or pose_estimator), before any model loads."""
+    import os
+    import subprocess
+    import sys
+
+    video = _moving_square(tmp_path / "dance.mp4")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "longtake", "render", "a dancer", "--model", tiny_pose_model,
+                          "--pose-from", video, "--pose-estimator", "fake_pose_estimator:make", "--seconds", "2",
+                          "--in-process", "--json", "-q", "--out", str(tmp_path / "d.mp4")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["frames"] == 16 and (tmp_path / "d.pose.json").is_file()
+    late = _moving_square(tmp_path / "late.mp4", start=3)
+    o = ["--out", str(tmp_path / "x.mp4"), "--model", tiny_pose_model]
+    cases = [["render", "x", "--pose-from", video, "--pose-estimator", "rtmlib", *o],
+             ["render", "x", "--pose-from", late, "--pose-estimator", "tests.fake_pose_estimator:make", *o],
+             ["render", "x", "--pose-from", video, "--pose", video, *o],
+             ["render", "x", "--pose-from", video, "--pose-estimator", "nosuchmodule:make", *o]]
+    results = cli_cases(cases, tmp_path, report_imports=True)
+    for argv, res in zip(cases, results[:-1]):
+        assert res["rc"] == 2, (argv, res)
+    assert results[0]["err"].startswith(f"longtake render: error: pose_from: got '{video}'"), results[0]["err"]
+    assert "pip install 'longtake[pose]'" in results[0]["err"] or "weights" in results[0]["err"]
+    assert results[1]["err"].startswith("longtake render: error: pose_from: got ") and "first frame" in results[1]["err"]
+    assert "no value with --pose" in results[2]["err"]
+    assert results[3]["err"].startswith("longtake render: error: pose_estimator: got 'nosuchmodule:make'")
+    assert not results[-1]["ray_imported"] and not results[-1]["diffusers_imported"], results[-1]

@@ -2,10 +2,13 @@
 
     prepare(request)  -> Job        validate against the model's configs and the video writer's size rule,
                                     open and check the media inputs (`inputs.py`), draw a pose sequence
-                                    into skeleton frames (`longtake/pose.py`); no Ray, no weights
+                                    into skeleton frames (`longtake/pose.py`), read a Wan-Animate model's
+                                    reference photo, face, background and mask (an IP-Adapter model's:
+                                    its reference photo, the image prompt); no Ray, no weights
     run(job, pool)    -> RenderResult
         1. encode the key prompts once (one encoder); the backend's conditioning goes in the object store,
-           with a pose's control frames (each window's prediction takes its own range of them);
+           with a pose's control frames (each window's prediction takes its own range of them) and a
+           Wan-Animate model's media (`cond.media`: its reference photo, face, background and mask);
            the known frames' latents once (a worker's `encode_frames`)
         2. initial latents from (seed, latent frame index); video to video: the input's latents (encoded
            chunk by chunk as it streams) noised to `strength`, the first steps skipped
@@ -49,7 +52,7 @@ from tqdm import tqdm
 from longtake.actors.pool import Pool
 from longtake.cluster.checkpoint import Checkpointer, scheduler_state
 from longtake.cluster.sampler import Sampler
-from longtake.cluster.inputs import Inputs, latent_index, resolve_inputs
+from longtake.cluster.inputs import Inputs, clip_frames, latent_index, reference_image, resolve_inputs
 from longtake.pipelines import ModelInfo, inspect_model, load_scheduler, weights_identity
 from longtake.pipelines.windows import (
     PromptKey,
@@ -62,7 +65,7 @@ from longtake.pipelines.windows import (
 from longtake.request import RenderRequest, RequestError, parse_request
 from longtake.label import Layout, LabelError, frames_labelled
 from longtake.label import layout as layout_label
-from longtake.media import video_chunks
+from longtake.media import load_image, probe_media, video_chunks
 from longtake.pose import pose_frames, reference_person
 from longtake.provenance import Provenance
 from longtake.watermark import Embedder, payload_of
@@ -96,6 +99,9 @@ class Job:
     label: Layout | None = None  # the visible label on the output's opening frames (None: label "none")
     control: np.ndarray | None = field(default=None, repr=False, compare=False)  # (frames, H, W, 3) uint8 pose frames
     control_scale: float = 1.0
+    # a model animating a reference photo (Wan-Animate): reference (H, W, 3), face (frames, S, S, 3), background
+    # (frames, H, W, 3), mask (frames, H, W) uint8; attached to the conditioning with the pose
+    media: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def new_frames(self) -> int:
@@ -181,7 +187,8 @@ def prepare(request: RenderRequest | dict) -> Job:
     if overlap >= window:
         raise RequestError("overlap", overlap, f"0 <= overlap < window ({window} {unit})")
     layout = model.layout
-    inputs = resolve_inputs(request, height, width, layout.frames(window), layout.causal, layout.temporal)
+    inputs = resolve_inputs(request, height, width, layout.frames(window), layout.causal, layout.temporal,
+                            pin_reference=model.options.get("reference") != "condition")
     frames = inputs.ctx_before + inputs.new + inputs.ctx_after
     latent_frames = layout.latent_frames(frames)
     if request.loop and latent_frames < 2:
@@ -201,11 +208,15 @@ def prepare(request: RenderRequest | dict) -> Job:
         keys = [PromptKey(k.at, k.prompt) for k in request.timeline]
     else:
         keys = [PromptKey(0.0, request.prompt)]
+    media = _animation_media(request, model, frames, width, height)  # a model animating a reference: checked first
+    if model.options.get("ip_adapter"):  # an IP-Adapter's image prompt: the reference photo (pinned at frame 0 too)
+        media = _image_prompt(request)
     control = None
     if request.pose is not None:  # pose-driven: the skeleton frames, checked and drawn before any work
-        if not model.options.get("controlnet"):
+        if not model.options.get("pose"):
             raise RequestError("pose", request.pose, "a model with a pose ControlNet (an AnimateDiffControlNetPipeline "
-                                                     "directory); this one has none")
+                                                     "directory) or a Wan-Animate model (WanAnimatePipeline); this one "
+                                                     "is neither")
         reference = None
         if request.reference_pose is not None and request.retarget != "none":
             reference = reference_person("reference_pose", request.reference_pose, width, height)
@@ -229,7 +240,58 @@ def prepare(request: RenderRequest | dict) -> Job:
         label=label,
         control=control,
         control_scale=request.control_scale if request.control_scale is not None else 1.0,
+        media=media,
     )
+
+
+def _image_prompt(request: RenderRequest) -> dict:
+    """A model with an IP-Adapter (ModelInfo.options "ip_adapter", AnimateDiff): the request's reference photo
+    as read (its own size, RGB) is the image prompt, attached to the conditioning as a Wan-Animate model's
+    media is; the workers' CLIP image processor scales and crops it as diffusers' pipelines do. RequestError
+    naming `reference` without one (an IP-Adapter, once loaded, needs an image)."""
+    if request.reference is None:
+        raise RequestError("reference", None, "a photo: this model has an IP-Adapter (ip_adapter/), whose image "
+                                              "prompt is the reference photo (pinned at frame 0 too)")
+    size = probe_media("reference", request.reference)
+    return {"reference": load_image("reference", request.reference, size["width"], size["height"])}
+
+
+def _animation_media(request: RenderRequest, model: ModelInfo, frames: int, width: int, height: int) -> dict:
+    """The media of a model that animates a reference photo with a pose (ModelInfo.options "reference" ==
+    "condition": Wan-Animate): the reference photo (fitted inside the output size and padded), the face video
+    (at the model's face size) and, to replace a character, the background video and the mask (grayscale),
+    each as long as the clip (pose_loop repeats them too). Every other model refuses these fields. Checked and
+    read before any weights load; RequestError names the field."""
+    animating = model.options.get("reference") == "condition"
+    modes = model.options.get("modes", ["animate"])
+    if not animating:
+        for name in ("face", "background", "mask"):
+            if getattr(request, name) is not None:
+                raise RequestError(name, getattr(request, name), "a Wan-Animate model (WanAnimatePipeline); this "
+                                                                 "one takes no face, background or mask video")
+        if request.animate_mode != "animate":
+            raise RequestError("animate_mode", request.animate_mode, "'animate' (replace is for Wan-Animate models)")
+        return {}
+    if request.animate_mode not in modes:
+        raise RequestError("animate_mode", request.animate_mode, f"one of {', '.join(modes)}")
+    if model.options.get("pose_required") and request.pose is None:
+        raise RequestError("pose", None, "a pose video or keypoint JSON file (this model animates the reference "
+                                         "photo with a pose)")
+    if request.reference is None:
+        raise RequestError("reference", None, "a photo of the character to animate (this model's reference image)")
+    if request.control_scale is not None:
+        raise RequestError("control_scale", request.control_scale, "no value (it scales a ControlNet; this model "
+                                                                   "has none)")
+    media = {"reference": reference_image("reference", request.reference, width, height)}
+    if request.face is not None:
+        size = model.options["face_size"]
+        media["face"] = clip_frames("face", request.face, frames, request.fps, size, size, request.pose_loop)
+    if request.animate_mode == "replace":
+        media["background"] = clip_frames("background", request.background, frames, request.fps, width, height,
+                                          request.pose_loop)
+        media["mask"] = clip_frames("mask", request.mask, frames, request.fps, width, height, request.pose_loop,
+                                    gray=True)
+    return media
 
 
 def fingerprint(job: Job, dtype: str, device: str) -> str:
@@ -251,6 +313,10 @@ def fingerprint(job: Job, dtype: str, device: str) -> str:
         data["guidance_2"] = job.guidance_2
     if job.control is not None:  # the pose as drawn (retargeting and resampling included)
         data["pose"] = {"sha256": hashlib.sha256(job.control.tobytes()).hexdigest(), "scale": job.control_scale}
+    if job.media:  # the reference photo, face, background and mask as read (resized), and the mode
+        data["media"] = {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+                         for name, a in sorted(job.media.items())}
+        data["animate_mode"] = req.animate_mode
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -375,6 +441,14 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     encoded = pool.encode([k.prompt for k in job.keys], req.negative_prompt, schedule)
     if job.control is not None:  # the pose frames travel with the conditioning: once per worker
         encoded.control, encoded.control_scale = torch.from_numpy(job.control), job.control_scale
+    if job.media:  # a reference photo and its videos (Wan-Animate; an IP-Adapter's image prompt) travel the same
+        # way, with the mode, the seed
+        # and a hash of them all (what a worker keys the conditioning it derives from them by)
+        key = hashlib.sha256(req.animate_mode.encode())
+        for name, a in sorted(job.media.items()) + ([("pose", job.control)] if job.control is not None else []):
+            key.update(name.encode() + np.ascontiguousarray(a).tobytes())
+        encoded.media = {**{name: torch.from_numpy(a) for name, a in job.media.items()},
+                         "mode": req.animate_mode, "seed": req.seed, "key": key.hexdigest()}
     cond = pool.put(encoded)
 
     # 2. initial latents from (seed, frame)

@@ -38,7 +38,7 @@ from longtake.cluster.engine import Cancelled, prepare, run, fingerprint
 from longtake.cluster import retention
 from longtake.cluster.jobs import JobRecord, JobStore, Lease, ProgressWriter, append_log, new_runner_id
 from longtake.provenance import Provenance
-from longtake.request import RequestError, load_timeline
+from longtake.request import MEDIA_FIELDS, RequestError, load_timeline
 
 logger = logging.getLogger(__name__)
 # one logger for every job: a running job's messages reach its log.txt through a handler on "longtake"
@@ -70,7 +70,8 @@ def read_specs(path: str) -> list[dict]:
     """A spec file (YAML or JSON): one job mapping, a list of them, or {jobs: [...]}. Each job is a
     render request plus optional `priority` (higher first) and `token` (makes the submit idempotent).
     A `timeline` may be a list of keys or the path of a timeline file (relative to the spec), and media
-    paths (`image`, `keyframes[].image`, `extend`, `lead_into`) are relative to the spec too."""
+    paths (`image`, `keyframes[].image`, `extend`, `lead_into`, `video`, `pose`, `reference`, `reference_pose`,
+    `face`, `background`, `mask`) are relative to the spec too."""
     p = Path(path)
     if not p.is_file():
         raise RequestError("spec", path, "an existing YAML or JSON file")
@@ -94,8 +95,8 @@ def read_specs(path: str) -> list[dict]:
         for field in ("out", "preview"):
             if isinstance(job.get(field), str):
                 job[field] = str((Path.cwd() / job[field]).resolve())
-        for field in ("image", "extend", "lead_into"):
-            if isinstance(job.get(field), str):
+        for field in (*MEDIA_FIELDS, "reference_pose"):  # every media path (keyframes: below)
+            if field != "keyframes" and isinstance(job.get(field), str):
                 job[field] = str((p.parent / job[field]).resolve())
         if isinstance(job.get("keyframes"), list):
             job["keyframes"] = [{**k, "image": str((p.parent / k["image"]).resolve())}

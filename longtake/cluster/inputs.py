@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from longtake.media import VideoInput, file_sha256, load_image, open_video
+from longtake.media import VideoInput, file_sha256, load_image, open_video, probe_media
 from longtake.request import DEFAULT_STRENGTH, RenderRequest, RequestError
 
 
@@ -74,8 +74,10 @@ def _fit(video: VideoInput, frames: int, explicit: bool, field_name: str, fps: f
 
 
 def resolve_inputs(request: RenderRequest, height: int, width: int, window_frames: int, causal: bool = False,
-                   temporal: int = 1) -> Inputs:
-    """Open and check every medium of a request (no model involved). Raises RequestError naming the field."""
+                   temporal: int = 1, pin_reference: bool = True) -> Inputs:
+    """Open and check every medium of a request (no model involved). Raises RequestError naming the field.
+    `pin_reference=False`: the reference photo is the model's conditioning (Wan-Animate: `reference_image`),
+    not a known frame 0."""
     fps, new = request.fps, request.num_frames
     pinned, hashes = [], {}
     source, strength = None, 1.0
@@ -103,11 +105,14 @@ def resolve_inputs(request: RenderRequest, height: int, width: int, window_frame
         hashes["lead_into"] = after.sha256
     for name in ("image", "reference"):  # the reference photo of a pose-driven clip is pinned as an image is
         path = getattr(request, name)
+        if name == "reference" and not pin_reference:
+            continue
         if path is not None:
             pinned.append(Pinned(ctx_before, load_image(name, path, width, height)[None], name))
             hashes[name] = file_sha256(path)
     taken = {}
-    first = "image" if request.image is not None else "reference" if request.reference is not None else None
+    first = ("image" if request.image is not None else
+             "reference" if request.reference is not None and pin_reference else None)
     for i, key in enumerate(request.keyframes or []):
         name = f"keyframes[{i}]"
         frame = min(round(key.at * fps), new - 1)
@@ -121,6 +126,56 @@ def resolve_inputs(request: RenderRequest, height: int, width: int, window_frame
         pinned.append(Pinned(ctx_before + frame, load_image(f"{name}.image", key.image, width, height)[None], name))
         hashes[name] = [key.at, file_sha256(key.image)]
     return Inputs(new, tuple(pinned), before, after, ctx_before, ctx_after, source, strength, hashes)
+
+
+def reference_image(field: str, path: str, width: int, height: int) -> np.ndarray:
+    """A reference photo that conditions a model (not a pinned frame) -> (height, width, 3) uint8: fitted
+    inside the output size (aspect kept, bilinear) and centred on black, as diffusers' WanAnimatePipeline
+    prepares its reference (`resize_mode="fill"`), so the whole figure stays in the picture (a pinned image
+    is cropped instead). RequestError naming `field` when it is not a readable image."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise RequestError(field, path, "an existing image file")
+    info = probe_media(field, path)
+    if info["kind"] != "image":
+        raise RequestError(field, path, "an image file (PNG, JPEG, WebP...), not a video")
+    image = Image.fromarray(load_image(field, path, info["width"], info["height"]))  # as read (and checked)
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio < src_ratio else image.width * height // image.height
+    src_h = height if ratio >= src_ratio else image.height * width // image.width
+    canvas = Image.new("RGB", (width, height), color=0)
+    canvas.paste(image.resize((src_w, src_h), resample=Image.Resampling.BILINEAR),
+                 box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    return np.asarray(canvas, np.uint8).copy()
+
+
+def clip_frames(field: str, path: str, frames: int, fps: float, width: int, height: int, loop: bool = False,
+                gray: bool = False) -> np.ndarray:
+    """A conditioning video (a face, a background, a mask) as `frames` frames at `fps`, scaled to cover
+    width x height and centre-cropped, (frames, height, width, 3) uint8 (`gray`: (frames, height, width), the
+    luma PIL's "L" conversion gives, as diffusers' mask processor reads masks). Shorter than the clip: an error
+    naming `field`, unless `loop` (pose_loop: it repeats, as the pose does)."""
+    from PIL import Image
+
+    from longtake.media import video_chunks
+
+    read: list[np.ndarray] = []
+    for chunk in video_chunks(field, path, fps, width, height):
+        read.extend(chunk)
+        if len(read) >= frames:
+            break
+    if not read:
+        raise RequestError(field, path, "a video with at least one frame")
+    if len(read) < frames and not loop:
+        raise RequestError(field, path, f"a video as long as the clip ({frames / fps:g} s at {fps:g} fps), or "
+                                        f"pose_loop; it has {len(read) / fps:g} s ({len(read)} frames)")
+    out = np.stack([read[i % len(read)] for i in range(frames)])
+    if gray:
+        out = np.stack([np.asarray(Image.fromarray(f).convert("L"), np.uint8) for f in out])
+    return out
 
 
 def latent_index(frame: int, temporal: int, causal: bool) -> int:

@@ -36,6 +36,36 @@ def _stages(t: dict) -> list[dict]:
     return (_stages(t["first_stage"]) if t.get("first_stage") else []) + [t]
 
 
+def _control(d: Path) -> str:
+    """The control branch's section (controlnet/training.json, POSE_EVAL.md), if the model has one."""
+    if not (d / "controlnet" / "training.json").is_file():
+        return ""
+    c = json.loads((d / "controlnet" / "training.json").read_text())
+    cfg = json.loads((d / "controlnet" / "config.json").read_text())
+    size_mb = sum(f.stat().st_size for f in (d / "controlnet").glob("*.safetensors")) / 2**20
+    pose = (d / "POSE_EVAL.md").read_text() if (d / "POSE_EVAL.md").is_file() else "(not evaluated yet: run `longtake eval --suite pose`)"
+    return f"""
+## Control branch (silhouette paths)
+`controlnet/`: a diffusers `ControlNetModel` trained by `python -m longtake.models.train_control` with the
+model above frozen, so that `--pose` takes a silhouette video (white on black, any size, resampled like a
+pose video) and the object follows it; `--reference` (pinned at frame 0) gives its look. Without `--pose`
+the branch does not run and renders are unchanged.
+- The UNet's encoder half (blocks {cfg['block_out_channels']}, weights copied from the UNet at the start),
+  per frame, without the pooled caption, with wrapping convolutions; the {c['mask_size']}x{c['mask_size']} silhouettes enter
+  through a conditioning embedding of channels {cfg['conditioning_embedding_out_channels']} (three stride-2
+  convolutions to the UNet's 8x8); every residual starts at zero. {size_mb:.1f} MB of safetensors (EMA).
+- Data: `shapes.sample_control_batch`, half the captioned motions (captioned with or without the motion
+  words), half free paths (circles, figure eights, lines in any direction, wanders) captioned without
+  them ("a red ball on a blue background"); objects of radius 0.15-0.24 of the frame.
+- Loss: x0 MSE with the object's pixels weighted {c['object_weight']:g}x; batch {c['batch']}, learning rate {c['lr']:g}
+  (warm-up, cosine to a tenth), {c['steps']} steps in {c['train_seconds'] / 60:.1f} minutes on {c['threads']} CPU threads
+  ({c['device']}), seed {c['seed']}, final loss {c['final_loss']}.
+- Reproduce: `python -m longtake.models.train_control --model longtake/models/default --max-steps {c['steps']}
+  --seed {c['seed']}` (resumable like train_default: `--piece-minutes`, state beside the weights).
+
+{pose}"""
+
+
 def write_card(model_dir: str | Path) -> Path:
     d = Path(model_dir)
     t = json.loads((d / "training.json").read_text())
@@ -54,6 +84,7 @@ def write_card(model_dir: str | Path) -> Path:
     noise = (f"\n- Initial noise {lt['default_noise']} across frames (AR(1), correlation {NOISE_CORRELATION} between neighbours), in\n"
              "  training and in longtake's sampling." if lt.get("default_noise") == "correlated" else
              "\n- Initial noise independent for every frame, in training (the last stage) and in longtake's sampling.")
+    control = _control(d)
     stages = _stages(t)
     training = "".join(_stage(s, lt, k + 1 if len(stages) > 1 else None) for k, s in enumerate(stages))
     card = f"""# longtake default model
@@ -149,8 +180,7 @@ held-out prompts and seeds (not the eval's), colour accuracy was 0.67, 0.75, 0.7
 1, 2, 3 and 5 (motion 0.21 to 0.25): the default is 2.
 
 ## Evaluation
-{evaluation}
-"""
+{evaluation}{control}"""
     out = d / "MODEL_CARD.md"
     out.write_text(card)
     return out

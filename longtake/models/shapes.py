@@ -115,3 +115,71 @@ def sample_batch(rng: np.random.Generator, batch: int, frames: int, size: int) -
     picks = [specs[i] for i in rng.integers(0, len(specs), batch)]
     clips = np.stack([render_clip(s, frames, size, rng) for s in picks])  # (B, F, H, W, 3)
     return clips, [s.caption for s in picks]
+
+
+# --- silhouettes: the "pose" of an object, for the bundled model's control branch (train_control.py) ---
+PATHS = ("circle", "eight", "line", "wander")  # free paths beside the captioned motions
+
+
+def free_path(kind: str, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(frames, 2) centre positions of a path no caption names, at the captioned motions' speed (about one
+    pixel per frame at 16 px), wrapping around the edges: a circle, a figure eight, a line in any direction,
+    or a wander (a random walk whose heading turns slowly)."""
+    t = np.arange(frames, dtype=np.float64)
+    speed = rng.uniform(0.6, 1.1) * size / 16
+    cx, cy = rng.uniform(0, size, 2)
+    if kind in ("circle", "eight"):
+        radius = size * rng.uniform(0.15, 0.32)
+        omega = speed / radius * rng.choice([-1, 1])  # angular speed for that path speed
+        phase = rng.uniform(0, 2 * np.pi)
+        if kind == "circle":
+            xs, ys = cx + radius * np.cos(omega * t + phase), cy + radius * np.sin(omega * t + phase)
+        else:
+            xs, ys = cx + radius * np.sin(omega * t + phase), cy + radius / 2 * np.sin(2 * (omega * t + phase))
+    elif kind == "line":
+        angle = rng.uniform(0, 2 * np.pi)
+        xs, ys = cx + speed * np.cos(angle) * t, cy + speed * np.sin(angle) * t
+    elif kind == "wander":
+        heading = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.25, frames))
+        xs = cx + np.concatenate([[0], np.cumsum(speed * np.cos(heading[:-1]))])
+        ys = cy + np.concatenate([[0], np.cumsum(speed * np.sin(heading[:-1]))])
+    else:
+        raise ValueError(f"path: got {kind!r}, expected one of {', '.join(PATHS)}")
+    return np.stack([xs % size, ys % size], axis=1)
+
+
+def render_path(spec: ClipSpec, path: np.ndarray, radius: float, size: int, mask_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The object along `path` (in pixels of `size`): (frames, size, size, 3) uint8 frames and its
+    silhouettes, (frames, mask_size, mask_size) uint8 white (255) on black, drawn at `mask_size` (the
+    control frames' resolution) from the same path."""
+    bg = np.array(BACKGROUNDS[spec.background], dtype=np.float64)
+    fg = np.array(OBJECT_COLORS[spec.color], dtype=np.float64)
+    frames = np.empty((len(path), size, size, 3), dtype=np.uint8)
+    masks = np.empty((len(path), mask_size, mask_size), dtype=np.uint8)
+    k = mask_size / size
+    for f, (x, y) in enumerate(path):
+        m = _mask(spec.shape, x, y, radius, size)[..., None]
+        frames[f] = np.round(bg * (1 - m) + fg * m).astype(np.uint8)
+        masks[f] = np.where(_mask(spec.shape, x * k, y * k, radius * k, mask_size, ss=2) >= 0.5, 255, 0)
+    return frames, masks
+
+
+def sample_control_batch(rng: np.random.Generator, batch: int, frames: int, size: int,
+                         mask_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Clips with their silhouettes and captions: half follow a captioned motion (captioned with or without
+    its motion words, at random), half a free path (captioned without motion words, "a red ball on a blue
+    background"). Returns (B, F, size, size, 3) uint8, (B, F, mask_size, mask_size) uint8, captions."""
+    specs = all_specs()
+    clips, masks, captions = [], [], []
+    for i in rng.integers(0, len(specs), batch):
+        spec = specs[i]
+        radius = size * rng.uniform(0.15, 0.24)
+        if rng.uniform() < 0.5:
+            path, named = trajectory(spec.motion, frames, size, rng), rng.uniform() < 0.5
+        else:
+            path, named = free_path(PATHS[rng.integers(len(PATHS))], frames, size, rng), False
+        clip, mask = render_path(spec, path, radius, size, mask_size)
+        clips.append(clip)
+        masks.append(mask)
+        captions.append(spec.caption if named else f"a {spec.color} {spec.shape} on a {spec.background} background")
+    return np.stack(clips), np.stack(masks), captions

@@ -55,6 +55,7 @@ FAMILIES = {
     "AnimateDiffPipeline": "longtake.pipelines.animatediff",
     "AnimateDiffControlNetPipeline": "longtake.pipelines.animatediff",  # with a pose ControlNet
     "WanPipeline": "longtake.pipelines.wan",
+    "WanAnimatePipeline": "longtake.pipelines.wan_animate",  # Wan 2.2 Animate: a reference photo, a pose
 }
 ROLES = ("encode", "predict", "decode")
 

@@ -1,12 +1,15 @@
 """Tiny random-weight models built from configs: `tiny` (AnimateDiff), `tiny-pose` (AnimateDiff with a pose
-ControlNet) and `tiny-wan` (Wan 2.1 T2V).
+ControlNet), `tiny-pose-ip` (the same plus an IP-Adapter image prompt: a CLIP vision encoder with projection,
+its image processor and an `ip_adapter/` state dict), `tiny-wan` (Wan 2.1 T2V) and `tiny-wan-animate` (Wan 2.2
+Animate: a reference photo animated by a pose, with a CLIP vision encoder and its image processor built
+locally).
 
 They render noise, quickly: for checks, the bench and the tests. Each builder writes a complete diffusers
 directory (model_index.json, safetensors weights, a tokenizer written locally, the family's scheduler),
 so it loads through exactly the same `from_pretrained(..., use_safetensors=True)` path as a real model.
 Nothing is downloaded.
 
-    python -m longtake.pipelines.tiny /tmp/tiny-animatediff [tiny|tiny-wan|tiny-wan22]
+    python -m longtake.pipelines.tiny /tmp/tiny-animatediff [tiny|tiny-pose|tiny-pose-ip|tiny-wan|tiny-wan22|tiny-wan-animate]
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import torch
 TINY_NAME = "tiny"  # the --model value that selects the tiny AnimateDiff model
 TINY_WAN = "tiny-wan"  # the --model value that selects the tiny Wan 2.1 model
 TINY_POSE = "tiny-pose"  # the tiny AnimateDiff model with a pose ControlNet
+TINY_POSE_IP = "tiny-pose-ip"  # the same with an IP-Adapter image prompt
+IP_ADAPTER_FILE = "ip-adapter.safetensors"  # the tiny models' file in ip_adapter/ (any one .safetensors name works)
+TINY_WAN_ANIMATE = "tiny-wan-animate"  # the tiny Wan 2.2 Animate model
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -66,10 +72,13 @@ def write_tokenizer_files(directory: Path, words: list[str] = ()) -> tuple[Path,
     return vocab_file, merges_file
 
 
-def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: int = 16, controlnet: bool = False):
+def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: int = 16, controlnet: bool = False,
+                           ip_adapter: bool = False):
     """Build and save a tiny AnimateDiff pipeline (with `controlnet`: an AnimateDiffControlNetPipeline whose
     ControlNet has the UNet's shape and random, not zero, output convolutions, the control image's embedding
-    included, so that the pose changes the frames); returns the pipeline object."""
+    included, so that the pose changes the frames; with `ip_adapter`: also a CLIP vision encoder with
+    projection, its image processor and a random IP-Adapter in ip_adapter/, see `ip_adapter_state_dict`);
+    returns the pipeline object (without the IP-Adapter loaded: `load_ip_adapter` reads it from the directory)."""
     from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AutoencoderKL, ControlNetModel,
                            DDIMScheduler, MotionAdapter, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -128,6 +137,7 @@ def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: in
     )
     parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=motion_adapter,
                  scheduler=scheduler)
+    net = None
     if controlnet:
         net = ControlNetModel(block_out_channels=(16, 32), layers_per_block=1, in_channels=4,
                               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
@@ -136,14 +146,58 @@ def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: in
         with torch.no_grad():
             for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
                 torch.nn.init.normal_(conv.weight, std=0.05)
-        pipe = AnimateDiffControlNetPipeline(controlnet=net, **parts)
-    else:
-        pipe = AnimateDiffPipeline(**parts)
+    if ip_adapter:  # made after the rest, so the other weights equal those of the model without it
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        # image_embeds (16 wide) of 32 px crops in 8 x 8 patches of 4 px
+        parts["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=4, projection_dim=16))
+        parts["feature_extractor"] = CLIPImageProcessor(size={"shortest_edge": 32},
+                                                        crop_size={"height": 32, "width": 32})
+    pipe = AnimateDiffControlNetPipeline(controlnet=net, **parts) if controlnet else AnimateDiffPipeline(**parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    if ip_adapter:
+        from safetensors.torch import save_file
+
+        state = ip_adapter_state_dict(pipe.unet, parts["image_encoder"].config.projection_dim, seed=seed)
+        (out_dir / "ip_adapter").mkdir()
+        save_file({f"{part}.{key}": value.contiguous() for part, weights in state.items()
+                   for key, value in weights.items()}, out_dir / "ip_adapter" / IP_ADAPTER_FILE)
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()
     return pipe
+
+
+def ip_adapter_state_dict(unet, image_embed_dim: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """A random IP-Adapter (the original kind: 4 image tokens) for `unet`, in the layout diffusers'
+    `load_ip_adapter` reads: {"image_proj": {proj.weight, proj.bias, norm.weight, norm.bias}, "ip_adapter":
+    {"<k>.to_k_ip.weight", "<k>.to_v_ip.weight"}}, k = 1, 3, 5... over the UNet's cross-attention processors
+    in order (motion modules and self-attention skipped), as `_convert_ip_adapter_attn_to_diffusers` numbers
+    them (diffusers' tests build theirs the same way). Weights are random, not zero, so the image changes
+    the frames."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    cross, tokens = unet.config.cross_attention_dim, 4
+    channels = list(unet.config.block_out_channels)
+    image_proj = {"proj.weight": torch.randn(tokens * cross, image_embed_dim, generator=gen) * 0.5,
+                  "proj.bias": torch.randn(tokens * cross, generator=gen) * 0.1,
+                  "norm.weight": 1 + torch.randn(cross, generator=gen) * 0.1,
+                  "norm.bias": torch.randn(cross, generator=gen) * 0.1}
+    layers, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor") or "motion_modules" in name:
+            continue
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = channels[::-1][int(name[len("up_blocks.")])]
+        else:
+            hidden = channels[int(name[len("down_blocks.")])]
+        for proj in ("to_k_ip", "to_v_ip"):
+            layers[f"{key}.{proj}.weight"] = torch.randn(hidden, cross, generator=gen) * 0.3
+        key += 2
+    return {"image_proj": image_proj, "ip_adapter": layers}
 
 
 def build_wan_tokenizer(max_length: int = 512):
@@ -195,9 +249,52 @@ def build_tiny_wan(out_dir: str | os.PathLike, seed: int = 0, two_experts: bool 
     return pipe
 
 
+def build_tiny_wan_animate(out_dir: str | os.PathLike, seed: int = 0):
+    """Build and save a tiny WanAnimatePipeline: the transformer, motion and face encoders at the sizes of
+    diffusers' own Wan-Animate tests (a 16 x 16 face), the image cross-attention of the real model
+    (added_kv_proj_dim), a CLIP vision encoder and its image processor, and the tiny Wan VAE, UMT5 and
+    tokenizer. Returns the pipeline object."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_wan_tokenizer()
+    torch.manual_seed(seed)
+    transformer = WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, latent_channels=16,
+        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", image_dim=16, added_kv_proj_dim=24, rope_max_seq_len=1024,
+        motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
+        motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=1, motion_encoder_batch_size=8)
+    with torch.no_grad():  # random, not zero, face adapters, so that the face video changes the frames
+        for adapter in transformer.face_adapter:
+            torch.nn.init.normal_(adapter.to_out.weight, std=0.05)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                               num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                                               eos_token_id=1, decoder_start_token_id=0))
+    # hidden_states[-2] of this encoder is the image embedding (16 wide: the transformer's image_dim); 8 x 8
+    # patches of 4 px on a 32 px crop
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, image_size=32, patch_size=4,
+                                                     projection_dim=16))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0,
+                                        num_train_timesteps=1000, solver_order=2, final_sigmas_type="zero")
+    pipe = WanAnimatePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                              image_processor=image_processor, image_encoder=image_encoder, transformer=transformer)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    (Path(out_dir) / "longtake.json").write_text(json.dumps({"default_size": [64, 64], "default_steps": 4}))
+    return pipe
+
+
 # --model names of the tiny models -> (cache directory name, builder)
 TINY_MODELS = {TINY_NAME: ("tiny-animatediff-v1", build_tiny_animatediff), TINY_WAN: ("tiny-wan-v1", build_tiny_wan),
-               TINY_POSE: ("tiny-pose-v2", lambda out: build_tiny_animatediff(out, controlnet=True))}
+               TINY_POSE: ("tiny-pose-v2", lambda out: build_tiny_animatediff(out, controlnet=True)),
+               TINY_POSE_IP: ("tiny-pose-ip-v1", lambda out: build_tiny_animatediff(out, controlnet=True,
+                                                                                  ip_adapter=True)),
+               TINY_WAN_ANIMATE: ("tiny-wan-animate-v1", build_tiny_wan_animate)}
 
 
 def cache_dir() -> Path:

@@ -88,17 +88,22 @@ def prompt_clean(text: str) -> str:
 
 
 class Backend:
+    transformer_class = "WanTransformer3DModel"  # the diffusers class of the expert(s) (subclasses: another DiT)
+    vae_roles = ("decode",)  # the roles that load the VAE (a family that encodes conditioning frames: predict too)
+
     def __init__(self, info: ModelInfo, device: str = "cpu", dtype: str = "float32",
                  roles: tuple[str, ...] = ("encode", "predict", "decode")):
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        import diffusers
+        from diffusers import AutoencoderKLWan
 
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
         path = info.path
         self.experts, self.boundary = [], None
         if "predict" in roles:
-            self.experts = [WanTransformer3DModel.from_pretrained(path, subfolder=name, use_safetensors=True,
-                                                                  dtype=self.dtype).to(self.device).eval()
+            transformer = getattr(diffusers, self.transformer_class)
+            self.experts = [transformer.from_pretrained(path, subfolder=name, use_safetensors=True,
+                                                        dtype=self.dtype).to(self.device).eval()
                             for name in info.options["experts"]]
             if info.options["boundary_ratio"] is not None:
                 from longtake.pipelines import load_scheduler
@@ -106,7 +111,7 @@ class Backend:
                 train_steps = load_scheduler(path).config.num_train_timesteps
                 self.boundary = info.options["boundary_ratio"] * train_steps
         self.vae = None
-        if "decode" in roles:
+        if any(role in roles for role in self.vae_roles):
             # the VAE is small (about 0.5 GB): float32 everywhere, for exact decodes
             self.vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", use_safetensors=True,
                                                         dtype=torch.float32).to(self.device).eval()

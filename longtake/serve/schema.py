@@ -170,6 +170,9 @@ RULES = [
     ("pose needs a model with a pose ControlNet, and no extend, lead_into, video or loop; pose_loop and "
      "control_scale only with pose; reference not with image; the pose as long as the clip unless pose_loop",
      ["pose", "pose_loop", "control_scale", "reference", "extend", "lead_into", "video", "loop"]),
+    ("Wan-Animate models need pose and reference; face, background and mask only for them and with pose, "
+     "background and mask exactly with animate_mode replace, each as long as the clip unless pose_loop",
+     ["pose", "reference", "face", "background", "mask", "animate_mode", "control_scale"]),
     ("the request's cost: windows x steps and the latents held, within this server's limits",
      ["overlap", "fps", "seconds", "steps", "window", "height", "width"]),
 ]
@@ -188,7 +191,7 @@ def request_schema(limits=None, model=None, model_name: str | None = None) -> di
             _value(props[name]).update(bounds)
     props["negative"] = {"type": "string", "deprecated": True,
                          "description": "Alias of negative_prompt (not both)."}
-    for name in ("image", "extend", "lead_into", "video", "pose", "reference"):
+    for name in ("image", "extend", "lead_into", "video", "pose", "reference", "face", "background", "mask"):
         _value(props[name]).update(pattern=FILE_ID, description=props[name].get("description", "") +
                                    " A file id from POST /v1/files.")
     keyframe = _value(props["keyframes"])["items"]

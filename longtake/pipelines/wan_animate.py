@@ -1,0 +1,304 @@
+"""Wan-Animate family (Wan 2.2 Animate, diffusers' `WanAnimatePipeline`): a reference photo animated by a pose.
+
+Knows torch and diffusers only. A directory whose model_index.json names `WanAnimatePipeline` holds a
+`WanAnimateTransformer3DModel` (a Wan 2.1 I2V-style DiT with a pose patch embedding, a motion encoder that
+reads face crops and face adapters), the Wan VAE, UMT5 with its tokenizer, a CLIP vision encoder with its
+image processor, and a flow-matching scheduler. Everything Wan shares (geometry, text embeddings, the
+streamed causal decode) is `wan.py`'s: this Backend subclasses it.
+
+Inputs (request fields): `reference` (the character photo; required), `pose` (skeleton video or keypoints;
+required), `face` (optional face crops; absent: a blank face, every pixel -1, which is what the pipeline
+gives its unconditional guidance pass, so the expression is left to the model), `animate_mode` "animate"
+(the character in a new clip) or "replace" (the character redrawn into `background` where `mask` is white;
+both videos required). The engine attaches the media to the conditioning (`cond.media`): the reference at
+the output size (fitted inside it and padded with black, as the pipeline's `resize_mode="fill"` does), the
+pose as drawn, face frames at the motion encoder's size, background frames, and the mask as grayscale.
+
+One window is one of diffusers' segments. The pipeline renders a long clip segment after segment, each
+`segment_frame_length` (4k+1) frames; a segment of T latent frames is denoised as T+1 latent frames,
+a reference slot first, and its conditioning is, per latent frame, 20 channels concatenated to the 16
+noisy ones (the `get_i2v_mask` mask, 4 channels, then a VAE latent, 16): for the slot, mask 1 and the
+reference photo's latent (`prepare_reference_image_latents`); for the segment's frames, the "previous
+segment" latents (`prepare_prev_segment_cond_latents`). The transformer also takes the segment's pose
+latents (`prepare_pose_latents`: the pose frames through the VAE), its face frames (pixels), the prompt
+and the photo's CLIP embedding (hidden_states[-2]), and its output's slot is dropped. Here a window of L
+latent frames, (s, e), covers the pixel frames 4s .. 4(e - 1) (frames 0 .. 4(L - 1) for the first): the
+same 4(L - 1) + 1 frames a segment starting there has, whose latent frames are exactly the clip's latent
+frames s .. e - 1 (the causal VAE's first latent frame of a segment is its one frame 4s, the last frame of
+the clip's latent frame s). `predict` builds, for that range: the pose latents, the face frames, and the
+previous-segment conditioning; the reference latent and CLIP embedding are the same for every window.
+Frames past the clip (the 4k+1 rule's surplus) repeat it backwards, as the pipeline's `pad_video_frames`.
+
+What stands in for the previous segment: in diffusers segment n > 0 is conditioned on the last decoded
+frame of segment n - 1 (mask 1 on it). Here windows are denoised together and fused at every step, so no
+window has a finished neighbour to copy; every window gets the conditioning diffusers gives the first
+segment: no previous frames (mask 0), and latents of a black clip ("animate") or of the window's own
+background frames with the inverted mask ("replace"). Continuity between windows comes from the fusion.
+
+The reference slot: in diffusers the slot is a latent frame denoised with the rest (it starts as noise and
+follows the scheduler). `predict` is stateless (one window, one step, any worker), so it cannot carry a
+slot of its own through the steps; it gives the slot what the slot's trajectory aims at, the reference
+latent r at the step's noise level: (1 - sigma) r + sigma eps, sigma = t / num_train_timesteps, eps one
+fixed Gaussian frame drawn from the job's seed (the same for every window and worker). With one window
+longtake's frames equal `WanAnimatePipeline.__call__` given the same initial latents whose slot is that
+value, and a step callback that sets the slot to it before every step (tests/test_wan_animate.py); the
+other frames go through exactly the pipeline's computation.
+
+Per worker the reference's VAE latent and CLIP embedding, and each window's pose latents, face frames and
+previous-segment latents, are computed once and kept (keyed by the media's hash and the window): the
+conditioning is the same at every step, so the frames do not depend on it. The CLIP vision encoder and the
+VAE sit on the predictors (they read the media the engine attached to the conditioning, after the
+encoder has embedded the prompts); UMT5 on the encoder worker, as for Wan.
+
+Memory (Wan2.2-Animate-14B, from its transformer config: 40 blocks of width 5120, FFN 13824, image
+cross-attention added_kv_proj_dim 5120, 8 face adapters, a 512 px motion encoder): 17.27 B parameters
+(blocks 16.15 B, face adapters 0.84 B, embeddings 0.24 B, motion and face encoders 0.04 B), x 2 bytes in
+bfloat16 = 34.5 GB a predictor. Activations of one 720 x 1280 window of 20 latent frames (+ the slot):
+21 x 45 x 80 = 75,600 tokens; a hidden state is 75,600 x 5120 x 2 B = 0.77 GB, the FFN's inner one
+75,600 x 13824 x 2 B = 2.1 GB, attention (SDPA, memory-efficient) about linear in tokens: about 5 GB at
+peak, the guidance pass run after the conditional one, not batched. The VAE (0.13 B parameters, float32:
+0.5 GB, plus a few GB of activations when it encodes a window's 77 pose frames) and the CLIP ViT-H/14 vision
+encoder (0.63 B, 1.3 GB in bf16) come on top: about 45 GB a predictor, one per 80 GB GPU (A100 / H100 80 GB;
+not a 48 GB card). In host memory a predictor keeps the conditioning of up to 64 windows (pose and
+previous-segment latents, 16 + 20 channels x 20 latent frames x 90 x 160 x 4 B = 41 MB a window at 720p: up
+to 2.7 GB), and the driver the clip's media as uint8 frames (a minute at 16 fps, 720 x 1280: 2.7 GB for the
+pose, as much for a background, a third of it for a mask, 0.75 GB of 512 px face frames). The
+encoder worker holds UMT5-XXL's encoder (5.7 B parameters, 11.4 GB in bf16) on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from longtake.pipelines import ModelInfo, read_json, read_options
+from longtake.pipelines import wan
+from longtake.pipelines.windows import TextConditioning
+from longtake.request import RequestError
+
+NATIVE_WINDOW = 20  # latent frames of the pipeline's default segment (77 frames), the reference slot not counted
+DEFAULT_SIZE = (720, 1280)  # the pipeline's default height and width
+MEMO_ENTRIES = 64  # windows whose conditioning a worker keeps (on the CPU: about 41 MB a window at 720p)
+
+
+def required_weights(index: dict) -> tuple[str, ...]:
+    return ("transformer", "vae", "text_encoder", "image_encoder")
+
+
+def inspect(path: Path, index: dict, model: str) -> ModelInfo:
+    if not (index.get("transformer") or [None])[0] or not (index.get("image_encoder") or [None])[0]:
+        raise RequestError("model", model, "a WanAnimatePipeline directory with a transformer and an image_encoder")
+    base = wan.inspect(path, index, model)
+    transformer = read_json(path / "transformer" / "config.json", model)
+    extra = read_options(path, model)
+    latent = int(transformer.get("latent_channels") or (int(transformer["in_channels"]) - 4) // 2)
+    patch_t = transformer.get("patch_size", [1, 2, 2])[0]
+    height, width = extra.get("default_size", DEFAULT_SIZE)
+    return replace(
+        base,
+        family="wan_animate",
+        layout=replace(base.layout, channels=latent),
+        native_window=int(extra.get("native_window", NATIVE_WINDOW)),
+        # the rotary tables cover the window and its reference slot
+        max_window=int(extra.get("max_window", int(transformer.get("rope_max_seq_len", 1024)) * patch_t - 1)),
+        default_height=int(height),
+        default_width=int(width),
+        default_steps=int(extra.get("default_steps", 20)),  # the pipeline's defaults: 20 steps, no guidance
+        default_guidance=float(extra.get("default_guidance", 1.0)),
+        experts=1,
+        options={"experts": ["transformer"], "boundary_ratio": None,
+                 # the engine: a pose drives it; the reference photo is conditioning (not a pinned frame 0)
+                 "pose": True, "pose_required": True, "reference": "condition",
+                 "face_size": int(transformer.get("motion_encoder_size", 512)), "modes": ["animate", "replace"]},
+    )
+
+
+def reflect_index(i: int, n: int) -> int:
+    """Frame i of a clip of n frames padded as the pipeline's `pad_video_frames` does: 0, 1, ..., n - 1,
+    n - 2, ..., 0, 1, ..."""
+    if n == 1 or i < n:
+        return min(i, n - 1)
+    j = i % (2 * (n - 1))
+    return j if j < n else 2 * (n - 1) - j
+
+
+def window_pixels(start: int, end: int, temporal: int = 4) -> range:
+    """The pixel frames a window of latent frames start..end-1 conditions on: 4(L - 1) + 1 frames from 4 start
+    (module docstring)."""
+    first = temporal * start
+    return range(first, first + temporal * (end - start - 1) + 1)
+
+
+def slot_sigma(t: torch.Tensor, train_steps: int) -> float:
+    """The noise level of timestep t (flow matching: t = sigma x num_train_timesteps)."""
+    return float(t) / train_steps
+
+
+def slot_latent(reference: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The reference slot's noisy latent at level sigma: (1 - sigma) r + sigma eps."""
+    return (1 - sigma) * reference + sigma * noise
+
+
+def slot_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The slot's fixed Gaussian (1, C, 1, h, w), from the job's seed."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed % 2**63), dtype=torch.float32)
+
+
+@dataclass
+class AnimateConditioning(TextConditioning):
+    """Wan's text conditioning, plus what the engine attaches: `media` (reference, pose as `control`, face,
+    background, mask) with the mode, the seed and the media's hash."""
+
+    media: dict | None = None
+
+
+class Backend(wan.Backend):
+    transformer_class = "WanAnimateTransformer3DModel"
+    vae_roles = ("predict", "decode")  # predictors encode the pose, background and reference frames
+
+    def __init__(self, info: ModelInfo, device: str = "cpu", dtype: str = "float32",
+                 roles: tuple[str, ...] = ("encode", "predict", "decode")):
+        super().__init__(info, device=device, dtype=dtype, roles=roles)
+        self.image_encoder = self.image_processor = None
+        self.train_steps = 1000
+        if "predict" in roles:
+            from transformers import CLIPImageProcessor, CLIPVisionModel
+
+            from longtake.pipelines import load_scheduler
+
+            self.image_processor = CLIPImageProcessor.from_pretrained(info.path, subfolder="image_processor")
+            self.image_encoder = CLIPVisionModel.from_pretrained(info.path, subfolder="image_encoder",
+                                                                 use_safetensors=True,
+                                                                 dtype=self.dtype).to(self.device).eval()
+            self.train_steps = load_scheduler(info.path).config.num_train_timesteps
+        self.face_size = info.options["face_size"]
+        self._memo: OrderedDict = OrderedDict()
+
+    def encode(self, prompts: list[str], negative_prompt: str, schedule) -> AnimateConditioning:
+        text = super().encode(prompts, negative_prompt, schedule)
+        return AnimateConditioning(text.keys, text.negative, text.a, text.b, text.alpha)
+
+    # ---------------------------------------------------------------- conditioning, as the pipeline computes it
+
+    def _normalized(self, latent: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latent.device, latent.dtype)
+        recip_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latent.device,
+                                                                                           latent.dtype)
+        return (latent - mean) * recip_std  # as the pipeline standardizes encoded latents
+
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(1, 3, n, H, W) in [-1, 1] -> (1, C, n', h, w): the posterior's mode, standardized."""
+        return self._normalized(self.vae.encode(video.to(self.device, torch.float32)).latent_dist.mode())
+
+    @staticmethod
+    def _pixels(frames: torch.Tensor) -> torch.Tensor:
+        """(n, H, W, 3) uint8 -> (1, 3, n, H, W) float32 in [-1, 1], as diffusers' image processors compute it."""
+        return (frames.float() / 255.0 * 2.0 - 1.0).permute(3, 0, 1, 2).unsqueeze(0)
+
+    def _i2v_mask(self, latent_t: int, h: int, w: int, values: torch.Tensor | None, mask_len: int) -> torch.Tensor:
+        """The pipeline's `get_i2v_mask`: (1, 4, latent_t, h, w)."""
+        temporal = self.vae.config.scale_factor_temporal
+        if values is None:
+            mask = torch.zeros(1, 1, (latent_t - 1) * temporal + 1, h, w, device=self.device)
+        else:
+            mask = values.clone().to(self.device, torch.float32)
+        mask[:, :, :mask_len] = 1
+        first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal)
+        mask = torch.concat([first, mask[:, :, 1:]], dim=2)
+        return mask.view(1, -1, temporal, h, w).transpose(1, 2)
+
+    def _remember(self, key, make):
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        value = make()
+        self._memo[key] = value
+        while len(self._memo) > MEMO_ENTRIES:
+            self._memo.popitem(last=False)
+        return value
+
+    @torch.inference_mode()
+    def _reference(self, media: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slot conditioning (1, 4 + C, 1, h, w), reference latent r (1, C, 1, h, w), CLIP embedding)."""
+        def make():
+            from PIL import Image
+
+            image = media["reference"]  # (H, W, 3) uint8 at the output size
+            latent = self._encode(self._pixels(image[None]))  # prepare_reference_image_latents
+            _, _, _, h, w = latent.shape
+            cond = torch.cat([self._i2v_mask(1, h, w, None, 1), latent], dim=1)
+            pixels = self.image_processor(images=Image.fromarray(image.numpy()), return_tensors="pt")
+            pixels = pixels.to(self.device)
+            pixels["pixel_values"] = pixels["pixel_values"].to(self.dtype)
+            embeds = self.image_encoder(**pixels, output_hidden_states=True).hidden_states[-2]
+            return cond, latent, embeds
+        return self._remember((media["key"], "reference"), make)
+
+    def _frames(self, clip: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        index = [reflect_index(i, len(clip)) for i in window_pixels(start, end, self.vae.config.scale_factor_temporal)]
+        return clip[index]
+
+    @torch.inference_mode()
+    def _window(self, cond: AnimateConditioning, start: int, end: int):
+        """The window's own conditioning: (pose latents (1, C, L, h, w), previous-segment conditioning
+        (1, 4 + C, L, h, w), face frames (1, 3, n, S, S) in [-1, 1]). The latents (VAE encodes) are kept on the
+        CPU; the face frames are cut and scaled again each call (cheap, and 0.24 GB a 720p window in float32)."""
+        media = cond.media
+        n = len(window_pixels(start, end, self.vae.config.scale_factor_temporal))
+        if media.get("face") is not None:
+            face = self._pixels(self._frames(media["face"], start, end))
+        else:  # no face video: the blank face (every pixel -1) of the pipeline's unconditional pass
+            face = torch.full((1, 3, n, self.face_size, self.face_size), -1.0)
+
+        def make():
+            pose = self._encode(self._pixels(self._frames(cond.control, start, end)))  # prepare_pose_latents
+            _, _, latent_t, h, w = pose.shape
+            if media["mode"] == "replace":  # the window's background, the mask inverted (prepare_prev_segment_...)
+                video = self._pixels(self._frames(media["background"], start, end))
+                mask = self._frames(media["mask"], start, end).float() / 255.0  # (n, H, W) in [0, 1]
+                mask = 1 - mask[:, None].to(self.device)  # (n, 1, H, W)
+                mask = F.interpolate(mask, size=(h, w), mode="nearest")[None].permute(0, 2, 1, 3, 4)
+            else:  # animate: a black clip, mask 0 (no previous segment)
+                video = torch.zeros(1, 3, n, *cond.control.shape[1:3])
+                mask = None
+            previous = torch.cat([self._i2v_mask(latent_t, h, w, mask, 0), self._encode(video)], dim=1)
+            return pose.cpu(), previous.cpu()
+        pose, previous = self._remember((media["key"], "window", start, end), make)
+        return pose.to(self.device), previous.to(self.device), face.to(self.device)
+
+    @torch.inference_mode()
+    def predict(self, z: torch.Tensor, t: torch.Tensor, cond: AnimateConditioning, window: tuple[int, int],
+                guidance: tuple[float, ...]) -> torch.Tensor:
+        """One window as one of the pipeline's segments (module docstring): the reference slot, then the
+        window's latent frames, with the reference, pose, face and previous-segment conditioning; guidance
+        (one scale) as the pipeline's: the unconditional pass has the negative prompt and a blank face.
+        Returns the window's (1, C, L, h, w) float32, the slot dropped."""
+        media = cond.media
+        if media is None or cond.control is None:
+            raise ValueError("Wan-Animate needs the reference and pose the engine attaches to the conditioning")
+        (guidance,) = guidance
+        expert = self.experts[0]
+        slot_cond, reference, image_embeds = self._reference(media)
+        pose, previous, face = self._window(cond, *window)
+        noise = self._remember((media["key"], "noise"), lambda: slot_noise(media["seed"], tuple(reference.shape)))
+        slot = slot_latent(reference, noise.to(self.device), slot_sigma(t, self.train_steps))
+        latents = torch.cat([slot, z.to(self.device, torch.float32)], dim=2)  # (1, C, L + 1, h, w)
+        conditioning = torch.cat([slot_cond, previous], dim=2)  # (1, 4 + C, L + 1, h, w)
+        x = torch.cat([latents, conditioning], dim=1).to(self.dtype)
+        timestep = t.to(self.device).expand(1)
+        kwargs = dict(hidden_states=x, timestep=timestep, encoder_hidden_states_image=image_embeds.to(self.dtype),
+                      pose_hidden_states=pose.to(self.dtype), return_dict=False)
+        text = cond.centre(*window).to(self.device, self.dtype)
+        out = expert(encoder_hidden_states=text, face_pixel_values=face.to(self.dtype), **kwargs)[0]
+        if guidance > 1:
+            negative = cond.negative.to(self.device, self.dtype)
+            uncond = expert(encoder_hidden_states=negative, face_pixel_values=(face * 0 - 1).to(self.dtype),
+                            **kwargs)[0]
+            out = uncond + guidance * (out - uncond)
+        return out[:, :, 1:].float().cpu()
+
