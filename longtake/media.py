@@ -147,6 +147,19 @@ def video_chunks(field: str, path: str, fps: float, width: int, height: int, chu
         reader.close()
 
 
+def head_frames(field: str, path: str, fps: float, width: int, height: int, frames: int) -> list[np.ndarray]:
+    """Up to `frames` frames of a video at `fps` and (height, width), from its start (the rest is not read);
+    RequestError naming `field` when it has none."""
+    read: list[np.ndarray] = []
+    for chunk in video_chunks(field, path, fps, width, height):
+        read.extend(chunk)
+        if len(read) >= frames:
+            break
+    if not read:
+        raise RequestError(field, path, "a video with at least one frame")
+    return read[:frames]
+
+
 @dataclass(frozen=True)
 class VideoInput:
     """A video as a job uses it: its frame count at the job's fps and size, and the frames it pins."""

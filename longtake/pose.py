@@ -299,18 +299,12 @@ def pose_frames(name: str, path: str, frames: int, fps: float, width: int, heigh
                 drawn[j] = draw(sequence.frames[j], width, height)
             out[i] = drawn[j]
         return out
-    from longtake.media import video_chunks
+    from longtake.media import head_frames
 
     if reference is not None:
         raise RequestError("retarget", "reference", "a keypoint JSON pose to retarget (a pose video's skeletons are "
                                                     "pixels): give --retarget none, or keypoints")
-    read: list[np.ndarray] = []
-    for chunk in video_chunks(name, path, fps, width, height):
-        read.extend(chunk)
-        if len(read) >= frames:
-            break
-    if not read:
-        raise RequestError(name, path, "a pose video with at least one frame")
+    read = head_frames(name, path, fps, width, height, frames)
     index = _schedule(name, len(read), None, frames, fps, loop, path)
     return np.stack([read[j] for j in index])
 

@@ -86,15 +86,16 @@ def test_the_floor_loads_the_models_in_the_asked_dtype(floor_site, tiny_model, t
 
 @pytest.mark.slow
 def test_the_floor_passes_the_pipeline_parity_tests(floor_site):
-    """One window against diffusers' own AnimateDiffPipeline and WanPipeline (both guidance cases), and Wan's
-    streamed decode (built on the VAE's internals) against one whole-clip decode, all with the floor."""
+    """One window against diffusers' own AnimateDiffPipeline, WanPipeline and WanAnimatePipeline (both guidance
+    cases), and the Wan families' streamed decode (built on the VAE's internals) against one whole-clip decode,
+    all with the floor."""
     tests = ["tests/test_families.py::test_one_window_matches_the_diffusers_pipeline",
              "tests/test_families.py::test_decode_path_equals_one_whole_decode"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests,
                            "-k", "(animatediff or wan) and not wan22", "-o", "addopts="],
                           capture_output=True, text=True, timeout=300, env=_env(floor_site), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "6 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "9 passed" in proc.stdout, proc.stdout[-2000:]  # animatediff, wan, wan_animate: 2 parity + 1 decode each
 
 
 def test_an_older_diffusers_fails_at_load_naming_the_floor(monkeypatch, tiny_model):

@@ -160,15 +160,9 @@ def clip_frames(field: str, path: str, frames: int, fps: float, width: int, heig
     naming `field`, unless `loop` (pose_loop: it repeats, as the pose does)."""
     from PIL import Image
 
-    from longtake.media import video_chunks
+    from longtake.media import head_frames
 
-    read: list[np.ndarray] = []
-    for chunk in video_chunks(field, path, fps, width, height):
-        read.extend(chunk)
-        if len(read) >= frames:
-            break
-    if not read:
-        raise RequestError(field, path, "a video with at least one frame")
+    read = head_frames(field, path, fps, width, height, frames)
     if len(read) < frames and not loop:
         raise RequestError(field, path, f"a video as long as the clip ({frames / fps:g} s at {fps:g} fps), or "
                                         f"pose_loop; it has {len(read) / fps:g} s ({len(read)} frames)")

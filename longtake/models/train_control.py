@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from longtake.models.shapes import sample_control_batch
 from longtake.models.train_default import (FRAMES, GRID_SHARE, GRID_STEPS, SHUFFLE, SIZE, UPSCALE, build_components,
-                                           load_state, load_weights, pooled_text_kwargs, save_state,
-                                           weights_digest)
+                                           ema_update, load_state, load_weights, pooled_text_kwargs, record_step,
+                                           save_state, weights_digest)
 from longtake.pipelines.animatediff import wrap_convolutions
 
 logger = logging.getLogger("longtake.train_control")
@@ -147,16 +147,8 @@ def train(model: Path, seed: int, batch: int, lr: float, max_steps: int, threads
         for g in opt.param_groups:  # warm-up, then cosine decay to a tenth
             g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max_steps)))
         opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))  # ~200-step horizon
-        with torch.no_grad():
-            for pe, pl in zip(ema.parameters(), controlnet.parameters()):
-                pe.mul_(decay).add_(pl.detach(), alpha=1 - decay)
-        losses.append(loss.item())
-        step += 1
-        bar.update()
-        if step % 50 == 0:
-            bar.set_postfix_str(f"loss {np.mean(losses[-50:]):.4f}")
-            logger.info("step %d loss %.4f (%.0f s)", step, np.mean(losses[-50:]), time.time() - t0)
+        ema_update(((ema, controlnet),), min(0.995, (1 + step) / (10 + step)))  # ~200-step horizon
+        step = record_step(bar, losses, loss, step, t0)
         if state_every and step % state_every == 0 and step < max_steps:
             save_state(state_file(model), run, step, losses, modules, opt, rng, gen, time.time() - t0)
     bar.close()

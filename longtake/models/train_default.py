@@ -201,6 +201,25 @@ def load_state(path: Path, run: dict, modules: dict, opt, rng, gen, device: str)
     return int(meta["step"]), json.loads(meta["losses"]), float(meta["elapsed"])
 
 
+def ema_update(pairs, decay: float) -> None:
+    """Each (ema, live) module pair: ema = decay * ema + (1 - decay) * live."""
+    with torch.no_grad():
+        for ema, live in pairs:
+            for pe, pl in zip(ema.parameters(), live.parameters()):
+                pe.mul_(decay).add_(pl.detach(), alpha=1 - decay)
+
+
+def record_step(bar, losses: list, loss: torch.Tensor, step: int, t0: float) -> int:
+    """Keep the step's loss, move the bar, log every 50 steps; returns the next step number."""
+    losses.append(loss.item())
+    step += 1
+    bar.update()
+    if step % 50 == 0:
+        bar.set_postfix_str(f"loss {np.mean(losses[-50:]):.4f}")
+        logger.info("step %d loss %.4f (%.0f s)", step, np.mean(losses[-50:]), time.time() - t0)
+    return step
+
+
 def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps: int | None, threads: int,
           save_every: int = 0, device: str = "cpu", state_every: int = 200, piece_minutes: float | None = None,
           piece_steps: int | None = None, init: Path | None = None, temporal_weight: float = 0.0,
@@ -293,17 +312,8 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
         for g in opt.param_groups:  # short warm-up, then cosine decay over the run
             g["lr"] = g["base_lr"] * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         opt.step()
-        decay = min(0.998, (1 + step) / (10 + step))  # ~500-step horizon
-        with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.mul_(decay).add_(pl.detach(), alpha=1 - decay)
-        losses.append(loss.item())
-        step += 1
-        bar.update()
-        if step % 50 == 0:
-            bar.set_postfix_str(f"loss {np.mean(losses[-50:]):.4f}")
-            logger.info("step %d loss %.4f (%.0f s)", step, np.mean(losses[-50:]), time.time() - t0)
+        ema_update(((ema_unet, unet), (ema_text, text_encoder)), min(0.998, (1 + step) / (10 + step)))  # ~500 steps
+        step = record_step(bar, losses, loss, step, t0)
         if save_every and step % save_every == 0:  # snapshots to look at mid-run; they do not change the run
             save_model(out.with_name(out.name + f"-step{step}"), tokenizer, ema_text, ema_unet, scheduler,
                        _card(seed, step, batch, lr, threads, t0, losses) | about)
