@@ -1,7 +1,8 @@
 """AnimateDiff family: a UNet with motion modules, a per-frame 2D VAE and a CLIP text encoder.
 
-The bundled default model (pixel space, no VAE) and `tiny` are of this family. Knows torch and diffusers
-only. `inspect` reads the configs; a worker builds one `Backend`, keeps it, and calls `encode`, `predict`
+The bundled default model (pixel space, no VAE; with a ControlNet for silhouette paths, its convolutions
+wrapping like the UNet's: `longtake/models/train_control.py`) and `tiny` are of this family. Knows torch and
+diffusers only. `inspect` reads the configs; a worker builds one `Backend`, keeps it, and calls `encode`, `predict`
 and `decode`; the engine does the scheduler steps and the fusion on the full latent. Conditioning is
 per frame: each window gets the interpolated embeddings of its own frames. The 2D VAE decodes every
 frame alone, so decode chunks run on any worker in parallel. With one window this computes exactly what
