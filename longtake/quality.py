@@ -29,23 +29,29 @@ class Track:
     size: int  # frame width (= height)
 
 
+def circular_centroid(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) centre of a (H, W) bool mask's pixels on a frame that wraps around its edges (circular means);
+    the mask must have a pixel."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    ang_x, ang_y = 2 * np.pi * (xs + 0.5) / w, 2 * np.pi * (ys + 0.5) / h
+    cx = np.arctan2(np.sin(ang_x).mean(), np.cos(ang_x).mean()) % (2 * np.pi) * w / (2 * np.pi) - 0.5
+    cy = np.arctan2(np.sin(ang_y).mean(), np.cos(ang_y).mean()) % (2 * np.pi) * h / (2 * np.pi) - 0.5
+    return cx % w, cy % h
+
+
 def object_track(frames: np.ndarray, background: tuple[int, int, int], threshold: float = FAR) -> Track:
     """frames (F, H, W, 3) uint8; the object is every pixel far from the background colour."""
     f, h, w, _ = frames.shape
     dist = np.linalg.norm(frames.astype(np.float64) - np.asarray(background, dtype=np.float64), axis=-1)
     mask = dist > threshold  # (F, H, W)
     areas = mask.sum(axis=(1, 2)).astype(np.float64)
-    ang_x = 2 * np.pi * (np.arange(w) + 0.5) / w
-    ang_y = 2 * np.pi * (np.arange(h) + 0.5) / h
     centroids = np.full((f, 2), np.nan)
     colors = np.full((f, 3), np.nan)
     for i in range(f):
         if areas[i] < MIN_AREA:
             continue
-        ys, xs = np.nonzero(mask[i])
-        cx = np.arctan2(np.sin(ang_x[xs]).mean(), np.cos(ang_x[xs]).mean()) % (2 * np.pi) * w / (2 * np.pi) - 0.5
-        cy = np.arctan2(np.sin(ang_y[ys]).mean(), np.cos(ang_y[ys]).mean()) % (2 * np.pi) * h / (2 * np.pi) - 0.5
-        centroids[i] = (cx % w, cy % h)
+        centroids[i] = circular_centroid(mask[i])
         colors[i] = frames[i][mask[i]].mean(axis=0)
     return Track(centroids, areas, colors, w)
 
@@ -137,15 +143,10 @@ def mask_centroids(masks: np.ndarray) -> np.ndarray:
     """(F, H, W) or (F, H, W, 3) silhouette frames (white on black) -> (F, 2) wrap-aware centroids (x, y) of
     their white pixels (> 127); nan where a frame has none."""
     masks = masks if masks.ndim == 3 else masks.max(axis=-1)
-    _, h, w = masks.shape
-    ang_x, ang_y = 2 * np.pi * (np.arange(w) + 0.5) / w, 2 * np.pi * (np.arange(h) + 0.5) / h
     out = np.full((len(masks), 2), np.nan)
     for i, m in enumerate(masks > 127):
-        ys, xs = np.nonzero(m)
-        if len(xs):
-            cx = np.arctan2(np.sin(ang_x[xs]).mean(), np.cos(ang_x[xs]).mean()) % (2 * np.pi) * w / (2 * np.pi) - 0.5
-            cy = np.arctan2(np.sin(ang_y[ys]).mean(), np.cos(ang_y[ys]).mean()) % (2 * np.pi) * h / (2 * np.pi) - 0.5
-            out[i] = (cx % w, cy % h)
+        if m.any():
+            out[i] = circular_centroid(m)
     return out
 
 
