@@ -166,24 +166,32 @@ POSE_SCENES = (("red", "ball", "blue"), ("yellow", "square", "black"), ("green",
                ("blue", "ball", "gray"))
 
 
+def write_pose_inputs(spec, path: np.ndarray, size: int, fps: float, reference, video) -> np.ndarray:
+    """The object of `spec` along `path` (centres in pixels of `size`, radius 0.19 of the frame: the bundled
+    model's object size): its first frame as the reference image and its silhouettes (white on black) as a
+    video at `fps`. Returns the silhouettes, (frames, size, size) uint8."""
+    from PIL import Image
+
+    from longtake.models.shapes import render_path
+    from longtake.video import VideoWriter
+
+    clip, masks = render_path(spec, path, 0.19 * size, size, size)
+    Image.fromarray(clip[0]).save(reference)
+    with VideoWriter(video, size, size, fps) as w:
+        w.write(np.repeat(masks[..., None], 3, axis=-1))
+    return masks
+
+
 def pose_inputs(directory: str, kind: str, scene: tuple[str, str, str], seconds: float, fps: float,
                 seed: int, size: int = 64) -> tuple[str, str, np.ndarray]:
     """A reference image (the object where the path starts) and its silhouette video along a free path
     (shapes.free_path) in `directory`; returns their paths and the silhouettes as written."""
-    from PIL import Image
+    from longtake.models.shapes import ClipSpec, free_path
 
-    from longtake.models.shapes import ClipSpec, free_path, render_path
-    from longtake.video import VideoWriter
-
-    frames = int(round(seconds * fps))
     rng = np.random.default_rng(seed)
-    spec = ClipSpec(scene[0], scene[1], "still", scene[2])
-    path = free_path(kind, frames, 16, rng) * size / 16  # the training paths' speed, at the output size
-    clip, masks = render_path(spec, path, 0.19 * size, size, size)
+    path = free_path(kind, int(round(seconds * fps)), 16, rng) * size / 16  # the training speed, at `size`
     reference, video = f"{directory}/{kind}-{seed}.png", f"{directory}/{kind}-{seed}.mp4"
-    Image.fromarray(clip[0]).save(reference)
-    with VideoWriter(video, size, size, fps) as w:
-        w.write(np.repeat(masks[..., None], 3, axis=-1))
+    masks = write_pose_inputs(ClipSpec(scene[0], scene[1], "still", scene[2]), path, size, fps, reference, video)
     return reference, video, masks
 
 

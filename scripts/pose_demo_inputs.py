@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from longtake.models.shapes import ClipSpec, render_path
-from longtake.video import VideoWriter
+from longtake.evaluate import write_pose_inputs
+from longtake.models.shapes import ClipSpec
 
 SIZE, SECONDS, FPS, PERIOD_S = 256, 20, 8, 4.0
 
@@ -54,13 +54,8 @@ def main(argv=None) -> None:
         return sheet(*args.sheet)
     args.out.mkdir(parents=True, exist_ok=True)
     frames = SECONDS * FPS
-    spec = ClipSpec("red", "ball", "still", "blue")
-    radius = 0.19 * SIZE  # the bundled model's object size (0.15-0.24 of the frame in training)
-    clip, masks = render_path(spec, circle(frames, SIZE), radius, SIZE, SIZE)
-    Image.fromarray(clip[0]).save(args.out / "ball.png")
-    with VideoWriter(args.out / "path_mask.mp4", SIZE, SIZE, FPS) as w:
-        for mask in masks:
-            w.write(np.repeat(mask[..., None], 3, axis=-1))
+    write_pose_inputs(ClipSpec("red", "ball", "still", "blue"), circle(frames, SIZE), SIZE, FPS,
+                      args.out / "ball.png", args.out / "path_mask.mp4")
     print(f"wrote {args.out / 'ball.png'} and {args.out / 'path_mask.mp4'} ({frames} frames at {FPS} fps)")
 
 
