@@ -66,15 +66,15 @@ def _wan_pipeline(path, job, req, latents):
 
 def _wan_animate_pipeline(path, job, req, latents):
     """WanAnimatePipeline with longtake's media (the reference as fitted, the pose as drawn, the face, background
-    and mask frames as read) as PIL images, one segment of the clip's rendered frames. The reference slot
-    (pipelines/wan_animate.py's docstring) starts at, and is set before every step to, the value longtake's
-    stateless windows give it: (1 - sigma) r + sigma eps, r the pipeline's own reference latent."""
+    and mask frames as read) as PIL images, one segment of the clip's rendered frames; the initial latents
+    are the window's reference slot (its private frame: pipelines/wan_animate.py's docstring) then the
+    clip's, and the pipeline is called as is."""
     import diffusers.pipelines.wan.pipeline_wan_animate as module
     from diffusers import WanAnimatePipeline
     from PIL import Image
 
     from longtake.pipelines.wan import prompt_clean
-    from longtake.pipelines.wan_animate import slot_latent, slot_noise, slot_sigma
+    from longtake.pipelines.windows import private_noise
 
     pipe = WanAnimatePipeline.from_pretrained(path, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
@@ -85,19 +85,7 @@ def _wan_animate_pipeline(path, job, req, latents):
         size = job.model.options["face_size"]
         face = np.zeros((frames, size, size, 3), np.uint8)
     image = Image.fromarray(media["reference"])
-    pixels = pipe.vae_image_processor.preprocess(image, height=job.height, width=job.width, resize_mode="fill")
-    reference = pipe.prepare_reference_image_latents(pixels.float())[:, 4:]  # (1, C, 1, h, w), the mask dropped
-    noise = slot_noise(req.get("seed", 0), tuple(reference.shape))
-    train = pipe.scheduler.config.num_train_timesteps
-    pipe.scheduler.set_timesteps(job.steps)
-    timesteps = pipe.scheduler.timesteps.clone()
-    first = torch.cat([slot_latent(reference, noise, slot_sigma(timesteps[0], train)), latents], dim=2)
-
-    def pin_slot(pipe, i, t, kwargs):
-        if i + 1 < len(timesteps):
-            kwargs["latents"][:, :, :1] = slot_latent(reference, noise, slot_sigma(timesteps[i + 1], train))
-        return {"latents": kwargs["latents"]}
-
+    first = torch.cat([private_noise(req.get("seed", 0), 0, 1, job.latent_shape), latents], dim=2)
     replace = req.get("animate_mode") == "replace"
     previous, module.prompt_clean = module.prompt_clean, prompt_clean  # the pipeline's needs ftfy (not installed)
     try:
@@ -107,7 +95,7 @@ def _wan_animate_pipeline(path, job, req, latents):
                     mode="replace" if replace else "animate", prompt=req["prompt"],
                     negative_prompt=req["negative_prompt"], height=job.height, width=job.width,
                     segment_frame_length=job.rendered_frames, num_inference_steps=job.steps,
-                    guidance_scale=job.guidance, latents=first, callback_on_step_end=pin_slot,
+                    guidance_scale=job.guidance, latents=first,
                     output_type="np").frames[0]
     finally:
         module.prompt_clean = previous

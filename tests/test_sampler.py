@@ -139,8 +139,9 @@ def test_a_checkpoint_of_a_wavefront_holds_one_coherent_step_and_resumes_exactly
     drive(wave, random.Random(1), stop_after=13)
     step = wave.coherent_step
     assert 0 < step < STEPS and max(wave.at) > step, (wave.at, "the ranges should be at different steps")
-    z, states = wave.state(step)
-    ref_z, ref_states = reference.state(STEPS)  # (the reference keeps only its last step)
+    z, states, private = wave.state(step)
+    assert private is None  # no private frames asked for
+    ref_z, ref_states, _ = reference.state(STEPS)  # (the reference keeps only its last step)
     barrier_at_step = _sampler(name, plan_name, "barrier", snapshots=True)
     drive(barrier_at_step, None, stop_after=step * len(PLANS[plan_name][1]))
     assert barrier_at_step.coherent_step == step
@@ -208,3 +209,55 @@ def test_stochastic_step_noise_is_per_frame():
     assert [g.initial_seed() for g in a[4:]] == [g.initial_seed() for g in b[:2]]
     assert len({g.initial_seed() for g in a}) == 6
     assert step_kwargs(s, 7, 3, (4, 5))["generator"][0].initial_seed() != b[0].initial_seed()  # and per step
+
+
+def _private(plan_name: str, scheduler) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(99)
+    sigma = getattr(scheduler, "init_noise_sigma", 1.0)
+    return [torch.randn(1, SHAPE[0], 1, *SHAPE[1:], generator=gen) * sigma for _ in PLANS[plan_name][1]]
+
+
+@pytest.mark.parametrize("name", ["unipc-flow", "euler-ancestral"])
+def test_private_frames_are_the_windows_own_state_through_the_steps(tmp_path, name):
+    """A window's private frame (Wan-Animate's reference slot) goes first in its input, is stepped with the
+    window's own scheduler and never fused: one window equals stepping [private, frames] as one sample (what
+    diffusers does with a segment and its slot); any finishing order equals the barrier; a checkpoint file
+    taken mid-wavefront (private frames and their solver history in it) resumes exactly."""
+    from longtake.cluster.checkpoint import Checkpointer
+
+    s = _scheduler(name)
+    one = _sampler(name, "one window", "wavefront", private=_private("one window", s))
+    drive(one, None)
+    if name not in STOCHASTIC:  # (the private frames' step noise is their own, not a whole-sample generator's)
+        whole = torch.cat([_private("one window", s)[0], _start(PLANS["one window"][0], s)], dim=2)
+        for t in s.timesteps:
+            x = s.scale_model_input(whole, t) if hasattr(s, "scale_model_input") else whole
+            whole = s.step(model(x, t), t, whole).prev_sample
+        assert torch.equal(torch.cat([one.private[0], one.z], 2), whole)
+
+    plan_name = "odd count"
+    barrier = _sampler(name, plan_name, "barrier", private=_private(plan_name, s))
+    drive(barrier, None)
+    plain = _sampler(name, plan_name, "barrier")
+    drive(plain, None)
+    assert not torch.equal(barrier.z, plain.z)  # the private frames reach the windows' frames
+    wave = _sampler(name, plan_name, "wavefront", private=_private(plan_name, s), snapshots=True)
+    drive(wave, random.Random(5), stop_after=13)
+    step = wave.coherent_step
+    assert 0 < step < STEPS and max(wave.next_step) > step
+    ckpt = Checkpointer(tmp_path, every=1, fingerprint="f")
+    ckpt.save(step, *wave.state(step))
+    state = ckpt.load_latest()
+    n = len(PLANS[plan_name][1])
+    assert state.private.shape == (n, SHAPE[0], 1, *SHAPE[1:])
+    assert len(state.schedulers) == len(wave.ranges) + n
+    with pytest.raises(ValueError, match="one per window"):
+        _sampler(name, plan_name, "wavefront", z=state.z, first_step=step, restore=state.schedulers[:-1],
+                 private=list(state.private.split(1, 0)))
+    resumed = _sampler(name, plan_name, "wavefront", z=state.z, first_step=step, restore=state.schedulers,
+                       private=list(state.private.split(1, 0)))
+    drive(resumed, random.Random(6))
+    drive(wave, random.Random(7))
+    for other in (wave, resumed):
+        assert torch.equal(other.z, barrier.z)
+        assert all(torch.equal(a, b) for a, b in zip(other.private, barrier.private))

@@ -3,10 +3,11 @@
     ckpt = Checkpointer(job_dir / "checkpoints", every=5, fingerprint=...)
     ckpt.save(step, z, scheduler)          # atomic: temp file, fsync, rename; keeps the newest `keep`
     ckpt.save(step, z, [state, ...])       # or the states (`scheduler_state`) of one scheduler per frame range
+    ckpt.save(step, z, states, private)    # and the windows' private frames (W, C, p, h, w) (sampler.py)
     state = ckpt.load_latest()             # newest valid one, or None; corrupt ones are skipped, logged
     restore_scheduler(scheduler, state)    # (one range; the sampler restores state.schedulers per range)
 
-One safetensors file per checkpoint: tensors (z and each scheduler's tensor state) plus metadata (step,
+One safetensors file per checkpoint: tensors (z, the private frames if any, and each scheduler's tensor state) plus metadata (step,
 the schedulers' scalar state, the job's fingerprint, and a SHA-256 over every tensor's bytes). No
 pickle anywhere: a checkpoint file is data only. A truncated file fails to parse; a flipped byte fails
 the checksum; either way the previous checkpoint is used, or the job restarts from step 0.
@@ -37,8 +38,9 @@ NAME = re.compile(r"^step-(\d{6})\.safetensors$")
 class CheckpointState:
     step: int  # denoising steps already applied to z
     z: torch.Tensor  # (1, C, F, h, w) float32
-    schedulers: list[dict]  # per frame range: attribute -> value (tensors, lists of tensors, scalars)
+    schedulers: list[dict]  # per frame range (then per window's private frames): attribute -> value
     path: Path
+    private: torch.Tensor | None = None  # (W, C, p, h, w): each window's private frames (sampler.py), if any
 
     @property
     def scheduler(self) -> dict:
@@ -143,8 +145,9 @@ class Checkpointer:
             return []
         return sorted((p for p in self.dir.iterdir() if NAME.match(p.name)), reverse=True)
 
-    def save(self, step: int, z: torch.Tensor, scheduler) -> Path:
-        """`scheduler`: a scheduler, or a list of `scheduler_state`s (one per frame range)."""
+    def save(self, step: int, z: torch.Tensor, scheduler, private: torch.Tensor | None = None) -> Path:
+        """`scheduler`: a scheduler, or a list of `scheduler_state`s (one per frame range, then one per
+        window's private frames); `private`: the windows' private frames (W, C, p, h, w), or None."""
         t0 = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         states = scheduler if isinstance(scheduler, list) else [scheduler_state(scheduler)]
@@ -153,6 +156,8 @@ class Checkpointer:
             tensors.update({f"{r}.{name}": t for name, t in range_tensors.items()})
             scalars.append(range_scalars)
         tensors["z"] = z.detach().cpu().clone()
+        if private is not None:
+            tensors["private"] = private.detach().cpu().clone()
         meta = {"step": str(step), "fingerprint": self.fingerprint, "schedulers": json.dumps(scalars),
                 "sha256": _digest(tensors)}
         final = self.dir / f"step-{step:06d}.safetensors"
@@ -189,7 +194,7 @@ class Checkpointer:
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"bad metadata ({type(e).__name__}: {e})") from e
         states = [_tensor_state(f"{r}.scheduler.", tensors, entry) for r, entry in enumerate(scalars)]
-        return CheckpointState(step=step, z=tensors["z"], schedulers=states, path=path)
+        return CheckpointState(step=step, z=tensors["z"], schedulers=states, path=path, private=tensors.get("private"))
 
     def load_latest(self) -> CheckpointState | None:
         """The newest checkpoint that verifies; corrupt ones are logged and skipped."""

@@ -57,6 +57,7 @@ from longtake.pipelines import ModelInfo, inspect_model, load_scheduler, weights
 from longtake.pipelines.windows import (
     PromptKey,
     initial_noise,
+    private_noise,
     plan_loop,
     plan_windows,
     prompt_schedule,
@@ -317,6 +318,8 @@ def fingerprint(job: Job, dtype: str, device: str) -> str:
         data["media"] = {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
                          for name, a in sorted(job.media.items())}
         data["animate_mode"] = req.animate_mode
+    if job.model.options.get("private_frames"):  # the windows' own frames are in the checkpoint too
+        data["private_frames"] = job.model.options["private_frames"]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -474,9 +477,17 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
             logger.info("video to video: strength %g, %d of %d steps", job.inputs.strength, steps - first_step, steps)
         if pin is not None:
             pin(z)
+    private = None  # each window's private frames (a family's own state through the steps: sampler.py)
+    if job.model.options.get("private_frames"):
+        count = job.model.options["private_frames"]
+        if resumed is not None:
+            private = list(resumed.private.split(1, 0))
+        else:
+            sigma = getattr(scheduler, "init_noise_sigma", 1.0)
+            private = [private_noise(req.seed, w, count, job.latent_shape) * sigma for w in range(len(plan))]
     sampler = Sampler(z, scheduler, plan, weights, steps, first_step, req.seed, loop=job.loop,
                       schedule=req.schedule, pin=pin, snapshots=checkpoint is not None,
-                      restore=resumed.schedulers if resumed is not None else None)
+                      restore=resumed.schedulers if resumed is not None else None, private=private)
 
     total = steps * len(plan)
     started = time.perf_counter()

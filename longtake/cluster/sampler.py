@@ -17,8 +17,15 @@ scheduler on a small tensor, whole against per range). A stochastic scheduler's 
 frame and step (`frame_seed`), the same for any range. A scheduler that is not elementwise (dynamic
 thresholding over the whole sample) keeps one range over the clip: that is the barrier, logged.
 
+Private frames: a family may carry latent frames of its own through the steps, one set per window, that no
+other window sees (Wan-Animate's reference slot: `ModelInfo.options["private_frames"]`). The window's model
+input is its private frames followed by its frames, its prediction comes back the same way; the private
+part is stepped at once, by the window's own copy of the scheduler (their step noise seeded per window),
+and never fused.
+
 Checkpoints take one coherent step: the newest step every range has reached (`coherent_step`), from
-snapshots each range keeps of the steps it has passed since (`snapshots=True`).
+snapshots each range (and each window's private frames) keeps of the steps it has passed since
+(`snapshots=True`).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import time
 import torch
 
 from longtake.cluster.checkpoint import scheduler_state
-from longtake.pipelines.windows import frame_seed, fuse, take_window
+from longtake.pipelines.windows import PRIVATE_NOISE, frame_seed, fuse, take_window
 from longtake.request import SCHEDULES  # the one list (torch-free, for the CLI)
 
 logger = logging.getLogger(__name__)
@@ -135,11 +142,15 @@ class Sampler:
             x, t = sampler.window_input(window)                # its model input at its step
         sampler.add(window, pred)                              # fuses and steps the ranges it completes
         sampler.done, sampler.z                                # when every range has made every step
+
+    `private`: each window's private latent frames at `first_step` ((1, C, p, h, w) each; module docstring).
+    `restore`: the scheduler states of a checkpoint, one per range then (with `private`) one per window.
     """
 
     def __init__(self, z: torch.Tensor, scheduler, plan: list[tuple[int, int]], weights: list[torch.Tensor],
                  steps: int, first_step: int, seed: int, loop: bool = False, schedule: str = "wavefront",
-                 pin=None, snapshots: bool = False, restore: list[dict] | None = None):
+                 pin=None, snapshots: bool = False, restore: list[dict] | None = None,
+                 private: list[torch.Tensor] | None = None):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule: got {schedule!r}, expected one of {', '.join(SCHEDULES)}")
         self.z, self.plan, self.weights, self.loop = z, plan, weights, loop
@@ -160,11 +171,16 @@ class Sampler:
             self.cover = [list(range(len(plan)))]
         self.ranges_of = [[r for r, cover in enumerate(self.cover) if w in cover] for w in range(len(plan))]
         self.schedulers = [copy.deepcopy(scheduler) for _ in self.ranges]
+        if private is not None and len(private) != len(plan):
+            raise ValueError(f"private: got {len(private)} windows' private frames, expected {len(plan)}")
+        self.private = None if private is None else [p.clone() for p in private]
+        self.private_schedulers = [] if private is None else [copy.deepcopy(scheduler) for _ in plan]
         if restore is not None:
-            if len(restore) != len(self.schedulers):
-                raise ValueError(f"restore: got {len(restore)} scheduler states, expected {len(self.ranges)} "
-                                 "(one per frame range)")
-            for s, state in zip(self.schedulers, restore):
+            expected = len(self.ranges) + len(self.private_schedulers)
+            if len(restore) != expected:
+                raise ValueError(f"restore: got {len(restore)} scheduler states, expected {expected} (one per "
+                                 f"frame range{', then one per window' if private is not None else ''})")
+            for s, state in zip(self.schedulers + self.private_schedulers, restore):
                 for name, value in state.items():
                     setattr(s, name, value)
         self.at = [first_step] * len(self.ranges)  # steps applied to each range
@@ -176,9 +192,13 @@ class Sampler:
         self.preds: list[torch.Tensor | None] = [None] * len(plan)  # its prediction at next_step - 1, until used
         self.model_in = torch.empty_like(z)  # each range's model input at its step
         self.snapshots: list[dict[int, tuple]] | None = [{} for _ in self.ranges] if snapshots else None
+        self.private_snapshots: list[dict[int, tuple]] | None = \
+            [{} for _ in self.private_schedulers] if snapshots else None
         self.fuse_s = self.scheduler_s = 0.0
         for r in range(len(self.ranges)):
             self._entered(r)
+        for w in range(len(self.private_schedulers)):
+            self._private_entered(w)
 
     @property
     def done(self) -> bool:
@@ -204,6 +224,14 @@ class Sampler:
             for old in [k for k in snaps if k < low]:
                 del snaps[old]
 
+    def _private_entered(self, w: int) -> None:
+        """Window w's private frames have reached its next step: a snapshot for checkpoints."""
+        if self.private_snapshots is not None:
+            snaps = self.private_snapshots[w]
+            snaps[self.next_step[w]] = (self.private[w].clone(), scheduler_state(self.private_schedulers[w]))
+            for old in [k for k in snaps if k < self.coherent_step]:
+                del snaps[old]
+
     def ready(self) -> list[int]:
         """Windows that may run their next step now (in window order), marked dispatched. Only windows
         next to a range that advanced are looked at (the barrier: all, when the coherent step advances)."""
@@ -221,18 +249,34 @@ class Sampler:
         return out
 
     def window_input(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model input of window w at its next step (a copy), and the step's timestep."""
+        """The model input of window w at its next step (a copy; its private frames first), and the step's
+        timestep."""
         start, end = self.plan[w]
         step = self.next_step[w]
-        return take_window(self.model_in, start, end), self.schedulers[self.ranges_of[w][0]].timesteps[step]
+        t = self.schedulers[self.ranges_of[w][0]].timesteps[step]
+        x = take_window(self.model_in, start, end)
+        if self.private is not None:
+            x = torch.cat([_scaled(self.private_schedulers[w], self.private[w], t), x], dim=2)
+        return x, t
 
     def add(self, w: int, pred: torch.Tensor) -> None:
-        """Window w's prediction at its step: every range it completes is fused and stepped."""
+        """Window w's prediction at its step (its private frames first): its private frames are stepped,
+        and every range it completes is fused and stepped."""
         step = self.next_step[w]
+        if self.private is not None:
+            n = self.private[w].shape[2]
+            t0 = time.perf_counter()
+            s = self.private_schedulers[w]
+            self.private[w] = _step(s, pred[:, :, :n], s.timesteps[step], self.private[w].clone(),
+                                    frame_seed(self.seed, PRIVATE_NOISE - 64 * w), step, None)
+            self.scheduler_s += time.perf_counter() - t0
+            pred = pred[:, :, n:]
         self.preds[w], self.next_step[w], self.dispatched[w] = pred, step + 1, False
         for r in self.ranges_of[w]:
             if self.at[r] == step and all(self.next_step[v] > step for v in self.cover[r]):
                 self._advance(r, step)
+        if self.private is not None:
+            self._private_entered(w)
 
     def _advance(self, r: int, step: int) -> None:
         a, b = self.ranges[r]
@@ -271,11 +315,15 @@ class Sampler:
             if all(self.at[q] > step for q in self.ranges_of[v]):
                 self.preds[v] = None  # every range it covers is past that step
 
-    def state(self, step: int) -> tuple[torch.Tensor, list[tuple[dict, dict]]]:
-        """The latents and each range's scheduler state at `step` (a step every range has reached, from
-        the snapshots): what a checkpoint stores."""
+    def state(self, step: int) -> tuple[torch.Tensor, list[tuple[dict, dict]], torch.Tensor | None]:
+        """The latents, each range's (then each window's private) scheduler state, and the windows' private
+        frames ((W, C, p, h, w), or None) at `step` (a step every range has reached, from the snapshots):
+        what a checkpoint stores."""
         if self.snapshots is None:
             raise ValueError("state: this sampler keeps no snapshots (snapshots=False)")
         parts = [snaps[step] for snaps in self.snapshots]
-        return torch.cat([z for z, _ in parts], 2), [state for _, state in parts]
+        private = [snaps[step] for snaps in self.private_snapshots]
+        z = torch.cat([z for z, _ in parts], 2)
+        states = [state for _, state in parts + private]
+        return z, states, torch.cat([p for p, _ in private], 0) if private else None
 

@@ -17,7 +17,10 @@ A Backend (roles: "encode", "predict", "decode"):
         one window: z (1, C, L, h, w) float32, `window` = (start, end) latent frames; the backend takes
         the window's own conditioning from `cond` (per-frame embeddings for a UNet with motion modules,
         one embedding per window for a DiT) and applies classifier-free guidance, `guidance` holding one
-        scale per expert (ModelInfo.experts). Float32 on the CPU.
+        scale per expert (ModelInfo.experts). Float32 on the CPU. A family with private frames
+        (`options["private_frames"]` = p: state of its own carried through the steps, as Wan-Animate's
+        reference slot) gets them first, z (1, C, p + L, h, w), and returns p + L frames likewise; the
+        engine steps them per window, never fused (cluster/sampler.py).
     encode_frames(frames) -> latents           known frames (n, H, W, 3) uint8 -> (1, C, n', h, w): the
                                                inverse of decode (image, keyframes, extend, video to video)
     decode(z) -> (n, H, W, 3) uint8            families with `streamed_decode=False`: any chunk alone

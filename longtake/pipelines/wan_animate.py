@@ -36,13 +36,13 @@ segment: no previous frames (mask 0), and latents of a black clip ("animate") or
 background frames with the inverted mask ("replace"). Continuity between windows comes from the fusion.
 
 The reference slot: in diffusers the slot is a latent frame denoised with the rest (it starts as noise and
-follows the scheduler). `predict` is stateless (one window, one step, any worker), so it cannot carry a
-slot of its own through the steps; it gives the slot what the slot's trajectory aims at, the reference
-latent r at the step's noise level: (1 - sigma) r + sigma eps, sigma = t / num_train_timesteps, eps one
-fixed Gaussian frame drawn from the job's seed (the same for every window and worker). With one window
-longtake's frames equal `WanAnimatePipeline.__call__` given the same initial latents whose slot is that
-value, and a step callback that sets the slot to it before every step (tests/test_wan_animate.py); the
-other frames go through exactly the pipeline's computation.
+follows the scheduler, and its output is dropped at the end). Here it is the window's private frame
+(`options["private_frames"]` = 1; cluster/sampler.py): the engine keeps one per window, starting from the
+window's own seeded noise (`windows.private_noise`), passes it first in the window's model input, and
+steps the slot part of the prediction with the window's own scheduler copy; it is never fused with another
+window, and checkpoints hold it. So with one window longtake's frames equal `WanAnimatePipeline.__call__`
+given the same initial latents, the slot included (tests/test_families.py), and with several each window
+carries the slot exactly as the pipeline carries one segment's.
 
 Per worker the reference's VAE latent and CLIP embedding, and each window's pose latents, face frames and
 previous-segment latents, are computed once and kept (keyed by the media's hash and the window): the
@@ -113,6 +113,7 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
         options={"experts": ["transformer"], "boundary_ratio": None,
                  # the engine: a pose drives it; the reference photo is conditioning (not a pinned frame 0)
                  "pose": True, "pose_required": True, "reference": "condition",
+                 "private_frames": 1,  # the reference slot, carried per window (module docstring)
                  "face_size": int(transformer.get("motion_encoder_size", 512)), "modes": ["animate", "replace"]},
     )
 
@@ -133,21 +134,6 @@ def window_pixels(start: int, end: int, temporal: int = 4) -> range:
     return range(first, first + temporal * (end - start - 1) + 1)
 
 
-def slot_sigma(t: torch.Tensor, train_steps: int) -> float:
-    """The noise level of timestep t (flow matching: t = sigma x num_train_timesteps)."""
-    return float(t) / train_steps
-
-
-def slot_latent(reference: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-    """The reference slot's noisy latent at level sigma: (1 - sigma) r + sigma eps."""
-    return (1 - sigma) * reference + sigma * noise
-
-
-def slot_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The slot's fixed Gaussian (1, C, 1, h, w), from the job's seed."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed % 2**63), dtype=torch.float32)
-
-
 @dataclass
 class AnimateConditioning(TextConditioning):
     """Wan's text conditioning, plus what the engine attaches: `media` (reference, pose as `control`, face,
@@ -164,17 +150,13 @@ class Backend(wan.Backend):
                  roles: tuple[str, ...] = ("encode", "predict", "decode")):
         super().__init__(info, device=device, dtype=dtype, roles=roles)
         self.image_encoder = self.image_processor = None
-        self.train_steps = 1000
         if "predict" in roles:
             from transformers import CLIPImageProcessor, CLIPVisionModel
-
-            from longtake.pipelines import load_scheduler
 
             self.image_processor = CLIPImageProcessor.from_pretrained(info.path, subfolder="image_processor")
             self.image_encoder = CLIPVisionModel.from_pretrained(info.path, subfolder="image_encoder",
                                                                  use_safetensors=True,
                                                                  dtype=self.dtype).to(self.device).eval()
-            self.train_steps = load_scheduler(info.path).config.num_train_timesteps
         self.face_size = info.options["face_size"]
         self._memo: OrderedDict = OrderedDict()
 
@@ -223,8 +205,8 @@ class Backend(wan.Backend):
         return value
 
     @torch.inference_mode()
-    def _reference(self, media: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slot conditioning (1, 4 + C, 1, h, w), reference latent r (1, C, 1, h, w), CLIP embedding)."""
+    def _reference(self, media: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot conditioning (1, 4 + C, 1, h, w): the mask and the reference's latent, CLIP embedding)."""
         def make():
             from PIL import Image
 
@@ -236,7 +218,7 @@ class Backend(wan.Backend):
             pixels = pixels.to(self.device)
             pixels["pixel_values"] = pixels["pixel_values"].to(self.dtype)
             embeds = self.image_encoder(**pixels, output_hidden_states=True).hidden_states[-2]
-            return cond, latent, embeds
+            return cond, embeds
         return self._remember((media["key"], "reference"), make)
 
     def _frames(self, clip: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -274,20 +256,22 @@ class Backend(wan.Backend):
     @torch.inference_mode()
     def predict(self, z: torch.Tensor, t: torch.Tensor, cond: AnimateConditioning, window: tuple[int, int],
                 guidance: tuple[float, ...]) -> torch.Tensor:
-        """One window as one of the pipeline's segments (module docstring): the reference slot, then the
-        window's latent frames, with the reference, pose, face and previous-segment conditioning; guidance
-        (one scale) as the pipeline's: the unconditional pass has the negative prompt and a blank face.
-        Returns the window's (1, C, L, h, w) float32, the slot dropped."""
+        """One window as one of the pipeline's segments (module docstring): z is (1, C, 1 + L, h, w), the
+        window's reference slot (its private frame) then its latent frames, with the reference, pose, face and
+        previous-segment conditioning; guidance (one scale) as the pipeline's: the unconditional pass has the
+        negative prompt and a blank face. Returns (1, C, 1 + L, h, w) float32, the slot's prediction first."""
         media = cond.media
         if media is None or cond.control is None:
             raise ValueError("Wan-Animate needs the reference and pose the engine attaches to the conditioning")
         (guidance,) = guidance
         expert = self.experts[0]
-        slot_cond, reference, image_embeds = self._reference(media)
+        start, end = window
+        if z.shape[2] != 1 + end - start:
+            raise ValueError(f"z: got {z.shape[2]} latent frames, expected the reference slot and the window's "
+                             f"{end - start} ({1 + end - start})")
+        slot_cond, image_embeds = self._reference(media)
         pose, previous, face = self._window(cond, *window)
-        noise = self._remember((media["key"], "noise"), lambda: slot_noise(media["seed"], tuple(reference.shape)))
-        slot = slot_latent(reference, noise.to(self.device), slot_sigma(t, self.train_steps))
-        latents = torch.cat([slot, z.to(self.device, torch.float32)], dim=2)  # (1, C, L + 1, h, w)
+        latents = z.to(self.device, torch.float32)  # (1, C, 1 + L, h, w)
         conditioning = torch.cat([slot_cond, previous], dim=2)  # (1, 4 + C, L + 1, h, w)
         x = torch.cat([latents, conditioning], dim=1).to(self.dtype)
         timestep = t.to(self.device).expand(1)
@@ -300,5 +284,5 @@ class Backend(wan.Backend):
             uncond = expert(encoder_hidden_states=negative, face_pixel_values=(face * 0 - 1).to(self.dtype),
                             **kwargs)[0]
             out = uncond + guidance * (out - uncond)
-        return out[:, :, 1:].float().cpu()
+        return out.float().cpu()
 

@@ -262,6 +262,21 @@ def initial_noise(seed: int, num_frames: int, frame_shape: tuple[int, ...], mode
     return frames_noise(seed, range(num_frames), frame_shape, mode, window, overlap, dtype)
 
 
+PRIVATE_NOISE = -2_000_000  # frame_seed's frame for window w's private frame i: PRIVATE_NOISE - 64 w - i
+
+
+def private_noise(seed: int, window: int, count: int, frame_shape: tuple[int, ...]) -> torch.Tensor:
+    """The initial noise of window `window`'s private latent frames (a family that carries state of its own
+    through the steps, such as Wan-Animate's reference slot): (1, C, count, H, W), from (seed, window), the
+    same on every worker; frames of its own, apart from the clip's (frame indices below every STEP_NOISE)."""
+    if not 0 <= count <= 64:
+        raise ValueError(f"private frames: got {count}, expected 0..64")
+    frames = [_independent_frame(seed, PRIVATE_NOISE - 64 * window - i, tuple(frame_shape)) for i in range(count)]
+    if not frames:
+        return torch.empty((1, frame_shape[0], 0) + tuple(frame_shape[1:]))
+    return torch.stack(frames, dim=1).unsqueeze(0)
+
+
 @dataclass(frozen=True)
 class PromptKey:
     at: float  # seconds
