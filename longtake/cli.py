@@ -403,11 +403,11 @@ def _publish(name: str, write, result: dict, args: argparse.Namespace, emit, key
 def cmd_eval(args: argparse.Namespace) -> int:
     from longtake.cluster.engine import prepare
     from longtake.cluster.runtime import make_ray_pool
-    from longtake.evaluate import evaluate, pose_follow, write, write_pose
+    from longtake.evaluate import evaluate, junctions, pose_follow, write, write_junctions, write_pose
 
     try:
         for name, low in (("clips", 1), ("long_clips", 0), ("visible_prompts", 0), ("visible_seeds", 1),
-                          ("pose_renders", 1)):
+                          ("pose_renders", 1), ("modes_seeds", 1)):
             if getattr(args, name) < low:
                 raise RequestError(name, getattr(args, name), f"an integer >= {low}")
         for name in ("seconds", "long_seconds", "visible_seconds", "pose_seconds"):
@@ -429,6 +429,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 if args.suite == "pose":
                     result = pose_follow(pool, args.model, args.pose_renders, args.pose_seconds,
                                          progress=not args.quiet)
+                elif args.suite == "modes":
+                    result = junctions(pool, args.model, args.modes_seeds, progress=not args.quiet)
                 else:
                     result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips,
                                       args.long_seconds, progress=not args.quiet,
@@ -440,7 +442,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     ray.shutdown()
         except KeyboardInterrupt:
             return _interrupted("eval", "nothing written")
-        _publish("eval", write_pose if args.suite == "pose" else write, result, args, emit, "summary")
+        writer = {"pose": write_pose, "modes": write_junctions}.get(args.suite, write)
+        _publish("eval", writer, result, args, emit, "summary")
     return 0
 
 
@@ -813,12 +816,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--visible-seeds", type=int, default=2, help="seeds per object-visible prompt (default 2)")
     ev.add_argument("--visible-seconds", type=float, default=60, help="length of the object-visible renders "
                                                                       "(default 60)")
-    ev.add_argument("--suite", choices=("main", "pose"), default="main",
+    ev.add_argument("--suite", choices=("main", "pose", "modes"), default="main",
                     help="main: the figures above; pose: pose-driven renders (a reference image and a silhouette "
-                         "path each): the share of frames on the path and how well the reference's look is kept")
+                         "path each): the share of frames on the path and how well the reference's look is kept; "
+                         "modes: how smoothly image to video, extend, bridge and loop join their inputs")
     ev.add_argument("--pose-renders", type=int, default=4, help="pose suite: renders, paths and scenes in turn "
                                                                 "(default 4)")
     ev.add_argument("--pose-seconds", type=float, default=20, help="pose suite: length of each render (default 20)")
+    ev.add_argument("--modes-seeds", type=int, default=5, help="modes suite: seeds of each mode (default 5)")
     ev.add_argument("--workers", type=int, help="Ray workers (default: one per CPU core)")
     ev.add_argument("--out", default="eval.json", help="JSON results (default eval.json)")
     ev.add_argument("--table", metavar="PATH", help="also write the Markdown table there (default: no table; "

@@ -6,6 +6,8 @@ the fused render and for naive windows (overlap 0: windows denoised independentl
 and, on long clips, drift (colour and size in the last 10 s against the first 10 s). Object visible:
 the share of frames of long renders (a few prompts x seeds, `make demo`'s prompt first) in which the
 prompted object is there (`quality.object_visible`).
+The pose suite: pose-driven renders follow a silhouette path (`pose_follow`). The modes suite: how
+smoothly image to video, extend, bridge and loop join what they are given (`junctions`).
 Results go to a JSON file and a Markdown table.
 """
 
@@ -25,6 +27,7 @@ from longtake.cluster.engine import prepare, run
 from longtake.models.shapes import BACKGROUNDS, OBJECT_COLORS, SHAPES, ClipSpec
 from longtake.quality import (classify_color, classify_motion, drift, identity, object_track, object_visible,
                               path_error, seam_pairs, seam_ratio)
+from longtake.video import read_frames
 
 logger = logging.getLogger(__name__)
 MOVING = ("left", "right", "up", "down")
@@ -255,3 +258,86 @@ def write_pose(result: dict, out_json: str, out_md: str | None, command: str) ->
     Path(out_json).write_text(json.dumps(result, indent=2))
     if out_md:
         Path(out_md).write_text(pose_table(result, command))
+
+
+JUNCTION_TARGET = 1.3  # issue 15: a junction's change at most 1.3x the median frame-to-frame change of the new frames
+MODES = ("image", "extend", "bridge_a", "bridge_b", "loop")
+
+
+def _change(frames: np.ndarray) -> np.ndarray:
+    """Mean absolute change from each frame to the next."""
+    return np.abs(np.diff(frames.astype(float), axis=0)).mean(axis=(1, 2, 3))
+
+
+def _jump(x: np.ndarray, y: np.ndarray, new: np.ndarray) -> float:
+    return float(np.abs(x.astype(float) - y.astype(float)).mean() / np.median(_change(new)))
+
+
+def junctions(pool, model: str = "default", seeds: int = 5, fps: float = 8, progress: bool = False) -> dict:
+    """The known-frame modes (issue 15) on inputs made by the model itself: an 8 s clip A ("a red ball moving
+    right on blue") and a 4 s clip E of another look ("a yellow ball moving left on green"). Per seed, each
+    junction's change over the median frame-to-frame change of the new frames: image (A's last frame, then
+    8 s: its first step), extend (A then 4 s), a bridge from A into E (4 s: both junctions), a loop (8 s: the
+    wrap, over the whole clip's median change). Every clip is measured as written (read back through the
+    codec, as a user sees it), without the visible label (it would sit on the image's and the loop's first
+    frames)."""
+    rows, t0 = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        def render(name: str, **kw) -> np.ndarray:
+            run(prepare(dict(model=model, fps=fps, label="none", out=f"{tmp}/{name}.mp4", **kw)), pool,
+                progress=False)
+            return read_frames(f"{tmp}/{name}.mp4")
+
+        a = render("a", prompt="a red ball moving right on blue", seconds=8, seed=1)
+        e = render("e", prompt="a yellow ball moving left on green", seconds=4, seed=2)
+        from PIL import Image
+
+        Image.fromarray(a[-1]).save(f"{tmp}/start.png")
+        for seed in tqdm(range(seeds), desc="modes", unit="seed", disable=not progress):
+            row = {"seed": seed}
+            f = render("i", prompt="a red ball moving right on blue", image=f"{tmp}/start.png", seconds=8, seed=seed)
+            row["image"] = _jump(f[1], f[0], f)
+            f = render("x", prompt="a red ball moving right on blue", extend=f"{tmp}/a.mp4", seconds=4, seed=seed)
+            row["extend"] = _jump(f[len(a)], a[-1], f[len(a):])
+            f = render("y", prompt="a ball on blue", extend=f"{tmp}/a.mp4", lead_into=f"{tmp}/e.mp4", seconds=4,
+                       seed=seed)
+            new = f[len(a):len(f) - len(e)]
+            row["bridge_a"], row["bridge_b"] = _jump(new[0], a[-1], new), _jump(e[0], new[-1], new)
+            f = render("z", prompt="a red ball bouncing on blue", loop=True, seconds=8, seed=seed)
+            row["loop"] = _jump(f[-1], f[0], f)
+            rows.append(row)
+    summary = {mode: {"min": min(r[mode] for r in rows), "median": float(np.median([r[mode] for r in rows])),
+                      "max": max(r[mode] for r in rows),
+                      "within": sum(r[mode] <= JUNCTION_TARGET for r in rows)} for mode in MODES}
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    settings = {"model": model, "seeds": seeds, "fps": fps, "target": JUNCTION_TARGET, "workers": pool.num_workers,
+                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"}
+    return {"summary": summary, "settings": settings, "seeds": rows}
+
+
+MODE_NAMES = {"image": "image to video: the first step", "extend": "extend: the junction",
+              "bridge_a": "bridge: A's junction", "bridge_b": "bridge: E's junction", "loop": "loop: the wrap"}
+
+
+def junctions_table(result: dict, command: str) -> str:
+    s, st = result["summary"], result["settings"]
+    lines = [
+        "# Known-frame modes of the default model: junctions", "",
+        f"Produced by `{command}` ({st['seeds']} seeds, {st['fps']:g} fps, {st['workers']} workers, "
+        f"{s['wall_s']:.0f} s). Each figure is the change across a junction (mean absolute pixel difference) over "
+        "the median frame-to-frame change of the new frames; the target is at most "
+        f"{st['target']:g}.", "",
+        "| junction | min | median | max | seeds within | per seed |", "|---|---|---|---|---|---|",
+    ]
+    for mode in MODES:
+        m = s[mode]
+        per = " ".join(f"{r[mode]:.2f}" for r in result["seeds"])
+        lines.append(f"| {MODE_NAMES[mode]} | {m['min']:.2f} | {m['median']:.2f} | {m['max']:.2f} | "
+                     f"{m['within']} of {st['seeds']} | {per} |")
+    return "\n".join(lines + [""])
+
+
+def write_junctions(result: dict, out_json: str, out_md: str | None, command: str) -> None:
+    Path(out_json).write_text(json.dumps(result, indent=2))
+    if out_md:
+        Path(out_md).write_text(junctions_table(result, command))

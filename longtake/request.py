@@ -40,6 +40,7 @@ ALIASES = {"negative": "negative_prompt"}
 MAX_SECONDS = 3600.0
 DEFAULT_SECONDS = 10.0
 DEFAULT_STRENGTH = 0.6  # video to video: how much of the input is redrawn
+DEFAULT_BRIDGE_STRENGTH = 0.9  # a bridge: how much of the crossfade between its two contexts is redrawn
 MAX_FPS = 120.0
 MAX_FRAMES = 100_000
 SIDE_RANGE = (8, 4096)  # height and width, pixels (a model's own rules come on top)
@@ -154,7 +155,10 @@ class RenderRequest(BaseModel):
                               "its frames (resampled to fps, scaled and centre-cropped to the output size), each "
                               "noised to `strength` and denoised with the prompt.")
     strength: float | None = Field(None, description=f"With a video: how much is redrawn, from 0 (the input back) to 1 "
-                                   f"(text to video, the input only sets the length) (default {DEFAULT_STRENGTH:g}).")
+                                   f"(text to video, the input only sets the length) (default {DEFAULT_STRENGTH:g}). "
+                                   "With a bridge (extend and lead_into): how much of the crossfade between the two "
+                                   "contexts the new frames start from is redrawn, from 0 (the crossfade) to 1 "
+                                   f"(from noise alone) (default {DEFAULT_BRIDGE_STRENGTH:g}).")
     loop: bool = Field(False, description="A seamless loop: the windows wrap around the clip's end, so its last "
                        "frame flows into its first.")
     pose: str | None = Field(None, description="A pose sequence that drives the motion: a video of skeleton frames "
@@ -289,7 +293,7 @@ class RenderRequest(BaseModel):
     @classmethod
     def _strength(cls, v: float | None) -> float | None:
         if v is not None and (not math.isfinite(v) or not 0 <= v <= 1):
-            raise RequestError("strength", v, "a number from 0 (keep the video) to 1 (redraw it all)")
+            raise RequestError("strength", v, "a number from 0 (keep the video or crossfade) to 1 (redraw it all)")
         return v
 
     @field_validator("image", "extend", "lead_into", "video", "pose", "reference", "reference_pose", "face",
@@ -327,8 +331,9 @@ class RenderRequest(BaseModel):
             _check_timeline(self.timeline, self.length)
         if self.loop and (self.extend is not None or self.lead_into is not None):
             raise RequestError("loop", self.loop, "no loop with extend or lead_into (a loop has no ends to join)")
-        if self.strength is not None and self.video is None:
-            raise RequestError("strength", self.strength, "no value without video (it is how much of it is redrawn)")
+        if self.strength is not None and self.video is None and (self.extend is None or self.lead_into is None):
+            raise RequestError("strength", self.strength, "no value without video or a bridge (extend and lead_into "
+                                                          "together): it is how much of them is redrawn")
         if self.video is not None and (self.extend is not None or self.lead_into is not None):
             field = "extend" if self.extend is not None else "lead_into"
             raise RequestError(field, getattr(self, field), "no value with video (redraw a video, or continue one)")

@@ -194,6 +194,7 @@ def test_signal_stops_render_cleanly(tmp_path, tiny_model, sig):
 
 def test_eval_bad_arguments_exit_2_naming_the_field(tmp_path, cli_cases):
     cases = [(["eval", "--visible-seeds", "0"], "visible_seeds"), (["eval", "--visible-seconds", "0"], "visible_seconds"),
-             (["eval", "--visible-prompts", "-1"], "visible_prompts"), (["eval", "--clips", "0"], "clips")]
+             (["eval", "--visible-prompts", "-1"], "visible_prompts"), (["eval", "--clips", "0"], "clips"),
+             (["eval", "--suite", "modes", "--modes-seeds", "0"], "modes_seeds")]
     for (argv, field), res in zip(cases, cli_cases([c for c, _ in cases], tmp_path)):
         assert res["rc"] == 2 and res["err"].startswith(f"longtake eval: error: {field}: got"), (argv, res)

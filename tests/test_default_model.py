@@ -116,3 +116,17 @@ def test_pose_eval_measures_the_path_and_the_look(tmp_path, default_pool):
     assert row["on_path"] >= 0.9 and row["present"] >= 0.95, row
     write_pose(result, str(tmp_path / "p.json"), str(tmp_path / "P.md"), "longtake eval --suite pose")
     assert "| a red ball on a blue background, circle |" in (tmp_path / "P.md").read_text()
+
+
+def test_modes_eval_measures_every_junction(tmp_path, default_pool):
+    """`longtake eval --suite modes` at 4 fps (half the frames), one seed: every junction measured, on the
+    frames as written, and tabulated as in the JSON."""
+    from longtake.evaluate import MODES, junctions, write_junctions
+
+    result = junctions(default_pool, seeds=1, fps=4)
+    row, s = result["seeds"][0], result["summary"]
+    assert set(MODES) <= set(row) and all(0 < row[m] < 20 for m in MODES), row
+    assert all(s[m]["min"] == s[m]["median"] == s[m]["max"] == row[m] for m in MODES)
+    assert all(s[m]["within"] == (row[m] <= 1.3) for m in MODES)
+    write_junctions(result, str(tmp_path / "m.json"), str(tmp_path / "M.md"), "longtake eval --suite modes")
+    assert f"| bridge: E's junction | {row['bridge_b']:.2f} |" in (tmp_path / "M.md").read_text()

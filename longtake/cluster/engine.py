@@ -359,11 +359,37 @@ def _source_latents(job: Job, pool: Pool) -> torch.Tensor:
     return torch.cat(parts, 2)[:, :, : job.latent_frames]
 
 
-def _known_latents(job: Job, pool: Pool):
-    """For a job with known frames: `pin(z, start, end)`, which sets their latents in z's frames [start, end), in place, to the known latents
-    themselves (clean, at every step: a clean context, which the bundled model follows much more closely than
-    RePaint-style context noised to each step's level; the note of issue 15 has the figures). The latents
-    are encoded once, on a worker. None when nothing is known."""
+class KnownLatents:
+    """The latents of a job's known frames: `pin(z, start, end)` sets those in z's frames [start, end), in
+    place, to the known latents themselves (clean, at every step: a clean context, which the bundled model
+    follows much more closely than RePaint-style context noised to each step's level; the note of issue 15
+    has the figures); `crossfade(z)` is a clip whose every frame is known or interpolated between the known
+    frames around it (held before the first and after the last): a bridge's start (inputs.py)."""
+
+    def __init__(self, index: torch.Tensor, known: torch.Tensor):
+        self.index, self.known = index, known  # (k,) sorted latent frames, (1, C, k, h, w)
+
+    def __call__(self, z: torch.Tensor, start: int = 0, end: int | None = None) -> None:
+        inside = (self.index >= start) & (self.index < (z.shape[2] if end is None else end))
+        if bool(inside.any()):
+            z[:, :, self.index[inside]] = self.known[:, :, inside].to(z.dtype)
+
+    def crossfade(self, z: torch.Tensor) -> torch.Tensor:
+        frames = z.shape[2]
+        at = torch.arange(frames, dtype=torch.float64)
+        index = self.index.to(torch.float64)
+        hi = torch.searchsorted(index, at).clamp(max=len(index) - 1)  # first known frame at or after each frame
+        lo = torch.where(index[hi] > at, (hi - 1).clamp(min=0), hi)  # last known frame at or before it
+        span = index[hi] - index[lo]
+        weight = torch.where(span > 0, (at - index[lo]) / span.clamp(min=1), torch.zeros_like(at))
+        weight = weight.to(z.dtype).view(1, 1, frames, 1, 1)
+        known = self.known.to(z.dtype)
+        return (1 - weight) * known[:, :, lo] + weight * known[:, :, hi]
+
+
+def _known_latents(job: Job, pool: Pool) -> KnownLatents | None:
+    """The latents of a job's known frames (`KnownLatents`), encoded once, on a worker; None when nothing is
+    known."""
     if not job.inputs.pinned:
         return None
     layout, latent_frames = job.model.layout, job.latent_frames
@@ -376,14 +402,7 @@ def _known_latents(job: Job, pool: Pool):
     index = torch.tensor(sorted(at))
     known = torch.stack([at[f] for f in sorted(at)], 2)  # (1, C, k, h, w)
     logger.info("%d latent frames known (%s)", len(index), ", ".join(p.source for p in job.inputs.pinned))
-
-    def pin(z: torch.Tensor, start: int = 0, end: int | None = None) -> None:
-        """Set the known frames of z's range [start, end) (all of z by default)."""
-        inside = (index >= start) & (index < (z.shape[2] if end is None else end))
-        if bool(inside.any()):
-            z[:, :, index[inside]] = known[:, :, inside].to(z.dtype)
-
-    return pin
+    return KnownLatents(index, known)
 
 
 def _bar(total: int, desc: str, unit: str, enabled: bool, initial: int = 0) -> tqdm:
@@ -465,16 +484,20 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         z, first_step = resumed.z, resumed.step
         logger.info("resumed from checkpoint %s: %d of %d steps done", resumed.path.name, first_step, job.steps)
     else:
-        if job.inputs.source is not None and job.inputs.strength < 1:  # video to video (SDEdit)
+        x0 = None  # what the first steps are skipped for (SDEdit-style): the input video, or a bridge's crossfade
+        if job.inputs.strength < 1 and job.inputs.source is not None:
+            x0, mode = _source_latents(job, pool), "video to video"
+        elif job.inputs.strength < 1 and pin is not None:  # a bridge (inputs.py)
+            x0, mode = pin.crossfade(z), "bridge"
+        if x0 is not None:
             first_step = job.steps - int(job.steps * job.inputs.strength)  # as diffusers' img2img pipelines
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(first_step)
-            x0 = _source_latents(job, pool)
             if first_step == job.steps:
-                first_step = steps  # strength 0: the input's latents, no step
+                first_step = steps  # strength 0: x0 itself, no step
             z = x0 if first_step == steps else _noised(scheduler, x0, z / getattr(scheduler, "init_noise_sigma", 1.0),
                                                        scheduler.timesteps[first_step:first_step + 1])
-            logger.info("video to video: strength %g, %d of %d steps", job.inputs.strength, steps - first_step, steps)
+            logger.info("%s: strength %g, %d of %d steps", mode, job.inputs.strength, steps - first_step, steps)
         if pin is not None:
             pin(z)
     private = None  # each window's private frames (a family's own state through the steps: sampler.py)

@@ -12,6 +12,14 @@ to each step's level); the windows that hold them condition their other frames o
 that into the neighbouring windows. Nothing here is family-specific: a backend only turns frames into
 latents (`encode_frames`, the inverse of its `decode`).
 
+A bridge (extend and lead_into) starts its new frames from the two contexts' crossfade instead of noise
+alone (SDEdit-style, as video to video): each new latent frame is the interpolation between the known latent
+frames around it (keyframes included), noised to the level of the first step of the last `strength` of the
+schedule (default 0.9). The clean context alone conditions the new frames through the model's temporal
+layers only, which a small model does weakly: it held a bridge's new frames on the first clip's look and
+jumped to the second clip at its junction (12.5x the frame-to-frame change there on the bundled model;
+0.9 of a crossfade brings it to about 1; the README has the figures).
+
 The output is `extend`'s frames as read (passed through, not re-rendered), the new frames, then
 `lead_into`'s frames. The context defaults to one window of frames, or all of a shorter input; an explicit
 `context` the input cannot supply is an error. For a family whose causal VAE packs 4 frames in a latent
@@ -27,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from longtake.media import VideoInput, file_sha256, load_image, open_video, probe_media
-from longtake.request import DEFAULT_STRENGTH, RenderRequest, RequestError
+from longtake.request import DEFAULT_BRIDGE_STRENGTH, DEFAULT_STRENGTH, RenderRequest, RequestError
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ class Inputs:
     ctx_before: int = 0  # frames of `before` at the start of the denoised clip
     ctx_after: int = 0  # frames of `after` at its end
     source: VideoInput | None = None  # `video`: the clip redrawn (video to video), streamed when encoded
-    strength: float = 1.0  # how much of `source` is redrawn (1: text to video)
+    strength: float = 1.0  # how much of `source`, or of a bridge's crossfade, is redrawn (1: from noise alone)
     hashes: dict = field(default_factory=dict)  # field -> SHA-256 of the file(s), for the checkpoint fingerprint
 
     @property
@@ -103,6 +111,9 @@ def resolve_inputs(request: RenderRequest, height: int, width: int, window_frame
         ctx_after = _fit(after, want, explicit, "lead_into", fps, causal, temporal)
         pinned.append(Pinned(ctx_before + new, after.head[:ctx_after], "lead_into"))
         hashes["lead_into"] = after.sha256
+        if before is not None:  # a bridge: its new frames start from the crossfade of the two contexts
+            strength = request.strength if request.strength is not None else DEFAULT_BRIDGE_STRENGTH
+            hashes["bridge"] = strength
     for name in ("image", "reference"):  # the reference photo of a pose-driven clip is pinned as an image is
         path = getattr(request, name)
         if name == "reference" and not pin_reference:

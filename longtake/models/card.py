@@ -85,6 +85,7 @@ def write_card(model_dir: str | Path) -> Path:
              "  training and in longtake's sampling." if lt.get("default_noise") == "correlated" else
              "\n- Initial noise independent for every frame, in training (the last stage) and in longtake's sampling.")
     control = _control(d)
+    modes = ("\n" + (d / "MODES_EVAL.md").read_text()) if (d / "MODES_EVAL.md").is_file() else ""
     stages = _stages(t)
     training = "".join(_stage(s, lt, k + 1 if len(stages) > 1 else None) for k, s in enumerate(stages))
     card = f"""# longtake default model
@@ -180,7 +181,7 @@ held-out prompts and seeds (not the eval's), colour accuracy was 0.67, 0.75, 0.7
 1, 2, 3 and 5 (motion 0.21 to 0.25): the default is 2.
 
 ## Evaluation
-{evaluation}{control}"""
+{evaluation}{modes}{control}"""
     out = d / "MODEL_CARD.md"
     out.write_text(card)
     return out

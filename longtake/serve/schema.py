@@ -161,7 +161,7 @@ RULES = [
     ("timeline keys: at from 0 to below seconds, increasing; prompts not blank", ["timeline"]),
     ("seconds x fps gives 1 to 100000 frames (a loop: at least 2 latent frames)", ["seconds"]),
     ("overlap < window (default window // 4); window at most the model's limit", ["overlap", "window"]),
-    ("strength only with video; context only with extend or lead_into; video not with extend or lead_into; "
+    ("strength only with video or with extend and lead_into together; context only with extend or lead_into; video not with extend or lead_into; "
      "loop not with extend or lead_into", ["strength", "context", "extend", "lead_into", "loop"]),
     ("keyframes: at from 0 to below seconds", ["keyframes"]),
     ("media fields name files this key uploaded (POST /v1/files) of the right kind (image or video)",
