@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def job_request(model, **kw) -> dict:
     # long enough (steps x windows) for the test to act mid-job on a 2-core machine
-    base = dict(prompt="a red ball moving right", seconds=6, fps=8, steps=40, window=8, overlap=2, model=model)
+    base = dict(prompt="a red ball moving right", seconds=6, fps=8, steps=24, window=8, overlap=2, model=model)
     return {**base, **kw}
 
 
@@ -128,7 +128,7 @@ def test_lost_node_job_completes_on_what_is_left(tmp_path, tiny_model):
 
 def test_chaos_script_every_job_finishes_with_its_frames(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--jobs", "2", "--nodes", "3",
-                           "--limit", "400", "--kill-every", "3", "--steps", "6", "--farm-dir", str(tmp_path / "farm"),
+                           "--limit", "400", "--kill-every", "3", "--steps", "4", "--farm-dir", str(tmp_path / "farm"),
                            "--out", str(tmp_path / "chaos.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -38,19 +38,23 @@ class NewestFirstPool(InProcessPool):
         return super().submit(method, args, tuple(-k for k in key), label)
 
 
+@pytest.fixture(scope="module")
+def pools(tiny_model, ray_session):
+    """The in-process pool, the newest-first one and 2 Ray workers, shared by the cases."""
+    made = {"in-process": InProcessPool(WorkerSpec(tiny_model)), "newest first": NewestFirstPool(WorkerSpec(tiny_model)),
+            "ray": RayPool(WorkerSpec(tiny_model), 2)}
+    yield made
+    for pool in made.values():
+        pool.shutdown()
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_wavefront_frames_equal_barrier_frames_on_every_pool(tmp_path, tiny_model, ray_session, case):
+def test_wavefront_frames_equal_barrier_frames_on_every_pool(tmp_path, tiny_model, pools, case):
     results = {}
-    inproc = InProcessPool(WorkerSpec(tiny_model))
-    newest = NewestFirstPool(WorkerSpec(tiny_model))
-    ray_pool = RayPool(WorkerSpec(tiny_model), 2)
-    try:
-        for pool_name, pool in (("in-process", inproc), ("newest first", newest), ("ray", ray_pool)):
-            for schedule in ("barrier", "wavefront"):
-                req = _request(tiny_model, tmp_path, f"{pool_name}-{schedule}", schedule=schedule, **CASES[case])
-                results[pool_name, schedule] = run(prepare(req), pool, progress=False)
-    finally:
-        ray_pool.shutdown()
+    for pool_name, pool in pools.items():
+        for schedule in ("barrier", "wavefront"):
+            req = _request(tiny_model, tmp_path, f"{pool_name}-{schedule}", schedule=schedule, **CASES[case])
+            results[pool_name, schedule] = run(prepare(req), pool, progress=False)
     shas = {key: r.frames_sha256 for key, r in results.items()}
     assert len(set(shas.values())) == 1, shas
     assert {r.schedule for (_, schedule), r in results.items() if schedule == "wavefront"} == {"wavefront"}
