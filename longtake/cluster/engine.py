@@ -57,9 +57,9 @@ from longtake.pipelines import ModelInfo, inspect_model, load_scheduler, weights
 from longtake.pipelines.windows import (
     PromptKey,
     initial_noise,
-    private_noise,
     plan_loop,
     plan_windows,
+    private_noise,
     prompt_schedule,
     window_weights,
 )
