@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from longtake.cluster.engine import prepare, run
 from longtake.models.shapes import BACKGROUNDS, OBJECT_COLORS, SHAPES, ClipSpec
-from longtake.quality import (classify_color, classify_motion, drift, identity, object_track, object_visible,
-                              path_error, seam_pairs, seam_ratio)
+from longtake.quality import (classify_color, classify_motion, drift, identity, junction_ratio, object_track,
+                              object_visible, path_error, seam_pairs, seam_ratio)
 from longtake.video import read_frames
 
 logger = logging.getLogger(__name__)
@@ -264,15 +264,6 @@ JUNCTION_TARGET = 1.3  # issue 15: a junction's change at most 1.3x the median f
 MODES = ("image", "extend", "bridge_a", "bridge_b", "loop")
 
 
-def _change(frames: np.ndarray) -> np.ndarray:
-    """Mean absolute change from each frame to the next."""
-    return np.abs(np.diff(frames.astype(float), axis=0)).mean(axis=(1, 2, 3))
-
-
-def _jump(x: np.ndarray, y: np.ndarray, new: np.ndarray) -> float:
-    return float(np.abs(x.astype(float) - y.astype(float)).mean() / np.median(_change(new)))
-
-
 def junctions(pool, model: str = "default", seeds: int = 5, fps: float = 8, progress: bool = False) -> dict:
     """The known-frame modes (issue 15) on inputs made by the model itself: an 8 s clip A ("a red ball moving
     right on blue") and a 4 s clip E of another look ("a yellow ball moving left on green"). Per seed, each
@@ -296,15 +287,15 @@ def junctions(pool, model: str = "default", seeds: int = 5, fps: float = 8, prog
         for seed in tqdm(range(seeds), desc="modes", unit="seed", disable=not progress):
             row = {"seed": seed}
             f = render("i", prompt="a red ball moving right on blue", image=f"{tmp}/start.png", seconds=8, seed=seed)
-            row["image"] = _jump(f[1], f[0], f)
+            row["image"] = junction_ratio(f[1], f[0], f)
             f = render("x", prompt="a red ball moving right on blue", extend=f"{tmp}/a.mp4", seconds=4, seed=seed)
-            row["extend"] = _jump(f[len(a)], a[-1], f[len(a):])
+            row["extend"] = junction_ratio(f[len(a)], a[-1], f[len(a):])
             f = render("y", prompt="a ball on blue", extend=f"{tmp}/a.mp4", lead_into=f"{tmp}/e.mp4", seconds=4,
                        seed=seed)
             new = f[len(a):len(f) - len(e)]
-            row["bridge_a"], row["bridge_b"] = _jump(new[0], a[-1], new), _jump(e[0], new[-1], new)
+            row["bridge_a"], row["bridge_b"] = junction_ratio(new[0], a[-1], new), junction_ratio(e[0], new[-1], new)
             f = render("z", prompt="a red ball bouncing on blue", loop=True, seconds=8, seed=seed)
-            row["loop"] = _jump(f[-1], f[0], f)
+            row["loop"] = junction_ratio(f[-1], f[0], f)
             rows.append(row)
     summary = {mode: {"min": min(r[mode] for r in rows), "median": float(np.median([r[mode] for r in rows])),
                       "max": max(r[mode] for r in rows),

@@ -5,6 +5,7 @@
     seam_ratio(track, seams, size)                       # centroid jumps at window seams / median jump
     drift(track, fps)                                    # colour and size, last 10 s vs first 10 s
     object_visible(frames, background_rgb, color_name)    # per frame: is the prompted object there?
+    junction_ratio(x, y, new)                             # a junction's change / median change of new frames
 
 Positions are wrap-aware (circular means and differences), because objects wrap around the edges.
 """
@@ -176,3 +177,14 @@ def identity(frames: np.ndarray, reference: np.ndarray, background: tuple[int, i
     return {"present": float(seen.mean()), "colour_distance": float(np.median(colour)),
             "colour_distance_p90": float(np.percentile(colour, 90)), "size_ratio": float(np.median(size)),
             "size_ratio_p10": float(np.percentile(size, 10)), "size_ratio_p90": float(np.percentile(size, 90))}
+
+
+def frame_change(frames: np.ndarray) -> np.ndarray:
+    """(F - 1,) mean absolute pixel change from each frame to the next."""
+    return np.abs(np.diff(frames.astype(float), axis=0)).mean(axis=(1, 2, 3))
+
+
+def junction_ratio(x: np.ndarray, y: np.ndarray, new: np.ndarray) -> float:
+    """The change across a junction (frames x and y either side of it) over the median frame-to-frame change
+    of `new`, the frames made there (issue 15's bound: at most 1.3)."""
+    return float(np.abs(x.astype(float) - y.astype(float)).mean() / np.median(frame_change(new)))

@@ -13,6 +13,7 @@ from PIL import Image
 
 from longtake.cluster.engine import prepare
 from longtake.pipelines import DEFAULT_MODEL
+from longtake.quality import frame_change
 from longtake.request import RequestError
 from longtake.video import VideoWriter, ffmpeg_exe, read_frames
 
@@ -23,11 +24,6 @@ def _req(tmp_path, name: str, **kw) -> dict:
     # no visible label: these tests compare pixels with their inputs (tests/test_compliance.py has the label)
     return {"prompt": PROMPT, "seconds": 3, "fps": 8, "model": "default", "out": str(tmp_path / name), "label": "none",
             **kw}
-
-
-def _change(frames: np.ndarray) -> np.ndarray:
-    """Mean absolute change from each frame to the next."""
-    return np.abs(np.diff(frames.astype(float), axis=0)).mean(axis=(1, 2, 3))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +61,7 @@ def test_extend_passes_the_input_through_and_joins_it_closer_than_text_alone(tmp
         out = read_frames(tmp_path / f"c{seed}.mp4").astype(float)
         assert res.frames == len(out) == len(a) + 16 and res.input_frames == len(a)
         assert np.abs(out[:len(a)] - a).mean() < 3  # the input's own frames, re-encoded only
-        new = _change(out[len(a):])
+        new = frame_change(out[len(a):])
         joins.append(np.abs(out[len(a)] - a[-1]).mean() / np.median(new))
         render_in_process(_req(tmp_path, f"t{seed}.mp4", seed=seed, seconds=2))
         cold.append(np.abs(read_frames(tmp_path / f"t{seed}.mp4")[0] - a[-1]).mean() / np.median(new))
@@ -89,7 +85,7 @@ def test_bridge_joins_both_clips(tmp_path, clip, render_in_process):
         # each end of the new frames is nearer to the clip it touches than to the other clip
         assert np.abs(new[0] - a[-1]).mean() < np.abs(new[0] - b[0]).mean()
         assert np.abs(new[-1] - b[0]).mean() < np.abs(new[-1] - a[-1]).mean()
-        median = np.median(_change(new))
+        median = np.median(frame_change(new))
         junctions[strength] = (np.abs(new[0] - a[-1]).mean() / median, np.abs(b[0] - new[-1]).mean() / median)
     guided, alone = junctions[None], junctions[1.0]
     assert max(guided) <= 1.3 * 1.5, junctions  # (the bound per seed: the README gives 5 seeds)
@@ -116,7 +112,7 @@ def test_a_loop_wraps_more_smoothly_than_a_plain_clip(tmp_path, render_in_proces
     for loop in (True, False):
         res = render_in_process(_req(tmp_path, f"l{loop}.mp4", seconds=4, loop=loop))
         frames = read_frames(tmp_path / f"l{loop}.mp4").astype(float)
-        wraps.append(np.abs(frames[-1] - frames[0]).mean() / np.median(_change(frames)))
+        wraps.append(np.abs(frames[-1] - frames[0]).mean() / np.median(frame_change(frames)))
         assert res.loop is loop
     assert wraps[0] < wraps[1] and wraps[0] <= 1.3
 
@@ -133,7 +129,7 @@ def test_video_to_video_from_text_to_video_to_the_input_back(tmp_path, clip, ren
     half, t = read_frames(tmp_path / "v5.mp4").astype(float), read_frames(tmp_path / "t.mp4").astype(float)
     # at 0.5 the input's layout and motion stay: frame-to-frame change follows the input's, unlike text's
     assert np.abs(half - a).mean() < 0.5 * np.abs(t - a).mean()
-    assert np.corrcoef(_change(half), _change(a))[0, 1] > np.corrcoef(_change(t), _change(a))[0, 1]
+    assert np.corrcoef(frame_change(half), frame_change(a))[0, 1] > np.corrcoef(frame_change(t), frame_change(a))[0, 1]
 
 
 # ---------------------------------------------------------------- untrusted inputs

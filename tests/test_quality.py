@@ -94,3 +94,12 @@ def test_object_visible_finds_the_prompted_object_only(shape, bg):
     half = frames.copy()
     half[::2] = empty[::2]  # the object in every other frame
     assert object_visible(half, BACKGROUNDS[bg], "red").mean() == 0.5
+
+
+def test_a_junction_ratio_is_the_jump_over_the_median_change_of_the_new_frames():
+    from longtake.quality import frame_change, junction_ratio
+
+    new = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (10, 12, 14, 20)])  # changes 2, 2, 6: median 2
+    assert frame_change(new).tolist() == [2.0, 2.0, 6.0]
+    before = np.full((4, 4, 3), 4, np.uint8)  # unsigned frames: the jump 10 - 4 = 6 is not wrapped around
+    assert junction_ratio(new[0], before, new) == 3.0 and junction_ratio(before, new[0], new) == 3.0

@@ -39,7 +39,7 @@ import time
 import torch
 
 from longtake.cluster.checkpoint import scheduler_state
-from longtake.pipelines.windows import PRIVATE_NOISE, frame_seed, fuse, take_window
+from longtake.pipelines.windows import frame_seed, fuse, private_frame, take_window
 from longtake.request import SCHEDULES  # the one list (torch-free, for the CLI)
 
 logger = logging.getLogger(__name__)
@@ -218,19 +218,19 @@ class Sampler:
             t = s.timesteps[step]
             self.model_in[:, :, a:b] = _scaled(s, self.z[:, :, a:b], t)
         if self.snapshots is not None:
-            low = self.coherent_step
-            snaps = self.snapshots[r]
-            snaps[step] = (self.z[:, :, a:b].clone(), scheduler_state(self.schedulers[r]))
-            for old in [k for k in snaps if k < low]:
-                del snaps[old]
+            self._snapshot(self.snapshots[r], step, self.z[:, :, a:b], self.schedulers[r])
 
     def _private_entered(self, w: int) -> None:
         """Window w's private frames have reached its next step: a snapshot for checkpoints."""
         if self.private_snapshots is not None:
-            snaps = self.private_snapshots[w]
-            snaps[self.next_step[w]] = (self.private[w].clone(), scheduler_state(self.private_schedulers[w]))
-            for old in [k for k in snaps if k < self.coherent_step]:
-                del snaps[old]
+            self._snapshot(self.private_snapshots[w], self.next_step[w], self.private[w], self.private_schedulers[w])
+
+    def _snapshot(self, snaps: dict, step: int, z: torch.Tensor, scheduler) -> None:
+        """Keep (a copy of z, the scheduler's state) at `step`; drop those before the coherent step (no
+        checkpoint can take them any more)."""
+        snaps[step] = (z.clone(), scheduler_state(scheduler))
+        for old in [k for k in snaps if k < self.coherent_step]:
+            del snaps[old]
 
     def ready(self) -> list[int]:
         """Windows that may run their next step now (in window order), marked dispatched. Only windows
@@ -268,7 +268,7 @@ class Sampler:
             t0 = time.perf_counter()
             s = self.private_schedulers[w]
             self.private[w] = _step(s, pred[:, :, :n], s.timesteps[step], self.private[w].clone(),
-                                    frame_seed(self.seed, PRIVATE_NOISE - 64 * w), step, None)
+                                    frame_seed(self.seed, private_frame(w)), step, None)
             self.scheduler_s += time.perf_counter() - t0
             pred = pred[:, :, n:]
         self.preds[w], self.next_step[w], self.dispatched[w] = pred, step + 1, False

@@ -262,16 +262,23 @@ def initial_noise(seed: int, num_frames: int, frame_shape: tuple[int, ...], mode
     return frames_noise(seed, range(num_frames), frame_shape, mode, window, overlap, dtype)
 
 
-PRIVATE_NOISE = -2_000_000  # frame_seed's frame for window w's private frame i: PRIVATE_NOISE - 64 w - i
+PRIVATE_NOISE = -2_000_000  # frame_seed's frames of the windows' private frames (`private_frame`)
+MAX_PRIVATE = 64  # private frames a window may have
+
+
+def private_frame(window: int, i: int = 0) -> int:
+    """frame_seed's frame of window `window`'s private frame i (its step noise: of frame 0, mixed again with
+    the step, as a range's is), below every clip frame and step noise."""
+    return PRIVATE_NOISE - MAX_PRIVATE * window - i
 
 
 def private_noise(seed: int, window: int, count: int, frame_shape: tuple[int, ...]) -> torch.Tensor:
     """The initial noise of window `window`'s private latent frames (a family that carries state of its own
     through the steps, such as Wan-Animate's reference slot): (1, C, count, H, W), from (seed, window), the
     same on every worker; frames of its own, apart from the clip's (frame indices below every STEP_NOISE)."""
-    if not 0 <= count <= 64:
-        raise ValueError(f"private frames: got {count}, expected 0..64")
-    frames = [_independent_frame(seed, PRIVATE_NOISE - 64 * window - i, tuple(frame_shape)) for i in range(count)]
+    if not 0 <= count <= MAX_PRIVATE:
+        raise ValueError(f"private frames: got {count}, expected 0..{MAX_PRIVATE}")
+    frames = [_independent_frame(seed, private_frame(window, i), tuple(frame_shape)) for i in range(count)]
     if not frames:
         return torch.empty((1, frame_shape[0], 0) + tuple(frame_shape[1:]))
     return torch.stack(frames, dim=1).unsqueeze(0)
