@@ -6,7 +6,7 @@
 2. engine overhead: render wall time / (sum of the pure model-prediction times of its windows / workers)
 3. redundant compute: model evaluations per output frame vs the plan's minimum (L / S), and where the
    rest of the wall time goes (text encoding, fusion, scheduler steps, transfers and waiting, decoding)
-4. seams of the default model: every weighting, FreeNoise on, naive windows
+4. seams of the default model: every weighting, FreeNoise on, naive windows (the model alone), and with its plan
 5. driver memory: peak RSS rendering 10, 30 and 60 s (one process; the peak is reset between renders)
 6. ffmpeg encoding speed in multiples of real time, at the default size and at 512x512
 7. against diffusers' own AnimateDiffPipeline with FreeNoise in one process, on the tiny model
@@ -250,8 +250,11 @@ def seams(spec, model: str, clips: int, seconds: float, tmp: Path, progress: boo
     from longtake.models.shapes import BACKGROUNDS
     from longtake.quality import object_track, seam_pairs, seam_ratio
 
+    # the model alone (plan none): its own motion shows what fusion does; a planned path would join naive
+    # windows too (one path, drawn for the whole clip); the default, planned, is its own row
     configs = {"pyramid": {}, "flat": {"weighting": "flat"}, "overlap-linear": {"weighting": "overlap-linear"},
                "pyramid+freenoise": {"noise": "freenoise"}, "naive": {"overlap": 0, "weighting": "flat"}}
+    configs = {**{name: {**c, "plan": "none"} for name, c in configs.items()}, "pyramid+plan": {"plan": "auto"}}
     specs = [s for s in eval_specs(clips * 3) if s.motion in MOVING][:clips]
     pool = _pool(spec, 2)
     ratios: dict[str, list[float]] = {name: [] for name in configs}
@@ -779,11 +782,12 @@ def table(result: dict, command: str) -> str:
                                         f", the 60 s job still rendering: {d['serve']['long_still_running']}"),
         ("evals_per_frame", "window frames evaluated per output frame, per step", f"{sc[1]['windows']} windows"),
         ("evals_per_frame_min", "the plan's minimum, L / S", ""),
-        ("seam_ratio", "seam continuity, default settings (pyramid)", "median over moving clips"),
+        ("seam_ratio", "seam continuity, pyramid weighting, the model alone (plan none)", "median over moving clips"),
         ("seam_ratio_flat", "... flat weighting", ""),
         ("seam_ratio_overlap-linear", "... overlap-linear weighting", ""),
         ("seam_ratio_pyramid+freenoise", "... FreeNoise noise", ""),
         ("seam_ratio_naive", "naive windows (no overlap, no fusion)", ""),
+        ("seam_ratio_pyramid+plan", "... pyramid, with the motion plan (the default render)", ""),
         ("rss_ratio_60_10", "peak driver RSS, 60 s / 10 s", "; ".join(
             f"{k} s: {v['peak_rss_mb']:.0f} MB (latents {v['latents_mb']} MB)" for k, v in d["memory"].items()
             if isinstance(v, dict))),

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from longtake.cluster.retention import DEFAULT_OUTPUTS
 from longtake.serve.keys import DEFAULT_MAX_JOBS
-from longtake.request import (ANIMATE_MODES, DEVICES, LABEL_MODES, LABEL_POSITIONS, NOISE_MODES, RETARGET_MODES,
-                              SCHEDULES, WEIGHTINGS, RenderRequest, RequestError, load_timeline, parse_request)
+from longtake.request import (ANIMATE_MODES, DEVICES, LABEL_MODES, LABEL_POSITIONS, NOISE_MODES, PLAN_MODES,
+                              RETARGET_MODES, SCHEDULES, WEIGHTINGS, RenderRequest, RequestError, load_timeline,
+                              parse_request)
 
 # --------------------------------------------------------------------------- what reaches the terminal
 
@@ -290,6 +291,7 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
                    help="the estimator --pose-from runs: rtmlib (default), or module:factory for your own")
     p.add_argument("--retarget", choices=RETARGET_MODES, help=_field_help("retarget"))
     p.add_argument("--control-scale", dest="control_scale", type=float, help=_field_help("control_scale"))
+    p.add_argument("--plan", choices=PLAN_MODES, help=_field_help("plan"))
     p.add_argument("--face", metavar="VIDEO", help=_field_help("face"))
     p.add_argument("--animate-mode", dest="animate_mode", choices=ANIMATE_MODES, help=_field_help("animate_mode"))
     p.add_argument("--background", metavar="VIDEO", help=_field_help("background"))
@@ -316,7 +318,7 @@ REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "widt
                   "seed", "window", "overlap", "weighting", "schedule", "noise", "workers", "model", "device", "out",
                   "preview", "image", "extend", "lead_into", "context", "loop", "video", "strength", "label", "label_text",
                   "label_position", "pose", "pose_loop", "reference", "reference_pose", "retarget", "control_scale",
-                  "face", "animate_mode", "background", "mask")
+                  "plan", "face", "animate_mode", "background", "mask")
 
 
 def parse_keyframe(value: str) -> dict:
@@ -435,7 +437,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips,
                                       args.long_seconds, progress=not args.quiet,
                                       visible_prompts=args.visible_prompts, visible_seeds=args.visible_seeds,
-                                      visible_seconds=args.visible_seconds)
+                                      visible_seconds=args.visible_seconds, plan=args.plan)
             finally:
                 pool.shutdown()
                 if started:
@@ -823,6 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pose-renders", type=int, default=4, help="pose suite: renders, paths and scenes in turn "
                                                                 "(default 4)")
     ev.add_argument("--pose-seconds", type=float, default=20, help="pose suite: length of each render (default 20)")
+    ev.add_argument("--plan", choices=PLAN_MODES, default="auto", help="main suite: every request's plan (auto, the "
+                    "default: the bundled model's motion plan; none: the model alone)")
     ev.add_argument("--modes-seeds", type=int, default=5, help="modes suite: seeds of each mode (default 5)")
     ev.add_argument("--workers", type=int, help="Ray workers (default: one per CPU core)")
     ev.add_argument("--out", default="eval.json", help="JSON results (default eval.json)")

@@ -55,13 +55,14 @@ def visible_specs(n: int) -> list[ClipSpec]:
 
 
 def visibility(pool, model: str = "default", prompts: int = 5, seeds: int = 2, seconds: float = 60, fps: float = 8,
-               progress: bool = False) -> list[dict]:
+               progress: bool = False, plan: str = "auto") -> list[dict]:
     """Per render (prompts x seeds): the share of frames in which the prompted object is visible."""
     rows = []
     work = [(spec, 2000 + k) for spec in visible_specs(prompts) for k in range(seeds)]
     with tempfile.TemporaryDirectory() as tmp:
         for spec, seed in tqdm(work, desc="visible", unit="clip", disable=not progress):
-            req = dict(prompt=spec.caption, seconds=seconds, fps=fps, seed=seed, model=model, out=f"{tmp}/v.mp4")
+            req = dict(prompt=spec.caption, seconds=seconds, fps=fps, seed=seed, model=model, plan=plan,
+                       out=f"{tmp}/v.mp4")
             frames, _ = render_frames(pool, req)
             seen = object_visible(frames, BACKGROUNDS[spec.background], spec.color)
             rows.append({"prompt": spec.caption, "seed": seed, "seconds": seconds, "visible": float(seen.mean())})
@@ -77,9 +78,10 @@ def render_frames(pool, request: dict) -> tuple[np.ndarray, list[tuple[int, int]
 
 def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, long_clips: int = 2,
              long_seconds: float = 60, fps: float = 8, progress: bool = True, naive_every: int = 2,
-             visible_prompts: int = 5, visible_seeds: int = 2, visible_seconds: float = 60) -> dict:
+             visible_prompts: int = 5, visible_seeds: int = 2, visible_seconds: float = 60, plan: str = "auto") -> dict:
     """naive_every: render the naive-window version of every n-th moving short clip (1: all of them).
-    visible_*: the object-visible renders (prompts x seeds of visible_seconds; 0 prompts: none)."""
+    visible_*: the object-visible renders (prompts x seeds of visible_seconds; 0 prompts: none).
+    plan: every request's `plan` (auto: the bundled model's motion plan; none: the model alone)."""
     rows = []
     specs = eval_specs(clips)
     long_specs = [s for s in eval_specs(clips) if s.motion in MOVING][:long_clips]
@@ -87,11 +89,13 @@ def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for k, (spec, secs, is_long) in enumerate(tqdm(work, desc="eval", unit="clip", disable=not progress)):
-            req = dict(prompt=spec.caption, seconds=secs, fps=fps, seed=1000 + k, model=model, out=f"{tmp}/c.mp4")
+            req = dict(prompt=spec.caption, seconds=secs, fps=fps, seed=1000 + k, model=model, plan=plan,
+                       out=f"{tmp}/c.mp4")
             frames, windows = render_frames(pool, req)
             track = object_track(frames, BACKGROUNDS[spec.background])
             row = {"prompt": spec.caption, "seed": req["seed"], "seconds": secs, "long": is_long,
-                   "color": classify_color(track), "motion": classify_motion(track)}
+                   "color": classify_color(track), "motion": classify_motion(track),
+                   "planned": prepare(req).control is not None}  # with the model's motion plan
             row["color_ok"], row["motion_ok"] = row["color"] == spec.color, row["motion"] == spec.motion
             if spec.motion in MOVING:
                 row["seam_ratio"] = seam_ratio(track, seam_pairs(windows, len(frames)))
@@ -103,11 +107,12 @@ def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, 
             if is_long:
                 row.update({f"drift_{k}": v for k, v in drift(track, fps).items()})
             rows.append(row)
-    visible = visibility(pool, model, visible_prompts, visible_seeds, visible_seconds, fps, progress)
+    visible = visibility(pool, model, visible_prompts, visible_seeds, visible_seconds, fps, progress, plan)
     short = [r for r in rows if not r["long"]]
     median = lambda key: float(np.nanmedian([r[key] for r in rows if key in r])) if any(key in r for r in rows) else None
     summary = {
         "clips": len(short),
+        "planned": sum(r["planned"] for r in short),
         "long_clips": len(rows) - len(short),
         "color_accuracy": float(np.mean([r["color_ok"] for r in short])),
         "motion_accuracy": float(np.mean([r["motion_ok"] for r in short])),
@@ -124,7 +129,7 @@ def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, 
     return {"summary": summary, "settings": {"model": model, "seconds": seconds, "long_seconds": long_seconds,
                                              "fps": fps, "workers": pool.num_workers, "visible_renders": len(visible),
                                              "visible_prompts": visible_prompts, "visible_seeds": visible_seeds,
-                                             "visible_seconds": visible_seconds,
+                                             "visible_seconds": visible_seconds, "plan": plan,
                                              "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"},
             "clips": rows, "visible": visible}
 
@@ -137,10 +142,11 @@ def table(result: dict, command: str) -> str:
     s, st = result["summary"], result["settings"]
     fmt = lambda v: "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
     lines = [
-        "# Default model evaluation", "",
+        "# Default model evaluation" + (", the model alone (plan none)" if st.get("plan") == "none" else ""), "",
         f"Produced by `{command}` ({s['clips']} clips of {st['seconds']:g} s and {s['long_clips']} of "
         f"{st['long_seconds']:g} s at {st['fps']:g} fps, fixed prompts and seeds, {st['workers']} workers, "
-        f"{s['wall_s']:.0f} s).", "",
+        f"{s['wall_s']:.0f} s)" + (f"; {s['planned']} of the {s['clips']} clips ran with the model's motion plan "
+                                   "(`plan` auto, the default)" if s.get("planned") else "") + ".", "",
         "| metric | value | target |", "|---|---|---|",
         f"| object visible, share of frames of {st.get('visible_seconds', 0):g} s renders "
         f"({st.get('visible_prompts', 0)} prompts x {st.get('visible_seeds', 0)} seeds; lowest render "

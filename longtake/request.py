@@ -23,6 +23,7 @@ WEIGHTINGS = ("flat", "pyramid", "overlap-linear")
 NOISE_MODES = ("independent", "freenoise", "correlated")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("wavefront", "barrier")  # when a window runs its next step (longtake.cluster.sampler)
+PLAN_MODES = ("auto", "none")  # a motion plan where the model has a planner and the job allows it (models/planner.py)
 RETARGET_MODES = ("reference", "none")  # the driving skeleton onto the reference pose, or as drawn (longtake.pose)
 ANIMATE_MODES = ("animate", "replace")  # Wan-Animate: the character in a new clip, or redrawn into a background
 MAX_CONTROL_SCALE = 5.0
@@ -41,6 +42,7 @@ MAX_SECONDS = 3600.0
 DEFAULT_SECONDS = 10.0
 DEFAULT_STRENGTH = 0.6  # video to video: how much of the input is redrawn
 DEFAULT_BRIDGE_STRENGTH = 0.9  # a bridge: how much of the crossfade between its two contexts is redrawn
+PLANNED_BRIDGE_STRENGTH = 0.7  # ... when a motion plan draws where the object goes (less of the look redrawn)
 MAX_FPS = 120.0
 MAX_FRAMES = 100_000
 SIDE_RANGE = (8, 4096)  # height and width, pixels (a model's own rules come on top)
@@ -158,7 +160,9 @@ class RenderRequest(BaseModel):
                                    f"(text to video, the input only sets the length) (default {DEFAULT_STRENGTH:g}). "
                                    "With a bridge (extend and lead_into): how much of the crossfade between the two "
                                    "contexts the new frames start from is redrawn, from 0 (the crossfade) to 1 "
-                                   f"(from noise alone) (default {DEFAULT_BRIDGE_STRENGTH:g}).")
+                                   f"(from noise alone) (default {DEFAULT_BRIDGE_STRENGTH:g}; "
+                                   f"{PLANNED_BRIDGE_STRENGTH:g} where the bundled model's motion plan draws the "
+                                   "bridge).")
     loop: bool = Field(False, description="A seamless loop: the windows wrap around the clip's end, so its last "
                        "frame flows into its first.")
     pose: str | None = Field(None, description="A pose sequence that drives the motion: a video of skeleton frames "
@@ -188,8 +192,13 @@ class RenderRequest(BaseModel):
     retarget: Literal[RETARGET_MODES] = Field("reference", description="With reference_pose: scale and move the "
                                               "driving skeleton to the reference figure's height and place "
                                               "(reference), or draw it as given (none).")
-    control_scale: float | None = Field(None, description="How strongly the pose conditions the frames (the "
-                                        "ControlNet's conditioning scale; default 1).")
+    control_scale: float | None = Field(None, description="How strongly the pose (or the motion plan) conditions "
+                                        "the frames (the ControlNet's conditioning scale; default 1).")
+    plan: Literal[PLAN_MODES] = Field("auto", description="The bundled model's motion plan: a silhouette path that "
+                                      "moves as the prompt says (a shape and a motion word), or, around known "
+                                      "frames (image, keyframes, extend, lead_into), on from the object they show, "
+                                      "which its control branch makes the object follow (auto); or the model "
+                                      "moves the object itself (none). Other models have no planner.")
     label: Literal[LABEL_MODES] = Field(
         "start", description="The visible 'AI-generated' label: on the first 2 seconds (start), on every frame "
         "(always), or none (recorded in the file's metadata; a server may refuse it).",
@@ -362,10 +371,13 @@ class RenderRequest(BaseModel):
                 if getattr(self, name) is not None:
                     raise RequestError(name, getattr(self, name), "no value without animate_mode replace")
         if self.pose is None:
-            for name in ("pose_loop", "reference_pose", "control_scale", "face"):
+            for name in ("pose_loop", "reference_pose", "face"):
                 value = getattr(self, name)
                 if value not in (None, False):
                     raise RequestError(name, value, "no value without pose (it is about the pose sequence)")
+            if self.control_scale is not None and self.plan == "none":
+                raise RequestError("control_scale", self.control_scale, "no value without pose or a motion plan "
+                                                                        "(plan none)")
         else:
             for name in ("extend", "lead_into", "video", "loop"):
                 value = getattr(self, name)

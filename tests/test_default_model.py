@@ -35,8 +35,8 @@ def default_pool():
     pool.shutdown()
 
 
-def _render(pool, tmp_path, prompt, seed=3):
-    job = prepare(dict(prompt=prompt, seconds=2, fps=8, seed=seed, out=str(tmp_path / "d.mp4")))
+def _render(pool, tmp_path, prompt, seed=3, **kw):
+    job = prepare({"seconds": 2, **kw, "prompt": prompt, "fps": 8, "seed": seed, "out": str(tmp_path / "d.mp4")})
     assert (job.width, job.height) == (64, 64)
     chunks = []
     run(job, pool, progress=False, on_frames=lambda first, f: chunks.append(f))
@@ -57,6 +57,25 @@ def test_the_prompt_steers_the_render(tmp_path, default_pool):
         assert redness["red"] > redness["blue"] + 20, redness
 
 
+def test_the_motion_words_move_the_object(tmp_path, default_pool):
+    """With its motion plan (the default), every motion word moves the object as it says, read by the eval's
+    classifier from the rendered frames (4 s, one seed each), in the prompted colour, in every frame; the same
+    requests without the plan render other frames."""
+    from longtake.models.shapes import MOTIONS, ClipSpec
+    from longtake.quality import classify_color, classify_motion
+
+    for k, motion in enumerate(MOTIONS):
+        spec = ClipSpec(("red", "green", "yellow")[k % 3], ("ball", "square", "triangle")[k % 3], motion,
+                        ("blue", "black", "white", "gray")[k % 4])
+        frames = _render(default_pool, tmp_path, spec.caption, seed=10 + k, seconds=4)
+        track = object_track(frames, BACKGROUNDS[spec.background])
+        assert (classify_motion(track), classify_color(track)) == (motion, spec.color), spec.caption
+        assert (track.areas >= 4).all()
+        if motion == "right":
+            plain = _render(default_pool, tmp_path, spec.caption, seed=10 + k, seconds=4, plan="none")
+            assert np.abs(plain.astype(int) - frames).mean() > 5
+
+
 def test_eval_runner_measures_and_tabulates(tmp_path, default_pool):
     from longtake.evaluate import eval_specs, evaluate, write
 
@@ -70,12 +89,13 @@ def test_eval_runner_measures_and_tabulates(tmp_path, default_pool):
     assert [v["seed"] for v in result["visible"]] == [2000, 2001] and 0 <= s["object_visible_min"] <= s["object_visible"] <= 1
     assert s["clips"] == 2 and s["long_clips"] == 1 and len(result["clips"]) == 3
     assert 0 <= s["color_accuracy"] <= 1 and 0 <= s["motion_accuracy"] <= 1
+    assert s["planned"] == 2 and result["settings"]["plan"] == "auto"  # every eval prompt names shape and motion
     moving = [r for r in result["clips"] if not r["long"] and "seam_ratio" in r]
     assert moving and all("seam_ratio_naive" in r for r in moving)  # the same prompt, naive windows
     assert "drift_color_delta" in result["clips"][-1] and "drift_size_ratio" in result["clips"][-1]
     write(result, str(tmp_path / "e.json"), str(tmp_path / "E.md"), "longtake eval --clips 2")
     md = (tmp_path / "E.md").read_text()
-    assert "| colour accuracy |" in md and "longtake eval --clips 2" in md
+    assert "| colour accuracy |" in md and "longtake eval --clips 2" in md and "2 of the 2 clips ran with" in md
     assert "| object visible, share of frames of 3 s renders (1 prompts x 2 seeds" in md
 
 
@@ -119,13 +139,13 @@ def test_pose_eval_measures_the_path_and_the_look(tmp_path, default_pool):
 
 
 def test_modes_eval_measures_every_junction(tmp_path, default_pool):
-    """`longtake eval --suite modes` at 2 fps (a quarter of the frames), one seed: every junction measured, on
-    the frames as written, and tabulated as in the JSON."""
+    """`longtake eval --suite modes`, one seed: every junction measured, on the frames as written, tabulated as
+    in the JSON, and within issue 15's bound (1.3x the new frames' median change; the README has 5 seeds)."""
     from longtake.evaluate import MODES, junctions, write_junctions
 
-    result = junctions(default_pool, seeds=1, fps=2)
+    result = junctions(default_pool, seeds=1)
     row, s = result["seeds"][0], result["summary"]
-    assert set(MODES) <= set(row) and all(0 < row[m] < 20 for m in MODES), row
+    assert set(MODES) <= set(row) and all(0 < row[m] <= 1.3 for m in MODES), row
     assert all(s[m]["min"] == s[m]["median"] == s[m]["max"] == row[m] for m in MODES)
     assert all(s[m]["within"] == (row[m] <= 1.3) for m in MODES)
     write_junctions(result, str(tmp_path / "m.json"), str(tmp_path / "M.md"), "longtake eval --suite modes")

@@ -190,7 +190,7 @@ def test_the_pose_drives_the_frames_deterministically(tmp_path, tiny_pose_model,
 
 
 @pytest.mark.parametrize("extra,field", [
-    ({"pose_loop": True}, "pose_loop"), ({"control_scale": 2.0}, "control_scale"),
+    ({"pose_loop": True}, "pose_loop"), ({"control_scale": 2.0, "plan": "none"}, "control_scale"),
     ({"reference_pose": "r.json"}, "reference_pose"),
     ({"pose": "p.json", "loop": True}, "loop"), ({"pose": "p.json", "extend": "x.mp4"}, "extend"),
     ({"pose": "p.json", "video": "x.mp4"}, "video"), ({"reference": "a.png", "image": "b.png"}, "reference"),

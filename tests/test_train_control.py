@@ -54,16 +54,21 @@ def test_same_seed_same_branch_and_a_run_in_pieces_equals_one_run(runs):
 
 
 def test_the_branch_runs_only_with_a_pose(runs, tmp_path):
-    """The model directory becomes an AnimateDiffControlNetPipeline one: without a pose it renders exactly
-    the base model's frames; with a silhouette path the frames change."""
+    """The model directory becomes an AnimateDiffControlNetPipeline one with a motion planner: without a pose
+    (and with a prompt the planner cannot read) it renders exactly the base model's frames; with a silhouette
+    path, or a prompt naming a shape and a motion (its plan), the frames change."""
     root, _ = runs
     index = json.loads((root / "a" / "model_index.json").read_text())
     assert index["_class_name"] == "AnimateDiffControlNetPipeline" and index["controlnet"][1] == "ControlNetModel"
     assert inspect_model(str(root / "a")).options["controlnet"]
+    assert inspect_model(str(root / "a")).options["planner"] == "shapes"
+    assert not inspect_model(str(root / "base")).options["planner"]
     reference, video, _ = pose_inputs(str(tmp_path), "circle", ("red", "ball", "blue"), 2, 8, seed=1)
     request = dict(prompt="a red ball", seconds=2, fps=8, steps=2, seed=1, out=str(tmp_path / "o.mp4"))
     frames = {}
-    for name, extra in (("base", {}), ("a", {}), ("a-pose", {"pose": video})):
+    moving = {"prompt": "a red ball moving up"}
+    for name, extra in (("base", {}), ("a", {}), ("a-pose", {"pose": video}), ("base-moving", moving),
+                        ("a-moving", moving)):
         model = str(root / name.split("-")[0])
         pool = InProcessPool(WorkerSpec(model))
         try:
@@ -72,6 +77,7 @@ def test_the_branch_runs_only_with_a_pose(runs, tmp_path):
             pool.shutdown()
     assert np.array_equal(frames["base"], frames["a"])
     assert not np.array_equal(frames["a"], frames["a-pose"])
+    assert not np.array_equal(frames["base-moving"], frames["a-moving"])  # the plan drives the branch
 
 
 def test_bad_options_exit_2_naming_the_option(tmp_path, capsys):

@@ -2,7 +2,8 @@
 
     prepare(request)  -> Job        validate against the model's configs and the video writer's size rule,
                                     open and check the media inputs (`inputs.py`), draw a pose sequence
-                                    into skeleton frames (`longtake/pose.py`), read a Wan-Animate model's
+                                    into skeleton frames (`longtake/pose.py`) (the bundled model, from
+                                    text alone: its motion plan, `models/planner.py`), read a Wan-Animate model's
                                     reference photo, face, background and mask (an IP-Adapter model's:
                                     its reference photo, the image prompt); no Ray, no weights
     run(job, pool)    -> RenderResult
@@ -42,7 +43,7 @@ import logging
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,11 @@ from longtake.pipelines.windows import (
     prompt_schedule,
     window_weights,
 )
-from longtake.request import RenderRequest, RequestError, parse_request
+from longtake.request import PLANNED_BRIDGE_STRENGTH, RenderRequest, RequestError, parse_request
 from longtake.label import Layout, LabelError, frames_labelled
 from longtake.label import layout as layout_label
 from longtake.media import load_image, probe_media, video_chunks
+from longtake.models import planner
 from longtake.pose import pose_frames, reference_person
 from longtake.provenance import Provenance
 from longtake.watermark import Embedder, payload_of
@@ -222,6 +224,17 @@ def prepare(request: RenderRequest | dict) -> Job:
         if request.reference_pose is not None and request.retarget != "none":
             reference = reference_person("reference_pose", request.reference_pose, width, height)
         control = pose_frames("pose", request.pose, frames, request.fps, width, height, request.pose_loop, reference)
+    elif request.plan == "auto" and model.options.get("planner") and not inputs.redraws:  # the bundled model
+        control = planner.plan(keys, frames, request.fps, width, height, request.seed, request.loop,
+                               tuple((p.frame, p.pixels) for p in inputs.pinned))  # None: nothing to plan from
+    if control is not None and inputs.before is not None and inputs.after is not None and request.strength is None:
+        # the plan says where the object goes, so more of the crossfade (its look) is kept
+        inputs = replace(inputs, strength=PLANNED_BRIDGE_STRENGTH,
+                         hashes={**inputs.hashes, "bridge": PLANNED_BRIDGE_STRENGTH})
+    if control is None and request.control_scale is not None:  # no pose, and no plan to scale
+        raise RequestError("control_scale", request.control_scale,
+                           "no value without pose or a motion plan (the bundled model's, for prompts that name a "
+                           "shape and a motion, or known frames that show the object)")
     return Job(
         request=request,
         model=model,

@@ -15,10 +15,11 @@ latents (`encode_frames`, the inverse of its `decode`).
 A bridge (extend and lead_into) starts its new frames from the two contexts' crossfade instead of noise
 alone (SDEdit-style, as video to video): each new latent frame is the interpolation between the known latent
 frames around it (keyframes included), noised to the level of the first step of the last `strength` of the
-schedule (default 0.9). The clean context alone conditions the new frames through the model's temporal
-layers only, which a small model does weakly: it held a bridge's new frames on the first clip's look and
-jumped to the second clip at its junction (12.5x the frame-to-frame change there on the bundled model;
-0.9 of a crossfade brings it to about 1; the README has the figures).
+schedule (default 0.9; 0.7 where the bundled model's motion plan draws the bridge: the engine sets it). The
+clean context alone conditions the new frames through the model's temporal layers only, which a small model
+does weakly: it held a bridge's new frames on the first clip's look and jumped to the second clip at its
+junction (12.5x the frame-to-frame change there on the bundled model alone; 0.9 of a crossfade brings it to
+about 1; the README has the figures).
 
 The output is `extend`'s frames as read (passed through, not re-rendered), the new frames, then
 `lead_into`'s frames. The context defaults to one window of frames, or all of a shorter input; an explicit
@@ -56,6 +57,11 @@ class Inputs:
     source: VideoInput | None = None  # `video`: the clip redrawn (video to video), streamed when encoded
     strength: float = 1.0  # how much of `source`, or of a bridge's crossfade, is redrawn (1: from noise alone)
     hashes: dict = field(default_factory=dict)  # field -> SHA-256 of the file(s), for the checkpoint fingerprint
+
+    @property
+    def redraws(self) -> bool:
+        """A video redrawn (video to video below strength 1: its frames, not a plan, say where things are)."""
+        return self.source is not None and self.strength < 1.0
 
     @property
     def passthrough(self) -> int:

@@ -48,8 +48,8 @@ def _control(d: Path) -> str:
 ## Control branch (silhouette paths)
 `controlnet/`: a diffusers `ControlNetModel` trained by `python -m longtake.models.train_control` with the
 model above frozen, so that `--pose` takes a silhouette video (white on black, any size, resampled like a
-pose video) and the object follows it; `--reference` (pinned at frame 0) gives its look. Without `--pose`
-the branch does not run and renders are unchanged.
+pose video) and the object follows it; `--reference` (pinned at frame 0) gives its look. It also draws the
+motion plan below. Without a pose or a plan the branch does not run.
 - The UNet's encoder half (blocks {cfg['block_out_channels']}, weights copied from the UNet at the start),
   per frame, without the pooled caption, with wrapping convolutions; the {c['mask_size']}x{c['mask_size']} silhouettes enter
   through a conditioning embedding of channels {cfg['conditioning_embedding_out_channels']} (three stride-2
@@ -63,7 +63,31 @@ the branch does not run and renders are unchanged.
 - Reproduce: `python -m longtake.models.train_control --model longtake/models/default --max-steps {c['steps']}
   --seed {c['seed']}` (resumable like train_default: `--piece-minutes`, state beside the weights).
 
-{pose}"""
+{pose}{_plan(d)}"""
+
+
+def _plan(d: Path) -> str:
+    """The motion plan's section (longtake.json "planner"), with the eval of the model alone beside it."""
+    lt = json.loads((d / "longtake.json").read_text())
+    if not lt.get("planner"):
+        return ""
+    alone = d / "EVAL_PLAN_NONE.md"
+    alone_text = ("\n" + alone.read_text().split("\n", 1)[1].lstrip("\n")) if alone.is_file() else ""  # minus its title
+    return f"""
+## Motion plan
+longtake.json's `"planner": "{lt['planner']}"` (`longtake/models/planner.py`): a request from text alone whose
+prompts name a shape and a motion ("a red ball bouncing on a blue background") gets a silhouette path drawn
+from those words (the start and speed from the seed, the speed of the training clips, a timeline's motions
+blended as its prompts are, a loop's path closed) as its control frames, and the control branch above makes
+the object follow it. Around known frames (image, keyframes, extend, lead_into) the path starts from the
+object they show and goes on at the prompt's motion, or at the context's own velocity where the prompt
+names none, landing on the next known object (a bridge). The model alone takes colour, shape and background
+from the words but moves the object where its noise takes it; the plan is what makes it move as told, as
+layout-guided video models split the work (where first, then what). A video redrawn below strength 1, a
+pose, `plan: none`, prompts without the words, or known frames without an object render without it. The
+evaluation above is with the plan (every eval prompt names both); the model alone, on the same clips and
+seeds (`longtake eval --plan none`):
+{alone_text}"""
 
 
 def write_card(model_dir: str | Path) -> Path:

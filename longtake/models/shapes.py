@@ -16,6 +16,7 @@ OBJECT_COLORS = {"red": (220, 30, 30), "green": (30, 190, 50), "blue": (40, 70, 
 BACKGROUNDS = {"black": (12, 12, 12), "white": (240, 240, 240), "gray": (120, 120, 120), "blue": (30, 50, 160)}
 SHAPES = ("ball", "square", "triangle")
 MOTIONS = ("left", "right", "up", "down", "bouncing", "still")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) of the four moves
 WORDS = sorted(set("a on background moving bouncing still".split()) | set(OBJECT_COLORS) | set(BACKGROUNDS)
                | set(SHAPES) | {"left", "right", "up", "down"})
 
@@ -42,7 +43,7 @@ def parse_caption(text: str) -> ClipSpec | None:
     bg = words[words.index("background") - 1] if "background" in words[1:] else None
     if bg == color and words.count(color) == 1:
         color = None
-    motion = pick({"left", "right", "up", "down", "bouncing", "still"})
+    motion = pick(MOTIONS)
     shape = pick(SHAPES)
     if None in (color, bg, motion, shape) or bg not in BACKGROUNDS:
         return None
@@ -61,8 +62,8 @@ def trajectory(motion: str, frames: int, size: int, rng: np.random.Generator) ->
     # about 1 pixel per frame at 16 px (a window of 16 frames crosses the frame once): motion the model can
     # see at its resolution; half that speed (model v1) was learned as "still" or not at all
     speed = rng.uniform(0.85, 1.05) * size / 16
-    if motion in ("left", "right", "up", "down"):
-        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[motion]
+    if motion in DIRECTIONS:
+        dx, dy = DIRECTIONS[motion]
         xs, ys = (x0 + dx * speed * t) % size, (y0 + dy * speed * t) % size
     elif motion == "bouncing":
         period = rng.uniform(10, 16)
@@ -77,14 +78,16 @@ def trajectory(motion: str, frames: int, size: int, rng: np.random.Generator) ->
     return np.stack([xs, ys], axis=1)
 
 
-def _mask(shape: str, cx: float, cy: float, r: float, size: int, ss: int = 4) -> np.ndarray:
-    """Anti-aliased coverage (size, size) in [0, 1], drawn with wrap-around copies."""
-    coords = (np.arange(size * ss) + 0.5) / ss
-    X, Y = np.meshgrid(coords, coords)
+def coverage(shape: str, cx: float, cy: float, r: float, size: int, ss: int = 4, height: int | None = None
+          ) -> np.ndarray:
+    """Anti-aliased coverage (height, size) in [0, 1] (height: size unless given), drawn with wrap-around
+    copies."""
+    height = size if height is None else height
+    X, Y = np.meshgrid((np.arange(size * ss) + 0.5) / ss, (np.arange(height * ss) + 0.5) / ss)
     cover = np.zeros_like(X, dtype=bool)
-    near = lambda c: [o for o in (-size, 0, size) if -r - 1 <= c + o <= size + r + 1]  # copies that can show
-    for ox in near(cx):
-        for oy in near(cy):
+    near = lambda c, n: [o for o in (-n, 0, n) if -r - 1 <= c + o <= n + r + 1]  # copies that can show
+    for ox in near(cx, size):
+        for oy in near(cy, height):
             dx, dy = X - (cx + ox), Y - (cy + oy)
             if shape == "ball":
                 cover |= dx**2 + dy**2 <= r**2
@@ -94,7 +97,7 @@ def _mask(shape: str, cx: float, cy: float, r: float, size: int, ss: int = 4) ->
                 cover |= (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
             else:
                 raise ValueError(f"shape: got {shape!r}, expected one of {', '.join(SHAPES)}")
-    return cover.reshape(size, ss, size, ss).mean(axis=(1, 3))
+    return cover.reshape(height, ss, size, ss).mean(axis=(1, 3))
 
 
 def render_clip(spec: ClipSpec, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,7 +108,7 @@ def render_clip(spec: ClipSpec, frames: int, size: int, rng: np.random.Generator
     fg = np.array(OBJECT_COLORS[spec.color], dtype=np.float64)
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
     for f, (x, y) in enumerate(path):
-        m = _mask(spec.shape, x, y, radius, size)[..., None]
+        m = coverage(spec.shape, x, y, radius, size)[..., None]
         out[f] = np.round(bg * (1 - m) + fg * m).astype(np.uint8)
     return out
 
@@ -158,9 +161,9 @@ def render_path(spec: ClipSpec, path: np.ndarray, radius: float, size: int, mask
     masks = np.empty((len(path), mask_size, mask_size), dtype=np.uint8)
     k = mask_size / size
     for f, (x, y) in enumerate(path):
-        m = _mask(spec.shape, x, y, radius, size)[..., None]
+        m = coverage(spec.shape, x, y, radius, size)[..., None]
         frames[f] = np.round(bg * (1 - m) + fg * m).astype(np.uint8)
-        masks[f] = np.where(_mask(spec.shape, x * k, y * k, radius * k, mask_size, ss=2) >= 0.5, 255, 0)
+        masks[f] = np.where(coverage(spec.shape, x * k, y * k, radius * k, mask_size, ss=2) >= 0.5, 255, 0)
     return frames, masks
 
 

@@ -7,8 +7,10 @@ read like a pose video and given to the model as control frames at the output si
 diffusers `ControlNetModel` for it on the procedural shapes (`shapes.sample_control_batch`: the captioned
 motions and free paths — circles, figure eights, lines in any direction, wanders — with their silhouettes)
 while the model's UNet and text encoder stay frozen, and writes it into the model directory as
-`controlnet/`, turning the directory into an `AnimateDiffControlNetPipeline` one (without a pose, renders
-are unchanged: the ControlNet only runs when a request gives one).
+`controlnet/`, turning the directory into an `AnimateDiffControlNetPipeline` one, and sets longtake.json's
+"planner": a request from text alone whose prompts name a shape and a motion then gets a silhouette path
+drawn from those words (`models/planner.py`) as its pose. Without a pose or a plan (`plan="none"`, or
+prompts the planner cannot read), renders are unchanged: the ControlNet only runs with control frames.
 
 The ControlNet is the UNet's encoder half (its weights copied from the UNet, as ControlNet training
 starts), per frame, without the caption's "text_time" path (it need not know what, only where), with the
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from longtake.models.planner import PLANNERS
 from longtake.models.shapes import sample_control_batch
 from longtake.models.train_default import (FRAMES, GRID_SHARE, GRID_STEPS, SHUFFLE, SIZE, UPSCALE, build_components,
                                            ema_update, load_state, load_weights, pooled_text_kwargs, record_step,
@@ -74,12 +77,16 @@ def state_file(model: Path) -> Path:
 
 
 def save_controlnet(model: Path, controlnet, card: dict) -> None:
-    """controlnet/ into the model directory, and model_index.json naming it (AnimateDiffControlNetPipeline)."""
+    """controlnet/ into the model directory, model_index.json naming it (AnimateDiffControlNetPipeline), and
+    longtake.json's planner: text-only requests get a motion plan drawn as silhouettes (models/planner.py)."""
     controlnet.save_pretrained(model / "controlnet", safe_serialization=True)
     index = json.loads((model / "model_index.json").read_text())
     index["_class_name"] = "AnimateDiffControlNetPipeline"
     index["controlnet"] = ["diffusers", "ControlNetModel"]
     (model / "model_index.json").write_text(json.dumps(index, indent=2))
+    options = json.loads((model / "longtake.json").read_text())
+    options["planner"] = PLANNERS[0]
+    (model / "longtake.json").write_text(json.dumps(options, indent=2))
     (model / "controlnet" / "training.json").write_text(json.dumps(card, indent=2))
 
 

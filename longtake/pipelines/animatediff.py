@@ -111,11 +111,26 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
             # a ControlNet (AnimateDiffControlNetPipeline directories): requests may give a pose
             "controlnet": bool(index.get("controlnet", [None])[0]),
             "pose": bool(index.get("controlnet", [None])[0]),  # the engine: requests may give a pose
+            # longtake.json "planner": text-only requests get a motion plan as their pose (models/planner.py)
+            "planner": _planner(extra, index, model),
             # an IP-Adapter image prompt: its weights file in ip_adapter/ ("" without one), and its scale
             "ip_adapter": ip_adapter_file(path, index, model),
             "ip_adapter_scale": _ip_adapter_scale(extra, model),
         },
     )
+
+
+def _planner(extra: dict, index: dict, model: str) -> str:
+    """longtake.json's "planner" ("" without one), checked: a known planner, on a model with a ControlNet (the
+    plan is drawn as its control frames). RequestError naming `model` otherwise."""
+    from longtake.models.planner import PLANNERS
+
+    name = extra.get("planner", "")
+    if name and name not in PLANNERS:
+        raise RequestError("model", model, f"a longtake.json planner of {', '.join(PLANNERS)}; it says {name!r}")
+    if name and not index.get("controlnet", [None])[0]:
+        raise RequestError("model", model, "a ControlNet (controlnet/) for its longtake.json planner to drive")
+    return name
 
 
 def ip_adapter_file(path: Path, index: dict, model: str) -> str:

@@ -167,8 +167,10 @@ RULES = [
     ("media fields name files this key uploaded (POST /v1/files) of the right kind (image or video)",
      ["image", "keyframes", "video", "extend", "lead_into"]),
     ("the label fits the frame, and the font has every character of label_text", ["label", "label_text"]),
-    ("pose needs a model with a pose ControlNet, and no extend, lead_into, video or loop; pose_loop and "
-     "control_scale only with pose; reference not with image; the pose as long as the clip unless pose_loop",
+    ("pose needs a model with a pose ControlNet, and no extend, lead_into, video or loop; pose_loop only with "
+     "pose; control_scale only with pose or a motion plan (plan auto on the bundled model, with prompts that name "
+     "a shape and a motion, or known frames that show the object); reference not with image; the pose as long as the clip unless "
+     "pose_loop",
      ["pose", "pose_loop", "control_scale", "reference", "extend", "lead_into", "video", "loop"]),
     ("Wan-Animate models need pose and reference; face, background and mask only for them and with pose, "
      "background and mask exactly with animate_mode replace, each as long as the clip unless pose_loop",
