@@ -54,7 +54,7 @@ SPEED = (0.85, 1.05)  # shorter side / 16 per frame at PLAN_FPS (shapes.trajecto
 RADIUS = (0.17, 0.21)  # of the shorter side (shapes.render_clip's objects)
 BOUNCE_PERIOD = (10.0, 16.0)  # frames per hop at PLAN_FPS
 BOUNCE_HEIGHT = (0.35, 0.5)  # of the height
-FLOOR = 0.78  # of the height: where a bounce starts
+FLOOR = 0.78  # of the height: the floor of a bounce that opens the clip (its hop starts anywhere above it)
 
 
 def words(prompt: str) -> tuple[str | None, str | None]:
