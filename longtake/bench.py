@@ -263,9 +263,9 @@ def seams(spec, model: str, clips: int, seconds: float, tmp: Path, progress: boo
         for name, i, s in tqdm(work, desc="seams", unit="clip", disable=not progress):
             req = dict(prompt=s.caption, seconds=seconds, fps=8, seed=2000 + i, model=model,
                        out=str(tmp / "seam.mp4"), **configs[name])
-            frames, windows = render_frames(pool, req)
+            frames, job = render_frames(pool, req)
             ratios[name].append(seam_ratio(object_track(frames, BACKGROUNDS[s.background]),
-                                           seam_pairs(windows, len(frames))))
+                                           seam_pairs(job.windows, len(frames))))
     finally:
         pool.shutdown()
     return {name: float(np.nanmedian(v)) if not np.all(np.isnan(v)) else None for name, v in ratios.items()}

@@ -69,11 +69,13 @@ def visibility(pool, model: str = "default", prompts: int = 5, seeds: int = 2, s
     return rows
 
 
-def render_frames(pool, request: dict) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def render_frames(pool, request: dict):
+    """The request rendered on `pool`: its frames (F, H, W, 3) uint8 as generated, and its prepared Job (its
+    windows, whether it ran with a plan)."""
     chunks: list[np.ndarray] = []
     job = prepare(request)
     run(job, pool, progress=False, on_frames=lambda first, f: chunks.append(f))
-    return np.concatenate(chunks), job.windows
+    return np.concatenate(chunks), job
 
 
 def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, long_clips: int = 2,
@@ -91,19 +93,19 @@ def evaluate(pool, model: str = "default", clips: int = 50, seconds: float = 8, 
         for k, (spec, secs, is_long) in enumerate(tqdm(work, desc="eval", unit="clip", disable=not progress)):
             req = dict(prompt=spec.caption, seconds=secs, fps=fps, seed=1000 + k, model=model, plan=plan,
                        out=f"{tmp}/c.mp4")
-            frames, windows = render_frames(pool, req)
+            frames, job = render_frames(pool, req)
             track = object_track(frames, BACKGROUNDS[spec.background])
             row = {"prompt": spec.caption, "seed": req["seed"], "seconds": secs, "long": is_long,
                    "color": classify_color(track), "motion": classify_motion(track),
-                   "planned": prepare(req).control is not None}  # with the model's motion plan
+                   "planned": job.control is not None}  # with the model's motion plan
             row["color_ok"], row["motion_ok"] = row["color"] == spec.color, row["motion"] == spec.motion
             if spec.motion in MOVING:
-                row["seam_ratio"] = seam_ratio(track, seam_pairs(windows, len(frames)))
+                row["seam_ratio"] = seam_ratio(track, seam_pairs(job.windows, len(frames)))
                 moving_index = sum(1 for r in rows if not r["long"] and "seam_ratio" in r)
                 if not is_long and moving_index % naive_every == 0:  # the same clip, naive windows: no overlap
-                    naive, nwin = render_frames(pool, {**req, "overlap": 0, "weighting": "flat"})
+                    naive, naive_job = render_frames(pool, {**req, "overlap": 0, "weighting": "flat"})
                     row["seam_ratio_naive"] = seam_ratio(object_track(naive, BACKGROUNDS[spec.background]),
-                                                         seam_pairs(nwin, len(naive)))
+                                                         seam_pairs(naive_job.windows, len(naive)))
             if is_long:
                 row.update({f"drift_{k}": v for k, v in drift(track, fps).items()})
             rows.append(row)

@@ -57,8 +57,9 @@ def object_track(frames: np.ndarray, background: tuple[int, int, int], threshold
     return Track(centroids, areas, colors, w)
 
 
-def wrap_delta(a: np.ndarray, b: np.ndarray, size: int) -> np.ndarray:
-    """b - a on a circle of circumference `size`, in [-size/2, size/2)."""
+def wrap_delta(a: np.ndarray, b: np.ndarray, size) -> np.ndarray:
+    """b - a on a circle of circumference `size`, in [-size/2, size/2) (size: a number, or one per axis,
+    e.g. [width, height])."""
     return (b - a + size / 2) % size - size / 2
 
 

@@ -58,11 +58,11 @@ def test_trained_model_is_a_safetensors_pixel_model_longtake_renders(runs):
     assert info.options["circular_padding"] and info.options["pooled_text"] and info.default_noise == "correlated"
     pool = InProcessPool(WorkerSpec(str(d)))
     try:  # shutdown restores torch's thread count for the tests after this one
-        frames, windows = render_frames(pool, dict(prompt="a red ball moving right on a blue background", seconds=3,
-                                                   fps=8, steps=2, seed=1, model=str(d), out=str(root / "c.mp4")))
+        frames, job = render_frames(pool, dict(prompt="a red ball moving right on a blue background", seconds=3,
+                                               fps=8, steps=2, seed=1, model=str(d), out=str(root / "c.mp4")))
     finally:
         pool.shutdown()
-    assert frames.shape == (24, 64, 64, 3) and frames.dtype == np.uint8 and len(windows) >= 2
+    assert frames.shape == (24, 64, 64, 3) and frames.dtype == np.uint8 and len(job.windows) >= 2
 
 
 def test_a_run_in_pieces_gives_the_same_weights_as_one_run(runs):

@@ -2,8 +2,8 @@
 
     prepare(request)  -> Job        validate against the model's configs and the video writer's size rule,
                                     open and check the media inputs (`inputs.py`), draw a pose sequence
-                                    into skeleton frames (`longtake/pose.py`) (the bundled model, from
-                                    text alone: its motion plan, `models/planner.py`), read a Wan-Animate model's
+                                    into skeleton frames (`longtake/pose.py`) (the bundled model without
+                                    one: its motion plan, `models/planner.py`), read a Wan-Animate model's
                                     reference photo, face, background and mask (an IP-Adapter model's:
                                     its reference photo, the image prompt); no Ray, no weights
     run(job, pool)    -> RenderResult

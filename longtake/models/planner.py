@@ -44,17 +44,24 @@ import math
 
 import numpy as np
 
-from longtake.models.shapes import DIRECTIONS, MOTIONS, SHAPES, coverage
+from longtake.models.shapes import (BOUNCE_HEIGHT, BOUNCE_PERIOD, DIRECTIONS, FLOOR, MOTIONS, RADIUS, SHAPES,
+                                    SPEED, coverage)
 from longtake.pipelines.windows import PromptKey, prompt_schedule
-from longtake.quality import FAR, MIN_AREA, circular_centroid
+from longtake.quality import FAR, MIN_AREA, circular_centroid, wrap_delta
 
 PLANNERS = ("shapes",)  # longtake.json "planner": the words this module reads
 PLAN_FPS = 8.0  # the frame rate at which the planned speed equals the training clips' per-frame speed
-SPEED = (0.85, 1.05)  # shorter side / 16 per frame at PLAN_FPS (shapes.trajectory's speed)
-RADIUS = (0.17, 0.21)  # of the shorter side (shapes.render_clip's objects)
-BOUNCE_PERIOD = (10.0, 16.0)  # frames per hop at PLAN_FPS
-BOUNCE_HEIGHT = (0.35, 0.5)  # of the height
-FLOOR = 0.78  # of the height: the floor of a bounce that opens the clip (its hop starts anywhere above it)
+# the training clips' numbers (shapes.py), taken on the shorter side (speed, radius) or the height (bounce)
+
+
+def _pace(seed: int, fps: float, width: int, height: int) -> tuple[np.random.Generator, float, float, float]:
+    """The seed's generator and, drawn from it in this order, a plan's speed (pixels per frame), bounce
+    period (frames per hop) and hop height (pixels): the training clips' per second at any fps."""
+    rng = np.random.default_rng(seed)
+    speed = rng.uniform(*SPEED) * min(width, height) / 16 * PLAN_FPS / fps
+    period = rng.uniform(*BOUNCE_PERIOD) * fps / PLAN_FPS
+    hop = rng.uniform(*BOUNCE_HEIGHT) * height
+    return rng, speed, period, hop
 
 
 def words(prompt: str) -> tuple[str | None, str | None]:
@@ -66,11 +73,7 @@ def words(prompt: str) -> tuple[str | None, str | None]:
 def plan_path(motions: list[str], keys: list[PromptKey], frames: int, fps: float, width: int, height: int,
               seed: int, loop: bool = False) -> np.ndarray:
     """(frames, 2) object centres (x, y) in pixels for prompt keys whose motions are `motions` (one per key)."""
-    rng = np.random.default_rng(seed)
-    short = min(width, height)
-    speed = rng.uniform(*SPEED) * short / 16 * PLAN_FPS / fps  # pixels per frame
-    period = rng.uniform(*BOUNCE_PERIOD) * fps / PLAN_FPS  # frames per hop
-    hop = rng.uniform(*BOUNCE_HEIGHT) * height
+    rng, speed, period, hop = _pace(seed, fps, width, height)
     # where in its hop a bounce starts: anywhere, as in the training clips; a loop at the top of a hop, so
     # that its wrap is where it moves least (a |sin| hop moves ~1.5x its median step at the floor)
     phase = 0.5 if loop else rng.uniform(0, 1)
@@ -141,12 +144,7 @@ def _run_velocity(centres: dict[int, np.ndarray], frame: int, way: int, width: i
         return None
     run.sort()
     pts = np.array([centres[f] for f in run])
-    return _wrap(pts[1:] - pts[:-1], width, height).mean(axis=0)
-
-
-def _wrap(d: np.ndarray, width: int, height: int) -> np.ndarray:
-    size = np.array([width, height], dtype=np.float64)
-    return (d + size / 2) % size - size / 2
+    return wrap_delta(pts[:-1], pts[1:], np.array([width, height])).mean(axis=0)
 
 
 def _turn(v0: np.ndarray, v1: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -180,10 +178,7 @@ def anchored(keys: list[PromptKey], frames: int, fps: float, width: int, height:
                 return None
             known[first + i] = found
     centres = {f: c for f, (_, c) in known.items()}
-    rng = np.random.default_rng(seed)
-    speed = rng.uniform(*SPEED) * min(width, height) / 16 * PLAN_FPS / fps
-    period = rng.uniform(*BOUNCE_PERIOD) * fps / PLAN_FPS
-    hop = rng.uniform(*BOUNCE_HEIGHT) * height
+    _, speed, period, hop = _pace(seed, fps, width, height)
     motions = [words(k.prompt)[1] for k in keys]
     a, b, alpha = (t.numpy() for t in prompt_schedule(keys, frames, fps))
     out = np.zeros((frames, height, width, 3), np.uint8)
@@ -227,13 +222,13 @@ def anchored(keys: list[PromptKey], frames: int, fps: float, width: int, height:
         hops = np.concatenate([bounce, bounce[-1:]]) * hop * np.abs(np.sin(np.pi * (frames_of - origin) / period))
         path[:, 1] -= hops
         if left is not None and right is not None:  # land on the known frame after
-            miss = _wrap(centres[right] - path[-1], width, height)
+            miss = wrap_delta(path[-1], centres[right], np.array([width, height]))
             path += miss * ((frames_of - frames_of[0]) / (frames_of[-1] - frames_of[0]))[:, None]
         for g, p in zip(frames_of, path):
             if not s <= g < e:
                 continue
             source = left if left is not None and (right is None or g - left <= right - g) else right
             mask, centre = known[source]
-            dx, dy = np.round(_wrap(p - centre, width, height)).astype(int)
+            dx, dy = np.round(wrap_delta(centre, p, np.array([width, height]))).astype(int)
             out[g] = np.roll(mask, (dy, dx), axis=(0, 1))[..., None] * np.uint8(255)
     return out

@@ -17,6 +17,12 @@ BACKGROUNDS = {"black": (12, 12, 12), "white": (240, 240, 240), "gray": (120, 12
 SHAPES = ("ball", "square", "triangle")
 MOTIONS = ("left", "right", "up", "down", "bouncing", "still")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) of the four moves
+# the clips' objects and motions (models/planner.py draws its paths with the same numbers)
+SPEED = (0.85, 1.05)  # pixels per frame at 16 px: a window of 16 frames crosses the frame about once
+RADIUS = (0.17, 0.21)  # of the frame: 2.7-3.4 px at 16 px, 1.6x the area of model v1's objects
+BOUNCE_PERIOD = (10.0, 16.0)  # frames per hop
+BOUNCE_HEIGHT = (0.35, 0.5)  # of the frame
+FLOOR = 0.78  # of the frame: a bounce's floor
 WORDS = sorted(set("a on background moving bouncing still".split()) | set(OBJECT_COLORS) | set(BACKGROUNDS)
                | set(SHAPES) | {"left", "right", "up", "down"})
 
@@ -61,13 +67,13 @@ def trajectory(motion: str, frames: int, size: int, rng: np.random.Generator) ->
     t = np.arange(frames, dtype=np.float64)
     # about 1 pixel per frame at 16 px (a window of 16 frames crosses the frame once): motion the model can
     # see at its resolution; half that speed (model v1) was learned as "still" or not at all
-    speed = rng.uniform(0.85, 1.05) * size / 16
+    speed = rng.uniform(*SPEED) * size / 16
     if motion in DIRECTIONS:
         dx, dy = DIRECTIONS[motion]
         xs, ys = (x0 + dx * speed * t) % size, (y0 + dy * speed * t) % size
     elif motion == "bouncing":
-        period = rng.uniform(10, 16)
-        floor, height = size * 0.78, size * rng.uniform(0.35, 0.5)
+        period = rng.uniform(*BOUNCE_PERIOD)
+        floor, height = size * FLOOR, size * rng.uniform(*BOUNCE_HEIGHT)
         phase = rng.uniform(0, 1)
         xs = np.full(frames, rng.uniform(size * 0.25, size * 0.75))
         ys = floor - height * np.abs(np.sin(np.pi * (t / period + phase)))
@@ -102,7 +108,7 @@ def coverage(shape: str, cx: float, cy: float, r: float, size: int, ss: int = 4,
 
 def render_clip(spec: ClipSpec, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """(frames, size, size, 3) uint8."""
-    radius = size * rng.uniform(0.17, 0.21)  # 2.7-3.4 px at 16 px: 1.6x the area of model v1's objects
+    radius = size * rng.uniform(*RADIUS)
     path = trajectory(spec.motion, frames, size, rng)
     bg = np.array(BACKGROUNDS[spec.background], dtype=np.float64)
     fg = np.array(OBJECT_COLORS[spec.color], dtype=np.float64)
