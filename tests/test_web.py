@@ -130,9 +130,10 @@ def test_log_in_render_play_and_delete_in_the_browser(browser, web_server, tmp_p
 
     seen = set()
 
-    def done(d):
+    def done(d):  # the status first, then the bar: a job that finishes between the two reads still shows 100
+        finished = by_id(d, "job-status").text == "done" and by_id(d, "job-percent").text.startswith("100")
         seen.add(int(by_id(d, "job-progress").get_attribute("value") or 0))
-        return by_id(d, "job-status").text == "done" and by_id(d, "job-percent").text.startswith("100")
+        return finished
 
     wait(browser, done, timeout=240, what="the job reaches 100 %")
     assert max(seen) == 100
