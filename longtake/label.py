@@ -206,6 +206,15 @@ def frames_labelled(mode: str, fps: float, frames: int) -> int:
     return min(frames, math.ceil(LABEL_SECONDS * fps - 1e-9))
 
 
+def labelled_span(mode: str, fps: float, new_start: int, new_frames: int, total: int) -> tuple[int, int]:
+    """The output frames [start, end) that carry the label: every frame for "always"; for "start", the
+    opening LABEL_SECONDS of the new frames, which begin at `new_start` (after an extended clip's frames,
+    passed through) and number `new_frames`; none for "none"."""
+    if mode == "always":
+        return 0, total
+    return new_start, new_start + frames_labelled(mode, fps, new_frames)
+
+
 def detect(frame: np.ndarray, lay: Layout) -> dict:
     """Whether a decoded uint8 (H, W, 3) frame carries the label `lay` describes: the text's pixels bright,
     the box's others dark. Returns {"present", "text_mean", "box_mean"} (luma, 0-255)."""

@@ -283,15 +283,18 @@ def reference_person(name: str, path: str, width: int, height: int) -> Person:
 
 
 def pose_frames(name: str, path: str, frames: int, fps: float, width: int, height: int, loop: bool = False,
-                reference: Person | None = None) -> np.ndarray:
+                reference: Person | None = None, pixels: bool = True) -> np.ndarray | None:
     """A pose video or keypoint JSON file as `frames` skeleton frames at `fps`, (frames, height, width, 3)
     uint8. With `reference` (a person on the output canvas), a keypoint sequence is retargeted onto it
-    (a pose video cannot be: its skeletons are pixels)."""
+    (a pose video cannot be: its skeletons are pixels). `pixels=False`: the same checks, nothing drawn or
+    decoded (a video's length from its packets), None."""
     if Path(path).suffix.lower() == ".json":
         sequence = fit(load_keypoints(name, path), width, height)
         if reference is not None:
             sequence = retarget(sequence, reference)
         index = _schedule(name, len(sequence.frames), sequence.fps, frames, fps, loop, path)
+        if not pixels:
+            return None
         drawn: dict[int, np.ndarray] = {}
         out = np.empty((frames, height, width, 3), np.uint8)
         for i, j in enumerate(index):
@@ -304,6 +307,11 @@ def pose_frames(name: str, path: str, frames: int, fps: float, width: int, heigh
     if reference is not None:
         raise RequestError("retarget", "reference", "a keypoint JSON pose to retarget (a pose video's skeletons are "
                                                     "pixels): give --retarget none, or keypoints")
+    if not pixels:
+        from longtake.media import frames_at
+
+        _schedule(name, frames_at(name, path, fps), None, frames, fps, loop, path)
+        return None
     read = head_frames(name, path, fps, width, height, frames)
     index = _schedule(name, len(read), None, frames, fps, loop, path)
     return np.stack([read[j] for j in index])

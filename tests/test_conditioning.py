@@ -92,8 +92,28 @@ def test_bridge_joins_both_clips(tmp_path, clip, render_in_process):
         median = np.median(frame_change(new))
         junctions[strength, plan] = (np.abs(new[0] - a[-1]).mean() / median, np.abs(b[0] - new[-1]).mean() / median)
     guided, alone, planned = junctions[None, "none"], junctions[1.0, "none"], junctions[None, "auto"]
-    assert max(guided) <= 1.3 * 1.5 and max(planned) <= 1.3 * 1.5, junctions  # (per seed: the README has 5 seeds)
+    # the bound the README and the model card claim (1.3 x the median frame change, every junction), held by
+    # this seed as by the README's 5 (`longtake eval --suite modes`)
+    assert max(guided) <= 1.3 and max(planned) <= 1.3, junctions
     assert guided[1] < alone[1] / 2, junctions
+
+
+def test_the_label_is_on_the_new_frames_of_an_extend_and_a_bridge(tmp_path, clip, render_in_process):
+    """label=start labels the first 2 s of the frames made, wherever they are in the file: after an extended
+    clip of 3 s (passed through, unlabelled), and between a bridge's two clips."""
+    from longtake import label as labels
+    from longtake.provenance import verify
+
+    a = read_frames(clip / "a.mp4")
+    lay = labels.layout(labels.DEFAULT_TEXT, labels.DEFAULT_POSITION, 64, 64)
+    for name, extra in (("x.mp4", {}), ("b.mp4", {"lead_into": str(clip / "e.mp4"), "prompt": "a ball"})):
+        res = render_in_process(_req(tmp_path, name, extend=str(clip / "a.mp4"), label="start", **extra))
+        out = read_frames(tmp_path / name)
+        present = [bool(labels.detect(f, lay)["present"]) for f in out]
+        assert present == [False] * len(a) + [True] * 16 + [False] * (len(out) - len(a) - 16), name
+        assert res.labelled_frames == 16
+        report = verify(tmp_path / name)  # verify looks where the file's tags say the label is
+        assert report["tags"]["label_frames"] == f"{len(a)}-{len(a) + 16}" and report["visible_label"]["present"]
 
 
 def test_a_crossfade_holds_the_known_frames_and_interpolates_between_them():

@@ -3,6 +3,7 @@ fails with a clear error within its retries, never hanging (DESIGN.md contract 7
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -14,7 +15,7 @@ import ray
 from longtake.actors.pool import InProcessPool, WindowFailed
 from longtake.actors.ray_pool import RayPool
 from longtake.actors.worker import Worker, WorkerSpec
-from longtake.cluster.engine import prepare, run
+from longtake.cluster.engine import Cancelled, prepare, run
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
 
@@ -162,3 +163,128 @@ def test_a_pool_reused_after_a_closed_imap_does_not_queue_behind_its_stale_tasks
         pool.shutdown()
     assert first < 5, f"the new task waited {first:.1f} s behind a cancelled one"
     assert second < stale_s / 2 and replaced and pool.retries == 0
+
+
+class Napper(Worker):
+    """No model. predict(seconds) sleeps that long and returns it, except that the first task given "hang"
+    (one per `marker` file, whichever worker takes it) never returns; decode_stream(n, chunk) yields 0, 1, ...
+    at once, then hangs before item `chunk`."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.timings = {"predict": [], "decode": []}
+
+    def predict(self, seconds, marker=None):
+        if marker is not None:
+            try:
+                os.unlink(marker)  # the first to take it hangs; a retry finds no marker and returns
+            except FileNotFoundError:
+                return 0.0
+            time.sleep(3600)
+        time.sleep(seconds)
+        return seconds
+
+    def decode_stream(self, n, chunk, skip=0):
+        for i in range(skip, n):
+            if i == chunk:
+                time.sleep(3600)
+            yield i
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_worker_is_replaced_by_the_measured_time_limit_and_its_task_retried(tmp_path, tiny_model, ray_session):
+    """No task_timeout_s given (the default of render and farm run): the limit is 10x the slowest task so far,
+    at least the floor; a worker alive but hung past it is replaced and its task runs again."""
+    marker = tmp_path / "hang"
+    marker.touch()
+    pool = RayPool(WorkerSpec(tiny_model), 2, worker_cls=Napper, timeout_floor_s=2.0, first_timeout_s=60)
+    try:
+        t0 = time.monotonic()
+        results = list(pool.imap("predict", [(0.05,)] * 4 + [(0.05, str(marker))] + [(0.05,)] * 3))
+        took = time.monotonic() - t0
+        assert pool.timeout("predict") == 2.0  # 10 x about 0.05 s is below the floor
+    finally:
+        pool.shutdown()
+    assert results == [0.05] * 4 + [0.0] + [0.05] * 3 and pool.retries == 1
+    assert took < 30, f"{took:.0f} s: the hung task waited for more than the measured limit"
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_stream_is_stopped_by_its_tick_and_failed_by_its_time_limit(tiny_model, ray_session):
+    pool = RayPool(WorkerSpec(tiny_model), 1, worker_cls=Napper, timeout_floor_s=1.0, max_attempts=2)
+    try:
+        ticks = []
+
+        def tick():
+            ticks.append(time.monotonic())
+            if len(ticks) == 2:
+                raise InterruptedError("stop")
+
+        stream = pool.stream("decode_stream", (5, 2), tick=tick)
+        assert [next(stream), next(stream)] == [0, 1]
+        t0 = time.monotonic()
+        with pytest.raises(InterruptedError):  # the caller's stop check runs while item 2 is awaited
+            next(stream)
+        assert time.monotonic() - t0 < 10
+        t0 = time.monotonic()
+        with pytest.raises(WindowFailed, match="decode_stream failed 2 times; last error: GetTimeoutError"):
+            list(pool.stream("decode_stream", (5, 2)))  # item 2 never comes: replaced, retried, then failed
+        assert time.monotonic() - t0 < 60
+    finally:
+        pool.shutdown()
+
+
+class HangAfterFirstStep(Worker):
+    """Predicts the first window of each step normally, then every prediction hangs (all workers at once, as
+    a wedged GPU driver would): nothing comes back to the engine. `flag` is created when the hang begins."""
+
+    flag = ""
+
+    def predict(self, z, t, cond, start, end, guidance):
+        if os.path.exists(self.flag) or start > 0:
+            open(self.flag, "a").close()
+            time.sleep(3600)
+        return super().predict(z, t, cond, start, end, guidance)
+
+
+@pytest.mark.timeout(120)
+def test_a_job_whose_workers_all_hang_stops_at_once_when_cancelled(tmp_path, tiny_model, ray_session):
+    """Cancel, pause and shutdown reach a job whose windows never come back (the time limit is far away)."""
+    HangAfterFirstStep.flag = str(tmp_path / "hung")
+    pool = RayPool(WorkerSpec(tiny_model), 2, worker_cls=HangAfterFirstStep, task_timeout_s=600)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Cancelled) as stop:
+            run(_req(tiny_model, tmp_path, "hung.mp4"), pool, progress=False,
+                cancelled=lambda: "paused" if os.path.exists(HangAfterFirstStep.flag) else None)
+        took = time.monotonic() - t0
+    finally:
+        pool.shutdown()
+    assert stop.value.reason == "paused" and took < 30
+    assert not (tmp_path / "hung.mp4").exists()
+
+
+class StreamRecorder(Worker):
+    """An in-process worker whose decode session records when it is closed."""
+
+    closed = False
+
+    def decode_stream(self, z, chunk, skip=0):
+        try:
+            yield from super().decode_stream(z, chunk, skip)
+        finally:
+            self.closed = True
+
+
+def test_a_decode_stream_is_closed_when_the_job_stops_during_decode(tmp_path, tiny_wan_model):
+    """Cancelled mid-decode (or a full disk, an ffmpeg error): the decode session ends at once, not when the
+    garbage collector gets to it (the traceback kept below holds the engine's frame and its locals)."""
+    pool = InProcessPool(WorkerSpec(tiny_wan_model))
+    pool.worker = StreamRecorder(pool.spec)
+    phases = []
+    request = dict(prompt="a cat", seconds=2, fps=8, steps=2, model=tiny_wan_model, out=str(tmp_path / "w.mp4"))
+    with pytest.raises(Cancelled) as stopped:
+        run(prepare(request), pool, progress=False, on_progress=lambda p: phases.append(p["phase"]),
+            cancelled=lambda: "cancelled" if "decode" in phases else None)
+    assert stopped.value.reason == "cancelled" and pool.worker.closed
+    pool.shutdown()

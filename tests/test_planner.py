@@ -63,7 +63,8 @@ def test_a_loops_path_closes(motion):
         if motion == "bouncing":  # a loop's hop starts at its top: the wrap mirrors the first step
             assert abs(closing - inner[0]) < 1e-6 and closing < np.median(inner)
         else:  # constant speed, a whole number of crossings
-            assert np.allclose(inner, closing) and (frames * closing) % 64 < 1e-6 or 64 - (frames * closing) % 64 < 1e-6
+            crossed = (frames * closing) % 64  # the path's length in frame widths: a whole number
+            assert np.allclose(inner, closing) and (crossed < 1e-6 or 64 - crossed < 1e-6), (frames, closing)
 
 
 def test_a_timeline_turns_where_its_prompts_blend():
@@ -183,6 +184,24 @@ def test_a_plan_around_known_frames_continues_and_lands():
     blank = np.full((1, 64, 64, 3), (30, 50, 160), np.uint8)
     assert anchored([PromptKey(0.0, "a ball moving down")], 16, 8, 64, 64, 1, ((0, blank),)) is None
     assert plan([PromptKey(0.0, "a ball moving down")], 16, 8, 64, 64, 1, loop=True, anchors=((0, clip[:1]),)) is None
+
+
+def test_an_extended_timeline_turns_its_plan_where_its_text_turns(tmp_path):
+    """An extend's timeline counts in the new frames: the text schedule is shifted by the context frames, and
+    so is the plan (a turn from right to up over the first 2 s of the new frames, after 8 frames of context)."""
+    from longtake.cluster.engine import prepare
+    from longtake.video import VideoWriter
+
+    with VideoWriter(str(tmp_path / "a.mp4"), 64, 64, 8) as w:
+        w.write(_moving_ball(24))
+    job = prepare(dict(timeline=[{"at": 0, "prompt": "a ball moving right"}, {"at": 2, "prompt": "a ball moving up"}],
+                       seconds=4, extend=str(tmp_path / "a.mp4"), context=1, out=str(tmp_path / "o.mp4")))
+    ctx, c = job.inputs.ctx_before, _centres(job.control)
+    d = wrap_delta(c[:-1], c[1:], 64)  # d[f]: frame f -> f + 1
+    turned = ctx + 16  # 2 s into the new frames
+    assert ctx == 8 and len(c) == ctx + 32
+    assert d[turned - 6:turned, 0].mean() > 0.4, d  # still turning (centres are whole pixels: a mean)
+    assert np.abs(d[turned:, 0]).max() < 0.5 and (d[turned:, 1] < -2).all(), d  # up from there on
 
 
 def test_a_planned_bridge_keeps_more_of_its_crossfade(tmp_path):

@@ -1,9 +1,12 @@
 """The worker-pool interface, and its in-process implementation (the reference result).
 
 A pool runs worker methods as tickets: `submit(method, args, key, label)` queues one task and returns its
-ticket; `poll()` runs or waits for queued tasks and returns those finished, as [(ticket, result)], in
-whatever order they finish (the lowest `key` starts first when workers are scarce); `cancel(tickets)`
-drops queued ones and abandons running ones. A failed task is retried by the one `RetryPolicy` (the
+ticket; `poll(timeout)` runs or waits for queued tasks and returns those finished, as [(ticket, result)], in
+whatever order they finish (the lowest `key` starts first when workers are scarce), or [] after `timeout`
+seconds with none finished (`outstanding` says how many tickets are still queued or running); `cancel(tickets)`
+drops queued ones and abandons running ones. No wait is unbounded: a caller polls with a timeout of WAIT_S and
+checks whether to stop (cancel, pause, shutdown) between polls; `imap` and `stream` take a `tick` callback for
+the same (it raises to stop them). A failed task is retried by the one `RetryPolicy` (the
 same in the in-process, Ray and Serve pools) and, past its attempts, raises `WindowFailed` naming it.
 `imap` (results in list order, a bounded number in flight) is built on the tickets for every pool; `stream`
 yields the items of one generator method run on one worker (an ordered decode session); `encode` makes a
@@ -24,6 +27,9 @@ import torch
 from longtake.actors.worker import Worker, WorkerSpec
 
 logger = logging.getLogger(__name__)
+
+
+WAIT_S = 1.0  # the longest a pool blocks before its caller may check whether to stop
 
 
 class WindowFailed(RuntimeError):
@@ -48,19 +54,22 @@ class Pool(Protocol):
     num_workers: int
 
     def put(self, obj: Any) -> Any: ...
-    def call(self, method: str, *args) -> Any: ...
+    def call(self, method: str, *args, tick=None) -> Any: ...
+    outstanding: int  # tickets queued or running
+
     def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int: ...
-    def poll(self) -> list[tuple[int, Any]]: ...
+    def poll(self, timeout: float | None = None) -> list[tuple[int, Any]]: ...
     def cancel(self, tickets: Iterable[int] | None = None) -> None: ...
-    def imap(self, method: str, args_list: Iterable[tuple]) -> Iterator[Any]: ...
-    def stream(self, method: str, args: tuple) -> Iterator[Any]: ...
-    def encode(self, *args) -> Any: ...
+    def imap(self, method: str, args_list: Iterable[tuple], tick=None) -> Iterator[Any]: ...
+    def stream(self, method: str, args: tuple, tick=None) -> Iterator[Any]: ...
+    def encode(self, *args, tick=None) -> Any: ...
     def shutdown(self) -> None: ...
 
 
-def ordered(pool, method: str, args_list: Iterable[tuple], in_flight: int) -> Iterator[Any]:
+def ordered(pool, method: str, args_list: Iterable[tuple], in_flight: int, tick=None) -> Iterator[Any]:
     """`imap` on tickets: the results in list order, at most `in_flight` tasks submitted and not yet
-    yielded (that bounds the results held here). Closing the iterator early cancels what is left."""
+    yielded (that bounds the results held here). Closing the iterator early cancels what is left. `tick()`
+    is called at least every WAIT_S seconds while it waits (it raises to stop)."""
     args_iter = enumerate(args_list)
     waiting: deque[int] = deque()
     results: dict[int, Any] = {}
@@ -77,9 +86,11 @@ def ordered(pool, method: str, args_list: Iterable[tuple], in_flight: int) -> It
             if not waiting:
                 return
             while waiting[0] not in results:
-                finished = pool.poll()
-                if not finished:
+                finished = pool.poll(WAIT_S)
+                if not finished and not pool.outstanding:
                     raise RuntimeError(f"{method}: the pool has no task left but ticket {waiting[0]} is not done")
+                if not finished and tick is not None:
+                    tick()
                 results.update(finished)
             yield results.pop(waiting.popleft())
     finally:
@@ -105,8 +116,8 @@ class InProcessPool:
     def put(self, obj: Any) -> Any:
         return obj
 
-    def call(self, method: str, *args) -> Any:
-        return next(self.imap(method, [args]))
+    def call(self, method: str, *args, tick=None) -> Any:
+        return next(self.imap(method, [args], tick))
 
     def stats(self) -> list[dict]:
         """Per worker: seconds of each predict / decode call since the last call (then reset)."""
@@ -118,9 +129,13 @@ class InProcessPool:
         heapq.heappush(self._queue, (key, ticket))
         return ticket
 
-    def poll(self) -> list[tuple[int, Any]]:
+    @property
+    def outstanding(self) -> int:
+        return len(self._tasks)
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, Any]]:
         """Run the queued task with the lowest key (retried by the policy): [(ticket, result)], or [] when
-        nothing is queued."""
+        nothing is queued. (It runs here, in the caller's thread: `timeout` does not apply.)"""
         while self._queue:
             _, ticket = heapq.heappop(self._queue)
             if ticket not in self._tasks:
@@ -138,16 +153,16 @@ class InProcessPool:
         for ticket in list(self._tasks) if tickets is None else tickets:
             self._tasks.pop(ticket, None)
 
-    def imap(self, method: str, args_list: Iterable[tuple]) -> Iterator[Any]:
-        return ordered(self, method, args_list, 1)
+    def imap(self, method: str, args_list: Iterable[tuple], tick=None) -> Iterator[Any]:
+        return ordered(self, method, args_list, 1, tick)
 
-    def stream(self, method: str, args: tuple) -> Iterator[Any]:
+    def stream(self, method: str, args: tuple, tick=None) -> Iterator[Any]:
         try:
             yield from getattr(self.worker, method)(*args)
         except Exception as e:
             raise WindowFailed(f"{method} failed: {e}") from e
 
-    def encode(self, *args) -> Any:
+    def encode(self, *args, tick=None) -> Any:
         return self.worker.encode(*args)
 
     def shutdown(self) -> None:

@@ -10,9 +10,15 @@ so a lost node never blocks the job. A slot whose actor fails to start `max_atte
 error: the model does not load) is excluded; one whose starting actor is killed or loses its node is
 started again, and excluded only after `LOST_STARTS` x `max_attempts` such losses in a row (a node that
 keeps dying under it). An actor whose tasks fail `blocklist_after` times is excluded
-(killed, not replaced), like a blocklisted render node. A task that fails `max_attempts` times, a pool
-left with no worker, or a task running past `task_timeout_s` (counted from when its actor was free to
-start it), raise `WindowFailed`: never a hang.
+(killed, not replaced), like a blocklisted render node. A task that fails `max_attempts` times, or a pool
+left with no worker, raise `WindowFailed`: never a hang.
+
+A task has a time limit, counted from when its actor was free to start it: `task_timeout_s` when given,
+else TIMEOUT_FACTOR x the slowest task of its method so far (a job's measured window time), at least
+TIMEOUT_FLOOR_S, and FIRST_TIMEOUT_S before one of its method has returned (a first window warms up). An
+actor alive but hung past it is killed and replaced, and its task retried like a dead worker's. No call
+blocks for longer than `pool.WAIT_S`: `poll(timeout)` returns [] and `imap` / `stream` call `tick`, so the
+engine checks cancel, pause and shutdown at least every second.
 
 A consumer that stops early (a cancelled or paused job cancels its tickets, or closes `imap` /
 `stream`) leaves the pool ready for the next call: its tasks are cancelled, and as `ray.cancel` does
@@ -34,7 +40,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from longtake.actors.pool import RetryPolicy, WindowFailed, ordered
+from longtake.actors.pool import WAIT_S, RetryPolicy, WindowFailed, ordered
 from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 
 logger = logging.getLogger(__name__)
@@ -42,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 STREAM_BACKLOG = 4  # decoded chunks a streaming worker may run ahead of the driver
 LOST_STARTS = 5  # x max_attempts: starts lost in a row (killed, node gone) before a slot is excluded
+# the default task time limit (module docstring): a hung worker is replaced after this, a slow one never
+TIMEOUT_FACTOR = 10.0
+TIMEOUT_FLOOR_S = 120.0
+FIRST_TIMEOUT_S = 600.0
 
 
 def _wire(value):
@@ -94,13 +104,15 @@ class RayPool:
     def __init__(self, spec: WorkerSpec, num_workers: int, max_attempts: int = 3, lookahead: int = 2,
                  worker_cls: type = Worker, blocklist_after: int = 0, task_timeout_s: float | None = None,
                  start_timeout_s: float = 600.0, join_grace_s: float = 30.0, stale_timeout_s: float = 60.0,
-                 depth: int = 2):
+                 depth: int = 2, timeout_floor_s: float = TIMEOUT_FLOOR_S, first_timeout_s: float = FIRST_TIMEOUT_S):
         self.spec = spec
         self.retry = RetryPolicy(max_attempts)
         self.max_attempts = max_attempts
         self.lookahead = lookahead  # tasks beyond the oldest unfinished one, per worker (bounds buffered results)
         self.blocklist_after = blocklist_after  # failed tasks before an actor is excluded (0: never)
-        self.task_timeout_s = task_timeout_s
+        self.task_timeout_s = task_timeout_s  # None: measured (`timeout`)
+        self.timeout_floor_s, self.first_timeout_s = timeout_floor_s, first_timeout_s
+        self.slowest: dict[str, float] = {}  # method -> the longest a task of it took (from its actor being free)
         self.start_timeout_s = start_timeout_s  # how long to wait for a replacement when no worker is left
         self.stale_timeout_s = stale_timeout_s  # how long an actor may finish a cancelled task before it is replaced
         self._stale: dict[Any, tuple[int, float]] = {}  # ready() probe queued behind a cancelled task -> (slot, since)
@@ -147,21 +159,30 @@ class RayPool:
     def put(self, obj: Any) -> Any:
         return ray.put(obj)
 
-    def call(self, method: str, *args) -> Any:
-        return next(self.imap(method, [args]))
+    def call(self, method: str, *args, tick=None) -> Any:
+        return next(self.imap(method, [args], tick))
 
-    def encode(self, *args) -> Any:
-        """The job's conditioning, once: on a worker, or on the pool's encoder actor."""
+    def encode(self, *args, tick=None) -> Any:
+        """The job's conditioning, once: on a worker, or on the pool's encoder actor (replaced when it dies
+        or hangs past the time limit of `encode`)."""
         if "encode" in self.spec.roles:
-            return self.call("encode", *args)
+            return self.call("encode", *args, tick=tick)
         for attempt in range(1, self.max_attempts + 1):
             if self._encoder is None:
                 # no CPU reserved: it runs once per job, before any window, while the predictors wait on it
                 # (they hold every CPU slot of a small cluster)
                 self._encoder = ray.remote(self._worker_cls).options(
                     max_restarts=0, max_task_retries=0, num_cpus=0).remote(encoder_spec(self.spec))
+            ref, since = self._encoder.encode.remote(*args), time.monotonic()
             try:
-                return ray.get(self._encoder.encode.remote(*args))
+                while not ray.wait([ref], timeout=WAIT_S)[0]:
+                    if time.monotonic() - since > self.timeout("encode"):
+                        raise GetTimeoutError(f"encoding ran over {self.timeout('encode'):g} s (hung?)")
+                    if tick is not None:
+                        tick()
+                result = ray.get(ref)
+                self._measured("encode", time.monotonic() - since)
+                return result
             except RayError as e:
                 ray.kill(self._encoder, no_restart=True)
                 self._encoder = None
@@ -169,9 +190,11 @@ class RayPool:
                     raise WindowFailed(f"encoding failed {attempt} times; last error: {_reason(e)}") from e
                 logger.warning("encoder failed (%s); retrying", _reason(e))
 
-    def stream(self, method: str, args: tuple) -> Iterator[Any]:
+    def stream(self, method: str, args: tuple, tick=None) -> Iterator[Any]:
         """Items of one generator task in order. A lost worker is replaced and the stream restarted on a
-        live one, skipping what was already yielded (the method takes `skip` after `args`)."""
+        live one, skipping what was already yielded (the method takes `skip` after `args`); so is one that
+        yields nothing for longer than the task time limit (hung). `tick()` runs at least every WAIT_S
+        seconds while it waits."""
         delivered, attempt, waiting_since = 0, 0, None
         self._poll_stale()
         while True:
@@ -181,7 +204,7 @@ class RayPool:
                 if not self.starting and not self._stale:
                     raise WindowFailed(f"no worker left for {method}: {self.excluded} excluded")
                 waiting_since = waiting_since or time.monotonic()
-                ready, _ = ray.wait(list(self.starting) + list(self._stale), num_returns=1, timeout=1.0)
+                ready, _ = ray.wait(list(self.starting) + list(self._stale), num_returns=1, timeout=WAIT_S)
                 if ready and ready[0] in self._stale:
                     self._reap(ready[0])
                 elif ready:
@@ -190,17 +213,30 @@ class RayPool:
                     self._expire_stale()
                     if time.monotonic() - waiting_since > self.start_timeout_s:
                         raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {method}")
+                    if tick is not None:
+                        tick()
                 continue
             waiting_since, a = None, live[0]
             attempt += 1
             stream, finished = getattr(self.actors[a], method).remote(*args, delivered), False
             try:
-                for ref in stream:
+                while True:
+                    since = time.monotonic()
+                    while not ray.wait([stream], timeout=WAIT_S)[0]:  # the next item (or the end)
+                        if time.monotonic() - since > self.timeout(method):
+                            raise GetTimeoutError(f"{method} gave no item for {self.timeout(method):g} s on "
+                                                  f"worker {a}")
+                        if tick is not None:
+                            tick()
+                    try:
+                        ref = next(stream)
+                    except StopIteration:
+                        finished = True
+                        return
                     item = ray.get(ref)
+                    self._measured(method, time.monotonic() - since)
                     delivered += 1
                     yield item
-                finished = True
-                return
             except RayError as e:
                 self._stream_failed(method, a, attempt, e)
             finally:
@@ -208,7 +244,7 @@ class RayPool:
                     self._abandon({stream: a})
 
     def _stream_failed(self, method: str, a: int, attempt: int, error) -> None:
-        if not isinstance(error, RayTaskError) or isinstance(error.cause, RayActorError):
+        if not isinstance(error, RayTaskError) or isinstance(error.cause, RayActorError):  # dead, or hung
             logger.warning("worker %d died during %s (%s); replacing it", a, method, _reason(error))
             self._replace(a)
         else:
@@ -304,8 +340,9 @@ class RayPool:
             return None
 
     def _exclude(self, a: int, reason: str) -> None:
-        logger.warning("excluding worker %d after %d failed tasks (last: %s); %d workers left", a, self.failures[a],
-                       reason, self.num_workers - 1)
+        left = self.num_workers - 1
+        logger.warning("excluding worker %d after %d failed task%s (last: %s); %d worker%s left", a, self.failures[a],
+                       "s" * (self.failures[a] != 1), reason, left, "s" * (left != 1))
         self._drop(a)
 
     def _drop(self, a: int) -> None:
@@ -313,6 +350,21 @@ class RayPool:
         ray.kill(self.actors[a], no_restart=True)
         self.actors[a] = None
         self.excluded += 1
+
+    def timeout(self, method: str) -> float:
+        """The time limit of a task of `method` (module docstring)."""
+        if self.task_timeout_s is not None:
+            return self.task_timeout_s
+        if method not in self.slowest:
+            return max(self.first_timeout_s, self.timeout_floor_s)
+        return max(self.timeout_floor_s, TIMEOUT_FACTOR * self.slowest[method])
+
+    def _measured(self, method: str, seconds: float) -> None:
+        self.slowest[method] = max(self.slowest.get(method, 0.0), seconds)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._tasks)
 
     def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
         """Queue a task; the lowest key starts first on the next idle worker (`poll` dispatches)."""
@@ -356,11 +408,13 @@ class RayPool:
                 self._inflight[getattr(actor, method).remote(*args)] = (ticket, a, time.monotonic(), actor)
                 load[a] = level + 1
 
-    def poll(self) -> list[tuple[int, Any]]:
+    def poll(self, timeout: float | None = None) -> list[tuple[int, Any]]:
         """Dispatch queued tasks to idle workers and wait for one to finish: [(ticket, result)], or [] when
-        nothing is queued or running. A failed task is retried (the policy), a dead worker replaced."""
+        nothing is queued or running, or when none finished within `timeout` seconds. A failed task is
+        retried (the policy), a dead or hung worker replaced."""
         self._poll_stale()
         waiting_since = None  # when the pool last had nothing running and only replacements starting
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._dispatch()
             if not self._inflight and not self._todo:
@@ -374,14 +428,14 @@ class RayPool:
                 label = self._tasks[self._todo[0][1]][2]
                 raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {label} "
                                    "(not enough resources left in the cluster?)")
-            # poll only when something needs watching (a replacement starting, or hung-task timeouts);
-            # otherwise block until a task returns
-            watch = 1.0 if self.starting or self._stale or self.task_timeout_s is not None else None
+            left = WAIT_S if deadline is None else min(WAIT_S, max(0.0, deadline - time.monotonic()))
             ready, _ = ray.wait(list(self._inflight) + list(self.starting) + list(self._stale), num_returns=1,
-                                timeout=watch)
+                                timeout=left)
             if not ready:
                 self._check_timeouts()
                 self._expire_stale()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return []
                 continue
             if ready[0] in self._stale:
                 self._reap(ready[0])
@@ -389,32 +443,35 @@ class RayPool:
             if ready[0] in self.starting:
                 self._started(ready[0])
                 continue
-            ticket, a, _, actor = self._inflight.pop(ready[0])
-            self._freed[a] = time.monotonic()
+            ticket, a, since, actor = self._inflight.pop(ready[0])
+            now = time.monotonic()
+            started = max(since, self._freed.get(a, since))  # when its actor was free to start it
+            self._freed[a] = now
             try:
                 result = ray.get(ready[0])
             except RayError as e:
                 self._retry_or_fail(ticket, a, e, actor=actor)
                 continue
+            self._measured(self._tasks[ticket][0], now - started)
             self._tasks.pop(ticket, None)
             self._attempts.pop(ticket, None)
             return [(ticket, _unwire(result))]
 
-    def imap(self, method: str, args_list: Iterable[tuple]) -> Iterator[Any]:
-        return ordered(self, method, args_list, self.lookahead * max(1, len(self.actors)))
+    def imap(self, method: str, args_list: Iterable[tuple], tick=None) -> Iterator[Any]:
+        return ordered(self, method, args_list, self.lookahead * max(1, len(self.actors)), tick)
 
     def _check_timeouts(self) -> None:
-        if self.task_timeout_s is None:
-            return
         now = time.monotonic()
         oldest: dict[int, tuple] = {}  # per slot, its first task (the one running; the others wait behind it)
         for ref, (ticket, a, since, actor) in self._inflight.items():
             if a not in oldest or since < oldest[a][1]:
                 oldest[a] = (ref, since, ticket, actor)
         for a, (ref, since, ticket, actor) in oldest.items():
-            if now - max(since, self._freed.get(a, since)) > self.task_timeout_s:
+            method, _, label = self._tasks[ticket]
+            limit = self.timeout(method)
+            if now - max(since, self._freed.get(a, since)) > limit:
                 del self._inflight[ref]  # the worker is killed and replaced below: that stops the task
-                error = GetTimeoutError(f"{self._tasks[ticket][2]} ran over {self.task_timeout_s:g} s on worker {a}")
+                error = GetTimeoutError(f"{label} ran over {limit:g} s on worker {a} (hung?)")
                 self._retry_or_fail(ticket, a, error, hung=True, actor=actor)
 
     def _retry_or_fail(self, ticket: int, a: int, error, hung: bool = False, actor=None) -> None:

@@ -149,7 +149,7 @@ class Checkpointer:
         """`scheduler`: a scheduler, or a list of `scheduler_state`s (one per frame range, then one per
         window's private frames); `private`: the windows' private frames (W, C, p, h, w), or None."""
         t0 = time.perf_counter()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(exist_ok=True)  # never its parent: a deleted job's directory is not made again
         states = scheduler if isinstance(scheduler, list) else [scheduler_state(scheduler)]
         tensors, scalars = {}, []
         for r, (range_tensors, range_scalars) in enumerate(states):

@@ -24,7 +24,7 @@
            (Wan: 4k+1) dropped at the end, so the MP4 has exactly round(seconds * fps) new frames, after
            an extended clip's frames and before a lead-into clip's (passed through as read);
            frames_sha256 is taken on them as generated, then the visible label (`label.py`) is drawn on the
-           opening seconds and the invisible watermark (`watermark.py`) on the new frames; the finished MP4
+           first seconds of the new frames (after an extended clip's) and the invisible watermark (`watermark.py`) on the new frames; the finished MP4
            is remuxed with its AIGC metadata and integrity code, and C2PA-signed when configured
            (`provenance.py`)
         progress: {phase, step (steps completed), steps, window_steps_done, window_steps_total, frames_done,
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from longtake.actors.pool import Pool
+from longtake.actors.pool import WAIT_S, Pool
 from longtake.cluster.checkpoint import Checkpointer, scheduler_state
 from longtake.cluster.sampler import Sampler
 from longtake.cluster.inputs import Inputs, clip_frames, latent_index, reference_image, resolve_inputs
@@ -65,7 +65,7 @@ from longtake.pipelines.windows import (
     window_weights,
 )
 from longtake.request import PLANNED_BRIDGE_STRENGTH, RenderRequest, RequestError, parse_request
-from longtake.label import Layout, LabelError, frames_labelled
+from longtake.label import Layout, LabelError, labelled_span
 from longtake.label import layout as layout_label
 from longtake.media import load_image, probe_media, video_chunks
 from longtake.models import planner
@@ -115,6 +115,11 @@ class Job:
     def output_frames(self) -> int:
         """Frames in the MP4: the input clips passed through, and the new frames."""
         return self.new_frames + self.inputs.passthrough
+
+    @property
+    def clip_keys(self) -> list[PromptKey]:
+        """The prompt keys in the denoised clip's frames (what the text schedule and the plan follow)."""
+        return clip_keys(self.keys, self.inputs.ctx_before, self.request.fps)
 
     @property
     def guidances(self) -> tuple[float, ...]:
@@ -174,8 +179,18 @@ class RenderResult:
         return asdict(self)
 
 
-def prepare(request: RenderRequest | dict) -> Job:
-    """Check a request against its model and plan the windows. Raises RequestError."""
+def clip_keys(keys: list[PromptKey], ctx_before: int, fps: float) -> list[PromptKey]:
+    """Prompt keys moved into the denoised clip's time: a timeline counts in the new frames, which begin
+    after an extended clip's context (`ctx_before` frames)."""
+    shift = ctx_before / fps
+    return [PromptKey(k.at + shift, k.prompt) for k in keys] if shift else keys
+
+
+def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
+    """Check a request against its model and plan the windows. Raises RequestError. `pixels=False` (a
+    server checking a request before it queues it): every check, with the videos probed from their packets,
+    not decoded, and no pose or plan drawn; the Job has the frame counts, windows and cost of the real one,
+    but no control frames, media or known pixels (it is not run)."""
     request = parse_request(request)
     model = inspect_model(request.model)
     height = request.height or model.default_height
@@ -191,7 +206,7 @@ def prepare(request: RenderRequest | dict) -> Job:
         raise RequestError("overlap", overlap, f"0 <= overlap < window ({window} {unit})")
     layout = model.layout
     inputs = resolve_inputs(request, height, width, layout.frames(window), layout.causal, layout.temporal,
-                            pin_reference=model.options.get("reference") != "condition")
+                            pin_reference=model.options.get("reference") != "condition", pixels=pixels)
     frames = inputs.ctx_before + inputs.new + inputs.ctx_after
     latent_frames = layout.latent_frames(frames)
     if request.loop and latent_frames < 2:
@@ -211,10 +226,10 @@ def prepare(request: RenderRequest | dict) -> Job:
         keys = [PromptKey(k.at, k.prompt) for k in request.timeline]
     else:
         keys = [PromptKey(0.0, request.prompt)]
-    media = _animation_media(request, model, frames, width, height)  # a model animating a reference: checked first
+    media = _animation_media(request, model, frames, width, height, pixels)  # animating a reference: checked first
     if model.options.get("ip_adapter"):  # an IP-Adapter's image prompt: the reference photo (pinned at frame 0 too)
         media = _image_prompt(request)
-    control = None
+    control, controlled = None, False  # the control frames; whether there are (or, without pixels, would be)
     if request.pose is not None:  # pose-driven: the skeleton frames, checked and drawn before any work
         if not model.options.get("pose"):
             raise RequestError("pose", request.pose, "a model with a pose ControlNet (an AnimateDiffControlNetPipeline "
@@ -223,15 +238,22 @@ def prepare(request: RenderRequest | dict) -> Job:
         reference = None
         if request.reference_pose is not None and request.retarget != "none":
             reference = reference_person("reference_pose", request.reference_pose, width, height)
-        control = pose_frames("pose", request.pose, frames, request.fps, width, height, request.pose_loop, reference)
+        control = pose_frames("pose", request.pose, frames, request.fps, width, height, request.pose_loop, reference,
+                              pixels)
+        controlled = True
     elif request.plan == "auto" and model.options.get("planner") and not inputs.redraws:  # the bundled model
-        control = planner.plan(keys, frames, request.fps, width, height, request.seed, request.loop,
-                               tuple((p.frame, p.pixels) for p in inputs.pinned))  # None: nothing to plan from
-    if control is not None and inputs.before is not None and inputs.after is not None and request.strength is None:
+        if pixels:
+            control = planner.plan(clip_keys(keys, inputs.ctx_before, request.fps), frames, request.fps, width,
+                                   height, request.seed, request.loop,
+                                   tuple((p.frame, p.pixels) for p in inputs.pinned))  # None: nothing to plan from
+            controlled = control is not None
+        else:  # known frames may show no object: only their pixels tell (the run checks again)
+            controlled = planner.plannable(keys, request.loop, bool(inputs.pinned))
+    if controlled and inputs.before is not None and inputs.after is not None and request.strength is None:
         # the plan says where the object goes, so more of the crossfade (its look) is kept
         inputs = replace(inputs, strength=PLANNED_BRIDGE_STRENGTH,
                          hashes={**inputs.hashes, "bridge": PLANNED_BRIDGE_STRENGTH})
-    if control is None and request.control_scale is not None:  # no pose, and no plan to scale
+    if not controlled and request.control_scale is not None:  # no pose, and no plan to scale
         raise RequestError("control_scale", request.control_scale,
                            "no value without pose or a motion plan (the bundled model's, for prompts that name a "
                            "shape and a motion, or known frames that show the object)")
@@ -270,12 +292,14 @@ def _image_prompt(request: RenderRequest) -> dict:
     return {"reference": load_image("reference", request.reference, size["width"], size["height"])}
 
 
-def _animation_media(request: RenderRequest, model: ModelInfo, frames: int, width: int, height: int) -> dict:
+def _animation_media(request: RenderRequest, model: ModelInfo, frames: int, width: int, height: int,
+                     pixels: bool = True) -> dict:
     """The media of a model that animates a reference photo with a pose (ModelInfo.options "reference" ==
     "condition": Wan-Animate): the reference photo (fitted inside the output size and padded), the face video
     (at the model's face size) and, to replace a character, the background video and the mask (grayscale),
     each as long as the clip (pose_loop repeats them too). Every other model refuses these fields. Checked and
-    read before any weights load; RequestError names the field."""
+    read before any weights load; RequestError names the field. `pixels=False`: the videos' lengths checked
+    from their packets, not read (no face, background or mask in the result)."""
     animating = model.options.get("reference") == "condition"
     modes = model.options.get("modes", ["animate"])
     if not animating:
@@ -299,13 +323,14 @@ def _animation_media(request: RenderRequest, model: ModelInfo, frames: int, widt
     media = {"reference": reference_image("reference", request.reference, width, height)}
     if request.face is not None:
         size = model.options["face_size"]
-        media["face"] = clip_frames("face", request.face, frames, request.fps, size, size, request.pose_loop)
+        media["face"] = clip_frames("face", request.face, frames, request.fps, size, size, request.pose_loop,
+                                    pixels=pixels)
     if request.animate_mode == "replace":
         media["background"] = clip_frames("background", request.background, frames, request.fps, width, height,
-                                          request.pose_loop)
+                                          request.pose_loop, pixels=pixels)
         media["mask"] = clip_frames("mask", request.mask, frames, request.fps, width, height, request.pose_loop,
-                                    gray=True)
-    return media
+                                    gray=True, pixels=pixels)
+    return {name: a for name, a in media.items() if a is not None}
 
 
 def fingerprint(job: Job, dtype: str, device: str) -> str:
@@ -343,7 +368,7 @@ def _noised(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -
     return scheduler.scale_noise(x0, t, noise)
 
 
-def _source_latents(job: Job, pool: Pool) -> torch.Tensor:
+def _source_latents(job: Job, pool: Pool, tick=None) -> torch.Tensor:
     """Video to video: the input's latents (1, C, F, h, w), encoded chunk by chunk on the workers as the
     frames stream from ffmpeg (never the whole video as pixels). Chunks are one window of frames; a causal
     VAE (Wan) encodes frame 0 alone, then 4m frames at a time after the frame before them (whose latent is
@@ -355,7 +380,7 @@ def _source_latents(job: Job, pool: Pool) -> torch.Tensor:
 
     def flush(group: list, prefix) -> None:
         frames = np.stack(([prefix] if prefix is not None else []) + group)
-        latents = pool.call("encode_frames", frames)  # (1, C, n, h, w)
+        latents = pool.call("encode_frames", frames, tick=tick)  # (1, C, n, h, w)
         parts.append(latents[:, :, 1:] if prefix is not None else latents)
 
     for chunk in video_chunks("video", src.path, req.fps, job.width, job.height, chunk=size):
@@ -400,7 +425,7 @@ class KnownLatents:
         return (1 - weight) * known[:, :, lo] + weight * known[:, :, hi]
 
 
-def _known_latents(job: Job, pool: Pool) -> KnownLatents | None:
+def _known_latents(job: Job, pool: Pool, tick=None) -> KnownLatents | None:
     """The latents of a job's known frames (`KnownLatents`), encoded once, on a worker; None when nothing is
     known."""
     if not job.inputs.pinned:
@@ -408,7 +433,7 @@ def _known_latents(job: Job, pool: Pool) -> KnownLatents | None:
     layout, latent_frames = job.model.layout, job.latent_frames
     at: dict[int, torch.Tensor] = {}  # latent frame -> known latent (a later pin wins)
     for p in job.inputs.pinned:
-        latents = pool.call("encode_frames", p.pixels)  # (1, C, n, h, w)
+        latents = pool.call("encode_frames", p.pixels, tick=tick)  # (1, C, n, h, w)
         first = latent_index(p.frame, layout.temporal, layout.causal)
         for k in range(min(latents.shape[2], latent_frames - first)):
             at[first + k] = latents[:, :, k]
@@ -445,8 +470,9 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     the MP4 is written ("done", the final numbers). `step` counts the steps completed (what a checkpoint
     saves: 0 while the first step's windows run); `window_steps_*` count window predictions (windows x
     steps, those taken from a checkpoint included); `eta_s` is measured on the work computed in this run.
-    `cancelled()` is polled as often (not after "done"), and a truthy value (a reason such as "cancelled"
-    or "paused") stops the job with `Cancelled` (no output left behind).
+    `cancelled()` is polled as often, and at least every WAIT_S seconds while the job waits on its workers
+    (not after "done"); a truthy value (a reason such as "cancelled" or "paused") stops the job with
+    `Cancelled` (no output left behind).
     `checkpoint`: resume from its newest valid checkpoint, save one every k steps and after the last
     step, and one of the current step when stopped (so a paused job loses at most one step), unless the
     reason is in DISCARD (a cancelled job's checkpoints are deleted; a job whose lease was lost is another
@@ -461,6 +487,24 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     latent_frames = job.latent_frames
 
     timings = {}
+    sampler = None  # (made in step 2)
+
+    def stop_check(phase: str) -> None:
+        """Raise Cancelled when `cancelled()` says stop; a paused (not discarded) job saves the coherent step."""
+        reason = cancelled() if cancelled is not None else None
+        if not reason:
+            return
+        reason = reason if isinstance(reason, str) else "cancelled"
+        step_now = sampler.coherent_step if sampler is not None else 0  # every range has reached it
+        if checkpoint is not None and phase == "denoise" and sampler is not None and step_now > first_step \
+                and reason not in DISCARD:
+            checkpoint.save(step_now, *sampler.state(step_now))
+            logger.info("stopped (%s) at step %d of %d; checkpoint saved", reason, step_now, steps)
+        raise Cancelled(f"job {reason} during {phase}", reason, step_now)
+
+    def tick() -> None:  # while the job waits on its workers
+        stop_check("denoise" if sampler is not None and not sampler.done else "prepare")
+
     scheduler = load_scheduler(job.model.path)
     scheduler.set_timesteps(job.steps)
     steps = len(scheduler.timesteps)  # job.steps (PNDM: one more, its warm-up), as diffusers' pipelines iterate
@@ -470,10 +514,9 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         scheduler_state(scheduler)  # state a checkpoint could not store fails now, before any work
 
     # 1. conditioning: the key prompts once, with the per-latent-frame schedule; the backend's object, unread
-    shift = job.inputs.ctx_before / req.fps  # timeline times count in the new frames, after extend's context
-    keys = [PromptKey(k.at + shift, k.prompt) for k in job.keys] if shift else job.keys
-    schedule = prompt_schedule(keys, latent_frames, req.fps / job.model.layout.temporal, loop=job.loop)
-    encoded = pool.encode([k.prompt for k in job.keys], req.negative_prompt, schedule)
+    schedule = prompt_schedule(job.clip_keys, latent_frames, req.fps / job.model.layout.temporal, loop=job.loop)
+    first_step = 0
+    encoded = pool.encode([k.prompt for k in job.keys], req.negative_prompt, schedule, tick=tick)
     if job.control is not None:  # the pose frames travel with the conditioning: once per worker
         encoded.control, encoded.control_scale = torch.from_numpy(job.control), job.control_scale
     if job.media:  # a reference photo and its videos (Wan-Animate; an IP-Adapter's image prompt) travel the same
@@ -490,8 +533,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     z = initial_noise(req.seed, latent_frames, job.latent_shape, job.noise, job.window, job.overlap)  # (1, C, F, h, w)
     z = z * getattr(scheduler, "init_noise_sigma", 1.0)
     weights = window_weights(plan, req.weighting, latent_frames if job.loop else 0)
-    pin = _known_latents(job, pool)  # None without known frames
-    first_step = 0
+    pin = _known_latents(job, pool, tick)  # None without known frames
     resumed = checkpoint.load_latest() if checkpoint is not None else None
     if resumed is not None:
         z, first_step = resumed.z, resumed.step
@@ -499,7 +541,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     else:
         x0 = None  # what the first steps are skipped for (SDEdit-style): the input video, or a bridge's crossfade
         if job.inputs.strength < 1 and job.inputs.source is not None:
-            x0, mode = _source_latents(job, pool), "video to video"
+            x0, mode = _source_latents(job, pool, tick), "video to video"
         elif job.inputs.strength < 1 and pin is not None:  # a bridge (inputs.py)
             x0, mode = pin.crossfade(z), "bridge"
         if x0 is not None:
@@ -535,14 +577,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
                 "frames": job.output_frames, "eta_s": eta_s}
 
     def report(phase: str, window_steps_done: int, frames_done: int = 0) -> None:
-        reason = cancelled() if cancelled is not None else None
-        if reason:
-            reason = reason if isinstance(reason, str) else "cancelled"
-            step_now = sampler.coherent_step  # every range has reached it: one coherent checkpoint
-            if checkpoint is not None and phase == "denoise" and step_now > first_step and reason not in DISCARD:
-                checkpoint.save(step_now, *sampler.state(step_now))
-                logger.info("stopped (%s) at step %d of %d; checkpoint saved", reason, step_now, steps)
-            raise Cancelled(f"job {reason} during {phase}", reason, step_now)
+        stop_check(phase)
         if on_progress is not None:
             elapsed = time.perf_counter() - started
             done = window_steps_done - first_step * len(plan)  # computed in this run (not from a checkpoint)
@@ -565,14 +600,18 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
                 ticket = pool.submit("predict", (x, t, cond, s, e, job.guidances), key=(step, w),
                                      label=f"window {w + 1} of {len(plan)} at step {step + 1} of {steps}")
                 running[ticket] = w
-            finished = pool.poll()
+            finished = pool.poll(WAIT_S)
             if not finished:
-                raise RuntimeError(f"the pool returned nothing with {len(running)} windows running")
+                if not pool.outstanding:
+                    raise RuntimeError(f"the pool returned nothing with {len(running)} windows running")
+                stop_check("denoise")  # a window is still running: is the job to stop meanwhile?
+                continue
             for ticket, pred in finished:
                 sampler.add(running.pop(ticket), pred)
                 done += 1
                 bar.update()
             bar.set_postfix_str(f"step {sampler.coherent_step}/{steps}, {len(plan)} windows, {sampler.schedule}")
+            stop_check("denoise")  # before a checkpoint: a cancelled or deleted job writes nothing more
             if checkpoint is not None and sampler.coherent_step > saved_at:
                 saved_at = sampler.coherent_step
                 if checkpoint.due(saved_at, steps):
@@ -590,10 +629,10 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
 
     # 4. decode on the workers; frames stream in order into ffmpeg, the frame rule's surplus dropped at the end
     if job.model.streamed_decode:  # causal 3D VAE: one session, latent frame after latent frame
-        decoded = pool.stream("decode_stream", (z, DECODE_CHUNK))
+        decoded = pool.stream("decode_stream", (z, DECODE_CHUNK), tick=lambda: stop_check("decode"))
     else:  # a per-frame VAE: window-length chunks, any worker
         chunks = [(s, min(s + job.window, latent_frames)) for s in range(0, latent_frames, job.window)]
-        decoded = pool.imap("decode", [(z[:, :, s:e].clone(),) for s, e in chunks])
+        decoded = pool.imap("decode", [(z[:, :, s:e].clone(),) for s, e in chunks], tick=lambda: stop_check("decode"))
     sampled = set(preview_indices(job.output_frames)) if req.preview else set()
     previews: list[tuple[int, np.ndarray]] = []
     bar = _bar(job.output_frames, "decode", "frame", progress)
@@ -602,45 +641,52 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     generated = hashlib.sha256()  # frames_sha256: the frames before the watermark and the label
     produce_id = provenance.produce_id_for(req.model_dump(mode="json"))
     marker = Embedder(payload_of(produce_id), job.width, job.height)  # the new frames' invisible watermark
-    labelled = frames_labelled(req.label, req.fps, job.output_frames) if job.label is not None else 0
-    label_info = {"mode": req.label, "text": req.label_text, "position": req.label_position}
+    # the visible label: on the first seconds of the new frames, wherever they are in the file (after an
+    # extended clip's), or on every frame
+    first_new = inputs.before.frames if inputs.before is not None else 0
+    span = labelled_span(req.label, req.fps, first_new, job.new_frames, job.output_frames) \
+        if job.label is not None else (0, 0)
+    label_info = {"mode": req.label, "text": req.label_text, "position": req.label_position, "frames": span}
 
     def tags(stream_sha256: str) -> dict[str, str]:
         return provenance.tags(request=req.model_dump(mode="json"), frames_sha256=generated.hexdigest(),
                                delivered_sha256=writer.sha256, stream_sha256=stream_sha256, label=label_info)
 
     sign = (lambda src, dst: provenance.sign(src, dst, Path(req.out).name)) if provenance.c2pa else None
-    with VideoWriter(req.out, job.width, job.height, req.fps, tags=tags, sign=sign) as writer:
-        def emit(frames: np.ndarray, new: bool = True) -> None:  # (n, H, W, 3), the output's next frames
-            first = writer.frames_written
-            generated.update(np.ascontiguousarray(frames))
-            if on_frames is not None:
-                on_frames(first, frames)
-            if first < labelled:  # the label first: the watermark is then measured on what is written
-                frames = frames.copy()
-                job.label.draw(frames[: labelled - first])
-            if new:  # frames made here (an input clip's frames keep whatever mark they carry)
-                frames = marker.mark(frames)
-            writer.write(frames)
-            previews.extend((first + k, frames[k].copy()) for k in range(len(frames)) if first + k in sampled)
-            bar.update(len(frames))
-            report("decode", total, writer.frames_written)
+    try:
+        with VideoWriter(req.out, job.width, job.height, req.fps, tags=tags, sign=sign) as writer:
+            def emit(frames: np.ndarray, new: bool = True) -> None:  # (n, H, W, 3), the output's next frames
+                first = writer.frames_written
+                generated.update(np.ascontiguousarray(frames))
+                if on_frames is not None:
+                    on_frames(first, frames)
+                lo, hi = max(span[0] - first, 0), min(span[1] - first, len(frames))
+                if hi > lo:  # the label first: the watermark is then measured on what is written
+                    frames = frames.copy()
+                    job.label.draw(frames[lo:hi])
+                if new:  # frames made here (an input clip's frames keep whatever mark they carry)
+                    frames = marker.mark(frames)
+                writer.write(frames)
+                previews.extend((first + k, frames[k].copy()) for k in range(len(frames)) if first + k in sampled)
+                bar.update(len(frames))
+                report("decode", total, writer.frames_written)
 
-        if inputs.before is not None:  # extend: the input's frames, as read, then the new ones
-            for frames in video_chunks("extend", inputs.before.path, req.fps, job.width, job.height):
-                emit(frames, new=False)
-        done = 0  # frames of the denoised clip decoded so far
-        for frames in decoded:  # (n, H, W, 3)
-            lo, hi = max(keep[0] - done, 0), min(keep[1] - done, len(frames))
-            done += len(frames)
-            if hi > lo:
-                emit(frames[lo:hi])
-            if done >= keep[1]:
-                break  # only a context already read, or the frame rule's surplus, is left
-        if inputs.after is not None:  # lead_into: its frames close the output
-            for frames in video_chunks("lead_into", inputs.after.path, req.fps, job.width, job.height):
-                emit(frames, new=False)
-    decoded.close()  # stops a stream still decoding the surplus
+            if inputs.before is not None:  # extend: the input's frames, as read, then the new ones
+                for frames in video_chunks("extend", inputs.before.path, req.fps, job.width, job.height):
+                    emit(frames, new=False)
+            done = 0  # frames of the denoised clip decoded so far
+            for frames in decoded:  # (n, H, W, 3)
+                lo, hi = max(keep[0] - done, 0), min(keep[1] - done, len(frames))
+                done += len(frames)
+                if hi > lo:
+                    emit(frames[lo:hi])
+                if done >= keep[1]:
+                    break  # only a context already read, or the frame rule's surplus, is left
+            if inputs.after is not None:  # lead_into: its frames close the output
+                for frames in video_chunks("lead_into", inputs.after.path, req.fps, job.width, job.height):
+                    emit(frames, new=False)
+    finally:
+        decoded.close()  # stops a stream still decoding (the surplus, or after an error or a stop)
     bar.close()
     if req.preview:
         contact_sheet(previews, req.preview)
@@ -669,7 +715,7 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         delivered_sha256=writer.sha256,
         produce_id=produce_id,
         label=req.label,
-        labelled_frames=labelled,
+        labelled_frames=span[1] - span[0],
         model=req.model,
         seed=req.seed,
         weighting=req.weighting,

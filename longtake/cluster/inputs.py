@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from longtake.media import VideoInput, file_sha256, load_image, open_video, probe_media
+from longtake.media import VideoInput, file_sha256, frames_at, load_image, open_video, probe_media
 from longtake.request import DEFAULT_BRIDGE_STRENGTH, DEFAULT_STRENGTH, RenderRequest, RequestError
 
 
@@ -87,16 +87,30 @@ def _fit(video: VideoInput, frames: int, explicit: bool, field_name: str, fps: f
     return (video.frames - 1) // temporal * temporal + 1 if causal else video.frames
 
 
+def _video(field: str, path: str, fps: float, width: int, height: int, head: int = 0, tail: int = 0,
+           pixels: bool = True) -> VideoInput:
+    """`open_video`, or with `pixels=False` the same VideoInput with the frame count from the packets and
+    black frames (never allocated: broadcast) for the head and tail, no file hash."""
+    if pixels:
+        return open_video(field, path, fps, width, height, head=head, tail=tail)
+    frames = frames_at(field, path, fps)
+    black = np.zeros((1, height, width, 3), np.uint8)
+    return VideoInput(path=str(path), frames=frames, sha256="",
+                      head=np.broadcast_to(black, (min(head, frames), height, width, 3)),
+                      tail=np.broadcast_to(black, (min(tail, frames), height, width, 3)))
+
+
 def resolve_inputs(request: RenderRequest, height: int, width: int, window_frames: int, causal: bool = False,
-                   temporal: int = 1, pin_reference: bool = True) -> Inputs:
+                   temporal: int = 1, pin_reference: bool = True, pixels: bool = True) -> Inputs:
     """Open and check every medium of a request (no model involved). Raises RequestError naming the field.
     `pin_reference=False`: the reference photo is the model's conditioning (Wan-Animate: `reference_image`),
-    not a known frame 0."""
+    not a known frame 0. `pixels=False`: videos are probed, not decoded (`_video`): the frame counts and
+    every check, for a server checking a request it is about to queue."""
     fps, new = request.fps, request.num_frames
     pinned, hashes = [], {}
     source, strength = None, 1.0
     if request.video is not None:  # video to video: its length, unless fewer seconds are asked for
-        source = open_video("video", request.video, fps, width, height)
+        source = _video("video", request.video, fps, width, height, pixels=pixels)
         if request.seconds is not None and new > source.frames:
             raise RequestError("seconds", request.seconds, f"at most the video's length ({source.frames} frames at "
                                                            f"{fps:g} fps = {source.frames / fps:g} s), or no value")
@@ -108,12 +122,12 @@ def resolve_inputs(request: RenderRequest, height: int, width: int, window_frame
     want = _context_frames(request, window_frames, causal, temporal)
     explicit = request.context is not None
     if request.extend is not None:  # one pass: its frame count and its last frames
-        before = open_video("extend", request.extend, fps, width, height, tail=want)
+        before = _video("extend", request.extend, fps, width, height, tail=want, pixels=pixels)
         ctx_before = _fit(before, want, explicit, "extend", fps, causal, temporal)
         pinned.append(Pinned(0, before.tail[len(before.tail) - ctx_before:], "extend"))
         hashes["extend"] = before.sha256
     if request.lead_into is not None:
-        after = open_video("lead_into", request.lead_into, fps, width, height, head=want)
+        after = _video("lead_into", request.lead_into, fps, width, height, head=want, pixels=pixels)
         ctx_after = _fit(after, want, explicit, "lead_into", fps, causal, temporal)
         pinned.append(Pinned(ctx_before + new, after.head[:ctx_after], "lead_into"))
         hashes["lead_into"] = after.sha256
@@ -170,19 +184,24 @@ def reference_image(field: str, path: str, width: int, height: int) -> np.ndarra
 
 
 def clip_frames(field: str, path: str, frames: int, fps: float, width: int, height: int, loop: bool = False,
-                gray: bool = False) -> np.ndarray:
+                gray: bool = False, pixels: bool = True) -> np.ndarray | None:
     """A conditioning video (a face, a background, a mask) as `frames` frames at `fps`, scaled to cover
     width x height and centre-cropped, (frames, height, width, 3) uint8 (`gray`: (frames, height, width), the
     luma PIL's "L" conversion gives, as diffusers' mask processor reads masks). Shorter than the clip: an error
-    naming `field`, unless `loop` (pose_loop: it repeats, as the pose does)."""
+    naming `field`, unless `loop` (pose_loop: it repeats, as the pose does). `pixels=False`: that check on
+    its length from its packets, nothing decoded, None."""
     from PIL import Image
 
     from longtake.media import head_frames
 
-    read = head_frames(field, path, fps, width, height, frames)
-    if len(read) < frames and not loop:
+    have = frames_at(field, path, fps) if not pixels else None
+    read = head_frames(field, path, fps, width, height, frames) if pixels else ()
+    have = len(read) if pixels else have
+    if have < frames and not loop:
         raise RequestError(field, path, f"a video as long as the clip ({frames / fps:g} s at {fps:g} fps), or "
-                                        f"pose_loop; it has {len(read) / fps:g} s ({len(read)} frames)")
+                                        f"pose_loop; it has {have / fps:g} s ({have} frames)")
+    if not pixels:
+        return None
     out = np.stack([read[i % len(read)] for i in range(frames)])
     if gray:
         out = np.stack([np.asarray(Image.fromarray(f).convert("L"), np.uint8) for f in out])

@@ -98,18 +98,25 @@ def plan_path(motions: list[str], keys: list[PromptKey], frames: int, fps: float
     return centres % np.array([width, height])
 
 
+def plannable(keys: list[PromptKey], loop: bool, anchored: bool) -> bool:
+    """Whether `plan` can make a plan, from the words alone: every key names a shape and a motion; around
+    known frames (not in a loop), maybe (`anchored` decides from their pixels)."""
+    if anchored:
+        return not loop
+    return all(None not in words(k.prompt) for k in keys)
+
+
 def plan(keys: list[PromptKey], frames: int, fps: float, width: int, height: int, seed: int,
          loop: bool = False, anchors: tuple[tuple[int, np.ndarray], ...] = ()) -> np.ndarray | None:
     """The control frames of a plan, (frames, height, width, 3) uint8 silhouettes (white on black), or None
     where there is none to make (the model then moves the object itself). From text alone (no `anchors`):
     every prompt key must name a shape and a motion. With anchors (known frames: (first frame, (n, H, W, 3)
     pixels) runs), see `anchored`."""
-    if anchors:
-        return None if loop else anchored(keys, frames, fps, width, height, seed, anchors)
-    found = [words(k.prompt) for k in keys]
-    if any(None in f for f in found):
+    if not plannable(keys, loop, bool(anchors)):
         return None
-    shapes, motions = zip(*found)
+    if anchors:
+        return anchored(keys, frames, fps, width, height, seed, anchors)
+    shapes, motions = zip(*(words(k.prompt) for k in keys))
     centres = plan_path(list(motions), keys, frames, fps, width, height, seed, loop)
     radius = np.random.default_rng([seed, 1]).uniform(*RADIUS) * min(width, height)
     a, b, alpha = (t.numpy() for t in prompt_schedule(keys, frames, fps, loop))
