@@ -5,9 +5,9 @@
 """
 
 from longtake.request import RenderRequest, RequestError
+from longtake.version import __version__
 
-__all__ = ["RenderRequest", "RequestError", "render"]
-__version__ = "0.1.0"
+__all__ = ["RenderRequest", "RequestError", "render", "__version__"]
 
 
 def render(request, **kwargs):

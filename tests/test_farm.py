@@ -90,9 +90,17 @@ class OneBadWorker(SlowWorker):
         return super().predict(z, t, cond, start, end, guidance)
 
 
-class SlowDecodeWorker(Worker):
+class StallingDecodeWorker(Worker):
+    """Decodes its first chunk, then waits on every later one until the file `release` exists (at most a
+    minute): a job is mid-decode when the test cancels it, however fast this machine decodes."""
+
+    release = ""  # a file path, set per test
+
     def decode(self, z):
-        time.sleep(0.3)
+        self.decoded = getattr(self, "decoded", 0) + 1
+        deadline = time.monotonic() + 60
+        while self.decoded > 1 and not os.path.exists(self.release) and time.monotonic() < deadline:
+            time.sleep(0.02)
         return super().decode(z)
 
 
@@ -224,6 +232,85 @@ def test_submit_rejects_bad_specs(tmp_path, spec, field, capsys):
     assert field in capsys.readouterr().err
 
 
+def test_submit_refuses_an_output_path_another_job_writes(tmp_path, tiny_model, capsys, monkeypatch):
+    """Retention deletes a job's `out`: two live jobs must never share one (item: another job's video)."""
+    monkeypatch.chdir(tmp_path)
+    farm_dir, clip = tmp_path / "farm", tmp_path / "clip.mp4"
+    args = ["--farm-dir", str(farm_dir)]
+    spec = tmp_path / "a.yaml"
+    spec.write_text(json.dumps(job_request(tiny_model, out="clip.mp4", token="shot-a")))  # relative to the cwd
+    assert main(["submit", str(spec), *args]) == 0
+    first = capsys.readouterr().out.strip()
+    assert main(["submit", str(spec), *args]) == 0  # the same token and request: that job again, no clash
+    assert capsys.readouterr().out.strip() == first
+
+    other = tmp_path / "b.json"
+    other.write_text(json.dumps(job_request(tiny_model, seed=1, out=str(clip))))
+    assert main(["submit", str(other), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"out: got '{clip}', expected a path no other job writes (job {first} does" in err
+    assert "nothing was submitted" in err
+    pair = tmp_path / "pair.json"  # two jobs of one submit
+    pair.write_text(json.dumps([job_request(tiny_model, seed=2, out="two.mp4"),
+                                job_request(tiny_model, seed=3, out=str(tmp_path / "two.mp4"))]))
+    assert main(["submit", str(pair), *args]) == 2
+    assert "expected a path no other job writes (job 1 of this submit does)" in capsys.readouterr().err
+    spec.write_text(json.dumps(job_request(tiny_model, seed=4, out="elsewhere.mp4", token="shot-a")))
+    assert main(["submit", str(spec), *args]) == 2  # a token used for another request: an error, not a traceback
+    assert f"token: got 'shot-a', expected a token not used before (job {first} was" in capsys.readouterr().err
+    assert farm.open_store(farm_dir).count() == 1
+
+    assert main(["delete", first, *args]) == 0  # a deleted job writes nothing: its path is free
+    assert main(["submit", str(other), *args]) == 0
+
+
+def test_submit_reads_standard_input_and_pipes(tmp_path, tiny_model, capsys, monkeypatch):
+    import io
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--farm-dir", str(tmp_path / "farm")]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"prompt: a red ball\nmodel: {tiny_model}\nseconds: 2\n"
+                                                 "priority: 7\n"))
+    assert main(["submit", "-", *args]) == 0  # YAML on standard input
+    from_stdin = capsys.readouterr().out.strip()
+    read, write = os.pipe()  # what bash's <(...) passes: /dev/fd/N, a pipe
+    os.write(write, json.dumps([job_request(tiny_model, seed=5), job_request(tiny_model, seed=6)]).encode())
+    os.close(write)
+    try:
+        assert main(["submit", f"/dev/fd/{read}", *args]) == 0
+    finally:
+        os.close(read)
+    from_pipe = capsys.readouterr().out.split()
+    store = farm.open_store(tmp_path / "farm")
+    assert store.get(from_stdin).priority == 7 and store.get(from_stdin).request["prompt"] == "a red ball"
+    assert [store.get(i).request["seed"] for i in from_pipe] == [5, 6]
+    # relative media paths of a spec without a directory of its own are relative to the current directory
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"prompt": "x", "image": "shots/first.png"}'))
+    assert farm.read_specs("-")[0]["image"] == str(tmp_path / "shots" / "first.png")
+    assert main(["submit", str(tmp_path / "missing.yaml"), *args]) == 2
+    assert "expected an existing YAML or JSON file, `-` (standard input) or a pipe" in capsys.readouterr().err
+
+
+def test_a_deleted_job_leaves_status_and_status_id_says_why(tmp_path, tiny_model, capsys):
+    """As over HTTP (the list hides it, a read answers 410 with the reason)."""
+    farm_dir = tmp_path / "farm"
+    args = ["--farm-dir", str(farm_dir)]
+    (kept, _), (gone, _) = farm.submit(farm_dir, [(job_request(tiny_model, seed=i), 0, None) for i in range(2)])
+    assert main(["delete", gone.id, *args]) == 0
+    capsys.readouterr()
+    assert main(["status", *args, "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [kept.id]
+    assert main(["status", *args]) == 0
+    table = capsys.readouterr().out
+    assert kept.id in table and gone.id not in table and "0 keys" not in table
+    assert main(["status", gone.id, *args]) == 0
+    out = capsys.readouterr().out
+    assert "status    deleted" in out and "why       deleted on request (longtake delete)" in out
+    assert main(["status", gone.id, *args, "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["status"] == "deleted" and one["error"] == "deleted on request (longtake delete)"
+
+
 def test_control_commands_follow_the_job_states(tmp_path, tiny_model, capsys):
     farm_dir = tmp_path / "farm"
     (record, _), = farm.submit(farm_dir, [(job_request(tiny_model), 0, None)])
@@ -243,16 +330,17 @@ def test_control_commands_follow_the_job_states(tmp_path, tiny_model, capsys):
 
 def test_recover_requeues_jobs_of_dead_runners_only(tmp_path, tiny_model):
     import subprocess
-    import socket
+
+    from longtake.cluster.jobs import new_runner_id
 
     farm_dir = tmp_path / "farm"
     (dead, _), (alive, _) = farm.submit(farm_dir, [(job_request(tiny_model), 0, None)] * 2)
     store = farm.open_store(farm_dir)
     gone = subprocess.Popen(["true"])
     gone.wait()
-    host = socket.gethostname()
-    store.claim_next(f"{host}:{gone.pid}")
-    store.claim_next(f"{host}:{os.getppid()}")  # a live process that is not this runner
+    host, _, token, boot, pidns = new_runner_id().split(":")  # a runner of this host, boot and pid namespace
+    store.claim_next(f"{host}:{gone.pid}:{token}:{boot}:{pidns}")
+    store.claim_next(f"{host}:{os.getppid()}:{token}:{boot}:{pidns}")  # a live process that is not this runner
     assert farm.Runner(farm_dir).recover() == [dead.id]
     assert store.get(dead.id).state == "queued" and store.get(alive.id).state == "running"
     assert "is gone; requeued" in (farm.job_dir(farm_dir, dead.id) / "log.txt").read_text()
@@ -380,14 +468,16 @@ def test_cancel_mid_job_frees_workers_and_leaves_nothing(tmp_path, tiny_model, r
 def test_cancel_while_encoding_leaves_no_ffmpeg_and_no_partial_file(tmp_path, tiny_model, ray_session):
     farm_dir = tmp_path / "farm"
     (record, _), = farm.submit(farm_dir, [(job_request(tiny_model, seconds=12), 0, None)])
-    runner = _runner(farm_dir, worker_cls=SlowDecodeWorker)
+    release = tmp_path / "release"  # created only once the runner is done: decoding cannot finish before the cancel
+    worker_cls = type("StallingDecodeWorkerHere", (StallingDecodeWorker,), {"release": str(release)})
+    runner = _runner(farm_dir, worker_cls=worker_cls)
     store = farm.open_store(farm_dir)
     seen = {}
 
     def cancel_on_decode():
         while not seen.get("stop"):
             p = store.get(record.id).progress or {}
-            if p.get("phase") == "decode":
+            if p.get("phase") == "decode":  # the first chunk is written: ffmpeg is running
                 seen["ffmpeg"] = [c for c in psutil.Process().children(recursive=True) if "ffmpeg" in _name(c)]
                 farm.control(farm_dir, "cancel", record.id)
                 return
@@ -395,12 +485,14 @@ def test_cancel_while_encoding_leaves_no_ffmpeg_and_no_partial_file(tmp_path, ti
 
     watcher = threading.Thread(target=cancel_on_decode, daemon=True)
     watcher.start()
-    runner.serve_forever(exit_when_idle=True)
-    seen["stop"] = True
-    state = store.get(record.id).state
-    if state == "done":  # decoding finished before the cancel landed: nothing to check on this machine
-        pytest.skip("decode finished before the cancel")
-    assert state == "cancelled"
+    try:
+        runner.serve_forever(exit_when_idle=True)
+    finally:
+        seen["stop"] = True
+        release.touch()
+    assert store.get(record.id).state == "cancelled"
+    log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
+    assert "cancelled at step" in log and "done:" not in log
     assert seen["ffmpeg"], "ffmpeg was running while decoding"
     wait_for(lambda: not [p for p in seen["ffmpeg"] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
              5, "ffmpeg to exit")

@@ -137,28 +137,66 @@ def test_a_runner_whose_lease_was_taken_over_can_change_nothing(tmp_path):
     assert store.get(job.id).state == "done"
 
 
+def runner_id_of(pid: int, **parts) -> str:
+    """A runner id of this host, boot and pid namespace for `pid`; `parts` (boot, pidns) replace those."""
+    host, _, token, boot, pidns = new_runner_id().split(":")
+    return ":".join([host, str(pid), token, parts.get("boot", boot), parts.get("pidns", pidns)])
+
+
+def dead_pid() -> int:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(dead.stdout)
+
+
 def test_a_reused_pid_does_not_keep_a_dead_runners_job(tmp_path):
     """The owner's pid is alive on this host (reused by another process: here, this test itself), but the
     owner stopped renewing its lease: the job is requeued after lease_s."""
+    import os
+
     store = JobStore(tmp_path / "jobs.db")
     job, _ = store.create({"prompt": "x"})
-    import os
-    import socket
-
-    store.claim_next(f"{socket.gethostname()}:{os.getpid()}:deadrunner")
+    owner = runner_id_of(os.getpid())
+    store.claim_next(owner)
     time.sleep(0.3)
-    assert store.recover(new_runner_id(), lease_s=0.2) == [(job.id, f"{socket.gethostname()}:{os.getpid()}:deadrunner")]
+    assert store.recover(new_runner_id(), lease_s=0.2) == [(job.id, owner)]
     assert store.get(job.id).state == "queued"
 
 
 def test_a_dead_process_on_this_host_loses_its_job_at_once(tmp_path):
     store = JobStore(tmp_path / "jobs.db")
     job, _ = store.create({"prompt": "x"})
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    store.claim_next(runner_id_of(dead_pid()))
+    assert [j for j, _ in store.recover(new_runner_id(), lease_s=3600)] == [job.id]
+
+
+def test_runner_ids_name_the_boot_and_pid_namespace():
+    import os
     import socket
 
-    store.claim_next(f"{socket.gethostname()}:{dead.stdout.strip()}:x")
-    assert [j for j, _ in store.recover(new_runner_id(), lease_s=3600)] == [job.id]
+    host, pid, token, boot, pidns = new_runner_id("serve-").split(":")
+    assert (host, pid) == (socket.gethostname(), str(os.getpid())) and token.startswith("serve-")
+    assert boot == open("/proc/sys/kernel/random/boot_id").read().strip().replace("-", "")[:12]
+    assert pidns == os.readlink("/proc/self/ns/pid")[5:-1]
+    assert new_runner_id() != new_runner_id()  # a random instance id: two runners of one process differ
+
+
+@pytest.mark.parametrize("other", [
+    {"pidns": "4026539999"},  # another container on this host: its pid 123 is not this namespace's pid 123
+    {"boot": "0123456789ab"},  # this host before a reboot
+    "legacy",  # host:pid:token, written by an older runner: it carries neither
+])
+def test_a_pid_of_another_namespace_or_boot_is_judged_by_its_lease_only(tmp_path, other):
+    """Pods share a host name and have their own pid namespaces: a live runner in another pod whose pid does
+    not exist here must keep its job while its lease is fresh, and lose it once the lease expires."""
+    store = JobStore(tmp_path / "jobs.db")
+    job, _ = store.create({"prompt": "x"})
+    pid = dead_pid()
+    owner = ":".join(runner_id_of(pid).split(":")[:3]) if other == "legacy" else runner_id_of(pid, **other)
+    store.claim_next(owner)
+    assert store.recover(new_runner_id(), lease_s=3600) == []  # the lease is fresh: the runner may be alive
+    assert store.get(job.id).state == "running"
+    time.sleep(0.3)
+    assert store.recover(new_runner_id(), lease_s=0.2) == [(job.id, owner)]
 
 
 class FailingStore(JobStore):
@@ -179,3 +217,48 @@ def test_a_lease_whose_heartbeat_keeps_failing_is_lost(tmp_path, caplog):
     taken.update(job.id, state="queued", only_from=("running",))
     with Lease(JobStore(tmp_path / "jobs.db"), job.id, ("me", claimed.lease), lease_s=0.4) as lease:
         assert lease.lost.wait(5) and "requeued or taken over" in lease.reason
+
+
+MOUNTINFO = r"""22 1 0:21 / /proc rw,relatime - proc proc rw
+29 1 259:1 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p1 rw
+40 29 0:45 / /data rw,relatime shared:20 - nfs4 fs.example:/export rw,vers=4.2
+41 40 259:2 / /data/local rw,relatime - xfs /dev/nvme1n1 rw
+42 29 0:50 / /mnt/my\040share rw,relatime - cifs //nas/share rw
+43 29 0:51 / /srv/bucket rw,nosuid - fuse.gcsfuse bucket rw,user_id=0
+44 29 0:52 / /srv/overlay rw - fuse.fuse-overlayfs fuse-overlayfs rw
+45 29 0:53 / /srv rw - 9p hostshare rw
+46 45 0:54 / /srv rw - ext4 /dev/sdb rw
+"""
+
+
+@pytest.mark.parametrize("path, kind", [
+    ("/home/me/farm/farm.db", "ext4"),
+    ("/data/longtake/jobs.db", "nfs4"),
+    ("/data", "nfs4"),
+    ("/database/x.db", "ext4"),  # /data is not a prefix of /database
+    ("/data/local/farm.db", "xfs"),  # a local disk mounted inside the network one
+    ("/mnt/my share/farm.db", "cifs"),  # \040 in mountinfo is a space
+    ("/srv/bucket/farm.db", "fuse.gcsfuse"),
+    ("/srv/overlay/farm.db", "fuse.fuse-overlayfs"),
+    ("/srv/other/farm.db", "ext4"),  # two mounts on /srv: the later one hides the 9p share
+])
+def test_mount_type_reads_mountinfo(path, kind):
+    assert jobs.mount_type(path, MOUNTINFO) == kind
+
+
+def test_a_store_on_a_network_filesystem_uses_a_rollback_journal(tmp_path, monkeypatch, caplog):
+    local = JobStore(tmp_path / "local" / "jobs.db")  # this machine's disk: WAL
+    with local._db() as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # the same directory, as mountinfo would show it on an NFS mount
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"29 1 259:1 / / rw - ext4 /dev/sda1 rw\n"
+                         f"40 29 0:45 / {tmp_path.resolve()}/nfs rw - nfs4 server:/export rw,vers=4.2\n")
+    monkeypatch.setattr(jobs, "MOUNTINFO", str(mountinfo))
+    store = JobStore(tmp_path / "nfs" / "farm.db")
+    with store._db() as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert f"job store {tmp_path / 'nfs' / 'farm.db'} is on a network filesystem (nfs4)" in caplog.text
+    job, _ = store.create({"prompt": "x"})  # and it works
+    assert store.claim_next("r").id == job.id
+    assert not (tmp_path / "nfs" / "farm.db-wal").exists()

@@ -115,38 +115,126 @@ def test_delete_on_request_is_physical_and_audited(tmp_path, tiny_model):
 
 def test_farm_delete_and_gc_from_the_cli(tmp_path, tiny_model, capsys):
     farm_dir = tmp_path / "farm"
-    out = tmp_path / "renders" / "clip.mp4"
+    renders = tmp_path / "renders"
     request = {"prompt": SECRET, "seconds": 2, "fps": 8, "steps": 2, "window": 8, "overlap": 2,
-               "model": tiny_model, "out": str(out)}
-    (first, _), (second, _), (third, _) = farm.submit(farm_dir, [(request, 0, None), ({**request, "seed": 1}, 0, None),
-                                                                 ({**request, "seed": 2}, 0, None)])
+               "model": tiny_model}
+    outs = [renders / f"clip{i}.mp4" for i in range(3)]
+    (first, _), (second, _), (third, _) = farm.submit(farm_dir, [({**request, "seed": i, "out": str(out)}, 0, None)
+                                                                 for i, out in enumerate(outs)])
     store = farm.open_store(farm_dir)
-    out.parent.mkdir()
-    for record in (first, second):
+    renders.mkdir()
+    for record, out in ((first, outs[0]), (second, outs[1])):
         out.write_bytes(b"\0" * 500)
         farm.job_dir(farm_dir, record.id).mkdir(parents=True, exist_ok=True)
         (farm.job_dir(farm_dir, record.id) / "log.txt").write_text("rendered\n")
-        store.update(record.id, state="done", result={"out": str(out), "frames": 16})
+        result = {"out": str(out), "frames": 16}
+        store.update(record.id, state="done", result={**result, "written": farm.written(result)})
     store.update(third.id, state="running")
 
     assert main(["delete", third.id, "--farm-dir", str(farm_dir)]) == 2  # running: cancel it first
     assert "cancel" in capsys.readouterr().err
     assert main(["delete", first.id, "--farm-dir", str(farm_dir)]) == 0
-    assert not out.exists() and not farm.job_dir(farm_dir, first.id).exists()
+    assert not outs[0].exists() and not farm.job_dir(farm_dir, first.id).exists()
     assert store.get(first.id).state == "deleted" and store.get(first.id).request == {}
     assert main(["delete", first.id, "--farm-dir", str(farm_dir)]) == 2  # already deleted
     capsys.readouterr()
 
-    out.write_bytes(b"\0" * 500)  # the second job's video
     time.sleep(1.1)
     assert main(["gc", "--farm-dir", str(farm_dir), "--retain-outputs", "1s", "--dry-run", "--json"]) == 0
     planned = json.loads(capsys.readouterr().out)
-    assert planned["dry_run"] and [d["id"] for d in planned["deleted"]] == [second.id] and out.exists()
+    assert planned["dry_run"] and [d["id"] for d in planned["deleted"]] == [second.id] and outs[1].exists()
     assert main(["gc", "--farm-dir", str(farm_dir), "--retain-outputs", "1s"]) == 0
     assert f"deleted output {second.id}" in capsys.readouterr().out
-    assert not out.exists() and store.get(second.id).state == "deleted"
+    assert not outs[1].exists() and store.get(second.id).state == "deleted"
     assert store.get(third.id).state == "running"  # not finished: kept
     assert [a["id"] for a in Audit(farm_dir).lines()] == [first.id, second.id]
     assert SECRET.encode() in db_bytes(farm_dir / "farm.db")  # the running job still holds its request
     assert main(["gc", "--farm-dir", str(farm_dir), "--retain-outputs", "soon"]) == 2
     assert "retain_outputs: got 'soon'" in capsys.readouterr().err
+
+
+def _farm_job_done(farm_dir: Path, store, record, files: dict[str, bytes], result: dict) -> Path:
+    """A farm job left as a runner leaves it: files in its directory, its result with what it wrote."""
+    d = farm.job_dir(farm_dir, record.id)
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    store.update(record.id, state="done", result={**result, "written": farm.written(result)})
+    return d
+
+
+def test_delete_counts_and_audits_each_file_once(tmp_path, tiny_model, capsys):
+    """A farm job's video and preview are in its directory by default, and its result names them too: each is
+    counted, deleted and audited once."""
+    farm_dir = tmp_path / "farm"
+    (record, _), = farm.submit(farm_dir, [({"prompt": "x", "model": tiny_model}, 0, None)])
+    store = farm.open_store(farm_dir)
+    d = farm.job_dir(farm_dir, record.id)
+    _farm_job_done(farm_dir, store, record, {"out.mp4": b"v" * 1000, "preview.png": b"p" * 100,
+                                             "result.json": b"{}"},
+                   {"out": str(d / "out.mp4"), "preview": str(d / "preview.png"), "frames": 16})
+    on_disk = sorted(str(p.relative_to(farm_dir)) for p in d.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+    assert len(on_disk) == 5  # log.txt, request.json, out.mp4, preview.png, result.json
+    assert main(["delete", record.id, "--farm-dir", str(farm_dir)]) == 0
+    assert capsys.readouterr().out.strip() == f"{record.id} deleted: 5 files, {size} bytes"
+    (line,) = Audit(farm_dir).lines()
+    assert sorted(line["files"]) == on_disk and line["bytes"] == size and line["kept"] == []
+    assert not d.exists()
+
+
+def test_retention_deletes_only_files_the_job_wrote(tmp_path, tiny_model, capsys):
+    """A video outside the job's directory is deleted only while it is the file the job recorded; one that
+    was overwritten since (another job, a person) is kept, and the deletion says so."""
+    farm_dir, renders = tmp_path / "farm", tmp_path / "renders"
+    renders.mkdir()
+    mine, replaced, legacy = renders / "mine.mp4", renders / "replaced.mp4", renders / "legacy.mp4"
+    jobs = farm.submit(farm_dir, [({"prompt": "x", "model": tiny_model, "seed": i, "out": str(out)}, 0, None)
+                                  for i, out in enumerate((mine, replaced, legacy))])
+    store = farm.open_store(farm_dir)
+    for out in (mine, replaced, legacy):
+        out.write_bytes(b"\0" * 700)
+    _farm_job_done(farm_dir, store, jobs[0][0], {}, {"out": str(mine), "frames": 16})
+    _farm_job_done(farm_dir, store, jobs[1][0], {}, {"out": str(replaced), "frames": 16})
+    replaced.write_bytes(b"\1" * 900)  # then another render wrote the same path
+    # finished by a runner of an older version, which recorded nothing of what it wrote
+    store.update(jobs[2][0].id, state="done", result={"out": str(legacy), "frames": 16})
+
+    assert main(["delete", jobs[0][0].id, "--farm-dir", str(farm_dir)]) == 0
+    assert not mine.exists()
+    assert main(["delete", jobs[1][0].id, "--farm-dir", str(farm_dir)]) == 0
+    assert replaced.read_bytes() == b"\1" * 900  # not the job's file: kept
+    out = capsys.readouterr().out
+    assert f"kept {replaced} (changed since the job wrote it)" in out
+    time.sleep(1.1)
+    (swept,) = farm.gc(farm_dir, Retention(outputs="1s"))
+    assert swept["id"] == jobs[2][0].id and legacy.exists()
+    assert swept["kept"] == [{"file": str(legacy), "why": "the job recorded no size and time for it"}]
+    lines = Audit(farm_dir).lines()
+    assert [len(a["kept"]) for a in lines] == [0, 1, 1]
+    assert str(mine) in lines[0]["files"] and lines[1]["kept"] == [{"file": str(replaced),
+                                                                     "why": "changed since the job wrote it"}]
+
+
+def test_the_sweep_removes_what_a_deleted_job_left_and_partial_uploads(tmp_path, tiny_model):
+    """A job deleted while its server died mid-way (or a file written after its deletion) leaves a directory
+    behind: the next sweep removes it, with an audit line; so are partial uploads no live upload holds."""
+    import os
+
+    data = tmp_path / "serve"
+    manager = JobManager(data, None, tiny_model, Limits(max_running=0))
+    try:
+        job, _ = manager.submit({"prompt": SECRET, "seconds": 2, "fps": 8, "steps": 2, "window": 8, "overlap": 2})
+        assert manager.delete(job["id"]) == "queued"
+        left = manager.job_dir(job["id"]) / "checkpoints"
+        left.mkdir(parents=True)
+        (left / "step-000002.safetensors").write_bytes(b"\0" * 100)
+        partial = manager.files.incoming()
+        partial.write_bytes(b"\0" * 10)
+        os.utime(partial, (time.time() - 3600, time.time() - 3600))  # an upload that died an hour ago
+        done = manager.gc()
+    finally:
+        manager.close()
+    assert not manager.job_dir(job["id"]).exists() and not partial.exists()
+    assert [(d["id"], d["why"], d["files"]) for d in done] == [
+        (job["id"], "left by a deleted job", [f"jobs/{job['id']}/checkpoints/step-000002.safetensors"])]
+    assert [(a["id"], a["why"]) for a in Audit(data).lines()][-1] == (job["id"], "left by a deleted job")

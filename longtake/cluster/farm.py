@@ -1,18 +1,24 @@
 """The studio farm: a durable queue of render jobs in a farm directory, and the runner that renders them.
 
-    FARM/farm.db                     the job store (SQLite, WAL)
+    FARM/farm.db                     the job store (SQLite; WAL, or a rollback journal on a network filesystem)
     FARM/jobs/ID/request.json        the request as submitted
     FARM/jobs/ID/checkpoints/        step-NNNNNN.safetensors (latents + scheduler state + checksum)
     FARM/jobs/ID/log.txt             what happened to the job: runs, retries, checkpoints, errors
     FARM/jobs/ID/out.mp4, preview.png, result.json   (unless the request names its own `out`)
 
-`submit` validates every request of every spec before queueing any. `Runner` claims the best queued
-job (priority, then submit time), renders it on a Ray actor pool with checkpoints every k steps, and
-keeps going. cancel / pause / resume / retry are store updates that a busy runner notices within a
-window: a paused job is checkpointed at its current step; a cancelled one frees its workers.
-A runner that dies (SIGKILL, lost machine) leaves its job "running"; the next runner to start sees
-that the owner is gone (its process gone from this host, or no heartbeat for the lease time) and requeues
-it, and it resumes from its newest valid checkpoint. Every state change a runner makes is fenced by its
+`submit` validates every request of every spec before queueing any, and refuses an `out` or `preview`
+path that another job (not deleted) writes. A finished job's result records the size and mtime of the
+video and preview it wrote (`written`): retention deletes one outside the job's directory only while it is
+still that file. `longtake delete` scrubs a job's row: `status` no longer lists it, and `status ID`
+says it was deleted and why.
+
+`Runner` claims the best queued job (priority, then submit time), renders it on a Ray actor pool with
+checkpoints every k steps, and keeps going. cancel / pause / resume / retry are store updates that a busy
+runner notices within a window: a paused job is checkpointed at its current step; a cancelled one frees its
+workers. A runner that dies (SIGKILL, lost machine) leaves its job "running"; the next runner to start sees
+that the owner is gone (its process gone from this host, boot and process namespace, or no heartbeat for
+the lease time: jobs.py) and requeues it, and it resumes from its newest valid checkpoint; the local Ray it
+started dies with it (runtime.start_ray). Every state change a runner makes is fenced by its
 lease (jobs.py): a runner whose lease was taken over or could not be renewed stops rendering and changes
 nothing.
 """
@@ -25,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,7 +43,8 @@ from longtake.actors.worker import Worker
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, prepare, run, fingerprint
 from longtake.cluster import retention
-from longtake.cluster.jobs import JobRecord, JobStore, Lease, ProgressWriter, append_log, new_runner_id
+from longtake.cluster.jobs import SQLITE_INT_MAX, JobRecord, JobStore, Lease, ProgressWriter, append_log, new_runner_id
+from longtake.cluster.private import private_dir
 from longtake.provenance import Provenance
 from longtake.request import MEDIA_FIELDS, RequestError, load_timeline
 
@@ -45,6 +53,7 @@ logger = logging.getLogger(__name__)
 JOB_LOGGER = logging.getLogger("longtake.job")
 
 SPEC_KEYS = ("priority", "token")  # per-job keys of a spec that are not request fields
+OUTPUT_FIELDS = ("out", "preview")  # request fields naming a file the job writes (default: in its directory)
 
 
 def default_farm_dir() -> str:
@@ -53,6 +62,7 @@ def default_farm_dir() -> str:
 
 def open_store(farm_dir: str | Path, create: bool = True) -> JobStore:
     """The farm's job store; with create=False, a RequestError when there is no farm at farm_dir."""
+    private_dir(farm_dir, "farm_dir", create=create)  # created 0700; another user's or a shared one is refused
     try:
         return JobStore(Path(farm_dir) / "farm.db", create=create)
     except FileNotFoundError:
@@ -67,17 +77,32 @@ def job_dir(farm_dir: str | Path, job_id: str) -> Path:
 # ---------------------------------------------------------------- submit
 
 def read_specs(path: str) -> list[dict]:
-    """A spec file (YAML or JSON): one job mapping, a list of them, or {jobs: [...]}. Each job is a
+    """A spec (YAML or JSON): one job mapping, a list of them, or {jobs: [...]}. Each job is a
     render request plus optional `priority` (higher first) and `token` (makes the submit idempotent).
     A `timeline` may be a list of keys or the path of a timeline file (relative to the spec), and media
     paths (`image`, `keyframes[].image`, `extend`, `lead_into`, `video`, `pose`, `reference`, `reference_pose`,
-    `face`, `background`, `mask`) are relative to the spec too."""
+    `face`, `background`, `mask`) are relative to the spec too. `out` and `preview` are relative to the
+    current directory. `path` may be a file (JSON if it ends in .json, else YAML), `-` (standard input) or
+    a pipe such as bash's `<(...)`: those are read once, YAML unless they parse as JSON, and their relative
+    paths are relative to the current directory."""
     p = Path(path)
-    if not p.is_file():
-        raise RequestError("spec", path, "an existing YAML or JSON file")
     try:
-        data = json.loads(p.read_text()) if p.suffix.lower() == ".json" else yaml.safe_load(p.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        if path == "-":
+            text = sys.stdin.read()
+        elif p.is_dir() or not p.exists():
+            raise RequestError("spec", path, "an existing YAML or JSON file, `-` (standard input) or a pipe")
+        else:
+            text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RequestError("spec", path, f"a readable YAML or JSON file ({e})") from None
+    regular = path != "-" and p.is_file()
+    base = p.parent if regular else Path.cwd()  # a pipe's directory (/dev/fd) says nothing of its paths
+    try:
+        if regular:
+            data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+        else:
+            data = _json_or_yaml(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise RequestError("spec", path, f"valid YAML or JSON ({str(e).splitlines()[0]})") from None
     if isinstance(data, dict) and set(data) == {"jobs"}:
         data = data["jobs"]
@@ -88,22 +113,29 @@ def read_specs(path: str) -> list[dict]:
     for job in jobs:
         job = dict(job)
         if isinstance(job.get("timeline"), str):
-            keys, negative = load_timeline(str(p.parent / job["timeline"]))
+            keys, negative = load_timeline(str(base / job["timeline"]))
             job["timeline"] = keys
             if negative is not None:
                 job.setdefault("negative_prompt", negative)
-        for field in ("out", "preview"):
+        for field in OUTPUT_FIELDS:
             if isinstance(job.get(field), str):
                 job[field] = str((Path.cwd() / job[field]).resolve())
         for field in (*MEDIA_FIELDS, "reference_pose"):  # every media path (keyframes: below)
             if field != "keyframes" and isinstance(job.get(field), str):
-                job[field] = str((p.parent / job[field]).resolve())
+                job[field] = str((base / job[field]).resolve())
         if isinstance(job.get("keyframes"), list):
-            job["keyframes"] = [{**k, "image": str((p.parent / k["image"]).resolve())}
+            job["keyframes"] = [{**k, "image": str((base / k["image"]).resolve())}
                                 if isinstance(k, dict) and isinstance(k.get("image"), str) else k
                                 for k in job["keyframes"]]
         out.append(job)
     return out
+
+
+def _json_or_yaml(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return yaml.safe_load(text)
 
 
 def split_spec(job: dict, default_priority: int = 0) -> tuple[dict, int, str | None]:
@@ -121,14 +153,45 @@ def split_spec(job: dict, default_priority: int = 0) -> tuple[dict, int, str | N
 def validate(farm_dir: str | Path, request: dict) -> None:
     """Every check `longtake render` makes, before anything is queued (outputs default to the job dir)."""
     check = dict(request)
-    Path(farm_dir).mkdir(parents=True, exist_ok=True)
+    private_dir(farm_dir, "farm_dir")  # created 0700; another user's or a shared one is refused
     check.setdefault("out", str(Path(farm_dir) / "validate.mp4"))
     prepare(check)
 
 
+def _outputs(request: dict) -> dict[str, str]:
+    """{field: real path} of the files a request names for its outputs (the default ones are its own)."""
+    return {f: os.path.realpath(request[f]) for f in OUTPUT_FIELDS if isinstance(request.get(f), str)}
+
+
+def check_outputs(store: JobStore, jobs: list[tuple[dict, int, str | None]]) -> None:
+    """Refuse (RequestError naming the field and the other job) a job whose `out` or `preview` another job
+    that is not deleted writes, or another job of the same submit: retention would delete one job's video
+    with the other's. A token already used for the same request is that job again, not a new owner; one used
+    for another request is refused here too, before anything is queued."""
+    owners: dict[str, str] = {}
+    for record in store.list(limit=SQLITE_INT_MAX, hide=("deleted",)):
+        for path in _outputs(record.request).values():
+            owners.setdefault(path, f"job {record.id} does (`longtake delete {record.id}` frees it)")
+    for n, (request, _, token) in enumerate(jobs):
+        same = store.get_by_key(f"submit:{token}") if token else None
+        if same is not None:
+            if same.request != json.loads(json.dumps(request, sort_keys=True)):
+                raise RequestError("token", token, f"a token not used before (job {same.id} was submitted with it "
+                                                   "and another request)")
+            continue
+        claims = _outputs(request)
+        for field, path in claims.items():
+            if path in owners:
+                raise RequestError(field, request[field], f"a path no other job writes ({owners[path]})")
+        for path in claims.values():
+            owners[path] = f"job {n + 1} of this submit does"
+
+
 def submit(farm_dir: str | Path, jobs: list[tuple[dict, int, str | None]]) -> list[tuple[JobRecord, bool]]:
-    """Queue validated jobs. Returns [(job, created)]; created is False for a token already used."""
+    """Queue validated jobs. Returns [(job, created)]; created is False for a token already used. Raises
+    RequestError, queueing nothing, when a job's output path is another's (`check_outputs`)."""
     store = open_store(farm_dir)
+    check_outputs(store, jobs)
     results = []
     for request, priority, token in jobs:
         record, created = store.create(request, priority=priority, idempotency_key=token and f"submit:{token}")
@@ -172,13 +235,37 @@ def control(farm_dir: str | Path, command: str, job_id: str) -> JobRecord:
 
 # ---------------------------------------------------------------- retention (cluster/retention.py)
 
-def job_paths(farm_dir: str | Path, record: JobRecord) -> list[Path]:
-    """What a farm job wrote: its directory (log, checkpoints) and, once done, its video and preview."""
-    paths = [job_dir(farm_dir, record.id)]
-    for key in ("out", "preview"):
-        if (record.result or {}).get(key):
-            paths.append(Path(record.result[key]))
+def job_paths(farm_dir: str | Path, record: JobRecord) -> list:
+    """What a farm job wrote: its directory (log, checkpoints, and its video and preview by default) and,
+    once done, a video or preview it wrote elsewhere (`out:` / `preview:` of its spec) as retention.Written:
+    deleted only while it is still the file the job recorded in its result (`written`)."""
+    d = job_dir(farm_dir, record.id)
+    paths: list = [d]
+    result = record.result or {}
+    for key in OUTPUT_FIELDS:
+        if result.get(key) and not _inside(Path(result[key]), d):
+            seen = (result.get("written") or {}).get(key) or {}
+            paths.append(retention.Written(Path(result[key]), seen.get("size"), seen.get("mtime_ns")))
     return paths
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def written(result: dict) -> dict:
+    """{field: {"size", "mtime_ns"}} of the files a finished render wrote (its `out` and `preview`): what
+    retention later checks before it deletes one outside the job's directory."""
+    seen = {}
+    for key in OUTPUT_FIELDS:
+        if result.get(key):
+            try:
+                st = os.stat(result[key])
+            except OSError:
+                continue
+            seen[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return seen
 
 
 def delete(farm_dir: str | Path, job_id: str) -> dict:
@@ -366,6 +453,7 @@ class Runner:
             self._drop_pool()
             return self._fail(record.id, owner, f"{type(e).__name__}: {e}")
         summary = result.to_dict()
+        summary["written"] = written(summary)  # what retention may delete outside the job's directory
         (d / "result.json").write_text(json.dumps(summary, indent=2))
         if self.store.update(record.id, state="done", result=summary, only_from=("running",), owner=owner):
             ckpt.clear()

@@ -1,4 +1,10 @@
-"""The job store: SQLite in WAL mode, one row per job (DESIGN.md contract 8), shared by the farm and serve.
+"""The job store: SQLite, one row per job (DESIGN.md contract 8), shared by the farm and serve.
+
+Journal: WAL on a local filesystem. WAL's index is memory shared between the processes of one machine,
+so it is unsafe on a network filesystem (NFS, SMB, 9p, CephFS, Lustre, sshfs, gcsfuse, ...: `NETWORK_FS`,
+read from /proc/self/mountinfo): there the store falls back to a rollback journal (journal_mode=DELETE) and
+logs a warning naming the path. That mode is safe where the filesystem's locks work across machines;
+keep the store on a local disk of one machine where you can (deploy/rayservice.yaml does).
 
 A job has an id, a state, its request, progress, an error or a result, an optional idempotency key and
 a lease. Every write is one short transaction on a connection opened and closed for it, so several
@@ -8,8 +14,10 @@ Leases (fencing). `claim_next(runner)` moves a queued job to running and gives i
 new lease generation. The runner's own writes (progress, done, failed, requeue) pass `owner=(runner,
 generation)` and change nothing once the job was taken from it; `Lease` heartbeats in a thread and sets
 `lost` when the lease was taken over or could not be renewed, and the runner then stops rendering.
-`recover()` requeues the jobs of runners that are gone: same host and process gone, or no heartbeat for
-`lease_s` (a reused process id on the same host cannot keep a dead runner's job).
+`recover()` requeues the jobs of runners that are gone: process gone (judged only for a runner of the same
+host, boot id and pid namespace: a runner id is host:pid:token:boot:pidns, since pods share host names and
+have their own pids), or no heartbeat for `lease_s` (a reused process id cannot keep a dead runner's job;
+runner ids of older versions are judged by their lease only).
 
 The job-status JSON (`JobRecord.to_dict`, the one shape of `longtake status --json` and the HTTP API):
     {"id", "status", "priority", "created", "updated" (ISO 8601 UTC), "request" (as submitted, full prompt),
@@ -24,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -90,9 +99,43 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _read_first(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def this_machine() -> tuple[str, str, str]:
+    """(host name, boot id, pid namespace) of this process: pids are comparable only where all three match
+    (pods share a host name and have their own pid namespaces; a reboot reuses pids). An id that cannot be
+    read (no /proc) is "", which matches nothing."""
+    boot = _read_first("/proc/sys/kernel/random/boot_id").replace("-", "")[:12]
+    try:
+        pidns = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    except OSError:
+        pidns = ""
+    return socket.gethostname(), boot, pidns
+
+
 def new_runner_id(kind: str = "") -> str:
-    """host:pid:token. The token tells a process apart from a later one that reuses its pid."""
-    return f"{socket.gethostname()}:{os.getpid()}:{kind}{uuid.uuid4().hex[:8]}"
+    """host:pid:KINDtoken:boot:pidns. The random token tells a process apart from a later one that reuses its
+    pid; the boot id and pid namespace say where that pid means something (`recover`)."""
+    host, boot, pidns = this_machine()
+    return f"{host}:{os.getpid()}:{kind}{uuid.uuid4().hex[:12]}:{boot}:{pidns}"
+
+
+def _gone_here(owner: str) -> bool:
+    """True when `owner` (a runner id) names a process of this host, boot and pid namespace that is not
+    alive. Any other owner (another machine or container, or an id of an older format without boot id and
+    namespace) is never judged by its pid: its lease decides."""
+    parts = owner.split(":")
+    if len(parts) != 5 or not parts[1].isdigit():
+        return False
+    host, boot, pidns = this_machine()
+    return bool(boot and pidns) and (parts[0], parts[3], parts[4]) == (host, boot, pidns) \
+        and not _pid_alive(int(parts[1]))
 
 
 @dataclass
@@ -134,14 +177,59 @@ def _check_int(name: str, value, low: int, high: int = SQLITE_INT_MAX) -> int:
     return value
 
 
+MOUNTINFO = "/proc/self/mountinfo"
+# filesystem types (mountinfo's) where SQLite's WAL is unsafe: a network or cluster filesystem, or FUSE over one
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "afs",
+              "ocfs2", "gfs2", "beegfs", "orangefs", "fuse.sshfs", "fuse.gcsfuse", "fuse.s3fs", "fuse.rclone",
+              "fuse.goofys", "fuse.juicefs", "fuse.glusterfs", "fuse.ceph-fuse", "fuse.blobfuse2",
+              "fuse.mountpoint-s3", "fuse.geesefs")
+
+
+def mount_type(path: str, mountinfo: str) -> str | None:
+    """The filesystem type of the mount that holds `path` (absolute, symlinks resolved), read from the text of
+    /proc/self/mountinfo: the longest mount point that contains it, the last mounted where several share it."""
+    best, found = -1, None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # \040 is a space
+        inside = point == "/" or path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best:
+            best, found = len(point), right.split()[0]
+    return found
+
+
+def network_fs(path: str | Path) -> str | None:
+    """The type of the network filesystem that holds `path` (which exists), or None for a local one or where
+    mounts cannot be read (no /proc)."""
+    try:
+        with open(MOUNTINFO) as f:
+            text = f.read()
+    except OSError:
+        return None
+    kind = mount_type(os.path.realpath(path), text)
+    return kind if kind in NETWORK_FS else None
+
+
+_warned: set[str] = set()
+
+
 class JobStore:
     def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise FileNotFoundError(f"no job store at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remote = network_fs(self.path.parent)
+        if remote and str(self.path) not in _warned:
+            _warned.add(str(self.path))
+            logger.warning("job store %s is on a network filesystem (%s): using a rollback journal, not WAL (WAL "
+                           "needs memory shared by the processes of one machine); keep it on a local disk if you "
+                           "can", self.path, remote)
         with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA journal_mode={'DELETE' if remote else 'WAL'}")
             db.executescript(SCHEMA)
             columns = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
             if "runner" not in columns:  # a store made before the farm existed
@@ -306,19 +394,15 @@ class JobStore:
 
     def recover(self, me: str, lease_s: float, mine: tuple[str, ...] = ()) -> list[tuple[str, str]]:
         """Requeue running jobs whose runner is gone: this process's own jobs that it is not rendering
-        (`mine`), jobs of a process gone from this host, and jobs whose lease was not renewed for `lease_s`.
-        Returns [(job id, old runner)]."""
-        host = socket.gethostname()
+        (`mine`), jobs of a process gone from this host, boot and pid namespace (`_gone_here`), and jobs whose
+        lease was not renewed for `lease_s`. Returns [(job id, old runner)]."""
         requeued = []
         for record in self.list(limit=SQLITE_INT_MAX, state="running"):
             owner = record.runner or ""
-            parts = owner.split(":")
             if owner == me:
                 gone = record.id not in mine
-            elif parts[0] == host and len(parts) > 1 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
-                gone = True
             else:
-                gone = time.time() - record.updated > lease_s
+                gone = _gone_here(owner) or time.time() - record.updated > lease_s
             if gone and self.update(record.id, state="queued", progress={}, only_from=("running",),
                                     owner=(record.runner, record.lease) if record.runner else None):
                 requeued.append((record.id, owner))

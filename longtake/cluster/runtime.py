@@ -10,12 +10,14 @@ second CPU worker saves on a job that small. Same frames either way (one torch t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
@@ -27,22 +29,44 @@ logger = logging.getLogger(__name__)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Start a local Ray (or join `address`) unless one is up. Returns True if this call started it."""
+    """Start a local Ray (or join `address`) unless one is up. Returns True if this call started it.
+    Ray's start-up lines go to longtake's log at DEBUG, its errors to stderr (ray_guard.quiet_start). A local
+    Ray has token authentication on (Ray >= 2.59 turns it on for local clusters: pyproject.toml's floor) and
+    dies with this process, even one killed with SIGKILL (ray_guard.watch: its agents and workers too).
+    Its workers import the installed longtake whatever directory this process runs in (`_installed_first`)."""
     import ray
+
+    from longtake.cluster import ray_guard
 
     if ray.is_initialized():
         return False
     on_term = signal.getsignal(signal.SIGTERM)
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+    with ray_guard.quiet_start(), _installed_first():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            with ray_guard.marked(ray_guard.watch()):
+                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
     # ray.init installs its own SIGTERM handler (log and exit); keep the caller's, so a CLI that turns
     # SIGTERM into a clean stop still cleans up
     if on_term not in (None, signal.SIG_DFL) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_term)
     return True
+
+
+@contextlib.contextmanager
+def _installed_first():
+    """Ray puts the driver's working directory first on every worker's sys.path (and Serve's replicas'). Run
+    from the directory above a clone, that holds a folder named `longtake` without __init__.py, which the
+    workers would import as an empty namespace package instead of the installed one. While ray.init reads it,
+    the working directory is the one that holds the installed package."""
+    here = os.getcwd()
+    os.chdir(Path(__file__).resolve().parents[2])  # the directory holding longtake/
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def worker_plan(job: Job, gpus: float, cpus: float) -> tuple[WorkerSpec, int]:
