@@ -9,14 +9,17 @@ too long gets a `RequestError` naming the field. The conversions are fixed and d
 - images: the first frame of the file, RGB (alpha dropped, palette expanded).
 
 Limits: at most MAX_INPUT_PIXELS pixels a frame (images and videos), videos at most MAX_INPUT_SECONDS long.
-ffmpeg runs with an argument list, never a shell, and reads local files only (`-protocol_whitelist
-file,pipe`: a playlist naming a URL is refused). Videos stream in chunks; only the frames a job pins (a
-context of one window or a few seconds) are held as pixels.
+ffmpeg runs with an argument list, never a shell, reads local files only (`-protocol_whitelist file,pipe`:
+no URL), and opens only real video containers and streams (`-format_whitelist VIDEO_FORMATS`): a playlist
+or script (HLS .m3u8, ffconcat, DASH...) that would make it read other files is refused as not a video.
+Videos stream in chunks; only the frames a job pins (a context of one window or a few seconds) are held as
+pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +33,17 @@ from longtake.request import MAX_SECONDS, RequestError
 
 MAX_INPUT_PIXELS = 4096 * 4096  # per frame, images and videos
 MAX_INPUT_SECONDS = MAX_SECONDS  # the longest video input
-SAFE_INPUT = ["-protocol_whitelist", "file,pipe"]  # local files only: no URL a playlist could name
+# the demuxers a video may be read with: containers and raw streams of real video, never a playlist or a
+# script that names other files (hls, concat, dash, image2's file patterns, ...)
+VIDEO_FORMATS = ("mov", "matroska", "avi", "mpegts", "mpeg", "flv", "ogg", "asf", "mxf", "nut", "dv", "ivf",
+                 "h264", "hevc", "m4v", "obu", "mjpeg", "yuv4mpegpipe")
+SAFE_INPUT = ["-protocol_whitelist", "file,pipe",  # local files only: no URL
+              "-format_whitelist", ",".join(VIDEO_FORMATS)]  # a video container, never a playlist
+NOT_A_VIDEO = ("a video file (MP4, MOV, WebM, MKV, AVI, MPEG-TS...; playlists such as HLS .m3u8 and ffconcat "
+               "are refused)")
 CHUNK = 16  # frames per chunk when a video streams
+# imageio-ffmpeg warns whenever the frames are read at another size than the source's: here always, on purpose
+logging.getLogger("imageio_ffmpeg").setLevel(logging.ERROR)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -112,19 +124,29 @@ def _reader(field: str, path: str, fps: float, width: int, height: int):
         meta = next(reader)
     except (OSError, RuntimeError, StopIteration) as e:
         reader.close()
+        if "not on whitelist" in str(e):  # a playlist, or another format that is not a video container
+            raise RequestError(field, path, NOT_A_VIDEO) from None
         last = [line for line in str(e).splitlines() if line.strip()][-1:] or ["no video stream"]
         raise RequestError(field, path, f"a readable video with a video stream ({last[0].strip()[:160]})") from None
     source = meta.get("source_size") or meta.get("size") or (0, 0)
     duration = float(meta.get("duration") or 0)
-    problem = None
-    if source[0] * source[1] > MAX_INPUT_PIXELS:
-        problem = f"a video of at most {MAX_INPUT_PIXELS} pixels a frame (got {source[0]}x{source[1]})"
-    elif duration > MAX_INPUT_SECONDS:
-        problem = f"a video of at most {MAX_INPUT_SECONDS:g} seconds (got {duration:g})"
-    if problem:
+    if not duration:  # no container duration (a raw H.264 stream): its length from its packets
+        duration = probe_video(field, path)["seconds"]
+    try:
+        _check_limits(field, path, source, duration)
+    except RequestError:
         reader.close()
-        raise RequestError(field, path, problem)
+        raise
     return reader, {"width": source[0], "height": source[1], "seconds": duration}
+
+
+def _check_limits(field: str, path: str, size: tuple[int, int], seconds: float) -> None:
+    """RequestError naming `field` for a video over MAX_INPUT_PIXELS a frame or MAX_INPUT_SECONDS long."""
+    if size[0] * size[1] > MAX_INPUT_PIXELS:
+        raise RequestError(field, path, f"a video of at most {MAX_INPUT_PIXELS} pixels a frame (got "
+                                        f"{size[0]}x{size[1]})")
+    if seconds > MAX_INPUT_SECONDS:
+        raise RequestError(field, path, f"a video of at most {MAX_INPUT_SECONDS:g} seconds (got {seconds:g})")
 
 
 def video_chunks(field: str, path: str, fps: float, width: int, height: int, chunk: int = CHUNK
@@ -191,3 +213,49 @@ def open_video(field: str, path: str, fps: float, width: int, height: int, head:
     empty = np.empty((0, height, width, 3), np.uint8)
     return VideoInput(path=str(path), frames=count, head=np.stack(first) if first else empty,
                       tail=np.stack(list(last)) if tail else empty, sha256=file_sha256(path))
+
+
+def probe_video(field: str, path: str) -> dict:
+    """A video's size and length from its packets, without decoding a frame: {"width", "height", "seconds",
+    "packets"}. ffmpeg copies the first video stream's packets to its `framecrc` muxer (one line per packet:
+    its timestamps), so a stream without a container duration (a raw H.264 upload) has its true length too;
+    what it reads is bounded by the file's size, not by what decoding it would cost. RequestError naming
+    `field` when it is not a readable video, or is over the limits above."""
+    import subprocess
+
+    p = Path(path)
+    if not p.is_file():
+        raise RequestError(field, path, "an existing video file")
+    proc = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *SAFE_INPUT,
+                           "-i", str(p), "-map", "0:v:0", "-c", "copy", "-f", "framecrc", "-"],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        if "not on whitelist" in proc.stderr:
+            raise RequestError(field, path, NOT_A_VIDEO)
+        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no video stream"]
+        raise RequestError(field, path, f"a readable video with a video stream ({last[0].strip()[:160]})")
+    base, size, first, end, packets = None, (0, 0), None, None, 0
+    for line in proc.stdout.splitlines():
+        if line.startswith("#tb 0:"):
+            num, den = line.split(":", 1)[1].strip().split("/")
+            base = int(num) / int(den)
+        elif line.startswith("#dimensions 0:"):
+            w, h = line.split(":", 1)[1].strip().split("x")
+            size = (int(w), int(h))
+        elif line and not line.startswith("#"):
+            _, dts, pts, duration, *_ = (x.strip() for x in line.split(","))
+            t = int(pts) if int(pts) > -2**62 else int(dts)  # a raw stream's packets have no pts
+            first = t if first is None else min(first, t)
+            end = t + int(duration) if end is None else max(end, t + int(duration))
+            packets += 1
+    if not packets or base is None:
+        raise RequestError(field, path, "a video with at least one frame")
+    seconds = (end - first) * base
+    _check_limits(field, path, size, seconds)
+    return {"width": size[0], "height": size[1], "seconds": seconds, "packets": packets}
+
+
+def frames_at(field: str, path: str, fps: float) -> int:
+    """A video's frame count at `fps`, from its packets (`probe_video`: no frame decoded): what ffmpeg's fps
+    filter gives it, to within a frame."""
+    return max(1, round(probe_video(field, path)["seconds"] * fps))

@@ -11,6 +11,7 @@ import pytest
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
 from longtake.cluster.jobs import Conflict, QueueFull
+from longtake.cluster.retention import Audit
 from longtake.request import RequestError
 from longtake.serve.manager import Gone, JobManager, Limits, public_message
 
@@ -21,9 +22,9 @@ IDLE = Limits(max_running=0)  # validation only: nothing is rendered
 class SlowPool(InProcessPool):
     """The in-process pool, a little slower per window, so a test can act mid-job."""
 
-    def poll(self):
+    def poll(self, timeout=None):
         time.sleep(0.05)
-        return super().poll()
+        return super().poll(timeout)
 
 
 def wait_for(predicate, timeout=120, what="condition"):
@@ -154,6 +155,75 @@ def test_a_media_error_names_the_file_id_never_the_server_path(idle, tmp_path):
     assert e.value.field == "extend" and e.value.value == video and str(idle.data_dir) not in str(e.value)
 
 
+def _upload_video(manager, owner: str, tmp_path, name: str, seconds: float, raw: bool = False) -> str:
+    """A 64 x 64 clip at 8 fps (`raw`: a bare H.264 stream, which has no container duration), uploaded."""
+    import shutil
+    import subprocess
+
+    from longtake.video import ffmpeg_exe
+
+    made = tmp_path / name
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=8", "-t",
+                    str(seconds), "-c:v", "libx264", "-pix_fmt", "yuv420p", *(["-f", "h264"] if raw else []),
+                    str(made)], check=True)
+    path = manager.files.incoming()
+    shutil.copy(made, path)
+    return manager.files.add(path, owner, name)["id"]
+
+
+def test_what_is_rendered_and_written_counts_against_max_seconds(tmp_path, tiny_model):
+    """A video redrawn for its own length (no seconds asked for) and the clips extend passes through count, and
+    a raw stream's length comes from its packets (its container says 0 s)."""
+    from longtake.serve.files import owner_of
+
+    manager = JobManager(tmp_path / "serve", None, tiny_model, Limits(max_running=0, max_seconds=10))
+    owner = owner_of("t")
+    try:
+        raw = _upload_video(manager, owner, tmp_path, "raw.h264", 20, raw=True)
+        long = _upload_video(manager, owner, tmp_path, "long.mp4", 15)
+        short = _upload_video(manager, owner, tmp_path, "short.mp4", 3)
+        assert manager.files.get(raw, owner)["seconds"] == 20  # was 0.0: no container duration
+        body = {k: v for k, v in JOB.items() if k != "seconds"}
+        for video in (raw, long):
+            with pytest.raises(RequestError, match="a video of at most 10 s") as e:
+                manager.submit({**body, "video": video}, client="t")
+            assert e.value.field == "video" and e.value.value == video
+        manager.submit({**body, "video": long, "seconds": 5}, client="t")  # 5 s of it: within the limit
+        with pytest.raises(RequestError, match=r"the clips passed through included \(this one is 17 s") as e:
+            manager.submit({**JOB, "extend": long}, client="t")
+        assert e.value.field == "extend"
+        manager.submit({**JOB, "extend": short}, client="t")  # 3 s passed through + 2 s new
+        assert manager.store.count() == 2
+    finally:
+        manager.close()
+
+
+def test_submit_decodes_no_media_and_names_the_costliest_field_by_arithmetic(tmp_path, tiny_model, monkeypatch):
+    """A server checks a request from its media's packets: no frame is decoded at submit, over the limits or
+    not, and the field named in a 422 comes from arithmetic, not from preparing the request again."""
+    import longtake.media
+    import longtake.serve.manager
+    from longtake.serve.files import owner_of
+
+    manager = JobManager(tmp_path / "serve", None, tiny_model, Limits(max_running=0, max_model_evaluations=200,
+                                                                       max_steps=100))
+    owner = owner_of("t")
+    try:
+        clip = _upload_video(manager, owner, tmp_path, "clip.mp4", 4)
+        decoded, prepared = [], []
+        monkeypatch.setattr(longtake.media, "_reader", lambda *a, **k: decoded.append(a) or 1 / 0)
+        real = longtake.serve.manager.prepare
+        monkeypatch.setattr(longtake.serve.manager, "prepare", lambda *a, **k: prepared.append(a) or real(*a, **k))
+        manager.submit({**JOB, "extend": clip}, client="t")
+        for change, field in (({"steps": 60}, "steps"), ({"seconds": 30, "overlap": 7}, "overlap")):
+            with pytest.raises(RequestError, match="cost limits") as e:
+                manager.submit({**JOB, "extend": clip, **change}, client="t")
+            assert e.value.field == field, str(e.value)
+        assert decoded == [] and len(prepared) == 3  # one check each, never re-run per field
+    finally:
+        manager.close()
+
+
 def test_delete_has_one_meaning(idle):
     job, _ = idle.submit(JOB)
     assert idle.delete(job["id"]) == "queued"
@@ -191,12 +261,58 @@ def test_progress_is_written_at_most_twice_a_second(tmp_path, tiny_model):
     assert done.progress["phase"] == "done" and done.progress["frames_done"] == done.progress["frames"] == 32
 
 
+class CrawlingPool(InProcessPool):
+    """Two seconds a window: a DELETE arrives while one runs."""
+
+    def poll(self, timeout=None):
+        time.sleep(2.0)
+        return super().poll(timeout)
+
+
+def test_a_cancelled_job_keeps_its_log_and_no_checkpoint(tmp_path, tiny_model):
+    manager = JobManager(tmp_path / "serve", SlowPool(WorkerSpec(tiny_model)), tiny_model,
+                         Limits(max_running=1, checkpoint_every=1))
+    job, _ = manager.submit({**JOB, "seconds": 3, "steps": 8})
+    checkpoints = tmp_path / "serve" / "jobs" / job["id"] / "checkpoints"
+    try:
+        wait_for(lambda: list(checkpoints.glob("step-*.safetensors")), what="a checkpoint")
+        assert manager.cancel(job["id"]) == "running"
+        wait_for(lambda: job["id"] not in manager._running, what="the job to stop")
+    finally:
+        manager.close()
+    assert manager.store.get(job["id"]).state == "cancelled"
+    assert not checkpoints.exists()  # the latents went with the cancel; the log stays until retention
+    assert "cancelled on request (it was running)" in manager.log(job["id"])
+
+
+def test_delete_of_a_running_job_answers_at_once_and_nothing_of_it_comes_back(tmp_path, tiny_model):
+    """The job's own thread deletes what it wrote when it stops: a checkpoint due meanwhile cannot bring the
+    directory back, and DELETE does not wait for a window to finish."""
+    data = tmp_path / "serve"
+    manager = JobManager(data, CrawlingPool(WorkerSpec(tiny_model)), tiny_model, Limits(max_running=1,
+                                                                                           checkpoint_every=1))
+    job, _ = manager.submit({**JOB, "seconds": 2, "steps": 8, "window": 16})  # one window: a step a window
+    try:
+        wait_for(lambda: list((data / "jobs" / job["id"] / "checkpoints").glob("step-*")), what="a checkpoint")
+        t0 = time.monotonic()
+        assert manager.delete(job["id"]) == "running"
+        took = time.monotonic() - t0
+        wait_for(lambda: job["id"] not in manager._running, what="the job to stop")
+        time.sleep(0.5)
+    finally:
+        manager.close()
+    assert took < 1.0, f"DELETE waited {took:.1f} s for the running window"
+    assert not (data / "jobs" / job["id"]).exists()
+    assert manager.store.get(job["id"]).state == "deleted"
+    assert [line["id"] for line in Audit(data).lines()] == [job["id"]]
+
+
 class FailingPool(InProcessPool):
     def __init__(self, spec, where):
         super().__init__(spec)
         self.where = where
 
-    def poll(self):
+    def poll(self, timeout=None):
         raise OSError(f"cannot read {self.where}/weights/diffusion_pytorch_model.safetensors")
 
 

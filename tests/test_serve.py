@@ -1,6 +1,7 @@
 """The HTTP job API on Ray Serve, on localhost with a tiny model: auth, submit to download, SSE,
 idempotency, bad input, DELETE, concurrent submits, autoscaling up and back to zero, a schema-driven
-fuzz run, timeouts and retries of denoiser calls."""
+fuzz run, timeouts and retries of denoiser calls, per-key upload quotas and event-stream caps, the Host
+check. The same guards without Ray: tests/test_serve_guards.py."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Serve replicas ca
 TOKEN = "test-token-123"
 JOB = {"prompt": "a red ball", "seconds": 2, "fps": 8, "steps": 2, "window": 8, "overlap": 2}
 UPLOAD_LIMIT = 2**20
+UPLOADS_PER_KEY, UPLOAD_BYTES_PER_KEY, STREAMS_PER_KEY = 6, 3 * UPLOAD_LIMIT, 2
 
 
 def _free_port() -> int:
@@ -49,7 +51,8 @@ def server(tiny_model, ray_session, serve_dir):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     limits = Limits(max_seconds=20, max_steps=10, max_side=128, max_queued=6, max_running=2, max_body_bytes=2048,
-                    max_model_evaluations=400, max_upload_bytes=UPLOAD_LIMIT)
+                    max_model_evaluations=400, max_upload_bytes=UPLOAD_LIMIT, max_uploads_per_key=UPLOADS_PER_KEY,
+                    max_upload_bytes_per_key=UPLOAD_BYTES_PER_KEY, max_event_streams=STREAMS_PER_KEY)
     app = build_app(tiny_model, str(serve_dir), TOKEN, "cpu", 0, 2, limits,
                     downscale_delay_s=5)
     serve.run(app, name="longtake", route_prefix="/")
@@ -301,7 +304,10 @@ def test_bad_uploads_are_4xx_and_keep_nothing(server, serve_dir, media, tmp_path
     assert call(server, "GET", "/v1/files/file-000000000000000000000000").status_code == 404
     assert call(server, "GET", "/v1/files/../jobs.db").status_code == 404
     r = call(server, "POST", "/v1/videos", json={**JOB, "video": "file-000000000000000000000000"})
-    assert r.status_code == 422 and "the id of a file you uploaded" in r.json()["detail"]["error"]
+    assert r.status_code == 422 and "the id of a file you uploaded (POST /v1/files)" in r.json()["detail"]["error"]
+    r = call(server, "POST", "/v1/videos", json={**JOB, "image": "/etc/passwd"})  # the value hidden, the route not
+    assert r.json()["detail"]["error"].startswith("image: got '<path>'") and r.json()["detail"]["error"].endswith(
+        "a file you uploaded (POST /v1/files)"), r.text
 
 
 def test_cancel_frees_workers(server):
@@ -551,6 +557,43 @@ def test_jobs_share_the_denoisers_shortest_first_and_none_stops(tiny_model):
     assert list(pool._jobs) == [state] and pool._share(state) == 4
 
 
+def test_one_jobs_text_encoding_does_not_stall_the_other_jobs(tiny_wan_model):
+    """Wan's UMT5 encodes in the manager (the ServePool's own encoder): while one job encodes (seconds to
+    minutes for a real UMT5-XXL on a CPU), other jobs still begin, share the denoisers and step."""
+    import threading
+
+    from longtake.serve.app import ServePool
+
+    pool = ServePool(None, 2, tiny_wan_model)  # the denoisers do not encode this family: the pool does
+    assert "encode" not in pool.spec.roles
+    entered, release = threading.Event(), threading.Event()
+
+    class BlockingEncoder:
+        def encode(self, *args):
+            entered.set()
+            release.wait(60)
+            return "conditioning"
+
+    pool._encoder = BlockingEncoder()
+    encoding = threading.Thread(target=lambda: pool.encode(["a cat"], "", None), daemon=True)
+    encoding.start()
+    assert entered.wait(10)
+    shares = []
+
+    def other_job():
+        state = pool.begin_job(10)
+        pool.submit("predict", (0,))
+        shares.append(pool._share(state))
+
+    other = threading.Thread(target=other_job, daemon=True)
+    other.start()
+    other.join(5)
+    stalled = other.is_alive()
+    release.set()
+    encoding.join(10)
+    assert not stalled and shares == [pool.per_job], "another job waited for the encode"
+
+
 def test_the_schema_documents_the_body_with_this_servers_limits(server, tiny_model):
     """The body of POST /v1/videos is typed: every field's bound, this server's limits and the model's size
     multiple, the server-chosen fields left out, the label this server refuses left out, bearer keys."""
@@ -676,3 +719,119 @@ def test_security_headers_and_no_cors(server):
                                                                   "Access-Control-Request-Method": "POST"}, timeout=30)
     assert "Access-Control-Allow-Origin" not in preflight.headers
     assert call(server, "GET", "/static/..%2Fapp.py", token=None).status_code == 404
+
+
+def _head_only(base, head: str) -> str:
+    """Send a request's head and never its body; the answer (a check made before the body is read)."""
+    host, port = base.rsplit("/", 1)[1].split(":")
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode())
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            data = sock.recv(4096)
+            if not data:
+                break
+            answer += data
+    return answer.decode(errors="replace")
+
+
+def test_upload_quotas_per_key(server, serve_dir, media, tmp_path):
+    """A key holds at most max_upload_bytes_per_key bytes (413) and max_uploads_per_key files (429) of
+    uploads, both named in the error; checked before the body is read when the Content-Length says enough,
+    and the bytes again while it streams; nothing partial is kept; another key's quota is its own."""
+    from PIL import Image
+
+    from longtake.serve.keys import KeyStore
+
+    key = KeyStore(serve_dir).add("quota")
+    big = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (540, 540, 3), dtype=np.uint8)).save(big)
+    assert 0.8 * UPLOAD_LIMIT < big.stat().st_size < UPLOAD_LIMIT  # three fit in 3 MiB, a fourth does not
+    kept = [upload(server, big, token=key) for _ in range(3)]
+    assert [r.status_code for r in kept] == [201] * 3, kept[-1].text
+    over = upload(server, big, token=key)  # within the Content-Length slack: cut while it streams
+    assert over.status_code == 413 and "max_upload_bytes_per_key" in over.json()["detail"]["error"], over.text
+    assert over.json()["detail"]["field"] == "file"
+    host = server.rsplit("/", 1)[1]
+    head = (f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\nContent-Type: "
+            f"multipart/form-data; boundary=x\r\nContent-Length: {int(1.9 * UPLOAD_LIMIT)}\r\n\r\n")
+    answer = _head_only(server, head)  # more than the room left: refused before any of the body
+    assert answer.startswith("HTTP/1.1 413") and "max_upload_bytes_per_key" in answer, answer[:300]
+    assert upload(server, media / "start.png").status_code == 201  # another key (the admin's) is not full
+
+    for r in kept:
+        assert call(server, "DELETE", f"/v1/files/{r.json()['id']}", token=key).status_code == 200
+    small = [upload(server, media / "start.png", token=key) for _ in range(UPLOADS_PER_KEY)]
+    assert [r.status_code for r in small] == [201] * UPLOADS_PER_KEY
+    full = upload(server, media / "start.png", token=key)
+    assert full.status_code == 429 and "max_uploads_per_key" in full.json()["detail"]["error"], full.text
+    answer = _head_only(server, head.replace(str(int(1.9 * UPLOAD_LIMIT)), "100"))
+    assert answer.startswith("HTTP/1.1 429") and "max_uploads_per_key" in answer, answer[:300]
+    assert not any((serve_dir / "uploads" / ".incoming").iterdir())  # nothing partial kept
+    for r in small:
+        call(server, "DELETE", f"/v1/files/{r.json()['id']}", token=key)
+    assert upload(server, media / "start.png", token=key).status_code == 201  # room again
+
+
+def test_an_uploaded_playlist_is_422_naming_the_field(server, tmp_path):
+    playlist = tmp_path / "list.ffconcat"
+    playlist.write_text("ffconcat version 1.0\nfile 'content'\n")
+    r = upload(server, playlist)
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "file" and "playlists" in r.text, r.text
+
+
+def test_event_streams_are_capped_per_key(server, serve_dir):
+    """At most max_event_streams open streams per key (429 naming the limit, then room again once one is
+    closed); every stream of the job, of any key, gets its events to the end."""
+    from longtake.serve.keys import KeyStore
+
+    key = KeyStore(serve_dir).add("watcher")
+    job_id = call(server, "POST", "/v1/videos", token=key, json={**JOB, "seconds": 20, "steps": 10}).json()["id"]
+    path = f"/v1/videos/{job_id}/events"
+
+    def open_stream(token):
+        """(response, its lines), the first line read (the stream is open); one iterator per response: dropping
+        an iterator of requests' closes the connection."""
+        response = call(server, "GET", path, token=token, stream=True)
+        lines = response.iter_lines(decode_unicode=True)
+        if response.status_code == 200:
+            assert next(lines).startswith("event: progress")
+        return response, lines
+
+    def until_end(lines) -> dict:
+        for line in lines:
+            if line.startswith("data: ") and '"status"' in line and '"progress"' not in line:
+                return json.loads(line[6:])
+        raise AssertionError("no end event")
+
+    streams = [open_stream(key) for _ in range(STREAMS_PER_KEY)]
+    assert [r.status_code for r, _ in streams] == [200] * STREAMS_PER_KEY
+    full = call(server, "GET", path, token=key, stream=True)
+    assert full.status_code == 429, full.status_code  # (a stream would never end: not read)
+    assert "max_event_streams" in full.json()["detail"]["error"], full.text
+    admin = open_stream(TOKEN)  # another key has streams of its own
+    assert admin[0].status_code == 200
+    streams[0][0].close()  # a closed stream frees its place (when the server sees the connection go)
+    deadline = time.time() + 60
+    again = open_stream(key)
+    while again[0].status_code == 429 and time.time() < deadline:
+        time.sleep(0.5)
+        again = open_stream(key)
+    assert again[0].status_code == 200
+    assert call(server, "POST", f"/v1/videos/{job_id}/cancel", token=key).status_code == 200
+    for response, lines in (streams[1], admin, again):
+        assert until_end(lines) == {"id": job_id, "status": "cancelled"}
+        response.close()
+    call(server, "DELETE", f"/v1/videos/{job_id}", token=key)
+
+
+def test_only_the_served_host_names_are_answered(server):
+    """DNS rebinding: a page whose name now resolves to 127.0.0.1 sends its own name as Host: 421."""
+    port = server.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "localhost"):
+        assert call(server, "GET", "/v1/me", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", f"evil.example:{port}"):
+        for path, token in (("/v1/videos", TOKEN), ("/", None), ("/openapi.json", None), ("/static/app.js", None)):
+            r = call(server, "GET", path, token=token, headers={"Host": host})
+            assert r.status_code == 421 and r.json()["detail"]["field"] == "Host", (host, path, r.status_code)
+    assert call(server, "GET", "/healthz", token=None, headers={"Host": "10.1.2.3:8000"}).json() == {"ok": True}

@@ -1,11 +1,21 @@
 """Serving: a Ray Serve application with an HTTP job API (see app.py), its API keys (keys.py) and the
-secrets kept in the data dir: the admin token of earlier versions and the key that signs file links."""
+secrets kept in the data dir: the admin token of earlier versions and the key that signs file links.
+
+The data dir (`default_data_dir()`: $LONGTAKE_DATA_DIR, else ~/.local/share/longtake/serve) is private:
+created 0700, and refused when another user owns it or its group or others can write it
+(cluster/private.py), so no one else can plant the key files read here."""
 
 from __future__ import annotations
 
 import os
 import secrets
 from pathlib import Path
+
+
+def default_data_dir() -> str:
+    """The serve data dir when none is given (the CLI's --data-dir and `app_builder`'s data_dir): a per-user
+    directory, never a fixed name under /tmp another user could create first."""
+    return os.environ.get("LONGTAKE_DATA_DIR") or str(Path.home() / ".local" / "share" / "longtake" / "serve")
 
 
 def load_or_create_token(data_dir: str | Path) -> tuple[str, bool]:
@@ -19,10 +29,14 @@ def load_or_create_token(data_dir: str | Path) -> tuple[str, bool]:
     return load_or_create_secret(Path(data_dir) / "api_token")
 
 
-def load_or_create_secret(path: Path) -> tuple[str, bool]:
-    """A random secret kept in `path` (owner-only; created if missing, one winner when racing)."""
+def load_or_create_secret(path: Path, field: str = "data_dir") -> tuple[str, bool]:
+    """A random secret kept in `path` (owner-only; created if missing, one winner when racing). Its directory
+    must be private (cluster/private.py: a RequestError naming `field` otherwise), so that no other user can
+    have put a secret of their own there."""
+    from longtake.cluster.private import private_dir
+
+    private_dir(path.parent, field)
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

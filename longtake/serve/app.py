@@ -16,10 +16,13 @@ Every call to a denoiser has a timeout (a replica that cannot be scheduled fails
 error, it never stays `running`), and a failed window is retried (max attempts) on whichever replica
 Serve picks; a replica whose calls keep failing reports itself unhealthy and Serve replaces it (the
 blocklist of the Ray pool). The ingress bounds what a client can send: body size (read chunk by chunk),
-query integers, and, in the manager, the request's cost.
+query integers, each key's uploads (files and bytes held), each key's open event streams (one poll of the
+manager per watched job, events.py), and, in the manager, the request's cost. It answers only to the Host
+names it serves (pages.py: against DNS rebinding).
 
 Uploads (`POST /v1/files`) stream from the ingress into DATA_DIR/uploads (files.py; the data directory is
-shared by every pod), are probed there, and are named by id in requests; the manager swaps ids for paths.
+shared by every pod, and private: cluster/private.py), are probed there, and are named by id in requests;
+the manager swaps ids for paths.
 
 Clients: every /v1 route takes an API key (keys.py); jobs and uploads belong to the key's client and are
 404 to others (an admin key sees all). The contract: schema.py (the request body with this server's
@@ -53,14 +56,15 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.pool import RetryPolicy, WindowFailed, ordered
+from longtake.actors.pool import WAIT_S, RetryPolicy, WindowFailed, ordered
 from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 from longtake.cluster.jobs import SQLITE_INT_MAX, Conflict, iso
 from longtake.request import RequestError
 from longtake.serve.files import FileStore, owner_of
 from longtake.serve.keys import Client, KeyStore
 from longtake.serve.manager import Gone, JobManager, Limits, NotCancellable, QueueFull, public_message
-from longtake.serve.pages import error, install, known_query
+from longtake.serve.events import JobEvents, TooManyStreams
+from longtake.serve.pages import error, install, known_query, served_hosts
 from longtake.serve.schema import (FILE_ID, Accepted, Changed, FileDeleted, FileMeta, Job, JobList, Links, Me, errors,
                                    finish_openapi, request_schema)
 
@@ -121,19 +125,25 @@ class ServePool:
         self._executor = futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="serve-call")
         self.spec = denoiser_spec(model_path, device)
         self._encoder = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the jobs' ticket states (`_jobs`): held for microseconds
+        self._encode_lock = threading.Lock()  # the encoder: one job encodes at a time, the others keep stepping
 
-    def encode(self, *args):
+    def encode(self, *args, tick=None):
         if "encode" in self.spec.roles:
-            return self.call("encode", *args)
-        with self._lock:
+            return self.call("encode", *args, tick=tick)
+        with self._encode_lock:
             if self._encoder is None:
                 self._encoder = Worker(encoder_spec(self.spec))
             return self._encoder.encode(*args)
 
-    def stream(self, method: str, args: tuple):
+    @property
+    def outstanding(self) -> int:
+        return len(self._state().calls)
+
+    def stream(self, method: str, args: tuple, tick=None):
         """Items of one streamed call, in order, each within the timeout. A failed stream restarts (max
-        attempts) and skips the items already delivered (the method takes `skip` after `args`)."""
+        attempts) and skips the items already delivered (the method takes `skip` after `args`). `tick()`
+        runs at least every WAIT_S seconds while it waits."""
         delivered = 0
         for attempt in range(1, self.max_attempts + 1):
             response = getattr(self.handle, method).options(stream=True).remote(*args, delivered)
@@ -157,11 +167,17 @@ class ServePool:
             threading.Thread(target=pump, daemon=True, name=f"serve-{method}").start()
             try:
                 while True:
-                    try:
-                        kind, value = items.get(timeout=self.timeout_s)
-                    except queue.Empty:
-                        raise WindowFailed(f"{method}: no denoiser answered in {self.timeout_s:g} s (can a replica "
-                                           "be scheduled? see `ray status`)") from None
+                    since = time.monotonic()
+                    while True:
+                        try:
+                            kind, value = items.get(timeout=WAIT_S)
+                            break
+                        except queue.Empty:
+                            if time.monotonic() - since > self.timeout_s:
+                                raise WindowFailed(f"{method}: no denoiser answered in {self.timeout_s:g} s (can a "
+                                                   "replica be scheduled? see `ray status`)") from None
+                            if tick is not None:
+                                tick()
                     if kind == "end":
                         return
                     if kind == "error":
@@ -177,8 +193,8 @@ class ServePool:
     def put(self, obj):
         return obj
 
-    def call(self, method: str, *args):
-        return next(self.imap(method, [args]))
+    def call(self, method: str, *args, tick=None):
+        return next(self.imap(method, [args], tick))
 
     def _call(self, call: "_Call"):
         """One task in a caller thread: the call's result within the timeout; a failure is retried (a new
@@ -233,8 +249,9 @@ class ServePool:
         heapq.heappush(state.todo, (key, ticket))
         return ticket
 
-    def poll(self):
-        """Send queued calls (up to the job's share), wait for one to finish: [(ticket, result)], or []."""
+    def poll(self, timeout: float | None = None):
+        """Send queued calls (up to the job's share), wait for one to finish: [(ticket, result)], or [] when
+        nothing is running or none finished within `timeout` seconds."""
         state = self._state()
         share = self._share(state) if state.todo else 0
         while state.todo and len(state.running) < share:
@@ -243,7 +260,7 @@ class ServePool:
                 state.running[self._executor.submit(self._call, state.calls[ticket])] = ticket
         if not state.running:
             return []
-        done, _ = futures.wait(list(state.running), return_when=futures.FIRST_COMPLETED)
+        done, _ = futures.wait(list(state.running), timeout=timeout, return_when=futures.FIRST_COMPLETED)
         finished = []
         for future in done:
             ticket = state.running.pop(future)
@@ -269,9 +286,9 @@ class ServePool:
         heapq.heapify(state.todo)
         state.running = {f: t for f, t in state.running.items() if t in state.calls}
 
-    def imap(self, method: str, args_list):
+    def imap(self, method: str, args_list, tick=None):
         # decoded frames are big: only a few decode chunks are in flight
-        return ordered(self, method, args_list, self.decode_in_flight if method == "decode" else self.per_job)
+        return ordered(self, method, args_list, self.decode_in_flight if method == "decode" else self.per_job, tick)
 
     def shutdown(self) -> None:
         pass
@@ -335,6 +352,10 @@ def denoiser_spec(model_path: str, device: str) -> WorkerSpec:
 class Manager:
     def __init__(self, denoiser: DeploymentHandle, data_dir: str, model: str, max_replicas: int, limits: dict,
                  device: str = "cpu", model_name: str | None = None):
+        from longtake.cluster.private import private_dir
+
+        os.umask(0o077)  # this replica's process writes the job store, checkpoints and videos: the owner's only
+        private_dir(data_dir, "data_dir")
         lim = Limits(**limits)
         pool = ServePool(denoiser, max_replicas, model, device, timeout_s=lim.task_timeout_s,
                          max_attempts=lim.max_attempts)
@@ -383,12 +404,13 @@ class TooLarge(Exception):
 
 class Upload:
     """A multipart/form-data body parsed as it streams: its one part named `file` written to `path`, at
-    most `limit` bytes of it, and at most `limit` + 1 MiB of body in all."""
+    most `limit` bytes of it, and at most `limit` + 1 MiB of body in all. `quota`: (bytes, error), a second
+    bound on the file (the room left in its key's upload quota) and the error past it."""
 
-    def __init__(self, path, boundary: bytes, limit: int):
+    def __init__(self, path, boundary: bytes, limit: int, quota: tuple[int, str] | None = None):
         from python_multipart.multipart import MultipartParser
 
-        self.path, self.limit = path, limit
+        self.path, self.limit, self.quota = path, limit, quota
         self.parts, self.size, self.body = 0, 0, 0
         self.filename: str | None = None
         self._out = None
@@ -424,6 +446,8 @@ class Upload:
             self.size += end - start
             if self.size > self.limit:
                 raise TooLarge(f"file of more than {self.limit} bytes, at most {self.limit}")
+            if self.quota is not None and self.size > self.quota[0]:
+                raise TooLarge(self.quota[1])
             self._out.write(data[start:end])
 
     def _end(self):
@@ -453,23 +477,31 @@ UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
                             "description": "An image (PNG, JPEG, WebP...) or a video (MP4, WebM...)."}}}}}}
 
 
-def _sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
     """Thin ingress: authenticates (API keys, keys.py), enforces limits, routes to the manager, serves the
-    web monitor. Holds no job state. A job of another client is 404 (an admin key sees all)."""
+    web monitor. Holds no job state. A job of another client is 404 (an admin key sees all).
+
+    It answers only to `hosts` (pages.served_hosts: loopback names by default), works in a private data
+    dir (created 0700, files owner-only), sweeps what dead uploads left in uploads/.incoming when it starts,
+    and polls the manager once per watched job for every event stream of that job (events.py)."""
 
     def __init__(self, manager: DeploymentHandle, token: str, limits: dict, data_dir: str, model_path: str | None = None,
-                 model_name: str | None = None):
+                 model_name: str | None = None, hosts: list[str] | None = None):
+        from longtake.cluster.private import private_dir
         from longtake.serve import load_or_create_secret
 
+        os.umask(0o077)  # this replica's process writes uploads: the owner's only
+        private_dir(data_dir, "data_dir")
+        api.state.hosts = tuple(hosts) if hosts is not None else served_hosts()
         self.manager, self.limits = manager, Limits(**limits)
         self.keys, self.files = KeyStore(data_dir, legacy_token=token), FileStore(data_dir)
         self.link_key = load_or_create_secret(Path(data_dir) / "link_key")[0].encode()
+        swept = self.files.sweep_incoming()
+        if swept:
+            logger.info("removed %d partial uploads left in %s", len(swept), self.files.root / ".incoming")
+        self.watch = JobEvents(self._read_job, JobManager.is_final, self.limits.max_event_streams)
         model = None
         if model_path is not None:
             from longtake.pipelines import inspect_model
@@ -574,45 +606,72 @@ class Ingress:
         return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202 if answer["created"] else 200)
 
     @api.post("/v1/files", status_code=201, response_model=FileMeta, openapi_extra={"requestBody": UPLOAD_BODY},
-              responses=errors(400, 401, 403, 413, 415, 422))
+              responses=errors(400, 401, 403, 413, 415, 422, 429))
     async def upload(self, request: Request, authorization: str | None = Header(None)):
         """Upload an image or a video (multipart/form-data, one part named `file`): its id, kind, size and
         SHA-256. Request fields `image`, `keyframes[].image`, `video`, `extend` and `lead_into` take the id."""
         from python_multipart.multipart import MultipartParseError, parse_options_header
 
         client = self._client(authorization)
-        top = self.limits.max_upload_bytes
+        top, owner = self.limits.max_upload_bytes, owner_of(client.name)
         size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > top + 2**20:
+        size = int(size) if size and size.isdigit() else None
+        if size is not None and size > top + 2**20:
             raise HTTPException(413, f"body of {size} bytes, a file of at most {top}")
         kind, params = parse_options_header(request.headers.get("content-type", ""))
         if kind != b"multipart/form-data" or not params.get(b"boundary"):
             raise HTTPException(415, {"field": "Content-Type", "error": "expected a multipart/form-data body with one "
                                       "part named 'file'"})
-        path = self.files.incoming()
-        upload = Upload(path, params[b"boundary"], top)
-        try:
-            async for chunk in request.stream():
-                upload.write(chunk)
-            upload.close()
-        except TooLarge as e:
-            upload.abort()
-            raise HTTPException(413, {"field": "file", "error": str(e)})
-        except (MultipartParseError, ValueError) as e:
-            upload.abort()
-            raise HTTPException(400, {"field": "body", "error": f"body: not a well-formed multipart/form-data body "
-                                                                f"({e})"})
-        except BaseException:  # the client went away, or the server stops
-            upload.abort()
-            raise
-        if upload.parts != 1:
-            upload.abort()
-            return error(422, f"file: got {upload.parts} parts named 'file', expected one", "file")
-        try:
-            meta = await asyncio.to_thread(self.files.add, path, owner_of(client.name), upload.filename)
-        except RequestError as e:
-            return error(422, public_message(str(e)), "file")
+        # the key's quotas, before the body is read: its files, and the bytes it may still add (413 if the
+        # Content-Length is over them, else the body is cut there); `add` checks them again as it keeps the file
+        files, held = await asyncio.to_thread(self.files.usage, owner)
+        self._admit(client, files + 1, held)
+        room = self.limits.max_upload_bytes_per_key - held
+        over = self._over_quota(client, held, room)
+        if room <= 0 or (size is not None and size > room + 2**20):
+            raise HTTPException(413, {"field": "file", "error": over})
+        with self.files.receive() as incoming:
+            upload = Upload(incoming.path, params[b"boundary"], top, quota=(room, over))
+            try:
+                async for chunk in request.stream():
+                    upload.write(chunk)
+                upload.close()
+            except TooLarge as e:
+                upload.abort()
+                raise HTTPException(413, {"field": "file", "error": str(e)})
+            except (MultipartParseError, ValueError) as e:
+                upload.abort()
+                raise HTTPException(400, {"field": "body", "error": f"body: not a well-formed multipart/form-data body "
+                                                                    f"({e})"})
+            except BaseException:  # the client went away, or the server stops
+                upload.abort()
+                raise
+            if upload.parts != 1:
+                upload.abort()
+                return error(422, f"file: got {upload.parts} parts named 'file', expected one", "file")
+            try:
+                meta = await asyncio.to_thread(self.files.add, incoming.path, owner, upload.filename,
+                                               lambda n, total: self._admit(client, n, total))
+            except RequestError as e:
+                return error(422, public_message(str(e)), "file")
         return JSONResponse(meta, status_code=201)
+
+    def _admit(self, client: Client, files: int, total: int) -> None:
+        """The upload quotas of a key: HTTPException 429 if it would hold more than max_uploads_per_key files,
+        413 if more than max_upload_bytes_per_key bytes."""
+        most = self.limits.max_uploads_per_key
+        if files > most:
+            raise HTTPException(429, {"field": "file", "error": f"file: {client.name} holds {files - 1} uploaded "
+                                      f"files, at most {most} (max_uploads_per_key): delete one first (DELETE "
+                                      "/v1/files/ID)"})
+        if total > self.limits.max_upload_bytes_per_key:
+            raise HTTPException(413, {"field": "file", "error": self._over_quota(client, None, None)})
+
+    def _over_quota(self, client: Client, held: int | None, room: int | None) -> str:
+        most = self.limits.max_upload_bytes_per_key
+        now = f" ({held} held, room for {max(room, 0)} more)" if held is not None else ""
+        return (f"file: more than {client.name}'s uploads may take, at most {most} bytes (max_upload_bytes_per_key)"
+                f"{now}: delete some first (DELETE /v1/files/ID)")
 
     @api.get("/v1/files/{file_id}", response_model=FileMeta, response_model_exclude_none=True,
              responses=errors(401, 403, 404, 422))
@@ -649,32 +708,23 @@ class Ingress:
     @api.get("/v1/videos/{job_id}/events", responses={
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
               "description": "Server-sent events: `progress` {id, status, progress, error} on every change, then "
-                             "`end` {id, status} (or `deleted` {id})."}, **errors(401, 403, 404, 410, 422)})
+                             "`end` {id, status} (or `deleted` {id}). At most `max_event_streams` open per key "
+                             "(429 past it)."}, **errors(401, 403, 404, 410, 422, 429)})
     async def events(self, job_id: str = JOB_ID, authorization: str | None = Header(None)):
         client = self._client(authorization)
-        scope = self._scope(client)
-        await self._job(job_id, client)
+        await self._job(job_id, client)  # 404 / 410 before any stream: then its poll may read it unscoped
+        try:
+            stream = self.watch.stream(client.name, job_id)
+        except TooManyStreams as e:
+            return error(429, str(e), None, headers={"Retry-After": "10"})
+        return StreamingResponse(stream, media_type="text/event-stream")
 
-        async def stream():
-            last = None
-            while True:
-                try:
-                    job = await self._call("get", job_id, scope)
-                except HTTPException:  # 410: deleted meanwhile
-                    job = None
-                if job is None:
-                    yield _sse("deleted", {"id": job_id})
-                    return
-                state = {"status": job["status"], "progress": job["progress"], "error": job["error"]}
-                if state != last:
-                    yield _sse("progress", {"id": job_id, **state})
-                    last = state
-                if JobManager.is_final(job["status"]):
-                    yield _sse("end", {"id": job_id, "status": job["status"]})
-                    return
-                await asyncio.sleep(0.5)
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
+    async def _read_job(self, job_id: str) -> dict | None:
+        """A watched job as the manager has it (None once deleted): the events' one poll per job."""
+        try:
+            return await self._call("get", job_id, None)
+        except HTTPException:  # 410: deleted meanwhile
+            return None
 
     async def _file(self, job_id: str, name: str, media_type: str, authorization: str | None, link: str | None):
         if self._link_ok(job_id, name, link):  # a signed link: no key needed (the page's <video> and <img>)
@@ -745,9 +795,10 @@ class Ingress:
 
 def build_app(model_path: str, data_dir: str, token: str, device: str = "cpu", min_replicas: int = 0,
               max_replicas: int = 2, limits: Limits = Limits(), downscale_delay_s: float = 30,
-              model_name: str | None = None, worker_cls: type = Worker):
+              model_name: str | None = None, worker_cls: type = Worker, allowed_hosts: list[str] | None = None):
     """The bound application, ready for serve.run(). `model_name` is what clients see (default: the
-    model directory's name)."""
+    model directory's name); `allowed_hosts` the Host names the API answers to (pages.served_hosts;
+    default: the loopback names only)."""
     denoiser = Denoiser.options(autoscaling_config={
         "min_replicas": min_replicas, "max_replicas": max_replicas, "initial_replicas": min_replicas,
         "target_ongoing_requests": 2, "upscale_delay_s": 1, "downscale_delay_s": downscale_delay_s},
@@ -755,24 +806,31 @@ def build_app(model_path: str, data_dir: str, token: str, device: str = "cpu", m
         health_check_period_s=2,
     ).bind(model_path, device, limits.blocklist_after, worker_cls)
     manager = Manager.bind(denoiser, data_dir, model_path, max_replicas, asdict(limits), device, model_name)
-    return Ingress.bind(manager, token, asdict(limits), data_dir, model_path, model_name or Path(model_path).name)
+    return Ingress.bind(manager, token, asdict(limits), data_dir, model_path, model_name or Path(model_path).name,
+                        list(allowed_hosts) if allowed_hosts is not None else None)
 
 
 def app_builder(args: dict):
     """Application builder for `serve deploy` / KubeRay (see deploy/serve_config.yaml).
 
-    args: model ('default' or a directory), data_dir, device ('cpu' | 'cuda'), min_replicas, max_replicas,
-    and optional limits (the fields of serve.manager.Limits: max_seconds, max_fps, max_steps, max_side,
-    max_timeline_keys, max_model_evaluations, max_latent_mb, max_queued, max_running, max_body_bytes, ...).
-    The API token comes from $LONGTAKE_API_TOKEN (a Kubernetes secret), else DATA_DIR/api_token."""
+    args: model ('default' or a directory), data_dir (default: serve.default_data_dir(), a per-user
+    directory; it must be private: cluster/private.py), device ('cpu' | 'cuda'), min_replicas, max_replicas,
+    allowed_hosts (the Host names the API answers to besides the loopback ones: the service's names, or
+    ['*']), and optional limits (the fields of serve.manager.Limits: max_seconds, max_fps, max_steps,
+    max_side, max_timeline_keys, max_model_evaluations, max_latent_mb, max_queued, max_running,
+    max_body_bytes, ...). The API token comes from $LONGTAKE_API_TOKEN (a Kubernetes secret), else
+    DATA_DIR/api_token."""
+    from longtake.cluster.private import private_dir
     from longtake.pipelines import inspect_model
-    from longtake.serve import load_or_create_token
+    from longtake.serve import default_data_dir, load_or_create_token
 
     model = inspect_model(args.get("model", "default"))
-    data_dir = args.get("data_dir", "/tmp/longtake")
+    data_dir = str(private_dir(args.get("data_dir") or default_data_dir(), "data_dir"))
     token, _ = load_or_create_token(data_dir)
     limit_keys = {f.name for f in fields(Limits)}
     limits = Limits(**{k: v for k, v in args.items() if k in limit_keys})
+    hosts = args.get("allowed_hosts")
     return build_app(model.path, data_dir, token, args.get("device", "cpu"), int(args.get("min_replicas", 0)),
                      int(args.get("max_replicas", 2)), limits, float(args.get("downscale_delay_s", 30)),
-                     model_name=args.get("model", "default"))
+                     model_name=args.get("model", "default"),
+                     allowed_hosts=served_hosts(None, [hosts] if isinstance(hosts, str) else hosts))

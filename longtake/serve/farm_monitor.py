@@ -4,6 +4,8 @@ priorities, states and steps, and from each job's log.txt its worker retries and
 Plain FastAPI on uvicorn, reading the job store (SQLite, shared with the runners) at every request: no Ray,
 no torch. Bound to 127.0.0.1 by default; on any other address it needs a key ($LONGTAKE_MONITOR_KEY, else
 one generated into FARM/monitor_key and printed), sent as 'Authorization: Bearer KEY' by the page's login.
+It answers only to the Host names it serves (pages.py: loopback names, --host's, --allowed-host), so a web
+page rebound to 127.0.0.1 cannot read it; the farm dir must be private (cluster/private.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi import Path as PathParam
 
 from longtake.cluster.jobs import JobStore
+from longtake.cluster.private import private_dir
 from longtake.serve.pages import install, known_query
 
 RETRY = re.compile(r"retrying (.+?) \(attempt (\d+) of (\d+)\) after: (.*)")
@@ -51,11 +54,13 @@ def farm_job(record, log: str) -> dict:
             "retries": len(RETRY.findall(log)), "blocklist": blocklist}
 
 
-def build_monitor(farm_dir: str | Path, key: str | None = None) -> FastAPI:
-    farm_dir = Path(farm_dir)
+def build_monitor(farm_dir: str | Path, key: str | None = None, hosts: tuple[str, ...] | None = None) -> FastAPI:
+    """The monitor app of `farm_dir` (a RequestError if that directory is not private); `key`: needed as a
+    bearer key when set; `hosts`: the Host names it answers to (pages.served_hosts; default loopback only)."""
+    farm_dir = private_dir(farm_dir, "farm_dir", create=False)
     app = FastAPI(dependencies=[Depends(known_query)], title="longtake farm monitor",
                   description="Read-only: the jobs of one farm directory.")
-    install(app, "farm.html")
+    install(app, "farm.html", hosts)
 
     def store() -> JobStore:
         try:
@@ -103,4 +108,4 @@ def monitor_key(farm_dir: str | Path, host: str) -> tuple[str | None, bool]:
         return os.environ["LONGTAKE_MONITOR_KEY"], False
     if is_loopback(host):
         return None, False
-    return load_or_create_secret(Path(farm_dir) / "monitor_key")
+    return load_or_create_secret(Path(farm_dir) / "monitor_key", "farm_dir")

@@ -26,6 +26,11 @@ class Limits:
     max_running: int = _limit(2, "jobs rendering at once")
     max_body_bytes: int = _limit(64 * 1024, "largest request body, bytes (413 above)")
     max_upload_bytes: int = _limit(512 * 2**20, "largest uploaded file (POST /v1/files), bytes (413 above)")
+    max_uploads_per_key: int = _limit(100, "uploaded files one API key may hold at once (429 past it)")
+    max_upload_bytes_per_key: int = _limit(4 * 2**30, "bytes of uploaded files one API key may hold at once "
+                                                      "(413 past it)")
+    max_event_streams: int = _limit(8, "event streams (GET /v1/videos/ID/events) one API key may have open at once "
+                                       "on an ingress replica (429 past it)")
     task_timeout_s: float = _limit(600.0, "seconds one window or decode chunk may wait and run on a denoiser, "
                                           "queueing and scale-up included")
     max_attempts: int = _limit(3, "attempts per window, across replicas")

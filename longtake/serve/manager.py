@@ -33,7 +33,8 @@ from longtake.cluster.retention import Audit, Retention, delete_job, files_under
 from longtake.cluster.jobs import (FINAL, STATES, ClientFull, Conflict, JobStore, Lease, ProgressWriter, QueueFull,
                                    append_log, new_runner_id, scoped_key)
 from longtake.provenance import Provenance
-from longtake.request import RenderRequest, RequestError, parse_request
+from longtake.pipelines.windows import plan_loop, plan_windows
+from longtake.request import DEFAULT_SECONDS, RenderRequest, RequestError, parse_request
 from longtake.serve.files import FileStore, file_ids, owner_of
 from longtake.serve.limits import Limits
 from longtake.serve.schema import SERVER_FIELDS
@@ -43,11 +44,30 @@ logger = logging.getLogger(__name__)
 __all__ = ["JobManager", "Limits", "QueueFull", "ClientFull", "Gone", "NotCancellable", "public_message"]
 
 _PATH = re.compile(r"(?<![\w.])(?:~|\.{1,2})?(?:/[^\s'\"(),:;]+)+/?")
+# what the app serves (serve/app.py, pages.py): a route in a message is kept, e.g. "(POST /v1/files)"
+_ROUTE = re.compile(r"/(?:v1|api|static)(?:/[\w{}.?=&%-]*)*|/(?:healthz|metrics|openapi\.json|docs|redoc)\.?")
 
 
 def public_message(text: str) -> str:
-    """A message for clients: every file system path replaced by <path>."""
-    return _PATH.sub("<path>", text)
+    """A message for clients: every file system path replaced by <path>; the API's own routes (/v1/...,
+    /static/..., /healthz, /metrics, /openapi.json) are kept."""
+    return _PATH.sub(lambda m: m[0] if _ROUTE.fullmatch(m[0]) and ".." not in m[0] else "<path>", text)
+
+
+class FailedJobs:
+    """The jobs of a data dir that failed since this object was made, each once (`new()`): what `longtake
+    serve` prints on its stderr, since a job's thread runs in the manager replica, whose log is Ray's."""
+
+    def __init__(self, data_dir: str | Path, since: float | None = None):
+        self.path, self.since, self.seen = Path(data_dir) / "jobs.db", time.time() if since is None else since, set()
+
+    def new(self, limit: int = 100) -> list:
+        if not self.path.is_file():
+            return []
+        found = [job for job in JobStore(self.path, create=False).list(limit=limit, state="failed")
+                 if job.updated >= self.since and job.id not in self.seen]
+        self.seen.update(job.id for job in found)
+        return found[::-1]  # oldest first
 
 
 class Gone(Exception):
@@ -69,7 +89,8 @@ def job_dir(data_dir: Path, job_id: str) -> Path:
 
 def gc(data_dir: str | Path, policy: Retention, now: float | None = None, dry_run: bool = False) -> list[dict]:
     """The retention sweep of a serve data dir (`longtake gc --data-dir`, and every server's): outputs of
-    jobs finished longer ago than the policy keeps them, and uploads no unfinished job names."""
+    jobs finished longer ago than the policy keeps them, what deleted jobs left, uploads no unfinished job
+    names, and partial uploads no live upload holds (uploads/.incoming, on the wall clock)."""
     store = JobStore(Path(data_dir) / "jobs.db", create=False)
     files = FileStore(data_dir)
 
@@ -77,19 +98,39 @@ def gc(data_dir: str | Path, policy: Retention, now: float | None = None, dry_ru
         return {i for state in ("queued", "running", "paused")
                 for j in store.list(limit=100_000, state=state) for i in file_ids(j.request)}
 
-    return sweep(store, data_dir, lambda r: [job_dir(data_dir, r.id)], policy, files, live_file_ids, now=now,
+    done = sweep(store, data_dir, lambda r: [job_dir(data_dir, r.id)], policy, files, live_file_ids, now=now,
                  dry_run=dry_run)
+    if not dry_run:
+        files.sweep_incoming()
+    return done
 
 
-def request_cost(job: Job) -> tuple[int, float]:
-    """(model evaluations, MB of latents the driver holds during a step) of a prepared job."""
-    c, h, w = job.latent_shape
-    frame_mb = c * h * w * 4 / 2**20
-    held = 3 * job.latent_frames + sum(e - s for s, e in job.windows)  # z, model input, fused; predictions
-    return job.steps * len(job.windows), held * frame_mb
+def request_cost(job: Job, **change) -> tuple[int, float]:
+    """(model evaluations, MB of latents the driver holds during a step) of a prepared job, or of the same
+    job with some of COST_FIELDS changed (`change`: field -> value, None for the default), by arithmetic:
+    the window plan of the frames it would have (contexts and a video's length scale with fps)."""
+    req, model, layout = job.request, job.model, job.model.layout
+    fps = change.get("fps", req.fps) or DEFAULT_FPS
+    new_s = job.new_frames / req.fps  # a video's own length when no seconds are asked for
+    if "seconds" in change:
+        new_s = change["seconds"] or (job.inputs.source.frames / req.fps if job.inputs.source else DEFAULT_SECONDS)
+    contexts = (job.inputs.ctx_before + job.inputs.ctx_after) * fps / req.fps
+    frames = max(1, round(new_s * fps) + round(contexts))
+    window = change.get("window", job.window) or model.native_window
+    overlap = change.get("overlap", None if "window" in change else job.overlap)
+    overlap = overlap if overlap is not None else window // 4
+    steps = change.get("steps", job.steps) or model.default_steps
+    height, width = change.get("height", job.height) or model.default_height, \
+        change.get("width", job.width) or model.default_width
+    latent_frames = layout.latent_frames(frames)
+    windows = (plan_loop if job.loop else plan_windows)(latent_frames, window, overlap)
+    c, h, w = layout.latent_shape(height, width)
+    held = 3 * latent_frames + sum(e - s for s, e in windows)  # z, model input, fused; predictions
+    return steps * len(windows), held * c * h * w * 4 / 2**20
 
 
 LIVE = tuple(s for s in STATES if s != "deleted")  # the states a client can still read
+DEFAULT_FPS = RenderRequest.model_fields["fps"].default
 
 # the fields that drive the cost, most suspect first: the one named in a 422 is the first whose default
 # brings the request within the limits
@@ -108,7 +149,8 @@ class JobManager:
         self.model_name = Path(model_name or model).name  # what clients see; `model` is where it lives here
         self.id = new_runner_id("serve-")
         self._cancel: set[str] = set()  # running jobs to stop
-        self._running: dict[str, threading.Thread] = {}
+        self._deleting: set[str] = set()  # running jobs deleted: their own thread deletes their files as it ends
+        self._running: dict[str, threading.Thread] = {}  # a job's thread removes itself when it ends
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -167,48 +209,61 @@ class JobManager:
         return record.to_dict(), created
 
     def _check(self, body: dict) -> Job:
-        """Every check before a job is queued: the request, this server's limits, the model's rules."""
+        """Every check before a job is queued: the request, this server's limits, the model's rules. Media
+        are probed, never decoded (`prepare(pixels=False)`); the cost is what will be rendered and written:
+        a video's own length, and the clips extend and lead_into pass through."""
         req = parse_request({**body, "model": self.model, "out": str(self.data_dir / "check.mp4")})
         lim = self.limits
-        for field, value, top in (("seconds", req.length, lim.max_seconds), ("fps", req.fps, lim.max_fps),
+        for field, value, top in (("seconds", req.seconds, lim.max_seconds), ("fps", req.fps, lim.max_fps),
                                   ("steps", req.steps, lim.max_steps), ("height", req.height, lim.max_side),
                                   ("width", req.width, lim.max_side),
                                   ("timeline", len(req.timeline or ()), lim.max_timeline_keys)):
             if value is not None and value > top:
                 shown = f"{value} keys" if field == "timeline" else value
-                raise RequestError(field, shown, f"at most {top:g}{' keys' if field == 'timeline' else ''} on this server")
+                unit = (" key" + "s" * (top != 1)) if field == "timeline" else ""
+                raise RequestError(field, shown, f"at most {top:g}{unit} on this server")
         if req.label == "none" and not lim.allow_unlabelled:
             raise RequestError("label", "none", "start or always: this server labels every video (started without "
                                                 "--allow-unlabelled)")
-        job = self._prepare(req)
+        job = self._prepare(req, pixels=False)
+        made, written = job.new_frames / req.fps, job.output_frames / req.fps
+        if made > lim.max_seconds:  # a video redrawn for its whole length (no seconds asked for)
+            raise RequestError("video", body.get("video"), f"a video of at most {lim.max_seconds:g} s on this server, "
+                                                           f"or seconds (this one is {made:g} s)")
+        if written > lim.max_seconds:  # the clips passed through are decoded and written too
+            clips = {"extend": job.inputs.before, "lead_into": job.inputs.after}
+            field = max((f for f, clip in clips.items() if clip is not None), key=lambda f: clips[f].frames)
+            raise RequestError(field, body.get(field), f"an output of at most {lim.max_seconds:g} s on this server, "
+                                                       f"the clips passed through included (this one is {written:g} s: "
+                                                       f"{made:g} s new)")
         evaluations, mb = request_cost(job)
         if evaluations <= lim.max_model_evaluations and mb <= lim.max_latent_mb:
             return job
-        field = self._costliest(body)
+        field = self._costliest(body, job)
         raise RequestError(field, body.get(field), f"a request within this server's cost limits: at most "
                            f"{lim.max_model_evaluations} model evaluations (windows x steps) and {lim.max_latent_mb:g} "
                            f"MB of latents; this one needs {len(job.windows)} windows x {job.steps} steps = "
                            f"{evaluations} and {mb:.0f} MB (lower {field}, or seconds, fps or steps)")
 
-    def _prepare(self, body: dict | RenderRequest) -> Job:
+    def _prepare(self, body: dict | RenderRequest, pixels: bool = True) -> Job:
         """prepare() against the served model (a body, or a request `_check` has parsed already)."""
         try:
             if isinstance(body, dict):
                 body = {**body, "model": self.model, "out": str(self.data_dir / "check.mp4")}
-            return prepare(body)
+            return prepare(body, pixels=pixels)
         except RequestError as e:  # model rules may quote the model's directory
             raise RequestError(e.field, e.value, public_message(e.expected)) from None
 
-    def _costliest(self, body: dict) -> str:
-        """The field whose default brings the request within the limits (else the one that helps most)."""
+    def _costliest(self, body: dict, job: Job) -> str:
+        """The field whose default brings the request within the limits (else the one that helps most), by
+        arithmetic on the checked job (`request_cost`): nothing is opened or decoded again."""
         best, best_cost = COST_FIELDS[0], None
         for field in COST_FIELDS:
             if field not in body:
                 continue
-            rest = {k: v for k, v in body.items() if k != field and not (field == "window" and k == "overlap")}
             try:
-                evaluations, mb = request_cost(self._prepare(rest))
-            except RequestError:
+                evaluations, mb = request_cost(job, **{field: None})
+            except ValueError:  # no window plan with that default (e.g. the overlap left over the window)
                 continue
             if evaluations <= self.limits.max_model_evaluations and mb <= self.limits.max_latent_mb:
                 return field
@@ -260,17 +315,20 @@ class JobManager:
             return None
         if job.state == "deleted":
             raise Gone(gone_message(job))
-        with self._lock:
-            thread = self._running.get(job_id)
-            if thread is not None:
-                self._cancel.add(job_id)
         self.store.update(job_id, state="deleted", progress={}, only_from=LIVE)
-        if thread is not None:
-            thread.join(timeout=30)
-        delete_job(self.store, self.data_dir, job_id, [self.job_dir(job_id)],
-                   f"deleted on request (DELETE /v1/videos/{job_id})", Audit(self.data_dir))
+        with self._lock:
+            running = job_id in self._running
+            if running:  # its thread stops at the next window and deletes what the job wrote (`_run_job`)
+                self._cancel.add(job_id)
+                self._deleting.add(job_id)
+        if not running:
+            self._delete_files(job_id)
         logger.info("job %s deleted (it was %s)", job_id, job.state)
         return job.state
+
+    def _delete_files(self, job_id: str) -> None:
+        delete_job(self.store, self.data_dir, job_id, [self.job_dir(job_id)],
+                   f"deleted on request (DELETE /v1/videos/{job_id})", Audit(self.data_dir))
 
     def gc(self, now: float | None = None, dry_run: bool = False) -> list[dict]:
         """The retention sweep (cluster/retention.py): expired outputs and uploads deleted, audited."""
@@ -339,7 +397,6 @@ class JobManager:
     def _schedule(self) -> None:
         while not self._stop:
             with self._lock:
-                self._running = {k: t for k, t in self._running.items() if t.is_alive()}
                 self._cancel &= set(self._running)
                 if time.monotonic() - self._recovered > min(10.0, self.limits.lease_s / 4):
                     self._recovered = time.monotonic()
@@ -429,8 +486,10 @@ class JobManager:
         except Cancelled as e:
             if e.reason == "shutdown":  # the server stops: the job resumes from its checkpoint at the next start
                 self.store.update(job_id, state="queued", progress={}, only_from=("running",), owner=owner)
+            elif e.reason == "cancelled":  # its latents are no use now: only the log stays, until retention
+                ckpt.clear()
             logger.info("job %s stopped (%s) at step %d", job_id, e.reason, e.step)
-            if e.reason != "cancelled":
+            if e.reason not in ("cancelled", "lost"):
                 self._log(job_id, f"stopped ({e.reason}) at step {e.step}; it resumes from its checkpoint")
         except Exception as e:  # the job fails; the server goes on
             logger.exception("job %s failed", job_id)
@@ -441,6 +500,11 @@ class JobManager:
             self._left.pop(job_id, None)
             with self._lock:
                 self._cancel.discard(job_id)
+                self._running.pop(job_id, None)
+                deleted = job_id in self._deleting
+                self._deleting.discard(job_id)
+            if deleted:  # DELETE came while it ran: nothing of it is written after this
+                self._delete_files(job_id)
             self._wake.set()
 
     @staticmethod

@@ -126,8 +126,9 @@ def errors(*codes: int) -> dict:
     """OpenAPI `responses` for these error codes, each with the Error shape."""
     text = {400: "Malformed body", 401: "Missing key", 403: "Wrong key", 404: "No such job or file (of yours)",
             409: "Conflict with the job's state", 410: "Deleted (on request, or its retention expired)",
-            413: "Body or file too large", 415: "Unsupported content type", 422: "Invalid input",
-            429: "Too many jobs (the server's queue, or this key's limit); retry after Retry-After seconds"}
+            413: "Body or file too large (or over this key's upload bytes)", 415: "Unsupported content type",
+            422: "Invalid input", 429: "Too many: jobs (the server's queue, or this key's limit; retry after "
+                                     "Retry-After seconds), this key's uploaded files or its open event streams"}
     return {code: {"model": Error, "description": text[code]} for code in codes}
 
 

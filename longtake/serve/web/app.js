@@ -92,9 +92,7 @@
       td.textContent = LT.truncate(prompt, 60);
       td.title = prompt;
     }
-    const pct = LT.percent(job.progress, job.status);
-    tr.querySelector('progress.progress').value = pct;
-    tr.querySelector('span.percent').textContent = pct + ' %';
+    LT.showProgress(tr.querySelector('progress.progress'), tr.querySelector('span.percent'), job.progress, job.status);
     tr.querySelector('td.eta').textContent = LT.eta(job.progress, job.status);
     if (job.created) {
       const td = tr.querySelector('td.created');
@@ -120,6 +118,7 @@
           LT.setStatus(tr.querySelector('td.status'), data.status);
           tr.querySelector('td.eta').textContent = '-';
           if (data.status === 'done') { tr.querySelector('progress.progress').value = 100; tr.querySelector('span.percent').textContent = '100 %'; }
+          LT.barStatus(tr.querySelector('progress.progress'), data.status);
         }
         else if (event === 'deleted') LT.setStatus(tr.querySelector('td.status'), 'deleted');
       }, { signal: ctl.signal }).catch(() => {}).finally(() => {
@@ -226,8 +225,7 @@
   function resetJobView() {
     $('#job-id').textContent = '';
     LT.setStatus($('#job-status'), '');
-    $('#job-progress').value = 0;
-    $('#job-percent').textContent = '0 %';
+    LT.showProgress($('#job-progress'), $('#job-percent'), null, '');
     $('#job-eta').textContent = '-';
     $('#job-phase').textContent = '';
     showError($('#job-error'), '');
@@ -273,9 +271,7 @@
 
     const renderProgress = (status, progress, error) => {
       LT.setStatus($('#job-status'), status);
-      const pct = LT.percent(progress, status);
-      $('#job-progress').value = pct;
-      $('#job-percent').textContent = pct + ' %';
+      LT.showProgress($('#job-progress'), $('#job-percent'), progress, status);
       $('#job-eta').textContent = LT.eta(progress, status);
       const p = progress || {};
       const bits = [];
@@ -350,7 +346,7 @@
         await LT.sse(base + '/events', (event, data) => {
           if (!alive() || !data || typeof data !== 'object') return;
           if (event === 'progress') renderProgress(data.status, data.progress, data.error);
-          else if (event === 'end') { ended = true; LT.setStatus($('#job-status'), data.status); }
+          else if (event === 'end') { ended = true; LT.setStatus($('#job-status'), data.status); LT.barStatus($('#job-progress'), data.status); }
           else if (event === 'deleted') { ended = true; gone('job deleted'); }
         }, { signal: v.abort.signal });
       } catch (_) { /* reconnect below */ }

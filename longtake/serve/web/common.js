@@ -186,6 +186,21 @@
     return Math.max(0, Math.min(100, Math.round((100 * done) / total)));
   };
 
+  /* A job's <progress> bar and its "N %" label at the share it reached. A failed job's bar is red (class
+     bar-failed), a cancelled one's grey (bar-cancelled): a job that failed in its last phase has every window
+     step done, and must not look like a finished one. */
+  LT.showProgress = function showProgress(bar, label, progress, status) {
+    const pct = LT.percent(progress, status);
+    bar.value = pct;
+    label.textContent = pct + ' %';
+    LT.barStatus(bar, status);
+  };
+
+  LT.barStatus = function barStatus(bar, status) {
+    bar.classList.toggle('bar-failed', status === 'failed');
+    bar.classList.toggle('bar-cancelled', status === 'cancelled');
+  };
+
   LT.eta = function eta(progress, status) {
     const s = progress ? progress.eta_s : null;
     if (s === null || s === undefined || !Number.isFinite(Number(s)) || TERMINAL.has(status)) return '-';

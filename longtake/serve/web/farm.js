@@ -55,9 +55,7 @@
       tr.querySelector('td.priority').textContent = job.priority ?? '-';
       LT.setStatus(tr.querySelector('td.state'), job.state);
       tr.querySelector('td.steps').textContent = LT.steps(job.progress);
-      const pct = LT.percent(job.progress, job.state);
-      tr.querySelector('progress.progress').value = pct;
-      tr.querySelector('span.percent').textContent = pct + ' %';
+      LT.showProgress(tr.querySelector('progress.progress'), tr.querySelector('span.percent'), job.progress, job.state);
       tr.querySelector('td.retries').textContent = job.retries ?? 0;
       tr.querySelector('td.blocklist').textContent = (job.blocklist || []).join(', ');
       const prompt = LT.firstPrompt(job.request);
