@@ -8,14 +8,28 @@ exiftool read them), a JSON object under the key `AIGC` as GB 45438-2025 lays it
 
 and, in tags of their own: `generator`, `model`, `seed`, `request_sha256`, `frames_sha256` (the frames as
 generated, before the label: what determinism is proved on), `delivered_sha256` (the frames written, label
-included), `label` (start, always or none, so an unlabelled output says it was asked for), and a `comment`.
+included), `label` (start, always or none, so an unlabelled output says it was asked for), `label_text`,
+`label_position` and `label_frames` (when labelled: START-END, the frames that carry it), `watermark` (the invisible mark's scheme and payload), a `comment`, and the
+integrity code's own: `integrity_scheme` (INTEGRITY_SCHEME), `key_id` and `signed_tags`.
 
-The integrity code is an HMAC-SHA256, under the installation's secret key, over ProduceID, frames_sha256 and
-the SHA-256 of the file's encoded video stream (its packets, as ffmpeg's `hash` muxer reads them with
-`-c copy`). `verify` recomputes the stream hash from the file: a re-encoded, cut or edited video, or changed
-metadata, no longer matches. Only a holder of the key can check the code (and forge one); the key lives in
-`<dir>/provenance.key` (32 random bytes, hex, mode 0600), where dir is the serve data dir, the farm dir, or
-for the CLI `$LONGTAKE_HOME` (default `~/.local/share/longtake`), created on first use.
+The integrity code (INTEGRITY_SCHEME, "longtake-hmac-2") is an HMAC-SHA256, under the installation's secret
+key, of the canonical JSON (`signed_message`: keys sorted, compact, UTF-8) of every tag longtake wrote, named
+in `signed_tags` (the AIGC object with all its fields but ReservedCode1, the code itself; `signed_tags`,
+`key_id` and `integrity_scheme` included), and the SHA-256 of the file's encoded video stream (its packets,
+as ffmpeg's `hash` muxer reads them with `-c copy`). `verify` recomputes it from the file: a re-encoded, cut
+or edited video, or any tag of `signed_tags` changed or removed (Label, ContentProducer, label, model, ...)
+no longer matches: "altered" (a tag added later is not covered: `verify` lists it as unsigned). Only a
+holder of the key can check the code (and forge one); the key lives in `<dir>/provenance.key` (32 random
+bytes, hex, mode 0600), where dir is the serve data dir, the farm dir, or for the CLI `$LONGTAKE_HOME`
+(default `~/.local/share/longtake`), created on first use. `key_id`, public, names the key (`key_id()`: the
+first 16 hex digits of an HMAC of a fixed text under it): a file signed with another key than the one
+`verify` holds is "unchecked (signed with another key)", with where the right key lives, never "altered" (a
+rewritten key_id can only turn "altered" into "unchecked", never into "intact").
+
+Files written before (no `integrity_scheme` tag: LEGACY_SCHEME, "longtake-hmac-1") are checked under their
+own rule, an HMAC of ProduceID, frames_sha256 and the stream hash only, and the report says so
+(`integrity_scheme`, `integrity_covers`); having no key id, a mismatch there is "mismatch" (altered, or
+signed with another key), not "altered".
 
 The stream hash needs the encoded file, and the tags must be in it, so a labelled render is written in two
 passes over the file, never over the frames: ffmpeg encodes, then remuxes with `-c copy` adding the tags
@@ -46,6 +60,12 @@ C2PA_ENV = ("LONGTAKE_C2PA_CERT", "LONGTAKE_C2PA_KEY")  # or their paths here
 SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 AIGC_FIELDS = ("Label", "ContentProducer", "ProduceID", "ReservedCode1", "ContentPropagator", "PropagateID",
                "ReservedCode2")
+INTEGRITY_SCHEME = "longtake-hmac-2"  # every tag (named in `signed_tags`) and the stream hash; in each file's tags
+LEGACY_SCHEME = "longtake-hmac-1"  # files without an integrity_scheme tag: ProduceID, frames_sha256, stream hash
+_KEY_ID_TEXT = b"longtake provenance key id"
+KEY_PLACES = ("a serve output's key is DATA_DIR/provenance.key (longtake verify --data-dir DATA_DIR), a farm "
+              "output's FARM/provenance.key (--farm-dir FARM), a CLI render's $LONGTAKE_HOME/provenance.key "
+              "(the default; or --key-file PATH)")
 
 
 def home() -> Path:
@@ -141,7 +161,37 @@ def request_sha256(request: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def integrity_code(key: bytes, produce_id: str, frames_sha256: str, stream_sha256: str) -> str:
+def key_id(key: bytes) -> str:
+    """The public name of a key: the first 16 hex digits of HMAC-SHA256(key, a fixed text)."""
+    return hmac.new(key, _KEY_ID_TEXT, hashlib.sha256).hexdigest()[:16]
+
+
+def signed_message(tags: dict[str, str], stream_sha256: str) -> bytes:
+    """What INTEGRITY_SCHEME signs: the canonical JSON (keys sorted, compact, UTF-8) of {"tags": every tag
+    named in tags["signed_tags"] (a missing one as null; AIGC as its object, without ReservedCode1),
+    "video_stream_sha256": stream_sha256}."""
+    signed: dict = {}
+    for name in tags.get("signed_tags", "").split(","):
+        value = tags.get(name)
+        if name == "AIGC" and value is not None:
+            try:
+                aigc = json.loads(value)
+            except ValueError:
+                aigc = None
+            if isinstance(aigc, dict):
+                value = {k: v for k, v in aigc.items() if k != "ReservedCode1"}
+        signed[name] = value
+    return json.dumps({"tags": signed, "video_stream_sha256": stream_sha256}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def integrity_code(key: bytes, tags: dict[str, str], stream_sha256: str) -> str:
+    """INTEGRITY_SCHEME's code: HMAC-SHA256 of `signed_message`."""
+    return hmac.new(key, signed_message(tags, stream_sha256), hashlib.sha256).hexdigest()
+
+
+def legacy_integrity_code(key: bytes, produce_id: str, frames_sha256: str, stream_sha256: str) -> str:
+    """LEGACY_SCHEME's code, for files written before INTEGRITY_SCHEME."""
     message = json.dumps([produce_id, frames_sha256, stream_sha256]).encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
@@ -169,7 +219,7 @@ class Provenance:
     def sign(self, src: Path, dst: Path, title: str) -> None:
         """Write `src` to `dst` with a C2PA manifest signed by `self.c2pa`: created by a trained algorithm
         (IPTC's trainedAlgorithmicMedia), by longtake. The video stream is not touched."""
-        from longtake import __version__
+        from longtake.version import __version__  # (a submodule: never `longtake` itself)
 
         try:
             from c2pa import Builder, C2paSignerInfo, Signer
@@ -193,15 +243,14 @@ class Provenance:
     def tags(self, *, request: dict, frames_sha256: str, delivered_sha256: str, stream_sha256: str,
              label: dict) -> dict[str, str]:
         """The MP4 tags of one output."""
-        from longtake import __version__
+        from longtake.version import __version__  # (a submodule: never `longtake` itself)
         from longtake.watermark import NAME as WATERMARK, payload_of
 
         req_hash = request_sha256(request)
         produce_id = self.produce_id_for(request)
         aigc = {"Label": LABEL_VALUE, "ContentProducer": self.producer, "ProduceID": produce_id,
-                "ReservedCode1": integrity_code(self.key, produce_id, frames_sha256, stream_sha256),
-                "ContentPropagator": self.propagator, "PropagateID": "", "ReservedCode2": ""}
-        tags = {"AIGC": json.dumps(aigc, ensure_ascii=False, separators=(",", ":")),
+                "ReservedCode1": "", "ContentPropagator": self.propagator, "PropagateID": "", "ReservedCode2": ""}
+        tags = {"AIGC": "",
                 "generator": f"longtake {__version__}", "model": str(request.get("model")),
                 "seed": str(request.get("seed")), "request_sha256": req_hash, "frames_sha256": frames_sha256,
                 "delivered_sha256": delivered_sha256, "label": label["mode"],
@@ -209,7 +258,14 @@ class Provenance:
                 "comment": f"AI-generated video (longtake {__version__}); provenance: AIGC tag, GB 45438-2025"}
         if label["mode"] != "none":
             tags["label_text"], tags["label_position"] = label["text"], label["position"]
-        return {**tags, **self.extra}
+            if "frames" in label:  # where the label is: the first seconds of the new frames (or every frame)
+                tags["label_frames"] = "{}-{}".format(*label["frames"])
+        tags = {**tags, **self.extra, "integrity_scheme": INTEGRITY_SCHEME, "key_id": key_id(self.key)}
+        tags["signed_tags"] = ",".join(sorted([*tags, "signed_tags"]))
+        tags["AIGC"] = json.dumps(aigc, ensure_ascii=False, separators=(",", ":"))  # signed without ReservedCode1
+        aigc["ReservedCode1"] = integrity_code(self.key, tags, stream_sha256)
+        tags["AIGC"] = json.dumps(aigc, ensure_ascii=False, separators=(",", ":"))
+        return tags
 
 
 # -- reading a file back ------------------------------------------------------------------------------------
@@ -258,16 +314,91 @@ def read_tags(path: str | os.PathLike) -> dict[str, str]:
     return tags
 
 
-WATERMARK_FRAMES = 240  # frames `verify` reads the watermark from (30 s at 8 fps): a 2 s excerpt suffices
+WATERMARK_SAMPLES = 64  # frames `verify` reads the watermark from, spread evenly over the whole file
 
 
-def verify(path: str | os.PathLike, key: bytes | None = None) -> dict:
-    """What a file carries: its AIGC label and whether its integrity code matches (with the key), the
-    visible label on its first frame, and the invisible watermark's payload (the first 32 bits of
-    SHA-256(ProduceID)) read from its first WATERMARK_FRAMES frames. `marked`: any of the three says it is
+def label_start(tags: dict[str, str], total: int) -> int | None:
+    """The first labelled frame a file's `label_frames` tag names ("START-END"), if it has a valid one."""
+    start, _, end = tags.get("label_frames", "").partition("-")
+    if start.isdigit() and end.isdigit() and int(start) < min(int(end), total):
+        return int(start)
+    return None
+
+
+def sample_frames(path: str | os.PathLike, total: int, indices: list[int]) -> dict:
+    """{index: the decoded uint8 (H, W, 3) frame} for `indices` (sorted, < total), in one ffmpeg pass: every
+    frame is decoded, only those are converted and kept."""
+    import imageio_ffmpeg
+    import numpy as np
+
+    output = [] if len(indices) >= total else \
+        ["-vf", "select='" + "+".join(f"eq(n,{i})" for i in indices) + "'", "-fps_mode", "passthrough"]
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=["-protocol_whitelist", "file"],
+                                        output_params=output)
+    try:
+        width, height = next(reader)["size"]
+        return dict(zip(indices if len(indices) < total else range(total),
+                        (np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader)))
+    finally:
+        reader.close()
+
+
+_CONTAINER_TAGS = ("major_brand", "minor_version", "compatible_brands", "encoder", "creation_time")  # ffmpeg's own
+
+
+def check_integrity(tags: dict[str, str], aigc: dict, key: bytes | None, path: Path,
+                    key_source: str | None = None) -> dict:
+    """{"integrity": "intact" | "altered" | "mismatch" (legacy: altered, or another key) | "unchecked (...)",
+    "integrity_scheme", "integrity_covers" (what the code signs), "key_id" (the file's), "integrity_note"
+    (why not checked, and where the right key lives), "unsigned_tags" (tags the code does not cover)}."""
+    scheme = tags.get("integrity_scheme")
+    out = {"integrity": None, "integrity_scheme": scheme or LEGACY_SCHEME, "integrity_covers": None,
+           "key_id": tags.get("key_id"), "integrity_note": None, "unsigned_tags": None}
+    code = str(aigc.get("ReservedCode1", ""))
+    if scheme is None:
+        out["integrity_covers"] = ["AIGC.ProduceID", "frames_sha256", "video stream"]
+        out["unsigned_tags"] = sorted(t for t in tags if t != "frames_sha256" and t not in _CONTAINER_TAGS)
+    elif scheme == INTEGRITY_SCHEME:
+        signed = tags.get("signed_tags", "").split(",")
+        out["integrity_covers"] = [*signed, "video stream"]
+        out["unsigned_tags"] = sorted(t for t in tags if t not in signed and t not in _CONTAINER_TAGS)
+    else:
+        out["integrity"] = f"unchecked (unknown integrity scheme {scheme!r})"
+        out["integrity_note"] = f"this longtake checks {INTEGRITY_SCHEME} and {LEGACY_SCHEME}"
+        return out
+    if key is None:
+        out["integrity"] = "unchecked (no key)"
+        out["integrity_note"] = f"no key to check it with: {KEY_PLACES}"
+        return out
+    mine = key_id(key)
+    if scheme is not None and out["key_id"] is not None and out["key_id"] != mine:  # (a removed one: altered)
+        out["integrity"] = "unchecked (signed with another key)"
+        out["integrity_note"] = (f"signed with key {out['key_id']}, not with this key ({mine}"
+                                 + (f", {key_source}" if key_source else "") + f"): check it with the key that "
+                                 f"signed it: {KEY_PLACES}")
+        return out
+    if scheme is None:
+        expected = legacy_integrity_code(key, str(aigc.get("ProduceID", "")), tags.get("frames_sha256", ""),
+                                         stream_sha256(path))
+        intact = hmac.compare_digest(expected, code)
+        out["integrity"] = "intact" if intact else "mismatch"
+        if not intact:
+            out["integrity_note"] = (f"{LEGACY_SCHEME} files carry no key id: either the file was altered or it "
+                                     f"was signed with another key ({KEY_PLACES})")
+        return out
+    intact = hmac.compare_digest(integrity_code(key, tags, stream_sha256(path)), code)
+    out["integrity"] = "intact" if intact else "altered"
+    return out
+
+
+def verify(path: str | os.PathLike, key: bytes | None = None, key_source: str | None = None) -> dict:
+    """What a file carries: its AIGC label and whether its integrity code matches (with the key; `key_source`
+    says where it came from, for the report: `check_integrity`), the visible label (on the first frame or a
+    sampled one), and the invisible watermark's payload (the first 32 bits of SHA-256(ProduceID)) read from
+    WATERMARK_SAMPLES frames spread over the whole file. `marked`: any of the three says it is
     AI-generated."""
     from longtake import label as labels
-    from longtake.video import iter_frames, probe, read_first_frame
+    from longtake.video import preview_indices, probe
     from longtake.watermark import read as read_watermark
 
     path = Path(path)
@@ -291,13 +422,16 @@ def verify(path: str | os.PathLike, key: bytes | None = None) -> dict:
         except ValueError as e:
             report["aigc_error"] = f"AIGC tag: {e}"
     aigc = report["aigc"] or {}
-    if aigc and key is not None:
-        expected = integrity_code(key, str(aigc.get("ProduceID", "")), tags.get("frames_sha256", ""),
-                                  stream_sha256(path))
-        report["integrity"] = "intact" if hmac.compare_digest(expected, str(aigc.get("ReservedCode1", ""))) \
-            else "altered"
-    elif aigc:
-        report["integrity"] = "unchecked (no key)"
+    if "AIGC" in tags or "integrity_scheme" in tags:
+        report.update(check_integrity(tags, aigc, key, path, key_source))
+    spread = preview_indices(info["frames"], WATERMARK_SAMPLES)  # first and last included
+    label_at = label_start(tags, info["frames"])  # where the label begins (after an extended clip's frames)
+    read = sample_frames(path, info["frames"], sorted(set(spread) | ({label_at} if label_at is not None else set())))
+    frames = [read[i] for i in spread if i in read]
+    if label_at in read:  # the label's first frame is the first looked at
+        frames_for_label = [read[label_at]] + [f for i, f in read.items() if i != label_at]
+    else:
+        frames_for_label = frames
     text = tags.get("label_text", labels.DEFAULT_TEXT)
     position = tags.get("label_position", labels.DEFAULT_POSITION)
     visible = {"present": False, "text": text, "position": position}
@@ -305,10 +439,16 @@ def verify(path: str | os.PathLike, key: bytes | None = None) -> dict:
         lay = labels.layout(text, position, info["width"], info["height"])
     except labels.LabelError:
         lay = None
-    if lay is not None:
-        visible.update(labels.detect(read_first_frame(path), lay))
+    if lay is not None and frames_for_label:  # the first frame's figures, unless a sampled frame shows the label
+        visible.update(labels.detect(frames_for_label[0], lay))
+        for frame in frames_for_label[1:]:
+            if visible["present"]:
+                break
+            seen = labels.detect(frame, lay)
+            if seen["present"]:
+                visible.update(seen)
     report["visible_label"] = visible
-    found = read_watermark(iter_frames(path, WATERMARK_FRAMES))
+    found = read_watermark(frames)
     report["watermark"] = {k: v for k, v in found.items() if k != "bits"}
     report["c2pa"] = read_c2pa(path)
     report["marked"] = bool(aigc.get("Label") == LABEL_VALUE or visible["present"] or found["found"])
