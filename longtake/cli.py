@@ -5,9 +5,11 @@
     longtake submit shots.yaml; longtake farm run; longtake status [ID] [--json]
     longtake cancel|pause|resume|retry ID
 
-Bad input exits with status 2 and one line naming the field, before Ray or a model starts.
+Bad input exits with status 2 and one line naming the field, before Ray or a model starts: an
+option's bad value too ("longtake render: error: seconds: got 'abc', expected a number"; `_Parser`).
 Ctrl-C / SIGTERM stop cleanly: workers, the Ray that longtake started and ffmpeg end, and no
-partial file is left at the output path.
+partial file is left at the output path. A reader of stdout that goes away (`longtake verify x.mp4 |
+head`) ends the command quietly, exit status 141.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import sys
 from dataclasses import fields
@@ -95,10 +98,17 @@ def reserved_stdout():
         yield emit
     finally:
         sys.stdout = real
-        if to_fd:
-            out.close()
-        os.dup2(saved, 1)
-        os.close(saved)
+        try:
+            if to_fd:
+                out.close()  # (BrokenPipeError when stdout's reader has gone: main handles it)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 worker", "2 workers": a count in a line for people."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def strict_json(value):
@@ -202,6 +212,77 @@ def quiet_libraries(*modules: str) -> None:
         if _TO_DEBUG not in lib.handlers:
             lib.addHandler(_TO_DEBUG)
         lib.propagate = False
+
+
+# --------------------------------------------------------------------------- arguments
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_EXPECTED = {int: "an integer", float: "a number"}  # what an option of that type takes, in an error line
+
+
+def one_of(choices) -> str:
+    """"one of 'a', 'b' or 'c'": the request's wording for a list of names."""
+    names = [repr(c) for c in choices]
+    return "one of " + (f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "".join(names))
+
+
+class _BadValue(Exception):
+    """An option's value that its type or its choices refuse: RequestError's line, raised through argparse
+    (which would otherwise turn it into "argument --seconds: invalid float value: 'abc'") to the parser."""
+
+
+class _Value:
+    """The `type` of an option with a type or choices: `convert` (int, float, str.upper...) the text, check it is
+    among `choices`; _BadValue("seconds: got 'abc', expected a number") otherwise."""
+
+    def __init__(self, field: str, convert, choices):
+        self.field, self.convert, self.choices = field, convert, choices
+
+    def __call__(self, text: str):
+        try:
+            value = text if self.convert is None else self.convert(text)
+        except (TypeError, ValueError):
+            raise _BadValue(str(RequestError(self.field, text, _EXPECTED.get(self.convert, "a valid value")))) from None
+        if self.choices is not None and value not in self.choices:
+            raise _BadValue(str(RequestError(self.field, text, one_of(self.choices))))
+        return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with longtake's bad-input contract: every error is one line on stderr and exit status 2, a bad
+    value said as RequestError says it ("longtake render: error: seconds: got 'abc', expected a number"), not
+    argparse's usage (25 lines for render) and "invalid float value". An option's value may start with '-'
+    (`gc --retain-outputs -5d` is refused by the retention check, not as "expected one argument"). Subcommands'
+    parsers are of this class too (argparse makes them of their parent's)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        for action in self._actions:  # (once per parser: the types of options with a type or choices)
+            if action.option_strings and not isinstance(action.type, _Value) and \
+                    (action.type in _EXPECTED or action.choices is not None):
+                action.type = _Value(action.dest, action.type, action.choices)
+        args = sys.argv[1:] if args is None else list(args)
+        try:
+            return super().parse_known_args(self._dash_values(args), namespace)
+        except _BadValue as e:
+            self.error(str(e))
+
+    def _dash_values(self, args: list[str]) -> list[str]:
+        """`--opt -5d` as `--opt=-5d` where --opt takes one value and '-5d' is none of this parser's options
+        (argparse takes anything starting with '-' but a plain negative number for an option). A value that
+        starts with '--' is still read as a (misspelt) option."""
+        takes_value = {s for a in self._actions if a.nargs is None for s in a.option_strings if s.startswith("--")}
+        options = {s for a in self._actions for s in a.option_strings}
+        out: list[str] = []
+        for arg in args:
+            if out and out[-1] in takes_value and arg.startswith("-") and not arg.startswith("--") and arg != "-" \
+                    and arg not in options and "--" not in out:
+                out[-1] = f"{out[-1]}={arg}"
+            else:
+                out.append(arg)
+        return out
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _field_help(name: str, extra: str = "") -> str:
@@ -389,9 +470,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         if args.json:
             emit(json.dumps(result.to_dict()))
         else:
-            emit(f"wrote {result.out}: {result.frames} frames at {result.fps:g} fps, {result.width}x{result.height}, "
-                 f"{result.windows} windows x {result.steps} steps on {result.workers} workers in "
-                 f"{result.wall_s:.1f} s")
+            emit(f"wrote {result.out}: {plural(result.frames, 'frame')} at {result.fps:g} fps, {result.width}x"
+                 f"{result.height}, {plural(result.windows, 'window')} x {plural(result.steps, 'step')} on "
+                 f"{plural(result.workers, 'worker')} in {result.wall_s:.1f} s")
     return 0
 
 
@@ -450,30 +531,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def default_data_dir() -> str:
-    import os
-    from pathlib import Path
+    from longtake.serve import default_data_dir  # one definition, shared with serve.app.app_builder
 
-    return os.environ.get("LONGTAKE_DATA_DIR") or str(Path.home() / ".local" / "share" / "longtake" / "serve")
+    return default_data_dir()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
+    from longtake.cluster.private import private_dir
     from longtake.pipelines import inspect_model
     from longtake.provenance import load_c2pa
     from longtake.serve import load_or_create_token
     from longtake.serve.limits import Limits
+    from longtake.serve.pages import served_hosts
 
     try:
         model = inspect_model(args.model)
         if not 0 <= args.min_replicas <= args.max_replicas:
             raise RequestError("min_replicas", args.min_replicas, f"0 <= min_replicas <= max_replicas ({args.max_replicas})")
         limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+        hosts = served_hosts(args.host, args.allowed_host)
+        private_dir(args.data_dir, "data_dir")  # before anything is read from it or written to it
         load_c2pa(args.data_dir)  # C2PA credentials that cannot sign: say so now, not at the first job
     except (RequestError, ValueError) as e:
         print(f"longtake serve: error: {e}", file=sys.stderr)
         return 2
+    os.umask(0o077)  # the job store, uploads, videos and keys are the owner's only (local Ray inherits this)
     data_dir = Path(args.data_dir).resolve()
     token, created = load_or_create_token(data_dir)
     if created:
@@ -502,16 +587,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
             serve.start(http_options={"host": args.host, "port": args.port})
             serve.run(build_app(model.path, str(data_dir), token, device, args.min_replicas, args.max_replicas, limits,
-                                model_name=args.model), name="longtake", route_prefix="/")
+                                model_name=args.model, allowed_hosts=hosts), name="longtake", route_prefix="/")
             serving.set()
             if not stop.is_set():
                 if not args.quiet:
                     print(f"longtake serving {args.model} on http://{args.host}:{args.port} (Ctrl-C to stop); "
                           f"web monitor: http://{args.host}:{args.port}/ (log in with an API key: `longtake keys add "
-                          f"NAME --data-dir {data_dir}`, or the admin token in {data_dir / 'api_token'})",
-                          file=sys.stderr)
+                          f"NAME --data-dir {data_dir}`, or the admin token in {data_dir / 'api_token'}); it "
+                          f"answers to Host {', '.join(hosts)} (others: --allowed-host NAME)", file=sys.stderr)
+                from longtake.serve.manager import FailedJobs
+
+                failed = FailedJobs(data_dir)  # the job threads run in a replica: their failures are said here
                 while not stop.wait(1):
-                    pass
+                    for job in failed.new():
+                        print(f"longtake serve: job {job.id} failed: {job.error} (its log: GET /v1/videos/{job.id}/log)",
+                              file=sys.stderr, flush=True)
         except KeyboardInterrupt:
             rc = 130  # stopped before it served
         finally:
@@ -539,10 +629,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 except RequestError as e:
                     raise RequestError(f"{path}: job {n + 1}: {e.field}", e.value, e.expected) from None
                 jobs.append((request, priority, token))
+        submitted = farm.submit(args.farm_dir, jobs)  # refuses, queueing nothing, an output path another job writes
     except RequestError as e:
         print(f"longtake submit: error: {e} (nothing was submitted)", file=sys.stderr)
         return 2
-    for record, created in farm.submit(args.farm_dir, jobs):
+    for record, created in submitted:
         print(record.id)
         if not created:
             print(f"longtake submit: {record.id}: already submitted with this token ({record.state})", file=sys.stderr)
@@ -589,14 +680,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     except RequestError as e:
         print(f"longtake status: error: {e}", file=sys.stderr)
         return 2
+    # a deleted job leaves the list (as over HTTP); `status ID` says it was deleted, and why (its error)
+    listed = [] if record else store.list(limit=args.limit, hide=("deleted",))
     if args.json:  # the job-status shape of longtake.cluster.jobs, also the HTTP API's
         with reserved_stdout() as emit:
-            emit(json.dumps(record.to_dict() if record else [r.to_dict() for r in store.list(limit=args.limit)]))
+            emit(json.dumps(record.to_dict() if record else [r.to_dict() for r in listed]))
         return 0
     if record is None:
-        print("\n".join(farm.table_rows(store.list(limit=args.limit))))
+        print("\n".join(farm.table_rows(listed)))
         return 0
     info = record.to_dict()
+    if record.state == "deleted":
+        for key, value in (("id", info["id"]), ("status", "deleted"), ("submitted", info["created"]),
+                           ("deleted", info["updated"]), ("why", info["error"] or "-")):
+            print(f"{key:9} {value}")
+        return 0
     p = info["progress"]
     lines = [("id", info["id"]), ("status", info["status"]), ("priority", info["priority"]),
              ("submitted", info["created"]), ("updated", info["updated"]),
@@ -616,7 +714,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     try:
         if args.command == "delete":
             done = farm.delete(args.farm_dir, args.id)
-            line = f"{args.id} deleted: {len(done['files'])} files, {done['bytes']} bytes"
+            line = f"{args.id} deleted: {plural(len(done['files']), 'file')}, {plural(done['bytes'], 'byte')}" + \
+                "".join(f"; kept {k['file']} ({k['why']})" for k in done["kept"])
         else:
             record = farm.control(args.farm_dir, args.command, args.id)
             line = f"{record.id} {record.state}"
@@ -630,10 +729,12 @@ def cmd_control(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     """longtake keys add | list | revoke: the serve API's client keys (serve/keys.py)."""
     from longtake.cluster.jobs import iso
+    from longtake.cluster.private import private_dir
     from longtake.serve.keys import KeyStore
 
     store = KeyStore(args.data_dir)
     try:
+        private_dir(args.data_dir, "data_dir", create=args.keys_command == "add")  # a key file no one else wrote
         if args.keys_command == "add":
             key = store.add(args.name, admin=args.admin, max_jobs=args.max_jobs)
             print(key)
@@ -662,20 +763,28 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_farm_monitor(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from longtake.cluster.private import private_dir
     from longtake.serve.farm_monitor import build_monitor, monitor_key
+    from longtake.serve.pages import served_hosts
 
     if not (Path(args.farm_dir) / "farm.db").is_file():
         print(f"longtake farm monitor: error: farm_dir: got {args.farm_dir!r}, expected a farm directory (no farm.db "
               "there: submit a job first, or give --farm-dir / $LONGTAKE_FARM_DIR)", file=sys.stderr)
         return 2
-    key, created = monitor_key(args.farm_dir, args.host)
+    try:
+        private_dir(args.farm_dir, "farm_dir", create=False)
+        hosts = served_hosts(args.host, args.allowed_host)
+        key, created = monitor_key(args.farm_dir, args.host)
+    except RequestError as e:
+        print(f"longtake farm monitor: error: {e}", file=sys.stderr)
+        return 2
     if created:
         print(f"monitor key (saved to {Path(args.farm_dir) / 'monitor_key'}, owner-only): {key}", file=sys.stderr)
     import uvicorn
 
     print(f"longtake farm monitor of {Path(args.farm_dir).resolve()} on http://{args.host}:{args.port}/ "
           f"({'key needed' if key else 'no key: loopback only'}; Ctrl-C to stop)", file=sys.stderr, flush=True)
-    uvicorn.run(build_monitor(args.farm_dir, key), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(build_monitor(args.farm_dir, key, hosts), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -710,10 +819,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
             key_dir, name = Path(args.key_file).parent, Path(args.key_file).name
             if name != "provenance.key" or not Path(args.key_file).is_file():
                 raise RequestError("key_file", args.key_file, "a provenance.key file")
+            source = f"--key-file {args.key_file}"
         else:
             key_dir = Path(args.farm_dir or args.data_dir or home())
+            source = f"--farm-dir {args.farm_dir}" if args.farm_dir else f"--data-dir {args.data_dir}" \
+                if args.data_dir else f"$LONGTAKE_HOME's, {key_dir / 'provenance.key'}"
         key = load_key(key_dir, create=False)
-        report = verify(args.file, key)
+        report = verify(args.file, key, key_source=source)
     except (RequestError, FileNotFoundError, ValueError) as e:
         print(f"longtake verify: error: {e}", file=sys.stderr)
         return 2
@@ -739,13 +851,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
         aigc, visible = report["aigc"], report["visible_label"]
         print(f"{report['file']}: {'marked as AI-generated' if report['marked'] else 'no AI-generated mark found'}")
         print(f"  AIGC metadata: {json.dumps(aigc, ensure_ascii=False) if aigc else report['aigc_error'] or 'none'}")
-        if aigc:
-            print(f"  integrity: {report['integrity']}")
+        if report["integrity"]:
+            print(f"  integrity: {report['integrity']} ({report['integrity_scheme']}: covers "
+                  f"{', '.join(report['integrity_covers'] or [])})")
+            if report["integrity_note"]:
+                print(f"    {report['integrity_note']}")
         print(f"  visible label: {'present' if visible['present'] else 'not found'} ({visible['text']!r}, "
               f"{visible['position']})")
         mark = report["watermark"]
-        print("  watermark: " + (f"payload {mark['payload']} (confidence {mark['confidence']:.2f}, "
-                                f"{mark['frames']} frames read)" if mark["found"] else "not found"))
+        edits = ([f"cropped {'/'.join(f'{c:.1%}' for c in mark['crop'])} (left/right/top/bottom)"]
+                 if mark.get("crop") else []) + (["inside bars"] if mark.get("bars") else []) + \
+            ([f"gain x{mark['gain']:.2f}"] if mark.get("gain") not in (None, 1.0) else [])
+        print("  watermark: " + (f"payload {mark['payload']} ({mark['scheme']}, confidence {mark['confidence']:.2f}, "
+                                f"read from {mark['voters']} of the {mark['frames']} frames sampled"
+                                + "".join(f", {e}" for e in edits) + ")" if mark["found"] else
+                                f"not found ({mark['frames']} frames read)"))
         c2pa = report["c2pa"]
         print("  C2PA manifest: " + ("signed by " + str(c2pa["signer"].get("common_name") or c2pa["signer"])
                                      + f" ({', '.join(c2pa['validation']) or 'valid'})" if c2pa["present"]
@@ -781,11 +901,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(json.dumps({"dry_run": args.dry_run, "policy": {"uploads": policy.uploads, "outputs": policy.outputs},
                           "deleted": done}))
         return 0
-    verb = "would delete" if args.dry_run else "deleted"
     for item in done:
-        print(f"{verb} {item['what']} {item['id']}: {len(item['files'])} files, {item['bytes']} bytes ({item['why']})")
-    print(f"{len(done)} {'items' if len(done) != 1 else 'item'} {verb} (uploads kept {policy.uploads}, outputs "
-          f"{policy.outputs})")
+        print(f"{'would delete' if args.dry_run else 'deleted'} {item['what']} {item['id']}: "
+              f"{plural(len(item['files']), 'file')}, {plural(item['bytes'], 'byte')} ({item['why']})"
+              + "".join(f"; kept {k['file']} ({k['why']})" for k in item.get("kept", ())))
+    print(f"{plural(len(done), 'item')} {'would be deleted' if args.dry_run else 'deleted'} (uploads kept "
+          f"{policy.uploads}, outputs {policy.outputs})")
     return 0
 
 
@@ -798,8 +919,11 @@ def _farm_dir_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longtake", description="Long AI video from overlapping windows on Ray.")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    allowed_host = ("also answer to this Host name or address (repeatable; '*': any); other than these, only the "
+                    "loopback names and --host's address are answered, other Host headers get 421 (DNS rebinding)")
+    parser = _Parser(prog="longtake", description="Long AI video from overlapping windows on Ray.")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                        help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
     render = sub.add_parser("render", help="render a clip to MP4",
                             description="Render a long clip: windows denoised in parallel and fused at every step.")
@@ -842,6 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; anything else is "
                                                         "reachable from outside: keep the token secret)")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    sv.add_argument("--allowed-host", action="append", metavar="NAME", help=allowed_host)
     sv.add_argument("--min-replicas", type=int, default=0, help="denoiser replicas when idle (default 0)")
     sv.add_argument("--max-replicas", type=int, default=2, help="denoiser replicas at most (default 2)")
     sv.add_argument("--data-dir", default=default_data_dir(), help="job store, videos and token "
@@ -927,7 +1052,9 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--max-attempts", type=int, default=3, help="attempts per window before the job fails (default 3)")
     fr.add_argument("--blocklist-after", type=int, default=3,
                     help="failed windows after which a worker is excluded (default 3; 0: never)")
-    fr.add_argument("--task-timeout", type=float, help="seconds after which a window counts as hung (default: none)")
+    fr.add_argument("--task-timeout", type=float, help="seconds after which a window counts as hung: its worker is "
+                    "replaced and the window retried (default: 10x the slowest window so far, at least 120 s; 600 s "
+                    "before the first returns)")
     fr.add_argument("--min-free-mb", type=float, default=256,
                     help="fail a job (keeping its checkpoints) when less disk is free (default 256)")
     fr.add_argument("--exit-when-idle", action="store_true", help="stop when the queue is empty")
@@ -943,6 +1070,7 @@ def build_parser() -> argparse.ArgumentParser:
     _farm_dir_arg(mo)
     mo.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     mo.add_argument("--port", type=int, default=8100, help="HTTP port (default 8100)")
+    mo.add_argument("--allowed-host", action="append", metavar="NAME", help=allowed_host)
     mo.set_defaults(func=cmd_farm_monitor)
     st = sub.add_parser("status", help="farm jobs, or one job", description="List the farm's jobs, or show one.")
     st.add_argument("id", nargs="?", help="a job id")
@@ -978,10 +1106,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_gone() -> bool:
+    """Whether the process's stdout is a pipe whose reader has gone (`longtake verify x.mp4 | head`): poll
+    reports POLLERR on such a pipe's write end."""
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(1, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
-    return args.func(args)
+    """Run a command; its exit status. When stdout's reader goes away (`longtake status | head`), the command
+    stops without a traceback, exit status 141 (128 + SIGPIPE, what a shell shows for a tool stopped so)."""
+    try:
+        try:
+            args = build_parser().parse_args(argv)  # (--help prints and exits here)
+            setup_logging(args.log_level)
+            return args.func(args)
+        finally:
+            sys.stdout.flush()  # what is left in the buffer: a reader that left shows here, not at exit
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # Python flushes stdout again at exit
+        return 141
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The command line: bad input exits 2 with one line naming the field before Ray starts; --json;
-SIGINT / SIGTERM stop a render cleanly."""
+"""The command line: bad input (a bad option value too) exits 2 with one line naming the field before Ray
+starts; --json; SIGINT / SIGTERM stop a render cleanly; a reader of stdout that goes away stops a command
+quietly."""
 
 from __future__ import annotations
 
@@ -198,3 +199,93 @@ def test_eval_bad_arguments_exit_2_naming_the_field(tmp_path, cli_cases):
              (["eval", "--suite", "modes", "--modes-seeds", "0"], "modes_seeds")]
     for (argv, field), res in zip(cases, cli_cases([c for c, _ in cases], tmp_path)):
         assert res["rc"] == 2 and res["err"].startswith(f"longtake eval: error: {field}: got"), (argv, res)
+
+
+def _parsers(parser, path=()):
+    """(argv prefix, parser) of `longtake` and of every subcommand, nested ones included."""
+    import argparse
+
+    yield list(path), parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_bad_option_value_is_one_line_naming_the_field(tmp_path, cli_cases):
+    """argparse's type and choice errors (every int / float option, every option with choices, of every
+    subcommand) are said as RequestError says a bad value, in one line, exit 2: not 25 lines of usage and
+    "invalid float value". A value starting with '-' reaches its check ('-5d' is not "expected one argument")."""
+    from longtake.cli import build_parser
+
+    cases = []  # (argv, the line's start, words it has)
+    for path, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if not action.option_strings or not (action.type in (int, float) or action.choices is not None):
+                continue
+            for bad in ("abc", "-abc"):
+                words = [repr(c) for c in action.choices] if action.choices is not None else \
+                    ["an integer" if action.type is int else "a number"]
+                cases.append(([*path, action.option_strings[-1], bad],
+                              f"{parser.prog}: error: {action.dest}: got {bad!r}, expected ", words))
+    assert len(cases) > 60 and {c[0][0] for c in cases} >= {"render", "eval", "serve", "keys", "bench", "farm",
+                                                            "status", "submit", "--log-level"}
+    retention = "retain_outputs: got '-5d', expected a duration > 0 such as 90d, 12h, 30m or 45s"
+    exact = [(["gc", "--farm-dir", str(tmp_path), "--retain-outputs", "-5d"], f"longtake gc: error: {retention}"),
+             (["farm", "run", "--farm-dir", str(tmp_path), "--retain-outputs", "-5d"],
+              f"longtake farm run: error: {retention}"),
+             (["render", "a ball", "--seconds", "abc"],
+              "longtake render: error: seconds: got 'abc', expected a number"),
+             (["render", "a ball", "--out"], "longtake render: error: argument --out: expected one argument"),
+             (["render", "a ball", "--out", "-q"], "longtake render: error: argument --out: expected one argument"),
+             (["render", "a ball", "--bogus"], "longtake: error: unrecognized arguments: --bogus"),
+             (["gc"], "longtake gc: error: one of the arguments --farm-dir --data-dir is required")]
+    helps = [["--help"], ["gc", "--help"], ["farm", "run", "--help"]]
+    results = cli_cases([c[0] for c in cases] + [c[0] for c in exact] + helps, tmp_path)
+    for (argv, start, words), res in zip(cases, results):
+        lines = res["err"].splitlines()
+        assert res["rc"] == 2 and len(lines) == 1 and lines[0].startswith(start), (argv, res)
+        assert all(word in lines[0] for word in words), (argv, lines)
+    for (argv, line), res in zip(exact, results[len(cases):]):
+        assert res["rc"] == 2 and res["err"] == line + "\n", (argv, res)
+    for argv, res in zip(helps, results[-len(helps):]):
+        assert res == {"rc": 0, "err": ""}, (argv, res)
+
+
+def test_option_values_may_start_with_a_dash():
+    from longtake.cli import build_parser
+
+    args = build_parser().parse_args(["render", "--negative", "-blurry", "--seconds", "-1", "-q", "--out", "-o.mp4"])
+    assert (args.negative_prompt, args.seconds, args.quiet, args.out) == ("-blurry", -1.0, True, "-o.mp4")
+    assert build_parser().parse_args(["--log-level", "debug", "status"]).log_level == "DEBUG"
+
+
+def test_a_reader_that_goes_away_stops_a_command_quietly(tmp_path):
+    """`longtake verify x.mp4 | head -c1`: stdout's reader closes its end; the command stops without a
+    traceback (or Python's "Exception ignored ... BrokenPipeError" at exit), exit status 141 (128 + SIGPIPE).
+    Buffered stdout (a pipe's default) and unbuffered (PYTHONUNBUFFERED) fail at different writes."""
+    import os
+
+    import numpy as np
+
+    from longtake.cluster import farm
+    from longtake.video import VideoWriter
+
+    video = tmp_path / "x.mp4"
+    with VideoWriter(video, 64, 64, 8) as writer:
+        writer.write(np.zeros((8, 64, 64, 3), np.uint8))
+    farm.submit(tmp_path / "farm", [({"prompt": "a ball", "seconds": 2, "out": str(tmp_path / "a.mp4")}, 0, None)])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    runs = []
+    for argv, unbuffered in ((["verify", str(video)], False), (["verify", str(video)], True),
+                             (["verify", str(video), "--json"], False),  # print(json.dumps(...)): one write
+                             (["status", "--farm-dir", str(tmp_path / "farm"), "--json"], False),  # reserved_stdout
+                             (["status", "--farm-dir", str(tmp_path / "farm")], True)):
+        proc = subprocess.Popen([sys.executable, "-m", "longtake", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**env, "PYTHONUNBUFFERED": "1"} if unbuffered
+                                else env)
+        proc.stdout.close()  # before the command writes anything (it is still importing)
+        runs.append((argv, proc))
+    for argv, proc in runs:
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 141 and err == "", (argv, proc.returncode, err)

@@ -1,5 +1,6 @@
 """What the commands write where: stdout carries only the result (one JSON object with --json, whatever a
-library or a dying Ray worker prints), stderr only longtake's own lines, and bench / eval write a Markdown
+library or a dying Ray worker prints), stderr only longtake's own lines (no bar of a library building a tiny
+model), counts in plain words ("1 worker", "1 item would be deleted"), and bench / eval write a Markdown
 table only where asked."""
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def test_in_process_quiet_render_prints_nothing_but_the_result(tmp_path, tiny_mo
     # diffusers' "Loading pipeline components" and transformers' "Loading weights" bars and warnings are gone
     assert proc.stderr == "", foreign_lines(proc.stderr)
     assert proc.stdout.startswith(f"wrote {out}: 16 frames") and len(proc.stdout.splitlines()) == 1
+    assert " x 2 steps on 1 worker in " in proc.stdout, proc.stdout  # in-process: one worker, not "1 workers"
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -93,8 +95,36 @@ def test_render_json_survives_a_killed_worker(tmp_path, tiny_model):
     assert foreign_lines(stderr) == []
 
 
-def test_serve_stops_at_once_on_sigint_even_when_started_in_the_background(tmp_path, tiny_model):
-    """`longtake serve ... &` from a script inherits SIGINT as ignored: serve installs its own handler, says
+def _serve_jobs(base: str, token: str, tmp_path) -> tuple[dict, dict]:
+    """A job that renders, and one that passes the server's checks but fails as it runs (control_scale with a
+    context showing no object: only its pixels tell the bundled model's plan there is nothing to follow)."""
+    import numpy as np
+
+    from longtake.video import VideoWriter
+
+    auth = {"Authorization": f"Bearer {token}"}
+    with VideoWriter(tmp_path / "blank.mp4", 64, 64, 8) as w:
+        w.write(np.full((8, 64, 64, 3), (30, 50, 160), np.uint8))
+    with open(tmp_path / "blank.mp4", "rb") as f:
+        blank = requests.post(f"{base}/v1/files", headers=auth, files={"file": f}, timeout=60).json()["id"]
+    ids = [requests.post(f"{base}/v1/videos", headers=auth, json=body, timeout=60).json()["id"] for body in (
+        {"prompt": "a red ball", "seconds": 1, "steps": 2},
+        {"prompt": "a red ball", "seconds": 1, "steps": 2, "extend": blank, "control_scale": 0.5})]
+    deadline, jobs = time.time() + 240, {}
+    while len(jobs) < 2 and time.time() < deadline:
+        for job_id in ids:
+            job = requests.get(f"{base}/v1/videos/{job_id}", headers=auth, timeout=60).json()
+            if job["status"] in ("done", "failed", "cancelled"):
+                jobs[job_id] = job
+        time.sleep(0.5)
+    return jobs[ids[0]], jobs[ids[1]]
+
+
+def test_serve_from_any_directory_says_failures_and_stops_at_once_on_sigint(tmp_path):
+    """Started from the directory above a clone (a folder named longtake, without __init__.py, in the working
+    directory, which Ray puts first on its workers' sys.path), serve's replicas still import the installed
+    package: a job renders to the end. A job that fails says so on serve's stderr, not only in its log.
+    `longtake serve ... &` from a script inherits SIGINT as ignored: serve installs its own handler, says
     "stopping..." at once (stopping takes a while), stops, and leaves stdout empty (Ray's "Task
     ServeController.graceful_shutdown failed..." notice is not printed there) and stderr longtake's own."""
     import signal
@@ -103,9 +133,10 @@ def test_serve_stops_at_once_on_sigint_even_when_started_in_the_background(tmp_p
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "longtake", "serve", "--model", tiny_model, "--port", str(port),
+    (tmp_path / "longtake" / "tests").mkdir(parents=True)  # a clone's top directory, seen from above
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "longtake"), "serve", "--port", str(port),
                              "--data-dir", str(tmp_path / "serve")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), cwd=tmp_path)
     lines: list[tuple[float, str]] = []  # (when, line) on stderr
     reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in proc.stderr), daemon=True)
     reader.start()
@@ -119,6 +150,13 @@ def test_serve_stops_at_once_on_sigint_even_when_started_in_the_background(tmp_p
         assert f"web monitor: http://127.0.0.1:{port}/" in said and "longtake keys add" in said, said
         page = requests.get(f"http://127.0.0.1:{port}/", timeout=30)  # where it says the monitor is
         assert page.status_code == 200 and 'id="login"' in page.text
+        token = (tmp_path / "serve" / "api_token").read_text().strip()
+        done, failed = _serve_jobs(f"http://127.0.0.1:{port}", token, tmp_path)
+        assert done["status"] == "done", done
+        assert failed["status"] == "failed" and "control_scale" in failed["error"], failed
+        deadline = time.time() + 10
+        while not any(f"job {failed['id']} failed: " in line for _, line in lines) and time.time() < deadline:
+            time.sleep(0.2)
         asked = time.time()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)  # without a handler of its own, serve would ignore it and run on
@@ -131,6 +169,8 @@ def test_serve_stops_at_once_on_sigint_even_when_started_in_the_background(tmp_p
     assert proc.returncode == 0, stderr
     assert proc.stdout.read() == ""
     assert foreign_lines(stderr) == []
+    assert f"longtake serve: job {failed['id']} failed: RequestError: control_scale" in stderr, stderr
+    assert f"job {done['id']}" not in stderr
 
 
 def _result(path: str) -> dict:
@@ -171,3 +211,37 @@ def test_printed_results_are_strict_json():
     figures = {"seam_ratio": float("nan"), "by_motion": {"left": 0.5, "up": float("nan")}, "ratios": [float("inf"), 1]}
     assert json.loads(json.dumps(strict_json(figures)), parse_constant=refuse) == \
         {"seam_ratio": None, "by_motion": {"left": 0.5, "up": None}, "ratios": [None, 1]}
+
+
+def test_building_a_tiny_model_shows_no_library_bars(tmp_path, cli_cases, monkeypatch):
+    """The first `--model tiny-wan` builds the model into the cache: transformers' "Writing model shards" bar
+    is not shown (here the command then refuses the width: its one line is all of stderr)."""
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)  # (the bars' default: on)
+    res, = cli_cases([["render", "a ball", "--model", "tiny-wan", "--width", "30", "--out", str(tmp_path / "o.mp4")]],
+                     tmp_path)  # (LONGTAKE_CACHE=tmp_path: built now)
+    assert (tmp_path / "models" / "tiny-wan-v1" / "model_index.json").is_file()
+    assert "Writing model shards" not in res["err"], res
+    assert res["rc"] == 2 and res["err"].startswith("longtake render: error: width: got 30") and \
+        len(res["err"].splitlines()) == 1, res
+
+
+def test_gc_says_what_it_would_delete_in_plain_words(tmp_path, capsys):
+    """`gc --dry-run`: "1 item would be deleted" (not "1 item would delete"), "1 file", "2 files"."""
+    import sqlite3
+
+    from longtake.cli import main
+    from longtake.cluster import farm
+
+    farm_dir, out = tmp_path / "farm", tmp_path / "clip.mp4"
+    (record, _), = farm.submit(farm_dir, [({"prompt": "a ball", "seconds": 2, "out": str(out)}, 0, None)])
+    out.write_bytes(b"\0")
+    farm.open_store(farm_dir).update(record.id, state="done", result={"out": str(out), "frames": 16})
+    with sqlite3.connect(farm_dir / "farm.db") as db:  # finished two days ago
+        db.execute("UPDATE jobs SET updated = updated - 2 * 86400")
+    assert main(["gc", "--farm-dir", str(farm_dir), "--retain-outputs", "1d", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf"would delete output {record.id}: \d+ files?, \d+ bytes? \(.+\)", lines[0]), lines
+    assert lines[1:] == ["1 item would be deleted (uploads kept 90d, outputs 1d)"]
+    assert not re.search(r"\b1 (files|bytes)\b", lines[0]), lines
+    assert main(["gc", "--farm-dir", str(farm_dir), "--retain-outputs", "1d"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1 item deleted (uploads kept 90d, outputs 1d)"

@@ -1,7 +1,7 @@
 """The web monitors in a real headless Chromium (Debian's chromium and chromedriver, driven by Selenium;
 `make test` installs them when missing): log in with a key, submit a 2-second job on the bundled model,
 watch it reach 100 %, play the video, see the contact sheet, delete the job; a wrong key is refused; the
-farm view lists a submitted job. Screenshots go to the test's directory, and to $LONGTAKE_SCREENSHOTS
+farm view lists a submitted job, a failed job's bar red and a cancelled one's grey. Screenshots go to the test's directory, and to $LONGTAKE_SCREENSHOTS
 when set (the README's come from there)."""
 
 from __future__ import annotations
@@ -181,27 +181,30 @@ def test_log_in_render_play_and_delete_in_the_browser(browser, web_server, tmp_p
 
 @pytest.fixture(scope="module")
 def farm_monitor(tmp_path_factory):
-    import uvicorn
-
     from longtake.cluster import farm
-    from longtake.serve.farm_monitor import build_monitor
 
     farm_dir = tmp_path_factory.mktemp("farm")
     request = {"prompt": "a red ball", "seconds": 2, "steps": 2, "out": str(farm_dir / "a.mp4")}
     (record, _), = farm.submit(farm_dir, [(request, 7, None)])
-    servers = []
-    for key in (None, "monitor-key"):
-        port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(build_monitor(farm_dir, key), host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append((server, f"http://127.0.0.1:{port}"))
-    for server, _ in servers:
-        while not server.started:
-            time.sleep(0.05)
+    servers = [_start_monitor(farm_dir, key) for key in (None, "monitor-key")]
     yield record.id, servers[0][1], servers[1][1]
     for server, _ in servers:
         server.should_exit = True
+
+
+def _start_monitor(farm_dir, key):
+    """`longtake farm monitor` of `farm_dir` in a thread: (uvicorn server, its URL)."""
+    import uvicorn
+
+    from longtake.serve.farm_monitor import build_monitor
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_monitor(farm_dir, key), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, f"http://127.0.0.1:{port}"
 
 
 def test_farm_monitor_api_is_read_only_and_keyed(farm_monitor):
@@ -248,3 +251,52 @@ def test_farm_view_lists_a_submitted_job(browser, farm_monitor, tmp_path):
     wait(browser, lambda d: by_id(d, "login-error").is_displayed(), what="wrong monitor key refused")
     log_in(browser, keyed_url, "monitor-key")
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), what="listed with the key")
+
+
+@needs_browser
+def test_a_failed_job_bar_is_red_at_the_share_it_reached(browser, tmp_path):
+    """The job list's bar of a failed job is red, of a cancelled one grey, at the share of window steps it
+    reached; a job that failed in its last phase (every step done) is a red full bar, not a blue one like a
+    finished job's. (app.js's list and job page use the same LT.showProgress as this farm view.)"""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from longtake.cluster import farm
+
+    farm_dir = tmp_path / "farm"
+    records = [r for r, _ in farm.submit(farm_dir, [({"prompt": "a red ball", "seconds": 2, "steps": 2,
+                                                      "out": str(tmp_path / f"{n}.mp4")}, 0, None) for n in range(5)])]
+    store = farm.open_store(farm_dir)
+    states = {"failed": ("failed", 3), "cancelled": ("cancelled", 5), "failed_late": ("failed", 10),
+              "done": ("done", 10), "running": ("running", 4)}  # (state, window steps done of 10)
+    ids = dict(zip(states, (r.id for r in records)))
+    for name, (state, done) in states.items():
+        store.update(ids[name], state=state, progress={"phase": "denoise", "step": 1, "steps": 2,
+                                                       "window_steps_done": done, "window_steps_total": 10})
+    bar = {name: f"tr[data-id='{job_id}'] progress" for name, job_id in ids.items()}
+
+    def colour(name):  # the bar as drawn, its mean RGB: the filled part dominates a full bar
+        png = browser.find_element(By.CSS_SELECTOR, bar[name]).screenshot_as_png
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), float).reshape(-1, 3).mean(0)
+
+    server, url = _start_monitor(farm_dir, None)
+    try:
+        browser.get(url + "/")
+        wait(browser, lambda d: all(d.find_elements(By.CSS_SELECTOR, b) for b in bar.values()), what="the jobs")
+        look = {name: browser.execute_script(
+            "const p = document.querySelector(arguments[0]);"
+            "return [p.value, p.className, getComputedStyle(p).accentColor,"
+            "        p.closest('tr').querySelector('span.percent').textContent];", b) for name, b in bar.items()}
+        failed_late, done = colour("failed_late"), colour("done")
+        shot(browser, tmp_path, "farm-failed.png")
+    finally:
+        server.should_exit = True
+    red, grey, blue = "rgb(180, 35, 24)", "rgb(124, 127, 134)", "rgb(36, 86, 199)"  # style.css's colours
+    assert look["failed"] == [30, "progress bar-failed", red, "30 %"], look
+    assert look["cancelled"] == [50, "progress bar-cancelled", grey, "50 %"], look
+    assert look["failed_late"] == [100, "progress bar-failed", red, "100 %"], look
+    assert look["done"] == [100, "progress", blue, "100 %"] and look["running"] == [40, "progress", blue, "40 %"], look
+    assert failed_late[0] > failed_late[2] + 40 and done[2] > done[0] + 40, (failed_late, done)  # red; blue

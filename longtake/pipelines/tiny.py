@@ -72,6 +72,32 @@ def write_tokenizer_files(directory: Path, words: list[str] = ()) -> tuple[Path,
     return vocab_file, merges_file
 
 
+def _save(pipe, out_dir) -> None:
+    """`pipe.save_pretrained(out_dir)` without the libraries' progress bars (transformers' "Writing model
+    shards", huggingface_hub's, diffusers'): a tiny model is built on the way to what a command was asked to do
+    (`--model tiny-wan`). Each library's bar setting is put back afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_on, transformers_on = diffusers_logging.is_progress_bar_enabled(), \
+        transformers_logging.is_progress_bar_enabled()
+    hub_on = not are_progress_bars_disabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # (huggingface_hub's too)
+    try:
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if diffusers_on:
+            diffusers_logging.enable_progress_bar()
+        if transformers_on:
+            transformers_logging.enable_progress_bar()  # (huggingface_hub's too)
+        if hub_on:
+            enable_progress_bars()
+        elif not are_progress_bars_disabled():
+            disable_progress_bars()
+
+
 def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: int = 16, controlnet: bool = False,
                            ip_adapter: bool = False):
     """Build and save a tiny AnimateDiff pipeline (with `controlnet`: an AnimateDiffControlNetPipeline whose
@@ -156,7 +182,7 @@ def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: in
         parts["feature_extractor"] = CLIPImageProcessor(size={"shortest_edge": 32},
                                                         crop_size={"height": 32, "width": 32})
     pipe = AnimateDiffControlNetPipeline(controlnet=net, **parts) if controlnet else AnimateDiffPipeline(**parts)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    _save(pipe, out_dir)
     if ip_adapter:
         from safetensors.torch import save_file
 
@@ -243,7 +269,7 @@ def build_tiny_wan(out_dir: str | os.PathLike, seed: int = 0, two_experts: bool 
     if two_experts:
         experts |= {"transformer_2": transformer(), "boundary_ratio": 0.875}
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, **experts)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    _save(pipe, out_dir)
     # what a tiny model renders at by default: 64x64 frames, few steps (real Wan: 480x832, 50 steps)
     (Path(out_dir) / "longtake.json").write_text(json.dumps({"default_size": [64, 64], "default_steps": 10}))
     return pipe
@@ -284,7 +310,7 @@ def build_tiny_wan_animate(out_dir: str | os.PathLike, seed: int = 0):
                                         num_train_timesteps=1000, solver_order=2, final_sigmas_type="zero")
     pipe = WanAnimatePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                               image_processor=image_processor, image_encoder=image_encoder, transformer=transformer)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    _save(pipe, out_dir)
     (Path(out_dir) / "longtake.json").write_text(json.dumps({"default_size": [64, 64], "default_steps": 4}))
     return pipe
 
