@@ -486,7 +486,7 @@ def _publish(name: str, write, result: dict, args: argparse.Namespace, emit, key
 def cmd_eval(args: argparse.Namespace) -> int:
     from longtake.cluster.engine import prepare
     from longtake.cluster.runtime import make_ray_pool
-    from longtake.evaluate import evaluate, junctions, pose_follow, write, write_junctions, write_pose
+    from longtake.tools.evaluate import evaluate, junctions, pose_follow, write, write_junctions, write_pose
 
     try:
         for name, low in (("clips", 1), ("long_clips", 0), ("visible_prompts", 0), ("visible_seeds", 1),
@@ -505,7 +505,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with reserved_stdout() as emit, log_above_progress_bars():
         try:
             quiet_libraries("ray", "diffusers")
-            import ray
+            from longtake.actors.ray_boot import stop_ray
 
             pool, started = make_ray_pool(job)
             try:
@@ -522,7 +522,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             finally:
                 pool.shutdown()
                 if started:
-                    ray.shutdown()
+                    stop_ray()
         except KeyboardInterrupt:
             return _interrupted("eval", "nothing written")
         writer = {"pose": write_pose, "modes": write_junctions}.get(args.suite, write)
@@ -577,17 +577,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         started, rc = False, 0
         try:
             quiet_libraries("ray", "ray.serve")
-            import ray
-            from ray import serve
+            from longtake.serve.app import start_server
 
-            from longtake.cluster.runtime import start_ray
-            from longtake.serve.app import build_app
-
-            started = start_ray(args.address)
-            device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
-            serve.start(http_options={"host": args.host, "port": args.port})
-            serve.run(build_app(model.path, str(data_dir), token, device, args.min_replicas, args.max_replicas, limits,
-                                model_name=args.model, allowed_hosts=hosts), name="longtake", route_prefix="/")
+            started = start_server(model.path, str(data_dir), token, args.host, args.port, args.min_replicas,
+                                   args.max_replicas, limits, model_name=args.model, allowed_hosts=hosts,
+                                   address=args.address)
             serving.set()
             if not stop.is_set():
                 if not args.quiet:
@@ -606,13 +600,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             rc = 130  # stopped before it served
         finally:
             serving.set()  # from here on a signal only sets `stop`: the clean-up below runs to the end
-            ray = sys.modules.get("ray")
-            if ray is not None and ray.is_initialized():  # (an interrupted start may have got this far or not)
-                from ray import serve
-
-                serve.shutdown()
-                if started:
-                    ray.shutdown()
+            if "longtake.serve.app" in sys.modules:  # (an interrupted start may have got this far or not)
+                sys.modules["longtake.serve.app"].stop_server(started)
     return rc
 
 
@@ -789,7 +778,7 @@ def cmd_farm_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from longtake.bench import bench, write
+    from longtake.tools.bench import bench, write
     from longtake.pipelines import inspect_model
 
     try:

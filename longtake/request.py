@@ -17,12 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# the names of the fusion tapers and initial-noise modes: the one list the request, the CLI and the window
-# maths (longtake.pipelines.windows, which re-exports them) all use; here because this module imports no torch
-WEIGHTINGS = ("flat", "pyramid", "overlap-linear")
-NOISE_MODES = ("independent", "freenoise", "correlated")
+from longtake.core import NOISE_MODES, SCHEDULES, WEIGHTINGS  # the core's names (torch-free), the request's choices
+
 DEVICES = ("auto", "cpu", "cuda")
-SCHEDULES = ("wavefront", "barrier")  # when a window runs its next step (longtake.cluster.sampler)
 PLAN_MODES = ("auto", "none")  # a motion plan where the model has a planner and the job allows it (models/planner.py)
 RETARGET_MODES = ("reference", "none")  # the driving skeleton onto the reference pose, or as drawn (longtake.pose)
 ANIMATE_MODES = ("animate", "replace")  # Wan-Animate: the character in a new clip, or redrawn into a background

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from longtake.evaluate import write_pose_inputs
+from longtake.tools.evaluate import write_pose_inputs
 from longtake.models.shapes import ClipSpec
 
 SIZE, SECONDS, FPS, PERIOD_S = 256, 20, 8, 4.0

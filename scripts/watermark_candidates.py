@@ -1,6 +1,6 @@
 """Measure invisible-watermark's methods (dwtDct, dwtDctSvd, rivaGan) on the trials of longtake's own watermark.
 
-Each method marks every frame of the generated clips of `longtake.bench_watermark` (256x256 and 512x512) with
+Each method marks every frame of the generated clips of `longtake.tools.bench_watermark` (256x256 and 512x512) with
 the same 32 bits; its reader decodes every frame of the attacked MP4 and takes a per-bit majority vote. The
 trials, attacks and metrics (PSNR, embed fps, bit accuracy per attack) are `bench_watermark.measure`'s.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longtake.bench_watermark import SIZES, measure, table
+from longtake.tools.bench_watermark import SIZES, measure, table
 
 METHODS = ("dwtDct", "dwtDctSvd", "rivaGan")
 MIN_SIDE = 256  # imwatermark raises on images with fewer than 256*256 pixels

@@ -122,7 +122,7 @@ def test_choices_are_the_one_list_of_names():
     import typing
 
     from longtake.cli import build_parser
-    from longtake.pipelines.windows import NOISE_MODES, WEIGHTINGS
+    from longtake.core.windows import NOISE_MODES, WEIGHTINGS
     from longtake.request import RenderRequest
 
     render = build_parser()._subparsers._group_actions[0].choices["render"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from longtake import bench_watermark, watermark
+from longtake.tools import bench_watermark, watermark
 from longtake import label as labels
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec

@@ -77,7 +77,7 @@ def test_the_motion_words_move_the_object(tmp_path, default_pool):
 
 
 def test_eval_runner_measures_and_tabulates(tmp_path, default_pool):
-    from longtake.evaluate import eval_specs, evaluate, write
+    from longtake.tools.evaluate import eval_specs, evaluate, write
 
     specs = eval_specs(12)
     assert len({s.motion for s in specs}) == 6 and len({s.color for s in specs}) == 4
@@ -107,7 +107,7 @@ def test_the_object_follows_a_silhouette_path(tmp_path, default_pool):
     examples/path_mask.mp4 --seconds 20` with the bundled model: the red ball's centroid stays within
     POSE_TOLERANCE (4 px at 64 x 64, one pixel of the model's frames) of the silhouette's in >= 90 % of
     the frames, and the ball keeps its colour and size; the same request with another path follows that one."""
-    from longtake.evaluate import POSE_TOLERANCE
+    from longtake.tools.evaluate import POSE_TOLERANCE
     from longtake.pose import pose_frames
     from longtake.quality import identity, path_error
 
@@ -128,7 +128,7 @@ def test_the_object_follows_a_silhouette_path(tmp_path, default_pool):
 
 
 def test_pose_eval_measures_the_path_and_the_look(tmp_path, default_pool):
-    from longtake.evaluate import pose_follow, write_pose
+    from longtake.tools.evaluate import pose_follow, write_pose
 
     result = pose_follow(default_pool, renders=1, seconds=4)
     s, row = result["summary"], result["renders"][0]
@@ -141,7 +141,7 @@ def test_pose_eval_measures_the_path_and_the_look(tmp_path, default_pool):
 def test_modes_eval_measures_every_junction(tmp_path, default_pool):
     """`longtake eval --suite modes`, one seed: every junction measured, on the frames as written, tabulated as
     in the JSON, and within issue 15's bound (1.3x the new frames' median change; the README has 5 seeds)."""
-    from longtake.evaluate import MODES, junctions, write_junctions
+    from longtake.tools.evaluate import MODES, junctions, write_junctions
 
     result = junctions(default_pool, seeds=1)
     row, s = result["seeds"][0], result["summary"]

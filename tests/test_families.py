@@ -23,7 +23,7 @@ from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, fingerprint, prepare, run
 from longtake.cluster.runtime import worker_plan
 from longtake.pipelines import ROLES, DEFAULT_MODEL, load_backend
-from longtake.pipelines.windows import initial_noise
+from longtake.core.windows import initial_noise
 from longtake.request import RequestError
 from longtake.video import probe
 
@@ -74,7 +74,7 @@ def _wan_animate_pipeline(path, job, req, latents):
     from PIL import Image
 
     from longtake.pipelines.wan import prompt_clean
-    from longtake.pipelines.windows import private_noise
+    from longtake.core.windows import private_noise
 
     pipe = WanAnimatePipeline.from_pretrained(path, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
@@ -398,7 +398,7 @@ def test_two_experts_switch_at_the_boundary(tiny_wan22_model):
 def test_timeline_on_a_dit_gives_each_window_the_prompt_at_its_centre(tmp_path, tiny_wan_model):
     """One embedding per window: the timeline's interpolation at the window's centre, so windows early in a
     two-prompt story carry the first prompt, late ones the second, and the middle a blend."""
-    from longtake.pipelines.windows import PromptKey, prompt_schedule
+    from longtake.core.windows import PromptKey, prompt_schedule
 
     worker = Worker(WorkerSpec(tiny_wan_model, roles=("encode",)))
     keys = [PromptKey(2, "a red ball"), PromptKey(6, "a blue square")]

@@ -602,7 +602,7 @@ def test_a_runner_whose_heartbeat_dies_stops_rendering_and_changes_nothing(tmp_p
     runner.store = BrokenHeartbeatStore(farm_dir / "farm.db")
     t0 = time.monotonic()
     claimed = runner.store.claim_next(runner.id)
-    from longtake.cluster.runtime import start_ray
+    from longtake.actors.ray_boot import start_ray
 
     start_ray()
     try:

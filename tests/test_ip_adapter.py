@@ -18,7 +18,7 @@ from longtake.actors.worker import WorkerSpec
 from longtake.cluster.engine import fingerprint, prepare, run
 from longtake.pipelines import load_backend
 from longtake.pipelines.tiny import IP_ADAPTER_FILE
-from longtake.pipelines.windows import initial_noise
+from longtake.core.windows import initial_noise
 from longtake.request import RequestError
 
 

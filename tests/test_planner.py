@@ -9,7 +9,7 @@ import pytest
 
 from longtake.models.planner import anchored, plan, plan_path, words
 from longtake.models.shapes import MOTIONS, ClipSpec, render_path
-from longtake.pipelines.windows import PromptKey
+from longtake.core.windows import PromptKey
 from longtake.quality import Track, classify_motion, object_track, steps, wrap_delta
 from longtake.request import RequestError
 
@@ -136,15 +136,15 @@ def test_a_planner_needs_a_known_name_and_a_controlnet(tmp_path, tiny_model, tin
     import json
     import shutil
 
-    from longtake.pipelines import inspect_model
+    from longtake.cluster.engine import prepare
 
     for source, planner, text in ((tiny_model, "shapes", "a ControlNet"), (tiny_pose_model, "maps", "planner of")):
         model = tmp_path / f"{planner}-model"
         shutil.copytree(source, model)
         options = json.loads((model / "longtake.json").read_text()) if (model / "longtake.json").is_file() else {}
         (model / "longtake.json").write_text(json.dumps({**options, "planner": planner}))
-        with pytest.raises(RequestError) as e:
-            inspect_model(str(model))
+        with pytest.raises(RequestError) as e:  # before any work: the model's own check, or the planner's name
+            prepare({"prompt": "a ball moving right", "model": str(model), "out": str(tmp_path / "o.mp4")})
         assert e.value.field == "model" and text in str(e.value)
 
 

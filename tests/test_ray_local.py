@@ -1,4 +1,4 @@
-"""The local Ray that longtake starts (runtime.start_ray, cluster/ray_guard.py): token authentication on,
+"""The local Ray that longtake starts (actors/ray_boot.py): token authentication on,
 a quiet start (Ray's notices in longtake's debug log, not on stderr), and no process of it left alive a few
 seconds after the process that started it is killed with SIGKILL. One Ray is started, in a subprocess with
 a fresh home (so Ray generates a new token, as on a first run)."""
@@ -31,7 +31,7 @@ STARTER = textwrap.dedent("""
     logging.getLogger("longtake.lib").setLevel(logging.DEBUG)
     import ray
     from ray._raylet import AuthenticationMode, get_authentication_mode
-    from longtake.cluster.runtime import start_ray
+    from longtake.actors.ray_boot import start_ray
     assert start_ray(num_cpus=1)
     print(json.dumps({"pid": os.getpid(), "token_auth": get_authentication_mode() == AuthenticationMode.TOKEN,
                       "routed": routed}), flush=True)
@@ -99,7 +99,7 @@ def test_a_local_ray_starts_quietly(local_ray):
 
 
 def test_ray_errors_still_reach_rays_handler():
-    from longtake.cluster.ray_guard import quiet_start
+    from longtake.actors.ray_boot import quiet_start
 
     class Keep(logging.Handler):
         def __init__(self):
@@ -150,7 +150,7 @@ def test_workers_import_the_installed_package_from_any_directory(tmp_path):
     (tmp_path / "longtake" / "tests").mkdir(parents=True)
     script = textwrap.dedent("""
         import ray
-        from longtake.cluster.runtime import start_ray
+        from longtake.actors.ray_boot import start_ray
         start_ray(num_cpus=1)
         @ray.remote
         def where():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from longtake.cluster.sampler import Sampler, elementwise, frame_ranges, step_kwargs
-from longtake.pipelines.windows import fuse, plan_loop, plan_windows, take_window, window_weights
+from longtake.core.windows import fuse, plan_loop, plan_windows, take_window, window_weights
 
 SHAPE = (2, 3, 3)  # (C, h, w) of a latent frame
 

@@ -524,7 +524,7 @@ def test_jobs_share_the_denoisers_shortest_first_and_none_stops(tiny_model):
     the job with the fewest window predictions left has all but one per other job, each other job one."""
     import threading
 
-    from longtake.serve.app import ServePool
+    from longtake.actors.serve_pool import ServePool
 
     pool = ServePool(None, 2, tiny_model)  # no call is sent: only the shares are read
     shares, ready, go = {}, threading.Barrier(3), threading.Event()
@@ -562,7 +562,7 @@ def test_one_jobs_text_encoding_does_not_stall_the_other_jobs(tiny_wan_model):
     minutes for a real UMT5-XXL on a CPU), other jobs still begin, share the denoisers and step."""
     import threading
 
-    from longtake.serve.app import ServePool
+    from longtake.actors.serve_pool import ServePool
 
     pool = ServePool(None, 2, tiny_wan_model)  # the denoisers do not encode this family: the pool does
     assert "encode" not in pool.spec.roles

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
-from longtake.evaluate import pose_inputs, render_frames
-from longtake.models import train_control, train_default
+from longtake.tools.evaluate import pose_inputs, render_frames
+from longtake.tools import train_control, train_default
 from longtake.pipelines import inspect_model
 
 CONTROL = "controlnet/diffusion_pytorch_model.safetensors"

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
-from longtake.evaluate import render_frames
-from longtake.models.card import write_card
-from longtake.models.train_default import train
+from longtake.tools.evaluate import render_frames
+from longtake.tools.card import write_card
+from longtake.tools.train_default import train
 from longtake.pipelines import inspect_model
 
 
@@ -135,7 +135,7 @@ def test_stop_at_writes_the_snapshot_of_that_step_and_the_run_goes_on(tmp_path):
     (["--init", "NOWHERE"], "init: got '.*none', expected a model directory this script wrote"),
 ])
 def test_bad_stage_options_exit_2_naming_the_option_before_training(tmp_path, capsys, args, message):
-    from longtake.models.train_default import main
+    from longtake.tools.train_default import main
 
     args = [a.replace("NOWHERE", str(tmp_path / "none")) for a in args]
     with pytest.raises(SystemExit) as stop:

@@ -16,7 +16,7 @@ from longtake.actors.worker import WorkerSpec
 from longtake.cluster.checkpoint import Checkpointer
 from longtake.cluster.engine import Cancelled, fingerprint, prepare, run
 from longtake.pipelines.wan_animate import reflect_index, window_pixels
-from longtake.pipelines.windows import initial_noise
+from longtake.core.windows import initial_noise
 from longtake.request import RequestError
 
 from test_families import _wan_animate_pipeline

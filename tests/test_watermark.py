@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from longtake import bench_watermark, watermark
+from longtake.tools import bench_watermark, watermark
 from longtake.video import VideoWriter, read_frames
 
 PAYLOAD = 0x0BADCAFE

@@ -1,11 +1,11 @@
-"""Tests for longtake.pipelines.windows: planning, weights, fusion, noise, prompt timelines."""
+"""Tests for longtake.core.windows: planning, weights, fusion, noise, prompt timelines."""
 
 import random
 
 import pytest
 import torch
 
-from longtake.pipelines.windows import (
+from longtake.core.windows import (
     NOISE_CORRELATION,
     NOISE_HORIZON,
     NOISE_MODES,

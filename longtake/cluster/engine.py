@@ -55,7 +55,7 @@ from longtake.cluster.checkpoint import Checkpointer, scheduler_state
 from longtake.cluster.sampler import Sampler
 from longtake.cluster.inputs import Inputs, clip_frames, latent_index, reference_image, resolve_inputs
 from longtake.pipelines import ModelInfo, inspect_model, load_scheduler, weights_identity
-from longtake.pipelines.windows import (
+from longtake.core.windows import (
     PromptKey,
     initial_noise,
     plan_loop,
@@ -193,6 +193,8 @@ def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
     but no control frames, media or known pixels (it is not run)."""
     request = parse_request(request)
     model = inspect_model(request.model)
+    if model.options.get("planner"):  # the bundled model's motion plan (models/planner.py)
+        planner.check(model.options["planner"], request.model)
     height = request.height or model.default_height
     width = request.width or model.default_width
     for name, value in (("height", height), ("width", width)):

@@ -18,7 +18,7 @@ runner notices within a window: a paused job is checkpointed at its current step
 workers. A runner that dies (SIGKILL, lost machine) leaves its job "running"; the next runner to start sees
 that the owner is gone (its process gone from this host, boot and process namespace, or no heartbeat for
 the lease time: jobs.py) and requeues it, and it resumes from its newest valid checkpoint; the local Ray it
-started dies with it (runtime.start_ray). Every state change a runner makes is fenced by its
+started dies with it (actors/ray_boot.py). Every state change a runner makes is fenced by its
 lease (jobs.py): a runner whose lease was taken over or could not be renewed stops rendering and changes
 nothing.
 """
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from longtake.actors import ray_boot
 from longtake.actors.pool import WindowFailed
 from longtake.actors.worker import Worker
 from longtake.cluster.checkpoint import Checkpointer
@@ -332,9 +333,7 @@ class Runner:
 
     def serve_forever(self, exit_when_idle: bool = False) -> None:
         """Claim and render jobs until `stop` is set (or, with exit_when_idle, the queue is empty)."""
-        from longtake.cluster.runtime import start_ray
-
-        self._ray_started = start_ray(self.address)
+        self._ray_started = ray_boot.start_ray(self.address)
         try:
             self.recover()
             while not self.stop.is_set():
@@ -363,9 +362,7 @@ class Runner:
     def close(self) -> None:
         self._drop_pool()
         if self._ray_started:
-            import ray
-
-            ray.shutdown()
+            ray_boot.stop_ray()
             self._ray_started = False
 
     # -- one job
@@ -490,12 +487,10 @@ class Runner:
 
     # -- the actor pool, kept across jobs of the same model and worker count
     def _get_pool(self, job):
-        import ray
-
         from longtake.actors.ray_pool import RayPool
         from longtake.cluster.runtime import worker_plan
 
-        resources = ray.cluster_resources()
+        resources = ray_boot.cluster_resources()
         spec, workers = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))
         if self.workers and not job.request.workers:
             workers = self.workers

@@ -10,15 +10,12 @@ second CPU worker saves on a job that small. Same frames either way (one torch t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
+from longtake.actors import ray_boot
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
 from longtake.cluster.engine import Job, RenderResult, prepare, run
@@ -26,47 +23,6 @@ from longtake.pipelines import ROLES
 from longtake.request import RenderRequest
 
 logger = logging.getLogger(__name__)
-
-
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Start a local Ray (or join `address`) unless one is up. Returns True if this call started it.
-    Ray's start-up lines go to longtake's log at DEBUG, its errors to stderr (ray_guard.quiet_start). A local
-    Ray has token authentication on (Ray >= 2.59 turns it on for local clusters: pyproject.toml's floor) and
-    dies with this process, even one killed with SIGKILL (ray_guard.watch: its agents and workers too).
-    Its workers import the installed longtake whatever directory this process runs in (`_installed_first`)."""
-    import ray
-
-    from longtake.cluster import ray_guard
-
-    if ray.is_initialized():
-        return False
-    on_term = signal.getsignal(signal.SIGTERM)
-    with ray_guard.quiet_start(), _installed_first():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            with ray_guard.marked(ray_guard.watch()):
-                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
-    # ray.init installs its own SIGTERM handler (log and exit); keep the caller's, so a CLI that turns
-    # SIGTERM into a clean stop still cleans up
-    if on_term not in (None, signal.SIG_DFL) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)
-    return True
-
-
-@contextlib.contextmanager
-def _installed_first():
-    """Ray puts the driver's working directory first on every worker's sys.path (and Serve's replicas'). Run
-    from the directory above a clone, that holds a folder named `longtake` without __init__.py, which the
-    workers would import as an empty namespace package instead of the installed one. While ray.init reads it,
-    the working directory is the one that holds the installed package."""
-    here = os.getcwd()
-    os.chdir(Path(__file__).resolve().parents[2])  # the directory holding longtake/
-    try:
-        yield
-    finally:
-        os.chdir(here)
 
 
 def worker_plan(job: Job, gpus: float, cpus: float) -> tuple[WorkerSpec, int]:
@@ -126,16 +82,14 @@ def _cuda() -> bool:
 def make_ray_pool(job: Job, address: str | None = None, timings: dict | None = None):
     """Start (or join) Ray and build a pool for the job. Returns (pool, ray_started_here); `timings`, if
     given, gets `ray_start_s`."""
-    import ray
-
     from longtake.actors.ray_pool import RayPool
 
     want = job.request.workers or os.cpu_count() or 1
     t0 = time.perf_counter()
-    started = start_ray(address, num_cpus=max(os.cpu_count() or 1, want))
+    started = ray_boot.start_ray(address, num_cpus=max(os.cpu_count() or 1, want))
     if timings is not None:
         timings["ray_start_s"] = round(time.perf_counter() - t0, 3)
-    resources = ray.cluster_resources()
+    resources = ray_boot.cluster_resources()
     spec, workers = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))
     if spec.device == "cuda" and resources.get("GPU", 0) < workers:
         raise RuntimeError(f"{workers} GPU workers asked for, the cluster has {resources.get('GPU', 0):g} GPUs")
@@ -143,7 +97,7 @@ def make_ray_pool(job: Job, address: str | None = None, timings: dict | None = N
         return RayPool(spec, workers), started
     except BaseException:
         if started:
-            ray.shutdown()
+            ray_boot.stop_ray()
         raise
 
 
@@ -175,9 +129,7 @@ def render(request: RenderRequest | dict | Job, pool=None, progress: bool = Fals
         t1 = time.perf_counter()
         pool.shutdown()
         if started:
-            import ray
-
-            ray.shutdown()
+            ray_boot.stop_ray()
     # what a render costs around the engine: Ray starting (ray_start_s), then the workers with their model
     # (workers_start_s includes ray_start_s), and both stopping
     result.timings.update(around, workers_stop_s=round(time.perf_counter() - t1, 3))

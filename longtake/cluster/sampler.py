@@ -39,8 +39,8 @@ import time
 import torch
 
 from longtake.cluster.checkpoint import scheduler_state
-from longtake.pipelines.windows import frame_seed, fuse, private_frame, take_window
-from longtake.request import SCHEDULES  # the one list (torch-free, for the CLI)
+from longtake.core.windows import frame_seed, fuse, private_frame, take_window
+from longtake.core import SCHEDULES
 
 logger = logging.getLogger(__name__)
 

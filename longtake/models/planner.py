@@ -46,8 +46,9 @@ import numpy as np
 
 from longtake.models.shapes import (BOUNCE_HEIGHT, BOUNCE_PERIOD, DIRECTIONS, FLOOR, MOTIONS, RADIUS, SHAPES,
                                     SPEED, coverage)
-from longtake.pipelines.windows import PromptKey, prompt_schedule
+from longtake.core.windows import PromptKey, prompt_schedule
 from longtake.quality import FAR, MIN_AREA, circular_centroid, wrap_delta
+from longtake.request import RequestError
 
 PLANNERS = ("shapes",)  # longtake.json "planner": the words this module reads
 PLAN_FPS = 8.0  # the frame rate at which the planned speed equals the training clips' per-frame speed
@@ -96,6 +97,12 @@ def plan_path(motions: list[str], keys: list[PromptKey], frames: int, fps: float
     centres = start + np.concatenate([np.zeros((1, 2)), np.cumsum(velocity[:-1], axis=0)])
     centres[:, 1] -= bounce * hop * np.abs(np.sin(np.pi * (np.arange(frames) / period + phase)))
     return centres % np.array([width, height])
+
+
+def check(name: str, model: str) -> None:
+    """A model's longtake.json planner is one this module draws: RequestError naming `model` otherwise."""
+    if name not in PLANNERS:
+        raise RequestError("model", model, f"a longtake.json planner of {', '.join(PLANNERS)}; it says {name!r}")
 
 
 def plannable(keys: list[PromptKey], loop: bool, anchored: bool) -> bool:

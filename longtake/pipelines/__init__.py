@@ -150,7 +150,7 @@ def resolve_model_path(model: str) -> str:
     if model == "default":
         if not (DEFAULT_MODEL / "model_index.json").is_file():
             raise RequestError("model", model, f"the bundled model in {DEFAULT_MODEL} (missing: rebuild it with "
-                                               f"python -m longtake.models.train_default --out {DEFAULT_MODEL})")
+                                               f"python -m longtake.tools.train_default --out {DEFAULT_MODEL})")
         return str(DEFAULT_MODEL)
     return str(ensure_tiny_model(model)) if model in TINY_MODELS else model
 
@@ -193,7 +193,7 @@ def read_options(path: Path, model: str) -> dict:
 
 
 def noise_mode(mode, model: str) -> str:
-    from longtake.pipelines.windows import NOISE_MODES
+    from longtake.core import NOISE_MODES
 
     if mode not in NOISE_MODES:
         raise RequestError("model", model, f"a longtake.json whose default_noise is one of {', '.join(NOISE_MODES)} "

@@ -1,7 +1,7 @@
 """AnimateDiff family: a UNet with motion modules, a per-frame 2D VAE and a CLIP text encoder.
 
 The bundled default model (pixel space, no VAE; with a ControlNet for silhouette paths, its convolutions
-wrapping like the UNet's: `longtake/models/train_control.py`) and `tiny` are of this family. Knows torch and
+wrapping like the UNet's: `longtake/tools/train_control.py`) and `tiny` are of this family. Knows torch and
 diffusers only. `inspect` reads the configs; a worker builds one `Backend`, keeps it, and calls `encode`, `predict`
 and `decode`; the engine does the scheduler steps and the fusion on the full latent. Conditioning is
 per frame: each window gets the interpolated embeddings of its own frames. The 2D VAE decodes every
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from longtake.pipelines import LatentLayout, ModelInfo, noise_mode, read_json, read_options, torch_dtype
-from longtake.pipelines.windows import TextConditioning
+from longtake.core.windows import TextConditioning
 from longtake.request import RequestError
 
 logger = logging.getLogger(__name__)
@@ -121,13 +121,10 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
 
 
 def _planner(extra: dict, index: dict, model: str) -> str:
-    """longtake.json's "planner" ("" without one), checked: a known planner, on a model with a ControlNet (the
-    plan is drawn as its control frames). RequestError naming `model` otherwise."""
-    from longtake.models.planner import PLANNERS
-
+    """longtake.json's "planner" ("" without one), on a model with a ControlNet (the plan is drawn as its
+    control frames): RequestError naming `model` otherwise. Which planners exist is the bundled model's
+    business (models/planner.py: the engine checks the name there)."""
     name = extra.get("planner", "")
-    if name and name not in PLANNERS:
-        raise RequestError("model", model, f"a longtake.json planner of {', '.join(PLANNERS)}; it says {name!r}")
     if name and not index.get("controlnet", [None])[0]:
         raise RequestError("model", model, "a ControlNet (controlnet/) for its longtake.json planner to drive")
     return name

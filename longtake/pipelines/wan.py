@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from longtake.pipelines import LatentLayout, ModelInfo, noise_mode, read_json, read_options, torch_dtype
-from longtake.pipelines.windows import TextConditioning
+from longtake.core.windows import TextConditioning
 from longtake.request import RequestError
 
 NATIVE_WINDOW = 21  # latent frames Wan 2.1 / 2.2 T2V were trained on (81 frames)

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 
 from longtake.pipelines import ModelInfo, read_json, read_options
 from longtake.pipelines import wan
-from longtake.pipelines.windows import TextConditioning
+from longtake.core.windows import TextConditioning
 from longtake.request import RequestError
 
 NATIVE_WINDOW = 20  # latent frames of the pipeline's default segment (77 frames), the reference slot not counted

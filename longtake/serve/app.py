@@ -3,19 +3,10 @@
     Ingress (FastAPI: auth, limits, routes) -> Manager (job store, engine threads) -> Denoiser replicas
                                                                                      (one model each,
                                                                                       0..max replicas)
-The manager's engine threads send their jobs' windows to the denoiser deployment as the wavefront makes
-them ready, up to 2 calls per replica (max replicas) in flight for all jobs together, so Serve's queue
-(ongoing requests) is what the autoscaler scales on. Jobs share that budget shortest first: the job with
-the fewest window predictions left takes all but one call per other running job, and every running job
-keeps at least one call in flight (a short job submitted while a long one renders is not queued behind
-it, and the long one never stops). Families with a large text
-encoder (Wan's UMT5) encode in the manager, on a CPU worker kept there; their denoisers never load it.
-A causal VAE's decode is one streamed call to one replica.
-
-Every call to a denoiser has a timeout (a replica that cannot be scheduled fails the job with a clear
-error, it never stays `running`), and a failed window is retried (max attempts) on whichever replica
-Serve picks; a replica whose calls keep failing reports itself unhealthy and Serve replaces it (the
-blocklist of the Ray pool). The ingress bounds what a client can send: body size (read chunk by chunk),
+The manager's engine threads send their jobs' windows to the denoiser deployment through the ServePool
+(actors/serve_pool.py: the jobs' shares of the replicas, timeouts, retries, the text encoder of a family whose
+denoisers do not hold it); a replica whose calls keep failing reports itself unhealthy and Serve replaces
+it (the blocklist of the Ray pool). The ingress bounds what a client can send: body size (read chunk by chunk),
 query integers, each key's uploads (files and bytes held), each key's open event streams (one poll of the
 manager per watched job, events.py), and, in the manager, the request's cost. It answers only to the Host
 names it serves (pages.py: against DNS rebinding).
@@ -34,21 +25,14 @@ job's files through signed, expiring links (POST .../links) so the key never goe
 
 import asyncio
 import hashlib
-import heapq
 import hmac
 import json
 import logging
-import math
 import os
-import queue
 import secrets
-import threading
 import time
-import weakref
-from concurrent import futures
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as FilePath
@@ -56,8 +40,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.pool import WAIT_S, RetryPolicy, WindowFailed, ordered
-from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
+from longtake.actors.serve_pool import ServePool, denoiser_spec
+from longtake.actors.worker import Worker
 from longtake.cluster.jobs import SQLITE_INT_MAX, Conflict, iso
 from longtake.request import RequestError
 from longtake.serve.files import FileStore, owner_of
@@ -69,229 +53,6 @@ from longtake.serve.schema import (FILE_ID, Accepted, Changed, FileDeleted, File
                                    finish_openapi, request_schema)
 
 logger = logging.getLogger(__name__)
-
-
-def _one_line(error: Exception) -> str:
-    """A denoiser call's error in one line: its class and the last line of its message (Serve wraps the
-    replica's traceback around it)."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[-1] if text else 'failed'}"
-
-
-@dataclass
-class _Call:
-    """One task of a ServePool ticket: what to call, and the response to cancel while it runs."""
-
-    method: str
-    args: tuple
-    label: str
-    response: Any = None
-    cancelled: bool = False
-
-
-@dataclass(eq=False)
-class _Tickets:
-    """One engine thread's tasks in a ServePool."""
-
-    todo: list = field(default_factory=list)  # heap of (key, ticket)
-    calls: dict = field(default_factory=dict)  # ticket -> _Call, until its result is taken or it is cancelled
-    running: dict = field(default_factory=dict)  # future -> ticket
-    next: int = 0
-    total: int | None = None  # the job's window predictions, when told (`begin_job`): unknown sorts last
-    done: int = 0  # calls finished
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def remaining(self) -> float:
-        return math.inf if self.total is None else self.total - self.done
-
-
-class ServePool:
-    """The engine's pool interface over the Denoiser deployment (used from the manager's threads).
-
-    Families whose text encoder the denoisers do not hold (Wan's UMT5) encode here, in the manager, on
-    a CPU worker built on first use and kept."""
-
-    def __init__(self, handle: DeploymentHandle, num_workers: int, model_path: str, device: str = "cpu",
-                 decode_in_flight: int = 4, timeout_s: float = 600.0, max_attempts: int = 3,
-                 per_job: int | None = None):
-        self.handle, self.num_workers, self.decode_in_flight = handle, num_workers, decode_in_flight
-        self.timeout_s, self.max_attempts = timeout_s, max_attempts
-        self.retry = RetryPolicy(max_attempts)
-        self.retries = 0
-        self.per_job = per_job or 2 * num_workers  # calls in flight at once, all jobs together
-        self._local = threading.local()
-        self._jobs: weakref.WeakSet = weakref.WeakSet()  # every engine thread's tickets (gone with the thread)
-        self._executor = futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="serve-call")
-        self.spec = denoiser_spec(model_path, device)
-        self._encoder = None
-        self._lock = threading.Lock()  # the jobs' ticket states (`_jobs`): held for microseconds
-        self._encode_lock = threading.Lock()  # the encoder: one job encodes at a time, the others keep stepping
-
-    def encode(self, *args, tick=None):
-        if "encode" in self.spec.roles:
-            return self.call("encode", *args, tick=tick)
-        with self._encode_lock:
-            if self._encoder is None:
-                self._encoder = Worker(encoder_spec(self.spec))
-            return self._encoder.encode(*args)
-
-    @property
-    def outstanding(self) -> int:
-        return len(self._state().calls)
-
-    def stream(self, method: str, args: tuple, tick=None):
-        """Items of one streamed call, in order, each within the timeout. A failed stream restarts (max
-        attempts) and skips the items already delivered (the method takes `skip` after `args`). `tick()`
-        runs at least every WAIT_S seconds while it waits."""
-        delivered = 0
-        for attempt in range(1, self.max_attempts + 1):
-            response = getattr(self.handle, method).options(stream=True).remote(*args, delivered)
-            items: queue.Queue = queue.Queue(maxsize=2)
-            stop = threading.Event()
-
-            def pump(response=response, items=items, stop=stop):
-                def put(entry):
-                    while not stop.is_set():
-                        try:
-                            return items.put(entry, timeout=0.5)
-                        except queue.Full:
-                            pass
-                try:
-                    for item in response:
-                        put(("item", item))
-                    put(("end", None))
-                except Exception as e:  # the replica's error, a lost replica, or our own cancel
-                    put(("error", e))
-
-            threading.Thread(target=pump, daemon=True, name=f"serve-{method}").start()
-            try:
-                while True:
-                    since = time.monotonic()
-                    while True:
-                        try:
-                            kind, value = items.get(timeout=WAIT_S)
-                            break
-                        except queue.Empty:
-                            if time.monotonic() - since > self.timeout_s:
-                                raise WindowFailed(f"{method}: no denoiser answered in {self.timeout_s:g} s (can a "
-                                                   "replica be scheduled? see `ray status`)") from None
-                            if tick is not None:
-                                tick()
-                    if kind == "end":
-                        return
-                    if kind == "error":
-                        break
-                    delivered += 1
-                    yield value
-            finally:
-                stop.set()
-                response.cancel()
-            self.retry.after_failure(f"{method} (after {delivered} items)", attempt, _one_line(value), value)
-            self.retries += 1
-
-    def put(self, obj):
-        return obj
-
-    def call(self, method: str, *args, tick=None):
-        return next(self.imap(method, [args], tick))
-
-    def _call(self, call: "_Call"):
-        """One task in a caller thread: the call's result within the timeout; a failure is retried (a new
-        call: Serve may pick another replica) by the policy; then, or on a timeout, WindowFailed."""
-        attempt = 1
-        while True:
-            if call.cancelled:
-                return None
-            call.response = getattr(self.handle, call.method).remote(*call.args)
-            try:
-                return call.response.result(timeout_s=self.timeout_s)
-            except TimeoutError:
-                call.response.cancel()
-                raise WindowFailed(f"{call.label}: no denoiser answered in {self.timeout_s:g} s (can a replica "
-                                   "be scheduled? see `ray status`)") from None
-            except Exception as e:  # the replica's own error, a replica that died, or our own cancel
-                if call.cancelled:
-                    return None
-                self.retry.after_failure(call.label, attempt, _one_line(e), e)
-                self.retries += 1
-                attempt += 1
-
-    def _state(self) -> "_Tickets":
-        """The calling thread's tickets: each engine thread (one job) sees only its own."""
-        state = getattr(self._local, "state", None)
-        if state is None:
-            state = self.begin_job(None)
-        return state
-
-    def begin_job(self, total: int | None) -> "_Tickets":
-        """The calling thread starts a job of `total` window predictions (its share depends on what is left)."""
-        state = self._local.state = _Tickets(total=total)
-        with self._lock:
-            self._jobs.add(state)
-        return state
-
-    def _share(self, state: "_Tickets") -> int:
-        """Calls this job may have in flight now: all of them when it runs alone; else the job with the
-        fewest window predictions left takes all but one per other running job, and the others one each."""
-        with self._lock:
-            active = [s for s in self._jobs if s.todo or s.running]
-        if len(active) <= 1:
-            return self.per_job
-        first = min(active, key=lambda s: (s.remaining, s.started))
-        return max(1, self.per_job - (len(active) - 1)) if first is state else 1
-
-    def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
-        """Queue a task of this thread's job; `poll` sends it (lowest keys first) within the job's share."""
-        state = self._state()
-        ticket, state.next = state.next, state.next + 1
-        state.calls[ticket] = _Call(method, args, label or f"{method} task {ticket}")
-        heapq.heappush(state.todo, (key, ticket))
-        return ticket
-
-    def poll(self, timeout: float | None = None):
-        """Send queued calls (up to the job's share), wait for one to finish: [(ticket, result)], or [] when
-        nothing is running or none finished within `timeout` seconds."""
-        state = self._state()
-        share = self._share(state) if state.todo else 0
-        while state.todo and len(state.running) < share:
-            _, ticket = heapq.heappop(state.todo)
-            if ticket in state.calls:
-                state.running[self._executor.submit(self._call, state.calls[ticket])] = ticket
-        if not state.running:
-            return []
-        done, _ = futures.wait(list(state.running), timeout=timeout, return_when=futures.FIRST_COMPLETED)
-        finished = []
-        for future in done:
-            ticket = state.running.pop(future)
-            state.done += 1
-            call = state.calls.pop(ticket, None)
-            error = future.exception()
-            if error is not None:
-                self.cancel()
-                raise error
-            if call is not None and not call.cancelled:
-                finished.append((ticket, future.result()))
-        return finished
-
-    def cancel(self, tickets=None) -> None:
-        state = self._state()
-        for ticket in list(state.calls) if tickets is None else tickets:
-            call = state.calls.pop(ticket, None)
-            if call is not None:
-                call.cancelled = True
-                if call.response is not None:
-                    call.response.cancel()
-        state.todo = [entry for entry in state.todo if entry[1] in state.calls]
-        heapq.heapify(state.todo)
-        state.running = {f: t for f, t in state.running.items() if t in state.calls}
-
-    def imap(self, method: str, args_list, tick=None):
-        # decoded frames are big: only a few decode chunks are in flight
-        return ordered(self, method, args_list, self.decode_in_flight if method == "decode" else self.per_job, tick)
-
-    def shutdown(self) -> None:
-        pass
 
 
 @serve.deployment(autoscaling_config={"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 2},
@@ -337,15 +98,6 @@ class Denoiser:
 
     def has_text_encoder(self) -> bool:
         return getattr(self.worker.backend, "text_encoder", None) is not None
-
-
-def denoiser_spec(model_path: str, device: str) -> WorkerSpec:
-    """A denoiser replica's worker: the family's dtype on GPUs, and no text encoder when it is large."""
-    from longtake.pipelines import ROLES, inspect_model
-
-    info = inspect_model(model_path)
-    roles = ("predict", "decode") if info.separate_encoder else ROLES
-    return WorkerSpec(model_path, device, info.cuda_dtype if device == "cuda" else "float32", roles=roles)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -791,6 +543,34 @@ class Ingress:
         if was is None:
             raise HTTPException(404, f"no job {job_id}")
         return {"id": job_id, "status": "deleted", "was": was}
+
+
+def start_server(model_path: str, data_dir: str, token: str, host: str, port: int, min_replicas: int,
+                 max_replicas: int, limits: Limits, model_name: str | None = None, allowed_hosts=(),
+                 address: str | None = None, device: str | None = None) -> bool:
+    """`longtake serve`: start (or join) Ray, then Serve's proxy on host:port with the app on `device` (None:
+    the cluster's: cuda where it has a GPU). Returns whether Ray was started here (`stop_server` stops it
+    then)."""
+    from longtake.actors import ray_boot
+
+    started = ray_boot.start_ray(address)
+    device = device or ("cuda" if ray_boot.cluster_resources().get("GPU", 0) >= 1 else "cpu")
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(model_path, data_dir, token, device, min_replicas, max_replicas, limits,
+                        model_name=model_name, allowed_hosts=allowed_hosts), name="longtake", route_prefix="/")
+    return started
+
+
+def stop_server(started_ray: bool) -> None:
+    """Shut Serve down (if it is up), and Ray too when `start_server` started it."""
+    import ray
+
+    from longtake.actors import ray_boot
+
+    if ray.is_initialized():
+        serve.shutdown()
+        if started_ray:
+            ray_boot.stop_ray()
 
 
 def build_app(model_path: str, data_dir: str, token: str, device: str = "cpu", min_replicas: int = 0,

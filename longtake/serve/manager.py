@@ -33,7 +33,7 @@ from longtake.cluster.retention import Audit, Retention, delete_job, files_under
 from longtake.cluster.jobs import (FINAL, STATES, ClientFull, Conflict, JobStore, Lease, ProgressWriter, QueueFull,
                                    append_log, new_runner_id, scoped_key)
 from longtake.provenance import Provenance
-from longtake.pipelines.windows import plan_loop, plan_windows
+from longtake.core.windows import plan_loop, plan_windows
 from longtake.request import DEFAULT_SECONDS, RenderRequest, RequestError, parse_request
 from longtake.serve.files import FileStore, file_ids, owner_of
 from longtake.serve.limits import Limits

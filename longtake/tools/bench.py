@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from longtake import bench_watermark
+from longtake.tools import bench_watermark
 from longtake.cluster.engine import RenderResult, prepare, run
 from longtake.video import VideoWriter
 
@@ -208,17 +208,15 @@ def serve_share(model_path: str, request: dict, tmp: Path, short: float = 5, lon
     windows: far more)."""
     import socket
 
-    from ray import serve
-
-    from longtake.serve.app import build_app
+    from longtake.serve.app import start_server, stop_server
+    from longtake.serve.limits import Limits
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     token, base = "bench-token", f"http://127.0.0.1:{port}"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    started = start_server(model_path, str(tmp / "serve"), token, "127.0.0.1", port, 2, 2, Limits(), device="cpu")
     try:
-        serve.run(build_app(model_path, str(tmp / "serve"), token, "cpu", 2, 2), name="longtake", route_prefix="/")
         job = {k: v for k, v in request.items() if k not in ("model", "device", "out")}
         finished = lambda j: j["status"] == "done"
 
@@ -237,7 +235,7 @@ def serve_share(model_path: str, request: dict, tmp: Path, short: float = 5, lon
         still_running = long_job["status"] == "running"
         _http(base, "DELETE", f"/v1/videos/{long_id}", token)
     finally:
-        serve.shutdown()
+        stop_server(started)
     return {"short_seconds": short, "long_seconds": long, "short_alone_s": round(alone, 3),
             "short_with_long_s": round(shared, 3), "long_still_running": still_running,
             "serve_share": shared / alone}
@@ -246,7 +244,7 @@ def serve_share(model_path: str, request: dict, tmp: Path, short: float = 5, lon
 # ---------------------------------------------------------------- 4: seams
 
 def seams(spec, model: str, clips: int, seconds: float, tmp: Path, progress: bool) -> dict:
-    from longtake.evaluate import MOVING, eval_specs, render_frames
+    from longtake.tools.evaluate import MOVING, eval_specs, render_frames
     from longtake.models.shapes import BACKGROUNDS
     from longtake.quality import object_track, seam_pairs, seam_ratio
 
@@ -441,7 +439,7 @@ def wan_scaling(device: str, tmp: Path, quick: bool, progress: bool = False, *, 
     from longtake.actors.pool import InProcessPool
     from longtake.actors.worker import WorkerSpec
     from longtake.pipelines.tiny import TINY_WAN, ensure_tiny_model
-    from longtake.pipelines.windows import initial_noise
+    from longtake.core.windows import initial_noise
 
     path = model or str(ensure_tiny_model(TINY_WAN))
     size = size or (WAN_QUICK_SIZE if quick else 256)
@@ -658,7 +656,7 @@ def projection(scale: dict, encode_fps: float, latent_bytes_per_frame: float, wi
 
 def bench(quick: bool = True, device: str = "cpu", model: str = "default", progress: bool = True,
           workers_per_node: int = 8, bandwidth_gbps: float = 10.0) -> dict:
-    from longtake.cluster.runtime import start_ray
+    from longtake.actors.ray_boot import start_ray, stop_ray
 
     t0 = time.time()
     seconds = 10 if quick else 30
@@ -742,9 +740,7 @@ def bench(quick: bool = True, device: str = "cpu", model: str = "default", progr
             bar.close()
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            stop_ray()
     import torch
 
     settings = {"quick": quick, "device": device, "model": model, "clip_seconds": seconds, "fps": 8,

@@ -1,9 +1,15 @@
-"""What a local Ray that longtake starts (runtime.start_ray) gets around it.
+"""The one place longtake starts, joins and stops Ray (the executors, `ray_pool.py` and `serve_pool.py`, and
+`serve/` use it; nothing else imports Ray).
 
+- `start_ray` / `stop_ray` / `cluster_resources`: a local Ray (or a cluster joined at an address), what it has.
+- Importable anywhere: Ray puts the driver's working directory first on every worker's sys.path (and Serve's
+  replicas'). Run from the directory above a clone, that holds a folder named `longtake` without
+  __init__.py, which the workers would import as an empty namespace package instead of the installed one;
+  while ray.init reads it, the working directory is the one that holds the installed package.
 - Quiet start: while `ray.init` runs, Ray's log records below ERROR (the token-authentication notice,
   "Generated new authentication token", "Started a local Ray instance") go to longtake's log at DEBUG
   (`longtake.lib.<logger>`, as the CLI's quiet_libraries routes them), not to the user's stderr; errors still
-  reach Ray's own handlers.
+  reach Ray's own handlers. A local Ray has token authentication on (Ray >= 2.59: pyproject.toml's floor).
 - Fate sharing: Ray's GCS and raylet die with the process that started them (Ray sets PR_SET_PDEATHSIG), but
   the processes the raylet starts (ray::DashboardAgent, ray::RuntimeEnvAgent, the workers) notice only a
   minute or so later after a SIGKILL: they try to report the raylet's death to the dead GCS first. So every
@@ -15,8 +21,9 @@
   that is still the same process (pid and start time, from /proc; Linux only, elsewhere there is no
   watchdog). A stopped runner thus leaves no half-dead Ray for the next one.
 
-This file is also the watchdog's program (`python -I ray_guard.py MARK`, its stdin the pipe): it uses the
-standard library only, so it starts at once and imports nothing of longtake, torch or Ray.
+This file is also the watchdog's program (`python -I ray_boot.py MARK`, its stdin the pipe): its top level
+uses the standard library only (Ray is imported inside the functions that need it), so the watchdog starts at
+once and imports nothing of longtake, torch or Ray.
 """
 
 from __future__ import annotations
@@ -29,10 +36,61 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 ENV = "LONGTAKE_RAY_GUARD"
 _watchdog: dict = {}  # this process's watchdog: {"proc": Popen, "mark": str}
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Start a local Ray (or join `address`) unless one is up. Returns True if this call started it (and its
+    caller stops it: `stop_ray`). Quiet, importable from any directory, dying with this process (module
+    docstring)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    on_term = signal.getsignal(signal.SIGTERM)
+    with quiet_start(), _installed_first():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            with marked(watch()):
+                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+    # ray.init installs its own SIGTERM handler (log and exit); keep the caller's, so a CLI that turns
+    # SIGTERM into a clean stop still cleans up
+    if on_term not in (None, signal.SIG_DFL) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+    return True
+
+
+def stop_ray() -> None:
+    """Stop the Ray this process started or joined (nothing when none is up)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_resources() -> dict[str, float]:
+    """What the Ray this process is connected to has in all: {"CPU": ..., "GPU": ..., ...}."""
+    import ray
+
+    return ray.cluster_resources()
+
+
+@contextlib.contextmanager
+def _installed_first():
+    """The working directory, while ray.init reads it, is the one holding the installed longtake (module
+    docstring)."""
+    here = os.getcwd()
+    os.chdir(Path(__file__).resolve().parents[2])  # the directory holding longtake/
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def watch() -> str | None:

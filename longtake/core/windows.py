@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from longtake.request import NOISE_MODES, WEIGHTINGS  # the one list of each (defined torch-free, for the CLI)
+from longtake.core import NOISE_MODES, WEIGHTINGS  # the one list of each (torch-free, for the CLI)
 
 # "correlated": an AR(1) process over frames, eps_f = rho * eps_(f-1) + sqrt(1 - rho^2) * xi_f (unit variance,
 # lag-1 correlation rho), as in PYoCo's progressive noise prior; expanded over a finite horizon so any frame

@@ -1,6 +1,6 @@
 """Train the bundled default model: a small pixel-space AnimateDiff-style video model.
 
-    python -m longtake.models.train_default --out DIR [--seed 0] [--device cuda] [--piece-minutes 10]
+    python -m longtake.tools.train_default --out DIR [--seed 0] [--device cuda] [--piece-minutes 10]
 
 The shipped model is two runs (the README and the model card give the exact commands): stage 1 with
 noise correlated across frames, stopped at step 6000 of a 9000-step schedule (`--stop-at`); stage 2
@@ -49,7 +49,7 @@ from tqdm import tqdm
 from longtake.models.shapes import WORDS, sample_batch
 from longtake.pipelines.animatediff import pooled_text_kwargs, wrap_convolutions
 from longtake.pipelines.tiny import write_tokenizer_files
-from longtake.pipelines.windows import correlate_frames
+from longtake.core.windows import correlate_frames
 
 logger = logging.getLogger("longtake.train")
 

@@ -12,7 +12,7 @@ marked (moving, still, textured, letterboxed, dim) are read as `verify` reads a 
 payload found is a false positive. `scripts/watermark_candidates.py` runs the same trials for
 invisible-watermark's methods.
 
-    python -m longtake.bench_watermark --table BENCHMARKS.md   # this table alone, rewritten in place
+    python -m longtake.tools.bench_watermark --table BENCHMARKS.md   # this table alone, rewritten in place
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def false_positive_lines(results: dict) -> list[str]:
     return lines
 
 
-CANDIDATES = Path(__file__).resolve().parent.parent / "benchmarks" / "watermark-candidates.json"
+CANDIDATES = Path(__file__).resolve().parents[2] / "benchmarks" / "watermark-candidates.json"
 
 
 def candidates() -> dict:

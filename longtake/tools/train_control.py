@@ -1,6 +1,6 @@
 """Train the bundled model's control branch: a small ControlNet that makes the object follow a silhouette.
 
-    python -m longtake.models.train_control --model longtake/models/default [--max-steps 800] [--device cuda]
+    python -m longtake.tools.train_control --model longtake/models/default [--max-steps 800] [--device cuda]
 
 For the bundled model the "pose" of an object is its silhouette: a mask video (white on black, any size),
 read like a pose video and given to the model as control frames at the output size (64x64). This trains a
@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from longtake.models.planner import PLANNERS
 from longtake.models.shapes import sample_control_batch
-from longtake.models.train_default import (FRAMES, GRID_SHARE, GRID_STEPS, SHUFFLE, SIZE, UPSCALE, build_components,
+from longtake.tools.train_default import (FRAMES, GRID_SHARE, GRID_STEPS, SHUFFLE, SIZE, UPSCALE, build_components,
                                            ema_update, load_state, load_weights, pooled_text_kwargs, record_step,
                                            save_state, weights_digest)
 from longtake.pipelines.animatediff import wrap_convolutions

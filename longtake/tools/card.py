@@ -1,6 +1,6 @@
 """Write MODEL_CARD.md beside a trained default model, from its training.json and EVAL.md.
 
-    python -m longtake.models.card longtake/models/default
+    python -m longtake.tools.card longtake/models/default
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from longtake.models.shapes import BACKGROUNDS, MOTIONS, OBJECT_COLORS, SHAPES
-from longtake.pipelines.windows import NOISE_CORRELATION
+from longtake.core.windows import NOISE_CORRELATION
 
 
 def _stage(t: dict, lt: dict, number: int | None) -> str:
@@ -46,7 +46,7 @@ def _control(d: Path) -> str:
     pose = (d / "POSE_EVAL.md").read_text() if (d / "POSE_EVAL.md").is_file() else "(not evaluated yet: run `longtake eval --suite pose`)"
     return f"""
 ## Control branch (silhouette paths)
-`controlnet/`: a diffusers `ControlNetModel` trained by `python -m longtake.models.train_control` with the
+`controlnet/`: a diffusers `ControlNetModel` trained by `python -m longtake.tools.train_control` with the
 model above frozen, so that `--pose` takes a silhouette video (white on black, any size, resampled like a
 pose video) and the object follows it; `--reference` (pinned at frame 0) gives its look. It also draws the
 motion plan below. Without a pose or a plan the branch does not run.
@@ -60,7 +60,7 @@ motion plan below. Without a pose or a plan the branch does not run.
 - Loss: x0 MSE with the object's pixels weighted {c['object_weight']:g}x; batch {c['batch']}, learning rate {c['lr']:g}
   (warm-up, cosine to a tenth), {c['steps']} steps in {c['train_seconds'] / 60:.1f} minutes on {c['threads']} CPU threads
   ({c['device']}), seed {c['seed']}, final loss {c['final_loss']}.
-- Reproduce: `python -m longtake.models.train_control --model longtake/models/default --max-steps {c['steps']}
+- Reproduce: `python -m longtake.tools.train_control --model longtake/models/default --max-steps {c['steps']}
   --seed {c['seed']}` (resumable like train_default: `--piece-minutes`, state beside the weights).
 
 {pose}{_plan(d)}"""
@@ -114,7 +114,7 @@ def write_card(model_dir: str | Path) -> Path:
     training = "".join(_stage(s, lt, k + 1 if len(stages) > 1 else None) for k, s in enumerate(stages))
     card = f"""# longtake default model
 
-A small text-to-video diffusion model trained by `python -m longtake.models.train_default` on
+A small text-to-video diffusion model trained by `python -m longtake.tools.train_default` on
 procedural clips, shipped inside the package so longtake renders something watchable on a laptop CPU.
 
 ## Data

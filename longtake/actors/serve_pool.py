@@ -1,0 +1,262 @@
+"""The engine's pool over serve's Denoiser deployment: the executor `serve/`'s job manager renders on.
+
+Its threads (one per running job) each see their own tickets; all jobs together keep up to 2 calls per
+replica (max replicas) in flight, so Serve's queue (ongoing requests) is what its autoscaler scales on. Jobs
+share that budget shortest first: the job with the fewest window predictions left takes all but one call per
+other running job, and every running job keeps at least one call in flight (a short job submitted while a
+long one renders is not queued behind it, and the long one never stops). Families with a large text encoder
+(Wan's UMT5) encode here, in the manager, on a CPU worker kept here, under a lock of its own (the other jobs
+keep stepping meanwhile); their denoisers never load it. A causal VAE's decode is one streamed call to one
+replica.
+
+Every call has a timeout (a replica that cannot be scheduled fails the job with a clear error, it never stays
+`running`), and a failed call is retried (max attempts) on whichever replica Serve picks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import queue
+import threading
+import time
+import weakref
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from longtake.actors.pool import WAIT_S, RetryPolicy, WindowFailed, ordered
+from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
+
+def _one_line(error: Exception) -> str:
+    """A denoiser call's error in one line: its class and the last line of its message (Serve wraps the
+    replica's traceback around it)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1] if text else 'failed'}"
+
+
+@dataclass
+class _Call:
+    """One task of a ServePool ticket: what to call, and the response to cancel while it runs."""
+
+    method: str
+    args: tuple
+    label: str
+    response: Any = None
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Tickets:
+    """One engine thread's tasks in a ServePool."""
+
+    todo: list = field(default_factory=list)  # heap of (key, ticket)
+    calls: dict = field(default_factory=dict)  # ticket -> _Call, until its result is taken or it is cancelled
+    running: dict = field(default_factory=dict)  # future -> ticket
+    next: int = 0
+    total: int | None = None  # the job's window predictions, when told (`begin_job`): unknown sorts last
+    done: int = 0  # calls finished
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def remaining(self) -> float:
+        return math.inf if self.total is None else self.total - self.done
+
+
+class ServePool:
+    """The engine's pool interface over the Denoiser deployment (used from the manager's threads).
+
+    Families whose text encoder the denoisers do not hold (Wan's UMT5) encode here, in the manager, on
+    a CPU worker built on first use and kept."""
+
+    def __init__(self, handle: DeploymentHandle, num_workers: int, model_path: str, device: str = "cpu",
+                 decode_in_flight: int = 4, timeout_s: float = 600.0, max_attempts: int = 3,
+                 per_job: int | None = None):
+        self.handle, self.num_workers, self.decode_in_flight = handle, num_workers, decode_in_flight
+        self.timeout_s, self.max_attempts = timeout_s, max_attempts
+        self.retry = RetryPolicy(max_attempts)
+        self.retries = 0
+        self.per_job = per_job or 2 * num_workers  # calls in flight at once, all jobs together
+        self._local = threading.local()
+        self._jobs: weakref.WeakSet = weakref.WeakSet()  # every engine thread's tickets (gone with the thread)
+        self._executor = futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="serve-call")
+        self.spec = denoiser_spec(model_path, device)
+        self._encoder = None
+        self._lock = threading.Lock()  # the jobs' ticket states (`_jobs`): held for microseconds
+        self._encode_lock = threading.Lock()  # the encoder: one job encodes at a time, the others keep stepping
+
+    def encode(self, *args, tick=None):
+        if "encode" in self.spec.roles:
+            return self.call("encode", *args, tick=tick)
+        with self._encode_lock:
+            if self._encoder is None:
+                self._encoder = Worker(encoder_spec(self.spec))
+            return self._encoder.encode(*args)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._state().calls)
+
+    def stream(self, method: str, args: tuple, tick=None):
+        """Items of one streamed call, in order, each within the timeout. A failed stream restarts (max
+        attempts) and skips the items already delivered (the method takes `skip` after `args`). `tick()`
+        runs at least every WAIT_S seconds while it waits."""
+        delivered = 0
+        for attempt in range(1, self.max_attempts + 1):
+            response = getattr(self.handle, method).options(stream=True).remote(*args, delivered)
+            items: queue.Queue = queue.Queue(maxsize=2)
+            stop = threading.Event()
+
+            def pump(response=response, items=items, stop=stop):
+                def put(entry):
+                    while not stop.is_set():
+                        try:
+                            return items.put(entry, timeout=0.5)
+                        except queue.Full:
+                            pass
+                try:
+                    for item in response:
+                        put(("item", item))
+                    put(("end", None))
+                except Exception as e:  # the replica's error, a lost replica, or our own cancel
+                    put(("error", e))
+
+            threading.Thread(target=pump, daemon=True, name=f"serve-{method}").start()
+            try:
+                while True:
+                    since = time.monotonic()
+                    while True:
+                        try:
+                            kind, value = items.get(timeout=WAIT_S)
+                            break
+                        except queue.Empty:
+                            if time.monotonic() - since > self.timeout_s:
+                                raise WindowFailed(f"{method}: no denoiser answered in {self.timeout_s:g} s (can a "
+                                                   "replica be scheduled? see `ray status`)") from None
+                            if tick is not None:
+                                tick()
+                    if kind == "end":
+                        return
+                    if kind == "error":
+                        break
+                    delivered += 1
+                    yield value
+            finally:
+                stop.set()
+                response.cancel()
+            self.retry.after_failure(f"{method} (after {delivered} items)", attempt, _one_line(value), value)
+            self.retries += 1
+
+    def put(self, obj):
+        return obj
+
+    def call(self, method: str, *args, tick=None):
+        return next(self.imap(method, [args], tick))
+
+    def _call(self, call: "_Call"):
+        """One task in a caller thread: the call's result within the timeout; a failure is retried (a new
+        call: Serve may pick another replica) by the policy; then, or on a timeout, WindowFailed."""
+        attempt = 1
+        while True:
+            if call.cancelled:
+                return None
+            call.response = getattr(self.handle, call.method).remote(*call.args)
+            try:
+                return call.response.result(timeout_s=self.timeout_s)
+            except TimeoutError:
+                call.response.cancel()
+                raise WindowFailed(f"{call.label}: no denoiser answered in {self.timeout_s:g} s (can a replica "
+                                   "be scheduled? see `ray status`)") from None
+            except Exception as e:  # the replica's own error, a replica that died, or our own cancel
+                if call.cancelled:
+                    return None
+                self.retry.after_failure(call.label, attempt, _one_line(e), e)
+                self.retries += 1
+                attempt += 1
+
+    def _state(self) -> "_Tickets":
+        """The calling thread's tickets: each engine thread (one job) sees only its own."""
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self.begin_job(None)
+        return state
+
+    def begin_job(self, total: int | None) -> "_Tickets":
+        """The calling thread starts a job of `total` window predictions (its share depends on what is left)."""
+        state = self._local.state = _Tickets(total=total)
+        with self._lock:
+            self._jobs.add(state)
+        return state
+
+    def _share(self, state: "_Tickets") -> int:
+        """Calls this job may have in flight now: all of them when it runs alone; else the job with the
+        fewest window predictions left takes all but one per other running job, and the others one each."""
+        with self._lock:
+            active = [s for s in self._jobs if s.todo or s.running]
+        if len(active) <= 1:
+            return self.per_job
+        first = min(active, key=lambda s: (s.remaining, s.started))
+        return max(1, self.per_job - (len(active) - 1)) if first is state else 1
+
+    def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
+        """Queue a task of this thread's job; `poll` sends it (lowest keys first) within the job's share."""
+        state = self._state()
+        ticket, state.next = state.next, state.next + 1
+        state.calls[ticket] = _Call(method, args, label or f"{method} task {ticket}")
+        heapq.heappush(state.todo, (key, ticket))
+        return ticket
+
+    def poll(self, timeout: float | None = None):
+        """Send queued calls (up to the job's share), wait for one to finish: [(ticket, result)], or [] when
+        nothing is running or none finished within `timeout` seconds."""
+        state = self._state()
+        share = self._share(state) if state.todo else 0
+        while state.todo and len(state.running) < share:
+            _, ticket = heapq.heappop(state.todo)
+            if ticket in state.calls:
+                state.running[self._executor.submit(self._call, state.calls[ticket])] = ticket
+        if not state.running:
+            return []
+        done, _ = futures.wait(list(state.running), timeout=timeout, return_when=futures.FIRST_COMPLETED)
+        finished = []
+        for future in done:
+            ticket = state.running.pop(future)
+            state.done += 1
+            call = state.calls.pop(ticket, None)
+            error = future.exception()
+            if error is not None:
+                self.cancel()
+                raise error
+            if call is not None and not call.cancelled:
+                finished.append((ticket, future.result()))
+        return finished
+
+    def cancel(self, tickets=None) -> None:
+        state = self._state()
+        for ticket in list(state.calls) if tickets is None else tickets:
+            call = state.calls.pop(ticket, None)
+            if call is not None:
+                call.cancelled = True
+                if call.response is not None:
+                    call.response.cancel()
+        state.todo = [entry for entry in state.todo if entry[1] in state.calls]
+        heapq.heapify(state.todo)
+        state.running = {f: t for f, t in state.running.items() if t in state.calls}
+
+    def imap(self, method: str, args_list, tick=None):
+        # decoded frames are big: only a few decode chunks are in flight
+        return ordered(self, method, args_list, self.decode_in_flight if method == "decode" else self.per_job, tick)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def denoiser_spec(model_path: str, device: str) -> WorkerSpec:
+    """A denoiser replica's worker: the family's dtype on GPUs, and no text encoder when it is large."""
+    from longtake.pipelines import ROLES, inspect_model
+
+    info = inspect_model(model_path)
+    roles = ("predict", "decode") if info.separate_encoder else ROLES
+    return WorkerSpec(model_path, device, info.cuda_dtype if device == "cuda" else "float32", roles=roles)
