@@ -1,10 +1,11 @@
-# longtake: `make demo` renders a clip with the built-in model, `make test` runs the tests.
+# longtake: `make demo` renders a clip with the built-in model, `make test` runs the tests (`make test-fast`: the
+# fast tier, pure and single-process tests only).
 # Both set up .venv first. torch is pinned to 2.13.0: on a CPU machine with the local CPU wheel
 # pip takes that wheel, never the CUDA build.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo pose-demo test browser
+.PHONY: setup demo pose-demo test test-fast browser
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -42,3 +43,7 @@ browser:
 
 test: setup $(VENV)/bin/ffprobe browser
 	$(PY) -m pytest -q
+
+# the fast tier: the pure and single-process tests (no Ray, no browser, no network), under 90 s on 2 cores
+test-fast: setup $(VENV)/bin/ffprobe
+	$(PY) -m pytest -q -m "not slow" --durations=10

@@ -9,6 +9,7 @@ and ``contact_sheet`` are for checking what came out.
 from __future__ import annotations
 
 import hashlib
+import re
 import logging
 import math
 import os
@@ -65,7 +66,7 @@ def _rate(fps: float) -> str:
 class VideoWriter:
     """Streams uint8 RGB frames into ffmpeg (libx264, yuv420p, +faststart) at exactly ``fps``.
 
-    ``tags``: called at close with the SHA-256 of the encoded video stream (`provenance.stream_sha256`), it
+    ``tags``: called at close with the SHA-256 of the encoded video stream (`stream_sha256`), it
     returns the MP4 tags to write; the encoded file is then remuxed (``-c copy``, the frames are not encoded
     again) with them under ``moov/udta/meta`` (``-movflags use_metadata_tags``). ``sign(src, dst)``, last:
     writes the file to ``dst`` signed (a C2PA manifest)."""
@@ -170,8 +171,6 @@ class VideoWriter:
 
     def _add_tags(self) -> None:
         """Remux the encoded file with its tags (the packets copied as they are)."""
-        from longtake.provenance import stream_sha256
-
         tags = self._tags(stream_sha256(self._tmp))
         tagged = _partial_path(self.path, ".mp4")
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", "-i", str(self._tmp),
@@ -352,3 +351,24 @@ def contact_sheet(frames: list[tuple[int, np.ndarray]], path: str | os.PathLike,
         tmp.unlink(missing_ok=True)
         raise
     log.info("wrote contact sheet %s: %d tiles of %dx%d", path, len(frames), tile_w, tile_h)
+
+
+def ffmpeg_output(args: list[str], what: str) -> str:
+    """What ffmpeg prints on stdout reading `args` (an argument list, never a shell); ValueError naming `what`
+    when it cannot read it."""
+    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *args],
+                          capture_output=True, timeout=600)
+    if proc.returncode != 0:
+        tail = proc.stderr.decode("utf-8", "replace").strip()[-500:]
+        raise ValueError(f"{what}: ffmpeg could not read it ({tail or 'exit ' + str(proc.returncode)})")
+    return proc.stdout.decode("utf-8", "replace")
+
+
+def stream_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's first video stream's packets (no decoding)."""
+    out = ffmpeg_output(["-protocol_whitelist", "file", "-i", str(path), "-map", "0:v:0", "-c", "copy",
+                   "-f", "hash", "-hash", "sha256", "-"], str(path))
+    match = re.search(r"SHA256=([0-9a-f]{64})", out)
+    if not match:
+        raise ValueError(f"{path}: no video stream")
+    return match.group(1)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's image, video, extend, loop, bridge and keyframe commands, run with the bundled model on inputs
-# made from an earlier render; each writes an MP4 and a contact sheet into docs/modes/ (the README's figures).
+# docs/rendering.md's image, video, extend, loop, bridge and keyframe commands, run with the bundled model on
+# inputs made from an earlier render; each writes an MP4 and a contact sheet into docs/modes/ (the figures of the
+# README and docs/rendering.md).
 # Usage: scripts/modes.sh [longtake executable]   (run from the repository root; a few minutes on 2 cores)
 set -euo pipefail
 LT=${1:-.venv/bin/longtake}

@@ -1,4 +1,4 @@
-"""Write the inputs of the README's laptop pose demo: examples/ball.png (a red ball on blue, where the path
+"""Write the inputs of docs/rendering.md's laptop pose demo: examples/ball.png (a red ball on blue, where the path
 starts) and examples/path_mask.mp4 (its silhouette, white on black, going round a circle: 20 s at 8 fps,
 256x256; any size works, longtake resamples it like a pose video).
 

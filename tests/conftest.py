@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny AnimateDiff model built from configs, and one Ray for the session."""
+"""Shared fixtures: a tiny AnimateDiff model built from configs, and one Ray for the session.
+
+Two tiers: `make test` runs everything (CI); `make test-fast` runs `-m "not slow"`: the pure and
+single-process tests, no Ray, no browser, no network, under 90 s. A test is slow when it is marked so, or
+uses a fixture below (Ray, a Serve app, a browser): `pytest_collection_modifyitems` marks those.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,19 @@ import textwrap
 
 import pytest
 
+SLOW_FIXTURES = {"ray_session", "browser"}  # a test using one (even through another fixture) is in the full tier
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     # the built-in 'tiny' model is built into this cache, never into the user's home; the CLI's provenance key
-    # (longtake.provenance.home) too
+    # (longtake.private.home) too
     os.environ["LONGTAKE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["LONGTAKE_HOME"] = str(tmp_path_factory.mktemp("home"))
 

@@ -9,10 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from longtake import bench
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
 from longtake.cluster.engine import prepare
+from longtake.tools import bench
+
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
 
 
 def test_worker_times_every_window_and_the_engine_times_every_phase(tmp_path, tiny_model):

@@ -35,6 +35,7 @@ def _timeline(tmp_path, name, keys):
     return str(path)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, tiny_model, bad_models, cli_cases):
     out = str(tmp_path / "o.mp4")
     base = ["render", "a ball", "--model", tiny_model, "--out", out]
@@ -84,6 +85,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, tiny_model, 
     assert not list(tmp_path.glob("*.mp4"))
 
 
+@pytest.mark.slow
 def test_help_explains_every_option():
     proc = subprocess.run([sys.executable, "-m", "longtake", "render", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
@@ -138,6 +140,7 @@ def test_choices_are_the_one_list_of_names():
     assert literal("weighting") == WEIGHTINGS and literal("noise") == NOISE_MODES
 
 
+@pytest.mark.slow
 def test_render_json_summary(tmp_path, tiny_model):
     out = tmp_path / "c.mp4"
     proc = subprocess.run(
@@ -193,6 +196,7 @@ def test_signal_stops_render_cleanly(tmp_path, tiny_model, sig):
     assert list(tmp_path.iterdir()) == []  # no output, no partial file
 
 
+@pytest.mark.slow
 def test_eval_bad_arguments_exit_2_naming_the_field(tmp_path, cli_cases):
     cases = [(["eval", "--visible-seeds", "0"], "visible_seeds"), (["eval", "--visible-seconds", "0"], "visible_seconds"),
              (["eval", "--visible-prompts", "-1"], "visible_prompts"), (["eval", "--clips", "0"], "clips"),
@@ -212,6 +216,7 @@ def _parsers(parser, path=()):
                 yield from _parsers(sub, (*path, name))
 
 
+@pytest.mark.slow
 def test_every_bad_option_value_is_one_line_naming_the_field(tmp_path, cli_cases):
     """argparse's type and choice errors (every int / float option, every option with choices, of every
     subcommand) are said as RequestError says a bad value, in one line, exit 2: not 25 lines of usage and
@@ -260,6 +265,7 @@ def test_option_values_may_start_with_a_dash():
     assert build_parser().parse_args(["--log-level", "debug", "status"]).log_level == "DEBUG"
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_stops_a_command_quietly(tmp_path):
     """`longtake verify x.mp4 | head -c1`: stdout's reader closes its end; the command stops without a
     traceback (or Python's "Exception ignored ... BrokenPipeError" at exit), exit status 141 (128 + SIGPIPE).

@@ -5,6 +5,8 @@ table only where asked."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import re
 import subprocess
@@ -17,6 +19,8 @@ import psutil
 import requests
 
 from longtake.cli import build_parser
+
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--seconds", "2", "--fps", "8", "--steps", "2", "--window", "8", "--overlap", "2"]
@@ -180,7 +184,7 @@ def _result(path: str) -> dict:
 
 
 def test_bench_and_eval_write_a_table_only_where_asked(tmp_path, monkeypatch):
-    from longtake import bench, evaluate
+    from longtake.tools import bench, evaluate
 
     monkeypatch.chdir(tmp_path)
     parser = build_parser()
@@ -203,7 +207,7 @@ def test_bench_and_eval_write_a_table_only_where_asked(tmp_path, monkeypatch):
 def test_printed_results_are_strict_json():
     """bench and eval print their figures as JSON: NaN (an eval summary's motion that no clip had) is null,
     not Python's NaN, which other JSON parsers refuse."""
-    from longtake.cli import strict_json
+    from longtake.cli.output import strict_json
 
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")

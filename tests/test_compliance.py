@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from longtake.tools import bench_watermark, watermark
+from longtake import watermark
+from longtake.tools import bench_watermark
 from longtake import label as labels
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
@@ -85,6 +86,7 @@ def test_the_label_fits_the_frame_and_is_at_least_5_percent_of_its_short_side_hi
     assert not labels.detect(np.full((height, width, 3), 128, np.uint8), lay)["present"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [256, 512])
 def test_the_watermark_survives_reencoding_resizing_and_excerpts_unseen(tmp_path, size):
     """The bench's trial (tests/test_watermark.py has the crops, padding, brightness and contrast)."""
@@ -110,6 +112,7 @@ def test_a_label_that_cannot_be_drawn_is_refused_before_any_work(tiny_model, tmp
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_default_render_is_labelled_tagged_and_verifies(tiny_model, pool, tmp_path):
     key_dir = tmp_path / "keys"
     out = tmp_path / "clip.mp4"
@@ -147,6 +150,7 @@ def test_a_default_render_is_labelled_tagged_and_verifies(tiny_model, pool, tmp_
     assert tags["integrity_scheme"] == INTEGRITY_SCHEME and tags["key_id"] == key_id(load_key(key_dir))
 
 
+@pytest.mark.slow
 def test_frames_sha256_is_the_frames_as_generated_whatever_the_label_and_watermark(tiny_model, pool, tmp_path):
     results = {mode: run(prepare(_request(tiny_model, tmp_path / f"{mode}.mp4", label=mode)), pool, progress=False,
                          provenance=Provenance.local(tmp_path))
@@ -173,6 +177,7 @@ def _aigc_with(path: Path, **fields: str) -> str:
     return json.dumps({**aigc, **fields}, separators=(",", ":"))
 
 
+@pytest.mark.slow
 def test_verify_catches_a_reencoded_file_and_any_changed_or_removed_tag(tiny_model, pool, tmp_path):
     out = tmp_path / "clip.mp4"
     run(prepare(_request(tiny_model, out)), pool, progress=False, provenance=Provenance.local(tmp_path))
@@ -209,6 +214,7 @@ def test_verify_catches_a_reencoded_file_and_any_changed_or_removed_tag(tiny_mod
     assert report["watermark"]["payload"] == f"{payload_of(report['aigc']['ProduceID']):08x}"  # CRF 28, 64x64
 
 
+@pytest.mark.slow
 def test_a_file_signed_with_another_key_is_unchecked_never_altered(tiny_model, pool, tmp_path, capsys):
     out = tmp_path / "farm-output.mp4"
     run(prepare(_request(tiny_model, out)), pool, progress=False, provenance=Provenance.local(tmp_path / "farm"))
@@ -232,6 +238,7 @@ def test_a_file_signed_with_another_key_is_unchecked_never_altered(tiny_model, p
     assert verify(retagged, other)["integrity"] == "unchecked (signed with another key)"
 
 
+@pytest.mark.slow
 def test_a_file_of_the_previous_scheme_verifies_under_its_own_rule(tiny_model, pool, tmp_path):
     out = tmp_path / "clip.mp4"
     run(prepare(_request(tiny_model, out)), pool, progress=False, provenance=Provenance.local(tmp_path))
@@ -262,6 +269,7 @@ def test_verify_finds_the_watermark_after_minutes_of_unmarked_frames(tmp_path):
     assert mark["frames"] == 64 and 1 <= mark["voters"] < 64  # spread over the file; the last frames voted
 
 
+@pytest.mark.slow
 def test_verify_cli_exit_codes(tiny_model, pool, tmp_path, cli_cases):
     marked, plain = tmp_path / "marked.mp4", tmp_path / "plain.mp4"
     run(prepare(_request(tiny_model, marked)), pool, progress=False, provenance=Provenance.local(tmp_path))
@@ -332,6 +340,7 @@ def _c2pa_credentials(directory: Path) -> None:
                                            serialization.NoEncryption()))
 
 
+@pytest.mark.slow
 def test_a_configured_certificate_signs_a_c2pa_manifest_beside_the_rest(tiny_model, pool, tmp_path):
     _c2pa_credentials(tmp_path)
     out = tmp_path / "signed.mp4"

@@ -17,6 +17,8 @@ from longtake.quality import frame_change
 from longtake.request import RequestError
 from longtake.video import VideoWriter, ffmpeg_exe, read_frames
 
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
+
 PROMPT = "a red ball moving right on blue"
 
 
@@ -92,8 +94,8 @@ def test_bridge_joins_both_clips(tmp_path, clip, render_in_process):
         median = np.median(frame_change(new))
         junctions[strength, plan] = (np.abs(new[0] - a[-1]).mean() / median, np.abs(b[0] - new[-1]).mean() / median)
     guided, alone, planned = junctions[None, "none"], junctions[1.0, "none"], junctions[None, "auto"]
-    # the bound the README and the model card claim (1.3 x the median frame change, every junction), held by
-    # this seed as by the README's 5 (`longtake eval --suite modes`)
+    # the bound docs/rendering.md and the model card claim (1.3 x the median frame change, every junction), held by
+    # this seed as by docs/rendering.md's 5 (`longtake eval --suite modes`)
     assert max(guided) <= 1.3 and max(planned) <= 1.3, junctions
     assert guided[1] < alone[1] / 2, junctions
 
@@ -119,7 +121,7 @@ def test_the_label_is_on_the_new_frames_of_an_extend_and_a_bridge(tmp_path, clip
 def test_a_crossfade_holds_the_known_frames_and_interpolates_between_them():
     import torch
 
-    from longtake.cluster.engine import KnownLatents
+    from longtake.cluster.inputs import KnownLatents
 
     known = torch.arange(1, 5, dtype=torch.float32).view(1, 1, 4, 1, 1).expand(1, 2, 4, 3, 3)  # values 1..4
     index = torch.tensor([2, 3, 7, 8])

@@ -13,6 +13,8 @@ from longtake.models.shapes import BACKGROUNDS
 from longtake.pipelines import DEFAULT_MODEL, inspect_model
 from longtake.quality import object_track
 
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
+
 
 def test_bundled_weights_are_small_safetensors_with_a_card():
     files = list(DEFAULT_MODEL.rglob("*"))
@@ -103,7 +105,7 @@ EXAMPLES = DEFAULT_MODEL.parent.parent.parent / "examples"
 
 
 def test_the_object_follows_a_silhouette_path(tmp_path, default_pool):
-    """The README's laptop pose command (issue 19): `--reference examples/ball.png --pose
+    """docs/rendering.md's laptop pose command (issue 19): `--reference examples/ball.png --pose
     examples/path_mask.mp4 --seconds 20` with the bundled model: the red ball's centroid stays within
     POSE_TOLERANCE (4 px at 64 x 64, one pixel of the model's frames) of the silhouette's in >= 90 % of
     the frames, and the ball keeps its colour and size; the same request with another path follows that one."""
@@ -140,7 +142,7 @@ def test_pose_eval_measures_the_path_and_the_look(tmp_path, default_pool):
 
 def test_modes_eval_measures_every_junction(tmp_path, default_pool):
     """`longtake eval --suite modes`, one seed: every junction measured, on the frames as written, tabulated as
-    in the JSON, and within issue 15's bound (1.3x the new frames' median change; the README has 5 seeds)."""
+    in the JSON, and within issue 15's bound (1.3x the new frames' median change; docs/rendering.md has 5 seeds)."""
     from longtake.tools.evaluate import MODES, junctions, write_junctions
 
     result = junctions(default_pool, seeds=1)

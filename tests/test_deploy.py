@@ -20,13 +20,13 @@ def test_serve_config_matches_rays_schema_and_the_builder():
     schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
         else ServeDeploySchema.parse_obj(config)
     app = schema.applications[0]
-    assert app.import_path == "longtake.serve.app:app_builder"
+    assert app.import_path == "longtake.serve.deployments:app_builder"
     import importlib
 
     module, attr = app.import_path.split(":")
     assert callable(getattr(importlib.import_module(module), attr))
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"Ingress", "Manager", "Denoiser"}  # the names in longtake/serve/app.py
+    assert set(deployments) == {"Ingress", "Manager", "Denoiser"}  # serve/routes.py, serve/deployments.py
     denoiser = deployments["Denoiser"]
     assert denoiser.autoscaling_config["min_replicas"] == 0
     assert denoiser.ray_actor_options.num_gpus == 1

@@ -61,6 +61,7 @@ def test_pools_give_identical_frames(tmp_path, tiny_model, inproc_pool, ray_pool
     assert hashlib.sha256(ref_frames.tobytes()).hexdigest() == ref.frames_sha256
 
 
+@pytest.mark.slow
 def test_different_seed_or_prompt_changes_frames(tmp_path, tiny_model, inproc_pool):
     a, _ = _render(inproc_pool, _request(tiny_model, tmp_path / "a.mp4"))
     b, _ = _render(inproc_pool, _request(tiny_model, tmp_path / "b.mp4", seed=1))
@@ -68,6 +69,7 @@ def test_different_seed_or_prompt_changes_frames(tmp_path, tiny_model, inproc_po
     assert len({a.frames_sha256, b.frames_sha256, c.frames_sha256}) == 3
 
 
+@pytest.mark.slow
 def test_mp4_frame_count_fps_and_format(tmp_path, tiny_model, inproc_pool):
     out = tmp_path / "clip.mp4"
     result, frames = _render(inproc_pool, _request(tiny_model, out, seconds=2.5, fps=12, preview=str(tmp_path / "p.png")))
@@ -85,6 +87,7 @@ def test_mp4_frame_count_fps_and_format(tmp_path, tiny_model, inproc_pool):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "p.png"]  # no partial files left
 
 
+@pytest.mark.slow
 def test_timeline_interpolates_between_prompts(tmp_path, tiny_model, inproc_pool):
     keys = [{"at": 0, "prompt": "a red ball"}, {"at": 2, "prompt": "a blue square"}]
     tl, tl_frames = _render(inproc_pool, {**_request(tiny_model, tmp_path / "t.mp4", prompt=None, timeline=keys)})
@@ -98,6 +101,7 @@ def test_timeline_interpolates_between_prompts(tmp_path, tiny_model, inproc_pool
     assert len({tl.frames_sha256, red.frames_sha256, blue.frames_sha256}) == 3
 
 
+@pytest.mark.slow
 def test_python_api_render(tmp_path, tiny_model):
     import longtake
 
@@ -108,6 +112,7 @@ def test_python_api_render(tmp_path, tiny_model):
         longtake.render(_request(tiny_model, out, fps=-8))
 
 
+@pytest.mark.slow
 def test_a_short_cpu_job_of_a_small_model_renders_in_process_by_default(tmp_path, tiny_model, monkeypatch):
     import longtake
     from longtake.cluster import runtime
@@ -130,6 +135,7 @@ def test_a_short_cpu_job_of_a_small_model_renders_in_process_by_default(tmp_path
     assert result.frames_sha256 == reference.frames_sha256
 
 
+@pytest.mark.slow
 def test_progress_and_cancel_hooks(tmp_path, tiny_model, inproc_pool):
     from longtake.cluster.engine import Cancelled
 
@@ -175,7 +181,7 @@ def test_model_options_noise_default_and_circular_padding(tmp_path, tiny_model):
     wrap; a bad default_noise is an error naming the model and the value."""
     import json
 
-    from longtake.cluster.engine import fingerprint
+    from longtake.cluster.checkpoint import fingerprint
     from longtake.pipelines import inspect_model
     from longtake.pipelines.animatediff import Backend
     from longtake.request import RequestError
@@ -269,7 +275,7 @@ def test_fingerprint_covers_the_weights_the_dtype_and_the_device(tmp_path, tiny_
     import os
 
     from longtake.cluster.checkpoint import Checkpointer
-    from longtake.cluster.engine import fingerprint
+    from longtake.cluster.checkpoint import fingerprint
     from longtake.pipelines import load_scheduler
 
     model = _tiny_copy(tiny_model, tmp_path / "m", {})
@@ -324,7 +330,7 @@ def test_scheduler_state_that_cannot_be_stored_fails_the_save(tmp_path):
     s = DDIMScheduler()
     s.set_timesteps(4)
     s.counter, s.history = np.int64(3), [None, None]  # a numpy scalar and an unfilled history are stored
-    assert ckpt.read(ckpt.save(1, z, s)).scheduler["counter"] == 3
+    assert ckpt.read(ckpt.save(1, z, s)).schedulers[0]["counter"] == 3
 
 
 def _schedulers():
@@ -372,7 +378,7 @@ def test_every_scheduler_longtake_runs_checkpoints_exactly(tmp_path, request, na
     ckpt.save(4, z, s)
     state = ckpt.load_latest()
     s2 = fresh()
-    restore_scheduler(s2, state)
+    restore_scheduler(s2, state.schedulers[0])
     assert state.step == 4
     assert torch.equal(steps(s2, state.z, 4, n), straight)
     # without the restored state a multistep solver diverges (its history): the state is what makes it exact
@@ -380,6 +386,7 @@ def test_every_scheduler_longtake_runs_checkpoints_exactly(tmp_path, request, na
         assert not torch.equal(steps(fresh(), state.z, 4, n), straight)
 
 
+@pytest.mark.slow
 def test_progress_after_a_resume(tmp_path, tiny_model, inproc_pool, capsys):
     """Paused at step 7 of 8: the last progress says 7 steps done, as the checkpoint and the error do. Resumed:
     the bar starts at the 35 window steps taken from the checkpoint and its rate counts only the 5 computed
@@ -387,7 +394,8 @@ def test_progress_after_a_resume(tmp_path, tiny_model, inproc_pool, capsys):
     import re
 
     from longtake.cluster.checkpoint import Checkpointer
-    from longtake.cluster.engine import Cancelled, fingerprint
+    from longtake.cluster.engine import Cancelled
+    from longtake.cluster.checkpoint import fingerprint
 
     job = prepare(_request(tiny_model, tmp_path / "r.mp4", steps=8))
     ckpt = Checkpointer(tmp_path / "ckpt", every=100, fingerprint=fingerprint(job, "float32", "cpu"))
@@ -407,6 +415,7 @@ def test_progress_after_a_resume(tmp_path, tiny_model, inproc_pool, capsys):
     assert rate * result.timings["denoise_s"] < 20, (bars[-1], result.timings)
 
 
+@pytest.mark.slow
 def test_a_short_clip_reports_its_effective_window(tmp_path, tiny_model, inproc_pool):
     """--seconds 1 at 8 fps with a 16-frame window: one window of the clip's 8 frames, nothing shared."""
     result = run(prepare(_request(tiny_model, tmp_path / "s.mp4", seconds=1, window=16, overlap=4)), inproc_pool,
@@ -418,6 +427,7 @@ def test_a_short_clip_reports_its_effective_window(tmp_path, tiny_model, inproc_
     assert (result.window, result.overlap) == (8, 3)
 
 
+@pytest.mark.slow
 def test_jobs_prepared_in_threads_of_a_fresh_process_all_get_their_scheduler(tiny_model):
     """Two serve jobs starting at once prepare in two threads; diffusers' lazy module, imported by both at
     once, handed one of them a module without SchedulerMixin ("a diffusers scheduler, not 'DDIMScheduler'")."""

@@ -20,12 +20,15 @@ from ray import cloudpickle
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 from longtake.cluster.checkpoint import Checkpointer
-from longtake.cluster.engine import Cancelled, fingerprint, prepare, run
+from longtake.cluster.engine import Cancelled, prepare, run
+from longtake.cluster.checkpoint import fingerprint
 from longtake.cluster.runtime import worker_plan
 from longtake.pipelines import ROLES, DEFAULT_MODEL, load_backend
 from longtake.core.windows import initial_noise
 from longtake.request import RequestError
 from longtake.video import probe
+
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
 

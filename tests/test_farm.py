@@ -23,8 +23,11 @@ from longtake.actors.worker import Worker, WorkerSpec
 from longtake.cli import main
 from longtake.cluster import farm
 from longtake.cluster.checkpoint import Checkpointer, CheckpointError
-from longtake.cluster.engine import Cancelled, fingerprint, prepare, run
+from longtake.cluster.engine import Cancelled, prepare, run
+from longtake.cluster.checkpoint import fingerprint
 from longtake.video import ffmpeg_exe
+
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
 
@@ -621,23 +624,25 @@ def test_a_runner_whose_heartbeat_dies_stops_rendering_and_changes_nothing(tmp_p
 
 
 def test_a_lost_lease_is_a_cancel_or_pause_when_that_is_the_jobs_state(tmp_path, tiny_model):
+    from longtake.cluster.job_runner import lost_reason
+
     farm_dir = tmp_path / "farm"
     (record, _), = farm.submit(farm_dir, [(job_request(tiny_model), 0, None)])
     runner = _runner(farm_dir)
     claimed = runner.store.claim_next(runner.id)
-    assert runner._lost_reason(record.id) == "lost"  # still running: the lease was lost (store or takeover)
+    assert lost_reason(runner.store, record.id) == "lost"  # still running: the lease was lost (store or takeover)
     farm.control(farm_dir, "pause", record.id)
-    assert runner._lost_reason(record.id) == "paused"  # checkpoint where it stopped
+    assert lost_reason(runner.store, record.id) == "paused"  # checkpoint where it stopped
     farm.control(farm_dir, "resume", record.id)
     runner.store.claim_next("another-runner")
-    assert runner._lost_reason(record.id) == "lost"  # taken over: touch nothing
+    assert lost_reason(runner.store, record.id) == "lost"  # taken over: touch nothing
     farm.control(farm_dir, "cancel", record.id)
-    assert runner._lost_reason(record.id) == "cancelled"  # remove the checkpoints
+    assert lost_reason(runner.store, record.id) == "cancelled"  # remove the checkpoints
     def unreachable(job_id):
         raise OSError("disk I/O error")
 
     runner.store.get = unreachable
-    assert runner._lost_reason(record.id) == "lost"  # the store cannot say: touch nothing
+    assert lost_reason(runner.store, record.id) == "lost"  # the store cannot say: touch nothing
     assert claimed.id == record.id
 
 

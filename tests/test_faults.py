@@ -17,6 +17,8 @@ from longtake.actors.ray_pool import RayPool
 from longtake.actors.worker import Worker, WorkerSpec
 from longtake.cluster.engine import Cancelled, prepare, run
 
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
 
 

@@ -17,6 +17,8 @@ import pytest
 
 from longtake.pipelines import DIFFUSERS_FLOOR
 
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 # requirements of the floor release that this venv's newer diffusers no longer has (0.41 dropped httpx)
 FLOOR_EXTRAS = ("httpx<1", "httpcore<2")

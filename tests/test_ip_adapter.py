@@ -15,11 +15,14 @@ import torch
 
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
-from longtake.cluster.engine import fingerprint, prepare, run
+from longtake.cluster.engine import prepare, run
+from longtake.cluster.checkpoint import fingerprint
 from longtake.pipelines import load_backend
 from longtake.pipelines.tiny import IP_ADAPTER_FILE
 from longtake.core.windows import initial_noise
 from longtake.request import RequestError
+
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
 
 
 def _req(path: str, out, **kw) -> dict:

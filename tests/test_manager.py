@@ -171,6 +171,7 @@ def _upload_video(manager, owner: str, tmp_path, name: str, seconds: float, raw:
     return manager.files.add(path, owner, name)["id"]
 
 
+@pytest.mark.slow
 def test_what_is_rendered_and_written_counts_against_max_seconds(tmp_path, tiny_model):
     """A video redrawn for its own length (no seconds asked for) and the clips extend passes through count, and
     a raw stream's length comes from its packets (its container says 0 s)."""
@@ -198,6 +199,7 @@ def test_what_is_rendered_and_written_counts_against_max_seconds(tmp_path, tiny_
         manager.close()
 
 
+@pytest.mark.slow
 def test_submit_decodes_no_media_and_names_the_costliest_field_by_arithmetic(tmp_path, tiny_model, monkeypatch):
     """A server checks a request from its media's packets: no frame is decoded at submit, over the limits or
     not, and the field named in a 422 comes from arithmetic, not from preparing the request again."""
@@ -237,6 +239,7 @@ def test_delete_has_one_meaning(idle):
     assert idle.delete("nope") is None
 
 
+@pytest.mark.slow
 def test_progress_is_written_at_most_twice_a_second(tmp_path, tiny_model):
     pool = InProcessPool(WorkerSpec(tiny_model))
     manager = JobManager(tmp_path / "serve", pool, tiny_model, Limits(max_running=1))
@@ -269,6 +272,7 @@ class CrawlingPool(InProcessPool):
         return super().poll(timeout)
 
 
+@pytest.mark.slow
 def test_a_cancelled_job_keeps_its_log_and_no_checkpoint(tmp_path, tiny_model):
     manager = JobManager(tmp_path / "serve", SlowPool(WorkerSpec(tiny_model)), tiny_model,
                          Limits(max_running=1, checkpoint_every=1))
@@ -285,6 +289,7 @@ def test_a_cancelled_job_keeps_its_log_and_no_checkpoint(tmp_path, tiny_model):
     assert "cancelled on request (it was running)" in manager.log(job["id"])
 
 
+@pytest.mark.slow
 def test_delete_of_a_running_job_answers_at_once_and_nothing_of_it_comes_back(tmp_path, tiny_model):
     """The job's own thread deletes what it wrote when it stops: a checkpoint due meanwhile cannot bring the
     directory back, and DELETE does not wait for a window to finish."""
@@ -316,6 +321,7 @@ class FailingPool(InProcessPool):
         raise OSError(f"cannot read {self.where}/weights/diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow
 def test_a_failed_job_tells_the_client_no_server_path(tmp_path, tiny_model, caplog):
     manager = JobManager(tmp_path / "serve", FailingPool(WorkerSpec(tiny_model), tmp_path), tiny_model,
                          Limits(max_running=1))
@@ -334,6 +340,7 @@ def test_public_message_cuts_paths_only():
     assert public_message("no file /srv/m/x.json (see ./here or ~/y)") == "no file <path> (see <path> or <path>)"
 
 
+@pytest.mark.slow
 def test_a_restarted_manager_resumes_from_the_checkpoint_with_the_same_frames(tmp_path, tiny_model, render_in_process):
     request = {**JOB, "seconds": 3, "steps": 8}
     ref = render_in_process({**request, "model": tiny_model, "out": str(tmp_path / "ref.mp4")})
@@ -359,6 +366,7 @@ def test_a_restarted_manager_resumes_from_the_checkpoint_with_the_same_frames(tm
     assert not (data / "jobs" / job["id"] / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_second_manager_on_the_same_data_dir_leaves_a_live_managers_job_alone(tmp_path, tiny_model):
     data = tmp_path / "serve"
     first = JobManager(data, SlowPool(WorkerSpec(tiny_model)), tiny_model, Limits(max_running=1))

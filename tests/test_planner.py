@@ -97,7 +97,8 @@ def test_the_engine_plans_text_alone(tmp_path):
     it cannot read, or input frames; the plan is in the fingerprint; control_scale needs a pose or a plan."""
     from PIL import Image
 
-    from longtake.cluster.engine import fingerprint, prepare
+    from longtake.cluster.engine import prepare
+    from longtake.cluster.checkpoint import fingerprint
 
     base = dict(prompt="a red ball moving right on a blue background", seconds=2, out=str(tmp_path / "a.mp4"))
     planned = prepare(base)
@@ -132,6 +133,7 @@ def test_the_engine_plans_text_alone(tmp_path):
     assert e.value.field == "plan"
 
 
+@pytest.mark.slow
 def test_a_planner_needs_a_known_name_and_a_controlnet(tmp_path, tiny_model, tiny_pose_model):
     import json
     import shutil
@@ -207,7 +209,8 @@ def test_an_extended_timeline_turns_its_plan_where_its_text_turns(tmp_path):
 def test_a_planned_bridge_keeps_more_of_its_crossfade(tmp_path):
     """A bridge the plan draws starts from 0.7 of its crossfade redrawn (0.9 without a plan; an explicit
     strength wins), and the checkpoint fingerprint follows the strength used."""
-    from longtake.cluster.engine import fingerprint, prepare
+    from longtake.cluster.engine import prepare
+    from longtake.cluster.checkpoint import fingerprint
     from longtake.request import DEFAULT_BRIDGE_STRENGTH, PLANNED_BRIDGE_STRENGTH
     from longtake.video import VideoWriter
 

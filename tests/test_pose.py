@@ -160,6 +160,7 @@ def test_draw_scales_with_the_frame():
     assert (small.any(-1).sum() * 16) == pytest.approx(big.any(-1).sum(), rel=0.35)  # the dot scales
 
 
+@pytest.mark.slow
 def test_the_pose_drives_the_frames_deterministically(tmp_path, tiny_pose_model, tiny_model, render_in_process):
     """With a pose ControlNet, the pose changes the frames and the same pose gives the same frames; a
     retargeted pose is another pose; a model without a ControlNet refuses a pose, naming the field."""
@@ -204,6 +205,7 @@ def test_pose_fields_that_do_not_go_together_name_the_field(tmp_path, extra, fie
     assert e.value.field == field
 
 
+@pytest.mark.slow
 def test_the_reference_photo_is_frame_zero(tmp_path, tiny_pose_model, render_in_process):
     """The reference photo is pinned at frame 0 exactly as `image` is: the same known frame, the same frames."""
     from PIL import Image
@@ -296,6 +298,7 @@ def test_pose_from_runs_the_estimator_on_every_frame(tmp_path):
     assert load_keypoints("reference_pose", str(tmp_path / "r.json")).frames[0][0].body[1, 0] == 14.5
 
 
+@pytest.mark.slow
 def test_pose_from_on_the_cli_and_its_bad_inputs(tmp_path, cli_cases, tiny_pose_model):
     """The CLI writes OUT.pose.json and renders with it; an estimator that cannot run (rtmlib absent, or its
     weights not downloadable here), a video with nobody in its first frame, --pose-from with --pose, an image:

@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 STARTER = textwrap.dedent("""

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from longtake.cli import build_parser, request_from_args
+from longtake.cli import build_parser
+from longtake.cli.render import request_from_args
 from longtake.request import FIELD_BOUNDS, RenderRequest, RequestError, parse_request
 
 

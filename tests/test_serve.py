@@ -46,7 +46,7 @@ def serve_dir(tmp_path_factory):
 def server(tiny_model, ray_session, serve_dir):
     from ray import serve
 
-    from longtake.serve.app import build_app
+    from longtake.serve.deployments import build_app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -369,7 +369,8 @@ def test_serve_pool_renders_a_wan_job_like_the_in_process_pool(server, tiny_wan_
     from ray import serve
 
     from longtake.cluster.engine import prepare, run
-    from longtake.serve.app import Denoiser, ServePool
+    from longtake.actors.serve_pool import ServePool
+    from longtake.serve.deployments import Denoiser
 
     req = dict(prompt="a corgi surfing", seconds=2, fps=16, steps=2, window=5, overlap=2, model=tiny_wan_model)
     ref = render_in_process({**req, "out": str(tmp_path / "ref.mp4")})
@@ -379,7 +380,7 @@ def test_serve_pool_renders_a_wan_job_like_the_in_process_pool(server, tiny_wan_
         pool = ServePool(handle, 1, tiny_wan_model)
         result = run(prepare({**req, "out": str(tmp_path / "serve.mp4")}), pool, progress=False)
         assert pool._encoder is not None  # encoded here, not on the denoiser
-        assert handle.has_text_encoder.remote().result() is False
+        assert handle.info.remote().result()["text_encoder"] is False
     finally:
         serve.delete("wan-denoiser")
     assert result.frames == 32 and result.frames_sha256 == ref.frames_sha256
@@ -402,7 +403,7 @@ def test_schema_driven_fuzz_never_gets_a_5xx(server):
     schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
     body_schema = call(server, "GET", "/openapi.json").json()["paths"]["/v1/videos"]["post"]["requestBody"]
     rule_fields = {f for rule in body_schema["content"]["application/json"]["schema"]["x-rules"] for f in rule["fields"]}
-    seen, renders = [], {GenerationMode.POSITIVE: [], GenerationMode.NEGATIVE: []}
+    seen, uploaded, renders = [], [], {GenerationMode.POSITIVE: [], GenerationMode.NEGATIVE: []}
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -417,6 +418,8 @@ def test_schema_driven_fuzz_never_gets_a_5xx(server):
             def check(case):
                 r = case.call(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
                 seen.append(r.status_code)
+                if (case.method, case.path, r.status_code) == ("POST", "/v1/files", 201):
+                    uploaded.append(r.json()["id"])
                 assert r.status_code < 500, (case.method, case.formatted_path, case.query, case.body, r.text[:500])
                 # a body over the server's limit is refused whole (413, documented): a rejection too
                 case.validate_response(r, checks=[c for c in checks if not (
@@ -440,6 +443,8 @@ def test_schema_driven_fuzz_never_gets_a_5xx(server):
     assert len(renders[GenerationMode.POSITIVE]) >= 20 and accepted, renders  # the render path is reached
     for job in call(server, "GET", "/v1/videos?limit=100").json()["data"]:  # what the fuzzer queued
         call(server, "DELETE", f"/v1/videos/{job['id']}")
+    for file_id in uploaded:  # and uploaded (against the admin key's upload quota, which later tests use)
+        call(server, "DELETE", f"/v1/files/{file_id}")
 
 
 def test_a_denoiser_that_cannot_be_scheduled_fails_the_call_in_time(server, tiny_model):
@@ -447,7 +452,8 @@ def test_a_denoiser_that_cannot_be_scheduled_fails_the_call_in_time(server, tiny
     from ray import serve
 
     from longtake.actors.pool import WindowFailed
-    from longtake.serve.app import Denoiser, ServePool
+    from longtake.actors.serve_pool import ServePool
+    from longtake.serve.deployments import Denoiser
 
     handle = serve.run(Denoiser.options(
         autoscaling_config={"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0, "upscale_delay_s": 0},
@@ -457,7 +463,7 @@ def test_a_denoiser_that_cannot_be_scheduled_fails_the_call_in_time(server, tiny
         pool = ServePool(handle, 1, tiny_model, timeout_s=3)
         t0 = time.time()
         with pytest.raises(WindowFailed, match="no denoiser answered in 3 s"):
-            pool.call("has_text_encoder")
+            pool.call("info")
         with pytest.raises(WindowFailed, match="decode_stream: no denoiser answered in 3 s"):
             next(pool.stream("decode_stream", (None, 4)))  # a streamed decode times out too
         assert time.time() - t0 < 40
@@ -492,7 +498,8 @@ def test_failed_windows_are_retried_and_a_failing_replica_is_replaced(server, ti
     from ray import serve
 
     from longtake.cluster.engine import prepare, run
-    from longtake.serve.app import Denoiser, ServePool
+    from longtake.actors.serve_pool import ServePool
+    from longtake.serve.deployments import Denoiser
 
     req = dict(JOB, model=tiny_model)
     ref = render_in_process({**req, "out": str(tmp_path / "ref.mp4")})

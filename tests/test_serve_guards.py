@@ -19,10 +19,11 @@ from PIL import Image
 
 from longtake.cli import main
 from longtake.cluster import farm
-from longtake.cluster.private import private_dir
+from longtake.private import private_dir
 from longtake.media import open_video, probe_media
 from longtake.request import RequestError
-from longtake.serve import default_data_dir, load_or_create_secret
+from longtake.private import default_data_dir
+from longtake.serve import load_or_create_secret
 from longtake.serve.events import JobEvents, TooManyStreams
 from longtake.serve.farm_monitor import build_monitor
 from longtake.serve.files import FileStore, owner_of
@@ -81,9 +82,9 @@ def test_the_default_data_dir_is_per_user(monkeypatch, tmp_path):
     monkeypatch.delenv("LONGTAKE_DATA_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_data_dir() == str(tmp_path / ".local" / "share" / "longtake" / "serve")
-    from longtake.cli import default_data_dir as cli_default
+    from longtake.cli import options
 
-    assert cli_default() == default_data_dir()  # one definition
+    assert options.default_data_dir is default_data_dir  # one definition
 
 
 def test_every_entry_point_refuses_a_shared_dir(tmp_path, capsys):
@@ -103,7 +104,7 @@ def test_every_entry_point_refuses_a_shared_dir(tmp_path, capsys):
     assert not (shared / "farm.db").exists()
     with pytest.raises(RequestError, match="farm_dir"):
         build_monitor(shared)
-    from longtake.serve.app import app_builder
+    from longtake.serve.deployments import app_builder
 
     with pytest.raises(RequestError, match="data_dir"):
         app_builder({"data_dir": str(shared)})
@@ -208,7 +209,7 @@ def test_add_admits_a_file_by_what_its_owner_would_hold(tmp_path):
 
 
 def test_upload_stops_at_the_room_left_in_the_quota(tmp_path):
-    from longtake.serve.app import TooLarge, Upload
+    from longtake.serve.uploads import TooLarge, Upload
 
     body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n" + b"x" * 500 +
             b"\r\n--b--\r\n")

@@ -3,6 +3,8 @@ the number of servers starting at once."""
 
 from __future__ import annotations
 
+import pytest
+
 import multiprocessing as mp
 import os
 import stat
@@ -32,6 +34,7 @@ def _load(args):
     return load_or_create_token(data_dir)
 
 
+@pytest.mark.slow
 def test_many_processes_starting_at_once_share_one_token(tmp_path, monkeypatch):
     monkeypatch.delenv("LONGTAKE_API_TOKEN", raising=False)
     ctx = mp.get_context("spawn")  # not fork: the test process may hold Ray threads and locks

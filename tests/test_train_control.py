@@ -16,6 +16,8 @@ from longtake.tools.evaluate import pose_inputs, render_frames
 from longtake.tools import train_control, train_default
 from longtake.pipelines import inspect_model
 
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
+
 CONTROL = "controlnet/diffusion_pytorch_model.safetensors"
 
 

@@ -15,6 +15,8 @@ from longtake.tools.card import write_card
 from longtake.tools.train_default import train
 from longtake.pipelines import inspect_model
 
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
+
 
 def _weights(d):
     return load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))

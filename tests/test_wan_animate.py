@@ -14,12 +14,15 @@ from PIL import Image
 from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
 from longtake.cluster.checkpoint import Checkpointer
-from longtake.cluster.engine import Cancelled, fingerprint, prepare, run
+from longtake.cluster.engine import Cancelled, prepare, run
+from longtake.cluster.checkpoint import fingerprint
 from longtake.pipelines.wan_animate import reflect_index, window_pixels
 from longtake.core.windows import initial_noise
 from longtake.request import RequestError
 
 from test_families import _wan_animate_pipeline
+
+pytestmark = pytest.mark.slow  # renders or starts Ray: the full tier only (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from longtake.tools import bench_watermark, watermark
+from longtake import watermark
+from longtake.tools import bench_watermark
 from longtake.video import VideoWriter, read_frames
 
 PAYLOAD = 0x0BADCAFE
@@ -36,6 +37,7 @@ CHECKS = {  # attack (bench_watermark.ATTACKS): what the reader must have found 
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", CHECKS)
 def test_the_payload_survives_a_platform_edit(marked_file, tmp_path, attack):
     path = bench_watermark.attack(marked_file, tmp_path / f"{attack}.mp4", attack)  # ffmpeg, then CRF 28
@@ -47,6 +49,7 @@ def test_the_payload_survives_a_platform_edit(marked_file, tmp_path, attack):
     assert result["scheme"] == watermark.NAME and CHECKS[attack](result), result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))  # a moving blob, a still frame, a texture, letterboxed, dim
 def test_an_unmarked_clip_is_not_found(seed):
     result = watermark.read(bench_watermark.unmarked_clip(128, seed, frames=16))
@@ -56,6 +59,7 @@ def test_an_unmarked_clip_is_not_found(seed):
     assert checked["crc32"] * 2.0 ** -32 + checked["crc16"] * 2.0 ** -16 < 1e-4
 
 
+@pytest.mark.slow
 def test_a_flat_or_black_clip_is_not_found():
     for value in (0, 128, 255):
         assert not watermark.read(np.full((4, 64, 64, 3), value, np.uint8))["found"]

@@ -65,7 +65,7 @@ def web_server(ray_session, tmp_path_factory):
     from ray import serve
 
     from longtake.pipelines import inspect_model
-    from longtake.serve.app import build_app
+    from longtake.serve.deployments import build_app
     from longtake.serve.manager import Limits
 
     data_dir = tmp_path_factory.mktemp("web")

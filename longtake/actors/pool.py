@@ -1,4 +1,5 @@
-"""The worker-pool interface, and its in-process implementation (the reference result).
+"""The pool core: the worker-pool interface, the one ticket book and retry policy every pool uses, and the
+in-process pool (the reference result).
 
 A pool runs worker methods as tickets: `submit(method, args, key, label)` queues one task and returns its
 ticket; `poll(timeout)` runs or waits for queued tasks and returns those finished, as [(ticket, result)], in
@@ -10,8 +11,9 @@ the same (it raises to stop them). A failed task is retried by the one `RetryPol
 same in the in-process, Ray and Serve pools) and, past its attempts, raises `WindowFailed` naming it.
 `imap` (results in list order, a bounded number in flight) is built on the tickets for every pool; `stream`
 yields the items of one generator method run on one worker (an ordered decode session); `encode` makes a
-job's conditioning once. The Ray pool (`ray_pool.py`) and the Serve pool (`serve/app.py`) have the same
-methods.
+job's conditioning once. The Ray pool (`ray_pool.py`) and the Serve pool (`serve_pool.py`) have the same
+methods; all three are thin executors over the same `Tickets` (queue by key, cancel, attempts) and
+`RetryPolicy`, and differ only in how a task runs (here, on Ray actors, as Serve calls).
 """
 
 from __future__ import annotations
@@ -48,6 +50,77 @@ class RetryPolicy:
         if attempt >= self.max_attempts:
             raise WindowFailed(f"{label} failed {attempt} times; last error: {reason}") from error
         logger.warning("retrying %s (attempt %d of %d) after: %s", label, attempt + 1, self.max_attempts, reason)
+
+
+@dataclass
+class Task:
+    """One task of a pool: the worker method, its arguments, a label for errors and logs, and how many times
+    it has started (its attempts)."""
+
+    method: str
+    args: tuple
+    label: str
+    attempts: int = 0
+
+
+class Tickets:
+    """The ticket book of a pool: tasks queued by key (the lowest runs first when workers are scarce), each
+    until it finishes or is cancelled. Tickets are ints, unique in their book."""
+
+    def __init__(self):
+        self.tasks: dict[int, Task] = {}  # ticket -> task, until it finishes or is cancelled
+        self._queue: list[tuple[tuple, int]] = []  # heap of (key, ticket): queued (cancelled ones are skipped)
+        self._next = 0
+
+    def __len__(self) -> int:
+        """Tickets neither finished nor cancelled (queued or running)."""
+        return len(self.tasks)
+
+    def add(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
+        ticket, self._next = self._next, self._next + 1
+        self.tasks[ticket] = Task(method, args, label or f"{method} task {ticket}")
+        heapq.heappush(self._queue, (key, ticket))
+        return ticket
+
+    def _skip_cancelled(self) -> None:
+        while self._queue and self._queue[0][1] not in self.tasks:
+            heapq.heappop(self._queue)
+
+    @property
+    def queued(self) -> bool:
+        self._skip_cancelled()
+        return bool(self._queue)
+
+    def peek(self) -> Task:
+        """The task `pop` would start (the queue is not empty: see `queued`)."""
+        self._skip_cancelled()
+        return self.tasks[self._queue[0][1]]
+
+    def pop(self) -> int | None:
+        """The queued ticket with the lowest key, now started (its attempts counted), or None."""
+        self._skip_cancelled()
+        if not self._queue:
+            return None
+        _, ticket = heapq.heappop(self._queue)
+        self.tasks[ticket].attempts += 1
+        return ticket
+
+    def requeue(self, ticket: int, attempt_used: bool = True) -> None:
+        """Back in the queue, first in line (the empty key sorts before any other); `attempt_used=False`: it
+        never ran (queued behind a worker that died), so that start does not count."""
+        if not attempt_used:
+            self.tasks[ticket].attempts -= 1
+        heapq.heappush(self._queue, ((), ticket))
+
+    def finish(self, ticket: int) -> Task | None:
+        return self.tasks.pop(ticket, None)
+
+    def cancel(self, tickets: Iterable[int] | None = None) -> set[int]:
+        """Drop these tickets (all when None), queued or running: the ones dropped."""
+        dropped = set(self.tasks) if tickets is None else {t for t in tickets if t in self.tasks}
+        for ticket in dropped:
+            del self.tasks[ticket]
+        return dropped
 
 
 class Pool(Protocol):
@@ -109,9 +182,7 @@ class InProcessPool:
         self.retry = retry
         self.retries = 0
         self.worker = Worker(spec)
-        self._queue: list[tuple[tuple, int]] = []  # heap of (key, ticket)
-        self._tasks: dict[int, tuple[str, tuple, str]] = {}  # ticket -> (method, args, label)
-        self._next = 0
+        self.tickets = Tickets()
 
     def put(self, obj: Any) -> Any:
         return obj
@@ -124,34 +195,29 @@ class InProcessPool:
         return [self.worker.stats()]
 
     def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
-        ticket, self._next = self._next, self._next + 1
-        self._tasks[ticket] = (method, args, label or f"{method} task {ticket}")
-        heapq.heappush(self._queue, (key, ticket))
-        return ticket
+        return self.tickets.add(method, args, key, label)
 
     @property
     def outstanding(self) -> int:
-        return len(self._tasks)
+        return len(self.tickets)
 
     def poll(self, timeout: float | None = None) -> list[tuple[int, Any]]:
         """Run the queued task with the lowest key (retried by the policy): [(ticket, result)], or [] when
         nothing is queued. (It runs here, in the caller's thread: `timeout` does not apply.)"""
-        while self._queue:
-            _, ticket = heapq.heappop(self._queue)
-            if ticket not in self._tasks:
-                continue  # cancelled
-            method, args, label = self._tasks.pop(ticket)
-            for attempt in range(1, self.retry.max_attempts + 1):
-                try:
-                    return [(ticket, getattr(self.worker, method)(*args))]
-                except Exception as e:
-                    self.retry.after_failure(label, attempt, f"{type(e).__name__}: {e}", e)
-                    self.retries += 1
-        return []
+        ticket = self.tickets.pop()
+        if ticket is None:
+            return []
+        task = self.tickets.finish(ticket)  # it runs now, to its end or its last attempt
+        while True:
+            try:
+                return [(ticket, getattr(self.worker, task.method)(*task.args))]
+            except Exception as e:
+                self.retry.after_failure(task.label, task.attempts, f"{type(e).__name__}: {e}", e)
+                self.retries += 1
+                task.attempts += 1
 
     def cancel(self, tickets: Iterable[int] | None = None) -> None:
-        for ticket in list(self._tasks) if tickets is None else tickets:
-            self._tasks.pop(ticket, None)
+        self.tickets.cancel(tickets)
 
     def imap(self, method: str, args_list: Iterable[tuple], tick=None) -> Iterator[Any]:
         return ordered(self, method, args_list, 1, tick)

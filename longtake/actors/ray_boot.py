@@ -45,21 +45,22 @@ _watchdog: dict = {}  # this process's watchdog: {"proc": Popen, "mark": str}
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Start a local Ray (or join `address`) unless one is up. Returns True if this call started it (and its
-    caller stops it: `stop_ray`). Quiet, importable from any directory, dying with this process (module
-    docstring)."""
+    """Start a local Ray (or join `address`, else $RAY_ADDRESS) unless one is up. Returns True if this call
+    started it (and its caller stops it: `stop_ray`). Quiet, importable from any directory, dying with this
+    process (module docstring)."""
     import ray
 
     if ray.is_initialized():
         return False
     on_term = signal.getsignal(signal.SIGTERM)
+    address = address or os.environ.get("RAY_ADDRESS") or None
     with quiet_start(), _installed_first():
         if address:
             ray.init(address=address, log_to_driver=False)
-        else:
+        else:  # a new local Ray: never one a `ray start` elsewhere on this machine left its address for
             with marked(watch()):
-                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                         log_to_driver=False, logging_level=logging.WARNING)
     # ray.init installs its own SIGTERM handler (log and exit); keep the caller's, so a CLI that turns
     # SIGTERM into a clean stop still cleans up
     if on_term not in (None, signal.SIG_DFL) and threading.current_thread() is threading.main_thread():

@@ -30,7 +30,6 @@ Ray is imported here and in `cluster/`, nowhere else.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import re
 import time
@@ -40,7 +39,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from longtake.actors.pool import WAIT_S, RetryPolicy, WindowFailed, ordered
+from longtake.actors.pool import WAIT_S, RetryPolicy, Tickets, WindowFailed, ordered
 from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 
 logger = logging.getLogger(__name__)
@@ -116,13 +115,10 @@ class RayPool:
         self.start_timeout_s = start_timeout_s  # how long to wait for a replacement when no worker is left
         self.stale_timeout_s = stale_timeout_s  # how long an actor may finish a cancelled task before it is replaced
         self._stale: dict[Any, tuple[int, float]] = {}  # ready() probe queued behind a cancelled task -> (slot, since)
-        self._todo: list[tuple[tuple, int]] = []  # heap of (key, ticket): queued tasks
-        self._tasks: dict[int, tuple[str, tuple, str]] = {}  # ticket -> (method, args, label), until it returns
-        self._attempts: dict[int, int] = {}
+        self.tickets = Tickets()
         self._inflight: dict[Any, tuple[int, int, float, Any]] = {}  # ref -> (ticket, slot, submitted at, actor)
         self.depth = depth  # tasks sent to an actor at once: the next waits on the actor, not on a round trip
         self._freed: dict[int, float] = {}  # slot -> when its last task returned (a queued task starts then)
-        self._next = 0
         if spec.device == "cuda":
             options = {"num_gpus": 1, "num_cpus": 1}
         else:
@@ -364,27 +360,18 @@ class RayPool:
 
     @property
     def outstanding(self) -> int:
-        return len(self._tasks)
+        return len(self.tickets)
 
     def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
         """Queue a task; the lowest key starts first on the next idle worker (`poll` dispatches)."""
-        ticket, self._next = self._next, self._next + 1
         if method == "predict":
             args = tuple(_wire(a) for a in args)
-        self._tasks[ticket] = (method, args, label or f"{method} task {ticket}")
-        self._attempts[ticket] = 0
-        heapq.heappush(self._todo, (key, ticket))
-        return ticket
+        return self.tickets.add(method, args, key, label)
 
     def cancel(self, tickets: Iterable[int] | None = None) -> None:
         """Drop queued tasks and abandon running ones (all when `tickets` is None): their actors rejoin
         when done (stale), nothing queues behind them."""
-        drop = set(self._tasks) if tickets is None else set(tickets)
-        for ticket in drop:
-            self._tasks.pop(ticket, None)
-            self._attempts.pop(ticket, None)
-        self._todo = [entry for entry in self._todo if entry[1] in self._tasks]
-        heapq.heapify(self._todo)
+        drop = self.tickets.cancel(tickets)
         abandon = {ref: a for ref, (ticket, a, _, _) in self._inflight.items() if ticket in drop}
         for ref in abandon:
             del self._inflight[ref]
@@ -398,14 +385,11 @@ class RayPool:
             for a, actor in enumerate(self.actors):
                 if actor is None or a in unavailable or load.get(a, 0) != level:
                     continue
-                while self._todo and self._todo[0][1] not in self._tasks:
-                    heapq.heappop(self._todo)  # cancelled
-                if not self._todo:
+                ticket = self.tickets.pop()
+                if ticket is None:
                     return
-                _, ticket = heapq.heappop(self._todo)
-                method, args, _ = self._tasks[ticket]
-                self._attempts[ticket] += 1
-                self._inflight[getattr(actor, method).remote(*args)] = (ticket, a, time.monotonic(), actor)
+                task = self.tickets.tasks[ticket]
+                self._inflight[getattr(actor, task.method).remote(*task.args)] = (ticket, a, time.monotonic(), actor)
                 load[a] = level + 1
 
     def poll(self, timeout: float | None = None) -> list[tuple[int, Any]]:
@@ -417,15 +401,15 @@ class RayPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._dispatch()
-            if not self._inflight and not self._todo:
+            if not self._inflight and not self.tickets.queued:
                 return []
             if not self._inflight and not self.starting and not self._stale:
-                label = self._tasks[self._todo[0][1]][2]
+                label = self.tickets.peek().label
                 raise WindowFailed(f"no worker left for {label}: {self.excluded} excluded"
                                    + (f" (last start error: {self.last_start_error})" if self.last_start_error else ""))
             waiting_since = (waiting_since or time.monotonic()) if not self._inflight else None
             if waiting_since and time.monotonic() - waiting_since > self.start_timeout_s:
-                label = self._tasks[self._todo[0][1]][2]
+                label = self.tickets.peek().label
                 raise WindowFailed(f"no worker could be started in {self.start_timeout_s:g} s for {label} "
                                    "(not enough resources left in the cluster?)")
             left = WAIT_S if deadline is None else min(WAIT_S, max(0.0, deadline - time.monotonic()))
@@ -452,9 +436,7 @@ class RayPool:
             except RayError as e:
                 self._retry_or_fail(ticket, a, e, actor=actor)
                 continue
-            self._measured(self._tasks[ticket][0], now - started)
-            self._tasks.pop(ticket, None)
-            self._attempts.pop(ticket, None)
+            self._measured(self.tickets.finish(ticket).method, now - started)
             return [(ticket, _unwire(result))]
 
     def imap(self, method: str, args_list: Iterable[tuple], tick=None) -> Iterator[Any]:
@@ -467,37 +449,36 @@ class RayPool:
             if a not in oldest or since < oldest[a][1]:
                 oldest[a] = (ref, since, ticket, actor)
         for a, (ref, since, ticket, actor) in oldest.items():
-            method, _, label = self._tasks[ticket]
-            limit = self.timeout(method)
+            task = self.tickets.tasks[ticket]
+            label, limit = task.label, self.timeout(task.method)
             if now - max(since, self._freed.get(a, since)) > limit:
                 del self._inflight[ref]  # the worker is killed and replaced below: that stops the task
                 error = GetTimeoutError(f"{label} ran over {limit:g} s on worker {a} (hung?)")
                 self._retry_or_fail(ticket, a, error, hung=True, actor=actor)
 
     def _retry_or_fail(self, ticket: int, a: int, error, hung: bool = False, actor=None) -> None:
-        method, _, label = self._tasks[ticket]
+        task = self.tickets.tasks[ticket]
         actor_died = hung or not isinstance(error, RayTaskError) or isinstance(error.cause, RayActorError)
         reason = _reason(error)
         if actor is not None and self.actors[a] is not actor:
             # queued behind a task that killed or hung its actor (already replaced or excluded): it never
             # ran, so it goes back first in line without using an attempt
-            self._attempts[ticket] -= 1
-            heapq.heappush(self._todo, ((), ticket))
+            self.tickets.requeue(ticket, attempt_used=False)
             return
         if actor_died:
-            logger.warning("worker %d died during %s (%s); replacing it", a, label, reason)
+            logger.warning("worker %d died during %s (%s); replacing it", a, task.label, reason)
             self._replace(a)
         else:
             self.failures[a] += 1
             if self.blocklist_after and self.failures[a] >= self.blocklist_after:
                 self._exclude(a, reason)
         try:
-            self.retry.after_failure(label, self._attempts[ticket], reason, error)
+            self.retry.after_failure(task.label, task.attempts, reason, error)
         except WindowFailed:
             self.cancel()  # the job is over: nothing of it stays queued or running
             raise
         self.retries += 1
-        heapq.heappush(self._todo, ((), ticket))  # first in line: the empty key sorts before any other
+        self.tickets.requeue(ticket)
 
     def stats(self) -> list[dict]:
         """Per live worker: seconds of each predict / decode call since the last call (then reset)."""
@@ -511,7 +492,7 @@ class RayPool:
         self._encoder = None
         self.starting = {}
         self._stale = {}
-        self._todo, self._tasks, self._attempts, self._inflight = [], {}, {}, {}
+        self.tickets, self._inflight = Tickets(), {}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the actor names in its messages

@@ -15,7 +15,6 @@ Every call has a timeout (a replica that cannot be scheduled fails the job with 
 
 from __future__ import annotations
 
-import heapq
 import math
 import queue
 import threading
@@ -23,11 +22,10 @@ import time
 import weakref
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.pool import WAIT_S, RetryPolicy, WindowFailed, ordered
+from longtake.actors.pool import WAIT_S, RetryPolicy, Task, Tickets, WindowFailed, ordered
 from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 
 def _one_line(error: Exception) -> str:
@@ -37,25 +35,14 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[-1] if text else 'failed'}"
 
 
-@dataclass
-class _Call:
-    """One task of a ServePool ticket: what to call, and the response to cancel while it runs."""
-
-    method: str
-    args: tuple
-    label: str
-    response: Any = None
-    cancelled: bool = False
-
-
 @dataclass(eq=False)
-class _Tickets:
-    """One engine thread's tasks in a ServePool."""
+class _Job:
+    """One engine thread's (one job's) tasks in a ServePool: its ticket book, the calls running (a future
+    each, in the pool's threads) and their Serve responses (what a cancel cancels)."""
 
-    todo: list = field(default_factory=list)  # heap of (key, ticket)
-    calls: dict = field(default_factory=dict)  # ticket -> _Call, until its result is taken or it is cancelled
+    tickets: Tickets = field(default_factory=Tickets)
     running: dict = field(default_factory=dict)  # future -> ticket
-    next: int = 0
+    responses: dict = field(default_factory=dict)  # ticket -> its call's Serve response, while it runs
     total: int | None = None  # the job's window predictions, when told (`begin_job`): unknown sorts last
     done: int = 0  # calls finished
     started: float = field(default_factory=time.monotonic)
@@ -97,7 +84,7 @@ class ServePool:
 
     @property
     def outstanding(self) -> int:
-        return len(self._state().calls)
+        return len(self._state().tickets)
 
     def stream(self, method: str, args: tuple, tick=None):
         """Items of one streamed call, in order, each within the timeout. A failed stream restarts (max
@@ -155,46 +142,46 @@ class ServePool:
     def call(self, method: str, *args, tick=None):
         return next(self.imap(method, [args], tick))
 
-    def _call(self, call: "_Call"):
-        """One task in a caller thread: the call's result within the timeout; a failure is retried (a new
-        call: Serve may pick another replica) by the policy; then, or on a timeout, WindowFailed."""
-        attempt = 1
+    def _call(self, job: _Job, ticket: int, task: Task):
+        """One task in one of the pool's threads: the call's result within the timeout; a failure is retried
+        (a new call: Serve may pick another replica) by the policy; then, or on a timeout, WindowFailed.
+        None once the ticket is cancelled."""
         while True:
-            if call.cancelled:
+            if ticket not in job.tickets.tasks:
                 return None
-            call.response = getattr(self.handle, call.method).remote(*call.args)
+            response = job.responses[ticket] = getattr(self.handle, task.method).remote(*task.args)
             try:
-                return call.response.result(timeout_s=self.timeout_s)
+                return response.result(timeout_s=self.timeout_s)
             except TimeoutError:
-                call.response.cancel()
-                raise WindowFailed(f"{call.label}: no denoiser answered in {self.timeout_s:g} s (can a replica "
+                response.cancel()
+                raise WindowFailed(f"{task.label}: no denoiser answered in {self.timeout_s:g} s (can a replica "
                                    "be scheduled? see `ray status`)") from None
             except Exception as e:  # the replica's own error, a replica that died, or our own cancel
-                if call.cancelled:
+                if ticket not in job.tickets.tasks:
                     return None
-                self.retry.after_failure(call.label, attempt, _one_line(e), e)
+                self.retry.after_failure(task.label, task.attempts, _one_line(e), e)
                 self.retries += 1
-                attempt += 1
+                task.attempts += 1
 
-    def _state(self) -> "_Tickets":
+    def _state(self) -> _Job:
         """The calling thread's tickets: each engine thread (one job) sees only its own."""
         state = getattr(self._local, "state", None)
         if state is None:
             state = self.begin_job(None)
         return state
 
-    def begin_job(self, total: int | None) -> "_Tickets":
+    def begin_job(self, total: int | None) -> _Job:
         """The calling thread starts a job of `total` window predictions (its share depends on what is left)."""
-        state = self._local.state = _Tickets(total=total)
+        state = self._local.state = _Job(total=total)
         with self._lock:
             self._jobs.add(state)
         return state
 
-    def _share(self, state: "_Tickets") -> int:
+    def _share(self, state: _Job) -> int:
         """Calls this job may have in flight now: all of them when it runs alone; else the job with the
         fewest window predictions left takes all but one per other running job, and the others one each."""
         with self._lock:
-            active = [s for s in self._jobs if s.todo or s.running]
+            active = [s for s in self._jobs if len(s.tickets)]  # with tasks queued or running
         if len(active) <= 1:
             return self.per_job
         first = min(active, key=lambda s: (s.remaining, s.started))
@@ -202,21 +189,15 @@ class ServePool:
 
     def submit(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
         """Queue a task of this thread's job; `poll` sends it (lowest keys first) within the job's share."""
-        state = self._state()
-        ticket, state.next = state.next, state.next + 1
-        state.calls[ticket] = _Call(method, args, label or f"{method} task {ticket}")
-        heapq.heappush(state.todo, (key, ticket))
-        return ticket
+        return self._state().tickets.add(method, args, key, label)
 
     def poll(self, timeout: float | None = None):
         """Send queued calls (up to the job's share), wait for one to finish: [(ticket, result)], or [] when
         nothing is running or none finished within `timeout` seconds."""
         state = self._state()
-        share = self._share(state) if state.todo else 0
-        while state.todo and len(state.running) < share:
-            _, ticket = heapq.heappop(state.todo)
-            if ticket in state.calls:
-                state.running[self._executor.submit(self._call, state.calls[ticket])] = ticket
+        share = self._share(state) if state.tickets.queued else 0
+        while len(state.running) < share and (ticket := state.tickets.pop()) is not None:
+            state.running[self._executor.submit(self._call, state, ticket, state.tickets.tasks[ticket])] = ticket
         if not state.running:
             return []
         done, _ = futures.wait(list(state.running), timeout=timeout, return_when=futures.FIRST_COMPLETED)
@@ -224,26 +205,23 @@ class ServePool:
         for future in done:
             ticket = state.running.pop(future)
             state.done += 1
-            call = state.calls.pop(ticket, None)
+            state.responses.pop(ticket, None)
             error = future.exception()
             if error is not None:
                 self.cancel()
                 raise error
-            if call is not None and not call.cancelled:
+            if state.tickets.finish(ticket) is not None:  # (None: cancelled meanwhile)
                 finished.append((ticket, future.result()))
         return finished
 
     def cancel(self, tickets=None) -> None:
         state = self._state()
-        for ticket in list(state.calls) if tickets is None else tickets:
-            call = state.calls.pop(ticket, None)
-            if call is not None:
-                call.cancelled = True
-                if call.response is not None:
-                    call.response.cancel()
-        state.todo = [entry for entry in state.todo if entry[1] in state.calls]
-        heapq.heapify(state.todo)
-        state.running = {f: t for f, t in state.running.items() if t in state.calls}
+        dropped = state.tickets.cancel(tickets)
+        for ticket in dropped:
+            response = state.responses.pop(ticket, None)
+            if response is not None:
+                response.cancel()
+        state.running = {f: t for f, t in state.running.items() if t not in dropped}
 
     def imap(self, method: str, args_list, tick=None):
         # decoded frames are big: only a few decode chunks are in flight

@@ -5,7 +5,7 @@
     ckpt.save(step, z, [state, ...])       # or the states (`scheduler_state`) of one scheduler per frame range
     ckpt.save(step, z, states, private)    # and the windows' private frames (W, C, p, h, w) (sampler.py)
     state = ckpt.load_latest()             # newest valid one, or None; corrupt ones are skipped, logged
-    restore_scheduler(scheduler, state)    # (one range; the sampler restores state.schedulers per range)
+    restore_scheduler(scheduler, state.schedulers[0])  # (the sampler restores one per frame range)
 
 One safetensors file per checkpoint: tensors (z, the private frames if any, and each scheduler's tensor state) plus metadata (step,
 the schedulers' scalar state, the job's fingerprint, and a SHA-256 over every tensor's bytes). No
@@ -29,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from longtake.pipelines import weights_identity
+
 logger = logging.getLogger(__name__)
 
 NAME = re.compile(r"^step-(\d{6})\.safetensors$")
@@ -41,11 +43,6 @@ class CheckpointState:
     schedulers: list[dict]  # per frame range (then per window's private frames): attribute -> value
     path: Path
     private: torch.Tensor | None = None  # (W, C, p, h, w): each window's private frames (sampler.py), if any
-
-    @property
-    def scheduler(self) -> dict:
-        """The first (for a job stepped as one range: the only) scheduler's state."""
-        return self.schedulers[0]
 
 
 # Instance attributes a checkpoint leaves out: the config (the scheduler is rebuilt from the model's own), and
@@ -91,9 +88,10 @@ def scheduler_state(scheduler) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, scalars
 
 
-def restore_scheduler(scheduler, state: CheckpointState) -> None:
-    """Put a saved scheduler state back (call after `set_timesteps` with the same step count)."""
-    for name, value in state.scheduler.items():
+def restore_scheduler(scheduler, state: dict) -> None:
+    """Put one saved scheduler state (a `CheckpointState.schedulers` entry) back (call after `set_timesteps`
+    with the same step count)."""
+    for name, value in state.items():
         setattr(scheduler, name, value)
 
 
@@ -212,3 +210,31 @@ class Checkpointer:
             for p in self.dir.iterdir():
                 p.unlink(missing_ok=True)
             self.dir.rmdir()
+
+
+def fingerprint(job, dtype: str, device: str) -> str:
+    """What a job's latents depend on (`job`: an engine.Job): a checkpoint is only reused for the same fingerprint. That includes
+    the model's weights (`weights_identity`: paths, sizes and times of its files) and the dtype and device
+    the workers run in (the pool's WorkerSpec.dtype / .device): a job paused on a GPU in float16 never
+    resumes from those latents on a CPU in float32. (Not the output path, the preview or the worker count:
+    they do not change the latents.)"""
+    req = job.request
+    data = {"model": job.model.path, "weights": weights_identity(job.model.path), "dtype": dtype,
+            "device": device, "frames": job.frames, "size": [job.height, job.width], "steps": job.steps,
+            "guidance": job.guidance, "windows": job.windows, "seed": req.seed, "noise": job.noise,
+            "weighting": req.weighting, "keys": [[k.at, k.prompt] for k in job.keys],
+            "negative": req.negative_prompt, "fps": req.fps}
+    if job.inputs.pinned or job.loop or job.inputs.source is not None:  # the inputs (file hashes) and where they sit
+        data["inputs"] = {"hashes": job.inputs.hashes, "pinned": [[p.source, p.frame, len(p.pixels)]
+                                                                  for p in job.inputs.pinned], "loop": job.loop}
+    if job.model.experts > 1:
+        data["guidance_2"] = job.guidance_2
+    if job.control is not None:  # the pose as drawn (retargeting and resampling included)
+        data["pose"] = {"sha256": hashlib.sha256(job.control.tobytes()).hexdigest(), "scale": job.control_scale}
+    if job.media:  # the reference photo, face, background and mask as read (resized), and the mode
+        data["media"] = {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+                         for name, a in sorted(job.media.items())}
+        data["animate_mode"] = req.animate_mode
+    if job.model.options.get("private_frames"):  # the windows' own frames are in the checkpoint too
+        data["private_frames"] = job.model.options["private_frames"]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

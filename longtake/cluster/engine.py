@@ -6,29 +6,36 @@
                                     one: its motion plan, `models/planner.py`), read a Wan-Animate model's
                                     reference photo, face, background and mask (an IP-Adapter model's:
                                     its reference photo, the image prompt); no Ray, no weights
-    run(job, pool)    -> RenderResult
-        1. encode the key prompts once (one encoder); the backend's conditioning goes in the object store,
-           with a pose's control frames (each window's prediction takes its own range of them) and a
-           Wan-Animate model's media (`cond.media`: its reference photo, face, background and mask);
-           the known frames' latents once (a worker's `encode_frames`)
-        2. initial latents from (seed, latent frame index); video to video: the input's latents (encoded
-           chunk by chunk as it streams) noised to `strength`, the first steps skipped
-        3. denoise (`sampler.py`): a window predicts its next step alone as soon as the frames it covers
-           have reached that step (the wavefront; `schedule="barrier"`: when every frame has); each
-           frame range is fused in window order and stepped by its own scheduler when all its windows
-           have predicted, then its known frames are set to their latents (clean context); a loop's
-           windows wrap around the end (with a checkpointer: resume from the newest valid checkpoint;
-           save one of the coherent step, the newest every range has reached, every k steps)
-        4. decode: window-length chunks on any worker (per-frame VAEs), or one ordered streamed session
-           (causal 3D VAEs); frames stream in order into ffmpeg, the surplus of the model's frame rule
-           (Wan: 4k+1) dropped at the end, so the MP4 has exactly round(seconds * fps) new frames, after
-           an extended clip's frames and before a lead-into clip's (passed through as read);
-           frames_sha256 is taken on them as generated, then the visible label (`label.py`) is drawn on the
-           first seconds of the new frames (after an extended clip's) and the invisible watermark (`watermark.py`) on the new frames; the finished MP4
-           is remuxed with its AIGC metadata and integrity code, and C2PA-signed when configured
-           (`provenance.py`)
-        progress: {phase, step (steps completed), steps, window_steps_done, window_steps_total, frames_done,
-        frames, eta_s} per window and decoded chunk, then once with phase "done" and the final numbers
+    run(job, pool)    -> RenderResult, in four numbered steps, each a function below:
+        1. `conditioning`: the key prompts encoded once (one encoder) with the per-latent-frame schedule;
+           a pose's control frames and a Wan-Animate model's media travel with it to every worker (each
+           window's prediction takes its own range of them)
+        2. `initial_latents`: noise from (seed, latent frame index), the known frames' latents (encoded once,
+           `inputs.known_latents`) pinned in it; video to video and a bridge start from their input noised
+           to `strength`, the first steps skipped; or the newest valid checkpoint
+        3. `denoise` (`sampler.py`): a window predicts its next step alone as soon as the frames it covers
+           have reached that step (the wavefront; `schedule="barrier"`: when every frame has); each frame
+           range is fused in window order and stepped by its own scheduler when all its windows have
+           predicted, then its known frames are set to their latents (clean context); a loop's windows wrap
+           around the end; a checkpoint of the coherent step (the newest every range has reached) every k
+           steps
+        4. `deliver`: decoded on the workers (window-length chunks, or one ordered streamed session for a
+           causal 3D VAE), the frames stream in order through the sink chain (`delivery.py`: frames_sha256,
+           the label on the first seconds of the new frames, the watermark on the new frames, the MP4 with
+           its AIGC metadata and integrity code, the contact sheet): an extended clip's frames (passed
+           through as read), the new frames (the frame rule's surplus, Wan's 4k+1, dropped), a lead-into
+           clip's frames
+        `Watch` holds the stop checks (cancelled, paused, shutdown: at least every second, even while the
+        workers hang) and the progress reports: {phase, step (steps completed), steps, window_steps_done,
+        window_steps_total, frames_done, frames, eta_s} per window and decoded chunk, then once with phase
+        "done" and the final numbers
+
+Frame counts (one name each):
+    new_frames       frames made: round(seconds * fps), or a redrawn video's length
+    frames           frames denoised: the new frames and the contexts of extend / lead_into around them
+    latent_frames    the latent frames they are in (a causal VAE packs 4 frames in one: 1 + (frames - 1) / 4)
+    rendered_frames  frames the latents decode to: `frames`, or a few more for a frame rule (dropped)
+    output_frames    frames in the MP4: the new frames and the input clips passed through
 
 The engine is family-blind: geometry comes from the model's `LatentLayout`, conditioning is the backend's
 (the engine passes it along unread). The pool (tickets: `submit` / `poll` / `cancel`) is an in-process
@@ -38,23 +45,23 @@ worker (reference), Ray actors or serve's denoisers; all give identical frames, 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from longtake.actors.pool import WAIT_S, Pool
-from longtake.cluster.checkpoint import Checkpointer, scheduler_state
+from longtake.cluster.checkpoint import Checkpointer, CheckpointState, scheduler_state
+from longtake.cluster.delivery import Delivery
+from longtake.cluster.inputs import (Inputs, KnownLatents, clip_frames, known_latents, reference_image, resolve_inputs,
+                                     source_latents)
 from longtake.cluster.sampler import Sampler
-from longtake.cluster.inputs import Inputs, clip_frames, latent_index, reference_image, resolve_inputs
-from longtake.pipelines import ModelInfo, inspect_model, load_scheduler, weights_identity
+from longtake.pipelines import ModelInfo, inspect_model, load_scheduler
 from longtake.core.windows import (
     PromptKey,
     initial_noise,
@@ -65,14 +72,12 @@ from longtake.core.windows import (
     window_weights,
 )
 from longtake.request import PLANNED_BRIDGE_STRENGTH, RenderRequest, RequestError, parse_request
-from longtake.label import Layout, LabelError, labelled_span
+from longtake.label import Layout, LabelError
 from longtake.label import layout as layout_label
 from longtake.media import load_image, probe_media, video_chunks
 from longtake.models import planner
 from longtake.pose import pose_frames, reference_person
 from longtake.provenance import Provenance
-from longtake.watermark import Embedder, payload_of
-from longtake.video import VideoWriter, contact_sheet, preview_indices
 
 logger = logging.getLogger(__name__)
 
@@ -195,17 +200,7 @@ def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
     model = inspect_model(request.model)
     if model.options.get("planner"):  # the bundled model's motion plan (models/planner.py)
         planner.check(model.options["planner"], request.model)
-    height = request.height or model.default_height
-    width = request.width or model.default_width
-    for name, value in (("height", height), ("width", width)):
-        model.layout.check_size(name, value)
-    unit = "latent frames" if model.layout.temporal > 1 else "frames"
-    window = request.window or model.native_window
-    if window > model.max_window:
-        raise RequestError("window", window, f"at most {model.max_window} {unit} (the model's temporal limit)")
-    overlap = request.overlap if request.overlap is not None else window // 4
-    if overlap >= window:
-        raise RequestError("overlap", overlap, f"0 <= overlap < window ({window} {unit})")
+    height, width, window, overlap = _geometry(request, model)
     layout = model.layout
     inputs = resolve_inputs(request, height, width, layout.frames(window), layout.causal, layout.temporal,
                             pin_reference=model.options.get("reference") != "condition", pixels=pixels)
@@ -218,21 +213,60 @@ def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
         raise RequestError("guidance_2", request.guidance_2, "no value: it is for models with two experts (Wan 2.2 "
                                                              "A14B), this one has one")
     guidance = request.guidance if request.guidance is not None else model.default_guidance
-    label = None
-    if request.label != "none":
-        try:
-            label = layout_label(request.label_text, request.label_position, width, height)
-        except LabelError as e:
-            raise RequestError(e.field, e.value, e.expected) from None
-    if request.timeline is not None:
-        keys = [PromptKey(k.at, k.prompt) for k in request.timeline]
-    else:
-        keys = [PromptKey(0.0, request.prompt)]
+    label = _label(request, width, height)
+    keys = [PromptKey(k.at, k.prompt) for k in request.timeline] if request.timeline is not None \
+        else [PromptKey(0.0, request.prompt)]
     media = _animation_media(request, model, frames, width, height, pixels)  # animating a reference: checked first
     if model.options.get("ip_adapter"):  # an IP-Adapter's image prompt: the reference photo (pinned at frame 0 too)
         media = _image_prompt(request)
-    control, controlled = None, False  # the control frames; whether there are (or, without pixels, would be)
-    if request.pose is not None:  # pose-driven: the skeleton frames, checked and drawn before any work
+    control, controlled = _control(request, model, inputs, keys, frames, width, height, pixels)
+    if controlled and inputs.before is not None and inputs.after is not None and request.strength is None:
+        # the plan says where the object goes, so more of the crossfade (its look) is kept
+        inputs = replace(inputs, strength=PLANNED_BRIDGE_STRENGTH,
+                         hashes={**inputs.hashes, "bridge": PLANNED_BRIDGE_STRENGTH})
+    return Job(request=request, model=model, frames=frames, height=height, width=width,
+               steps=request.steps or model.default_steps, guidance=guidance,
+               guidance_2=request.guidance_2 if request.guidance_2 is not None else guidance, window=window,
+               overlap=overlap, windows=(plan_loop if request.loop else plan_windows)(latent_frames, window, overlap),
+               keys=keys, noise=request.noise or model.default_noise, inputs=inputs, loop=request.loop,
+               label=label, control=control,
+               control_scale=request.control_scale if request.control_scale is not None else 1.0, media=media)
+
+
+def _geometry(request: RenderRequest, model: ModelInfo) -> tuple[int, int, int, int]:
+    """(height, width, window, overlap) of a request on its model (the model's defaults for what it leaves
+    out), checked against the model's size rule and temporal limit."""
+    height = request.height or model.default_height
+    width = request.width or model.default_width
+    for name, value in (("height", height), ("width", width)):
+        model.layout.check_size(name, value)
+    unit = "latent frames" if model.layout.temporal > 1 else "frames"
+    window = request.window or model.native_window
+    if window > model.max_window:
+        raise RequestError("window", window, f"at most {model.max_window} {unit} (the model's temporal limit)")
+    overlap = request.overlap if request.overlap is not None else window // 4
+    if overlap >= window:
+        raise RequestError("overlap", overlap, f"0 <= overlap < window ({window} {unit})")
+    return height, width, window, overlap
+
+
+def _label(request: RenderRequest, width: int, height: int) -> Layout | None:
+    """The visible label's layout (None: label "none"); RequestError when its text does not fit the frame."""
+    if request.label == "none":
+        return None
+    try:
+        return layout_label(request.label_text, request.label_position, width, height)
+    except LabelError as e:
+        raise RequestError(e.field, e.value, e.expected) from None
+
+
+def _control(request: RenderRequest, model: ModelInfo, inputs: Inputs, keys: list[PromptKey], frames: int,
+             width: int, height: int, pixels: bool) -> tuple[np.ndarray | None, bool]:
+    """(control frames, whether there are: without pixels, whether there would be): a pose's skeleton
+    frames, checked and drawn before any work; else the bundled model's motion plan (not for a video redrawn
+    below strength 1: its frames say where things are). control_scale without either is refused."""
+    control, controlled = None, False
+    if request.pose is not None:
         if not model.options.get("pose"):
             raise RequestError("pose", request.pose, "a model with a pose ControlNet (an AnimateDiffControlNetPipeline "
                                                      "directory) or a Wan-Animate model (WanAnimatePipeline); this one "
@@ -243,7 +277,7 @@ def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
         control = pose_frames("pose", request.pose, frames, request.fps, width, height, request.pose_loop, reference,
                               pixels)
         controlled = True
-    elif request.plan == "auto" and model.options.get("planner") and not inputs.redraws:  # the bundled model
+    elif request.plan == "auto" and model.options.get("planner") and not inputs.redraws:
         if pixels:
             control = planner.plan(clip_keys(keys, inputs.ctx_before, request.fps), frames, request.fps, width,
                                    height, request.seed, request.loop,
@@ -251,35 +285,11 @@ def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
             controlled = control is not None
         else:  # known frames may show no object: only their pixels tell (the run checks again)
             controlled = planner.plannable(keys, request.loop, bool(inputs.pinned))
-    if controlled and inputs.before is not None and inputs.after is not None and request.strength is None:
-        # the plan says where the object goes, so more of the crossfade (its look) is kept
-        inputs = replace(inputs, strength=PLANNED_BRIDGE_STRENGTH,
-                         hashes={**inputs.hashes, "bridge": PLANNED_BRIDGE_STRENGTH})
-    if not controlled and request.control_scale is not None:  # no pose, and no plan to scale
+    if not controlled and request.control_scale is not None:
         raise RequestError("control_scale", request.control_scale,
                            "no value without pose or a motion plan (the bundled model's, for prompts that name a "
                            "shape and a motion, or known frames that show the object)")
-    return Job(
-        request=request,
-        model=model,
-        frames=frames,
-        height=height,
-        width=width,
-        steps=request.steps or model.default_steps,
-        guidance=guidance,
-        guidance_2=request.guidance_2 if request.guidance_2 is not None else guidance,
-        window=window,
-        overlap=overlap,
-        windows=(plan_loop if request.loop else plan_windows)(latent_frames, window, overlap),
-        keys=keys,
-        noise=request.noise or model.default_noise,
-        inputs=inputs,
-        loop=request.loop,
-        label=label,
-        control=control,
-        control_scale=request.control_scale if request.control_scale is not None else 1.0,
-        media=media,
-    )
+    return control, controlled
 
 
 def _image_prompt(request: RenderRequest) -> dict:
@@ -335,114 +345,11 @@ def _animation_media(request: RenderRequest, model: ModelInfo, frames: int, widt
     return {name: a for name, a in media.items() if a is not None}
 
 
-def fingerprint(job: Job, dtype: str, device: str) -> str:
-    """What a job's latents depend on: a checkpoint is only reused for the same fingerprint. That includes
-    the model's weights (`weights_identity`: paths, sizes and times of its files) and the dtype and device
-    the workers run in (the pool's WorkerSpec.dtype / .device): a job paused on a GPU in float16 never
-    resumes from those latents on a CPU in float32. (Not the output path, the preview or the worker count:
-    they do not change the latents.)"""
-    req = job.request
-    data = {"model": job.model.path, "weights": weights_identity(job.model.path), "dtype": dtype,
-            "device": device, "frames": job.frames, "size": [job.height, job.width], "steps": job.steps,
-            "guidance": job.guidance, "windows": job.windows, "seed": req.seed, "noise": job.noise,
-            "weighting": req.weighting, "keys": [[k.at, k.prompt] for k in job.keys],
-            "negative": req.negative_prompt, "fps": req.fps}
-    if job.inputs.pinned or job.loop or job.inputs.source is not None:  # the inputs (file hashes) and where they sit
-        data["inputs"] = {"hashes": job.inputs.hashes, "pinned": [[p.source, p.frame, len(p.pixels)]
-                                                                  for p in job.inputs.pinned], "loop": job.loop}
-    if job.model.experts > 1:
-        data["guidance_2"] = job.guidance_2
-    if job.control is not None:  # the pose as drawn (retargeting and resampling included)
-        data["pose"] = {"sha256": hashlib.sha256(job.control.tobytes()).hexdigest(), "scale": job.control_scale}
-    if job.media:  # the reference photo, face, background and mask as read (resized), and the mode
-        data["media"] = {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-                         for name, a in sorted(job.media.items())}
-        data["animate_mode"] = req.animate_mode
-    if job.model.options.get("private_frames"):  # the windows' own frames are in the checkpoint too
-        data["private_frames"] = job.model.options["private_frames"]
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
 def _noised(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x0 noised to timestep t's level as the scheduler defines it (add_noise; flow matching: scale_noise)."""
     if hasattr(scheduler, "add_noise"):
         return scheduler.add_noise(x0, noise, t)
     return scheduler.scale_noise(x0, t, noise)
-
-
-def _source_latents(job: Job, pool: Pool, tick=None) -> torch.Tensor:
-    """Video to video: the input's latents (1, C, F, h, w), encoded chunk by chunk on the workers as the
-    frames stream from ffmpeg (never the whole video as pixels). Chunks are one window of frames; a causal
-    VAE (Wan) encodes frame 0 alone, then 4m frames at a time after the frame before them (whose latent is
-    dropped): each chunk restarts the VAE's cache, an approximation of one whole-clip encode."""
-    src, layout, req = job.inputs.source, job.model.layout, job.request
-    size = max(1, layout.frames(job.window) - (1 if layout.causal else 0))
-    parts, buffer, prev, left = [], [], None, job.frames
-    first = True
-
-    def flush(group: list, prefix) -> None:
-        frames = np.stack(([prefix] if prefix is not None else []) + group)
-        latents = pool.call("encode_frames", frames, tick=tick)  # (1, C, n, h, w)
-        parts.append(latents[:, :, 1:] if prefix is not None else latents)
-
-    for chunk in video_chunks("video", src.path, req.fps, job.width, job.height, chunk=size):
-        for frame in chunk[:left]:
-            buffer.append(frame)
-            left -= 1
-            if len(buffer) == (1 if first and layout.causal else size):
-                flush(buffer, prev)
-                prev, buffer, first = (buffer[-1] if layout.causal else None), [], False
-        if left <= 0:
-            break
-    if buffer:  # the last group, padded with its last frame to whole latent frames (a causal VAE drops a rest)
-        flush(buffer + [buffer[-1]] * (-len(buffer) % layout.temporal if prev is not None else 0), prev)
-    return torch.cat(parts, 2)[:, :, : job.latent_frames]
-
-
-class KnownLatents:
-    """The latents of a job's known frames: `pin(z, start, end)` sets those in z's frames [start, end), in
-    place, to the known latents themselves (clean, at every step: a clean context, which the bundled model
-    follows much more closely than RePaint-style context noised to each step's level; the note of issue 15
-    has the figures); `crossfade(z)` is a clip whose every frame is known or interpolated between the known
-    frames around it (held before the first and after the last): a bridge's start (inputs.py)."""
-
-    def __init__(self, index: torch.Tensor, known: torch.Tensor):
-        self.index, self.known = index, known  # (k,) sorted latent frames, (1, C, k, h, w)
-
-    def __call__(self, z: torch.Tensor, start: int = 0, end: int | None = None) -> None:
-        inside = (self.index >= start) & (self.index < (z.shape[2] if end is None else end))
-        if bool(inside.any()):
-            z[:, :, self.index[inside]] = self.known[:, :, inside].to(z.dtype)
-
-    def crossfade(self, z: torch.Tensor) -> torch.Tensor:
-        frames = z.shape[2]
-        at = torch.arange(frames, dtype=torch.float64)
-        index = self.index.to(torch.float64)
-        hi = torch.searchsorted(index, at).clamp(max=len(index) - 1)  # first known frame at or after each frame
-        lo = torch.where(index[hi] > at, (hi - 1).clamp(min=0), hi)  # last known frame at or before it
-        span = index[hi] - index[lo]
-        weight = torch.where(span > 0, (at - index[lo]) / span.clamp(min=1), torch.zeros_like(at))
-        weight = weight.to(z.dtype).view(1, 1, frames, 1, 1)
-        known = self.known.to(z.dtype)
-        return (1 - weight) * known[:, :, lo] + weight * known[:, :, hi]
-
-
-def _known_latents(job: Job, pool: Pool, tick=None) -> KnownLatents | None:
-    """The latents of a job's known frames (`KnownLatents`), encoded once, on a worker; None when nothing is
-    known."""
-    if not job.inputs.pinned:
-        return None
-    layout, latent_frames = job.model.layout, job.latent_frames
-    at: dict[int, torch.Tensor] = {}  # latent frame -> known latent (a later pin wins)
-    for p in job.inputs.pinned:
-        latents = pool.call("encode_frames", p.pixels, tick=tick)  # (1, C, n, h, w)
-        first = latent_index(p.frame, layout.temporal, layout.causal)
-        for k in range(min(latents.shape[2], latent_frames - first)):
-            at[first + k] = latents[:, :, k]
-    index = torch.tensor(sorted(at))
-    known = torch.stack([at[f] for f in sorted(at)], 2)  # (1, C, k, h, w)
-    logger.info("%d latent frames known (%s)", len(index), ", ".join(p.source for p in job.inputs.pinned))
-    return KnownLatents(index, known)
 
 
 def _bar(total: int, desc: str, unit: str, enabled: bool, initial: int = 0) -> tqdm:
@@ -485,250 +392,273 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     sees the frames as generated, without either."""
     t0 = time.perf_counter()
     provenance = provenance or Provenance.local()
-    req, plan = job.request, job.windows
-    latent_frames = job.latent_frames
+    scheduler, steps = _scheduler(job, checkpoint)
+    watch = Watch(job, steps, cancelled, on_progress, checkpoint)
+    timings: dict[str, float] = {}
 
-    timings = {}
-    sampler = None  # (made in step 2)
+    # 1. conditioning: the key prompts encoded once, with the per-latent-frame schedule; a pose's control
+    #    frames and an animated photo's media travel with it (the backend's object, unread here)
+    cond = pool.put(conditioning(job, pool, watch.tick))
+    # 2. initial latents from (seed, latent frame), the known frames' latents pinned in them; video to video
+    #    and a bridge start part way (SDEdit-style); or a checkpoint's latents and scheduler states
+    start = initial_latents(job, pool, scheduler, steps, checkpoint, watch.tick)
+    sampler = Sampler(start.z, scheduler, job.windows, window_weights(job.windows, job.request.weighting,
+                                                                      job.latent_frames if job.loop else 0),
+                      steps, start.first_step, job.request.seed, loop=job.loop, schedule=job.request.schedule,
+                      pin=start.pin, snapshots=checkpoint is not None, private=start.private,
+                      restore=start.resumed.schedulers if start.resumed is not None else None)
+    watch.begin(sampler, start.first_step)
+    timings["encode_s"] = time.perf_counter() - t0
+    # 3. denoise: each window predicts its next step as soon as its frames are there (the sampler's
+    #    wavefront), its prediction fused and stepped per frame range as it arrives; checkpoints
+    denoise(job, pool, cond, sampler, watch, checkpoint, progress, timings)
+    # 4. deliver: decoded on the workers, the frames stream in order through the sink chain into the MP4
+    delivery = deliver(job, pool, sampler.z, watch, provenance, on_frames, progress, timings)
+    watch.report("done", watch.total, delivery.frames_written, eta_s=0.0)  # the final numbers, unthrottled
+    return _result(job, pool, sampler, start, delivery, checkpoint, timings, time.perf_counter() - t0)
 
-    def stop_check(phase: str) -> None:
-        """Raise Cancelled when `cancelled()` says stop; a paused (not discarded) job saves the coherent step."""
-        reason = cancelled() if cancelled is not None else None
+
+class Watch:
+    """A job's stop checks and progress reports. `stop(phase)` raises Cancelled when `cancelled()` says
+    stop (a paused job first saves the coherent step, unless the reason is in DISCARD); `tick()` is that
+    check while the job waits on its workers; `report(...)` checks, then tells `on_progress`."""
+
+    def __init__(self, job: Job, steps: int, cancelled, on_progress, checkpoint: Checkpointer | None):
+        self.job, self.steps, self.cancelled, self.on_progress, self.checkpoint = (job, steps, cancelled,
+                                                                                   on_progress, checkpoint)
+        self.total = steps * len(job.windows)  # window predictions of the whole job
+        self.sampler, self.first_step, self.started = None, 0, time.perf_counter()
+
+    def begin(self, sampler: Sampler, first_step: int) -> None:
+        """The denoising starts: steps before `first_step` were not computed here (a checkpoint's)."""
+        self.sampler, self.first_step, self.started = sampler, first_step, time.perf_counter()
+
+    def tick(self) -> None:
+        self.stop("denoise" if self.sampler is not None and not self.sampler.done else "prepare")
+
+    def stop(self, phase: str) -> None:
+        reason = self.cancelled() if self.cancelled is not None else None
         if not reason:
             return
         reason = reason if isinstance(reason, str) else "cancelled"
-        step_now = sampler.coherent_step if sampler is not None else 0  # every range has reached it
-        if checkpoint is not None and phase == "denoise" and sampler is not None and step_now > first_step \
-                and reason not in DISCARD:
-            checkpoint.save(step_now, *sampler.state(step_now))
-            logger.info("stopped (%s) at step %d of %d; checkpoint saved", reason, step_now, steps)
-        raise Cancelled(f"job {reason} during {phase}", reason, step_now)
+        step = self.sampler.coherent_step if self.sampler is not None else 0  # every range has reached it
+        if self.checkpoint is not None and phase == "denoise" and step > self.first_step and reason not in DISCARD:
+            self.checkpoint.save(step, *self.sampler.state(step))
+            logger.info("stopped (%s) at step %d of %d; checkpoint saved", reason, step, self.steps)
+        raise Cancelled(f"job {reason} during {phase}", reason, step)
 
-    def tick() -> None:  # while the job waits on its workers
-        stop_check("denoise" if sampler is not None and not sampler.done else "prepare")
+    def report(self, phase: str, window_steps_done: int, frames_done: int = 0, eta_s: float | None = None) -> None:
+        if phase != "done":
+            self.stop(phase)
+        if self.on_progress is None:
+            return
+        computed = window_steps_done - self.first_step * len(self.job.windows)  # here, not from a checkpoint
+        if phase == "denoise" and computed > 0:
+            eta_s = round((time.perf_counter() - self.started) / computed * (self.total - window_steps_done), 1)
+        self.on_progress({"phase": phase, "step": self.sampler.coherent_step, "steps": self.steps,
+                          "window_steps_done": window_steps_done, "window_steps_total": self.total,
+                          "frames_done": frames_done, "frames": self.job.output_frames, "eta_s": eta_s})
 
+
+def _scheduler(job: Job, checkpoint: Checkpointer | None):
+    """The model's scheduler set for the job's steps, and how many it iterates (PNDM: one more, its warm-up,
+    as diffusers' pipelines iterate). With a checkpointer, a state no checkpoint could store fails now."""
     scheduler = load_scheduler(job.model.path)
     scheduler.set_timesteps(job.steps)
-    steps = len(scheduler.timesteps)  # job.steps (PNDM: one more, its warm-up), as diffusers' pipelines iterate
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)  # as the pipelines do: step i is timesteps[i]
     if checkpoint is not None:
-        scheduler_state(scheduler)  # state a checkpoint could not store fails now, before any work
+        scheduler_state(scheduler)
+    return scheduler, len(scheduler.timesteps)
 
-    # 1. conditioning: the key prompts once, with the per-latent-frame schedule; the backend's object, unread
-    schedule = prompt_schedule(job.clip_keys, latent_frames, req.fps / job.model.layout.temporal, loop=job.loop)
-    first_step = 0
+
+def conditioning(job: Job, pool: Pool, tick=None):
+    """1. The job's conditioning, encoded once (one encoder): the key prompts with the per-latent-frame
+    schedule, then attached, for the workers to take each window's own range of: a pose's (or a plan's)
+    control frames and scale; a Wan-Animate model's media (or an IP-Adapter's image prompt) with the mode,
+    the seed and a hash of them all (what a worker keys what it derives from them by)."""
+    req, layout = job.request, job.model.layout
+    schedule = prompt_schedule(job.clip_keys, job.latent_frames, req.fps / layout.temporal, loop=job.loop)
     encoded = pool.encode([k.prompt for k in job.keys], req.negative_prompt, schedule, tick=tick)
-    if job.control is not None:  # the pose frames travel with the conditioning: once per worker
+    if job.control is not None:
         encoded.control, encoded.control_scale = torch.from_numpy(job.control), job.control_scale
-    if job.media:  # a reference photo and its videos (Wan-Animate; an IP-Adapter's image prompt) travel the same
-        # way, with the mode, the seed
-        # and a hash of them all (what a worker keys the conditioning it derives from them by)
+    if job.media:
         key = hashlib.sha256(req.animate_mode.encode())
         for name, a in sorted(job.media.items()) + ([("pose", job.control)] if job.control is not None else []):
             key.update(name.encode() + np.ascontiguousarray(a).tobytes())
         encoded.media = {**{name: torch.from_numpy(a) for name, a in job.media.items()},
                          "mode": req.animate_mode, "seed": req.seed, "key": key.hexdigest()}
-    cond = pool.put(encoded)
+    return encoded
 
-    # 2. initial latents from (seed, frame)
-    z = initial_noise(req.seed, latent_frames, job.latent_shape, job.noise, job.window, job.overlap)  # (1, C, F, h, w)
-    z = z * getattr(scheduler, "init_noise_sigma", 1.0)
-    weights = window_weights(plan, req.weighting, latent_frames if job.loop else 0)
-    pin = _known_latents(job, pool, tick)  # None without known frames
-    resumed = checkpoint.load_latest() if checkpoint is not None else None
-    if resumed is not None:
-        z, first_step = resumed.z, resumed.step
-        logger.info("resumed from checkpoint %s: %d of %d steps done", resumed.path.name, first_step, job.steps)
+
+@dataclass
+class Start:
+    """Where the denoising starts: the latents, the first step to compute, the known frames' latents, each
+    window's private frames (a family's own state: sampler.py), and the checkpoint resumed from, if any."""
+
+    z: torch.Tensor  # (1, C, latent_frames, h, w)
+    first_step: int = 0
+    pin: KnownLatents | None = None
+    private: list[torch.Tensor] | None = None
+    resumed: CheckpointState | None = None
+
+
+def initial_latents(job: Job, pool: Pool, scheduler, steps: int, checkpoint: Checkpointer | None,
+                    tick=None) -> Start:
+    """2. The initial latents: noise from (seed, latent frame) (`initial_noise`), or the newest valid
+    checkpoint's latents; without one, video to video (the input's latents) and a bridge (its contexts'
+    crossfade) are noised to the level of the last `strength` of the schedule and the first steps skipped,
+    as diffusers' img2img pipelines do; the known frames are then set to their latents."""
+    req = job.request
+    sigma = getattr(scheduler, "init_noise_sigma", 1.0)
+    z = initial_noise(req.seed, job.latent_frames, job.latent_shape, job.noise, job.window, job.overlap)  # (1, C, F, h, w)
+    start = Start(z * sigma, pin=known_latents(job, pool, tick))  # pin: None without known frames
+    start.resumed = checkpoint.load_latest() if checkpoint is not None else None
+    if start.resumed is not None:
+        start.z, start.first_step = start.resumed.z, start.resumed.step
+        logger.info("resumed from checkpoint %s: %d of %d steps done", start.resumed.path.name, start.first_step,
+                    job.steps)
     else:
-        x0 = None  # what the first steps are skipped for (SDEdit-style): the input video, or a bridge's crossfade
-        if job.inputs.strength < 1 and job.inputs.source is not None:
-            x0, mode = _source_latents(job, pool, tick), "video to video"
-        elif job.inputs.strength < 1 and pin is not None:  # a bridge (inputs.py)
-            x0, mode = pin.crossfade(z), "bridge"
-        if x0 is not None:
-            first_step = job.steps - int(job.steps * job.inputs.strength)  # as diffusers' img2img pipelines
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(first_step)
-            if first_step == job.steps:
-                first_step = steps  # strength 0: x0 itself, no step
-            z = x0 if first_step == steps else _noised(scheduler, x0, z / getattr(scheduler, "init_noise_sigma", 1.0),
-                                                       scheduler.timesteps[first_step:first_step + 1])
-            logger.info("%s: strength %g, %d of %d steps", mode, job.inputs.strength, steps - first_step, steps)
-        if pin is not None:
-            pin(z)
-    private = None  # each window's private frames (a family's own state through the steps: sampler.py)
+        _skip_to_strength(job, pool, scheduler, steps, start, tick)
+        if start.pin is not None:
+            start.pin(start.z)
     if job.model.options.get("private_frames"):
         count = job.model.options["private_frames"]
-        if resumed is not None:
-            private = list(resumed.private.split(1, 0))
+        if start.resumed is not None:
+            start.private = list(start.resumed.private.split(1, 0))
         else:
-            sigma = getattr(scheduler, "init_noise_sigma", 1.0)
-            private = [private_noise(req.seed, w, count, job.latent_shape) * sigma for w in range(len(plan))]
-    sampler = Sampler(z, scheduler, plan, weights, steps, first_step, req.seed, loop=job.loop,
-                      schedule=req.schedule, pin=pin, snapshots=checkpoint is not None,
-                      restore=resumed.schedulers if resumed is not None else None, private=private)
+            start.private = [private_noise(req.seed, w, count, job.latent_shape) * sigma
+                             for w in range(len(job.windows))]
+    return start
 
-    total = steps * len(plan)
-    started = time.perf_counter()
-    timings["encode_s"] = started - t0
 
-    def progress_dict(phase: str, window_steps_done: int, frames_done: int, eta_s) -> dict:
-        return {"phase": phase, "step": sampler.coherent_step, "steps": steps,
-                "window_steps_done": window_steps_done, "window_steps_total": total, "frames_done": frames_done,
-                "frames": job.output_frames, "eta_s": eta_s}
+def _skip_to_strength(job: Job, pool: Pool, scheduler, steps: int, start: Start, tick=None) -> None:
+    """Video to video, or a bridge: `start.z` becomes x0 (the input's latents, or the contexts' crossfade)
+    noised to the first of the last `strength` of the steps, and `start.first_step` that step."""
+    inputs = job.inputs
+    if inputs.strength >= 1:
+        return
+    if inputs.source is not None:
+        x0, mode = source_latents(job, pool, tick), "video to video"
+    elif start.pin is not None:  # a bridge (inputs.py)
+        x0, mode = start.pin.crossfade(start.z), "bridge"
+    else:
+        return
+    first = job.steps - int(job.steps * inputs.strength)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(first)
+    if first == job.steps:
+        first = steps  # strength 0: x0 itself, no step
+    sigma = getattr(scheduler, "init_noise_sigma", 1.0)
+    start.z = x0 if first == steps else _noised(scheduler, x0, start.z / sigma, scheduler.timesteps[first:first + 1])
+    start.first_step = first
+    logger.info("%s: strength %g, %d of %d steps", mode, inputs.strength, steps - first, steps)
 
-    def report(phase: str, window_steps_done: int, frames_done: int = 0) -> None:
-        stop_check(phase)
-        if on_progress is not None:
-            elapsed = time.perf_counter() - started
-            done = window_steps_done - first_step * len(plan)  # computed in this run (not from a checkpoint)
-            eta = elapsed / done * (total - window_steps_done) if done > 0 and phase == "denoise" else None
-            on_progress(progress_dict(phase, window_steps_done, frames_done, None if eta is None else round(eta, 1)))
 
-    # 3. denoise: a window runs its next step as soon as its frames are there (the sampler says when), its
-    # prediction is fused and stepped per frame range as it arrives
-    bar = _bar(total, "denoise", "win", progress, initial=first_step * len(plan))  # the rate counts computed work
-    done = first_step * len(plan)
+def denoise(job: Job, pool: Pool, cond, sampler: Sampler, watch: Watch, checkpoint: Checkpointer | None,
+            progress: bool, timings: dict) -> None:
+    """3. The denoising loop: the windows the sampler says are ready go to the pool (the lowest step first),
+    their predictions are fused and stepped as they come back (`sampler.add`); a checkpoint of the newest
+    coherent step every k steps (after a stop check: a cancelled or deleted job writes nothing more). Windows
+    still running when it stops are cancelled."""
+    plan, steps = job.windows, watch.steps
+    window_steps_done = watch.first_step * len(plan)
+    bar = _bar(watch.total, "denoise", "win", progress, initial=window_steps_done)  # the rate: computed work
     running: dict[int, int] = {}  # ticket -> window
-    saved_at = first_step
+    saved_at = watch.first_step
     driver_t0 = time.thread_time()  # the driver's own CPU time: submitting, receiving, fusing, stepping
     try:
         while not sampler.done:
             for w in sampler.ready():
                 x, t = sampler.window_input(w)
-                s, e = plan[w]
                 step = sampler.next_step[w]
-                ticket = pool.submit("predict", (x, t, cond, s, e, job.guidances), key=(step, w),
+                ticket = pool.submit("predict", (x, t, cond, *plan[w], job.guidances), key=(step, w),
                                      label=f"window {w + 1} of {len(plan)} at step {step + 1} of {steps}")
                 running[ticket] = w
             finished = pool.poll(WAIT_S)
-            if not finished:
-                if not pool.outstanding:
-                    raise RuntimeError(f"the pool returned nothing with {len(running)} windows running")
-                stop_check("denoise")  # a window is still running: is the job to stop meanwhile?
-                continue
+            if not finished and not pool.outstanding:
+                raise RuntimeError(f"the pool returned nothing with {len(running)} windows running")
             for ticket, pred in finished:
                 sampler.add(running.pop(ticket), pred)
-                done += 1
-                bar.update()
+            window_steps_done += len(finished)
+            bar.update(len(finished))
             bar.set_postfix_str(f"step {sampler.coherent_step}/{steps}, {len(plan)} windows, {sampler.schedule}")
-            stop_check("denoise")  # before a checkpoint: a cancelled or deleted job writes nothing more
+            watch.stop("denoise")  # (also while a window is still running and nothing came back)
             if checkpoint is not None and sampler.coherent_step > saved_at:
                 saved_at = sampler.coherent_step
                 if checkpoint.due(saved_at, steps):
                     checkpoint.save(saved_at, *sampler.state(saved_at))
-            report("denoise", done)
+            if finished:
+                watch.report("denoise", window_steps_done)
     finally:
         if running:  # stopped early: cancelled, or a window failed
             pool.cancel(list(running))
-    z = sampler.z
-    timings["fuse_s"], timings["scheduler_s"] = sampler.fuse_s, sampler.scheduler_s
-    timings["driver_s"] = time.thread_time() - driver_t0
     bar.close()
-    decode_start = time.perf_counter()
-    timings["denoise_s"] = decode_start - started
+    timings.update(fuse_s=sampler.fuse_s, scheduler_s=sampler.scheduler_s, driver_s=time.thread_time() - driver_t0,
+                   denoise_s=time.perf_counter() - watch.started)
 
-    # 4. decode on the workers; frames stream in order into ffmpeg, the frame rule's surplus dropped at the end
+
+def deliver(job: Job, pool: Pool, z: torch.Tensor, watch: Watch, provenance: Provenance, on_frames,
+            progress: bool, timings: dict) -> Delivery:
+    """4. Decode on the workers, deliver in order: an extended clip's frames as read, the new frames (the
+    denoised clip without its contexts; the frame rule's surplus, e.g. Wan's 4k+1, dropped at the end), a
+    lead-into clip's frames; each chunk through the sink chain (delivery.py) into the MP4. The decode stream
+    is closed however it ends (the surplus, an error, a stop)."""
+    t0, req, inputs = time.perf_counter(), job.request, job.inputs
+    stop = lambda: watch.stop("decode")  # noqa: E731
     if job.model.streamed_decode:  # causal 3D VAE: one session, latent frame after latent frame
-        decoded = pool.stream("decode_stream", (z, DECODE_CHUNK), tick=lambda: stop_check("decode"))
+        decoded = pool.stream("decode_stream", (z, DECODE_CHUNK), tick=stop)
     else:  # a per-frame VAE: window-length chunks, any worker
-        chunks = [(s, min(s + job.window, latent_frames)) for s in range(0, latent_frames, job.window)]
-        decoded = pool.imap("decode", [(z[:, :, s:e].clone(),) for s, e in chunks], tick=lambda: stop_check("decode"))
-    sampled = set(preview_indices(job.output_frames)) if req.preview else set()
-    previews: list[tuple[int, np.ndarray]] = []
+        chunks = [(s, min(s + job.window, job.latent_frames)) for s in range(0, job.latent_frames, job.window)]
+        decoded = pool.imap("decode", [(z[:, :, s:e].clone(),) for s, e in chunks], tick=stop)
     bar = _bar(job.output_frames, "decode", "frame", progress)
-    inputs = job.inputs
     keep = (inputs.ctx_before, inputs.ctx_before + job.new_frames)  # the new frames, in the denoised clip
-    generated = hashlib.sha256()  # frames_sha256: the frames before the watermark and the label
-    produce_id = provenance.produce_id_for(req.model_dump(mode="json"))
-    marker = Embedder(payload_of(produce_id), job.width, job.height)  # the new frames' invisible watermark
-    # the visible label: on the first seconds of the new frames, wherever they are in the file (after an
-    # extended clip's), or on every frame
-    first_new = inputs.before.frames if inputs.before is not None else 0
-    span = labelled_span(req.label, req.fps, first_new, job.new_frames, job.output_frames) \
-        if job.label is not None else (0, 0)
-    label_info = {"mode": req.label, "text": req.label_text, "position": req.label_position, "frames": span}
-
-    def tags(stream_sha256: str) -> dict[str, str]:
-        return provenance.tags(request=req.model_dump(mode="json"), frames_sha256=generated.hexdigest(),
-                               delivered_sha256=writer.sha256, stream_sha256=stream_sha256, label=label_info)
-
-    sign = (lambda src, dst: provenance.sign(src, dst, Path(req.out).name)) if provenance.c2pa else None
     try:
-        with VideoWriter(req.out, job.width, job.height, req.fps, tags=tags, sign=sign) as writer:
-            def emit(frames: np.ndarray, new: bool = True) -> None:  # (n, H, W, 3), the output's next frames
-                first = writer.frames_written
-                generated.update(np.ascontiguousarray(frames))
-                if on_frames is not None:
-                    on_frames(first, frames)
-                lo, hi = max(span[0] - first, 0), min(span[1] - first, len(frames))
-                if hi > lo:  # the label first: the watermark is then measured on what is written
-                    frames = frames.copy()
-                    job.label.draw(frames[lo:hi])
-                if new:  # frames made here (an input clip's frames keep whatever mark they carry)
-                    frames = marker.mark(frames)
-                writer.write(frames)
-                previews.extend((first + k, frames[k].copy()) for k in range(len(frames)) if first + k in sampled)
+        with Delivery(job, provenance, on_frames) as delivery:
+            def send(frames: np.ndarray, new: bool) -> None:  # (n, H, W, 3) uint8
+                delivery.write(frames, new)
                 bar.update(len(frames))
-                report("decode", total, writer.frames_written)
+                watch.report("decode", watch.total, delivery.frames_written)
 
-            if inputs.before is not None:  # extend: the input's frames, as read, then the new ones
+            if inputs.before is not None:  # extend: the input's frames, as read
                 for frames in video_chunks("extend", inputs.before.path, req.fps, job.width, job.height):
-                    emit(frames, new=False)
-            done = 0  # frames of the denoised clip decoded so far
+                    send(frames, new=False)
+            decoded_frames = 0  # frames of the denoised clip decoded so far
             for frames in decoded:  # (n, H, W, 3)
-                lo, hi = max(keep[0] - done, 0), min(keep[1] - done, len(frames))
-                done += len(frames)
+                lo, hi = max(keep[0] - decoded_frames, 0), min(keep[1] - decoded_frames, len(frames))
+                decoded_frames += len(frames)
                 if hi > lo:
-                    emit(frames[lo:hi])
-                if done >= keep[1]:
+                    send(frames[lo:hi], new=True)
+                if decoded_frames >= keep[1]:
                     break  # only a context already read, or the frame rule's surplus, is left
             if inputs.after is not None:  # lead_into: its frames close the output
                 for frames in video_chunks("lead_into", inputs.after.path, req.fps, job.width, job.height):
-                    emit(frames, new=False)
+                    send(frames, new=False)
     finally:
-        decoded.close()  # stops a stream still decoding (the surplus, or after an error or a stop)
+        decoded.close()
     bar.close()
-    if req.preview:
-        contact_sheet(previews, req.preview)
-    timings["decode_s"] = time.perf_counter() - decode_start
-    if on_progress is not None:  # the final numbers, whatever a caller's throttling dropped before
-        on_progress(progress_dict("done", total, writer.frames_written, 0.0))
-    # the windows as planned (a short clip's one window is the clip), in output frames
-    longest = min(job.model.layout.frames(max(e - s for s, e in plan)), job.frames)
-    shared = min((a[1] - b[0] for a, b in zip(plan, plan[1:])), default=0)  # what every two neighbours share
+    timings["decode_s"] = time.perf_counter() - t0
+    return delivery
 
+
+def _result(job: Job, pool: Pool, sampler: Sampler, start: Start, delivery: Delivery,
+            checkpoint: Checkpointer | None, timings: dict, wall_s: float) -> RenderResult:
+    """The render's summary. `window` and `overlap` are the windows as planned (a short clip's one window is
+    the clip), in output frames."""
+    req, plan, layout = job.request, job.windows, job.model.layout
+    longest = min(layout.frames(max(e - s for s, e in plan)), job.frames)
+    shared = min((a[1] - b[0] for a, b in zip(plan, plan[1:])), default=0)  # what every two neighbours share
+    saved = checkpoint.saved if checkpoint is not None else []
     return RenderResult(
-        out=req.out,
-        frames=writer.frames_written,
-        fps=req.fps,
+        out=req.out, frames=delivery.frames_written, fps=req.fps,
         seconds=req.seconds if req.seconds is not None else round(job.new_frames / req.fps, 4),
-        width=job.width,
-        height=job.height,
-        window=longest,
-        overlap=shared * job.model.layout.temporal,
-        windows=len(plan),
-        workers=pool.num_workers,
-        steps=job.steps,
-        model_evaluations=steps * len(plan),
-        wall_s=round(time.perf_counter() - t0, 3),
-        frames_sha256=generated.hexdigest(),
-        delivered_sha256=writer.sha256,
-        produce_id=produce_id,
-        label=req.label,
-        labelled_frames=span[1] - span[0],
-        model=req.model,
-        seed=req.seed,
-        weighting=req.weighting,
-        noise=job.noise,
-        schedule=sampler.schedule,
-        preview=req.preview,
-        input_frames=job.inputs.passthrough,
-        loop=job.loop,
+        width=job.width, height=job.height, window=longest, overlap=shared * layout.temporal, windows=len(plan),
+        workers=pool.num_workers, steps=job.steps, model_evaluations=sampler.steps * len(plan),
+        wall_s=round(wall_s, 3), frames_sha256=delivery.frames_sha256, delivered_sha256=delivery.delivered_sha256,
+        produce_id=delivery.produce_id, label=req.label, labelled_frames=delivery.labelled, model=req.model,
+        seed=req.seed, weighting=req.weighting, noise=job.noise, schedule=sampler.schedule, preview=req.preview,
+        input_frames=job.inputs.passthrough, loop=job.loop,
         driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        resumed_from_step=resumed.step if resumed is not None else 0,
-        checkpoints_saved=len(checkpoint.saved) if checkpoint is not None else 0,
-        checkpoint_s=round(sum(checkpoint.saved), 3) if checkpoint is not None else 0.0,
-        timings={k: round(v, 4) for k, v in timings.items()},
-    )
+        resumed_from_step=start.resumed.step if start.resumed is not None else 0,
+        checkpoints_saved=len(saved), checkpoint_s=round(sum(saved), 3),
+        timings={k: round(v, 4) for k, v in timings.items()})

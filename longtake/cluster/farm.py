@@ -25,7 +25,7 @@ nothing.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import logging
 import math
@@ -39,13 +39,12 @@ from pathlib import Path
 import yaml
 
 from longtake.actors import ray_boot
-from longtake.actors.pool import WindowFailed
 from longtake.actors.worker import Worker
-from longtake.cluster.checkpoint import Checkpointer
-from longtake.cluster.engine import Cancelled, prepare, run, fingerprint
+from longtake.cluster.engine import prepare
+from longtake.cluster.job_runner import JobLog, Stops, check_free, run_leased
 from longtake.cluster import retention
-from longtake.cluster.jobs import SQLITE_INT_MAX, JobRecord, JobStore, Lease, ProgressWriter, append_log, new_runner_id
-from longtake.cluster.private import private_dir
+from longtake.cluster.jobs import SQLITE_INT_MAX, JobRecord, JobStore, append_log, new_runner_id
+from longtake.private import private_dir
 from longtake.provenance import Provenance
 from longtake.request import MEDIA_FIELDS, RequestError, load_timeline
 
@@ -55,10 +54,6 @@ JOB_LOGGER = logging.getLogger("longtake.job")
 
 SPEC_KEYS = ("priority", "token")  # per-job keys of a spec that are not request fields
 OUTPUT_FIELDS = ("out", "preview")  # request fields naming a file the job writes (default: in its directory)
-
-
-def default_farm_dir() -> str:
-    return os.environ.get("LONGTAKE_FARM_DIR") or str(Path.home() / ".local" / "share" / "longtake" / "farm")
 
 
 def open_store(farm_dir: str | Path, create: bool = True) -> JobStore:
@@ -291,10 +286,6 @@ def gc(farm_dir: str | Path, policy: retention.Retention, now: float | None = No
 
 # ---------------------------------------------------------------- runner
 
-class DiskFull(OSError):
-    pass
-
-
 class Runner:
     """Renders queued jobs one after another on one actor pool (kept while the model stays the same)."""
 
@@ -367,123 +358,27 @@ class Runner:
 
     # -- one job
     def run_job(self, record: JobRecord) -> str:
-        """Render a claimed job; returns its final state for this run."""
+        """Render a claimed job (job_runner.run_leased: lease, checkpoints, the stop policy); returns its
+        state after this run. Its log.txt gets the runner's lines and, while it runs, the pool's (retries,
+        exclusions: what the farm monitor shows)."""
         d = job_dir(self.farm_dir, record.id)
         d.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(d / "log.txt")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-        handler.setLevel(logging.INFO)
-        root = logging.getLogger("longtake")
-        old_level = root.level
-        root.addHandler(handler)
-        if root.getEffectiveLevel() > logging.INFO:
-            root.setLevel(logging.INFO)  # the job log gets INFO whatever the console shows
-        logger.info("job %s: running (priority %d)", record.id, record.priority)
-        state = "failed"
-        try:
-            with Lease(self.store, record.id, (self.id, record.lease), self.lease_s, JOB_LOGGER) as lease:
-                state = self._run(record, d, lease)
-            return state
-        finally:
-            logger.info("job %s: %s", record.id, state)
-            root.removeHandler(handler)
-            root.setLevel(old_level)
-            handler.close()
-
-    def _run(self, record: JobRecord, d: Path, lease: Lease) -> str:
         request = dict(record.request)
         request.setdefault("out", str(d / "out.mp4"))
         request.setdefault("preview", str(d / "preview.png"))
-        JOB_LOGGER.info("run by %s", self.id)
-        owner = (self.id, record.lease)
-        try:
-            job = prepare(request)
-        except RequestError as e:
-            return self._fail(record.id, owner, f"request: {e}")
-        last = {"poll": 0.0, "state": "running"}
-
-        def should_stop():
-            if lease.lost.is_set():  # a cancel or a pause also ends the lease, and may reach it before the poll
-                return self._lost_reason(record.id)
-            if self.stop.is_set():
-                return "shutdown"
-            now = time.monotonic()
-            if now - last["poll"] >= 0.2:
-                last["poll"] = now
-                current = self.store.get(record.id)
-                last["state"] = current.state if current else "cancelled"
-                self._check_space(d, Path(job.request.out).parent)
-            return last["state"] if last["state"] in ("cancelled", "paused") else None
-
-        try:
-            pool = self._get_pool(job)
-            ckpt = Checkpointer(d / "checkpoints", self.checkpoint_every, fingerprint(job, pool.spec.dtype,
-                                                                                        pool.spec.device), log=JOB_LOGGER)
-            result = run(job, pool, progress=self.progress, on_progress=ProgressWriter(self.store, record.id, owner),
-                         cancelled=should_stop, checkpoint=ckpt,
-                         provenance=Provenance.local(self.farm_dir, produce_id=record.id))
-        except Cancelled as e:
-            if e.reason == "cancelled":
-                self._drop_pool()  # frees the workers now, whatever they were doing
-                ckpt.clear()
-                JOB_LOGGER.info("cancelled at step %d; workers freed, checkpoints removed", e.step)
-            elif e.reason == "paused":
-                JOB_LOGGER.info("paused at step %d; checkpoint saved", e.step)
-            elif e.reason == "lost":  # another runner has the job now: touch nothing of it
-                self._drop_pool()
-                JOB_LOGGER.error("stopped at step %d: %s", e.step, lease.reason)
-            else:  # the runner is stopping: the job goes back to the queue
-                self.store.update(record.id, state="queued", only_from=("running",), owner=owner)
-                JOB_LOGGER.info("runner stopping; requeued at step %d", e.step)
-            return e.reason
-        except WindowFailed as e:
-            self._drop_pool()  # workers may be excluded or dead: the next job starts fresh
-            return self._fail(record.id, owner, f"render failed: {e}")
-        except OSError as e:
-            kept = len(Checkpointer(d / "checkpoints", 1, "").paths())
-            return self._fail(record.id, owner, f"cannot write ({e}); {kept} checkpoints kept: "
-                                                     f"`longtake retry {record.id}` once space or access is back")
-        except RequestError as e:
-            return self._fail(record.id, owner, f"request: {e}")
-        except Exception as e:  # a bug or a model error: fail this job, keep the runner going
-            JOB_LOGGER.exception("unexpected error")
-            self._drop_pool()
-            return self._fail(record.id, owner, f"{type(e).__name__}: {e}")
-        summary = result.to_dict()
-        summary["written"] = written(summary)  # what retention may delete outside the job's directory
-        (d / "result.json").write_text(json.dumps(summary, indent=2))
-        if self.store.update(record.id, state="done", result=summary, only_from=("running",), owner=owner):
-            ckpt.clear()
-            JOB_LOGGER.info("done: %d frames in %.1f s (resumed from step %d, %d checkpoints in %.2f s), sha256 %s",
-                     result.frames, result.wall_s, result.resumed_from_step, result.checkpoints_saved,
-                     result.checkpoint_s, result.frames_sha256)
-            return "done"
-        return self.store.get(record.id).state
-
-    def _lost_reason(self, job_id: str) -> str:
-        """Why a job's lease ended: "cancelled" or "paused" when that is its state now (the job is then
-        handled as such: checkpoints removed, or saved), else "lost" (another runner has it, or the store
-        cannot be reached: touch nothing)."""
-        try:
-            current = self.store.get(job_id)
-        except Exception:  # the store is unreachable: the job is lost to this runner
-            return "lost"
-        state = current.state if current else "cancelled"
-        return state if state in ("cancelled", "paused") else "lost"
-
-    def _fail(self, job_id: str, owner: tuple[str, int], message: str) -> str:
-        JOB_LOGGER.error("failed: %s", message)
-        self.store.update(job_id, state="failed", error=message, only_from=("running",), owner=owner)
-        return "failed"
-
-    def _check_space(self, *dirs: Path) -> None:
-        for directory in dirs:
-            if not directory.is_dir():
-                continue
-            free_mb = shutil.disk_usage(directory).free / 2**20
-            if free_mb < self.min_free_mb:
-                raise DiskFull(errno.ENOSPC, f"disk full: {free_mb:.0f} MB free in {directory}, the farm keeps "
-                                             f"{self.min_free_mb:g} MB free (--min-free-mb)")
+        logger.info("job %s: running (priority %d)", record.id, record.priority)
+        with _logged_to(d / "log.txt"):
+            JOB_LOGGER.info("run by %s", self.id)
+            state, _ = run_leased(
+                self.store, record, self.id, d, lambda: request, self._get_pool, self.checkpoint_every,
+                self.lease_s, Provenance.local(self.farm_dir, produce_id=record.id),
+                Stops(self.stop, poll_s=0.2,
+                      space=lambda: check_free((d, Path(request["out"]).parent), self.min_free_mb)),
+                JobLog(d, to_logger=JOB_LOGGER), summarize=lambda result: _summary(d, result),
+                on_trouble=self._drop_pool, retry_hint=f"`longtake retry {record.id}` once space or access is back",
+                progress=self.progress)
+        logger.info("job %s: %s", record.id, state)
+        return state
 
     # -- the actor pool, kept across jobs of the same model and worker count
     def _get_pool(self, job):
@@ -520,3 +415,31 @@ def table_rows(records: list[JobRecord]) -> list[str]:
         lines.append(f"{r.id:16}  {r.state:9}  {r.priority:>4}  {step:>7}  {submitted:16}  {what}")
     return lines
 
+
+@contextlib.contextmanager
+def _logged_to(path: Path):
+    """While the block runs, longtake's log records at INFO and above (whatever the console shows) also go to
+    `path`: a job's log.txt (one job runs at a time in a runner)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("longtake")
+    old_level = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+def _summary(d: Path, result) -> dict:
+    """A done farm job's result: the render's summary and what it wrote (`written`: what retention may
+    delete outside the job's directory), also in the job's result.json."""
+    summary = result.to_dict()
+    summary["written"] = written(summary)
+    (d / "result.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -19,7 +19,7 @@ schedule (default 0.9; 0.7 where the bundled model's motion plan draws the bridg
 clean context alone conditions the new frames through the model's temporal layers only, which a small model
 does weakly: it held a bridge's new frames on the first clip's look and jumped to the second clip at its
 junction (12.5x the frame-to-frame change there on the bundled model alone; 0.9 of a crossfade brings it to
-about 1; the README has the figures).
+about 1; docs/rendering.md has the figures).
 
 The output is `extend`'s frames as read (passed through, not re-rendered), the new frames, then
 `lead_into`'s frames. The context defaults to one window of frames, or all of a shorter input; an explicit
@@ -30,13 +30,17 @@ frames pinned later in the clip (keyframes, `lead_into`) are encoded as clips of
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from longtake.media import VideoInput, file_sha256, frames_at, load_image, open_video, probe_media
+from longtake.media import VideoInput, file_sha256, frames_at, load_image, open_video, probe_media, video_chunks
 from longtake.request import DEFAULT_BRIDGE_STRENGTH, DEFAULT_STRENGTH, RenderRequest, RequestError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -213,3 +217,80 @@ def latent_index(frame: int, temporal: int, causal: bool) -> int:
     if causal:
         return 0 if frame == 0 else math.ceil(frame / temporal)
     return frame // temporal
+
+
+# -- known frames as latents: a job's encode_frames calls on its workers (`job`: an engine.Job) --------------
+
+def source_latents(job, pool, tick=None) -> torch.Tensor:
+    """Video to video: the input's latents (1, C, F, h, w), encoded chunk by chunk on the workers as the
+    frames stream from ffmpeg (never the whole video as pixels). Chunks are one window of frames; a causal
+    VAE (Wan) encodes frame 0 alone, then 4m frames at a time after the frame before them (whose latent is
+    dropped): each chunk restarts the VAE's cache, an approximation of one whole-clip encode."""
+    src, layout, req = job.inputs.source, job.model.layout, job.request
+    size = max(1, layout.frames(job.window) - (1 if layout.causal else 0))
+    parts, buffer, prev, left = [], [], None, job.frames
+    first = True
+
+    def flush(group: list, prefix) -> None:
+        frames = np.stack(([prefix] if prefix is not None else []) + group)
+        latents = pool.call("encode_frames", frames, tick=tick)  # (1, C, n, h, w)
+        parts.append(latents[:, :, 1:] if prefix is not None else latents)
+
+    for chunk in video_chunks("video", src.path, req.fps, job.width, job.height, chunk=size):
+        for frame in chunk[:left]:
+            buffer.append(frame)
+            left -= 1
+            if len(buffer) == (1 if first and layout.causal else size):
+                flush(buffer, prev)
+                prev, buffer, first = (buffer[-1] if layout.causal else None), [], False
+        if left <= 0:
+            break
+    if buffer:  # the last group, padded with its last frame to whole latent frames (a causal VAE drops a rest)
+        flush(buffer + [buffer[-1]] * (-len(buffer) % layout.temporal if prev is not None else 0), prev)
+    return torch.cat(parts, 2)[:, :, : job.latent_frames]
+
+
+class KnownLatents:
+    """The latents of a job's known frames: `pin(z, start, end)` sets those in z's frames [start, end), in
+    place, to the known latents themselves (clean, at every step: a clean context, which the bundled model
+    follows much more closely than RePaint-style context noised to each step's level; the note of issue 15
+    has the figures); `crossfade(z)` is a clip whose every frame is known or interpolated between the known
+    frames around it (held before the first and after the last): a bridge's start (inputs.py)."""
+
+    def __init__(self, index: torch.Tensor, known: torch.Tensor):
+        self.index, self.known = index, known  # (k,) sorted latent frames, (1, C, k, h, w)
+
+    def __call__(self, z: torch.Tensor, start: int = 0, end: int | None = None) -> None:
+        inside = (self.index >= start) & (self.index < (z.shape[2] if end is None else end))
+        if bool(inside.any()):
+            z[:, :, self.index[inside]] = self.known[:, :, inside].to(z.dtype)
+
+    def crossfade(self, z: torch.Tensor) -> torch.Tensor:
+        frames = z.shape[2]
+        at = torch.arange(frames, dtype=torch.float64)
+        index = self.index.to(torch.float64)
+        hi = torch.searchsorted(index, at).clamp(max=len(index) - 1)  # first known frame at or after each frame
+        lo = torch.where(index[hi] > at, (hi - 1).clamp(min=0), hi)  # last known frame at or before it
+        span = index[hi] - index[lo]
+        weight = torch.where(span > 0, (at - index[lo]) / span.clamp(min=1), torch.zeros_like(at))
+        weight = weight.to(z.dtype).view(1, 1, frames, 1, 1)
+        known = self.known.to(z.dtype)
+        return (1 - weight) * known[:, :, lo] + weight * known[:, :, hi]
+
+
+def known_latents(job, pool, tick=None) -> KnownLatents | None:
+    """The latents of a job's known frames (`KnownLatents`), encoded once, on a worker; None when nothing is
+    known."""
+    if not job.inputs.pinned:
+        return None
+    layout, latent_frames = job.model.layout, job.latent_frames
+    at: dict[int, torch.Tensor] = {}  # latent frame -> known latent (a later pin wins)
+    for p in job.inputs.pinned:
+        latents = pool.call("encode_frames", p.pixels, tick=tick)  # (1, C, n, h, w)
+        first = latent_index(p.frame, layout.temporal, layout.causal)
+        for k in range(min(latents.shape[2], latent_frames - first)):
+            at[first + k] = latents[:, :, k]
+    index = torch.tensor(sorted(at))
+    known = torch.stack([at[f] for f in sorted(at)], 2)  # (1, C, k, h, w)
+    logger.info("%d latent frames known (%s)", len(index), ", ".join(p.source for p in job.inputs.pinned))
+    return KnownLatents(index, known)

@@ -34,10 +34,9 @@ import shutil
 import stat
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-from longtake.cluster.jobs import FINAL, JobStore
+from longtake.cluster.jobs import FINAL, JobStore, iso
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +100,6 @@ def load_policy(directory: str | Path, uploads: str | None = None, outputs: str 
         saved = {}
     return Retention(uploads or saved.get("uploads") or DEFAULT_UPLOADS,
                      outputs or saved.get("outputs") or DEFAULT_OUTPUTS)
-
-
-def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class Audit:

@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from longtake.cluster.checkpoint import scheduler_state
+from longtake.cluster.checkpoint import restore_scheduler, scheduler_state
 from longtake.core.windows import frame_seed, fuse, private_frame, take_window
 from longtake.core import SCHEDULES
 
@@ -181,8 +181,7 @@ class Sampler:
                 raise ValueError(f"restore: got {len(restore)} scheduler states, expected {expected} (one per "
                                  f"frame range{', then one per window' if private is not None else ''})")
             for s, state in zip(self.schedulers + self.private_schedulers, restore):
-                for name, value in state.items():
-                    setattr(s, name, value)
+                restore_scheduler(s, state)
         self.at = [first_step] * len(self.ranges)  # steps applied to each range
         self._low = first_step  # min(self.at), kept as ranges advance (one step at a time)
         self._at_low = len(self.ranges)  # ranges at that step

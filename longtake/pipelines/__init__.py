@@ -1,5 +1,9 @@
 """Model backends behind one small interface: one module per family. Only torch and diffusers here, never Ray.
 
+May import: torch, diffusers, transformers, the pure core (`longtake.core`) and the request's RequestError.
+Never the engine, the executors, the bundled model's planner (the engine reaches it through the model's
+`options["planner"]`), HTTP or Ray.
+
 The registry maps a diffusers directory's `model_index.json` `_class_name` to its family module, imported
 lazily (as vLLM registers its models); adding a family (LTX-Video, CogVideoX...) is one new file and one
 line in FAMILIES. A family module has:
@@ -12,7 +16,7 @@ A Backend (roles: "encode", "predict", "decode"):
 
     encode(prompts, negative_prompt, schedule) -> cond
         once per job, on one worker: the key prompts' embeddings plus the per-latent-frame schedule
-        (`windows.prompt_schedule`), as an object the engine never reads (CPU tensors, picklable)
+        (`core.windows.prompt_schedule`), as an object the engine never reads (CPU tensors, picklable)
     predict(z, t, cond, window, guidance) -> model output
         one window: z (1, C, L, h, w) float32, `window` = (start, end) latent frames; the backend takes
         the window's own conditioning from `cond` (per-frame embeddings for a UNet with motion modules,

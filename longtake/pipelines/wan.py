@@ -87,6 +87,16 @@ def prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
 
 
+
+def latent_stats(vae, device, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Wan VAE's per-channel latent mean and std, (1, C, 1, 1, 1) on `device` (in `dtype`): the
+    transformer sees latents standardized by them. (Each caller keeps the arithmetic of the diffusers
+    pipeline it matches: x / (1 / std) + mean, (x - mean) / std, (x - mean) * (1 / std).)"""
+    config = vae.config
+    shape = (1, config.z_dim, 1, 1, 1)
+    return (torch.tensor(config.latents_mean).view(shape).to(device, dtype),
+            torch.tensor(config.latents_std).view(shape).to(device, dtype))
+
 class Backend:
     transformer_class = "WanTransformer3DModel"  # the diffusers class of the expert(s) (subclasses: another DiT)
     vae_roles = ("decode",)  # the roles that load the VAE (a family that encodes conditioning frames: predict too)
@@ -158,10 +168,8 @@ class Backend:
         return out.float().cpu()
 
     def _denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(self.device)
-        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(self.device)
-        return z.to(self.device, torch.float32) / inv_std + mean  # (1, C, n, h, w), as WanPipeline computes it
+        mean, std = latent_stats(self.vae, self.device)
+        return z.to(self.device, torch.float32) / (1.0 / std) + mean  # (1, C, n, h, w), as WanPipeline computes it
 
     @staticmethod
     def _to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -177,9 +185,7 @@ class Backend:
         video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, n, H, W)
         video = video.to(self.device, torch.float32) / 127.5 - 1
         latent = self.vae.encode(video).latent_dist.mode()  # (1, C, n', h, w)
-        config = self.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(self.device)
-        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(self.device)
+        mean, std = latent_stats(self.vae, self.device)
         return ((latent - mean) / std).float().cpu()
 
     @torch.inference_mode()

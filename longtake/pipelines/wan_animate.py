@@ -167,11 +167,8 @@ class Backend(wan.Backend):
     # ---------------------------------------------------------------- conditioning, as the pipeline computes it
 
     def _normalized(self, latent: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latent.device, latent.dtype)
-        recip_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latent.device,
-                                                                                           latent.dtype)
-        return (latent - mean) * recip_std  # as the pipeline standardizes encoded latents
+        mean, std = wan.latent_stats(self.vae, latent.device, latent.dtype)
+        return (latent - mean) * (1.0 / std)  # as the pipeline standardizes encoded latents
 
     def _encode(self, video: torch.Tensor) -> torch.Tensor:
         """(1, 3, n, H, W) in [-1, 1] -> (1, C, n', h, w): the posterior's mode, standardized."""

@@ -1,21 +1,27 @@
-"""Serving: a Ray Serve application with an HTTP job API (see app.py), its API keys (keys.py) and the
+"""Serving: the HTTP job API as a Ray Serve application, and what it keeps in its data dir.
+
+It owns the deployments and how they are composed and started (deployments.py: Denoiser, Manager,
+`build_app`, `app_builder` for `serve deploy` / KubeRay), the FastAPI ingress and its routes (routes.py),
+streamed uploads (uploads.py) and the uploaded files (files.py), the job manager the Manager deployment runs
+(manager.py), the HTTP contract (schema.py), the server's limits (limits.py), API keys (keys.py), event
+streams (events.py), the web pages (pages.py, web/), the farm's web monitor (farm_monitor.py), and here the
 secrets kept in the data dir: the admin token of earlier versions and the key that signs file links.
 
-The data dir (`default_data_dir()`: $LONGTAKE_DATA_DIR, else ~/.local/share/longtake/serve) is private:
+It may import Ray Serve (deployments.py and routes.py only), FastAPI, and the public functions of the rest
+of the runtime: the request, the cluster (engine, job store, checkpoints, retention), the pure core, media
+probing, provenance, and the actors (the ServePool executor its job manager renders on lives in
+actors/serve_pool.py); model families only through `inspect_model`. Of the rest of longtake, only the CLI
+and the developer tools import it.
+
+The data dir (`private.default_data_dir()`: $LONGTAKE_DATA_DIR, else ~/.local/share/longtake/serve) is private:
 created 0700, and refused when another user owns it or its group or others can write it
-(cluster/private.py), so no one else can plant the key files read here."""
+(longtake/private.py), so no one else can plant the key files read here."""
 
 from __future__ import annotations
 
 import os
 import secrets
 from pathlib import Path
-
-
-def default_data_dir() -> str:
-    """The serve data dir when none is given (the CLI's --data-dir and `app_builder`'s data_dir): a per-user
-    directory, never a fixed name under /tmp another user could create first."""
-    return os.environ.get("LONGTAKE_DATA_DIR") or str(Path.home() / ".local" / "share" / "longtake" / "serve")
 
 
 def load_or_create_token(data_dir: str | Path) -> tuple[str, bool]:
@@ -30,27 +36,14 @@ def load_or_create_token(data_dir: str | Path) -> tuple[str, bool]:
 
 
 def load_or_create_secret(path: Path, field: str = "data_dir") -> tuple[str, bool]:
-    """A random secret kept in `path` (owner-only; created if missing, one winner when racing). Its directory
-    must be private (cluster/private.py: a RequestError naming `field` otherwise), so that no other user can
-    have put a secret of their own there."""
-    from longtake.cluster.private import private_dir
+    """A random secret kept in `path` (owner-only; created if missing, one winner when racing: private.py's
+    `secret_file`). Its directory must be private (a RequestError naming `field` otherwise), so that no other
+    user can have put a secret of their own there."""
+    from longtake.private import private_dir, secret_file
 
     private_dir(path.parent, field)
-    if not path.is_file():
-        token = secrets.token_urlsafe(32)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(token + "\n")
-            os.link(tmp, path)  # atomic, and never replaces a token another process made
-            return token, True
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    token = path.read_text().strip()
+    token, created = secret_file(path, lambda: secrets.token_urlsafe(32))
     if not token:
         raise RuntimeError(f"{path} is empty: delete it" + (", or set $LONGTAKE_API_TOKEN" if path.name == "api_token"
                                                              else ""))
-    return token, False
+    return token, created

@@ -5,7 +5,7 @@ Plain FastAPI on uvicorn, reading the job store (SQLite, shared with the runners
 no torch. Bound to 127.0.0.1 by default; on any other address it needs a key ($LONGTAKE_MONITOR_KEY, else
 one generated into FARM/monitor_key and printed), sent as 'Authorization: Bearer KEY' by the page's login.
 It answers only to the Host names it serves (pages.py: loopback names, --host's, --allowed-host), so a web
-page rebound to 127.0.0.1 cannot read it; the farm dir must be private (cluster/private.py).
+page rebound to 127.0.0.1 cannot read it; the farm dir must be private (longtake/private.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi import Path as PathParam
 
 from longtake.cluster.jobs import JobStore
-from longtake.cluster.private import private_dir
+from longtake.private import private_dir
 from longtake.serve.pages import install, known_query
 
 RETRY = re.compile(r"retrying (.+?) \(attempt (\d+) of (\d+)\) after: (.*)")

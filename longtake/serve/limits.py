@@ -12,7 +12,7 @@ def _limit(default, text: str):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may cost on this server (the README's serving section; `longtake serve --max-...`)."""
+    """What one request may cost on this server (docs/serving.md's limits table; `longtake serve --max-...`)."""
 
     max_seconds: float = _limit(120.0, "longest clip accepted, seconds")
     max_fps: float = _limit(30.0, "highest frame rate accepted")

@@ -20,18 +20,16 @@ from __future__ import annotations
 import logging
 import math
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from longtake.cluster.checkpoint import Checkpointer
-from longtake.cluster.engine import Cancelled, Job, fingerprint, prepare, run
+from longtake.cluster.engine import Job, prepare
+from longtake.cluster.job_runner import JobLog, Stops, run_leased
+from longtake.cluster.jobs import FINAL, STATES, ClientFull, Conflict, JobStore, QueueFull, new_runner_id, scoped_key
 from longtake.cluster.retention import Audit, Retention, delete_job, files_under, save_policy, sweep
-from longtake.cluster.jobs import (FINAL, STATES, ClientFull, Conflict, JobStore, Lease, ProgressWriter, QueueFull,
-                                   append_log, new_runner_id, scoped_key)
 from longtake.provenance import Provenance
 from longtake.core.windows import plan_loop, plan_windows
 from longtake.request import DEFAULT_SECONDS, RenderRequest, RequestError, parse_request
@@ -44,7 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["JobManager", "Limits", "QueueFull", "ClientFull", "Gone", "NotCancellable", "public_message"]
 
 _PATH = re.compile(r"(?<![\w.])(?:~|\.{1,2})?(?:/[^\s'\"(),:;]+)+/?")
-# what the app serves (serve/app.py, pages.py): a route in a message is kept, e.g. "(POST /v1/files)"
+# what the app serves (serve/routes.py, pages.py): a route in a message is kept, e.g. "(POST /v1/files)"
 _ROUTE = re.compile(r"/(?:v1|api|static)(?:/[\w{}.?=&%-]*)*|/(?:healthz|metrics|openapi\.json|docs|redoc)\.?")
 
 
@@ -153,7 +151,7 @@ class JobManager:
         self._running: dict[str, threading.Thread] = {}  # a job's thread removes itself when it ends
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._stop = False
+        self._stop = threading.Event()
         self.registry = CollectorRegistry()
         self.m_jobs = Gauge("longtake_jobs", "Jobs by state", ["state"], registry=self.registry)
         self.m_duration = Histogram("longtake_job_duration_seconds", "Wall time of finished jobs",
@@ -367,12 +365,7 @@ class JobManager:
             return ""
 
     def _log(self, job_id: str, message: str) -> None:
-        d = self.job_dir(job_id)
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            append_log(d, public_message(message))
-        except OSError as e:  # a log line is never worth failing a job for
-            logger.warning("job %s: cannot write its log: %s", job_id, e)
+        JobLog(self.job_dir(job_id), public=public_message)(message)
 
     def metrics(self) -> bytes:
         for state in STATES:
@@ -387,7 +380,7 @@ class JobManager:
 
     def close(self) -> None:
         """Stop: running jobs are checkpointed at their step and go back to the queue."""
-        self._stop = True
+        self._stop.set()
         self._wake.set()
         for thread in list(self._running.values()):
             thread.join(timeout=30)
@@ -395,7 +388,7 @@ class JobManager:
 
     # -- running jobs -----------------------------------------------------------------------------
     def _schedule(self) -> None:
-        while not self._stop:
+        while not self._stop.is_set():
             with self._lock:
                 self._cancel &= set(self._running)
                 if time.monotonic() - self._recovered > min(10.0, self.limits.lease_s / 4):
@@ -403,7 +396,7 @@ class JobManager:
                     for job_id, owner in self.store.recover(self.id, self.limits.lease_s, tuple(self._running)):
                         logger.warning("job %s: manager %s is gone; requeued (it resumes from its checkpoint)",
                                        job_id, owner or "?")
-                while len(self._running) < self.limits.max_running and not self._stop:
+                while len(self._running) < self.limits.max_running and not self._stop.is_set():
                     job = self.store.claim_next(self.id)
                     if job is None:
                         break
@@ -420,82 +413,35 @@ class JobManager:
             self._wake.clear()
 
     def _run_job(self, record) -> None:
-        job_id, owner = record.id, (self.id, record.lease)
-        out_dir = self.job_dir(job_id)
+        """A claimed job, in its own thread: job_runner.run_leased (lease, checkpoints, the stop policy), with
+        this server's model and the client's uploads, its log lines scrubbed of server paths. A job deleted
+        while it ran has its files deleted here, as its thread ends."""
+        job_id, out_dir = record.id, self.job_dir(record.id)
         out_dir.mkdir(parents=True, exist_ok=True)
-        t0 = last = time.perf_counter()
-        write_progress = ProgressWriter(self.store, job_id, owner)
+        log = JobLog(out_dir, public=public_message)
+        log(f"running on {self.id} (lease {record.lease})")
 
-        logged = {"step": None, "phase": None}
+        def request() -> dict:
+            local, _ = self.files.local_request(record.request, None)
+            return {**local, "model": self.model, "out": str(out_dir / "video.mp4"),
+                    "preview": str(out_dir / "preview.png")}
 
-        def on_progress(p: dict) -> None:
-            nonlocal last
-            if (p["phase"], p.get("step")) != (logged["phase"], logged["step"]) and p["phase"] != "done":
-                logged.update(phase=p["phase"], step=p.get("step"))
-                if p["phase"] == "denoise" and p.get("step"):
-                    self._log(job_id, f"step {p['step']} of {p['steps']} done")
-                elif p["phase"] != "denoise":
-                    self._log(job_id, f"{p['phase']}")
-            now = time.perf_counter()
-            if p["phase"] == "denoise":
-                self.m_window.observe(now - last)
-            last = now
-            self._left[job_id] = p["window_steps_total"] - p["window_steps_done"]
-            write_progress(p)
+        def pool_for(job):
+            begin_job = getattr(self.pool, "begin_job", None)  # the ServePool shares its calls by work left
+            if begin_job is not None:
+                begin_job(len(job.windows) * job.steps)
+            return self.pool
 
-        polled = {"at": 0.0, "state": "running"}
-
-        def stopped(lease: Lease):
-            if lease.lost.is_set():
-                return "lost"
-            if job_id in self._cancel:
-                return "cancelled"
-            if self._stop:
-                return "shutdown"
-            now = time.monotonic()
-            if now - polled["at"] >= 0.5:  # deleted through another manager on the same store
-                polled["at"] = now
-                current = self.store.get(job_id)
-                polled["state"] = current.state if current else "deleted"
-            return "cancelled" if polled["state"] != "running" else None
-
-        self._log(job_id, f"running on {self.id} (lease {record.lease})")
+        t0 = time.perf_counter()
         try:
-            with Lease(self.store, job_id, owner, self.limits.lease_s) as lease:
-                request, _ = self.files.local_request(record.request, None)
-                job = prepare({**request, "model": self.model, "out": str(out_dir / "video.mp4"),
-                               "preview": str(out_dir / "preview.png")})
-                spec = self.pool.spec
-                ckpt = Checkpointer(out_dir / "checkpoints", self.limits.checkpoint_every,
-                                    fingerprint(job, spec.dtype, spec.device))
-                begin_job = getattr(self.pool, "begin_job", None)  # the ServePool shares its calls by work left
-                if begin_job is not None:
-                    begin_job(len(job.windows) * job.steps)
-                result = run(job, self.pool, progress=False, on_progress=on_progress,
-                             cancelled=lambda: stopped(lease), checkpoint=ckpt,
-                             provenance=Provenance.local(self.data_dir, produce_id=job_id))
-            self.m_duration.observe(time.perf_counter() - t0)
-            self.m_frames.inc(result.frames)
-            summary = {k: v for k, v in result.to_dict().items() if k not in ("out", "preview")}
-            summary["model"] = self.model_name
-            if self.store.update(job_id, state="done", result=summary, only_from=("running",), owner=owner):
-                ckpt.clear()
-                self._log(job_id, f"done: {result.frames} frames in {time.perf_counter() - t0:.1f} s")
-            else:
-                shutil.rmtree(out_dir, ignore_errors=True)  # deleted at the last moment
-        except Cancelled as e:
-            if e.reason == "shutdown":  # the server stops: the job resumes from its checkpoint at the next start
-                self.store.update(job_id, state="queued", progress={}, only_from=("running",), owner=owner)
-            elif e.reason == "cancelled":  # its latents are no use now: only the log stays, until retention
-                ckpt.clear()
-            logger.info("job %s stopped (%s) at step %d", job_id, e.reason, e.step)
-            if e.reason not in ("cancelled", "lost"):
-                self._log(job_id, f"stopped ({e.reason}) at step {e.step}; it resumes from its checkpoint")
-        except Exception as e:  # the job fails; the server goes on
-            logger.exception("job %s failed", job_id)
-            error = f"{type(e).__name__}: {public_message(str(e))}"
-            if self.store.update(job_id, state="failed", error=error, only_from=("running",), owner=owner):
-                self._log(job_id, f"failed: {error}")
+            state, result = run_leased(
+                self.store, record, self.id, out_dir, request, pool_for, self.limits.checkpoint_every,
+                self.limits.lease_s, Provenance.local(self.data_dir, produce_id=job_id),
+                Stops(self._stop, cancel=lambda: job_id in self._cancel, poll_s=0.5), log,
+                on_progress=_Progress(self, job_id, log), summarize=self._summary)
+            if state == "done":
+                self.m_duration.observe(time.perf_counter() - t0)
+                self.m_frames.inc(result.frames)
         finally:
             self._left.pop(job_id, None)
             with self._lock:
@@ -507,6 +453,34 @@ class JobManager:
                 self._delete_files(job_id)
             self._wake.set()
 
+    def _summary(self, result) -> dict:
+        """What a client sees of a render: its summary without server paths, the model by its served name."""
+        summary = {k: v for k, v in result.to_dict().items() if k not in ("out", "preview")}
+        summary["model"] = self.model_name
+        return summary
+
     @staticmethod
     def is_final(state: str) -> bool:
         return state in FINAL
+
+
+class _Progress:
+    """A serve job's progress: a log line per step and phase, the window-step histogram, and the window
+    predictions left (the queue metrics)."""
+
+    def __init__(self, manager: JobManager, job_id: str, log: JobLog):
+        self.manager, self.job_id, self.log = manager, job_id, log
+        self.logged, self.last = (None, None), time.perf_counter()
+
+    def __call__(self, p: dict) -> None:
+        if (p["phase"], p.get("step")) != self.logged and p["phase"] != "done":
+            self.logged = (p["phase"], p.get("step"))
+            if p["phase"] == "denoise" and p.get("step"):
+                self.log(f"step {p['step']} of {p['steps']} done")
+            elif p["phase"] != "denoise":
+                self.log(f"{p['phase']}")
+        now = time.perf_counter()
+        if p["phase"] == "denoise":
+            self.manager.m_window.observe(now - self.last)
+        self.last = now
+        self.manager._left[self.job_id] = p["window_steps_total"] - p["window_steps_done"]

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -116,8 +117,7 @@ def _scaling_row(result: RenderResult, compute: dict, k: int) -> dict:
 def scaling(spec, request: dict, tmp: Path) -> dict:
     """1 and 2 workers, with the request's schedule (the wavefront) and with the barrier; with 2 workers,
     the same render again with checkpoints at the farm's default k."""
-    from longtake.cluster.checkpoint import Checkpointer
-    from longtake.cluster.engine import fingerprint
+    from longtake.cluster.checkpoint import Checkpointer, fingerprint
 
     out = {}
     for k in (1, 2):
@@ -208,7 +208,7 @@ def serve_share(model_path: str, request: dict, tmp: Path, short: float = 5, lon
     windows: far more)."""
     import socket
 
-    from longtake.serve.app import start_server, stop_server
+    from longtake.serve.deployments import start_server, stop_server
     from longtake.serve.limits import Limits
 
     with socket.socket() as sock:
@@ -433,13 +433,10 @@ def wan_scaling(device: str, tmp: Path, quick: bool, progress: bool = False, *, 
     decoding ~ length, from the previous multiple) to take longer than `budget_s` is measured as one
     transformer forward of the whole-clip latents instead, and marked so; never extrapolated into a wall."""
     import diffusers
-    import torch
-    from diffusers import WanPipeline
 
     from longtake.actors.pool import InProcessPool
     from longtake.actors.worker import WorkerSpec
     from longtake.pipelines.tiny import TINY_WAN, ensure_tiny_model
-    from longtake.core.windows import initial_noise
 
     path = model or str(ensure_tiny_model(TINY_WAN))
     size = size or (WAN_QUICK_SIZE if quick else 256)
@@ -456,114 +453,170 @@ def wan_scaling(device: str, tmp: Path, quick: bool, progress: bool = False, *, 
     layout, native, shape = base.model.layout, base.window, base.latent_shape  # shape: (C, h, w)
     tokens_per_latent_frame = (shape[1] // 2) * (shape[2] // 2)  # the transformer patchifies 2x2
     cpu_threads = diffusers_threads or os.cpu_count() or 1
-
-    pipe = WanPipeline.from_pretrained(path, use_safetensors=True)
-    if device == "cuda":  # as longtake's workers: the transformer in bfloat16, the VAE in float32
-        pipe = pipe.to("cuda")
-        pipe.transformer.to(torch.bfloat16)
-    pipe.set_progress_bar_config(disable=True)
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def diffusers_call(frames: int, k: int) -> tuple[float, float, np.ndarray]:
-        """(wall, end of the last step, uint8 frames) of one whole-clip pipeline call and its MP4."""
-        latents = initial_noise(0, layout.latent_frames(frames), shape)
-        marks = []
-
-        def step_end(_pipe, i, t, kwargs):
-            sync()
-            marks.append(time.perf_counter())
-            return kwargs
-
-        threads = torch.get_num_threads()
-        if device == "cpu":
-            torch.set_num_threads(cpu_threads)  # the obvious way: one process, every core
-        try:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                video = pipe(prompt, negative_prompt="", num_frames=frames, height=size, width=size,
-                             num_inference_steps=k, guidance_scale=guidance, latents=latents, output_type="np",
-                             callback_on_step_end=step_end).frames[0]  # (F, H, W, 3) in [0, 1]
-            video = (np.asarray(video) * 255).round().astype(np.uint8)
-            with VideoWriter(tmp / "wan-diffusers.mp4", size, size, fps) as writer:
-                writer.write(video)
-            wall = time.perf_counter() - t0
-        finally:
-            torch.set_num_threads(threads)
-        return wall, marks[-1] - t0, video
-
-    def diffusers_forward(frames: int) -> float:
-        """Seconds of one transformer forward (the conditional pass) over the whole clip's latents."""
-        threads = torch.get_num_threads()
-        if device == "cpu":
-            torch.set_num_threads(cpu_threads)
-        try:
-            with torch.inference_mode():
-                text, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=512,
-                                             device=torch.device(device))
-                z = initial_noise(0, layout.latent_frames(frames), shape).to(device, pipe.transformer.dtype)
-                timestep = torch.tensor([999.0], device=device)
-                sync()
-                t0 = time.perf_counter()
-                pipe.transformer(hidden_states=z, timestep=timestep, encoder_hidden_states=text.to(z.dtype),
-                                 return_dict=False)
-                sync()
-                return time.perf_counter() - t0
-        finally:
-            torch.set_num_threads(threads)
-
+    whole = _WanWholeClip(path, device, base, prompt, size, guidance, fps, cpu_threads, tmp / "wan-diffusers.mp4")
     spec = plan_spec(base, device)
     pool = InProcessPool(WorkerSpec(path, device, spec.dtype)) if in_process else _pool(spec, workers)
     rows = []
     try:
         warm = layout.frames(2)  # load and run everything once on both sides before timing
-        diffusers_call(warm, 1)
+        whole.pipeline(warm, 1)
         timed_render(pool, request(warm, "wan-warm.mp4", steps=1))
         for m in tqdm(multiples, desc="wan", unit="length", disable=not progress):
             frames = layout.frames(native * m)  # 4 (21 m - 1) + 1
             job = prepare(request(frames, f"wan-{m}.mp4"))
             row = {"multiple": m, "frames": frames, "latent_frames": job.latent_frames, "windows": len(job.windows),
                    "tokens_whole_clip": job.latent_frames * tokens_per_latent_frame}
-            full = [r for r in rows if r["diffusers_mode"] == "pipeline"]
-            predicted = None
-            if full:
-                p = full[-1]
-                g = m / p["multiple"]
-                predicted = p["diffusers_denoise_s"] * g * g + p["diffusers_decode_s"] * g
-            ours = theirs = None
-            level = _memory_mark(device)
-            if predicted is None or predicted <= budget_s:
-                wall, denoise, theirs = diffusers_call(frames, steps)
-                row.update(diffusers_mode="pipeline", diffusers_wall_s=round(wall, 3),
-                           diffusers_denoise_s=round(denoise, 3), diffusers_decode_s=round(wall - denoise, 3),
-                           diffusers_forward_s=None, diffusers_frames=len(theirs))
-            else:
-                forward = diffusers_forward(frames)
-                row.update(diffusers_mode=f"transformer forward only: the pipeline was predicted to take "
-                                          f"{predicted:.0f} s > {budget_s:g} s", diffusers_wall_s=None,
-                           diffusers_denoise_s=None, diffusers_decode_s=None, diffusers_forward_s=round(forward, 3),
-                           diffusers_frames=None)
-            row["diffusers_peak_mb"] = None if level is None else round(_memory_peak(device) - level, 1)
-            chunks = []
+            theirs = _wan_diffusers_columns(row, whole, steps, _wan_predicted_s(rows, m), budget_s)
             keep = len(job.windows) == 1 and theirs is not None  # one window: both sides render the same thing
-            result, compute = timed_render(pool, request(frames, f"wan-{m}.mp4"),
-                                           on_frames=(lambda first, f: chunks.append(f.copy())) if keep else None)
-            if keep:
-                ours = np.concatenate(chunks)
-            row.update(longtake_wall_s=round(result.wall_s, 3), longtake_denoise_s=result.timings["denoise_s"],
-                       longtake_decode_s=result.timings["decode_s"], longtake_compute_s=round(compute["predict_sum"], 3),
-                       longtake_predict_calls=compute["predict_calls"], longtake_frames=result.frames,
-                       frames_max_diff=None if ours is None or ours.shape != theirs.shape
-                       else int(np.abs(ours.astype(np.int16) - theirs.astype(np.int16)).max()),
-                       vs_diffusers=None if row["diffusers_wall_s"] is None
-                       else row["diffusers_wall_s"] / result.wall_s)
+            _wan_longtake_columns(row, pool, request(frames, f"wan-{m}.mp4"), theirs if keep else None)
             logger.info("wan %dx: %s", m, row)
             rows.append(row)
     finally:
         workers_used = pool.num_workers
         pool.shutdown()
+    _wan_growth(rows)
+    return {"model": TINY_WAN if model is None else path, "size": size, "steps": steps, "guidance": guidance,
+            "fps": fps, "window": base.window, "overlap": base.overlap, "workers": workers_used,
+            "pool": "in-process" if in_process else "Ray", "device": device,
+            "diffusers_threads": cpu_threads if device == "cpu" else None, "diffusers": diffusers.__version__,
+            "budget_s": budget_s, "rows": rows}
+
+
+class _WanWholeClip:
+    """diffusers' side of `wan_scaling`: one WanPipeline rendering a whole clip as one window, from the
+    engine's initial noise."""
+
+    def __init__(self, path: str, device: str, base, prompt: str, size: int, guidance: float, fps: int,
+                 cpu_threads: int, out: Path):
+        import torch
+        from diffusers import WanPipeline
+
+        self.device, self.prompt, self.size, self.guidance, self.fps = device, prompt, size, guidance, fps
+        self.cpu_threads, self.out = cpu_threads, out
+        self.layout, self.shape = base.model.layout, base.latent_shape  # shape: (C, h, w)
+        pipe = WanPipeline.from_pretrained(path, use_safetensors=True)
+        if device == "cuda":  # as longtake's workers: the transformer in bfloat16, the VAE in float32
+            pipe = pipe.to("cuda")
+            pipe.transformer.to(torch.bfloat16)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def threads(self):
+        """On CPU, every core (or `cpu_threads`) while diffusers computes: the obvious way, one process."""
+        import torch
+
+        threads = torch.get_num_threads()
+        if self.device == "cpu":
+            torch.set_num_threads(self.cpu_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    def pipeline(self, frames: int, k: int) -> tuple[float, float, np.ndarray]:
+        """(wall, end of the last step, uint8 frames) of one whole-clip pipeline call and its MP4."""
+        import torch
+
+        from longtake.core.windows import initial_noise
+
+        latents = initial_noise(0, self.layout.latent_frames(frames), self.shape)
+        marks = []
+
+        def step_end(_pipe, i, t, kwargs):
+            self.sync()
+            marks.append(time.perf_counter())
+            return kwargs
+
+        with self.threads():
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                video = self.pipe(self.prompt, negative_prompt="", num_frames=frames, height=self.size,
+                                  width=self.size, num_inference_steps=k, guidance_scale=self.guidance,
+                                  latents=latents, output_type="np",
+                                  callback_on_step_end=step_end).frames[0]  # (F, H, W, 3) in [0, 1]
+            video = (np.asarray(video) * 255).round().astype(np.uint8)
+            with VideoWriter(self.out, self.size, self.size, self.fps) as writer:
+                writer.write(video)
+            wall = time.perf_counter() - t0
+        return wall, marks[-1] - t0, video
+
+    def forward(self, frames: int) -> float:
+        """Seconds of one transformer forward (the conditional pass) over the whole clip's latents."""
+        import torch
+
+        from longtake.core.windows import initial_noise
+
+        device = self.device
+        with self.threads(), torch.inference_mode():
+            text, _ = self.pipe.encode_prompt(self.prompt, do_classifier_free_guidance=False, max_sequence_length=512,
+                                              device=torch.device(device))
+            z = initial_noise(0, self.layout.latent_frames(frames), self.shape).to(device, self.pipe.transformer.dtype)
+            timestep = torch.tensor([999.0], device=device)
+            self.sync()
+            t0 = time.perf_counter()
+            self.pipe.transformer(hidden_states=z, timestep=timestep, encoder_hidden_states=text.to(z.dtype),
+                                  return_dict=False)
+            self.sync()
+            return time.perf_counter() - t0
+
+
+def _wan_predicted_s(rows: list[dict], m: int) -> float | None:
+    """The seconds diffusers' whole-clip pipeline call is predicted to take at `m` x the native length, from
+    the last length it ran at (denoising ~ length^2, decoding ~ length); None before the first."""
+    full = [r for r in rows if r["diffusers_mode"] == "pipeline"]
+    if not full:
+        return None
+    p = full[-1]
+    g = m / p["multiple"]
+    return p["diffusers_denoise_s"] * g * g + p["diffusers_decode_s"] * g
+
+
+def _wan_diffusers_columns(row: dict, whole: _WanWholeClip, steps: int, predicted: float | None,
+                           budget_s: float) -> np.ndarray | None:
+    """diffusers' columns of a row: the whole-clip pipeline call, or one transformer pass when the call is
+    predicted over the budget, and the peak memory of either. Returns the call's frames (None for a pass)."""
+    theirs = None
+    level = _memory_mark(whole.device)
+    if predicted is None or predicted <= budget_s:
+        wall, denoise, theirs = whole.pipeline(row["frames"], steps)
+        row.update(diffusers_mode="pipeline", diffusers_wall_s=round(wall, 3),
+                   diffusers_denoise_s=round(denoise, 3), diffusers_decode_s=round(wall - denoise, 3),
+                   diffusers_forward_s=None, diffusers_frames=len(theirs))
+    else:
+        forward = whole.forward(row["frames"])
+        row.update(diffusers_mode=f"transformer forward only: the pipeline was predicted to take "
+                                  f"{predicted:.0f} s > {budget_s:g} s", diffusers_wall_s=None,
+                   diffusers_denoise_s=None, diffusers_decode_s=None, diffusers_forward_s=round(forward, 3),
+                   diffusers_frames=None)
+    row["diffusers_peak_mb"] = None if level is None else round(_memory_peak(whole.device) - level, 1)
+    return theirs
+
+
+def _wan_longtake_columns(row: dict, pool, request: dict, theirs: np.ndarray | None) -> None:
+    """longtake's columns of a row: one render of `request`; given diffusers' frames (one window: both
+    sides render the same thing), the largest difference from them."""
+    chunks = []
+    result, compute = timed_render(pool, request,
+                                   on_frames=(lambda first, f: chunks.append(f.copy())) if theirs is not None else None)
+    ours = np.concatenate(chunks) if theirs is not None else None
+    row.update(longtake_wall_s=round(result.wall_s, 3), longtake_denoise_s=result.timings["denoise_s"],
+               longtake_decode_s=result.timings["decode_s"], longtake_compute_s=round(compute["predict_sum"], 3),
+               longtake_predict_calls=compute["predict_calls"], longtake_frames=result.frames,
+               frames_max_diff=None if ours is None or ours.shape != theirs.shape
+               else int(np.abs(ours.astype(np.int16) - theirs.astype(np.int16)).max()),
+               vs_diffusers=None if row["diffusers_wall_s"] is None
+               else row["diffusers_wall_s"] / result.wall_s)
+
+
+def _wan_growth(rows: list[dict]) -> None:
+    """Each row's wall and denoising times over the first row's (None where a side did not run)."""
     first = rows[0]
     for row in rows:
         for side, key in (("diffusers", "wall_s"), ("longtake", "wall_s"), ("diffusers", "denoise_s"),
@@ -571,11 +624,6 @@ def wan_scaling(device: str, tmp: Path, quick: bool, progress: bool = False, *, 
             now, then = row[f"{side}_{key}"], first[f"{side}_{key}"]
             name = f"growth_{side}" + ("" if key == "wall_s" else "_denoise")
             row[name] = None if now is None or not then else now / then
-    return {"model": TINY_WAN if model is None else path, "size": size, "steps": steps, "guidance": guidance,
-            "fps": fps, "window": base.window, "overlap": base.overlap, "workers": workers_used,
-            "pool": "in-process" if in_process else "Ray", "device": device,
-            "diffusers_threads": cpu_threads if device == "cpu" else None, "diffusers": diffusers.__version__,
-            "budget_s": budget_s, "rows": rows}
 
 
 # ---------------------------------------------------------------- 8: projection
@@ -677,15 +725,7 @@ def bench(quick: bool = True, device: str = "cpu", model: str = "default", progr
             bar = tqdm(total=8, desc="bench", unit="part", disable=not progress)
             scale = scaling(spec, request, tmp)
             bar.update()
-            figures.update(parallel_efficiency=scale["parallel_efficiency"], overhead_ratio_1=scale[1]["overhead_ratio"],
-                           overhead_ratio_2=scale[2]["overhead_ratio"], compute_slowdown_2=scale["compute_slowdown_2"],
-                           parallel_efficiency_barrier=scale["parallel_efficiency_barrier"],
-                           overhead_ratio_1_barrier=scale["barrier_1"]["overhead_ratio"],
-                           overhead_ratio_2_barrier=scale["barrier_2"]["overhead_ratio"],
-                           plan_bound_2=scale["plan_bound_2"], evals_per_frame=scale["evals_per_frame"],
-                           evals_per_frame_min=scale["evals_per_frame_min"],
-                           checkpoint_s_each=scale["checkpoint"]["seconds_each"],
-                           checkpoint_slowdown_k5=scale["checkpoint"]["slowdown"])
+            figures.update(_scaling_figures(scale))
             details["scaling"] = scale
             lin = linear(spec, request, tmp)
             details["linear"] = lin
@@ -716,47 +756,105 @@ def bench(quick: bool = True, device: str = "cpu", model: str = "default", progr
             bar.update()
             wan = wan_scaling(device, tmp, quick, progress)
             details["wan"] = wan
-            by = {r["multiple"]: r for r in wan["rows"]}
-            figures.update(wan_vs_diffusers_8x=by[8]["vs_diffusers"], wan_growth_8x_diffusers=by[8]["growth_diffusers"],
-                           wan_growth_8x_longtake=by[8]["growth_longtake"])
+            figures.update(_wan_figures(wan))
             bar.update()
             c, h, w = job.latent_shape
             proj = projection(scale, enc[job.width]["frames"] / enc[job.width]["wall_s"], c * h * w * 4, job.window,
                               workers_per_node, bandwidth_gbps, long_frames=8 * 600, stride=job.window - job.overlap)
             details["projection"] = proj
-            figures.update(projected_efficiency_64=proj["efficiency"][64],
-                           projected_efficiency_64_barrier=proj["efficiency_barrier"][64],
-                           projected_efficiency_64_window_1s=proj["efficiency_window_1s"][64],
-                           projected_efficiency_64_barrier_window_1s=proj["efficiency_barrier_window_1s"][64],
-                           driver_bound_workers=proj["driver_bound_workers"],
-                           **{k: v for k, v in proj.items() if k.startswith("projection_error")})
+            figures.update(_projection_figures(proj))
             bar.update()
             marks = bench_watermark.measure(tmp / "watermark")
             details["watermark"] = {"longtake": marks, "candidates": bench_watermark.candidates()}
-            rows = [r for by_size in marks.values() for r in by_size.values()]
-            figures.update(watermark_bit_accuracy_min=min(min(r["bit_accuracy"].values()) for r in rows),
-                           watermark_psnr_db_min=min(r["psnr_db"] for r in rows))
+            figures.update(_watermark_figures(marks))
             bar.update()
             bar.close()
     finally:
         if started:
             stop_ray()
+    return {"figures": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()},
+            "settings": _settings(quick, device, model, seconds, job, t0), "details": details}
+
+
+def _scaling_figures(scale: dict) -> dict:
+    """The figures of parts 1-3 (scaling, overhead, redundancy, checkpoints) from `scaling`."""
+    return dict(parallel_efficiency=scale["parallel_efficiency"], overhead_ratio_1=scale[1]["overhead_ratio"],
+                overhead_ratio_2=scale[2]["overhead_ratio"], compute_slowdown_2=scale["compute_slowdown_2"],
+                parallel_efficiency_barrier=scale["parallel_efficiency_barrier"],
+                overhead_ratio_1_barrier=scale["barrier_1"]["overhead_ratio"],
+                overhead_ratio_2_barrier=scale["barrier_2"]["overhead_ratio"],
+                plan_bound_2=scale["plan_bound_2"], evals_per_frame=scale["evals_per_frame"],
+                evals_per_frame_min=scale["evals_per_frame_min"],
+                checkpoint_s_each=scale["checkpoint"]["seconds_each"],
+                checkpoint_slowdown_k5=scale["checkpoint"]["slowdown"])
+
+
+def _wan_figures(wan: dict) -> dict:
+    """The figures of part 9 from `wan_scaling`: at 8x the native length."""
+    by = {r["multiple"]: r for r in wan["rows"]}
+    return dict(wan_vs_diffusers_8x=by[8]["vs_diffusers"], wan_growth_8x_diffusers=by[8]["growth_diffusers"],
+                wan_growth_8x_longtake=by[8]["growth_longtake"])
+
+
+def _projection_figures(proj: dict) -> dict:
+    """The figures of part 8 from `projection`: at 64 workers, and its errors against the measured runs."""
+    return dict(projected_efficiency_64=proj["efficiency"][64],
+                projected_efficiency_64_barrier=proj["efficiency_barrier"][64],
+                projected_efficiency_64_window_1s=proj["efficiency_window_1s"][64],
+                projected_efficiency_64_barrier_window_1s=proj["efficiency_barrier_window_1s"][64],
+                driver_bound_workers=proj["driver_bound_workers"],
+                **{k: v for k, v in proj.items() if k.startswith("projection_error")})
+
+
+def _watermark_figures(marks: dict) -> dict:
+    """The watermark's worst bit accuracy and PSNR over sizes and attacks, from `bench_watermark.measure`."""
+    rows = [r for by_size in marks.values() for r in by_size.values()]
+    return dict(watermark_bit_accuracy_min=min(min(r["bit_accuracy"].values()) for r in rows),
+                watermark_psnr_db_min=min(r["psnr_db"] for r in rows))
+
+
+def _settings(quick: bool, device: str, model: str, seconds: float, job, t0: float) -> dict:
+    """The run's settings and machine, for the table's header."""
     import torch
 
-    settings = {"quick": quick, "device": device, "model": model, "clip_seconds": seconds, "fps": 8,
-                "steps": job.steps, "window": job.window, "overlap": job.overlap, "size": job.width,
-                "threads_per_worker": 1, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                "cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
-                "wall_s": round(time.time() - t0, 1)}
-    return {"figures": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()},
-            "settings": settings, "details": details}
+    return {"quick": quick, "device": device, "model": model, "clip_seconds": seconds, "fps": 8,
+            "steps": job.steps, "window": job.window, "overlap": job.overlap, "size": job.width,
+            "threads_per_worker": 1, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "wall_s": round(time.time() - t0, 1)}
 
 
 def table(result: dict, command: str) -> str:
+    """BENCHMARKS.md from a `bench` result: the figures against their targets, then how to read them."""
     f, s, d = result["figures"], result["settings"], result["details"]
     fmt = lambda v: "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    lines = ["# Benchmarks", "",
+             f"Produced by `{command}` on {s['machine']}, {s['cpus']} CPUs, torch {s['torch']}, device {s['device']}, "
+             f"{s['date']} ({s['wall_s']:.0f} s). Model `{s['model']}`, {s['clip_seconds']} s at {s['fps']} fps, "
+             f"{s['steps']} steps, window {s['window']}, overlap {s['overlap']}, {s['size']}x{s['size']}, "
+             f"{s['threads_per_worker']} torch thread per worker. Every ratio comes from this one run.", "",
+             "| key | what | value | target | note |", "|---|---|---|---|---|"]
+    for key, what, note in _table_rows(s, d):
+        target = TARGETS.get(key, "")
+        lines.append(f"| `{key}` | {what} | {fmt(f.get(key))} | {target} | {note} |")
+    fr = d["scaling"][1]["fractions"]
+    lines += ["", "Where the 1-worker wall time goes: " + ", ".join(f"{k} {v:.1%}" for k, v in fr.items()) + ".",
+              "", "Projected efficiency by workers (10-min clip), wavefront: "
+              + ", ".join(f"{k}: {v:.2f}" for k, v in d["projection"]["efficiency"].items())
+              + "; barrier: " + ", ".join(f"{k}: {v:.2f}" for k, v in d["projection"]["efficiency_barrier"].items())
+              + "."]
+    lines += ["", BENCH_READING + ("GPU figures: not measured in this run (no GPU)." if s["device"] == "cpu" else "")]
+    if "wan" in d:
+        lines += ["", *wan_table(d["wan"])]
+    if "watermark" in d:
+        lines += ["", *bench_watermark.section(d["watermark"])]
+    return "\n".join(lines) + "\n"
+
+
+def _table_rows(s: dict, d: dict) -> list[tuple[str, str, str]]:
+    """The table's rows: (figure key, what it measures, a note with the measurements behind it)."""
     sc = d["scaling"]
-    rows = [
+    return [
         ("parallel_efficiency", "speed-up 1 -> 2 workers / 2 (wavefront)",
          f"{sc[1]['wall_s']:.1f} s -> {sc[2]['wall_s']:.1f} s, same frames (both schedules): {sc['same_frames']}"),
         ("overhead_ratio_1", "wall / (sum of window predictions / 1)", f"ideal {sc[1]['ideal_s']:.1f} s"),
@@ -816,41 +914,23 @@ def table(result: dict, command: str) -> str:
          "see the watermark table below"),
         ("watermark_psnr_db_min", "watermark: lowest PSNR against the unmarked frames", ""),
     ]
-    lines = ["# Benchmarks", "",
-             f"Produced by `{command}` on {s['machine']}, {s['cpus']} CPUs, torch {s['torch']}, device {s['device']}, "
-             f"{s['date']} ({s['wall_s']:.0f} s). Model `{s['model']}`, {s['clip_seconds']} s at {s['fps']} fps, "
-             f"{s['steps']} steps, window {s['window']}, overlap {s['overlap']}, {s['size']}x{s['size']}, "
-             f"{s['threads_per_worker']} torch thread per worker. Every ratio comes from this one run.", "",
-             "| key | what | value | target | note |", "|---|---|---|---|---|"]
-    for key, what, note in rows:
-        target = TARGETS.get(key, "")
-        lines.append(f"| `{key}` | {what} | {fmt(f.get(key))} | {target} | {note} |")
-    fr = sc[1]["fractions"]
-    lines += ["", "Where the 1-worker wall time goes: " + ", ".join(f"{k} {v:.1%}" for k, v in fr.items()) + ".",
-              "", "Projected efficiency by workers (10-min clip), wavefront: "
-              + ", ".join(f"{k}: {v:.2f}" for k, v in d["projection"]["efficiency"].items())
-              + "; barrier: " + ", ".join(f"{k}: {v:.2f}" for k, v in d["projection"]["efficiency_barrier"].items())
-              + "."]
-    lines += ["", "Reading it: the wavefront (the default) starts a window's next step as soon as its neighbours "
-              "have finished this one, so no worker waits at the end of a step; the barrier (`--schedule barrier`, "
-              "the reference, same frames) waits for every window of a step, so an odd W caps its 2-worker "
-              "efficiency at `plan_bound_2`. `compute_slowdown_2` is what two workers computing at once cost "
-              "each other on this machine (shared cores and memory), which no schedule removes. The projection "
-              "counts the driver as one thread: `driver_bound_workers` is how many workers it keeps busy with "
-              "this model's windows (a real model's window takes seconds, not milliseconds, so many more); at 64 "
-              "workers a 10-minute clip of this model is bound by it and by ffmpeg encoding every frame after the "
-              "last step, which the `_window_1s` rows show by rerunning the projection with a 1 s window and every "
-              "other cost as measured. A short clip pays more per second (`scaling_linear`): its edge windows "
-              "evaluate more frames per output frame (`scaling_linear_per_window` takes that out) and a job's fixed "
-              "costs are spread over fewer seconds. "
-              "`vs_diffusers_*` above 1 means longtake is faster. Seam ratios are medians over a few clips "
-              "(noisy at --quick). "
-              + ("GPU figures: not measured in this run (no GPU)." if s["device"] == "cpu" else "")]
-    if "wan" in d:
-        lines += ["", *wan_table(d["wan"])]
-    if "watermark" in d:
-        lines += ["", *bench_watermark.section(d["watermark"])]
-    return "\n".join(lines) + "\n"
+
+
+# how to read the table (its closing paragraph)
+BENCH_READING = ("Reading it: the wavefront (the default) starts a window's next step as soon as its neighbours "
+                 "have finished this one, so no worker waits at the end of a step; the barrier (`--schedule barrier`, "
+                 "the reference, same frames) waits for every window of a step, so an odd W caps its 2-worker "
+                 "efficiency at `plan_bound_2`. `compute_slowdown_2` is what two workers computing at once cost "
+                 "each other on this machine (shared cores and memory), which no schedule removes. The projection "
+                 "counts the driver as one thread: `driver_bound_workers` is how many workers it keeps busy with "
+                 "this model's windows (a real model's window takes seconds, not milliseconds, so many more); at 64 "
+                 "workers a 10-minute clip of this model is bound by it and by ffmpeg encoding every frame after the "
+                 "last step, which the `_window_1s` rows show by rerunning the projection with a 1 s window and every "
+                 "other cost as measured. A short clip pays more per second (`scaling_linear`): its edge windows "
+                 "evaluate more frames per output frame (`scaling_linear_per_window` takes that out) and a job's fixed "
+                 "costs are spread over fewer seconds. "
+                 "`vs_diffusers_*` above 1 means longtake is faster. Seam ratios are medians over a few clips "
+                 "(noisy at --quick). ")
 
 
 def _startup_note(start: dict) -> str:

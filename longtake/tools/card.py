@@ -13,94 +13,43 @@ from longtake.models.shapes import BACKGROUNDS, MOTIONS, OBJECT_COLORS, SHAPES
 from longtake.core.windows import NOISE_CORRELATION
 
 
-def _stage(t: dict, lt: dict, number: int | None) -> str:
-    """One training run's paragraph (a model trained in stages has one per stage)."""
-    text_lr = f" (the text encoder at {t['text_lr']} of it)" if t.get("text_lr") else ""
-    grid = (f"{t['grid_share']:.0%} of every batch's timesteps from the {t['grid_steps']}-step sampling grid (which holds\n"
-            f"the default {lt['default_steps']}-step one), the rest uniform, " if t.get("grid_share") else "")
-    curve = ", ".join(f"{v:.3f}" for v in t["loss_curve"][:: max(1, len(t["loss_curve"]) // 10)])
-    steps = (f"{t['steps']} steps (of a {t['max_steps']}-step schedule, `--stop-at {t['steps']}`)"
-             if t.get("max_steps") and t["max_steps"] > t["steps"] else f"{t['steps']} steps")
-    start = f"from stage {number - 1 if number else 1}'s weights (`--init`), " if t.get("init") else ""
-    noise = f"{t.get('noise', 'correlated')} noise, "
-    motion = f"the motion loss at weight {t['temporal_weight']} (`--temporal-weight`), " if t.get("temporal_weight") else ""
-    head = f"Stage {number}: " if number else ""
-    return (f"{head}{start}seed {t['seed']}, {steps} of batch {t['batch']} clips, AdamW lr {t['lr']}{text_lr} (warm-up,\n"
-            f"cosine decay), 10% caption dropout, {noise}{motion}{grid}{t['threads']} torch threads:\n"
-            f"{t['train_seconds'] / 60:.1f} minutes on a 2-core CPU. Final loss (mean of the last 200 steps): {t['final_loss']}.\n"
-            f"Loss every 100 steps (sampled): {curve}.\n\n")
-
-
-def _stages(t: dict) -> list[dict]:
-    """The training runs of a model, first to last (each `--init` stage embeds the card it started from)."""
-    return (_stages(t["first_stage"]) if t.get("first_stage") else []) + [t]
-
-
-def _control(d: Path) -> str:
-    """The control branch's section (controlnet/training.json, POSE_EVAL.md), if the model has one."""
-    if not (d / "controlnet" / "training.json").is_file():
-        return ""
-    c = json.loads((d / "controlnet" / "training.json").read_text())
-    cfg = json.loads((d / "controlnet" / "config.json").read_text())
-    size_mb = sum(f.stat().st_size for f in (d / "controlnet").glob("*.safetensors")) / 2**20
-    pose = (d / "POSE_EVAL.md").read_text() if (d / "POSE_EVAL.md").is_file() else "(not evaluated yet: run `longtake eval --suite pose`)"
-    return f"""
-## Control branch (silhouette paths)
-`controlnet/`: a diffusers `ControlNetModel` trained by `python -m longtake.tools.train_control` with the
-model above frozen, so that `--pose` takes a silhouette video (white on black, any size, resampled like a
-pose video) and the object follows it; `--reference` (pinned at frame 0) gives its look. It also draws the
-motion plan below. Without a pose or a plan the branch does not run.
-- The UNet's encoder half (blocks {cfg['block_out_channels']}, weights copied from the UNet at the start),
-  per frame, without the pooled caption, with wrapping convolutions; the {c['mask_size']}x{c['mask_size']} silhouettes enter
-  through a conditioning embedding of channels {cfg['conditioning_embedding_out_channels']} (three stride-2
-  convolutions to the UNet's 8x8); every residual starts at zero. {size_mb:.1f} MB of safetensors (EMA).
-- Data: `shapes.sample_control_batch`, half the captioned motions (captioned with or without the motion
-  words), half free paths (circles, figure eights, lines in any direction, wanders) captioned without
-  them ("a red ball on a blue background"); objects of radius 0.15-0.24 of the frame.
-- Loss: x0 MSE with the object's pixels weighted {c['object_weight']:g}x; batch {c['batch']}, learning rate {c['lr']:g}
-  (warm-up, cosine to a tenth), {c['steps']} steps in {c['train_seconds'] / 60:.1f} minutes on {c['threads']} CPU threads
-  ({c['device']}), seed {c['seed']}, final loss {c['final_loss']}.
-- Reproduce: `python -m longtake.tools.train_control --model longtake/models/default --max-steps {c['steps']}
-  --seed {c['seed']}` (resumable like train_default: `--piece-minutes`, state beside the weights).
-
-{pose}{_plan(d)}"""
-
-
-def _plan(d: Path) -> str:
-    """The motion plan's section (longtake.json "planner"), with the eval of the model alone beside it."""
-    lt = json.loads((d / "longtake.json").read_text())
-    if not lt.get("planner"):
-        return ""
-    alone = d / "EVAL_PLAN_NONE.md"
-    alone_text = ("\n" + alone.read_text().split("\n", 1)[1].lstrip("\n")) if alone.is_file() else ""  # minus its title
-    return f"""
-## Motion plan
-longtake.json's `"planner": "{lt['planner']}"` (`longtake/models/planner.py`): a request from text alone whose
-prompts name a shape and a motion ("a red ball bouncing on a blue background") gets a silhouette path drawn
-from those words (the start and speed from the seed, the speed of the training clips, a timeline's motions
-blended as its prompts are, a loop's path closed) as its control frames, and the control branch above makes
-the object follow it. Around known frames (image, keyframes, extend, lead_into) the path starts from the
-object they show and goes on at the prompt's motion, or at the context's own velocity where the prompt
-names none, landing on the next known object (a bridge). The model alone takes colour, shape and background
-from the words but moves the object where its noise takes it; the plan is what makes it move as told, as
-layout-guided video models split the work (where first, then what). A video redrawn below strength 1, a
-pose, `plan: none`, prompts without the words, or known frames without an object render without it. The
-evaluation above is with the plan (every eval prompt names both); the model alone, on the same clips and
-seeds (`longtake eval --plan none`):
-{alone_text}"""
-
-
 def write_card(model_dir: str | Path) -> Path:
+    """MODEL_CARD.md in `model_dir`, from its training.json, configs and eval tables; returns its path."""
     d = Path(model_dir)
     t = json.loads((d / "training.json").read_text())
     lt = json.loads((d / "longtake.json").read_text())
+    sections = [INTRO, _data(t), _architecture(d, t, lt), _training(t, lt), _evaluation(d)]
+    out = d / "MODEL_CARD.md"
+    out.write_text("\n\n".join(sections))
+    return out
+
+
+INTRO = """# longtake default model
+
+A small text-to-video diffusion model trained by `python -m longtake.tools.train_default` on
+procedural clips, shipped inside the package so longtake renders something watchable on a laptop CPU."""
+
+
+def _data(t: dict) -> str:
+    """The procedural clips the model was trained on: their words, sizes and motion."""
+    return f"""## Data
+Generated on the fly by `longtake/models/shapes.py`: one object of {len(OBJECT_COLORS)} colours
+({", ".join(OBJECT_COLORS)}) and {len(SHAPES)} shapes ({", ".join(SHAPES)}) over {len(BACKGROUNDS)} plain
+backgrounds ({", ".join(BACKGROUNDS)}; never blue on blue), moving {", ".join(MOTIONS)} (directions wrap
+around the frame edges; "bouncing" is a vertical bounce). Captions are built from those words:
+"a red ball moving right on a blue background". {t['frames']} frames of {t['size']}x{t['size']} per clip; objects of
+radius 0.17-0.21 of the frame, moving about 1 pixel per frame (0.85-1.05 at 16 px: a window crosses the
+frame once)."""
+
+
+def _architecture(d: Path, t: dict, lt: dict) -> str:
+    """The diffusers classes and their sizes, from the model's configs."""
     unet = json.loads((d / "unet" / "config.json").read_text())
     text = json.loads((d / "text_encoder" / "config.json").read_text())
     sched = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
     objective = {"sample": "x0 (sample) prediction", "v_prediction": "v-prediction"}.get(sched["prediction_type"],
                                                                                       "epsilon prediction")
     size_mb = sum(f.stat().st_size for f in d.rglob("*.safetensors")) / 2**20
-    evaluation = (d / "EVAL.md").read_text() if (d / "EVAL.md").is_file() else "(not evaluated yet: run `longtake eval`)"
     text_path = (" The caption also reaches every ResNet through the time embedding (diffusers' `text_time`\n"
                  "  addition, fed the mean of the text encoder's hidden states)." if lt.get("pooled_text") else "")
     wrap = ("\n- Circular padding: the convolutions wrap around the frame edges, as the clips do." if
@@ -108,25 +57,7 @@ def write_card(model_dir: str | Path) -> Path:
     noise = (f"\n- Initial noise {lt['default_noise']} across frames (AR(1), correlation {NOISE_CORRELATION} between neighbours), in\n"
              "  training and in longtake's sampling." if lt.get("default_noise") == "correlated" else
              "\n- Initial noise independent for every frame, in training (the last stage) and in longtake's sampling.")
-    control = _control(d)
-    modes = ("\n" + (d / "MODES_EVAL.md").read_text()) if (d / "MODES_EVAL.md").is_file() else ""
-    stages = _stages(t)
-    training = "".join(_stage(s, lt, k + 1 if len(stages) > 1 else None) for k, s in enumerate(stages))
-    card = f"""# longtake default model
-
-A small text-to-video diffusion model trained by `python -m longtake.tools.train_default` on
-procedural clips, shipped inside the package so longtake renders something watchable on a laptop CPU.
-
-## Data
-Generated on the fly by `longtake/models/shapes.py`: one object of {len(OBJECT_COLORS)} colours
-({", ".join(OBJECT_COLORS)}) and {len(SHAPES)} shapes ({", ".join(SHAPES)}) over {len(BACKGROUNDS)} plain
-backgrounds ({", ".join(BACKGROUNDS)}; never blue on blue), moving {", ".join(MOTIONS)} (directions wrap
-around the frame edges; "bouncing" is a vertical bounce). Captions are built from those words:
-"a red ball moving right on a blue background". {t['frames']} frames of {t['size']}x{t['size']} per clip; objects of
-radius 0.17-0.21 of the frame, moving about 1 pixel per frame (0.85-1.05 at 16 px: a window crosses the
-frame once).
-
-## Architecture
+    return f"""## Architecture
 diffusers classes only, run by the same AnimateDiff backend as real models:
 - `UNetMotionModel` (UNet2DConditionModel + MotionAdapter), blocks {unet['block_out_channels']},
   {unet['layers_per_block']} layer per block, cross-attention at the two lower resolutions, motion modules
@@ -138,11 +69,17 @@ diffusers classes only, run by the same AnimateDiff backend as real models:
 - `CLIPTextModel` ({text['num_hidden_layers']} layers, width {text['hidden_size']}) over a word vocabulary written locally.
 - DDIM scheduler, cosine betas, {objective}, trailing timestep spacing, clipped x0 estimates; defaults
   {lt['default_steps']} steps, guidance {lt['default_guidance']}.
-- Weights: {size_mb:.1f} MB of safetensors (EMA of the trained weights).
+- Weights: {size_mb:.1f} MB of safetensors (EMA of the trained weights)."""
 
-## Training
-{training}
-Runs not shipped (all on 2 threads; the eval is the same 50 + 1 clips):
+
+def _training(t: dict, lt: dict) -> str:
+    """The shipped model's training runs (one paragraph per stage), then the runs not shipped."""
+    stages = _stages(t)
+    training = "".join(_stage(s, lt, k + 1 if len(stages) > 1 else None) for k, s in enumerate(stages))
+    return f"## Training\n{training}\n{RUNS_NOT_SHIPPED}"
+
+
+RUNS_NOT_SHIPPED = """Runs not shipped (all on 2 threads; the eval is the same 50 + 1 clips):
 1. Epsilon prediction with leading timesteps: loss 0.043, noisy samples (the first x0 estimates
    divide by sqrt(alpha_bar) ~ 0).
 2. The model shipped before run 6: 32x32 frames (16x16x12), v-prediction, no pooled text, zero padding,
@@ -202,13 +139,91 @@ colour accuracy 1.00 -> 0.94, colour drift over 30 s 0.42 -> 2.41.
 Guidance (measured on run 6): x0 prediction extrapolated by classifier-free guidance overshoots. At guidance 9, run 6's
 half-trained snapshot drew white backgrounds for "black" prompts that guidance 1 drew right. On 24
 held-out prompts and seeds (not the eval's), colour accuracy was 0.67, 0.75, 0.71 and 0.50 at guidance
-1, 2, 3 and 5 (motion 0.21 to 0.25): the default is 2.
+1, 2, 3 and 5 (motion 0.21 to 0.25): the default is 2."""
 
-## Evaluation
-{evaluation}{modes}{control}"""
-    out = d / "MODEL_CARD.md"
-    out.write_text(card)
-    return out
+
+def _stages(t: dict) -> list[dict]:
+    """The training runs of a model, first to last (each `--init` stage embeds the card it started from)."""
+    return (_stages(t["first_stage"]) if t.get("first_stage") else []) + [t]
+
+
+def _stage(t: dict, lt: dict, number: int | None) -> str:
+    """One training run's paragraph (a model trained in stages has one per stage)."""
+    text_lr = f" (the text encoder at {t['text_lr']} of it)" if t.get("text_lr") else ""
+    grid = (f"{t['grid_share']:.0%} of every batch's timesteps from the {t['grid_steps']}-step sampling grid (which holds\n"
+            f"the default {lt['default_steps']}-step one), the rest uniform, " if t.get("grid_share") else "")
+    curve = ", ".join(f"{v:.3f}" for v in t["loss_curve"][:: max(1, len(t["loss_curve"]) // 10)])
+    steps = (f"{t['steps']} steps (of a {t['max_steps']}-step schedule, `--stop-at {t['steps']}`)"
+             if t.get("max_steps") and t["max_steps"] > t["steps"] else f"{t['steps']} steps")
+    start = f"from stage {number - 1 if number else 1}'s weights (`--init`), " if t.get("init") else ""
+    noise = f"{t.get('noise', 'correlated')} noise, "
+    motion = f"the motion loss at weight {t['temporal_weight']} (`--temporal-weight`), " if t.get("temporal_weight") else ""
+    head = f"Stage {number}: " if number else ""
+    return (f"{head}{start}seed {t['seed']}, {steps} of batch {t['batch']} clips, AdamW lr {t['lr']}{text_lr} (warm-up,\n"
+            f"cosine decay), 10% caption dropout, {noise}{motion}{grid}{t['threads']} torch threads:\n"
+            f"{t['train_seconds'] / 60:.1f} minutes on a 2-core CPU. Final loss (mean of the last 200 steps): {t['final_loss']}.\n"
+            f"Loss every 100 steps (sampled): {curve}.\n\n")
+
+
+def _evaluation(d: Path) -> str:
+    """The eval tables beside the model (EVAL.md, MODES_EVAL.md) and the control branch's section."""
+    evaluation = (d / "EVAL.md").read_text() if (d / "EVAL.md").is_file() else "(not evaluated yet: run `longtake eval`)"
+    modes = ("\n" + (d / "MODES_EVAL.md").read_text()) if (d / "MODES_EVAL.md").is_file() else ""
+    return f"## Evaluation\n{evaluation}{modes}{_control(d)}"
+
+
+def _control(d: Path) -> str:
+    """The control branch's section (controlnet/training.json, POSE_EVAL.md), if the model has one."""
+    if not (d / "controlnet" / "training.json").is_file():
+        return ""
+    c = json.loads((d / "controlnet" / "training.json").read_text())
+    cfg = json.loads((d / "controlnet" / "config.json").read_text())
+    size_mb = sum(f.stat().st_size for f in (d / "controlnet").glob("*.safetensors")) / 2**20
+    pose = (d / "POSE_EVAL.md").read_text() if (d / "POSE_EVAL.md").is_file() else "(not evaluated yet: run `longtake eval --suite pose`)"
+    return f"""
+## Control branch (silhouette paths)
+`controlnet/`: a diffusers `ControlNetModel` trained by `python -m longtake.tools.train_control` with the
+model above frozen, so that `--pose` takes a silhouette video (white on black, any size, resampled like a
+pose video) and the object follows it; `--reference` (pinned at frame 0) gives its look. It also draws the
+motion plan below. Without a pose or a plan the branch does not run.
+- The UNet's encoder half (blocks {cfg['block_out_channels']}, weights copied from the UNet at the start),
+  per frame, without the pooled caption, with wrapping convolutions; the {c['mask_size']}x{c['mask_size']} silhouettes enter
+  through a conditioning embedding of channels {cfg['conditioning_embedding_out_channels']} (three stride-2
+  convolutions to the UNet's 8x8); every residual starts at zero. {size_mb:.1f} MB of safetensors (EMA).
+- Data: `shapes.sample_control_batch`, half the captioned motions (captioned with or without the motion
+  words), half free paths (circles, figure eights, lines in any direction, wanders) captioned without
+  them ("a red ball on a blue background"); objects of radius 0.15-0.24 of the frame.
+- Loss: x0 MSE with the object's pixels weighted {c['object_weight']:g}x; batch {c['batch']}, learning rate {c['lr']:g}
+  (warm-up, cosine to a tenth), {c['steps']} steps in {c['train_seconds'] / 60:.1f} minutes on {c['threads']} CPU threads
+  ({c['device']}), seed {c['seed']}, final loss {c['final_loss']}.
+- Reproduce: `python -m longtake.tools.train_control --model longtake/models/default --max-steps {c['steps']}
+  --seed {c['seed']}` (resumable like train_default: `--piece-minutes`, state beside the weights).
+
+{pose}{_plan(d)}"""
+
+
+def _plan(d: Path) -> str:
+    """The motion plan's section (longtake.json "planner"), with the eval of the model alone beside it."""
+    lt = json.loads((d / "longtake.json").read_text())
+    if not lt.get("planner"):
+        return ""
+    alone = d / "EVAL_PLAN_NONE.md"
+    alone_text = ("\n" + alone.read_text().split("\n", 1)[1].lstrip("\n")) if alone.is_file() else ""  # minus its title
+    return f"""
+## Motion plan
+longtake.json's `"planner": "{lt['planner']}"` (`longtake/models/planner.py`): a request from text alone whose
+prompts name a shape and a motion ("a red ball bouncing on a blue background") gets a silhouette path drawn
+from those words (the start and speed from the seed, the speed of the training clips, a timeline's motions
+blended as its prompts are, a loop's path closed) as its control frames, and the control branch above makes
+the object follow it. Around known frames (image, keyframes, extend, lead_into) the path starts from the
+object they show and goes on at the prompt's motion, or at the context's own velocity where the prompt
+names none, landing on the next known object (a bridge). The model alone takes colour, shape and background
+from the words but moves the object where its noise takes it; the plan is what makes it move as told, as
+layout-guided video models split the work (where first, then what). A video redrawn below strength 1, a
+pose, `plan: none`, prompts without the words, or known frames without an object render without it. The
+evaluation above is with the plan (every eval prompt names both); the model alone, on the same clips and
+seeds (`longtake eval --plan none`):
+{alone_text}"""
 
 
 if __name__ == "__main__":

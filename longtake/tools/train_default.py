@@ -2,7 +2,7 @@
 
     python -m longtake.tools.train_default --out DIR [--seed 0] [--device cuda] [--piece-minutes 10]
 
-The shipped model is two runs (the README and the model card give the exact commands): stage 1 with
+The shipped model is two runs (docs/models.md and the model card give the exact commands): stage 1 with
 noise correlated across frames, stopped at step 6000 of a 9000-step schedule (`--stop-at`); stage 2
 from its weights (`--init`) with independent noise per frame and a loss on the frame-to-frame
 differences of the prediction (`--temporal-weight`), which make the model tie its frames together.
@@ -240,12 +240,7 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
     unet, text_encoder = unet.to(device), text_encoder.to(device)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    # the text encoder learns at a fifth of the UNet's rate: at the full rate its outputs for different
-    # captions collapsed within 1000 steps (black and white backgrounds 0.7 apart, norm 8) and the UNet
-    # learned to ignore the text
-    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "base_lr": lr},
-                             {"params": list(text_encoder.parameters()), "base_lr": lr * TEXT_LR}],
-                            lr=lr, weight_decay=0.01)
+    opt = _optimizer(unet, text_encoder, lr)
     alphas = scheduler.alphas_cumprod.to(device)  # (T,)
     scheduler.set_timesteps(GRID_STEPS)
     grid = scheduler.timesteps.clone()
@@ -255,14 +250,7 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
     budget = minutes * 60
     # the step count is fixed by --max-steps when given (reproducible), else by the time budget
     total = max_steps or 10**9
-    run = {"seed": seed, "batch": batch, "lr": lr, "max_steps": max_steps, "threads": threads, "device": device}
-    stage = {"init": weights_digest(Path(init)) if init is not None else None, "temporal_weight": temporal_weight,
-             "noise": noise if noise != NOISES[0] else None}
-    stage = {k: v for k, v in stage.items() if v}  # (only when set: states of first-stage runs stay valid)
-    run |= stage
-    about = {"device": device, "max_steps": max_steps} | stage  # for the card
-    if init is not None and (Path(init) / "training.json").is_file():  # a second stage: the card tells both
-        about["first_stage"] = json.loads((Path(init) / "training.json").read_text())
+    run, about = _run_and_about(seed, batch, lr, max_steps, threads, device, init, temporal_weight, noise)
     modules = {"unet": unet, "text": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
     resumed = load_state(state_path(out), run, modules, opt, rng, gen, device) if max_steps else None
     step, losses, done_before = resumed or (0, [], 0.0)
@@ -280,38 +268,11 @@ def train(out: Path, minutes: float, seed: int, batch: int, lr: float, max_steps
             logger.info("piece ended at step %d of %d; state in %s: run again to go on", step, max_steps,
                         state_path(out))
             return None
-        clips, captions = sample_batch(rng, batch, FRAMES, SIZE)
-        x0 = torch.from_numpy(clips).float().div(127.5).sub(1).permute(0, 1, 4, 2, 3).to(device)  # (B, F, 3, H, W)
-        x0 = F.pixel_unshuffle(x0.flatten(0, 1), SHUFFLE).unflatten(0, (batch, FRAMES)).transpose(1, 2)  # (B, 3*s*s, F, h, w)
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        drop = torch.rand(batch, generator=gen) < 0.1
-        ids[drop] = empty
-        ids = ids.to(device)
-        # half the timesteps are the ones the sampler visits (the trailing 20-step grid, which holds the
-        # 10-step grid), half uniform over all: the capacity goes where sampling asks, other step counts
-        # still work
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        on_grid = torch.rand(batch, generator=gen) < GRID_SHARE
-        t = torch.where(on_grid, grid[torch.randint(0, len(grid), (batch,), generator=gen)], t).to(device)
-        # "correlated": AR(1) across frames (rho 0.9), neighbouring frames start from similar noise (stage 1);
-        # "independent": the model must tie the frames together itself (stage 2)
-        eps = torch.randn(x0.shape, generator=gen)
-        eps = (correlate_frames(eps, dim=2) if noise == "correlated" else eps).to(device)
-        a = alphas[t].view(-1, 1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        hidden = text_encoder(ids)[0].repeat_interleave(FRAMES, dim=0)  # (B*F, seq, dim)
-        pred = unet(xt, t, encoder_hidden_states=hidden, added_cond_kwargs=pooled_text_kwargs(hidden, batch)).sample
-        loss = F.mse_loss(pred, x0)  # x0 prediction
-        if temporal_weight:  # the motion: frame-to-frame differences (same optimum, more weight on time)
-            loss = loss + temporal_weight * F.mse_loss(pred.diff(dim=2), x0.diff(dim=2))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        x0, ids = _clip_batch(rng, gen, tokenizer, empty, batch, device)
+        xt, t = _noised(x0, alphas, grid, scheduler.config.num_train_timesteps, gen, noise)
+        loss = _loss(unet, text_encoder, xt, t, ids, x0, temporal_weight)
         progress = step / max_steps if max_steps else (time.time() - t0) / budget
-        for g in opt.param_groups:  # short warm-up, then cosine decay over the run
-            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-        opt.step()
+        _optimizer_step(opt, params, loss, step, progress)
         ema_update(((ema_unet, unet), (ema_text, text_encoder)), min(0.998, (1 + step) / (10 + step)))  # ~500 steps
         step = record_step(bar, losses, loss, step, t0)
         if save_every and step % save_every == 0:  # snapshots to look at mid-run; they do not change the run
@@ -335,6 +296,82 @@ def _card(seed, step, batch, lr, threads, t0, losses) -> dict:
             "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "final_loss": round(float(np.mean(losses[-200:])), 5), "loss_curve": [round(float(np.mean(losses[i:i + 100])), 5)
                                                                              for i in range(0, len(losses), 100)]}
+
+
+def _optimizer(unet, text_encoder, lr: float) -> torch.optim.AdamW:
+    """AdamW over both models, each group with its `base_lr` (the schedule scales it every step)."""
+    # the text encoder learns at a fifth of the UNet's rate: at the full rate its outputs for different
+    # captions collapsed within 1000 steps (black and white backgrounds 0.7 apart, norm 8) and the UNet
+    # learned to ignore the text
+    return torch.optim.AdamW([{"params": list(unet.parameters()), "base_lr": lr},
+                              {"params": list(text_encoder.parameters()), "base_lr": lr * TEXT_LR}],
+                             lr=lr, weight_decay=0.01)
+
+
+def _run_and_about(seed: int, batch: int, lr: float, max_steps: int | None, threads: int, device: str,
+                   init: Path | None, temporal_weight: float, noise: str) -> tuple[dict, dict]:
+    """The run's identity (a saved state continues only the same run) and what the card says beyond `_card`."""
+    run = {"seed": seed, "batch": batch, "lr": lr, "max_steps": max_steps, "threads": threads, "device": device}
+    stage = {"init": weights_digest(Path(init)) if init is not None else None, "temporal_weight": temporal_weight,
+             "noise": noise if noise != NOISES[0] else None}
+    stage = {k: v for k, v in stage.items() if v}  # (only when set: states of first-stage runs stay valid)
+    run |= stage
+    about = {"device": device, "max_steps": max_steps} | stage  # for the card
+    if init is not None and (Path(init) / "training.json").is_file():  # a second stage: the card tells both
+        about["first_stage"] = json.loads((Path(init) / "training.json").read_text())
+    return run, about
+
+
+def _clip_batch(rng, gen, tokenizer, empty, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of procedural clips as the model sees them, and their captions' token ids with 10% replaced
+    by the empty caption (for classifier-free guidance)."""
+    clips, captions = sample_batch(rng, batch, FRAMES, SIZE)
+    x0 = torch.from_numpy(clips).float().div(127.5).sub(1).permute(0, 1, 4, 2, 3).to(device)  # (B, F, 3, H, W)
+    x0 = F.pixel_unshuffle(x0.flatten(0, 1), SHUFFLE).unflatten(0, (batch, FRAMES)).transpose(1, 2)  # (B, 3*s*s, F, h, w)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    drop = torch.rand(batch, generator=gen) < 0.1
+    ids[drop] = empty
+    return x0, ids.to(device)
+
+
+def _noised(x0: torch.Tensor, alphas: torch.Tensor, grid: torch.Tensor, train_timesteps: int, gen,
+            noise: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clips noised to random timesteps: (x_t, t)."""
+    batch, device = len(x0), x0.device
+    # half the timesteps are the ones the sampler visits (the trailing 20-step grid, which holds the
+    # 10-step grid), half uniform over all: the capacity goes where sampling asks, other step counts
+    # still work
+    t = torch.randint(0, train_timesteps, (batch,), generator=gen)
+    on_grid = torch.rand(batch, generator=gen) < GRID_SHARE
+    t = torch.where(on_grid, grid[torch.randint(0, len(grid), (batch,), generator=gen)], t).to(device)
+    # "correlated": AR(1) across frames (rho 0.9), neighbouring frames start from similar noise (stage 1);
+    # "independent": the model must tie the frames together itself (stage 2)
+    eps = torch.randn(x0.shape, generator=gen)
+    eps = (correlate_frames(eps, dim=2) if noise == "correlated" else eps).to(device)
+    a = alphas[t].view(-1, 1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t
+
+
+def _loss(unet, text_encoder, xt: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, x0: torch.Tensor,
+          temporal_weight: float) -> torch.Tensor:
+    """The x0 prediction's MSE, plus `temporal_weight` times that of its frame-to-frame differences."""
+    hidden = text_encoder(ids)[0].repeat_interleave(FRAMES, dim=0)  # (B*F, seq, dim)
+    pred = unet(xt, t, encoder_hidden_states=hidden, added_cond_kwargs=pooled_text_kwargs(hidden, len(x0))).sample
+    loss = F.mse_loss(pred, x0)  # x0 prediction
+    if temporal_weight:  # the motion: frame-to-frame differences (same optimum, more weight on time)
+        loss = loss + temporal_weight * F.mse_loss(pred.diff(dim=2), x0.diff(dim=2))
+    return loss
+
+
+def _optimizer_step(opt, params: list, loss: torch.Tensor, step: int, progress: float) -> None:
+    """Backpropagate, clip the gradient norm to 1, set the learning rate for this point of the run, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    for g in opt.param_groups:  # short warm-up, then cosine decay over the run
+        g["lr"] = g["base_lr"] * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    opt.step()
 
 
 def main(argv=None) -> None:

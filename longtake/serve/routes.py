@@ -1,19 +1,14 @@
-"""The Ray Serve application: a thin FastAPI ingress, a job manager, an autoscaled denoiser.
+"""The HTTP API: the FastAPI `api` and the Ingress deployment that serves it (`@serve.ingress(api)`), a thin
+front of the Manager deployment (deployments.py).
 
-    Ingress (FastAPI: auth, limits, routes) -> Manager (job store, engine threads) -> Denoiser replicas
-                                                                                     (one model each,
-                                                                                      0..max replicas)
-The manager's engine threads send their jobs' windows to the denoiser deployment through the ServePool
-(actors/serve_pool.py: the jobs' shares of the replicas, timeouts, retries, the text encoder of a family whose
-denoisers do not hold it); a replica whose calls keep failing reports itself unhealthy and Serve replaces
-it (the blocklist of the Ray pool). The ingress bounds what a client can send: body size (read chunk by chunk),
-query integers, each key's uploads (files and bytes held), each key's open event streams (one poll of the
-manager per watched job, events.py), and, in the manager, the request's cost. It answers only to the Host
-names it serves (pages.py: against DNS rebinding).
+The ingress bounds what a client can send: body size (read chunk by chunk), query integers, each key's
+uploads (files and bytes held), each key's open event streams (one poll of the manager per watched job,
+events.py), and, in the manager, the request's cost. It answers only to the Host names it serves (pages.py:
+against DNS rebinding).
 
-Uploads (`POST /v1/files`) stream from the ingress into DATA_DIR/uploads (files.py; the data directory is
-shared by every pod, and private: cluster/private.py), are probed there, and are named by id in requests;
-the manager swaps ids for paths.
+Uploads (`POST /v1/files`) stream from the ingress into DATA_DIR/uploads (uploads.py parses the body,
+files.py keeps the file; the data directory is shared by every pod, and private: longtake/private.py), are
+probed there, and are named by id in requests; the manager swaps ids for paths.
 
 Clients: every /v1 route takes an API key (keys.py); jobs and uploads belong to the key's client and are
 404 to others (an admin key sees all). The contract: schema.py (the request body with this server's
@@ -31,7 +26,6 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import asdict, fields
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -40,104 +34,19 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.serve_pool import ServePool, denoiser_spec
-from longtake.actors.worker import Worker
-from longtake.cluster.jobs import SQLITE_INT_MAX, Conflict, iso
+from longtake.cluster.jobs import SQLITE_INT_MAX, iso
 from longtake.request import RequestError
+from longtake.serve.events import JobEvents, TooManyStreams
 from longtake.serve.files import FileStore, owner_of
 from longtake.serve.keys import Client, KeyStore
-from longtake.serve.manager import Gone, JobManager, Limits, NotCancellable, QueueFull, public_message
-from longtake.serve.events import JobEvents, TooManyStreams
+from longtake.serve.limits import Limits
+from longtake.serve.manager import JobManager, public_message
 from longtake.serve.pages import error, install, known_query, served_hosts
 from longtake.serve.schema import (FILE_ID, Accepted, Changed, FileDeleted, FileMeta, Job, JobList, Links, Me, errors,
                                    finish_openapi, request_schema)
+from longtake.serve.uploads import UPLOAD_BODY, TooLarge, Upload
 
 logger = logging.getLogger(__name__)
-
-
-@serve.deployment(autoscaling_config={"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 2},
-                  max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})
-class Denoiser:
-    """One loaded model; predicts windows and decodes for every job (and encodes, for small text encoders).
-
-    After `blocklist_after` failed calls it reports itself unhealthy, and Serve replaces it."""
-
-    def __init__(self, model_path: str, device: str = "cpu", blocklist_after: int = 3, worker_cls: type = Worker):
-        self.worker = worker_cls(denoiser_spec(model_path, device))
-        self.blocklist_after, self.failures = blocklist_after, 0
-
-    def _do(self, method: str, *args):
-        try:
-            return getattr(self.worker, method)(*args)
-        except Exception:
-            self.failures += 1
-            raise
-
-    def info(self) -> dict:
-        """This replica's process and its failed calls so far."""
-        return {"pid": os.getpid(), "failures": self.failures}
-
-    def check_health(self):
-        if self.blocklist_after and self.failures >= self.blocklist_after:
-            raise RuntimeError(f"{self.failures} failed calls: this replica is replaced")
-
-    def encode(self, *args):
-        return self._do("encode", *args)
-
-    def predict(self, *args):
-        return self._do("predict", *args)
-
-    def decode(self, *args):
-        return self._do("decode", *args)
-
-    def encode_frames(self, *args):
-        return self._do("encode_frames", *args)
-
-    def decode_stream(self, *args):
-        yield from self.worker.decode_stream(*args)
-
-    def has_text_encoder(self) -> bool:
-        return getattr(self.worker.backend, "text_encoder", None) is not None
-
-
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-class Manager:
-    def __init__(self, denoiser: DeploymentHandle, data_dir: str, model: str, max_replicas: int, limits: dict,
-                 device: str = "cpu", model_name: str | None = None):
-        from longtake.cluster.private import private_dir
-
-        os.umask(0o077)  # this replica's process writes the job store, checkpoints and videos: the owner's only
-        private_dir(data_dir, "data_dir")
-        lim = Limits(**limits)
-        pool = ServePool(denoiser, max_replicas, model, device, timeout_s=lim.task_timeout_s,
-                         max_attempts=lim.max_attempts)
-        self.manager = JobManager(data_dir, pool, model, lim, model_name)
-
-    async def call(self, method: str, *args):
-        """{"value": ...}, or {"gone": message} for a deleted job: errors travel as values across Ray."""
-        # the manager's methods touch SQLite and join threads: keep them off the event loop
-        try:
-            return {"value": await asyncio.to_thread(getattr(self.manager, method), *args)}
-        except Gone as e:
-            return {"gone": str(e)}
-        except NotCancellable as e:
-            return {"conflict": str(e)}
-
-    async def submit(self, body: dict, idempotency_key: str | None, client: str | None = None,
-                     max_jobs: int | None = None) -> dict:
-        """Errors come back as values, not exceptions, across the Ray boundary."""
-        try:
-            job, created = await asyncio.to_thread(self.manager.submit, body, idempotency_key, client, max_jobs)
-        except RequestError as e:
-            return {"error": "invalid", "field": e.field, "message": public_message(str(e))}
-        except QueueFull as e:
-            return {"error": "full", "message": str(e)}
-        except Conflict as e:
-            return {"error": "conflict", "message": str(e)}
-        return {"job": job, "created": created}
-
-    def __del__(self):
-        self.manager.close()
 
 
 api = FastAPI(dependencies=[Depends(known_query)], title="longtake", description="Long AI video rendering: submit, watch, download. Every /v1 route "
@@ -148,85 +57,6 @@ JOB_ID = FilePath(pattern=r"^[0-9a-f]{16}$", description="A job id.")
 LINK = Query(None, pattern=r"^[0-9]{1,12}\.[0-9a-f]{32}$", description="A signed link (POST /v1/videos/{job_id}/links) "
              "instead of the Authorization header.")
 LINK_TTL_S = 3600
-
-
-class TooLarge(Exception):
-    pass
-
-
-class Upload:
-    """A multipart/form-data body parsed as it streams: its one part named `file` written to `path`, at
-    most `limit` bytes of it, and at most `limit` + 1 MiB of body in all. `quota`: (bytes, error), a second
-    bound on the file (the room left in its key's upload quota) and the error past it."""
-
-    def __init__(self, path, boundary: bytes, limit: int, quota: tuple[int, str] | None = None):
-        from python_multipart.multipart import MultipartParser
-
-        self.path, self.limit, self.quota = path, limit, quota
-        self.parts, self.size, self.body = 0, 0, 0
-        self.filename: str | None = None
-        self._out = None
-        self._header: list[bytes] = [b"", b""]
-        self._headers: dict[bytes, bytes] = {}
-        self.parser = MultipartParser(boundary, {
-            "on_part_begin": self._begin, "on_header_field": lambda d, a, b: self._add(0, d[a:b]),
-            "on_header_value": lambda d, a, b: self._add(1, d[a:b]), "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished, "on_part_data": self._data, "on_part_end": self._end})
-
-    def _begin(self):
-        self._headers, self._out = {}, None
-
-    def _add(self, i: int, data: bytes):
-        self._header[i] += data
-
-    def _header_end(self):
-        self._headers[self._header[0].strip().lower()] = self._header[1].strip()
-        self._header = [b"", b""]
-
-    def _headers_finished(self):
-        from python_multipart.multipart import parse_options_header
-
-        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        if params.get(b"name") == b"file":
-            self.parts += 1
-            if self.parts == 1:
-                self.filename = params.get(b"filename", b"").decode("utf-8", "replace")
-                self._out = open(self.path, "wb")
-
-    def _data(self, data: bytes, start: int, end: int):
-        if self._out is not None:
-            self.size += end - start
-            if self.size > self.limit:
-                raise TooLarge(f"file of more than {self.limit} bytes, at most {self.limit}")
-            if self.quota is not None and self.size > self.quota[0]:
-                raise TooLarge(self.quota[1])
-            self._out.write(data[start:end])
-
-    def _end(self):
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-
-    def write(self, chunk: bytes):
-        self.body += len(chunk)
-        if self.body > self.limit + 2**20:
-            raise TooLarge(f"body of more than {self.limit + 2**20} bytes (a file of at most {self.limit})")
-        self.parser.write(chunk)
-
-    def close(self):
-        self.parser.finalize()
-        self._end()
-
-    def abort(self):
-        """Stop: the partial file is removed."""
-        self._end()
-        self.path.unlink(missing_ok=True)
-
-
-UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary",
-                            "description": "An image (PNG, JPEG, WebP...) or a video (MP4, WebM...)."}}}}}}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -241,7 +71,7 @@ class Ingress:
 
     def __init__(self, manager: DeploymentHandle, token: str, limits: dict, data_dir: str, model_path: str | None = None,
                  model_name: str | None = None, hosts: list[str] | None = None):
-        from longtake.cluster.private import private_dir
+        from longtake.private import private_dir
         from longtake.serve import load_or_create_secret
 
         os.umask(0o077)  # this replica's process writes uploads: the owner's only
@@ -543,74 +373,3 @@ class Ingress:
         if was is None:
             raise HTTPException(404, f"no job {job_id}")
         return {"id": job_id, "status": "deleted", "was": was}
-
-
-def start_server(model_path: str, data_dir: str, token: str, host: str, port: int, min_replicas: int,
-                 max_replicas: int, limits: Limits, model_name: str | None = None, allowed_hosts=(),
-                 address: str | None = None, device: str | None = None) -> bool:
-    """`longtake serve`: start (or join) Ray, then Serve's proxy on host:port with the app on `device` (None:
-    the cluster's: cuda where it has a GPU). Returns whether Ray was started here (`stop_server` stops it
-    then)."""
-    from longtake.actors import ray_boot
-
-    started = ray_boot.start_ray(address)
-    device = device or ("cuda" if ray_boot.cluster_resources().get("GPU", 0) >= 1 else "cpu")
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(model_path, data_dir, token, device, min_replicas, max_replicas, limits,
-                        model_name=model_name, allowed_hosts=allowed_hosts), name="longtake", route_prefix="/")
-    return started
-
-
-def stop_server(started_ray: bool) -> None:
-    """Shut Serve down (if it is up), and Ray too when `start_server` started it."""
-    import ray
-
-    from longtake.actors import ray_boot
-
-    if ray.is_initialized():
-        serve.shutdown()
-        if started_ray:
-            ray_boot.stop_ray()
-
-
-def build_app(model_path: str, data_dir: str, token: str, device: str = "cpu", min_replicas: int = 0,
-              max_replicas: int = 2, limits: Limits = Limits(), downscale_delay_s: float = 30,
-              model_name: str | None = None, worker_cls: type = Worker, allowed_hosts: list[str] | None = None):
-    """The bound application, ready for serve.run(). `model_name` is what clients see (default: the
-    model directory's name); `allowed_hosts` the Host names the API answers to (pages.served_hosts;
-    default: the loopback names only)."""
-    denoiser = Denoiser.options(autoscaling_config={
-        "min_replicas": min_replicas, "max_replicas": max_replicas, "initial_replicas": min_replicas,
-        "target_ongoing_requests": 2, "upscale_delay_s": 1, "downscale_delay_s": downscale_delay_s},
-        ray_actor_options={"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1},
-        health_check_period_s=2,
-    ).bind(model_path, device, limits.blocklist_after, worker_cls)
-    manager = Manager.bind(denoiser, data_dir, model_path, max_replicas, asdict(limits), device, model_name)
-    return Ingress.bind(manager, token, asdict(limits), data_dir, model_path, model_name or Path(model_path).name,
-                        list(allowed_hosts) if allowed_hosts is not None else None)
-
-
-def app_builder(args: dict):
-    """Application builder for `serve deploy` / KubeRay (see deploy/serve_config.yaml).
-
-    args: model ('default' or a directory), data_dir (default: serve.default_data_dir(), a per-user
-    directory; it must be private: cluster/private.py), device ('cpu' | 'cuda'), min_replicas, max_replicas,
-    allowed_hosts (the Host names the API answers to besides the loopback ones: the service's names, or
-    ['*']), and optional limits (the fields of serve.manager.Limits: max_seconds, max_fps, max_steps,
-    max_side, max_timeline_keys, max_model_evaluations, max_latent_mb, max_queued, max_running,
-    max_body_bytes, ...). The API token comes from $LONGTAKE_API_TOKEN (a Kubernetes secret), else
-    DATA_DIR/api_token."""
-    from longtake.cluster.private import private_dir
-    from longtake.pipelines import inspect_model
-    from longtake.serve import default_data_dir, load_or_create_token
-
-    model = inspect_model(args.get("model", "default"))
-    data_dir = str(private_dir(args.get("data_dir") or default_data_dir(), "data_dir"))
-    token, _ = load_or_create_token(data_dir)
-    limit_keys = {f.name for f in fields(Limits)}
-    limits = Limits(**{k: v for k, v in args.items() if k in limit_keys})
-    hosts = args.get("allowed_hosts")
-    return build_app(model.path, data_dir, token, args.get("device", "cpu"), int(args.get("min_replicas", 0)),
-                     int(args.get("max_replicas", 2)), limits, float(args.get("downscale_delay_s", 30)),
-                     model_name=args.get("model", "default"),
-                     allowed_hosts=served_hosts(None, [hosts] if isinstance(hosts, str) else hosts))

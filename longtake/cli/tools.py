@@ -1,0 +1,136 @@
+"""`longtake eval` and `longtake bench`: developer tools reached from the CLI. longtake.tools.evaluate and
+longtake.tools.bench are imported only when their command runs; each writes a JSON file (and, with --table,
+a Markdown table) and prints its figures as strict JSON on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from longtake.cli.output import (interrupted, log_above_progress_bars, quiet_libraries, reserved_stdout,
+                                 stop_on_signals, strict_json)
+from longtake.request import PLAN_MODES, RequestError
+
+
+def _publish(name: str, write, result: dict, args: argparse.Namespace, emit, key: str) -> None:
+    """bench / eval: the JSON file (and the Markdown table, where asked), then the figures on stdout."""
+    command = f"longtake {name} " + " ".join(sys.argv[2:]) if sys.argv[1:2] == [name] else f"longtake {name}"
+    write(result, args.out, args.table, command)
+    emit(json.dumps(strict_json(result[key]), indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from longtake.cluster.engine import prepare
+    from longtake.cluster.runtime import make_ray_pool
+    from longtake.tools.evaluate import evaluate, junctions, pose_follow, write, write_junctions, write_pose
+
+    try:
+        for name, low in (("clips", 1), ("long_clips", 0), ("visible_prompts", 0), ("visible_seeds", 1),
+                          ("pose_renders", 1), ("modes_seeds", 1)):
+            if getattr(args, name) < low:
+                raise RequestError(name, getattr(args, name), f"an integer >= {low}")
+        for name in ("seconds", "long_seconds", "visible_seconds", "pose_seconds"):
+            if not getattr(args, name) > 0:
+                raise RequestError(name, getattr(args, name), "a number of seconds > 0")
+        job = prepare({"prompt": "a red ball moving right on a blue background", "model": args.model,
+                       "workers": args.workers, "out": "eval.mp4"})
+    except RequestError as e:
+        print(f"longtake eval: error: {e}", file=sys.stderr)
+        return 2
+    stop_on_signals()
+    with reserved_stdout() as emit, log_above_progress_bars():
+        try:
+            quiet_libraries("ray", "diffusers")
+            from longtake.actors.ray_boot import stop_ray
+
+            pool, started = make_ray_pool(job)
+            try:
+                if args.suite == "pose":
+                    result = pose_follow(pool, args.model, args.pose_renders, args.pose_seconds,
+                                         progress=not args.quiet)
+                elif args.suite == "modes":
+                    result = junctions(pool, args.model, args.modes_seeds, progress=not args.quiet)
+                else:
+                    result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips,
+                                      args.long_seconds, progress=not args.quiet,
+                                      visible_prompts=args.visible_prompts, visible_seeds=args.visible_seeds,
+                                      visible_seconds=args.visible_seconds, plan=args.plan)
+            finally:
+                pool.shutdown()
+                if started:
+                    stop_ray()
+        except KeyboardInterrupt:
+            return interrupted("eval", "nothing written")
+        writer = {"pose": write_pose, "modes": write_junctions}.get(args.suite, write)
+        _publish("eval", writer, result, args, emit, "summary")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from longtake.tools.bench import bench, write
+    from longtake.pipelines import inspect_model
+
+    try:
+        inspect_model(args.model)
+    except RequestError as e:
+        print(f"longtake bench: error: {e}", file=sys.stderr)
+        return 2
+    stop_on_signals()
+    with reserved_stdout() as emit, log_above_progress_bars():
+        try:
+            quiet_libraries("ray", "ray.serve", "diffusers", "transformers")
+            result = bench(quick=args.quick, device=args.device, model=args.model, progress=not args.quiet,
+                           workers_per_node=args.workers_per_node, bandwidth_gbps=args.bandwidth_gbps)
+        except KeyboardInterrupt:
+            return interrupted("bench", "nothing written")
+        _publish("bench", write, result, args, emit, "figures")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="measure colour, motion, seams and drift of a model on fixed prompts",
+                        description="Render fixed prompts and seeds and measure colour accuracy, motion accuracy, "
+                                    "seam continuity (fused vs naive windows) and drift.")
+    ev.add_argument("--model", default="default", help="model directory or name (default: the bundled model)")
+    ev.add_argument("--clips", type=int, default=50, help="short clips (default 50)")
+    ev.add_argument("--seconds", type=float, default=8, help="length of the short clips (default 8)")
+    ev.add_argument("--long-clips", type=int, default=2, help="60-second clips for drift (default 2)")
+    ev.add_argument("--long-seconds", type=float, default=60, help="length of the long clips (default 60)")
+    ev.add_argument("--visible-prompts", type=int, default=5, help="prompts of the object-visible renders, make "
+                                                                    "demo's first (default 5; 0: none)")
+    ev.add_argument("--visible-seeds", type=int, default=2, help="seeds per object-visible prompt (default 2)")
+    ev.add_argument("--visible-seconds", type=float, default=60, help="length of the object-visible renders "
+                                                                      "(default 60)")
+    ev.add_argument("--suite", choices=("main", "pose", "modes"), default="main",
+                    help="main: the figures above; pose: pose-driven renders (a reference image and a silhouette "
+                         "path each): the share of frames on the path and how well the reference's look is kept; "
+                         "modes: how smoothly image to video, extend, bridge and loop join their inputs")
+    ev.add_argument("--pose-renders", type=int, default=4, help="pose suite: renders, paths and scenes in turn "
+                                                                "(default 4)")
+    ev.add_argument("--pose-seconds", type=float, default=20, help="pose suite: length of each render (default 20)")
+    ev.add_argument("--plan", choices=PLAN_MODES, default="auto", help="main suite: every request's plan (auto, the "
+                    "default: the bundled model's motion plan; none: the model alone)")
+    ev.add_argument("--modes-seeds", type=int, default=5, help="modes suite: seeds of each mode (default 5)")
+    ev.add_argument("--workers", type=int, help="Ray workers (default: one per CPU core)")
+    ev.add_argument("--out", default="eval.json", help="JSON results (default eval.json)")
+    ev.add_argument("--table", metavar="PATH", help="also write the Markdown table there (default: no table; "
+                                                    "the bundled model's is longtake/models/default/EVAL.md)")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+
+
+def add_bench_parser(sub) -> None:
+    bn = sub.add_parser("bench", help="measure efficiency, overhead, seams, memory, encoding, vs diffusers",
+                        description="Benchmarks, every figure a ratio taken in one run; writes a JSON file and, "
+                                    "with --table, a Markdown table (see BENCHMARKS.md).")
+    bn.add_argument("--quick", action="store_true", help="shorter clips and fewer of them (under 10 minutes on 2 cores)")
+    bn.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where workers run (default cpu)")
+    bn.add_argument("--model", default="default", help="the model for scaling, seams and memory (default: bundled)")
+    bn.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+    bn.add_argument("--table", metavar="PATH", help="also write the Markdown table there (default: no table; "
+                                                    "the repository's is BENCHMARKS.md)")
+    bn.add_argument("--workers-per-node", type=int, default=8, help="projection: workers per node (default 8)")
+    bn.add_argument("--bandwidth-gbps", type=float, default=10.0, help="projection: driver network, Gb/s (default 10)")
+    bn.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    bn.set_defaults(func=cmd_bench)
