@@ -173,7 +173,7 @@ def test_serve_from_any_directory_says_failures_and_stops_at_once_on_sigint(tmp_
     assert proc.returncode == 0, stderr
     assert proc.stdout.read() == ""
     assert foreign_lines(stderr) == []
-    assert f"longtake serve: job {failed['id']} failed: RequestError: control_scale" in stderr, stderr
+    assert f"longtake serve: job {failed['id']} failed: request: control_scale: got 0.5" in stderr, stderr
     assert f"job {done['id']}" not in stderr
 
 

@@ -105,82 +105,18 @@ def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: in
     included, so that the pose changes the frames; with `ip_adapter`: also a CLIP vision encoder with
     projection, its image processor and a random IP-Adapter in ip_adapter/, see `ip_adapter_state_dict`);
     returns the pipeline object (without the IP-Adapter loaded: `load_ip_adapter` reads it from the directory)."""
-    from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AutoencoderKL, ControlNetModel,
-                           DDIMScheduler, MotionAdapter, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AnimateDiffControlNetPipeline, AnimateDiffPipeline
+    from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
     tok_dir = out_dir / "_tokenizer_src"
     vocab_file, merges_file = write_tokenizer_files(tok_dir)
     tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        # attention only at the lower resolution: cheap enough for a laptop CPU
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=4,
-    )
-    motion_adapter = MotionAdapter(
-        block_out_channels=(16, 32),
-        motion_layers_per_block=1,
-        motion_norm_num_groups=4,
-        motion_num_attention_heads=2,
-        motion_max_seq_length=frames,
-    )
-    vae = AutoencoderKL(  # 3 blocks: 4x spatial compression, 64x64 frames from 16x16 latents
-        block_out_channels=(16, 32, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=len(tokenizer) - 2,
-            eos_token_id=len(tokenizer) - 1,
-            pad_token_id=len(tokenizer) - 1,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False, steps_offset=1
-    )
-    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=motion_adapter,
-                 scheduler=scheduler)
-    net = None
-    if controlnet:
-        net = ControlNetModel(block_out_channels=(16, 32), layers_per_block=1, in_channels=4,
-                              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
-                              attention_head_dim=8, norm_num_groups=4,
-                              conditioning_embedding_out_channels=(8, 16, 16))  # 4x down: the VAE's factor
-        with torch.no_grad():
-            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
-                torch.nn.init.normal_(conv.weight, std=0.05)
+    torch.manual_seed(seed)  # the components draw their weights in this order, as they always have
+    parts = _tiny_animatediff_parts(tokenizer, frames)
+    net = _tiny_controlnet() if controlnet else None
     if ip_adapter:  # made after the rest, so the other weights equal those of the model without it
-        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        # image_embeds (16 wide) of 32 px crops in 8 x 8 patches of 4 px
-        parts["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            patch_size=4, projection_dim=16))
-        parts["feature_extractor"] = CLIPImageProcessor(size={"shortest_edge": 32},
-                                                        crop_size={"height": 32, "width": 32})
+        parts.update(_tiny_image_encoder())
     pipe = AnimateDiffControlNetPipeline(controlnet=net, **parts) if controlnet else AnimateDiffPipeline(**parts)
     _save(pipe, out_dir)
     if ip_adapter:
@@ -194,6 +130,58 @@ def build_tiny_animatediff(out_dir: str | os.PathLike, seed: int = 0, frames: in
         f.unlink()
     tok_dir.rmdir()
     return pipe
+
+
+def _tiny_animatediff_parts(tokenizer, frames: int) -> dict:
+    """The tiny AnimateDiff's components (random weights, in this order): a 2-level UNet, its motion
+    adapter, a 3-block VAE, a 2-layer CLIP text encoder, a DDIM scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        # attention only at the lower resolution: cheap enough for a laptop CPU
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=4)
+    motion_adapter = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_norm_num_groups=4,
+                                   motion_num_attention_heads=2, motion_max_seq_length=frames)
+    vae = AutoencoderKL(  # 3 blocks: 4x spatial compression, 64x64 frames from 16x16 latents
+        block_out_channels=(16, 32, 32), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4, sample_size=64)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1,
+        hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer)))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
+                              steps_offset=1)
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=motion_adapter,
+                scheduler=scheduler)
+
+
+def _tiny_controlnet():
+    """A ControlNet of the tiny UNet's shape whose output convolutions and control embedding are random, not
+    zero (so that the pose changes the frames)."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel(block_out_channels=(16, 32), layers_per_block=1, in_channels=4,
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
+                          attention_head_dim=8, norm_num_groups=4,
+                          conditioning_embedding_out_channels=(8, 16, 16))  # 4x down: the VAE's factor
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(conv.weight, std=0.05)
+    return net
+
+
+def _tiny_image_encoder() -> dict:
+    """An IP-Adapter's image encoder and its processor: image_embeds (16 wide) of 32 px crops in 8 x 8
+    patches of 4 px."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return {"image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                patch_size=4, projection_dim=16)),
+            "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})}
 
 
 def ip_adapter_state_dict(unet, image_embed_dim: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
