@@ -1,6 +1,6 @@
 """Chaos run: several farm jobs on a local multi-node Ray cluster while workers and nodes are killed.
 
-    python scripts/chaos.py [--jobs 3] [--nodes 3] [--limit 300] [--kill-every 3] [--model tiny]
+    python scripts/chaos.py [--jobs 3] [--nodes 3] [--limit 300] [--kill-every 3] [--max-faults 0] [--model tiny]
 
 1. Render every job undisturbed, in one process (the reference frames_sha256).
 2. Start a `ray.cluster_utils.Cluster`: a head with no CPUs and N worker nodes with 1 CPU each.
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="workers per job")
     ap.add_argument("--limit", type=float, default=300, help="seconds for the whole run")
     ap.add_argument("--kill-every", type=float, default=3.0, help="seconds between faults")
+    ap.add_argument("--max-faults", type=int, default=0, help="stop disturbing after this many faults (0: never)")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--steps", type=int, default=12)
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
             thread.join(rng.uniform(0.5, 1.5) * args.kill_every)
             if not thread.is_alive():
                 break
+            if args.max_faults and len(faults) >= args.max_faults:  # the rest of the run undisturbed
+                continue
             if rng.random() < 0.7:
                 victims = actor_processes()
                 if victims:

@@ -159,6 +159,26 @@ def inproc(family):
     pool.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_pool(family, ray_session):
+    """ray_pool(spec): 2 Ray workers of this family, started once for the family's tests (the family's tests
+    run together: `family` is module-scoped); another spec replaces them."""
+    from longtake.actors.ray_pool import RayPool
+
+    held = {}
+
+    def pool_for(spec):
+        if held.get("spec") != spec:
+            if "pool" in held:
+                held.pop("pool").shutdown()
+            held.update(spec=spec, pool=RayPool(spec, 2))
+        return held["pool"]
+
+    yield pool_for
+    if "pool" in held:
+        held["pool"].shutdown()
+
+
 def _req(fam: Family, path: str, out, **kw) -> dict:
     return {"prompt": "a red ball moving right", "negative_prompt": "blurry", "model": path, "out": str(out),
             **fam.request, **(fam.extra(path) if fam.extra else {}), **kw}
@@ -191,20 +211,14 @@ def test_one_window_matches_the_diffusers_pipeline(tmp_path, family, inproc, gui
     assert ours.std() > 1  # not a blank clip
 
 
-def test_pools_give_identical_frames(tmp_path, family, inproc, ray_session):
-    from longtake.actors.ray_pool import RayPool
-
+def test_pools_give_identical_frames(tmp_path, family, inproc, ray_pool):
     fam, path = family
     job = prepare(_req(fam, path, tmp_path / "a.mp4"))
     assert len(job.windows) >= 3
     ref, ref_frames = _frames(inproc, job)
     assert ref.frames == job.frames == round(job.request.seconds * job.request.fps)
     spec, _ = worker_plan(job, gpus=0, cpus=2)
-    pool = RayPool(spec, 2)
-    try:
-        res, frames = _frames(pool, prepare({**job.request.model_dump(), "out": str(tmp_path / "b.mp4")}))
-    finally:
-        pool.shutdown()
+    res, frames = _frames(ray_pool(spec), prepare({**job.request.model_dump(), "out": str(tmp_path / "b.mp4")}))
     assert res.workers == 2 and res.frames_sha256 == ref.frames_sha256
     assert np.array_equal(frames, ref_frames)
 
@@ -263,13 +277,12 @@ def test_bad_input_names_the_field(tmp_path, family):
 
 
 def test_known_frames_and_loops_are_deterministic_on_every_pool_and_after_a_resume(tmp_path, family, inproc,
-                                                                                   ray_session):
+                                                                                   ray_pool):
     """A bridge (extend + lead_into) with a keyframe, a loop and a video redrawn at strength 0.9: the same
     frames on the in-process pool, on 2 Ray workers, and after a pause and a resume; the input clips are
     passed through as read."""
     from PIL import Image
 
-    from longtake.actors.ray_pool import RayPool
     from longtake.video import read_frames
 
     fam, path = family
@@ -283,25 +296,22 @@ def test_known_frames_and_loops_are_deterministic_on_every_pool_and_after_a_resu
     loop = _req(fam, path, tmp_path / "loop.mp4", loop=True)
     redraw = _req(fam, path, tmp_path / "redraw.mp4", video=str(tmp_path / "clip.mp4"), strength=0.9)
     spec, _ = worker_plan(prepare(loop), gpus=0, cpus=2)
-    pool = RayPool(spec, 2)
-    try:
-        for req in (bridge, loop, redraw):
-            job = prepare(req)
-            ref, frames = _frames(inproc, job)
-            on_ray = run(prepare({**req, "out": str(tmp_path / "ray.mp4")}), pool, progress=False)
-            assert on_ray.frames_sha256 == ref.frames_sha256, req
-            ckpt = Checkpointer(tmp_path / f"ckpt-{req['out'][-8:]}", every=1,
-                                fingerprint=fingerprint(job, "float32", "cpu"))
-            done = {"n": 0}
-            skipped = job.steps - int(job.steps * job.inputs.strength)  # video to video starts later
-            with pytest.raises(Cancelled):
-                run(job, inproc, progress=False, on_progress=lambda p: done.update(n=p["window_steps_done"]),
-                    cancelled=lambda: "paused" if done["n"] > (skipped + 1) * len(job.windows) else None,
-                    checkpoint=ckpt)
-            resumed = run(job, inproc, progress=False, checkpoint=ckpt)
-            assert resumed.resumed_from_step == skipped + 1 and resumed.frames_sha256 == ref.frames_sha256
-    finally:
-        pool.shutdown()
+    pool = ray_pool(spec)
+    for req in (bridge, loop, redraw):
+        job = prepare(req)
+        ref, frames = _frames(inproc, job)
+        on_ray = run(prepare({**req, "out": str(tmp_path / "ray.mp4")}), pool, progress=False)
+        assert on_ray.frames_sha256 == ref.frames_sha256, req
+        ckpt = Checkpointer(tmp_path / f"ckpt-{req['out'][-8:]}", every=1,
+                            fingerprint=fingerprint(job, "float32", "cpu"))
+        done = {"n": 0}
+        skipped = job.steps - int(job.steps * job.inputs.strength)  # video to video starts later
+        with pytest.raises(Cancelled):
+            run(job, inproc, progress=False, on_progress=lambda p: done.update(n=p["window_steps_done"]),
+                cancelled=lambda: "paused" if done["n"] > (skipped + 1) * len(job.windows) else None,
+                checkpoint=ckpt)
+        resumed = run(job, inproc, progress=False, checkpoint=ckpt)
+        assert resumed.resumed_from_step == skipped + 1 and resumed.frames_sha256 == ref.frames_sha256
     job = prepare(bridge)
     new = round(fam.request["seconds"] * fam.request["fps"])
     assert not job.loop and prepare(loop).loop

@@ -368,15 +368,34 @@ def _step(store, job_id) -> int:
     return (store.get(job_id).progress or {}).get("step", 0)
 
 
-def _running(tmp_path, request: dict, step: int, **runner_kw):
-    """Submit one job, start a runner thread on it and wait until it is at `step`."""
+def _running(tmp_path, request: dict, step: int, stay: bool = False, **runner_kw):
+    """Submit one job, start a runner thread on it and wait until it is at `step`. `stay`: the runner waits
+    for more work when the job ends (its pool kept for the job's second run: `_second_run`)."""
     farm_dir = tmp_path / "farm"
     (record, _), = farm.submit(farm_dir, [(request, 0, None)])
-    runner = _runner(farm_dir, **runner_kw)
-    thread = _start(runner)
+    runner = _runner(farm_dir, **({"poll_s": 0.1} if stay else {}), **runner_kw)
+    thread = threading.Thread(target=runner.serve_forever, kwargs={"exit_when_idle": not stay}, daemon=True)
+    thread.start()
     store = farm.open_store(farm_dir)
     wait_for(lambda: _step(store, record.id) >= step, 120, f"step {step}")
     return farm_dir, record, runner, thread, store
+
+
+def _ended(farm_dir, store, job_id, said: str, timeout: float = 120):
+    """Wait until the runner has ended the job's run: its log says `said` (the runner is still up)."""
+    log = farm.job_dir(farm_dir, job_id) / "log.txt"
+    wait_for(lambda: log.is_file() and said in log.read_text(), timeout, f"'{said}' in the job's log")
+    return store.get(job_id)
+
+
+def _second_run(runner, thread, store, job_id):
+    """The job's second run on the same runner (and pool); the runner stopped after it."""
+    try:
+        wait_for(lambda: store.get(job_id).state in ("done", "failed"), 180, "the second run's end")
+    finally:
+        runner.stop.set()
+        thread.join(60)
+    return store.get(job_id)
 
 
 def test_killed_worker_window_is_retried_and_logged(tmp_path, tiny_model, reference, ray_session, capsys):
@@ -503,17 +522,16 @@ def test_cancel_while_encoding_leaves_no_ffmpeg_and_no_partial_file(tmp_path, ti
 
 
 def test_pause_and_resume_mid_job_give_identical_frames(tmp_path, tiny_model, reference, ray_session):
-    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 3, worker_cls=SlowWorker,
-                                                       checkpoint_every=4, lease_s=0.2)  # the lease may see it first
+    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 3, stay=True,
+                                                       worker_cls=SlowWorker, checkpoint_every=4,
+                                                       lease_s=0.2)  # the lease may see it first
     farm.control(farm_dir, "pause", record.id)
-    thread.join(60)
-    assert store.get(record.id).state == "paused"
+    assert _ended(farm_dir, store, record.id, "paused at step").state == "paused"
     names = [p.name for p in Checkpointer(farm.job_dir(farm_dir, record.id) / "checkpoints", 1, "").paths()]
     paused_at = int(re.search(r"paused at step (\d+)", (farm.job_dir(farm_dir, record.id) / "log.txt").read_text())[1])
     assert paused_at >= 2 and names[0] == f"step-{paused_at:06d}.safetensors"  # checkpointed where it paused, not at k
     farm.control(farm_dir, "resume", record.id)
-    runner.serve_forever(exit_when_idle=True)
-    done = store.get(record.id)
+    done = _second_run(runner, thread, store, record.id)
     assert done.state == "done" and done.result["frames_sha256"] == reference()
     assert done.result["resumed_from_step"] == paused_at
 
@@ -522,11 +540,10 @@ def test_unwritable_output_fails_keeps_checkpoints_and_retry_finishes(tmp_path, 
     outdir = tmp_path / "deliveries"
     outdir.mkdir()
     farm_dir, record, runner, thread, store = _running(
-        tmp_path, job_request(tiny_model, out=str(outdir / "shot.mp4")), 2, worker_cls=SlowWorker)
+        tmp_path, job_request(tiny_model, out=str(outdir / "shot.mp4")), 2, stay=True, worker_cls=SlowWorker)
     outdir.rename(tmp_path / "moved")
     outdir.write_text("not a directory any more")  # the delivery path is gone mid-job (root ignores chmod)
-    thread.join(120)
-    failed = store.get(record.id)
+    failed = _ended(farm_dir, store, record.id, "failed: ")
     assert failed.state == "failed"
     assert "cannot write" in failed.error and "shot.mp4" in failed.error and f"longtake retry {record.id}" in failed.error
     checkpoints = list((farm.job_dir(farm_dir, record.id) / "checkpoints").glob("step-*.safetensors"))
@@ -534,24 +551,22 @@ def test_unwritable_output_fails_keeps_checkpoints_and_retry_finishes(tmp_path, 
     outdir.unlink()
     (tmp_path / "moved").rename(outdir)
     farm.control(farm_dir, "retry", record.id)
-    runner.serve_forever(exit_when_idle=True)
-    done = store.get(record.id)
+    done = _second_run(runner, thread, store, record.id)
     assert done.state == "done" and done.result["frames_sha256"] == reference()
     assert done.result["resumed_from_step"] == STEPS  # only decoding was redone
     assert (outdir / "shot.mp4").is_file() and [p.name for p in outdir.iterdir()] == ["shot.mp4"]
 
 
 def test_disk_full_fails_keeps_checkpoints_and_retry_finishes(tmp_path, tiny_model, reference, ray_session):
-    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 5, worker_cls=SlowWorker)
+    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 5, stay=True,
+                                                       worker_cls=SlowWorker)
     runner.min_free_mb = 1e12  # the disk "fills": less free than the farm must keep
-    thread.join(120)
-    failed = store.get(record.id)
+    failed = _ended(farm_dir, store, record.id, "failed: ")
     assert failed.state == "failed" and "disk full" in failed.error and "checkpoints kept" in failed.error
     assert Checkpointer(farm.job_dir(farm_dir, record.id) / "checkpoints", 1, "").paths()
     runner.min_free_mb = 0  # space is back
     farm.control(farm_dir, "retry", record.id)
-    runner.serve_forever(exit_when_idle=True)
-    done = store.get(record.id)
+    done = _second_run(runner, thread, store, record.id)
     assert done.state == "done" and done.result["frames_sha256"] == reference()
     assert done.result["resumed_from_step"] >= 4
 
@@ -569,18 +584,17 @@ def test_runner_takes_jobs_by_priority_then_submit_time(tmp_path, tiny_model, ra
 
 
 def test_corrupt_checkpoint_on_resume_falls_back_with_a_log_line(tmp_path, tiny_model, reference, ray_session):
-    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 5, worker_cls=SlowWorker,
-                                                       checkpoint_every=2)
+    farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 5, stay=True,
+                                                       worker_cls=SlowWorker, checkpoint_every=2)
     farm.control(farm_dir, "pause", record.id)
-    thread.join(60)
+    _ended(farm_dir, store, record.id, "paused at step")
     ckpt = Checkpointer(farm.job_dir(farm_dir, record.id) / "checkpoints", 1, "")
     newest, previous = ckpt.paths()[:2]
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit, the file still parses
     newest.write_bytes(bytes(data))
     farm.control(farm_dir, "resume", record.id)
-    runner.serve_forever(exit_when_idle=True)
-    done = store.get(record.id)
+    done = _second_run(runner, thread, store, record.id)
     assert done.state == "done" and done.result["frames_sha256"] == reference()
     assert done.result["resumed_from_step"] == int(previous.name[5:11])
     log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()

@@ -25,17 +25,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def job_request(model, **kw) -> dict:
     # long enough (steps x windows) for the test to act mid-job on a 2-core machine
-    base = dict(prompt="a red ball moving right", seconds=6, fps=8, steps=24, window=8, overlap=2, model=model)
+    base = dict(prompt="a red ball moving right", seconds=4, fps=8, steps=24, window=8, overlap=2, model=model)
     return {**base, **kw}
 
 
+_REFERENCES: dict[str, str] = {}  # the request's JSON -> its frames_sha256 (both runner tests render the same)
+
+
 def reference_sha(request: dict, tmp_path: Path) -> str:
-    job = prepare({**request, "out": str(tmp_path / "reference.mp4")})
-    pool = InProcessPool(WorkerSpec(job.model.path))
-    try:
-        return run(job, pool, progress=False).frames_sha256
-    finally:
-        pool.shutdown()
+    key = json.dumps(request, sort_keys=True)
+    if key not in _REFERENCES:
+        job = prepare({**request, "out": str(tmp_path / "reference.mp4")})
+        pool = InProcessPool(WorkerSpec(job.model.path))
+        try:
+            _REFERENCES[key] = run(job, pool, progress=False).frames_sha256
+        finally:
+            pool.shutdown()
+    return _REFERENCES[key]
 
 
 def start_runner(farm_dir: Path, *extra: str, log: Path) -> subprocess.Popen:
@@ -128,11 +134,13 @@ def test_lost_node_job_completes_on_what_is_left(tmp_path, tiny_model):
 
 def test_chaos_script_every_job_finishes_with_its_frames(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--jobs", "2", "--nodes", "3",
-                           "--limit", "400", "--kill-every", "3", "--steps", "4", "--farm-dir", str(tmp_path / "farm"),
-                           "--out", str(tmp_path / "chaos.json")],
+                           "--limit", "400", "--kill-every", "3", "--max-faults", "4", "--steps", "4",
+                           "--farm-dir", str(tmp_path / "farm"), "--out", str(tmp_path / "chaos.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "chaos.json").read_text())
     assert summary["ok"] and len(summary["jobs"]) == 2
     assert all(j["state"] == "done" and j["same_frames"] for j in summary["jobs"])
-    assert len(summary["faults"]) >= 3  # the run was really disturbed
+    # the run was really disturbed (then left to finish): nodes lost without grace and workers killed
+    kinds = {k for fault in summary["faults"] for k in fault}
+    assert 3 <= len(summary["faults"]) <= 4 and {"replaced_node", "killed_worker_pid"} <= kinds, summary["faults"]
