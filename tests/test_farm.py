@@ -358,12 +358,6 @@ def _runner(farm_dir, **kw):
     return farm.Runner(farm_dir, **kw)
 
 
-def _start(runner) -> threading.Thread:
-    thread = threading.Thread(target=runner.serve_forever, kwargs={"exit_when_idle": True}, daemon=True)
-    thread.start()
-    return thread
-
-
 def _step(store, job_id) -> int:
     return (store.get(job_id).progress or {}).get("step", 0)
 

@@ -14,10 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from longtake.actors.pool import InProcessPool
-from longtake.actors.worker import WorkerSpec
 from longtake.cluster import farm
-from longtake.cluster.engine import prepare, run
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,15 +29,10 @@ def job_request(model, **kw) -> dict:
 _REFERENCES: dict[str, str] = {}  # the request's JSON -> its frames_sha256 (both runner tests render the same)
 
 
-def reference_sha(request: dict, tmp_path: Path) -> str:
+def reference_sha(request: dict, tmp_path: Path, render_in_process) -> str:
     key = json.dumps(request, sort_keys=True)
     if key not in _REFERENCES:
-        job = prepare({**request, "out": str(tmp_path / "reference.mp4")})
-        pool = InProcessPool(WorkerSpec(job.model.path))
-        try:
-            _REFERENCES[key] = run(job, pool, progress=False).frames_sha256
-        finally:
-            pool.shutdown()
+        _REFERENCES[key] = render_in_process({**request, "out": str(tmp_path / "reference.mp4")}).frames_sha256
     return _REFERENCES[key]
 
 
@@ -77,7 +69,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree[1:], timeout=30)
 
 
-def test_runner_killed_with_sigkill_is_resumed_by_the_next_runner(tmp_path, tiny_model):
+def test_runner_killed_with_sigkill_is_resumed_by_the_next_runner(tmp_path, tiny_model, render_in_process):
     farm_dir, log = tmp_path / "farm", tmp_path / "runner.log"
     request = job_request(tiny_model)
     (record, _), = farm.submit(farm_dir, [(request, 0, None)])
@@ -100,14 +92,14 @@ def test_runner_killed_with_sigkill_is_resumed_by_the_next_runner(tmp_path, tiny
         kill_tree(second)
     done = store.get(record.id)
     assert done.state == "done", done.error
-    assert done.result["frames_sha256"] == reference_sha(request, tmp_path)
+    assert done.result["frames_sha256"] == reference_sha(request, tmp_path, render_in_process)
     # resumed from the newest checkpoint, at most k=2 steps behind what the job last reported
     assert done.result["resumed_from_step"] == newest and killed_at - 2 <= newest
     job_log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
     assert "is gone; requeued" in job_log and "resumed from checkpoint step-" in job_log
 
 
-def test_lost_node_job_completes_on_what_is_left(tmp_path, tiny_model):
+def test_lost_node_job_completes_on_what_is_left(tmp_path, tiny_model, render_in_process):
     from ray.cluster_utils import Cluster
 
     farm_dir, log = tmp_path / "farm", tmp_path / "runner.log"
@@ -127,7 +119,7 @@ def test_lost_node_job_completes_on_what_is_left(tmp_path, tiny_model):
         cluster.shutdown()
     done = store.get(record.id)
     assert done.state == "done", done.error
-    assert done.result["frames_sha256"] == reference_sha(request, tmp_path)
+    assert done.result["frames_sha256"] == reference_sha(request, tmp_path, render_in_process)
     job_log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
     assert "died during window" in job_log and "retrying window" in job_log
 
