@@ -122,11 +122,9 @@ def test_a_lost_lease_touches_nothing_of_the_job_and_frees_the_workers(tmp_path,
 
     def taken_over():  # another runner recovered the job and claimed it: this lease is over
         h.store.update(h.record.id, state="queued")
-        h.store.claim_next("runner-b")
-        for _ in range(100):  # the lease thread beats every lease_s / 4
-            if h.row.runner == "runner-b" and not h.store.heartbeat(h.record.id, ("runner-a", h.record.lease)):
-                break
-        threading.Event().wait(0.3)
+        assert h.store.claim_next("runner-b").runner == "runner-b"
+        assert not h.store.heartbeat(h.record.id, ("runner-a", h.record.lease))
+        threading.Event().wait(0.3)  # the job waits here; its lease thread beats every lease_s / 4 and sees it
 
     h.at_step(2, taken_over)
     assert h.run(lease_s=0.2) == ("lost", None)
