@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from longtake.actors.pool import WAIT_S, RetryPolicy, Task, Tickets, WindowFailed, ordered
 from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
 
+
 def _one_line(error: Exception) -> str:
     """A denoiser call's error in one line: its class and the last line of its message (Serve wraps the
     replica's traceback around it)."""

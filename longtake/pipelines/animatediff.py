@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 IP_ADAPTER_DIR = "ip_adapter"  # the folder of an IP-Adapter state dict (module docstring)
 IMAGE_PROMPTS_KEPT = 4  # jobs whose image-prompt embeddings a worker keeps
 
+
 def wrap_convolutions(unet: torch.nn.Module) -> int:
     """Circular padding for the UNet's padded 2D convolutions, for models trained on frames that wrap around
     their edges (longtake.json "circular_padding"; weights are unchanged). Returns how many convolutions."""
