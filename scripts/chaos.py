@@ -107,7 +107,12 @@ def main(argv=None) -> int:
                 break
             if args.max_faults and len(faults) >= args.max_faults:  # the rest of the run undisturbed
                 continue
-            if rng.random() < 0.7:
+            kill = rng.random() < 0.7
+            if args.max_faults:  # a short run still has both kinds: the last faults are the kinds not yet seen
+                missing = {"killed_worker_pid", "replaced_node"} - {k for f in faults for k in f}
+                if args.max_faults - len(faults) <= len(missing):
+                    kill = "killed_worker_pid" in missing
+            if kill:
                 victims = actor_processes()
                 if victims:
                     victim = rng.choice(victims)
