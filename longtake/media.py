@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ SAFE_INPUT = ["-protocol_whitelist", "file,pipe",  # local files only: no URL
 NOT_A_VIDEO = ("a video file (MP4, MOV, WebM, MKV, AVI, MPEG-TS...; playlists such as HLS .m3u8 and ffconcat "
                "are refused)")
 CHUNK = 16  # frames per chunk when a video streams
+HEADER_WAIT_S = 9.5  # imageio-ffmpeg waits 10 s for ffmpeg's header: a failure after that long was a slow start
+HEADER_ATTEMPTS = 3  # opens of a video whose header was slow before it counts as unreadable
 # imageio-ffmpeg warns whenever the frames are read at another size than the source's: here always, on purpose
 logging.getLogger("imageio_ffmpeg").setLevel(logging.ERROR)
 
@@ -118,16 +121,25 @@ def _reader(field: str, path: str, fps: float, width: int, height: int):
     p = Path(path)
     if not p.is_file():
         raise RequestError(field, path, "an existing video file")
-    reader = imageio_ffmpeg.read_frames(str(p), pix_fmt="rgb24", input_params=SAFE_INPUT,
-                                        output_params=_filters(fps, width, height))
-    try:
-        meta = next(reader)
-    except (OSError, RuntimeError, StopIteration) as e:
-        reader.close()
-        if "not on whitelist" in str(e):  # a playlist, or another format that is not a video container
-            raise RequestError(field, path, NOT_A_VIDEO) from None
-        last = [line for line in str(e).splitlines() if line.strip()][-1:] or ["no video stream"]
-        raise RequestError(field, path, f"a readable video with a video stream ({last[0].strip()[:160]})") from None
+    for attempt in range(1, HEADER_ATTEMPTS + 1):
+        reader = imageio_ffmpeg.read_frames(str(p), pix_fmt="rgb24", input_params=SAFE_INPUT,
+                                            output_params=_filters(fps, width, height))
+        started = time.monotonic()
+        try:
+            meta = next(reader)
+            break
+        except (OSError, RuntimeError, StopIteration) as e:
+            reader.close()
+            # imageio-ffmpeg gives up when ffmpeg's header takes 10 s: on a starved machine that is no bad file,
+            # so the file is opened again (a file ffmpeg refuses fails at once, and is not retried)
+            if time.monotonic() - started >= HEADER_WAIT_S and attempt < HEADER_ATTEMPTS:
+                logging.getLogger(__name__).warning("%s: ffmpeg's header of %s took %.0f s; reading it again",
+                                                    field, path, time.monotonic() - started)
+                continue
+            if "not on whitelist" in str(e):  # a playlist, or another format that is not a video container
+                raise RequestError(field, path, NOT_A_VIDEO) from None
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or ["no video stream"]
+            raise RequestError(field, path, f"a readable video with a video stream ({last[0].strip()[:160]})") from None
     source = meta.get("source_size") or meta.get("size") or (0, 0)
     duration = float(meta.get("duration") or 0)
     if not duration:  # no container duration (a raw H.264 stream): its length from its packets

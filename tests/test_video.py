@@ -251,3 +251,33 @@ def test_preview_indices_spread(num_frames, count):
     assert idx == sorted(idx) and idx[0] == 0 and idx[-1] == num_frames - 1
     gaps = np.diff(idx)
     assert gaps.max() - gaps.min() <= 1, f"uneven spread: {idx}"
+
+
+@pytest.mark.slow
+def test_a_video_whose_header_is_slow_is_read_again_and_a_bad_one_fails_at_once(tmp_path, monkeypatch):
+    """imageio-ffmpeg gives up when ffmpeg's header takes 10 s (a starved machine): the reader opens the file
+    again instead of calling a good video unreadable; a file ffmpeg refuses fails on the first open."""
+    import sys
+
+    from longtake.media import video_chunks
+    from longtake.request import RequestError
+
+    with VideoWriter(str(tmp_path / "a.mp4"), W, H, 8) as w:
+        w.write(moving_square(8))
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "slow-ffmpeg"
+    # the first run stalls past imageio-ffmpeg's 10 s header wait; every later one is the real ffmpeg
+    wrapper.write_text(f"#!{sys.executable}\nimport os, sys, time\n"
+                       f"first = not os.path.exists({str(calls)!r})\n"
+                       f"open({str(calls)!r}, 'a').write('x')\n"
+                       f"time.sleep(10.5 if first else 0)\n"
+                       f"os.execv({ffmpeg_exe()!r}, [{ffmpeg_exe()!r}] + sys.argv[1:])\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(wrapper))
+    frames = np.concatenate(list(video_chunks("video", str(tmp_path / "a.mp4"), 8, W, H)))
+    assert np.array_equal(frames, read_frames(tmp_path / "a.mp4"))
+    opens = len(calls.read_text())  # the stalled first open, then the open that read it
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 100)
+    with pytest.raises(RequestError, match=r"^video: got .*bad\.mp4'?, expected a readable video"):
+        list(video_chunks("video", str(tmp_path / "bad.mp4"), 8, W, H))
+    assert len(calls.read_text()) == opens + 1  # refused at once: opened once
