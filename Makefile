@@ -41,8 +41,14 @@ browser:
 		else echo "no chromium / chromedriver: install Debian's chromium and chromium-driver for the browser tests"; fi; \
 	fi
 
+# two test processes (pytest-xdist), a test file to each at a time (its module fixtures, Ray workers
+# included, serve all its tests): a single one leaves half of 2 cores idle while it renders on one torch
+# thread or waits for Ray. TEST_PROCESSES=0 runs the suite in this process.
+TEST_PROCESSES ?= 2
+XDIST = $(if $(filter 0,$(TEST_PROCESSES)),,-n $(TEST_PROCESSES) --dist loadfile)
+
 test: setup $(VENV)/bin/ffprobe browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # the fast tier: the pure and single-process tests (no Ray, no browser, no network), under 90 s on 2 cores
 test-fast: setup $(VENV)/bin/ffprobe

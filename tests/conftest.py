@@ -3,6 +3,11 @@
 Two tiers: `make test` runs everything (CI); `make test-fast` runs `-m "not slow"`: the pure and
 single-process tests, no Ray, no browser, no network, under 90 s. A test is slow when it is marked so, or
 uses a fixture below (Ray, a Serve app, a browser): `pytest_collection_modifyitems` marks those.
+
+`make test` runs in two pytest-xdist processes, a whole test file to each (`--dist loadfile`): a session
+fixture (Ray, a tiny model) exists once per process, a module fixture once per file. Tests must not reach
+outside their own process tree: a check for leftover processes looks at its own children only, a server
+takes a free port, files go under tmp_path.
 """
 
 from __future__ import annotations
