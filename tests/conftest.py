@@ -179,17 +179,50 @@ def cli_cases():
 
 
 @pytest.fixture(scope="session")
+def tiny_sim_model(tmp_path_factory) -> str:
+    """A simulated Wan-14B-720p directory at a reduced size (64 x 64, 5-frame windows, 8 x 32 text), no sleep:
+    the real model's channels, compression and scheduler (pipelines/sim.py)."""
+    from longtake.pipelines.sim import build_sim
+
+    path = tmp_path_factory.mktemp("models") / "tiny-sim"
+    build_sim(path, "wan-14b-720p", height=64, width=64, native_window=5, overlap=2, text_tokens=8, text_dim=32,
+              predict_s=0, decode_s=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_wan_animate_model(tmp_path_factory) -> str:
     """A tiny WanAnimatePipeline directory (a 16 px face), with beside it: pose.json (a walking skeleton),
     photo.png (the character, 64 x 64), face.mp4 (16 x 16), background.mp4 and mask.mp4 (64 x 64), 2 s at 8 fps."""
-    import numpy as np
-    from PIL import Image
-
     from longtake.pipelines.tiny import build_tiny_wan_animate
-    from longtake.video import VideoWriter
 
     path = tmp_path_factory.mktemp("models") / "tiny-wan-animate"
     build_tiny_wan_animate(path, seed=0)
+    write_animate_media(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sim_animate_model(tmp_path_factory) -> str:
+    """The simulated Wan-Animate-14B-720p at the tiny Wan-Animate's size (64 x 64, a 16 px face, 5-frame
+    windows), no sleep, with the same media beside it."""
+    from longtake.pipelines.sim import build_sim
+
+    path = tmp_path_factory.mktemp("models") / "tiny-sim-animate"
+    build_sim(path, "wan-animate-14b-720p", height=64, width=64, native_window=5, overlap=2, text_tokens=8,
+              text_dim=32, face_size=16, predict_s=0, decode_s=0)
+    write_animate_media(path)
+    return str(path)
+
+
+def write_animate_media(path) -> None:
+    """pose.json (a walking skeleton), photo.png (the character, 64 x 64), face.mp4 (16 x 16), background.mp4
+    and mask.mp4 (64 x 64), 2 s at 8 fps, into `path`."""
+    import numpy as np
+    from PIL import Image
+
+    from longtake.video import VideoWriter
+
     walking_pose(path / "pose.json")
     rng = np.random.default_rng(0)
     photo = np.zeros((64, 64, 3), np.uint8)
@@ -203,4 +236,3 @@ def tiny_wan_animate_model(tmp_path_factory) -> str:
     for name, frames in clips.items():
         with VideoWriter(path / f"{name}.mp4", frames.shape[2], frames.shape[1], 8) as writer:
             writer.write(np.ascontiguousarray(frames))
-    return str(path)

@@ -141,6 +141,17 @@ FAMILIES = {
                           extra=lambda path: {"pose": f"{path}/pose.json", "reference": f"{path}/photo.png",
                                               "face": f"{path}/face.mp4"},
                           known_frames="a pose-driven clip is made from its start: no extend, loop or video"),
+    # the simulated family (real sizes, simulated time) at a reduced size: Wan's geometry, no sleep
+    "sim": Family("sim", "tiny_sim_model", dict(seconds=2, fps=16, steps=4, window=5, overlap=2),
+                  dict(seconds=17 / 16, fps=16, steps=4), no_pipeline="the simulated family computes a cheap "
+                  "function at a real model's sizes (pipelines/sim.py): no diffusers pipeline runs it", bad_size=72),
+    # the simulated Wan-Animate: a reference slot per window, the pose, face and photo beside it
+    "sim_animate": Family("sim_animate", "tiny_sim_animate_model", dict(seconds=2, fps=16, steps=4, window=5, overlap=2),
+                          dict(seconds=17 / 16, fps=16, steps=4), no_pipeline="the simulated family computes a "
+                          "cheap function at a real model's sizes (pipelines/sim.py): no diffusers pipeline runs it",
+                          bad_size=72, extra=lambda path: {"pose": f"{path}/pose.json", "reference": f"{path}/photo.png",
+                                                           "face": f"{path}/face.mp4"},
+                          known_frames="a pose-driven clip is made from its start: no extend, loop or video"),
 }
 
 

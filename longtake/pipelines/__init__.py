@@ -63,6 +63,7 @@ FAMILIES = {
     "AnimateDiffControlNetPipeline": "longtake.pipelines.animatediff",  # with a pose ControlNet
     "WanPipeline": "longtake.pipelines.wan",
     "WanAnimatePipeline": "longtake.pipelines.wan_animate",  # Wan 2.2 Animate: a reference photo, a pose
+    "LongtakeSimPipeline": "longtake.pipelines.sim",  # a real model's sizes with simulated time (sim:PRESET)
 }
 ROLES = ("encode", "predict", "decode")
 
@@ -148,8 +149,14 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 
 def resolve_model_path(model: str) -> str:
     """'default' -> the bundled trained model; 'tiny' / 'tiny-wan' -> random-weight tiny models built once
-    into the cache (for quick checks); anything else is a path."""
-    from longtake.pipelines.tiny import TINY_MODELS, ensure_tiny_model
+    into the cache (for quick checks); 'sim:PRESET' -> a simulated model at a real model's sizes
+    (pipelines/sim.py), written once into the cache; anything else is a path."""
+    from longtake.pipelines.tiny import TINY_MODELS, cache_dir, ensure_tiny_model
+
+    if model.startswith("sim:"):
+        from longtake.pipelines.sim import ensure_sim_model
+
+        return str(ensure_sim_model(model, cache_dir()))
 
     if model == "default":
         if not (DEFAULT_MODEL / "model_index.json").is_file():
@@ -171,7 +178,7 @@ def inspect_model(model: str) -> ModelInfo:
 
     path = Path(resolve_model_path(model))
     if not path.is_dir():
-        names = ", ".join(repr(name) for name in ("default", *TINY_MODELS))
+        names = ", ".join(repr(name) for name in ("default", *TINY_MODELS, "sim:PRESET"))
         raise RequestError("model", model, f"an existing diffusers model directory, or one of {names}")
     index_file = path / "model_index.json"
     if not index_file.is_file():
