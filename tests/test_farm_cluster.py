@@ -126,13 +126,14 @@ def test_lost_node_job_completes_on_what_is_left(tmp_path, tiny_model, render_in
 
 def test_chaos_script_every_job_finishes_with_its_frames(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--jobs", "2", "--nodes", "3",
-                           "--limit", "400", "--kill-every", "3", "--max-faults", "4", "--steps", "4",
+                           "--limit", "400", "--kill-every", "3", "--max-faults", "2", "--steps", "4",
                            "--farm-dir", str(tmp_path / "farm"), "--out", str(tmp_path / "chaos.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "chaos.json").read_text())
     assert summary["ok"] and len(summary["jobs"]) == 2
     assert all(j["state"] == "done" and j["same_frames"] for j in summary["jobs"])
-    # the run was really disturbed (then left to finish): nodes lost without grace and workers killed
-    kinds = {k for fault in summary["faults"] for k in fault}
-    assert 3 <= len(summary["faults"]) <= 4 and {"replaced_node", "killed_worker_pid"} <= kinds, summary["faults"]
+    # the run was really disturbed (then left to finish): a worker killed and a node lost without grace (a run
+    # with --max-faults has every kind of fault; without it, faults keep coming at random)
+    kinds = [k for fault in summary["faults"] for k in fault if k != "t"]
+    assert sorted(kinds) == ["killed_worker_pid", "replaced_node"], summary["faults"]
