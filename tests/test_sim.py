@@ -93,3 +93,17 @@ def test_bad_sim_models_name_the_field(tmp_path):
         inspect_model(str(path))
     with pytest.raises(ValueError, match=r"sim fields: got \['colour'\]"):
         build_sim(tmp_path / "other", "wan-14b-720p", colour="red")
+
+
+def test_a_sim_worker_never_imports_diffusers(tiny_sim_model):
+    """Its workers start in a couple of seconds (torch only): what a bench of 32 simulated workers needs."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from longtake.actors.worker import Worker, WorkerSpec; "
+            f"w = Worker(WorkerSpec({tiny_sim_model!r})); "
+            "import numpy as np; w.backend.decode(__import__('torch').zeros(1, 16, 2, 8, 8)); "
+            "print('diffusers' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]

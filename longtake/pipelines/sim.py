@@ -49,6 +49,8 @@ from longtake.pipelines.wan_animate import AnimateConditioning, reflect_index, w
 from longtake.request import RequestError
 
 CLASS_NAME = "LongtakeSimPipeline"
+USES_DIFFUSERS = False  # its workers never import diffusers (the driver loads the scheduler): they start in a
+# second or two, which a bench of 32 simulated workers on one box needs
 PREFIX = "sim:"  # --model sim:PRESET
 
 # diffusers scheduler configs of the simulated models (what their model directories ship)
