@@ -71,7 +71,7 @@ def test_render_json_survives_a_killed_worker(tmp_path, tiny_model):
     and nothing is a library's (that raylet line, the token-authentication warning: in the debug log)."""
     out = tmp_path / "k.mp4"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "longtake", "render", "a red ball", "--model", tiny_model, "--seconds", "8",
+        [sys.executable, "-m", "longtake", "render", "a red ball", "--model", tiny_model, "--seconds", "4",
          "--fps", "8", "--steps", "10", "--window", "8", "--overlap", "2", "--workers", "2", "--json", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -93,7 +93,7 @@ def test_render_json_survives_a_killed_worker(tmp_path, tiny_model):
     stderr = seen + rest
     assert proc.returncode == 0, stderr
     summary = json.loads(stdout)  # exactly one JSON object: nothing before or after it
-    assert isinstance(summary, dict) and summary["frames"] == 64 and summary["workers"] == 2
+    assert isinstance(summary, dict) and summary["frames"] == 32 and summary["workers"] == 2
     assert out.is_file()
     assert re.search(r"WARNING longtake\S*: worker \d died", stderr), stderr  # longtake tells of the death
     assert foreign_lines(stderr) == []

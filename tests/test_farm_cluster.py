@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def job_request(model, **kw) -> dict:
     # long enough (steps x windows) for the test to act mid-job on a 2-core machine
-    base = dict(prompt="a red ball moving right", seconds=4, fps=8, steps=24, window=8, overlap=2, model=model)
+    base = dict(prompt="a red ball moving right", seconds=4, fps=8, steps=12, window=8, overlap=2, model=model)
     return {**base, **kw}
 
 
