@@ -66,6 +66,7 @@ FAMILIES = {
     "LongtakeSimPipeline": "longtake.pipelines.sim",  # a real model's sizes with simulated time (sim:PRESET)
 }
 ROLES = ("encode", "predict", "decode")
+SIM_PREFIX = "sim:"  # --model sim:PRESET: a simulated model at a real model's sizes (sim.py)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def resolve_model_path(model: str) -> str:
     (pipelines/sim.py), written once into the cache; anything else is a path."""
     from longtake.pipelines.tiny import TINY_MODELS, cache_dir, ensure_tiny_model
 
-    if model.startswith("sim:"):
+    if model.startswith(SIM_PREFIX):
         from longtake.pipelines.sim import ensure_sim_model
 
         return str(ensure_sim_model(model, cache_dir()))
@@ -178,7 +179,7 @@ def inspect_model(model: str) -> ModelInfo:
 
     path = Path(resolve_model_path(model))
     if not path.is_dir():
-        names = ", ".join(repr(name) for name in ("default", *TINY_MODELS, "sim:PRESET"))
+        names = ", ".join(repr(name) for name in ("default", *TINY_MODELS, f"{SIM_PREFIX}PRESET"))
         raise RequestError("model", model, f"an existing diffusers model directory, or one of {names}")
     index_file = path / "model_index.json"
     if not index_file.is_file():

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from longtake.core.windows import TextConditioning
+from longtake.pipelines import SIM_PREFIX as PREFIX
 from longtake.pipelines import LatentLayout, ModelInfo, read_json
 from longtake.pipelines.wan_animate import AnimateConditioning, reflect_index, window_pixels
 from longtake.request import RequestError
@@ -51,7 +52,6 @@ from longtake.request import RequestError
 CLASS_NAME = "LongtakeSimPipeline"
 USES_DIFFUSERS = False  # its workers never import diffusers (the driver loads the scheduler): they start in a
 # second or two, which a bench of 32 simulated workers on one box needs
-PREFIX = "sim:"  # --model sim:PRESET
 
 # diffusers scheduler configs of the simulated models (what their model directories ship)
 WAN_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
