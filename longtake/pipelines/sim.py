@@ -27,16 +27,16 @@ Where the sizes come from (published configs; `source` in each preset):
   VAE 8x spatial, no temporal compression; CLIP ViT-L/14 768 over 77 tokens; 16-frame windows at 512x512.
 
 Time per window-step: `real_predict_s` is an H100 estimate of a window-step with guidance (two passes; one
-pass, half of it, at guidance 1; see each preset's `timing`); `predict_s` is it divided by `compression`, so that a bench of a long clip finishes in minutes. Compression overweights every
-cost that is not the model (driver, serialization, transfers, decode and encode) by that factor: a run
-that meets its efficiency target compressed meets it with margin at real speed.
+pass, half of it, at guidance 1; see each preset's `timing`); `predict_s` is it divided by `compression`,
+so that a bench of a long clip finishes in minutes. Compression overweights every cost that is not the
+model (driver, serialization, transfers, decode and encode) by that factor: a run that meets its
+efficiency target compressed meets it with margin at real speed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -60,14 +60,17 @@ SD15_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_e
                   "beta_schedule": "linear", "clip_sample": False, "steps_offset": 1,
                   "timestep_spacing": "linspace", "num_train_timesteps": 1000}
 
+# Wan 14B at 720p, what Wan 2.1 / 2.2 T2V and Wan-Animate share: the VAE's compression, the DiT's patch, UMT5
+WAN_720P = {"channels": 16, "spatial": 8, "temporal": 4, "causal": True, "patch": 2, "overlap": 5, "height": 720,
+            "width": 1280, "fps": 16, "text_tokens": 512, "text_dim": 4096, "per_frame_text": False,
+            "separate_encoder": True, "steps": 10, "scheduler": WAN_SCHEDULER, "compression": 20.0,
+            "decode_s": 0.0005}
+
 PRESETS = {
     "wan-14b-720p": {
+        **WAN_720P,
         "source": "Wan-AI/Wan2.1-T2V-14B-Diffusers configs (Wan 2.2 T2V-A14B has the same geometry)",
-        "channels": 16, "spatial": 8, "temporal": 4, "causal": True, "patch": 2,
-        "native_window": 21, "overlap": 5, "height": 720, "width": 1280, "fps": 16,
-        "text_tokens": 512, "text_dim": 4096, "per_frame_text": False, "separate_encoder": True,
-        "guidance": 5.0, "steps": 10, "scheduler": WAN_SCHEDULER, "animate": False, "face_size": 0,
-        "real_predict_s": 35.0, "compression": 20.0, "decode_s": 0.0005,
+        "native_window": 21, "guidance": 5.0, "animate": False, "face_size": 0, "real_predict_s": 35.0,
         "timing": "one H100, both guidance passes of 75,600 tokens (21 x 45 x 80): xDiT's published "
                   "HunyuanVideo 1280x720 figure (1,904 s for 50 single-pass steps of 118,800 tokens on one "
                   "H100, 38 s a pass) scaled by the attention-bound token ratio (about 0.46), times 2 passes",
@@ -75,11 +78,8 @@ PRESETS = {
     "wan-animate-14b-720p": {
         "source": "Wan-AI/Wan2.2-Animate-14B-Diffusers configs: Wan's geometry, a reference slot per window, "
                   "pose frames at the output size, face frames at the motion encoder's 512 px",
-        "channels": 16, "spatial": 8, "temporal": 4, "causal": True, "patch": 2,
-        "native_window": 20, "overlap": 5, "height": 720, "width": 1280, "fps": 16,
-        "text_tokens": 512, "text_dim": 4096, "per_frame_text": False, "separate_encoder": True,
-        "guidance": 1.0, "steps": 10, "scheduler": WAN_SCHEDULER, "animate": True, "face_size": 512,
-        "real_predict_s": 40.0, "compression": 20.0, "decode_s": 0.0005,
+        **WAN_720P,
+        "native_window": 20, "guidance": 1.0, "animate": True, "face_size": 512, "real_predict_s": 40.0,
         "timing": "one H100, two passes of 75,600 tokens (20 latent frames + the slot) through 17.3 B "
                   "parameters: the Wan 14B estimate, x 1.15 for the face adapters and image cross-attention "
                   "(the pipeline's default guidance 1 runs one pass: half of it)",
@@ -94,7 +94,7 @@ PRESETS = {
         "timing": "one H100, a 16-frame 512x512 window with guidance batched (about 9 s for 25 steps)",
     },
 }
-FIELDS = tuple(PRESETS["wan-14b-720p"])  # what a sim.json holds (a preset with any of them overridden)
+FIELDS = tuple(PRESETS["animatediff-sd15-512"])  # what a sim.json holds (a preset with any of them overridden)
 
 
 def sim_config(preset: str, **overrides) -> dict:
@@ -123,20 +123,13 @@ def build_sim(out, preset: str = "wan-14b-720p", **overrides) -> Path:
 
 def ensure_sim_model(model: str, cache: Path) -> Path:
     """'sim:PRESET' -> its directory in the cache, written once (atomically). RequestError naming `model`."""
+    from longtake.pipelines.tiny import build_once
+
     name = model[len(PREFIX):]
     if name not in PRESETS:
         raise RequestError("model", model, f"one of {', '.join(PREFIX + p for p in PRESETS)}")
-    target = cache / "models" / f"sim-{name}-{hashlib.sha256(json.dumps(sim_config(name)).encode()).hexdigest()[:8]}"
-    if not (target / "model_index.json").exists():
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        build_sim(tmp, name)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process wrote it first: the same files
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    digest = hashlib.sha256(json.dumps(sim_config(name)).encode()).hexdigest()[:8]
+    return build_once(cache / "models" / f"sim-{name}-{digest}", lambda out: build_sim(out, name))
 
 
 def required_weights(index: dict) -> tuple[str, ...]:
@@ -185,9 +178,8 @@ def _prompt_embedding(text: str, tokens: int, dim: int) -> torch.Tensor:
 class Backend:
     def __init__(self, info: ModelInfo, device: str = "cpu", dtype: str = "float32",
                  roles: tuple[str, ...] = ("encode", "predict", "decode")):
-        self.sim = info.options["sim"]
+        self.sim = info.options["sim"]  # nothing to load or place: it computes on the CPU, whatever the device
         self.layout = info.layout
-        self.device = torch.device(device)
 
     def encode(self, prompts: list[str], negative_prompt: str, schedule) -> TextConditioning:
         """Key prompts + the per-latent-frame schedule -> conditioning of the real model's shape."""

@@ -318,7 +318,12 @@ def cache_dir() -> Path:
 def ensure_tiny_model(name: str = TINY_NAME) -> Path:
     """Return the directory of a tiny model, building it once (atomically) into the cache if needed."""
     version, build = TINY_MODELS[name]
-    target = cache_dir() / "models" / version
+    return build_once(cache_dir() / "models" / version, build)
+
+
+def build_once(target: Path, build) -> Path:
+    """`target`, a model directory `build(path)` writes, written once: into a temporary name beside it, then
+    renamed (another process building it at the same time writes the same files; the first rename wins)."""
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
