@@ -56,6 +56,20 @@ def reference(tiny_model, tmp_path_factory):
     pool.shutdown()
 
 
+_STARTED: list = []  # (runner, thread) started by `_running` in the current test
+
+
+@pytest.fixture(autouse=True)
+def _stop_runners():
+    """A test that fails mid-job still stops its runner thread, so that its Ray workers do not hold this
+    process's CPUs for the tests after it."""
+    yield
+    while _STARTED:
+        runner, thread = _STARTED.pop()
+        runner.stop.set()
+        thread.join(60)
+
+
 def wait_for(cond, timeout: float, what: str, every: float = 0.05):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -370,6 +384,7 @@ def _running(tmp_path, request: dict, step: int, stay: bool = False, **runner_kw
     runner = _runner(farm_dir, **({"poll_s": 0.1} if stay else {}), **runner_kw)
     thread = threading.Thread(target=runner.serve_forever, kwargs={"exit_when_idle": not stay}, daemon=True)
     thread.start()
+    _STARTED.append((runner, thread))
     store = farm.open_store(farm_dir)
     wait_for(lambda: _step(store, record.id) >= step, 120, f"step {step}")
     return farm_dir, record, runner, thread, store

@@ -53,10 +53,11 @@ class Harness:
             self.actions_done.append(p["step"])
             action()
 
-    def run(self, request=None, space=None, lease_s: float = 30.0, pool_for=None):
+    def run(self, request=None, space=None, lease_s: float = 30.0, pool_for=None, log=None):
         return run_leased(self.store, self.record, "runner-a", self.dir, request or (lambda: self.request),
                           pool_for or (lambda job: self.pool), 1, lease_s, None,
-                          Stops(self.stop, space=space, poll_s=0.0), JobLog(self.dir), on_progress=self._progress,
+                          Stops(self.stop, space=space, poll_s=0.0), log or JobLog(self.dir),
+                          on_progress=self._progress,
                           on_trouble=lambda: self.troubles.append(True), retry_hint="retry it")
 
     @property
@@ -150,6 +151,20 @@ def test_a_bad_request_fails_the_job_naming_the_field_and_keeps_the_workers(tmp_
     h = Harness(tmp_path, tiny_model, pool)
     assert h.run(request=lambda: {**h.request, "fps": -8}) == ("failed", None)
     assert h.row.error.startswith("request: fps: got -8") and not h.troubles and "failed: request: fps" in h.log
+
+
+def test_the_failed_state_is_stored_before_the_log_says_failed(tmp_path, tiny_model, pool):
+    """Whoever reads "failed: " in a job's log (an operator, a test) finds the job failed in the store."""
+    h = Harness(tmp_path, tiny_model, pool)
+    states = []
+
+    class Watching(JobLog):
+        def __call__(self, message, level=20):
+            states.append((message.split(":")[0], h.row.state))
+            super().__call__(message, level)
+
+    assert h.run(request=lambda: {**h.request, "fps": -8}, log=Watching(h.dir)) == ("failed", None)
+    assert states == [("failed", "failed")]
 
 
 def test_a_failed_render_fails_the_job_and_frees_the_workers(tmp_path, tiny_model, pool):

@@ -147,15 +147,16 @@ def run_leased(store: JobStore, record: JobRecord, runner_id: str, directory: Pa
 
 
 class _Fail:
-    """A failed run: the error in the job's row (fenced by the lease) and its log."""
+    """A failed run: the error in the job's row (fenced by the lease), then in its log."""
 
     def __init__(self, store: JobStore, job_id: str, owner, log: JobLog, public):
         self.store, self.job_id, self.owner, self.log, self.public = store, job_id, owner, log, public
 
     def __call__(self, message: str) -> str:
         message = self.public(message)
-        self.log(f"failed: {message}", logging.ERROR)
+        # the row first: whoever reads "failed: " in the log then finds the job failed in the store
         self.store.update(self.job_id, state="failed", error=message, only_from=("running",), owner=self.owner)
+        self.log(f"failed: {message}", logging.ERROR)
         return "failed"
 
 
