@@ -215,7 +215,11 @@ def test_a_hung_worker_is_replaced_by_the_measured_time_limit_and_its_task_retri
 
 @pytest.mark.timeout(120)
 def test_a_hung_stream_is_stopped_by_its_tick_and_failed_by_its_time_limit(tiny_model, ray_session):
-    pool = RayPool(WorkerSpec(tiny_model), 1, worker_cls=Napper, timeout_floor_s=1.0, max_attempts=2)
+    # the floor above two stop checks (WAIT_S apart): the caller stops it before its time limit can, however
+    # fast the first items came (10 x their time may be under the floor); its actor, left sleeping in item 2,
+    # is replaced 5 s after (if Ray did not interrupt it)
+    pool = RayPool(WorkerSpec(tiny_model), 1, worker_cls=Napper, timeout_floor_s=2.5, max_attempts=2,
+                   stale_timeout_s=5.0)
     try:
         ticks = []
 

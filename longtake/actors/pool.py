@@ -11,22 +11,26 @@ the same (it raises to stop them). A failed task is retried by the one `RetryPol
 same in the in-process, Ray and Serve pools) and, past its attempts, raises `WindowFailed` naming it.
 `imap` (results in list order, a bounded number in flight) is built on the tickets for every pool; `stream`
 yields the items of one generator method run on one worker (an ordered decode session); `encode` makes a
-job's conditioning once. The Ray pool (`ray_pool.py`) and the Serve pool (`serve_pool.py`) have the same
+job's conditioning once; `put` makes it a `Held` (its content hash, and where workers fetch it from: each
+fetches it once and keeps it, worker.py) and `release` tells the workers the job is over. The Ray pool (`ray_pool.py`) and the Serve pool (`serve_pool.py`) have the same
 methods; all three are thin executors over the same `Tickets` (queue by key, cancel, attempts) and
 `RetryPolicy`, and differ only in how a task runs (here, on Ray actors, as Serve calls).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import heapq
 import logging
-from collections import deque
-from dataclasses import dataclass
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
+import numpy as np
 import torch
 
-from longtake.actors.worker import Worker, WorkerSpec
+from longtake.actors.worker import Held, Worker, WorkerSpec, WindowConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +127,86 @@ class Tickets:
         return dropped
 
 
+def _arrays(obj) -> Iterator[Any]:
+    """The tensors and arrays in an object (nested tuples, lists, dicts, dataclasses, plain objects; a
+    `Held` as its size only), and its other leaves (as their repr)."""
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _arrays(item)
+    elif isinstance(obj, dict):
+        for name in sorted(obj, key=str):
+            yield repr(name)
+            yield from _arrays(obj[name])
+    elif hasattr(obj, "array") and isinstance(obj.array, np.ndarray):  # a tensor as the Ray pool sends it
+        yield obj.array
+    elif dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__"):
+        yield type(obj).__name__
+        yield from _arrays(vars(obj))
+    else:
+        yield repr(obj)
+
+
+def nbytes(obj) -> int:
+    """Bytes of the tensors and arrays an object carries (what sending it moves)."""
+    if isinstance(obj, Held):
+        return obj.nbytes
+    return sum(a.nbytes if isinstance(a, np.ndarray) else a.numel() * a.element_size()
+               for a in _arrays(obj) if not isinstance(a, str))
+
+
+def content_key(obj) -> str:
+    """A hash of an object's content: its tensors' dtypes, shapes and bytes, and every other leaf."""
+    digest = hashlib.sha256()
+    for a in _arrays(obj):
+        if isinstance(a, str):
+            digest.update(a.encode())
+        else:
+            array = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def hold(obj, value=None) -> Held:
+    """A job's conditioning as a pool's `put` returns it: by content hash, `value` where it is (the object
+    itself by default)."""
+    return Held(content_key(obj), nbytes(obj), obj if value is None else value)
+
+
+@dataclass
+class Traffic:
+    """Bytes a pool's calls move between the driver and the workers, by kind (`longtake bench --simulate`):
+    latents (a window's; a decode's apart), predictions, conditioning (the job's, counted once for each worker
+    that fetches it: a worker keeps it by its hash), media (a window's own per-frame slices), frames
+    (decoded), encoded (the encoder's result, once per job). `calls` counts calls by method; `window_media` the media of the last call of each window."""
+
+    bytes: dict = field(default_factory=lambda: defaultdict(int))
+    calls: dict = field(default_factory=lambda: defaultdict(int))
+    window_media: dict = field(default_factory=dict)  # (start, end) -> bytes
+
+    def sent(self, method: str, args: tuple, fetches: bool) -> None:
+        """A call's arguments, as they leave for a worker (`fetches`: that worker does not hold the job's
+        conditioning yet)."""
+        self.calls[method] += 1
+        for a in args:
+            if isinstance(a, WindowConditioning):
+                media = nbytes(a.frames)
+                self.bytes["media"] += media
+                self.bytes["conditioning"] += a.job.nbytes if fetches else 0
+                self.window_media[tuple(args[3:5])] = media
+            else:  # a window's latents; a decode's (kept apart: not per window-step)
+                self.bytes["latents" if method == "predict" else f"{method} latents"] += nbytes(a)
+
+    def received(self, method: str, result) -> None:
+        self.bytes["predictions" if method == "predict" else "encoded" if method == "encode"
+                   else "frames"] += nbytes(result)
+
+    def summary(self) -> dict:
+        return {"bytes": dict(self.bytes), "calls": dict(self.calls)}
+
+
 class Pool(Protocol):
     num_workers: int
 
@@ -136,6 +220,7 @@ class Pool(Protocol):
     def imap(self, method: str, args_list: Iterable[tuple], tick=None) -> Iterator[Any]: ...
     def stream(self, method: str, args: tuple, tick=None) -> Iterator[Any]: ...
     def encode(self, *args, tick=None) -> Any: ...
+    def release(self, held: Held) -> None: ...
     def shutdown(self) -> None: ...
 
 
@@ -184,8 +269,11 @@ class InProcessPool:
         self.worker = Worker(spec)
         self.tickets = Tickets()
 
-    def put(self, obj: Any) -> Any:
-        return obj
+    def put(self, obj: Any) -> Held:
+        return hold(obj)
+
+    def release(self, held: Held) -> None:
+        self.worker.release(held.key)
 
     def call(self, method: str, *args, tick=None) -> Any:
         return next(self.imap(method, [args], tick))

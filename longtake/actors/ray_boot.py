@@ -237,3 +237,34 @@ def main(mark: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, cpus_per_node: int, store_mb: int, head_store_mb: int):
+    """A multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a head without CPUs, where
+    drivers run, and `nodes` nodes of `cpus_per_node` logical CPUs, each with its own object store of
+    `store_mb`), for `bench --simulate`: transfers between nodes go through Ray's object manager as they would
+    between machines. Yields the cluster; its `address` is what a driver joins (`start_ray(address)`)."""
+    from ray.cluster_utils import Cluster
+
+    with quiet_start():
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "object_store_memory": head_store_mb * 2**20, "include_dashboard": False})
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=cpus_per_node, object_store_memory=store_mb * 2**20)
+        cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def object_store_used(cluster) -> int | None:
+    """Bytes in the object stores of a `local_cluster`'s nodes now (None when a node does not answer)."""
+    from ray._private.internal_api import node_stats
+
+    try:
+        return sum(node_stats(node.node_ip_address, node.node_manager_port, include_memory_info=False)
+                   .store_stats.object_store_bytes_used for node in cluster.list_all_nodes())
+    except Exception:  # a node shutting down, a timeout: a missed sample
+        return None

@@ -39,8 +39,8 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from longtake.actors.pool import WAIT_S, RetryPolicy, Tickets, WindowFailed, ordered
-from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
+from longtake.actors.pool import WAIT_S, RetryPolicy, Tickets, Traffic, WindowFailed, hold, ordered
+from longtake.actors.worker import Held, Worker, WorkerSpec, WindowConditioning, encoder_spec
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,19 @@ class _Wired:
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32)
 
 
+def fetch_held(held: Held):
+    """A job's conditioning a Ray pool put (`RayPool.put`, serve's pool): from the object store."""
+    return ray.get(held.value[0])
+
+
 def _actor_class(worker_cls: type):
-    """The worker class with its generator method declared as a Ray stream with backpressure, and
-    `predict` taking and returning tensors as `_wire` sends them."""
+    """The worker class with its generator method declared as a Ray stream with backpressure, `predict`
+    taking and returning tensors as `_wire` sends them, and a job's conditioning fetched from the store."""
 
     class Actor(worker_cls):
+        def fetch(self, held):
+            return fetch_held(held)
+
         @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKLOG)
         def decode_stream(self, *args):
             yield from super().decode_stream(*args)
@@ -119,6 +127,8 @@ class RayPool:
         self._inflight: dict[Any, tuple[int, int, float, Any]] = {}  # ref -> (ticket, slot, submitted at, actor)
         self.depth = depth  # tasks sent to an actor at once: the next waits on the actor, not on a round trip
         self._freed: dict[int, float] = {}  # slot -> when its last task returned (a queued task starts then)
+        self.traffic = Traffic()  # bytes to and from the workers, by kind
+        self._holds: dict[Any, set[str]] = {}  # actor -> the keys of the job conditionings it was sent
         if spec.device == "cuda":
             options = {"num_gpus": 1, "num_cpus": 1}
         else:
@@ -152,8 +162,17 @@ class RayPool:
     def num_workers(self) -> int:
         return sum(a is not None for a in self.actors)
 
-    def put(self, obj: Any) -> Any:
-        return ray.put(obj)
+    def put(self, obj: Any) -> Held:
+        """A job's conditioning into the object store, once: each worker fetches it on its first window."""
+        return hold(obj, [ray.put(obj)])
+
+    def release(self, held: Held) -> None:
+        """The job is over: its workers drop its conditioning (the store drops it with the last reference)."""
+        for actor in self.actors:
+            if actor is not None:
+                actor.release.remote(held.key)
+        for keys in self._holds.values():
+            keys.discard(held.key)
 
     def call(self, method: str, *args, tick=None) -> Any:
         return next(self.imap(method, [args], tick))
@@ -178,6 +197,7 @@ class RayPool:
                         tick()
                 result = ray.get(ref)
                 self._measured("encode", time.monotonic() - since)
+                self.traffic.received("encode", result)
                 return result
             except RayError as e:
                 ray.kill(self._encoder, no_restart=True)
@@ -215,6 +235,7 @@ class RayPool:
             waiting_since, a = None, live[0]
             attempt += 1
             stream, finished = getattr(self.actors[a], method).remote(*args, delivered), False
+            self.traffic.sent(method, args, False)
             try:
                 while True:
                     since = time.monotonic()
@@ -231,6 +252,7 @@ class RayPool:
                         return
                     item = ray.get(ref)
                     self._measured(method, time.monotonic() - since)
+                    self.traffic.received(method, item)
                     delivered += 1
                     yield item
             except RayError as e:
@@ -306,6 +328,7 @@ class RayPool:
 
     def _replace(self, a: int) -> None:
         ray.kill(self.actors[a], no_restart=True)
+        self._holds.pop(self.actors[a], None)
         self.actors[a] = self._actor_cls.remote(self.spec)
         self.failures[a] = 0
         self.starting[self.actors[a].ready.remote()] = a  # joins when started (maybe never: lost node)
@@ -389,8 +412,20 @@ class RayPool:
                 if ticket is None:
                     return
                 task = self.tickets.tasks[ticket]
+                self.traffic.sent(task.method, task.args, self._fetches(actor, task.args))
                 self._inflight[getattr(actor, task.method).remote(*task.args)] = (ticket, a, time.monotonic(), actor)
                 load[a] = level + 1
+
+    def _fetches(self, actor, args: tuple) -> bool:
+        """Whether a task's actor will fetch the job's conditioning it carries (it holds what it was sent)."""
+        cond = next((a for a in args if isinstance(a, WindowConditioning)), None)
+        if cond is None:
+            return False
+        keys = self._holds.setdefault(actor, set())
+        if cond.job.key in keys:
+            return False
+        keys.add(cond.job.key)
+        return True
 
     def poll(self, timeout: float | None = None) -> list[tuple[int, Any]]:
         """Dispatch queued tasks to idle workers and wait for one to finish: [(ticket, result)], or [] when
@@ -436,7 +471,9 @@ class RayPool:
             except RayError as e:
                 self._retry_or_fail(ticket, a, e, actor=actor)
                 continue
-            self._measured(self.tickets.finish(ticket).method, now - started)
+            method = self.tickets.finish(ticket).method
+            self._measured(method, now - started)
+            self.traffic.received(method, result)
             return [(ticket, _unwire(result))]
 
     def imap(self, method: str, args_list: Iterable[tuple], tick=None) -> Iterator[Any]:

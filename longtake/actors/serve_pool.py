@@ -23,10 +23,11 @@ import weakref
 from concurrent import futures
 from dataclasses import dataclass, field
 
+import ray
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.pool import WAIT_S, RetryPolicy, Task, Tickets, WindowFailed, ordered
-from longtake.actors.worker import Worker, WorkerSpec, encoder_spec
+from longtake.actors.pool import WAIT_S, RetryPolicy, Task, Tickets, WindowFailed, hold, ordered
+from longtake.actors.worker import Held, Worker, WorkerSpec, encoder_spec
 
 
 def _one_line(error: Exception) -> str:
@@ -137,8 +138,13 @@ class ServePool:
             self.retry.after_failure(f"{method} (after {delivered} items)", attempt, _one_line(value), value)
             self.retries += 1
 
-    def put(self, obj):
-        return obj
+    def put(self, obj) -> Held:
+        """A job's conditioning into the object store, once: a replica fetches it on its first window of the
+        job and keeps it by its hash (the HELD newest; the store drops it with the job's last reference)."""
+        return hold(obj, [ray.put(obj)])
+
+    def release(self, held: Held) -> None:
+        """Nothing to tell: a handle cannot reach every replica; each keeps the HELD newest conditionings."""
 
     def call(self, method: str, *args, tick=None):
         return next(self.imap(method, [args], tick))

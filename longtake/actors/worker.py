@@ -3,14 +3,22 @@
 Workers have roles (`WorkerSpec.roles`): an encoder ("encode") turns the job's prompts into its
 conditioning once; predictors ("predict", "decode") denoise windows and decode. A backend loads only
 what its roles use, so predictors of a family with a large text encoder (Wan's UMT5) never hold it.
-The conditioning travels once per job; each window's embeddings are made on the worker that predicts it.
+
+A window's prediction carries a `WindowConditioning`: the job's conditioning as a `Held` (its content hash
+and where to fetch it: the pool's `put`) and the window's own slices of the per-frame conditioning (pose or
+plan frames, face, background, mask). A worker fetches the job's conditioning once, keeps it by its hash
+(`held`) until the pool releases it when the job ends (or HELD newer ones push it out), and attaches each
+window's slices to it (`for_window`); each window's embeddings are made on the worker that predicts it.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +35,27 @@ class WorkerSpec:
     roles: tuple[str, ...] = ROLES  # what this worker does: encode, predict, decode
 
 
+@dataclass(frozen=True, eq=False)
+class Held:
+    """A job's conditioning as the pool's `put` made it: `key` its content hash, `nbytes` its tensors' size,
+    `value` the object (in-process) or where a worker fetches it from (the Ray pools': [ObjectRef], in a
+    list so that Ray passes it unresolved: a worker that holds the key never fetches it again)."""
+
+    key: str
+    nbytes: int
+    value: Any
+
+
+@dataclass(frozen=True, eq=False)
+class WindowConditioning:
+    """A window prediction's conditioning: the job's (`Held`) and the window's own slices of the per-frame
+    conditioning, name -> (n, ...) numpy frames (`core.windows.conditioning_frames`)."""
+
+    job: Held
+    frames: dict
+
+
+HELD = 8  # job conditionings a worker keeps at most (serve runs several jobs at once; a job's end releases its own)
 ENCODER_THREADS = 8  # torch threads of a CPU encoder beside GPU workers
 
 
@@ -46,6 +75,7 @@ class Worker:
         self.spec = spec
         self.backend = load_backend(spec.model_path, device=spec.device, dtype=spec.dtype, roles=spec.roles)
         self.timings: dict[str, list[float]] = {"predict": [], "decode": []}  # seconds per call (for `bench`)
+        self.held: OrderedDict[str, Any] = OrderedDict()  # content hash -> a job's conditioning, newest last
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": self.spec.device, "threads": torch.get_num_threads()}
@@ -61,11 +91,37 @@ class Worker:
     def encode(self, prompts: list[str], negative_prompt: str, schedule):
         return self.backend.encode(prompts, negative_prompt, schedule)
 
+    def fetch(self, held: Held) -> Any:
+        """A job's conditioning from where the pool put it (in-process: the object; Ray actors override)."""
+        return held.value
+
+    def conditioning(self, cond) -> Any:
+        """The backend's conditioning for one window: the job's, fetched once and kept by its hash, with the
+        window's own frames attached; anything else (a backend object) as it is."""
+        if not isinstance(cond, WindowConditioning):
+            return cond
+        key = cond.job.key
+        if key in self.held:
+            self.held.move_to_end(key)
+        else:
+            self.held[key] = self.fetch(cond.job)
+            while len(self.held) > HELD:
+                self.held.popitem(last=False)
+        with warnings.catch_warnings():  # frames mapped read-only from Ray's object store: only ever read
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            frames = {name: torch.from_numpy(a) for name, a in cond.frames.items()}
+        return self.held[key].for_window(frames)
+
+    def release(self, key: str) -> None:
+        """The job whose conditioning has this hash has ended."""
+        self.held.pop(key, None)
+
     def predict(self, z: torch.Tensor, t: torch.Tensor, cond, start: int, end: int,
                 guidance: tuple[float, ...]) -> torch.Tensor:
-        """One window: `cond` is the backend's conditioning, `guidance` one scale per expert."""
+        """One window: `cond` its `WindowConditioning` (or the backend's own object), `guidance` one scale
+        per expert."""
         t0 = time.perf_counter()
-        out = self.backend.predict(z, t, cond, (start, end), guidance)
+        out = self.backend.predict(z, t, self.conditioning(cond), (start, end), guidance)
         self.timings["predict"].append(time.perf_counter() - t0)
         return out
 

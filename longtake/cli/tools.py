@@ -71,6 +71,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from longtake.tools.bench import bench, write
     from longtake.pipelines import inspect_model
 
+    if args.simulate is not None:
+        return cmd_simulate(args)
     try:
         inspect_model(args.model)
     except RequestError as e:
@@ -85,6 +87,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return interrupted("bench", "nothing written")
         _publish("bench", write, result, args, emit, "figures")
+    return 0
+
+
+def _workers(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise RequestError("workers", text, "worker counts >= 1, comma-separated (e.g. 1,8,16,32)")
+    return counts
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """`longtake bench --simulate PRESET` (tools/bench_scale.py): a simulated cluster on this machine."""
+    from longtake.pipelines.sim import PRESETS
+    from longtake.tools import bench_scale
+
+    try:
+        if args.simulate not in PRESETS:
+            raise RequestError("simulate", args.simulate, f"one of {', '.join(PRESETS)}")
+        workers = _workers(args.workers) if args.workers else bench_scale.DEFAULTS["workers"]
+        seconds = args.seconds if args.seconds is not None else bench_scale.default_seconds(args.simulate)
+        steps = args.steps if args.steps is not None else bench_scale.DEFAULTS["steps"]
+        for name, value, ok, expected in (("seconds", seconds, seconds > 0, "a number of seconds > 0"),
+                                          ("steps", steps, steps >= 1, "an integer >= 1"),
+                                          ("predict_s", args.predict_s, args.predict_s is None or args.predict_s > 0,
+                                           "a number of seconds > 0"),
+                                          ("kill", args.kill, 0 <= args.kill < max(workers),
+                                           f"0 <= kill < the largest worker count ({max(workers)})")):
+            if not ok:
+                raise RequestError(name, value, expected)
+    except RequestError as e:
+        print(f"longtake bench: error: {e}", file=sys.stderr)
+        return 2
+    stop_on_signals()
+    with reserved_stdout() as emit, log_above_progress_bars():
+        try:
+            quiet_libraries("ray")
+            say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+            result = bench_scale.simulate(args.simulate, workers, seconds, steps, args.predict_s, args.kill,
+                                          progress=say)
+        except KeyboardInterrupt:
+            return interrupted("bench", "nothing written")
+        out = args.out if args.out != "bench.json" else f"benchmarks/scale-{args.simulate}.json"
+        command = "longtake bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "longtake bench"
+        bench_scale.write(result, out, args.table, command)
+        emit(json.dumps(strict_json(result["figures"]), indent=2) if args.json
+             else "\n".join(bench_scale.table_lines(result, command)))
     return 0
 
 
@@ -133,4 +184,15 @@ def add_bench_parser(sub) -> None:
     bn.add_argument("--workers-per-node", type=int, default=8, help="projection: workers per node (default 8)")
     bn.add_argument("--bandwidth-gbps", type=float, default=10.0, help="projection: driver network, Gb/s (default 10)")
     bn.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sim = bn.add_argument_group("a simulated cluster at a real model's sizes (--simulate; tools/bench_scale.py)")
+    sim.add_argument("--simulate", metavar="PRESET", help="render a long clip of a simulated model (sim:PRESET) on a "
+                     "local multi-node Ray cluster once per worker count: efficiency, bytes per window-step, driver "
+                     "CPU and memory, the same frames (writes benchmarks/scale-PRESET.json)")
+    sim.add_argument("--workers", help="worker counts, comma-separated (default 1,8,16,32)")
+    sim.add_argument("--seconds", type=float, help="clip length (default 600; 30 for an animating preset)")
+    sim.add_argument("--steps", type=int, help="denoising steps (default 10)")
+    sim.add_argument("--predict-s", type=float, help="simulated seconds per window-step (default: the preset's)")
+    sim.add_argument("--kill", type=int, default=2, help="workers killed a third of the way into one more run at "
+                                                         "the largest count (default 2; 0: no such run)")
+    sim.add_argument("--json", action="store_true", help="print the figures as one JSON object (default: the table)")
     bn.set_defaults(func=cmd_bench)

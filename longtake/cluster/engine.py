@@ -7,9 +7,11 @@
                                     reference photo, face, background and mask (an IP-Adapter model's:
                                     its reference photo, the image prompt); no Ray, no weights
     run(job, pool)    -> RenderResult, in four numbered steps, each a function below:
-        1. `conditioning`: the key prompts encoded once (one encoder) with the per-latent-frame schedule;
-           a pose's control frames and a Wan-Animate model's media travel with it to every worker (each
-           window's prediction takes its own range of them)
+        1. `conditioning`: the key prompts encoded once (one encoder) with the per-latent-frame schedule
+           and a reference photo, put once (`pool.put`: each worker fetches it once and keeps it by its
+           hash until the job ends); the per-frame conditioning (a pose's or a plan's control frames, a
+           Wan-Animate model's face, background and mask) stays here: each window's prediction carries its
+           own slice of it (`window_conditioning`)
         2. `initial_latents`: noise from (seed, latent frame index), the known frames' latents (encoded once,
            `inputs.known_latents`) pinned in it; video to video and a bridge start from their input noised
            to `strength`, the first steps skipped; or the newest valid checkpoint
@@ -56,6 +58,7 @@ import torch
 from tqdm import tqdm
 
 from longtake.actors.pool import WAIT_S, Pool
+from longtake.actors.worker import WindowConditioning
 from longtake.cluster.checkpoint import Checkpointer, CheckpointState, scheduler_state
 from longtake.cluster.delivery import Delivery
 from longtake.cluster.inputs import (Inputs, KnownLatents, clip_frames, known_latents, reference_image, resolve_inputs,
@@ -64,6 +67,7 @@ from longtake.cluster.sampler import Sampler
 from longtake.pipelines import ModelInfo, inspect_model, load_scheduler
 from longtake.core.windows import (
     PromptKey,
+    conditioning_frames,
     initial_noise,
     plan_loop,
     plan_windows,
@@ -392,28 +396,25 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
     sees the frames as generated, without either."""
     t0 = time.perf_counter()
     provenance = provenance or Provenance.local()
-    scheduler, steps = _scheduler(job, checkpoint)
+    scheduler, steps = job_scheduler(job, checkpoint)
     watch = Watch(job, steps, cancelled, on_progress, checkpoint)
     timings: dict[str, float] = {}
 
-    # 1. conditioning: the key prompts encoded once, with the per-latent-frame schedule; a pose's control
-    #    frames and an animated photo's media travel with it (the backend's object, unread here)
+    # 1. conditioning: the key prompts encoded once, with the per-latent-frame schedule and a reference
+    #    photo (the backend's object, unread here), put once for the workers to fetch and keep
     cond = pool.put(conditioning(job, pool, watch.tick))
-    # 2. initial latents from (seed, latent frame), the known frames' latents pinned in them; video to video
-    #    and a bridge start part way (SDEdit-style); or a checkpoint's latents and scheduler states
-    start = initial_latents(job, pool, scheduler, steps, checkpoint, watch.tick)
-    sampler = Sampler(start.z, scheduler, job.windows, window_weights(job.windows, job.request.weighting,
-                                                                      job.latent_frames if job.loop else 0),
-                      steps, start.first_step, job.request.seed, loop=job.loop, schedule=job.request.schedule,
-                      pin=start.pin, snapshots=checkpoint is not None, private=start.private,
-                      restore=start.resumed.schedulers if start.resumed is not None else None)
-    watch.begin(sampler, start.first_step)
-    timings["encode_s"] = time.perf_counter() - t0
-    # 3. denoise: each window predicts its next step as soon as its frames are there (the sampler's
-    #    wavefront), its prediction fused and stepped per frame range as it arrives; checkpoints
-    denoise(job, pool, cond, sampler, watch, checkpoint, progress, timings)
-    # 4. deliver: decoded on the workers, the frames stream in order through the sink chain into the MP4
-    delivery = deliver(job, pool, sampler.z, watch, provenance, on_frames, progress, timings)
+    try:
+        # 2. initial latents from (seed, latent frame), the known frames' latents pinned in them; video to
+        #    video and a bridge start part way (SDEdit-style); or a checkpoint's latents and scheduler states
+        start, sampler = begin(job, pool, scheduler, steps, watch, checkpoint)
+        timings["encode_s"] = time.perf_counter() - t0
+        # 3. denoise: each window predicts its next step as soon as its frames are there (the sampler's
+        #    wavefront), its prediction fused and stepped per frame range as it arrives; checkpoints
+        denoise(job, pool, cond, sampler, watch, checkpoint, progress, timings)
+        # 4. deliver: decoded on the workers, the frames stream in order through the sink chain into the MP4
+        delivery = deliver(job, pool, sampler.z, watch, provenance, on_frames, progress, timings)
+    finally:
+        pool.release(cond)  # the workers drop the job's conditioning
     watch.report("done", watch.total, delivery.frames_written, eta_s=0.0)  # the final numbers, unthrottled
     return _result(job, pool, sampler, start, delivery, checkpoint, timings, time.perf_counter() - t0)
 
@@ -460,7 +461,7 @@ class Watch:
                           "frames_done": frames_done, "frames": self.job.output_frames, "eta_s": eta_s})
 
 
-def _scheduler(job: Job, checkpoint: Checkpointer | None):
+def job_scheduler(job: Job, checkpoint: Checkpointer | None):
     """The model's scheduler set for the job's steps, and how many it iterates (PNDM: one more, its warm-up,
     as diffusers' pipelines iterate). With a checkpointer, a state no checkpoint could store fails now."""
     scheduler = load_scheduler(job.model.path)
@@ -481,14 +482,30 @@ def conditioning(job: Job, pool: Pool, tick=None):
     schedule = prompt_schedule(job.clip_keys, job.latent_frames, req.fps / layout.temporal, loop=job.loop)
     encoded = pool.encode([k.prompt for k in job.keys], req.negative_prompt, schedule, tick=tick)
     if job.control is not None:
-        encoded.control, encoded.control_scale = torch.from_numpy(job.control), job.control_scale
+        encoded.control_scale = job.control_scale
     if job.media:
         key = hashlib.sha256(req.animate_mode.encode())
         for name, a in sorted(job.media.items()) + ([("pose", job.control)] if job.control is not None else []):
             key.update(name.encode() + np.ascontiguousarray(a).tobytes())
-        encoded.media = {**{name: torch.from_numpy(a) for name, a in job.media.items()},
+        encoded.media = {**{name: torch.from_numpy(a) for name, a in job.media.items() if name not in PER_FRAME},
                          "mode": req.animate_mode, "seed": req.seed, "key": key.hexdigest()}
     return encoded
+
+
+PER_FRAME = ("face", "background", "mask")  # media with a frame per output frame (Wan-Animate's): sliced per window
+
+
+def window_conditioning(job: Job, cond, start: int, end: int) -> WindowConditioning:
+    """What a window's prediction carries: the job's conditioning (held by the workers) and its own frames
+    of each per-frame clip (`conditioning_frames`: a view when they are consecutive, no copy)."""
+    clips = {"control": job.control} if job.control is not None else {}
+    clips.update((name, a) for name, a in job.media.items() if name in PER_FRAME)
+    frames = {}
+    for name, a in clips.items():
+        index = conditioning_frames(start, end, len(a), job.model.layout.temporal)
+        consecutive = index == list(range(index[0], index[0] + len(index)))
+        frames[name] = a[index[0]:index[0] + len(index)] if consecutive else a[index]
+    return WindowConditioning(cond, frames)
 
 
 @dataclass
@@ -501,6 +518,19 @@ class Start:
     pin: KnownLatents | None = None
     private: list[torch.Tensor] | None = None
     resumed: CheckpointState | None = None
+
+
+def begin(job: Job, pool: Pool, scheduler, steps: int, watch: Watch,
+          checkpoint: Checkpointer | None) -> tuple["Start", Sampler]:
+    """2. Where the denoising starts (`initial_latents`) and the sampler that runs it from there."""
+    start = initial_latents(job, pool, scheduler, steps, checkpoint, watch.tick)
+    weights = window_weights(job.windows, job.request.weighting, job.latent_frames if job.loop else 0)
+    sampler = Sampler(start.z, scheduler, job.windows, weights, steps, start.first_step, job.request.seed,
+                      loop=job.loop, schedule=job.request.schedule, pin=start.pin,
+                      snapshots=checkpoint is not None, private=start.private,
+                      restore=start.resumed.schedulers if start.resumed is not None else None)
+    watch.begin(sampler, start.first_step)
+    return start, sampler
 
 
 def initial_latents(job: Job, pool: Pool, scheduler, steps: int, checkpoint: Checkpointer | None,
@@ -572,7 +602,8 @@ def denoise(job: Job, pool: Pool, cond, sampler: Sampler, watch: Watch, checkpoi
             for w in sampler.ready():
                 x, t = sampler.window_input(w)
                 step = sampler.next_step[w]
-                ticket = pool.submit("predict", (x, t, cond, *plan[w], job.guidances), key=(step, w),
+                ticket = pool.submit("predict", (x, t, window_conditioning(job, cond, *plan[w]), *plan[w],
+                                                 job.guidances), key=(step, w),
                                      label=f"window {w + 1} of {len(plan)} at step {step + 1} of {steps}")
                 running[ticket] = w
             finished = pool.poll(WAIT_S)

@@ -10,6 +10,7 @@ turned into per-frame embedding blends (`prompt_schedule`,
 """
 
 from bisect import bisect_right
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,32 @@ def plan_loop(num_frames: int, window: int, overlap: int) -> list[tuple[int, int
 def window_frames(start: int, end: int, num_frames: int) -> torch.Tensor:
     """The frame indices of a window: start..end-1, modulo F for a loop's windows that wrap."""
     return torch.arange(start, end) % num_frames
+
+
+def reflect_index(i: int, n: int) -> int:
+    """Frame i of a clip of n frames padded as Wan-Animate's pipeline (`pad_video_frames`) pads: 0, 1, ...,
+    n - 1, n - 2, ..., 0, 1, ..."""
+    if n == 1 or i < n:
+        return min(i, n - 1)
+    j = i % (2 * (n - 1))
+    return j if j < n else 2 * (n - 1) - j
+
+
+def window_pixels(start: int, end: int, temporal: int = 4) -> range:
+    """The pixel frames a window of latent frames start..end-1 of a causal VAE (4k+1 frames) conditions on:
+    temporal (L - 1) + 1 frames from temporal x start."""
+    first = temporal * start
+    return range(first, first + temporal * (end - start - 1) + 1)
+
+
+def conditioning_frames(start: int, end: int, n: int, temporal: int = 1) -> list[int]:
+    """Which frames of a clip of `n` per-frame conditioning frames (a pose, a face video, a mask...) the
+    window of latent frames start..end-1 reads, in the order it reads them: frames start..end-1 modulo n
+    (a loop's window wraps) without temporal compression; with it (a causal VAE), `window_pixels`,
+    reflected past the clip's end (`reflect_index`). What the engine sends a window (its own slice)."""
+    if temporal == 1:
+        return [i % n for i in range(start, end)]
+    return [reflect_index(i, n) for i in window_pixels(start, end, temporal)]
 
 
 def take_window(z: torch.Tensor, start: int, end: int, dim: int = 2) -> torch.Tensor:
@@ -354,22 +381,32 @@ def interpolate_embeddings(key_embeds: torch.Tensor, a: torch.Tensor, b: torch.T
 @dataclass
 class TextConditioning:
     """A job's text conditioning, as backends build it in `encode`: key-prompt embeddings and the per-frame
-    interpolation schedule (latent frames). Only these few tensors travel, once per job; each window's
-    embeddings are made on the worker that predicts it."""
+    interpolation schedule (latent frames). Only these few tensors travel, once per job (a worker holds them
+    by their hash); each window's embeddings are made on the worker that predicts it. A window's own
+    per-frame conditioning (its control frames) is attached on the worker (`for_window`), from the slice
+    the engine sends with the window."""
 
     keys: torch.Tensor  # (K, seq, dim)
     negative: torch.Tensor  # (1, seq, dim)
     a: torch.Tensor  # (F,) key index before each frame
     b: torch.Tensor  # (F,) key index after each frame
     alpha: torch.Tensor  # (F,) weight of key b
-    control: torch.Tensor | None = None  # (F, H, W, 3) uint8 control frames (a pose), set by the engine
+    control: torch.Tensor | None = None  # (n, H, W, 3) uint8: the window's own control frames (a pose), in order
     control_scale: float = 1.0  # the ControlNet's conditioning scale
 
-    def control_frames(self, start: int, end: int) -> torch.Tensor:
-        """Control frames start..end-1 (a loop's window wraps), (L, 3, H, W) float32 in [0, 1], as diffusers'
-        control video processor gives them."""
-        index = torch.arange(start, end) % len(self.control)
-        return self.control[index].permute(0, 3, 1, 2).float() / 255
+    def for_window(self, frames: dict[str, torch.Tensor]) -> "TextConditioning":
+        """This conditioning with one window's own per-frame conditioning (`conditioning_frames` of each clip
+        the engine holds): `control`; a subclass takes its media too."""
+        if not frames:
+            return self
+        window = copy.copy(self)  # (attributes the engine set beside the fields, an image prompt's media, kept)
+        window.control = frames.get("control")
+        return window
+
+    def control_frames(self) -> torch.Tensor:
+        """The window's control frames, (L, 3, H, W) float32 in [0, 1], as diffusers' control video
+        processor gives them."""
+        return self.control.permute(0, 3, 1, 2).float() / 255
 
     def frames(self, start: int, end: int) -> torch.Tensor:
         """Per-frame embeddings of frames start..end-1 (UNets with motion modules)."""

@@ -272,7 +272,7 @@ class Backend:
             added["image_embeds"] = [torch.cat([n, e]) if guidance > 1 else e for e, n in zip(embeds, negative)]
         residuals = {}
         if self.controlnet is not None and cond.control is not None:  # the window's own pose frames
-            control = cond.control_frames(*window).to(self.device, self.dtype)  # (L, 3, H, W)
+            control = cond.control_frames().to(self.device, self.dtype)  # (L, 3, H, W)
             control = torch.cat([control] * model_in.shape[0])
             frames_in = model_in.transpose(1, 2).flatten(0, 1)  # (B*L, C, h, w), frames of each batch in order
             down, mid = self.controlnet(frames_in, t.to(self.device), encoder_hidden_states=hidden,

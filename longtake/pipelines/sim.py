@@ -46,7 +46,7 @@ import torch
 from longtake.core.windows import TextConditioning
 from longtake.pipelines import SIM_PREFIX as PREFIX
 from longtake.pipelines import LatentLayout, ModelInfo, read_json
-from longtake.pipelines.wan_animate import AnimateConditioning, reflect_index, window_pixels
+from longtake.pipelines.wan_animate import AnimateConditioning
 from longtake.request import RequestError
 
 CLASS_NAME = "LongtakeSimPipeline"
@@ -218,10 +218,9 @@ class Backend:
         if media is None or cond.control is None:
             raise ValueError("an animating model needs the reference and pose the engine attaches to the conditioning")
         total = float(media["reference"][::16, ::16].float().mean()) / 255
-        for clip in (cond.control, media.get("face"), media.get("background"), media.get("mask")):
+        for clip in (cond.control, media.get("face"), media.get("background"), media.get("mask")):  # the window's
             if clip is not None:
-                index = [reflect_index(i, len(clip)) for i in window_pixels(start, end, self.layout.temporal)]
-                total += float(clip[index, ::16, ::16].float().mean()) / 255
+                total += float(clip[:, ::16, ::16].float().mean()) / 255
         return total
 
     def _frame_counts(self, n: int, first: bool) -> list[int]:

@@ -11,8 +11,10 @@ required), `face` (optional face crops; absent: a blank face, every pixel -1, wh
 gives its unconditional guidance pass, so the expression is left to the model), `animate_mode` "animate"
 (the character in a new clip) or "replace" (the character redrawn into `background` where `mask` is white;
 both videos required). The engine attaches the media to the conditioning (`cond.media`): the reference at
-the output size (fitted inside it and padded with black, as the pipeline's `resize_mode="fill"` does), the
-pose as drawn, face frames at the motion encoder's size, background frames, and the mask as grayscale.
+the output size (fitted inside it and padded with black, as the pipeline's `resize_mode="fill"` does), once
+per job; and with each window, its own slice (`core.windows.conditioning_frames`: its pixel frames, reflected
+past the clip's end as the pipeline pads) of the pose as drawn (`cond.control`), the face frames at the
+motion encoder's size, the background frames and the mask as grayscale (`AnimateConditioning.for_window`).
 
 One window is one of diffusers' segments. The pipeline renders a long clip segment after segment, each
 `segment_frame_length` (4k+1) frames; a segment of T latent frames is denoised as T+1 latent frames,
@@ -77,7 +79,7 @@ import torch.nn.functional as F
 
 from longtake.pipelines import ModelInfo, read_json, read_options
 from longtake.pipelines import wan
-from longtake.core.windows import TextConditioning
+from longtake.core.windows import TextConditioning, reflect_index, window_pixels  # noqa: F401 (reflect_index: the pipeline's padding, tested here)
 from longtake.request import RequestError
 
 NATIVE_WINDOW = 20  # latent frames of the pipeline's default segment (77 frames), the reference slot not counted
@@ -118,28 +120,20 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
     )
 
 
-def reflect_index(i: int, n: int) -> int:
-    """Frame i of a clip of n frames padded as the pipeline's `pad_video_frames` does: 0, 1, ..., n - 1,
-    n - 2, ..., 0, 1, ..."""
-    if n == 1 or i < n:
-        return min(i, n - 1)
-    j = i % (2 * (n - 1))
-    return j if j < n else 2 * (n - 1) - j
-
-
-def window_pixels(start: int, end: int, temporal: int = 4) -> range:
-    """The pixel frames a window of latent frames start..end-1 conditions on: 4(L - 1) + 1 frames from 4 start
-    (module docstring)."""
-    first = temporal * start
-    return range(first, first + temporal * (end - start - 1) + 1)
-
-
 @dataclass
 class AnimateConditioning(TextConditioning):
     """Wan's text conditioning, plus what the engine attaches: `media` (reference, pose as `control`, face,
     background, mask) with the mode, the seed and the media's hash."""
 
     media: dict | None = None
+
+    def for_window(self, frames: dict[str, torch.Tensor]) -> "AnimateConditioning":
+        """The window's own pose (`control`), face, background and mask frames, beside the job's reference."""
+        if not frames:
+            return self
+        window = super().for_window(frames)
+        window.media = {**(self.media or {}), **{name: a for name, a in frames.items() if name != "control"}}
+        return window
 
 
 class Backend(wan.Backend):
@@ -218,28 +212,24 @@ class Backend(wan.Backend):
             return cond, embeds
         return self._remember((media["key"], "reference"), make)
 
-    def _frames(self, clip: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        index = [reflect_index(i, len(clip)) for i in window_pixels(start, end, self.vae.config.scale_factor_temporal)]
-        return clip[index]
-
     @torch.inference_mode()
     def _window(self, cond: AnimateConditioning, start: int, end: int):
         """The window's own conditioning: (pose latents (1, C, L, h, w), previous-segment conditioning
         (1, 4 + C, L, h, w), face frames (1, 3, n, S, S) in [-1, 1]). The latents (VAE encodes) are kept on the
         CPU; the face frames are cut and scaled again each call (cheap, and 0.24 GB a 720p window in float32)."""
         media = cond.media
-        n = len(window_pixels(start, end, self.vae.config.scale_factor_temporal))
+        n = len(cond.control)  # the window's pixel frames (window_pixels)
         if media.get("face") is not None:
-            face = self._pixels(self._frames(media["face"], start, end))
+            face = self._pixels(media["face"])
         else:  # no face video: the blank face (every pixel -1) of the pipeline's unconditional pass
             face = torch.full((1, 3, n, self.face_size, self.face_size), -1.0)
 
         def make():
-            pose = self._encode(self._pixels(self._frames(cond.control, start, end)))  # prepare_pose_latents
+            pose = self._encode(self._pixels(cond.control))  # prepare_pose_latents
             _, _, latent_t, h, w = pose.shape
             if media["mode"] == "replace":  # the window's background, the mask inverted (prepare_prev_segment_...)
-                video = self._pixels(self._frames(media["background"], start, end))
-                mask = self._frames(media["mask"], start, end).float() / 255.0  # (n, H, W) in [0, 1]
+                video = self._pixels(media["background"])
+                mask = media["mask"].float() / 255.0  # (n, H, W) in [0, 1]
                 mask = 1 - mask[:, None].to(self.device)  # (n, 1, H, W)
                 mask = F.interpolate(mask, size=(h, w), mode="nearest")[None].permute(0, 2, 1, 3, 4)
             else:  # animate: a black clip, mask 0 (no previous segment)

@@ -21,6 +21,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from longtake.actors.ray_pool import fetch_held
 from longtake.actors.serve_pool import ServePool, denoiser_spec
 from longtake.actors.worker import Worker
 from longtake.cluster.jobs import Conflict, QueueFull
@@ -40,6 +41,7 @@ class Denoiser:
 
     def __init__(self, model_path: str, device: str = "cpu", blocklist_after: int = 3, worker_cls: type = Worker):
         self.worker = worker_cls(denoiser_spec(model_path, device))
+        self.worker.fetch = fetch_held  # a job's conditioning from the object store, once per job (kept by hash)
         self.blocklist_after, self.failures = blocklist_after, 0
 
     def _do(self, method: str, *args):

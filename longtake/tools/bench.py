@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -993,6 +994,10 @@ def wan_table(w: dict) -> list[str]:
 
 
 def write(result: dict, out_json: str, out_md: str | None, command: str) -> None:
+    """The JSON file; with `out_md`, the table written there, the Scale sections it had kept at its end
+    (`bench --simulate` writes those: bench_scale.write)."""
     Path(out_json).write_text(json.dumps(result, indent=2, default=str))
     if out_md:
-        Path(out_md).write_text(table(result, command))
+        old = Path(out_md).read_text() if Path(out_md).is_file() else ""
+        kept = re.findall(r"<!-- scale:[\w.-]+:begin -->.*?<!-- scale:[\w.-]+:end -->", old, flags=re.S)
+        Path(out_md).write_text("\n\n".join([table(result, command).rstrip("\n"), *kept]) + "\n")
