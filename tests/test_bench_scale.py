@@ -21,6 +21,7 @@ def result(tmp_path_factory):
                                 tmp=tmp_path_factory.mktemp("scale"), per_node=2, **SIZES)
 
 
+@pytest.mark.slow  # a Ray cluster of its own
 def test_every_worker_count_and_a_kill_give_the_same_latents(result):
     runs = {(r["workers"], r["killed"]): r for r in result["runs"]}
     assert set(runs) == {(1, 0), (4, 0), (4, 1)} and result["nodes"] == 2
@@ -29,6 +30,7 @@ def test_every_worker_count_and_a_kill_give_the_same_latents(result):
     assert runs[(4, 0)]["frames"] == 3 * 16 and len(runs[(4, 0)]["frames_sha256"]) == 64  # the one delivered run
 
 
+@pytest.mark.slow  # a Ray cluster of its own
 def test_a_window_call_carries_its_own_media_slice_and_the_job_conditioning_once_per_worker(result):
     for r in result["runs"]:
         media = {(s, e): n for s, e, n in r["window_media"]}
@@ -41,6 +43,7 @@ def test_a_window_call_carries_its_own_media_slice_and_the_job_conditioning_once
         assert 1 <= fetched // r["job_conditioning_bytes"] <= r["workers"] + r["killed"]
 
 
+@pytest.mark.slow  # a Ray cluster of its own
 def test_the_json_figures_and_the_section_it_writes(result, tmp_path):
     f = result["figures"]
     assert set(f["efficiency"]) == {"1", "4"} and all(0 < v <= 1.05 for v in f["efficiency"].values())

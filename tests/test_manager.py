@@ -70,6 +70,29 @@ def test_driver_memory_limit_names_the_field(tmp_path, tiny_model):
         manager.close()
 
 
+def test_the_cost_limit_counts_the_media_a_job_holds(tmp_path):
+    """A motion plan's frames (RGB at the output size, one a frame) count with the latents: the same request
+    without its plan fits a limit the planned one does not."""
+    from longtake.cluster.engine import prepare
+    from longtake.serve.manager import request_cost
+
+    body = {"prompt": "a red ball moving right", "seconds": 10, "fps": 8, "steps": 2}
+    planned = prepare({**body, "model": "default", "out": str(tmp_path / "a.mp4")}, pixels=False)
+    plain = prepare({**body, "plan": "none", "model": "default", "out": str(tmp_path / "b.mp4")}, pixels=False)
+    assert planned.controlled and not plain.controlled and planned.control is None  # no pixels drawn to check it
+    with_plan, without = request_cost(planned)[1], request_cost(plain)[1]
+    assert with_plan - without == pytest.approx(80 * planned.height * planned.width * 3 / 2**20)
+    manager = JobManager(tmp_path / "serve", None, "default", Limits(max_running=0,
+                                                                      max_latent_mb=(with_plan + without) / 2))
+    try:
+        with pytest.raises(RequestError, match="MB of latents and media"):
+            manager.submit(body)
+        job, created = manager.submit({**body, "plan": "none"})
+        assert created and manager.store.get(job["id"]).state == "queued"
+    finally:
+        manager.close()
+
+
 def test_another_model_is_refused_without_building_it(tmp_path, tiny_model, monkeypatch, idle):
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -107,3 +107,38 @@ def test_a_sim_worker_never_imports_diffusers(tiny_sim_model):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_worker_fetches_a_jobs_conditioning_once_keeps_it_by_hash_and_drops_it_when_released(tiny_sim_animate_model,
+                                                                                                tmp_path):
+    from longtake.actors.pool import InProcessPool
+    from longtake.actors.worker import HELD, WorkerSpec
+    from longtake.cluster.engine import conditioning, window_conditioning
+
+    media = {name: f"{tiny_sim_animate_model}/{file}" for name, file in
+             (("pose", "pose.json"), ("reference", "photo.png"), ("face", "face.mp4"))}
+    job = prepare({"prompt": "a dancer", "model": tiny_sim_animate_model, "seconds": 4, "fps": 8, "steps": 2,
+                   "out": str(tmp_path / "x.mp4"), "pose_loop": True, **media})  # 2 windows
+    assert len(job.windows) == 2
+    pool = InProcessPool(WorkerSpec(tiny_sim_animate_model))
+    fetched = []
+    pool.worker.fetch = lambda held: fetched.append(held.key) or held.value
+    cond = pool.put(conditioning(job, pool))
+    assert pool.put(conditioning(job, pool)).key == cond.key  # by content: the same job, the same key
+    z = torch.zeros(1, 16, 1 + 5, 8, 8)
+    preds = [pool.worker.predict(z, torch.tensor(900.0), window_conditioning(job, cond, s, e), s, e, (1.0,))
+             for s, e in job.windows]
+    assert fetched == [cond.key] and list(pool.worker.held) == [cond.key]  # once for every window
+    assert not torch.equal(preds[0], preds[-1])  # each window its own pose and face frames
+    slices = [window_conditioning(job, cond, s, e).frames for s, e in job.windows]
+    assert all(set(f) == {"control", "face"} and len(f["control"]) == 4 * (e - s - 1) + 1
+               for f, (s, e) in zip(slices, job.windows))
+    assert "face" not in pool.worker.held[cond.key].media and pool.worker.held[cond.key].control is None
+    pool.release(cond)
+    assert not pool.worker.held  # the job's end
+    pool.worker.predict(z, torch.tensor(900.0), window_conditioning(job, cond, *job.windows[0]), *job.windows[0],
+                        (1.0,))
+    assert fetched == [cond.key] * 2  # a worker without it (released, or a restarted one) fetches it again
+    for i in range(HELD + 2):  # bounded: the HELD newest
+        pool.worker.conditioning(window_conditioning(job, type(cond)(f"k{i}", 0, cond.value), *job.windows[0]))
+    assert len(pool.worker.held) == HELD and "k0" not in pool.worker.held

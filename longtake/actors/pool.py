@@ -12,7 +12,8 @@ same in the in-process, Ray and Serve pools) and, past its attempts, raises `Win
 `imap` (results in list order, a bounded number in flight) is built on the tickets for every pool; `stream`
 yields the items of one generator method run on one worker (an ordered decode session); `encode` makes a
 job's conditioning once; `put` makes it a `Held` (its content hash, and where workers fetch it from: each
-fetches it once and keeps it, worker.py) and `release` tells the workers the job is over. The Ray pool (`ray_pool.py`) and the Serve pool (`serve_pool.py`) have the same
+fetches it once and keeps it, worker.py) and `release` tells the workers the job is over. The Ray pool
+(`ray_pool.py`) and the Serve pool (`serve_pool.py`) have the same
 methods; all three are thin executors over the same `Tickets` (queue by key, cancel, attempts) and
 `RetryPolicy`, and differ only in how a task runs (here, on Ray actors, as Serve calls).
 """
@@ -180,7 +181,8 @@ class Traffic:
     """Bytes a pool's calls move between the driver and the workers, by kind (`longtake bench --simulate`):
     latents (a window's; a decode's apart), predictions, conditioning (the job's, counted once for each worker
     that fetches it: a worker keeps it by its hash), media (a window's own per-frame slices), frames
-    (decoded), encoded (the encoder's result, once per job). `calls` counts calls by method; `window_media` the media of the last call of each window."""
+    (decoded), encoded (the encoder's result, once per job). `calls` counts calls by method; `window_media`
+    the media of the last call of each window."""
 
     bytes: dict = field(default_factory=lambda: defaultdict(int))
     calls: dict = field(default_factory=lambda: defaultdict(int))

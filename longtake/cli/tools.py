@@ -20,12 +20,31 @@ def _publish(name: str, write, result: dict, args: argparse.Namespace, emit, key
     emit(json.dumps(strict_json(result[key]), indent=2))
 
 
+def _tool(name: str, check, work) -> int:
+    """A tool command's frame: `check()` first (a RequestError: exit 2 naming the field, nothing run), then
+    `work(emit)` with SIGTERM handled and progress off stdout (Ctrl-C: nothing written, exit 130)."""
+    try:
+        check()
+    except RequestError as e:
+        print(f"longtake {name}: error: {e}", file=sys.stderr)
+        return 2
+    stop_on_signals()
+    with reserved_stdout() as emit, log_above_progress_bars():
+        try:
+            work(emit)
+        except KeyboardInterrupt:
+            return interrupted(name, "nothing written")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from longtake.cluster.engine import prepare
     from longtake.cluster.runtime import make_ray_pool
     from longtake.tools.evaluate import evaluate, junctions, pose_follow, write, write_junctions, write_pose
 
-    try:
+    checked = {}
+
+    def check():
         for name, low in (("clips", 1), ("long_clips", 0), ("visible_prompts", 0), ("visible_seeds", 1),
                           ("pose_renders", 1), ("modes_seeds", 1)):
             if getattr(args, name) < low:
@@ -33,61 +52,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for name in ("seconds", "long_seconds", "visible_seconds", "pose_seconds"):
             if not getattr(args, name) > 0:
                 raise RequestError(name, getattr(args, name), "a number of seconds > 0")
-        job = prepare({"prompt": "a red ball moving right on a blue background", "model": args.model,
-                       "workers": args.workers, "out": "eval.mp4"})
-    except RequestError as e:
-        print(f"longtake eval: error: {e}", file=sys.stderr)
-        return 2
-    stop_on_signals()
-    with reserved_stdout() as emit, log_above_progress_bars():
-        try:
-            quiet_libraries("ray", "diffusers")
-            from longtake.actors.ray_boot import stop_ray
+        checked["job"] = prepare({"prompt": "a red ball moving right on a blue background", "model": args.model,
+                                  "workers": args.workers, "out": "eval.mp4"})
 
-            pool, started = make_ray_pool(job)
-            try:
-                if args.suite == "pose":
-                    result = pose_follow(pool, args.model, args.pose_renders, args.pose_seconds,
-                                         progress=not args.quiet)
-                elif args.suite == "modes":
-                    result = junctions(pool, args.model, args.modes_seeds, progress=not args.quiet)
-                else:
-                    result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips,
-                                      args.long_seconds, progress=not args.quiet,
-                                      visible_prompts=args.visible_prompts, visible_seeds=args.visible_seeds,
-                                      visible_seconds=args.visible_seconds, plan=args.plan)
-            finally:
-                pool.shutdown()
-                if started:
-                    stop_ray()
-        except KeyboardInterrupt:
-            return interrupted("eval", "nothing written")
+    def work(emit):
+        quiet_libraries("ray", "diffusers")
+        from longtake.actors.ray_boot import stop_ray
+
+        pool, started = make_ray_pool(checked["job"])
+        try:
+            if args.suite == "pose":
+                result = pose_follow(pool, args.model, args.pose_renders, args.pose_seconds, progress=not args.quiet)
+            elif args.suite == "modes":
+                result = junctions(pool, args.model, args.modes_seeds, progress=not args.quiet)
+            else:
+                result = evaluate(pool, args.model, args.clips, args.seconds, args.long_clips,
+                                  args.long_seconds, progress=not args.quiet,
+                                  visible_prompts=args.visible_prompts, visible_seeds=args.visible_seeds,
+                                  visible_seconds=args.visible_seconds, plan=args.plan)
+        finally:
+            pool.shutdown()
+            if started:
+                stop_ray()
         writer = {"pose": write_pose, "modes": write_junctions}.get(args.suite, write)
         _publish("eval", writer, result, args, emit, "summary")
-    return 0
+
+    return _tool("eval", check, work)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from longtake.tools.bench import bench, write
     from longtake.pipelines import inspect_model
+    from longtake.tools.bench import bench, write
 
     if args.simulate is not None:
         return cmd_simulate(args)
-    try:
-        inspect_model(args.model)
-    except RequestError as e:
-        print(f"longtake bench: error: {e}", file=sys.stderr)
-        return 2
-    stop_on_signals()
-    with reserved_stdout() as emit, log_above_progress_bars():
-        try:
-            quiet_libraries("ray", "ray.serve", "diffusers", "transformers")
-            result = bench(quick=args.quick, device=args.device, model=args.model, progress=not args.quiet,
-                           workers_per_node=args.workers_per_node, bandwidth_gbps=args.bandwidth_gbps)
-        except KeyboardInterrupt:
-            return interrupted("bench", "nothing written")
+
+    def work(emit):
+        quiet_libraries("ray", "ray.serve", "diffusers", "transformers")
+        result = bench(quick=args.quick, device=args.device, model=args.model, progress=not args.quiet,
+                       workers_per_node=args.workers_per_node, bandwidth_gbps=args.bandwidth_gbps)
         _publish("bench", write, result, args, emit, "figures")
-    return 0
+
+    return _tool("bench", lambda: inspect_model(args.model), work)
 
 
 def _workers(text: str) -> tuple[int, ...]:
@@ -105,7 +111,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from longtake.pipelines.sim import PRESETS
     from longtake.tools import bench_scale
 
-    try:
+    settings = {}
+
+    def check():
         if args.simulate not in PRESETS:
             raise RequestError("simulate", args.simulate, f"one of {', '.join(PRESETS)}")
         workers = _workers(args.workers) if args.workers else bench_scale.DEFAULTS["workers"]
@@ -119,24 +127,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                            f"0 <= kill < the largest worker count ({max(workers)})")):
             if not ok:
                 raise RequestError(name, value, expected)
-    except RequestError as e:
-        print(f"longtake bench: error: {e}", file=sys.stderr)
-        return 2
-    stop_on_signals()
-    with reserved_stdout() as emit, log_above_progress_bars():
-        try:
-            quiet_libraries("ray")
-            say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
-            result = bench_scale.simulate(args.simulate, workers, seconds, steps, args.predict_s, args.kill,
-                                          progress=say)
-        except KeyboardInterrupt:
-            return interrupted("bench", "nothing written")
+        settings.update(workers=workers, seconds=seconds, steps=steps)
+
+    def work(emit):
+        quiet_libraries("ray")
+        say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+        result = bench_scale.simulate(args.simulate, predict_s=args.predict_s, kill=args.kill, progress=say,
+                                      **settings)
         out = args.out if args.out != "bench.json" else f"benchmarks/scale-{args.simulate}.json"
         command = "longtake bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "longtake bench"
         bench_scale.write(result, out, args.table, command)
         emit(json.dumps(strict_json(result["figures"]), indent=2) if args.json
              else "\n".join(bench_scale.table_lines(result, command)))
-    return 0
+
+    return _tool("bench", check, work)
 
 
 def add_eval_parser(sub) -> None:
@@ -175,7 +179,8 @@ def add_bench_parser(sub) -> None:
     bn = sub.add_parser("bench", help="measure efficiency, overhead, seams, memory, encoding, vs diffusers",
                         description="Benchmarks, every figure a ratio taken in one run; writes a JSON file and, "
                                     "with --table, a Markdown table (see BENCHMARKS.md).")
-    bn.add_argument("--quick", action="store_true", help="shorter clips and fewer of them (under 10 minutes on 2 cores)")
+    bn.add_argument("--quick", action="store_true",
+                    help="shorter clips and fewer of them (under 10 minutes on 2 cores)")
     bn.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where workers run (default cpu)")
     bn.add_argument("--model", default="default", help="the model for scaling, seams and memory (default: bundled)")
     bn.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")

@@ -110,6 +110,7 @@ class Job:
     loop: bool = False  # circular windows: the last frame flows into the first
     label: Layout | None = None  # the visible label on the output's opening frames (None: label "none")
     control: np.ndarray | None = field(default=None, repr=False, compare=False)  # (frames, H, W, 3) uint8 pose frames
+    controlled: bool = False  # it has control frames (drawn, or, prepared without pixels, to be drawn)
     control_scale: float = 1.0
     # a model animating a reference photo (Wan-Animate): reference (H, W, 3), face (frames, S, S, 3), background
     # (frames, H, W, 3), mask (frames, H, W) uint8; attached to the conditioning with the pose
@@ -233,7 +234,7 @@ def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
                guidance_2=request.guidance_2 if request.guidance_2 is not None else guidance, window=window,
                overlap=overlap, windows=(plan_loop if request.loop else plan_windows)(latent_frames, window, overlap),
                keys=keys, noise=request.noise or model.default_noise, inputs=inputs, loop=request.loop,
-               label=label, control=control,
+               label=label, control=control, controlled=controlled,
                control_scale=request.control_scale if request.control_scale is not None else 1.0, media=media)
 
 

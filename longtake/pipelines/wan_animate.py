@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from longtake.pipelines import ModelInfo, read_json, read_options
 from longtake.pipelines import wan
-from longtake.core.windows import TextConditioning, reflect_index, window_pixels  # noqa: F401 (reflect_index: the pipeline's padding, tested here)
+from longtake.core.windows import TextConditioning, reflect_index, window_pixels  # noqa: F401 (tests read them here)
 from longtake.request import RequestError
 
 NATIVE_WINDOW = 20  # latent frames of the pipeline's default segment (77 frames), the reference slot not counted

@@ -20,8 +20,9 @@ class Limits:
     max_side: int = _limit(512, "largest height or width accepted, pixels")
     max_timeline_keys: int = _limit(64, "most timeline keys accepted (one text encoding each)")
     max_model_evaluations: int = _limit(10_000, "most window predictions (windows x steps) in one request")
-    max_latent_mb: float = _limit(2048.0, "most MB of latents the manager holds in one step (the clip three times "
-                                          "and every window's prediction)")
+    max_latent_mb: float = _limit(2048.0, "most MB the manager holds for one job: its latents in one step (the clip "
+                                          "three times and every window's prediction) and its per-frame media "
+                                          "(pose or plan frames, face, background, mask) and reference photo")
     max_queued: int = _limit(16, "queued + running jobs before 429")
     max_running: int = _limit(2, "jobs rendering at once")
     max_body_bytes: int = _limit(64 * 1024, "largest request body, bytes (413 above)")

@@ -104,9 +104,12 @@ def gc(data_dir: str | Path, policy: Retention, now: float | None = None, dry_ru
 
 
 def request_cost(job: Job, **change) -> tuple[int, float]:
-    """(model evaluations, MB of latents the driver holds during a step) of a prepared job, or of the same
-    job with some of COST_FIELDS changed (`change`: field -> value, None for the default), by arithmetic:
-    the window plan of the frames it would have (contexts and a video's length scale with fps)."""
+    """(model evaluations, MB the driver holds for it: its latents during a step and its per-frame media) of
+    a prepared job (pixels or not), or of the same job with some of COST_FIELDS changed (`change`: field ->
+    value, None for the default), by arithmetic: the window plan of the frames it would have (contexts and a
+    video's length scale with fps); the media are its control frames (a pose or a motion plan: RGB at the
+    output size), a Wan-Animate model's face (its face size), background (RGB) and mask (gray) frames,
+    one of each a frame, and the reference photo."""
     req, model, layout = job.request, job.model, job.model.layout
     fps = change.get("fps", req.fps) or DEFAULT_FPS
     new_s = job.new_frames / req.fps  # a video's own length when no seconds are asked for
@@ -124,7 +127,11 @@ def request_cost(job: Job, **change) -> tuple[int, float]:
     windows = (plan_loop if job.loop else plan_windows)(latent_frames, window, overlap)
     c, h, w = layout.latent_shape(height, width)
     held = 3 * latent_frames + sum(e - s for s, e in windows)  # z, model input, fused; predictions
-    return steps * len(windows), held * c * h * w * 4 / 2**20
+    face = model.options.get("face_size", 0)
+    per_frame = (3 * height * width * (job.controlled + (req.background is not None)) + height * width
+                 * (req.mask is not None) + 3 * face * face * (req.face is not None))
+    media = frames * per_frame + 3 * height * width * (req.reference is not None)
+    return steps * len(windows), (held * c * h * w * 4 + media) / 2**20
 
 
 LIVE = tuple(s for s in STATES if s != "deleted")  # the states a client can still read
@@ -240,7 +247,7 @@ class JobManager:
         field = self._costliest(body, job)
         raise RequestError(field, body.get(field), f"a request within this server's cost limits: at most "
                            f"{lim.max_model_evaluations} model evaluations (windows x steps) and {lim.max_latent_mb:g} "
-                           f"MB of latents; this one needs {len(job.windows)} windows x {job.steps} steps = "
+                           f"MB of latents and media; this one needs {len(job.windows)} windows x {job.steps} steps = "
                            f"{evaluations} and {mb:.0f} MB (lower {field}, or seconds, fps or steps)")
 
     def _prepare(self, body: dict | RenderRequest, pixels: bool = True) -> Job:

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -994,10 +993,14 @@ def wan_table(w: dict) -> list[str]:
 
 
 def write(result: dict, out_json: str, out_md: str | None, command: str) -> None:
-    """The JSON file; with `out_md`, the table written there, the Scale sections it had kept at its end
-    (`bench --simulate` writes those: bench_scale.write)."""
+    """The JSON file; with `out_md`, the table written there, what the file had from its first Scale section
+    on kept at its end (`bench --simulate` writes those sections, bench_scale.write; notes on them follow)."""
     Path(out_json).write_text(json.dumps(result, indent=2, default=str))
     if out_md:
         old = Path(out_md).read_text() if Path(out_md).is_file() else ""
-        kept = re.findall(r"<!-- scale:[\w.-]+:begin -->.*?<!-- scale:[\w.-]+:end -->", old, flags=re.S)
-        Path(out_md).write_text("\n\n".join([table(result, command).rstrip("\n"), *kept]) + "\n")
+        kept = old[old.index(SCALE_MARK):] if SCALE_MARK in old else ""
+        Path(out_md).write_text("\n\n".join(part for part in (table(result, command).rstrip("\n"), kept) if part)
+                                .rstrip("\n") + "\n")
+
+
+SCALE_MARK = "<!-- scale:"  # where `bench --simulate`'s sections begin in BENCHMARKS.md

@@ -63,7 +63,8 @@ def default_seconds(preset: str) -> float:
 
 
 def _request(model: str, seconds: float, steps: int, out: str) -> dict:
-    """The bench's request (at the model's frame rate); an animating model's media (2 s, looped) are those `animate_media` wrote beside it."""
+    """The bench's request (at the model's frame rate); an animating model's media (2 s, looped) are those
+    `animate_media` wrote beside it."""
     fps = json.loads((Path(model) / "sim.json").read_text())["fps"]  # the real model's frame rate
     request = {"model": model, "prompt": "a long take through a city at night", "seconds": seconds, "steps": steps,
                "fps": fps, "seed": 7, "out": out, "label": "none"}
@@ -150,10 +151,10 @@ def one_run(address: str, model: str, workers: int, seconds: float, steps: int, 
         cpu0, machine0 = _cpu(), psutil.cpu_times()
         denoise(job, pool, cond, sampler, watch, None, False, timings)
         denoise_cpu, machine = _cpu() - cpu0, psutil.cpu_times()
-        latents_sha256 = hashlib.sha256(sampler.z.contiguous().numpy().tobytes()).hexdigest()
+        latents_sha256 = hashlib.sha256(sampler.z.contiguous().numpy().data).hexdigest()  # no copy of the clip
         first_frame: list[float] = []
-        delivery = deliver(job, pool, sampler.z, watch, Provenance.local(), lambda *a: first_frame or first_frame.append(
-            time.perf_counter() - t0), False, timings) if decode else None
+        first = lambda *a: first_frame or first_frame.append(time.perf_counter() - t0)  # noqa: E731
+        delivery = deliver(job, pool, sampler.z, watch, Provenance.local(), first, False, timings) if decode else None
     finally:
         pool.release(cond)
     busy = sum(getattr(machine, f) - getattr(machine0, f) for f in ("user", "system", "nice"))
@@ -226,7 +227,8 @@ def simulate(preset: str, workers=DEFAULTS["workers"], seconds: float = DEFAULTS
             plan.append((max(workers), False, min(kill, max(workers) - 1)))
         for n, deliver_this, k in plan:
             model = timeless if n == 1 and len(workers) > 1 else timed
-            say(f"  {n} worker{'s' * (n != 1)}" + (f", {k} killed" if k else "") + (", delivered" if deliver_this else ""))
+            say(f"  {n} worker{'s' * (n != 1)}" + (f", {k} killed" if k else "")
+                + (", delivered" if deliver_this else ""))
             figures = _child(cluster, dict(address=cluster.address, model=str(model), workers=n, seconds=seconds,
                                            steps=steps, out=str(tmp / f"scale-{n}.mp4"),
                                            decode=deliver_this and deliver, kill=k))
@@ -343,7 +345,8 @@ def table_lines(result: dict, command: str) -> list[str]:
     if EARLIER.is_file():
         earlier = json.loads(EARLIER.read_text())["details"].get("projection", {}).get("efficiency_window_1s", {})
     out = [f"## Scale: {result['preset']}, a simulated cluster at the real model's sizes", "",
-           f"`{command}`: {result['size']}, {result['seconds']:g} s at {result['fps']:g} fps ({result['latent_frames']} "
+           f"`{command}`: {result['size']}, {result['seconds']:g} s at {result['fps']:g} fps "
+           f"({result['latent_frames']} "
            f"latent frames, {result['windows']} windows), {result['steps']} steps; a window-step sleeps "
            f"{result['window_step_s']:g} s ({result['real_predict_s']:g} s on one H100, compressed "
            f"{result['compression']:g}x). A window's latents: {_mb(result['window_latent_bytes'])}; the clip's: "
@@ -361,9 +364,11 @@ def table_lines(result: dict, command: str) -> list[str]:
         eff = "" if r["killed"] else f"{f['efficiency'][n]:.3f}" + ("" if r["timed"] else " (derived)")
         real = "" if r["killed"] else f"{f['efficiency_uncompressed'][n]:.3f}"
         out.append(f"| {name} | {r['denoise_s']:.1f} | {r.get('ideal_s', '')} | {eff} | {real} | "
-                   f"{earlier.get(n, '') and format(earlier[n], '.3f')} | {r['driver_ms_per_window_step']:.1f} ms | "
+                   f"{format(earlier[n], '.3f') if n in earlier and not r['killed'] else ''} | "
+                   f"{r['driver_ms_per_window_step']:.1f} ms | "
                    f"{r['machine_cpu_ms_per_window_step']:.1f} ms | {r['machine_busy']:.0%} | {moved} | "
-                   f"{_mb(r['object_store_peak_bytes'])} | {r['driver_peak_rss_bytes'] / result['clip_latent_bytes']:.2f} |")
+                   f"{_mb(r['object_store_peak_bytes'])} | "
+                   f"{r['driver_peak_rss_bytes'] / result['clip_latent_bytes']:.2f} |")
     out += ["", f"Headline (`--json`): bytes per window-step / a window's latents at the largest count "
                 f"**{f['bytes_per_window_step_ratio']}** (target <= 3, plus the window's own media slice, "
                 f"{_mb(result['window_media_slice_bytes'])} at most); the largest media one call carried "
@@ -372,16 +377,30 @@ def table_lines(result: dict, command: str) -> list[str]:
                 f"every worker count and after the kills: **{f['same_frames']}**. Decoding and encoding "
                 f"(720p H.264, after the last step): {f['decode_encode_fps']} frames/s; the first frame "
                 f"{f['time_to_first_frame_s']} s after the start.",
+            "", f"The data path (#33): before its fixes (8d6b70f) every window call carried the job's whole "
+                f"conditioning: {_mb(_held(result))} (text and reference) and "
+                f"{_mb(result['conditioning_bytes']['whole_clip_media'])} of the whole clip's per-frame media; now a "
+                f"call carries its latents and its own media slice ({_mb(result['window_media_slice_bytes'])} at "
+                f"most), and a worker fetches the job's conditioning once, on its first window of the job.",
             "", "Reading it: efficiency is the ideal denoising time (window-steps x the simulated window-step / "
                 "workers) over the wall time; \"at H100 speed\" keeps the measured overhead and multiplies the "
                 "compute by the compression (module docstring of tools/bench_scale.py): compression overweights "
                 "every cost that is not the model, so the compressed column is the conservative one. \"Earlier "
                 "projection\" is `longtake bench --quick`'s model of the schedule fed with the bundled model's "
                 "costs and a 1 s window (benchmarks/bench-quick.json). The 1-worker row is time-free (its window-steps "
-                "do not sleep: 44 minutes otherwise) and its efficiency derived from its wall time per window-step. "
-                "CPU per window-step counts every process on this machine (driver, workers, raylets); \"cores "
+                f"do not sleep: {_one_worker_h(result):.1f} hours otherwise) and its efficiency derived from its wall "
+                "time per window-step. CPU per window-step counts every process on this machine (driver, workers, "
+                "raylets, and Ray's background work, which dominates at a low rate of window-steps); \"cores "
                 "busy\" near 100% would mean this machine's cores, not the schedule, set the wall time."]
     return out
+
+
+def _held(result: dict) -> int:
+    return max((r["job_conditioning_bytes"] for r in result["runs"]), default=0)
+
+
+def _one_worker_h(result: dict) -> float:
+    return result["windows"] * result["steps"] * result["window_step_s"] / 3600
 
 
 def write(result: dict, out_json: str, out_md: str | None, command: str) -> None:
