@@ -275,7 +275,7 @@ class InProcessPool:
         return hold(obj)
 
     def release(self, held: Held) -> None:
-        self.worker.release(held.key)
+        self.worker.forget(held.key)
 
     def call(self, method: str, *args, tick=None) -> Any:
         return next(self.imap(method, [args], tick))

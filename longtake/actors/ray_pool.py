@@ -170,7 +170,7 @@ class RayPool:
         """The job is over: its workers drop its conditioning (the store drops it with the last reference)."""
         for actor in self.actors:
             if actor is not None:
-                actor.release.remote(held.key)
+                actor.forget.remote(held.key)
         for keys in self._holds.values():
             keys.discard(held.key)
 

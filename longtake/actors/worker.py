@@ -112,8 +112,8 @@ class Worker:
             frames = {name: torch.from_numpy(a) for name, a in cond.frames.items()}
         return self.held[key].for_window(frames)
 
-    def release(self, key: str) -> None:
-        """The job whose conditioning has this hash has ended."""
+    def forget(self, key: str) -> None:
+        """The job whose conditioning has this hash has ended (the pool's `release`)."""
         self.held.pop(key, None)
 
     def predict(self, z: torch.Tensor, t: torch.Tensor, cond, start: int, end: int,

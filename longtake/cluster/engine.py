@@ -415,9 +415,17 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         # 4. deliver: decoded on the workers, the frames stream in order through the sink chain into the MP4
         delivery = deliver(job, pool, sampler.z, watch, provenance, on_frames, progress, timings)
     finally:
-        pool.release(cond)  # the workers drop the job's conditioning
+        _release(pool, cond)
     watch.report("done", watch.total, delivery.frames_written, eta_s=0.0)  # the final numbers, unthrottled
     return _result(job, pool, sampler, start, delivery, checkpoint, timings, time.perf_counter() - t0)
+
+
+def _release(pool: Pool, cond) -> None:
+    """The workers drop the job's conditioning: advice, which never fails the job nor hides why it stopped."""
+    try:
+        pool.release(cond)
+    except Exception as e:
+        logger.warning("could not tell the workers to drop the job's conditioning: %s: %s", type(e).__name__, e)
 
 
 class Watch:
