@@ -113,7 +113,8 @@ class Job:
     controlled: bool = False  # it has control frames (drawn, or, prepared without pixels, to be drawn)
     control_scale: float = 1.0
     # a model animating a reference photo (Wan-Animate): reference (H, W, 3), face (frames, S, S, 3), background
-    # (frames, H, W, 3), mask (frames, H, W) uint8; attached to the conditioning with the pose
+    # (frames, H, W, 3), mask (frames, H, W) uint8; the reference travels with the job's conditioning, the
+    # others (PER_FRAME) as each window's own slice, as the pose does
     media: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -88,7 +88,7 @@ def conditioning_frames(start: int, end: int, n: int, temporal: int = 1) -> list
     (a loop's window wraps) without temporal compression; with it (a causal VAE), `window_pixels`,
     reflected past the clip's end (`reflect_index`). What the engine sends a window (its own slice)."""
     if temporal == 1:
-        return [i % n for i in range(start, end)]
+        return window_frames(start, end, n).tolist()
     return [reflect_index(i, n) for i in window_pixels(start, end, temporal)]
 
 
