@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from longtake.core.frames import Indexed
 from longtake.request import RequestError
 
 # COCO-18 order: nose, neck, r-shoulder, r-elbow, r-wrist, l-shoulder, l-elbow, l-wrist, r-hip, r-knee,
@@ -233,32 +234,46 @@ def _dot(draw: ImageDraw.ImageDraw, p: np.ndarray, r: float, colour) -> None:
     draw.ellipse([float(p[0] - r), float(p[1] - r), float(p[0] + r), float(p[1] + r)], fill=colour)
 
 
-def draw(people: list[Person], width: int, height: int) -> np.ndarray:
+def _hand_colour(e: int) -> tuple[int, int, int]:
+    return tuple(int(c * 255) for c in colorsys.hsv_to_rgb(e / len(HAND_EDGES), 1.0, 1.0))
+
+
+# every colour `draw` uses, black (the background) first: skeleton frames index this palette exactly
+PALETTE_COLOURS = tuple(dict.fromkeys(
+    [(0, 0, 0)] + [tuple(int(c * LIMB_SHADE) for c in COLOURS[i]) for i in range(len(LIMBS))] + list(COLOURS)
+    + [_hand_colour(e) for e in range(len(HAND_EDGES))] + [(0, 0, 255), (255, 255, 255)]))
+PALETTE = np.array(PALETTE_COLOURS, np.uint8)
+_INDEX = {c: i for i, c in enumerate(PALETTE_COLOURS)}
+
+
+def draw(people: list[Person], width: int, height: int, indexed: bool = False) -> np.ndarray:
     """One skeleton frame, (height, width, 3) uint8, black background: limbs, then body points, then hands
-    and face, in the annotator's colours; sizes scale with the frame (the annotator's at 512 px)."""
-    image = Image.new("RGB", (width, height))
+    and face, in the annotator's colours; sizes scale with the frame (the annotator's at 512 px).
+    `indexed`: the same frame as (height, width) indices into PALETTE (drawn as a palette image: PIL fills
+    the same pixels whatever the mode, without anti-aliasing)."""
+    image = Image.new("P" if indexed else "RGB", (width, height))
     pen = ImageDraw.Draw(image)
+    fill = (lambda rgb: _INDEX[rgb]) if indexed else (lambda rgb: rgb)
     k = min(width, height) / 512
     for person in people:
         body = person.body
         for i, (a, b) in enumerate(LIMBS):
             if body[a, 2] > 0 and body[b, 2] > 0:
                 _limb(pen, body[a, :2], body[b, :2], max(1.0, STICK * k),
-                      tuple(int(c * LIMB_SHADE) for c in COLOURS[i]))
+                      fill(tuple(int(c * LIMB_SHADE) for c in COLOURS[i])))
         for i in range(18):
             if body[i, 2] > 0:
-                _dot(pen, body[i, :2], max(1.0, POINT * k), COLOURS[i])
+                _dot(pen, body[i, :2], max(1.0, POINT * k), fill(COLOURS[i]))
         for hand in person.hands:
             for e, (a, b) in enumerate(HAND_EDGES):
                 if hand[a, 2] > 0 and hand[b, 2] > 0:
-                    rgb = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(e / len(HAND_EDGES), 1.0, 1.0))
-                    pen.line([tuple(map(float, hand[a, :2])), tuple(map(float, hand[b, :2]))], fill=rgb,
+                    pen.line([tuple(map(float, hand[a, :2])), tuple(map(float, hand[b, :2]))], fill=fill(_hand_colour(e)),
                              width=max(1, round(HAND_LINE * k)))
             for p in hand[hand[:, 2] > 0]:
-                _dot(pen, p[:2], max(1.0, HAND_POINT * k), (0, 0, 255))
+                _dot(pen, p[:2], max(1.0, HAND_POINT * k), fill((0, 0, 255)))
         if person.face is not None:
             for p in person.face[person.face[:, 2] > 0]:
-                _dot(pen, p[:2], max(1.0, FACE_POINT * k), (255, 255, 255))
+                _dot(pen, p[:2], max(1.0, FACE_POINT * k), fill((255, 255, 255)))
     return np.asarray(image, np.uint8)
 
 
@@ -283,11 +298,12 @@ def reference_person(name: str, path: str, width: int, height: int) -> Person:
 
 
 def pose_frames(name: str, path: str, frames: int, fps: float, width: int, height: int, loop: bool = False,
-                reference: Person | None = None, pixels: bool = True) -> np.ndarray | None:
+                reference: Person | None = None, pixels: bool = True) -> np.ndarray | Indexed | None:
     """A pose video or keypoint JSON file as `frames` skeleton frames at `fps`, (frames, height, width, 3)
-    uint8. With `reference` (a person on the output canvas), a keypoint sequence is retargeted onto it
-    (a pose video cannot be: its skeletons are pixels). `pixels=False`: the same checks, nothing drawn or
-    decoded (a video's length from its packets), None."""
+    uint8: a video's as read, a keypoint file's drawn as `Indexed` frames (PALETTE indices, a third of the
+    bytes, exactly the RGB drawing: core/frames.py). With `reference` (a person on the output canvas), a
+    keypoint sequence is retargeted onto it (a pose video cannot be: its skeletons are pixels).
+    `pixels=False`: the same checks, nothing drawn or decoded (a video's length from its packets), None."""
     if Path(path).suffix.lower() == ".json":
         sequence = fit(load_keypoints(name, path), width, height)
         if reference is not None:
@@ -296,12 +312,12 @@ def pose_frames(name: str, path: str, frames: int, fps: float, width: int, heigh
         if not pixels:
             return None
         drawn: dict[int, np.ndarray] = {}
-        out = np.empty((frames, height, width, 3), np.uint8)
+        out = np.empty((frames, height, width), np.uint8)
         for i, j in enumerate(index):
             if j not in drawn:
-                drawn[j] = draw(sequence.frames[j], width, height)
+                drawn[j] = draw(sequence.frames[j], width, height, indexed=True)
             out[i] = drawn[j]
-        return out
+        return Indexed(out, PALETTE)
     from longtake.media import head_frames
 
     if reference is not None:

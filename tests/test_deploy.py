@@ -143,5 +143,6 @@ def test_grafana_dashboard_uses_exported_metrics(tmp_path):
     assert base <= {re.sub(r"_total$", "", m) for m in exported}, base - exported
     for metric in ("longtake_jobs", "longtake_job_duration_seconds", "longtake_window_step_seconds",
                    "longtake_queue_jobs", "longtake_queue_windows", "longtake_workers_busy", "longtake_workers_idle",
-                   "longtake_frames_rendered"):
+                   "longtake_frames_rendered", "longtake_worker_utilisation", "longtake_worker_window_steps",
+                   "longtake_worker_bytes"):
         assert metric in base

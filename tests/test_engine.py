@@ -143,19 +143,31 @@ def test_progress_and_cancel_hooks(tmp_path, tiny_model, inproc_pool):
     req = _request(tiny_model, tmp_path / "p.mp4")
     run(prepare(req), inproc_pool, progress=False, on_progress=events.append)
     assert set(events[0]) == {"phase", "step", "steps", "window_steps_done", "window_steps_total", "frames_done",
-                              "frames", "eta_s"}
+                              "frames", "eta_s", "windows", "running", "workers"}
     denoise = [e for e in events if e["phase"] == "denoise"]
-    assert [e["window_steps_done"] for e in denoise] == list(range(1, 16))  # 5 windows x 3 steps, in order
+    # a report after each prediction (5 windows x 3 steps, in order), and after range steps the sampler's
+    # threads finished (the coherent step may have advanced)
+    done = [e["window_steps_done"] for e in denoise]
+    assert done == sorted(done) and set(done) == set(range(1, 16))
+    # the window x step grid: each window's steps predicted (one more cell each report), the running ones ahead
+    assert all(sum(e["windows"]) == e["window_steps_done"] for e in denoise) and denoise[-1]["windows"] == [3] * 5
+    assert all(e["step"] <= min(e["windows"]) for e in denoise)  # no step counted before its windows predicted it
+    assert all(e["windows"][w] < 3 for e in denoise for w in e["running"])
+    # the pool's one worker, in this process: every prediction counted on it
+    first, last = denoise[0]["workers"], denoise[-1]["workers"]
+    assert [w["node"] for w in last] == ["in-process"] and last[0]["window_steps"] - first[0]["window_steps"] == 14
     assert {e["window_steps_total"] for e in events} == {15}
     # `step` counts the steps every frame has completed (what a checkpoint would save): 0 until the first
-    # step's last window is fused (one worker runs the lowest step first)
-    assert [e["step"] for e in denoise] == [0] * 4 + [1] * 5 + [2] * 5 + [3]
+    # step's last window is fused and stepped (one worker runs the lowest step first)
+    steps = [e["step"] for e in denoise]
+    assert steps == sorted(steps) and steps[:4] == [0] * 4 and steps[-1] == 3
     assert denoise[-1]["eta_s"] == 0
     decode = [e for e in events if e["phase"] == "decode"]
     assert decode and all(e["step"] == 3 for e in decode) and decode[-1]["frames_done"] == 24
     # the last call, after the MP4 is written, has the final numbers (a throttling caller keeps it: new phase)
-    assert events[-1] == {"phase": "done", "step": 3, "steps": 3, "window_steps_done": 15, "window_steps_total": 15,
-                          "frames_done": 24, "frames": 24, "eta_s": 0}
+    assert {k: v for k, v in events[-1].items() if k not in ("workers", "running")} == {
+        "phase": "done", "step": 3, "steps": 3, "window_steps_done": 15, "window_steps_total": 15, "frames_done": 24,
+        "frames": 24, "eta_s": 0, "windows": [3] * 5}
     assert [e["phase"] for e in events].count("done") == 1
 
     out = tmp_path / "c.mp4"
@@ -164,6 +176,46 @@ def test_progress_and_cancel_hooks(tmp_path, tiny_model, inproc_pool):
         run(prepare(_request(tiny_model, out)), inproc_pool, progress=False, on_progress=seen.append,
             cancelled=lambda: len(seen) >= 4)
     assert len(seen) == 4 and not out.exists() and list(tmp_path.glob(".c.mp4*")) == []
+
+
+def test_range_steps_on_the_samplers_threads_give_the_same_frames(tmp_path, tiny_model, inproc_pool, monkeypatch):
+    """engine.SAMPLER_THREADS (one per 4 cores): fusion and scheduler steps per frame range on threads,
+    collected between the pool's results, give the frames of one thread (a loop and a plain clip)."""
+    from longtake.cluster import engine
+
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(engine, "SAMPLER_THREADS", threads)
+        for loop in (False, True):
+            req = {**_request(tiny_model, tmp_path / f"t{threads}{loop}.mp4"), "loop": loop}
+            results[threads, loop] = run(prepare(req), inproc_pool, progress=False).frames_sha256
+    assert results[1, False] == results[3, False] and results[1, True] == results[3, True]
+    assert results[1, False] != results[1, True]
+
+
+def test_the_worker_book_says_what_each_worker_does_and_did():
+    """pool.WorkerBook (the monitors' workers view and Prometheus): the task a worker computes now (the oldest
+    of those sent to it), busy seconds and utilisation over the last UTILISATION_S, failures, restarts."""
+    from longtake.actors.pool import UTILISATION_S, Task, WorkerBook
+
+    book = WorkerBook(2)
+    book.started(0, "10.0.0.1/abc123")
+    predict = lambda w, step: Task("predict", (), f"window {w + 1} at step {step + 1}", key=(step, w))  # noqa: E731
+    book.sent(0, 1, predict(3, 2), nbytes=100, now=1000.0)
+    book.sent(0, 2, predict(4, 2), nbytes=100, now=1000.0)  # queued behind it on the same worker
+    w0, w1 = book.snapshot(now=1001.0)
+    assert (w0["state"], w0["window"], w0["step"], w0["now"], w0["bytes"]) == ("busy", 3, 2, "window 4 at step 3", 200)
+    assert (w1["state"], w1["node"], w1["utilisation"]) == ("starting", "", 0.0)
+    book.ended(0, 1, nbytes=50, now=1002.0)  # the next starts when this one ends
+    book.ended(0, 2, ok=False, now=1003.0)  # failed
+    book.replaced(0)
+    w0 = book.snapshot(now=1004.0)[0]
+    assert (w0["window_steps"], w0["failures"], w0["restarts"], w0["busy_s"], w0["state"]) == (1, 1, 1, 3.0, "starting")
+    assert w0["utilisation"] == pytest.approx(3 / 4)  # 3 s busy of the 4 s since it began
+    later = book.snapshot(now=1000.0 + UTILISATION_S + 2.5)[0]  # half its busy time now outside the window
+    assert later["utilisation"] == pytest.approx(0.5 / UTILISATION_S, abs=5e-4) and later["busy_s"] == 3.0
+    book.excluded(1)
+    assert book.snapshot()[1]["state"] == "excluded"
 
 
 def _tiny_copy(tiny_model, dest, options: dict) -> str:

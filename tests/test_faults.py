@@ -60,6 +60,12 @@ def test_killed_worker_is_replaced_and_frames_are_identical(tmp_path, tiny_model
         pool.shutdown()
     assert pool.retries >= 1
     assert res.frames_sha256 == ref.frames_sha256
+    # the workers view (pool.WorkerBook): the killed slot was replaced, its task failed there; every window-step
+    # is counted on a worker; each slot names its Ray node
+    book = pool.workers()
+    assert [w["restarts"] for w in book] == [1, 0] and book[0]["failures"] >= 1
+    assert sum(w["window_steps"] for w in book) == res.model_evaluations
+    assert all(w["node"].count("/") == 1 and w["busy_s"] > 0 and w["bytes"] > 0 for w in book)
 
 
 def test_window_failing_every_retry_fails_the_job_clearly(tmp_path, tiny_model, ray_session):

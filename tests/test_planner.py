@@ -103,6 +103,7 @@ def test_the_engine_plans_text_alone(tmp_path):
     base = dict(prompt="a red ball moving right on a blue background", seconds=2, out=str(tmp_path / "a.mp4"))
     planned = prepare(base)
     assert planned.control is not None and planned.control.shape == (16, 64, 64, 3)
+    assert planned.control.nbytes < 16 * 64 * 64 * 2  # held as one channel (core/frames.py), not RGB
     plain = prepare({**base, "plan": "none"})
     assert plain.control is None
     assert fingerprint(planned, "float32", "cpu") != fingerprint(plain, "float32", "cpu")
@@ -111,7 +112,7 @@ def test_the_engine_plans_text_alone(tmp_path):
     assert prepare({**base, "image": str(tmp_path / "empty.png")}).control is None
     Image.fromarray(_moving_ball(1)[0]).save(tmp_path / "start.png")
     image = prepare({**base, "image": str(tmp_path / "start.png")})  # anchored on the image's ball
-    assert image.control is not None and (image.control[0, ..., 0] > 0).sum() > 50
+    assert image.control is not None and (np.asarray(image.control)[0, ..., 0] > 0).sum() > 50
     assert prepare({**base, "image": str(tmp_path / "start.png"), "prompt": "a red ball"}).control is None
     video = tmp_path / "in.mp4"
     from longtake.video import VideoWriter
@@ -157,7 +158,7 @@ def _moving_ball(frames: int, step: float = 4.0, start: float = 10.0) -> np.ndar
 
 
 def _centres(silhouettes: np.ndarray) -> np.ndarray:
-    return object_track(silhouettes, (0, 0, 0)).centroids
+    return object_track(np.asarray(silhouettes), (0, 0, 0)).centroids
 
 
 def test_a_plan_around_known_frames_continues_and_lands():

@@ -34,7 +34,7 @@ def test_known_keypoints_give_known_pixels(tmp_path):
     """Neck at (100, 100), right shoulder at (160, 100) on a 256 x 256 canvas drawn at 256 x 256: the
     limb between them in its colour at 60 %, each point a dot in its own colour, nothing elsewhere."""
     path = write(tmp_path, [one({1: (100, 100), 2: (160, 100)})], width=256, height=256, fps=8)
-    frame = pose_frames("pose", path, 1, 8, 256, 256)[0]
+    frame = np.asarray(pose_frames("pose", path, 1, 8, 256, 256))[0]
     assert tuple(frame[100, 100]) == COLOURS[1]  # the neck's dot (points over limbs)
     assert tuple(frame[100, 160]) == COLOURS[2]
     assert tuple(frame[100, 130]) == tuple(int(c * LIMB_SHADE) for c in COLOURS[0])  # limb 0: neck - r-shoulder
@@ -50,7 +50,7 @@ def test_body25_is_drawn_as_coco18_and_hands_and_face_too(tmp_path):
     face = coco({0: (200, 30)}, n=70)
     path = write(tmp_path, [{"people": [{"pose_keypoints_2d": body25, "hand_left_keypoints_2d": hand,
                                          "face_keypoints_2d": face}]}], width=256, height=256)
-    frame = pose_frames("pose", path, 1, 8, 256, 256)[0]
+    frame = np.asarray(pose_frames("pose", path, 1, 8, 256, 256))[0]
     assert tuple(frame[200, 70]) == COLOURS[13] and tuple(frame[50, 50]) == COLOURS[1]
     assert not frame[120, 50].any()  # the mid-hip is not a COCO-18 point
     assert tuple(frame[20, 20]) == (0, 0, 255) and tuple(frame[30, 200]) == (255, 255, 255)
@@ -68,19 +68,19 @@ def test_the_canvas_is_fitted_like_images_and_normalised_coordinates_scale(tmp_p
 def test_frames_are_resampled_to_fps_and_loop_only_when_asked(tmp_path):
     frames = [one({1: (10 + 20 * i, 30)}) for i in range(6)]  # 6 poses at 4 fps: 1.5 s
     path = write(tmp_path, frames, width=128, height=64, fps=4)
-    out = pose_frames("pose", path, 12, 8, 128, 64)  # 1.5 s at 8 fps: each pose twice
+    out = np.asarray(pose_frames("pose", path, 12, 8, 128, 64))  # 1.5 s at 8 fps: each pose twice
     xs = [np.argwhere((f == COLOURS[1]).all(-1))[:, 1].mean() for f in out]
     assert xs == pytest.approx([10, 10, 30, 30, 50, 50, 70, 70, 90, 90, 110, 110], abs=0.5)
     with pytest.raises(RequestError, match="pose_loop; it has 1.5 s") as e:
         pose_frames("pose", path, 16, 8, 128, 64)
     assert e.value.field == "pose"
-    looped = pose_frames("pose", path, 16, 8, 128, 64, loop=True)
+    looped = np.asarray(pose_frames("pose", path, 16, 8, 128, 64, loop=True))
     assert (looped[12] == looped[0]).all() and (looped[15] == looped[3]).all()
 
 
 def test_a_dropout_holds_the_last_pose(tmp_path):
     path = write(tmp_path, [one({1: (20, 20)}), {"people": []}, one({1: (40, 20)})], width=64, height=64)
-    out = pose_frames("pose", path, 3, 8, 64, 64)
+    out = np.asarray(pose_frames("pose", path, 3, 8, 64, 64))
     assert (out[1] == out[0]).all() and not (out[2] == out[0]).all()
 
 
@@ -182,7 +182,7 @@ def test_the_pose_drives_the_frames_deterministically(tmp_path, tiny_pose_model,
     job = prepare({**req, "reference_pose": small, "out": str(tmp_path / "e.mp4")})
     plain = prepare({**req, "out": str(tmp_path / "e.mp4")})
     assert not np.array_equal(job.control, plain.control)  # retargeted: smaller
-    assert job.control.any(-1).sum() < plain.control.any(-1).sum()
+    assert np.asarray(job.control).any(-1).sum() < np.asarray(plain.control).any(-1).sum()
     assert np.array_equal(prepare({**req, "reference_pose": small, "retarget": "none",
                                    "out": str(tmp_path / "e.mp4")}).control, plain.control)
     with pytest.raises(RequestError, match="a model with a pose ControlNet") as e:
@@ -283,7 +283,7 @@ def test_pose_from_runs_the_estimator_on_every_frame(tmp_path):
     assert (data["fps"], data["width"], data["height"], len(data["frames"])) == (8, 64, 64, 16)
     necks = [f["people"][0]["pose_keypoints_2d"][3:5] for f in data["frames"]]
     assert np.allclose(np.diff([x for x, _ in necks]), 2, atol=0.6) and abs(necks[0][0] - 14.5) < 1
-    frames = pose_frames("pose", out, 16, 8, 64, 64)
+    frames = np.asarray(pose_frames("pose", out, 16, 8, 64, 64))
     for i in (0, 15):
         x, y = (round(v) for v in necks[i])
         assert tuple(frames[i][y, x]) == COLOURS[1]
@@ -330,3 +330,21 @@ def test_pose_from_on_the_cli_and_its_bad_inputs(tmp_path, cli_cases, tiny_pose_
     assert "no value with --pose" in results[2]["err"]
     assert results[3]["err"].startswith("longtake render: error: pose_estimator: got 'nosuchmodule:make'")
     assert not results[-1]["ray_imported"] and not results[-1]["diffusers_imported"], results[-1]
+
+
+def test_keypoint_poses_are_drawn_as_palette_indices_exactly(tmp_path):
+    """A keypoint file's skeletons are held and sent as one channel (PALETTE indices): the same pixels as the
+    RGB drawing, hands and face included, at any size (PIL fills the same pixels in either mode)."""
+    from longtake.core.frames import Indexed
+    from longtake.pose import PALETTE
+
+    rng = np.random.default_rng(1)
+    for w, h in ((64, 64), (97, 211), (1280, 720)):
+        points = lambda n, c=1: np.c_[rng.uniform(-5, w + 5, n), rng.uniform(-5, h + 5, n),  # noqa: E731
+                                      rng.integers(0, 2, n) * c]
+        person = Person(points(18), hands=[points(21), points(21)], face=points(70))
+        assert np.array_equal(PALETTE[draw([person], w, h, indexed=True)], draw([person], w, h))
+    path = write(tmp_path, [one({1: (30, 30), 2: (50, 30), 8: (30, 50)})], width=64, height=64, fps=8)
+    frames = pose_frames("pose", path, 4, 8, 64, 64, loop=True)
+    assert isinstance(frames, Indexed) and frames.index.shape == (4, 64, 64)
+    assert np.array_equal(np.asarray(frames)[0], draw(fit(load_keypoints("pose", path), 64, 64).frames[0], 64, 64))

@@ -74,6 +74,9 @@ def drive(sampler: Sampler, order: random.Random | None, stop_after: int | None 
     while not sampler.done and (stop_after is None or made < stop_after):
         for w in sampler.ready():
             running.append((w, *sampler.window_input(w)))
+        if not running and sampler.advancing:  # range steps on the sampler's threads: wait for one
+            sampler.collect(timeout=10)
+            continue
         assert running, "no window can run: the schedule is stuck"
         w, x, t = running.pop(order.randrange(len(running)) if order else 0)
         sampler.add(w, model(x, t))
@@ -100,11 +103,12 @@ def test_any_finishing_order_gives_the_barrier_frames(name, plan_name):
     barrier = _sampler(name, plan_name, "barrier")
     made = drive(barrier, None)
     assert barrier.schedule == "barrier" and made == len(PLANS[plan_name][1]) * STEPS
-    for seed in range(3):
-        wave = _sampler(name, plan_name, "wavefront")
+    for seed, threads in ((0, 1), (1, 1), (2, 3)):  # (the last: range steps on 3 threads, collected as they end)
+        wave = _sampler(name, plan_name, "wavefront", threads=threads)
         drive(wave, random.Random(seed))
+        wave.close()
         assert wave.schedule == "wavefront"
-        assert torch.equal(wave.z, barrier.z), f"finishing order {seed}"
+        assert torch.equal(wave.z, barrier.z), f"finishing order {seed}, {threads} threads"
     if name not in STOCHASTIC:  # (their step noise is now per frame: not the whole-clip generator's)
         assert torch.equal(barrier.z, whole_clip(name, plan_name))
 
@@ -131,12 +135,17 @@ def test_frame_ranges_cut_at_every_window_edge():
                                                                         (10, 12)]
 
 
-def test_a_checkpoint_of_a_wavefront_holds_one_coherent_step_and_resumes_exactly():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_checkpoint_of_a_wavefront_holds_one_coherent_step_and_resumes_exactly(threads):
+    """(Snapshots are the ranges' own tensors, not copies: nothing may write them after their step.)"""
     name, plan_name = "unipc-flow", "odd count"  # a multistep solver: its history is per range
     reference = _sampler(name, plan_name, "barrier", snapshots=True)
     drive(reference, None)
-    wave = _sampler(name, plan_name, "wavefront", snapshots=True)
+    wave = _sampler(name, plan_name, "wavefront", snapshots=True, threads=threads)
     drive(wave, random.Random(1), stop_after=13)
+    while wave.advancing:
+        wave.collect(timeout=10)
+    wave.close()
     step = wave.coherent_step
     assert 0 < step < STEPS and max(wave.at) > step, (wave.at, "the ranges should be at different steps")
     z, states, private = wave.state(step)
@@ -147,8 +156,9 @@ def test_a_checkpoint_of_a_wavefront_holds_one_coherent_step_and_resumes_exactly
     assert barrier_at_step.coherent_step == step
     assert torch.equal(z, barrier_at_step.state(step)[0])
     resumed = _sampler(name, plan_name, "wavefront", z=z.clone(), first_step=step,
-                       restore=[_restore(tensors, scalars) for tensors, scalars in states])
+                       restore=[_restore(tensors, scalars) for tensors, scalars in states], threads=threads)
     drive(resumed, random.Random(2))
+    resumed.close()
     assert torch.equal(resumed.z, reference.z) and torch.equal(resumed.z, ref_z)
 
 

@@ -300,3 +300,56 @@ def test_a_failed_job_bar_is_red_at_the_share_it_reached(browser, tmp_path):
     assert look["failed_late"] == [100, "progress bar-failed", red, "100 %"], look
     assert look["done"] == [100, "progress", blue, "100 %"] and look["running"] == [40, "progress", blue, "40 %"], look
     assert failed_late[0] > failed_late[2] + 40 and done[2] > done[0] + 40, (failed_late, done)  # red; blue
+
+
+@needs_browser
+def test_the_workers_view_and_the_window_grid_follow_a_simulated_run(browser, ray_session, tmp_path):
+    """#33 part 5: a simulated Wan run (sim family: the real model's channels and scheduler at a reduced size,
+    its compute slept) on a farm runner with 2 Ray workers. The farm monitor lists both workers with their node
+    and the window and step each computes, /metrics has their series, and the job's window x step grid fills
+    until every cell is done."""
+    import re
+
+    from selenium.webdriver.common.by import By
+
+    from longtake.cluster import farm
+    from longtake.pipelines.sim import build_sim
+
+    model = build_sim(tmp_path / "sim", "wan-14b-720p", height=64, width=64, native_window=5, overlap=2,
+                      text_tokens=8, text_dim=32, predict_s=1.2, decode_s=0)
+    farm_dir = tmp_path / "farm"
+    request = {"prompt": "a long take through a city at night", "model": str(model), "seconds": 3, "fps": 16, "steps": 4,
+               "out": str(tmp_path / "sim.mp4")}
+    (record, _), = farm.submit(farm_dir, [(request, 0, None)])
+    runner = farm.Runner(farm_dir, workers=2, checkpoint_every=2, min_free_mb=0)
+    thread = threading.Thread(target=runner.serve_forever, kwargs={"exit_when_idle": True}, daemon=True)
+    server, url = _start_monitor(farm_dir, None)
+    thread.start()
+    try:
+        browser.get(url + "/")
+        now = "#workers tbody tr td:nth-child(6)"  # runner, job, worker, node, state, now
+        seen = wait(browser, lambda d: [c.text for c in d.find_elements(By.CSS_SELECTOR, now)
+                                        if re.fullmatch(r"window \d+, step \d+", c.text)], timeout=120,
+                    what="a worker computing a window")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
+        assert len(rows) == 2 and seen
+        assert all(re.fullmatch(r"[\d.]+/[0-9a-f]{6}", r.find_elements(By.TAG_NAME, "td")[3].text) for r in rows)
+        metrics = requests.get(url + "/metrics", timeout=30).text
+        assert re.search(rf'longtake_worker_window_steps{{job="{record.id}",node="[^"]+",runner="[^"]+",'
+                         r'worker="[01]"} \d', metrics), metrics
+        shot(browser, tmp_path, "farm-workers.png")
+        browser.get(f"{url}/#/jobs/{record.id}")
+        cells = "#farm-grid .cell"
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, cells), what="the window x step grid")
+        windows = len(farm.open_store(farm_dir).get(record.id).progress["windows"])
+        assert len(browser.find_elements(By.CSS_SELECTOR, cells)) == windows * 4
+        done = lambda d: len(d.find_elements(By.CSS_SELECTOR, cells + ".done"))  # noqa: E731
+        partly = wait(browser, lambda d: 0 < done(d) < windows * 4 and done(d), timeout=60, what="a partial grid")
+        wait(browser, lambda d: done(d) == windows * 4, timeout=120, what="every cell of the grid done")
+        assert partly < windows * 4
+        shot(browser, tmp_path, "farm-grid.png")
+    finally:
+        runner.stop.set()
+        thread.join(120)
+        server.should_exit = True
+    assert farm.open_store(farm_dir).get(record.id).state == "done"

@@ -419,3 +419,34 @@ def test_loop_prompt_schedule_returns_to_the_first_key_at_the_end():
     assert torch.equal(wrapped[2], emb[0]) and torch.allclose(wrapped[0], 0.25 * emb[1] + 0.75 * emb[0])  # 3.5 s
     with pytest.raises(ValueError, match="start, end"):
         interpolate_embeddings(emb, a, b, alpha, 3, 20)  # longer than the clip
+
+
+def test_indexed_frames_are_the_rgb_frames_exactly_in_a_third_of_the_bytes():
+    """core/frames.py: drawn frames held and sent as palette indices; slices, index lists, iteration and the
+    digest behave as the RGB frames' would."""
+    import hashlib
+
+    import numpy as np
+
+    from longtake.core.frames import GRAY, Indexed, as_indexed, update_digest
+
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (7, 3), dtype=np.uint8)
+    frames = Indexed(rng.integers(0, 7, (70, 6, 5), dtype=np.uint8), palette)  # more than one digest chunk
+    rgb = palette[frames.index]
+    assert np.array_equal(np.asarray(frames), rgb) and frames.shape == rgb.shape and len(frames) == 70
+    assert frames.nbytes < rgb.nbytes / 2
+    assert np.array_equal(np.asarray(frames[3:9]), rgb[3:9])
+    assert np.array_equal(np.asarray(frames[[5, 0, 69]]), rgb[[5, 0, 69]])
+    assert all(np.array_equal(a, b) for a, b in zip(frames, rgb))
+    one, other = hashlib.sha256(), hashlib.sha256()
+    update_digest(one, frames)
+    update_digest(other, rgb)
+    assert one.hexdigest() == other.hexdigest() == hashlib.sha256(rgb.tobytes()).hexdigest()
+
+    grey = np.repeat(rng.integers(0, 256, (3, 4, 4, 1), dtype=np.uint8), 3, axis=3)
+    held = as_indexed(grey)
+    assert isinstance(held, Indexed) and held.palette is GRAY and np.array_equal(np.asarray(held), grey)
+    colour = grey.copy()
+    colour[2, 1, 1, 0] ^= 1  # one pixel that is not grey: kept as RGB, untouched
+    assert as_indexed(colour) is colour and as_indexed(None) is None and as_indexed(held) is held

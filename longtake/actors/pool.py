@@ -15,7 +15,10 @@ job's conditioning once; `put` makes it a `Held` (its content hash, and where wo
 fetches it once and keeps it, worker.py) and `release` tells the workers the job is over. The Ray pool
 (`ray_pool.py`) and the Serve pool (`serve_pool.py`) have the same
 methods; all three are thin executors over the same `Tickets` (queue by key, cancel, attempts) and
-`RetryPolicy`, and differ only in how a task runs (here, on Ray actors, as Serve calls).
+`RetryPolicy`, and differ only in how a task runs (here, on Ray actors, as Serve calls). The in-process and
+Ray pools keep a `WorkerBook` (`workers()`: what each worker computes now, its utilisation, window-steps,
+bytes, failures and restarts), which a job's progress carries to the monitors and Prometheus; `Traffic`
+counts the bytes by kind (`longtake bench --simulate`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 import hashlib
 import heapq
 import logging
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
@@ -66,6 +70,7 @@ class Task:
     args: tuple
     label: str
     attempts: int = 0
+    key: tuple = ()
 
 
 class Tickets:
@@ -83,7 +88,7 @@ class Tickets:
 
     def add(self, method: str, args: tuple, key: tuple = (), label: str | None = None) -> int:
         ticket, self._next = self._next, self._next + 1
-        self.tasks[ticket] = Task(method, args, label or f"{method} task {ticket}")
+        self.tasks[ticket] = Task(method, args, label or f"{method} task {ticket}", key=key)
         heapq.heappush(self._queue, (key, ticket))
         return ticket
 
@@ -188,25 +193,128 @@ class Traffic:
     calls: dict = field(default_factory=lambda: defaultdict(int))
     window_media: dict = field(default_factory=dict)  # (start, end) -> bytes
 
-    def sent(self, method: str, args: tuple, fetches: bool) -> None:
+    def sent(self, method: str, args: tuple, fetches: bool) -> int:
         """A call's arguments, as they leave for a worker (`fetches`: that worker does not hold the job's
-        conditioning yet)."""
+        conditioning yet): the bytes counted."""
         self.calls[method] += 1
+        total = 0
         for a in args:
             if isinstance(a, WindowConditioning):
                 media = nbytes(a.frames)
                 self.bytes["media"] += media
                 self.bytes["conditioning"] += a.job.nbytes if fetches else 0
                 self.window_media[tuple(args[3:5])] = media
+                total += media + (a.job.nbytes if fetches else 0)
             else:  # a window's latents; a decode's (kept apart: not per window-step)
-                self.bytes["latents" if method == "predict" else f"{method} latents"] += nbytes(a)
+                n = nbytes(a)
+                self.bytes["latents" if method == "predict" else f"{method} latents"] += n
+                total += n
+        return total
 
-    def received(self, method: str, result) -> None:
-        self.bytes["predictions" if method == "predict" else "encoded" if method == "encode"
-                   else "frames"] += nbytes(result)
+    def received(self, method: str, result) -> int:
+        n = nbytes(result)
+        self.bytes["predictions" if method == "predict" else "encoded" if method == "encode" else "frames"] += n
+        return n
 
     def summary(self) -> dict:
         return {"bytes": dict(self.bytes), "calls": dict(self.calls)}
+
+
+UTILISATION_S = 300.0  # a worker's utilisation is its busy share of the last this many seconds
+
+
+@dataclass
+class _Slot:
+    """One worker slot's record (`WorkerBook`)."""
+
+    node: str = ""
+    state: str = "starting"  # starting, idle, busy, excluded
+    running: dict = field(default_factory=dict)  # ticket -> (label, key, method), in the order sent
+    busy_since: float | None = None  # when its current task started (its previous one ended)
+    busy_s: float = 0.0
+    window_steps: int = 0  # predictions returned
+    tasks: int = 0  # tasks returned (predictions, decodes, encodes)
+    bytes: int = 0  # to and from it
+    failures: int = 0  # its tasks that failed (retried elsewhere or again)
+    restarts: int = 0  # its worker replaced (died, hung, lost with its node)
+    spans: deque = field(default_factory=deque)  # (start, end) of its busy time in the last UTILISATION_S
+
+
+class WorkerBook:
+    """What each worker of a pool does and has done, for the monitors and Prometheus (`workers()`): its
+    node, its state, the window and step it computes now, its busy seconds and utilisation over the last
+    UTILISATION_S, window-steps, bytes moved, failed tasks and restarts. The pools write it as tasks start
+    and end; a task sent behind another on the same worker starts when that one ends."""
+
+    def __init__(self, slots: int):
+        self.slots = [_Slot() for _ in range(slots)]
+
+    def started(self, slot: int, node: str) -> None:
+        s = self.slots[slot]
+        s.node, s.state = node or s.node, "idle" if not s.running else "busy"
+
+    def sent(self, slot: int, ticket: int, task: Task, nbytes: int = 0, now: float | None = None) -> None:
+        s = self.slots[slot]
+        s.running[ticket] = (task.label, task.key, task.method)
+        s.bytes += nbytes
+        if s.busy_since is None:
+            s.busy_since = time.monotonic() if now is None else now
+        s.state = "busy"
+
+    def ended(self, slot: int, ticket, nbytes: int = 0, ok: bool | None = True, now: float | None = None) -> None:
+        """A task came back (ok), failed (False), or was abandoned (None: a cancelled job's)."""
+        s = self.slots[slot]
+        item = s.running.pop(ticket, None)
+        if item is None:
+            return
+        now = time.monotonic() if now is None else now
+        s.bytes += nbytes
+        if ok:
+            s.tasks += 1
+            s.window_steps += item[2] == "predict"
+        elif ok is False:
+            s.failures += 1
+        if s.busy_since is not None:
+            s.busy_s += now - s.busy_since
+            s.spans.append((s.busy_since, now))
+        s.busy_since = now if s.running else None
+        if s.state != "excluded":
+            s.state = "busy" if s.running else "idle"
+
+    def replaced(self, slot: int) -> None:
+        s = self.slots[slot]
+        for ticket in list(s.running):
+            self.ended(slot, ticket, ok=False)
+        s.restarts += 1
+        s.state = "starting"
+
+    def excluded(self, slot: int) -> None:
+        for ticket in list(self.slots[slot].running):
+            self.ended(slot, ticket, ok=False)
+        self.slots[slot].state = "excluded"
+
+    def snapshot(self, now: float | None = None) -> list[dict]:
+        """One dict per worker: id, node, state, now (the label of the task it computes), window and step
+        (of a prediction), busy_s, utilisation (its busy share of the last UTILISATION_S, or of its life if
+        shorter), window_steps, tasks, bytes, failures, restarts."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for i, s in enumerate(self.slots):
+            while s.spans and s.spans[0][1] < now - UTILISATION_S:
+                s.spans.popleft()
+            start = now - UTILISATION_S
+            spans = list(s.spans) + ([(s.busy_since, now)] if s.busy_since is not None else [])
+            busy = sum(max(0.0, end - max(begin, start)) for begin, end in spans)
+            span = min(UTILISATION_S, max(1e-9, now - min((b for b, _ in spans), default=now)))
+            label, key, method = next(iter(s.running.values()), (None, (), None))
+            window_step = key if method == "predict" and len(key) == 2 else (None, None)
+            out.append({"worker": i, "node": s.node, "state": s.state, "now": label,
+                        "window": window_step[1], "step": window_step[0],
+                        "busy_s": round(s.busy_s + (now - s.busy_since if s.busy_since is not None else 0.0), 3),
+                        "utilisation": round(min(1.0, busy / span) if spans else 0.0, 3),
+                        "window_steps": s.window_steps, "tasks": s.tasks, "bytes": s.bytes,
+                        "failures": s.failures, "restarts": s.restarts})
+        return out
 
 
 class Pool(Protocol):
@@ -224,6 +332,7 @@ class Pool(Protocol):
     def encode(self, *args, tick=None) -> Any: ...
     def release(self, held: Held) -> None: ...
     def shutdown(self) -> None: ...
+    def workers(self) -> list[dict]: ...  # WorkerBook.snapshot
 
 
 def ordered(pool, method: str, args_list: Iterable[tuple], in_flight: int, tick=None) -> Iterator[Any]:
@@ -270,6 +379,11 @@ class InProcessPool:
         self.retries = 0
         self.worker = Worker(spec)
         self.tickets = Tickets()
+        self.book = WorkerBook(1)
+        self.book.started(0, "in-process")
+
+    def workers(self) -> list[dict]:
+        return self.book.snapshot()
 
     def put(self, obj: Any) -> Held:
         return hold(obj)
@@ -299,9 +413,13 @@ class InProcessPool:
             return []
         task = self.tickets.finish(ticket)  # it runs now, to its end or its last attempt
         while True:
+            self.book.sent(0, ticket, task)
             try:
-                return [(ticket, getattr(self.worker, task.method)(*task.args))]
+                result = getattr(self.worker, task.method)(*task.args)
+                self.book.ended(0, ticket)
+                return [(ticket, result)]
             except Exception as e:
+                self.book.ended(0, ticket, ok=False)
                 self.retry.after_failure(task.label, task.attempts, f"{type(e).__name__}: {e}", e)
                 self.retries += 1
                 task.attempts += 1

@@ -33,13 +33,14 @@ from __future__ import annotations
 import logging
 import re
 import time
+import warnings
 from typing import Any, Iterable, Iterator
 
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from longtake.actors.pool import WAIT_S, RetryPolicy, Tickets, Traffic, WindowFailed, hold, ordered
+from longtake.actors.pool import WAIT_S, RetryPolicy, Task, Tickets, Traffic, WindowFailed, WorkerBook, hold, ordered
 from longtake.actors.worker import Held, Worker, WorkerSpec, WindowConditioning, encoder_spec
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,14 @@ def _wire(value):
 
 
 def _unwire(value):
+    """A tensor as `_wire` sent it. Mapped read-only from Ray's object store, it is used as it is, no copy:
+    the engine only reads a prediction (fusion and the scheduler step make new tensors; no diffusers
+    scheduler writes its model output), and the store keeps it until the tensor is dropped."""
     if not isinstance(value, _Wired):
         return value
-    array = value.array  # read-only when Ray maps it from its object store: a copy then
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(value.array)
 
 
 class _Wired:
@@ -88,11 +93,20 @@ def fetch_held(held: Held):
     return ray.get(held.value[0])
 
 
+def node_label() -> str:
+    """This process's Ray node, as the monitors show it: its address and the start of its id."""
+    context = ray.get_runtime_context()
+    return f"{ray.util.get_node_ip_address()}/{context.get_node_id()[:6]}"
+
+
 def _actor_class(worker_cls: type):
     """The worker class with its generator method declared as a Ray stream with backpressure, `predict`
     taking and returning tensors as `_wire` sends them, and a job's conditioning fetched from the store."""
 
     class Actor(worker_cls):
+        def ready(self) -> dict:
+            return {**super().ready(), "node": node_label()}
+
         def fetch(self, held):
             return fetch_held(held)
 
@@ -129,6 +143,7 @@ class RayPool:
         self._freed: dict[int, float] = {}  # slot -> when its last task returned (a queued task starts then)
         self.traffic = Traffic()  # bytes to and from the workers, by kind
         self._holds: dict[Any, set[str]] = {}  # actor -> the keys of the job conditionings it was sent
+        self.book = WorkerBook(num_workers)  # what each slot does and did (the monitors, Prometheus)
         if spec.device == "cuda":
             options = {"num_gpus": 1, "num_cpus": 1}
         else:
@@ -235,7 +250,8 @@ class RayPool:
             waiting_since, a = None, live[0]
             attempt += 1
             stream, finished = getattr(self.actors[a], method).remote(*args, delivered), False
-            self.traffic.sent(method, args, False)
+            self.book.sent(a, stream, Task(method, args, f"{method} from item {delivered}"),
+                           self.traffic.sent(method, args, False))
             try:
                 while True:
                     since = time.monotonic()
@@ -252,12 +268,13 @@ class RayPool:
                         return
                     item = ray.get(ref)
                     self._measured(method, time.monotonic() - since)
-                    self.traffic.received(method, item)
+                    self.book.slots[a].bytes += self.traffic.received(method, item)
                     delivered += 1
                     yield item
             except RayError as e:
                 self._stream_failed(method, a, attempt, e)
             finally:
+                self.book.ended(a, stream, ok=True if finished else None)
                 if not finished:  # failed, or the consumer stopped early (cancelled job, frames all written)
                     self._abandon({stream: a})
 
@@ -327,6 +344,7 @@ class RayPool:
                 self._replace(a)
 
     def _replace(self, a: int) -> None:
+        self.book.replaced(a)
         ray.kill(self.actors[a], no_restart=True)
         self._holds.pop(self.actors[a], None)
         self.actors[a] = self._actor_cls.remote(self.spec)
@@ -337,7 +355,8 @@ class RayPool:
         """A ready() ref came back: the slot, now usable; or None (failed: retried or excluded)."""
         a = self.starting.pop(ref)
         try:
-            ray.get(ref)
+            info = ray.get(ref)
+            self.book.started(a, info.get("node", "") if isinstance(info, dict) else "")
             logger.info("worker %d started", a)
             self.start_losses[a] = 0
             return a
@@ -366,6 +385,7 @@ class RayPool:
 
     def _drop(self, a: int) -> None:
         """Kill a slot's actor and leave the slot empty: the pool is one worker smaller."""
+        self.book.excluded(a)
         ray.kill(self.actors[a], no_restart=True)
         self.actors[a] = None
         self.excluded += 1
@@ -397,7 +417,7 @@ class RayPool:
         drop = self.tickets.cancel(tickets)
         abandon = {ref: a for ref, (ticket, a, _, _) in self._inflight.items() if ticket in drop}
         for ref in abandon:
-            del self._inflight[ref]
+            self.book.ended(abandon[ref], self._inflight.pop(ref)[0], ok=None)
         self._abandon(abandon)
 
     def _dispatch(self) -> None:
@@ -412,7 +432,8 @@ class RayPool:
                 if ticket is None:
                     return
                 task = self.tickets.tasks[ticket]
-                self.traffic.sent(task.method, task.args, self._fetches(actor, task.args))
+                sent = self.traffic.sent(task.method, task.args, self._fetches(actor, task.args))
+                self.book.sent(a, ticket, task, sent)
                 self._inflight[getattr(actor, task.method).remote(*task.args)] = (ticket, a, time.monotonic(), actor)
                 load[a] = level + 1
 
@@ -473,7 +494,7 @@ class RayPool:
                 continue
             method = self.tickets.finish(ticket).method
             self._measured(method, now - started)
-            self.traffic.received(method, result)
+            self.book.ended(a, ticket, self.traffic.received(method, result), now=now)
             return [(ticket, _unwire(result))]
 
     def imap(self, method: str, args_list: Iterable[tuple], tick=None) -> Iterator[Any]:
@@ -495,6 +516,7 @@ class RayPool:
 
     def _retry_or_fail(self, ticket: int, a: int, error, hung: bool = False, actor=None) -> None:
         task = self.tickets.tasks[ticket]
+        self.book.ended(a, ticket, ok=False)
         actor_died = hung or not isinstance(error, RayTaskError) or isinstance(error.cause, RayActorError)
         reason = _reason(error)
         if actor is not None and self.actors[a] is not actor:
@@ -516,6 +538,10 @@ class RayPool:
             raise
         self.retries += 1
         self.tickets.requeue(ticket)
+
+    def workers(self) -> list[dict]:
+        """What each worker slot does and did (pool.WorkerBook.snapshot)."""
+        return self.book.snapshot()
 
     def stats(self) -> list[dict]:
         """Per live worker: seconds of each predict / decode call since the last call (then reset)."""

@@ -109,7 +109,7 @@ class Worker:
                 self.held.popitem(last=False)
         with warnings.catch_warnings():  # frames mapped read-only from Ray's object store: only ever read
             warnings.filterwarnings("ignore", message=".*not writable.*")
-            frames = {name: torch.from_numpy(a) for name, a in cond.frames.items()}
+            frames = {name: torch.from_numpy(np.asarray(a)) for name, a in cond.frames.items()}  # Indexed: expanded
         return self.held[key].for_window(frames)
 
     def forget(self, key: str) -> None:

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from longtake.core.frames import update_digest
 from longtake.pipelines import weights_identity
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,15 @@ DERIVED_SCHEDULER_ATTRIBUTES = frozenset({"_internal_dict", "config", "_timestep
 _SCALARS = (bool, int, float, str)
 
 
-def scheduler_state(scheduler) -> tuple[dict[str, torch.Tensor], dict]:
-    """The scheduler's mutable state after `set_timesteps`: tensors apart, scalars as JSON.
+def _copy(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+    """A tensor to store: a copy of its own on the CPU (some share memory: views; safetensors refuses them)."""
+    return tensor.detach().cpu().clone() if copy else tensor.detach()
+
+
+def scheduler_state(scheduler, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """The scheduler's mutable state after `set_timesteps`: tensors apart, scalars as JSON. `copy=False`:
+    the tensors themselves (the sampler's snapshots: a diffusers scheduler replaces its tensors, it never
+    writes them; `Checkpointer.save` copies what it writes).
 
     Generic over diffusers schedulers: every instance attribute that is a tensor, a list of tensors/None
     (multistep solvers' history), a scalar or a list of scalars. An attribute of any other type (a dict, a
@@ -67,13 +75,13 @@ def scheduler_state(scheduler) -> tuple[dict[str, torch.Tensor], dict]:
         if isinstance(value, np.generic) and isinstance(value.item(), _SCALARS):
             value = value.item()  # a numpy scalar: stored as the Python one
         if isinstance(value, torch.Tensor):
-            tensors[f"scheduler.{name}"] = value.detach().cpu().clone()  # clone: some share memory (views)
+            tensors[f"scheduler.{name}"] = _copy(value, copy)
         elif isinstance(value, (list, tuple)) and all(v is None or isinstance(v, torch.Tensor) for v in value) \
                 and any(isinstance(v, torch.Tensor) for v in value):
             scalars[name] = {"tensor_list": len(value)}
             for i, v in enumerate(value):
                 if v is not None:
-                    tensors[f"scheduler.{name}.{i}"] = v.detach().cpu().clone()
+                    tensors[f"scheduler.{name}.{i}"] = _copy(v, copy)
         elif value is None or isinstance(value, _SCALARS):
             scalars[name] = {"value": value}
         elif isinstance(value, (list, tuple)) and all(v is None or isinstance(v, _SCALARS) for v in value):
@@ -151,7 +159,7 @@ class Checkpointer:
         states = scheduler if isinstance(scheduler, list) else [scheduler_state(scheduler)]
         tensors, scalars = {}, []
         for r, (range_tensors, range_scalars) in enumerate(states):
-            tensors.update({f"{r}.{name}": t for name, t in range_tensors.items()})
+            tensors.update({f"{r}.{name}": _copy(t, True) for name, t in range_tensors.items()})
             scalars.append(range_scalars)
         tensors["z"] = z.detach().cpu().clone()
         if private is not None:
@@ -230,7 +238,9 @@ def fingerprint(job, dtype: str, device: str) -> str:
     if job.model.experts > 1:
         data["guidance_2"] = job.guidance_2
     if job.control is not None:  # the pose as drawn (retargeting and resampling included)
-        data["pose"] = {"sha256": hashlib.sha256(job.control.tobytes()).hexdigest(), "scale": job.control_scale}
+        pose = hashlib.sha256()
+        update_digest(pose, job.control)  # the RGB frames' bytes, however they are held
+        data["pose"] = {"sha256": pose.hexdigest(), "scale": job.control_scale}
     if job.media:  # the reference photo, face, background and mask as read (resized), and the mode
         data["media"] = {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
                          for name, a in sorted(job.media.items())}

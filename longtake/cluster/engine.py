@@ -63,8 +63,9 @@ from longtake.cluster.checkpoint import Checkpointer, CheckpointState, scheduler
 from longtake.cluster.delivery import Delivery
 from longtake.cluster.inputs import (Inputs, KnownLatents, clip_frames, known_latents, reference_image, resolve_inputs,
                                      source_latents)
-from longtake.cluster.sampler import Sampler
+from longtake.cluster.sampler import THREADS, Sampler
 from longtake.pipelines import ModelInfo, inspect_model, load_scheduler
+from longtake.core.frames import as_indexed, update_digest
 from longtake.core.windows import (
     PromptKey,
     conditioning_frames,
@@ -86,6 +87,8 @@ from longtake.provenance import Provenance
 logger = logging.getLogger(__name__)
 
 DISCARD = ("cancelled", "lost")  # stop reasons after which no checkpoint is saved
+SAMPLER_THREADS = THREADS  # threads for the range steps on the driver (sampler.py)
+COLLECT_S = 0.002  # how long the loop waits for a range step when the pool has nothing back
 DECODE_CHUNK = 4  # latent frames per streamed decode chunk (16 frames for Wan)
 
 
@@ -291,6 +294,7 @@ def _control(request: RenderRequest, model: ModelInfo, inputs: Inputs, keys: lis
             controlled = control is not None
         else:  # known frames may show no object: only their pixels tell (the run checks again)
             controlled = planner.plannable(keys, request.loop, bool(inputs.pinned))
+    control = as_indexed(control)  # drawn frames travel as palette indices (core/frames.py)
     if not controlled and request.control_scale is not None:
         raise RequestError("control_scale", request.control_scale,
                            "no value without pose or a motion plan (the bundled model's, for prompts that name a "
@@ -438,11 +442,13 @@ class Watch:
         self.job, self.steps, self.cancelled, self.on_progress, self.checkpoint = (job, steps, cancelled,
                                                                                    on_progress, checkpoint)
         self.total = steps * len(job.windows)  # window predictions of the whole job
-        self.sampler, self.first_step, self.started = None, 0, time.perf_counter()
+        self.sampler, self.first_step, self.started, self.pool = None, 0, time.perf_counter(), None
 
-    def begin(self, sampler: Sampler, first_step: int) -> None:
-        """The denoising starts: steps before `first_step` were not computed here (a checkpoint's)."""
+    def begin(self, sampler: Sampler, first_step: int, pool: Pool | None = None) -> None:
+        """The denoising starts: steps before `first_step` were not computed here (a checkpoint's); `pool`:
+        whose workers the progress shows."""
         self.sampler, self.first_step, self.started = sampler, first_step, time.perf_counter()
+        self.pool = pool
 
     def tick(self) -> None:
         self.stop("denoise" if self.sampler is not None and not self.sampler.done else "prepare")
@@ -466,9 +472,16 @@ class Watch:
         computed = window_steps_done - self.first_step * len(self.job.windows)  # here, not from a checkpoint
         if phase == "denoise" and computed > 0:
             eta_s = round((time.perf_counter() - self.started) / computed * (self.total - window_steps_done), 1)
-        self.on_progress({"phase": phase, "step": self.sampler.coherent_step, "steps": self.steps,
-                          "window_steps_done": window_steps_done, "window_steps_total": self.total,
-                          "frames_done": frames_done, "frames": self.job.output_frames, "eta_s": eta_s})
+        progress = {"phase": phase, "step": self.sampler.coherent_step, "steps": self.steps,
+                    "window_steps_done": window_steps_done, "window_steps_total": self.total,
+                    "frames_done": frames_done, "frames": self.job.output_frames, "eta_s": eta_s,
+                    # the window x step grid: each window's steps predicted, the windows predicting now
+                    "windows": list(self.sampler.next_step),
+                    "running": [w for w, sent in enumerate(self.sampler.dispatched) if sent]}
+        workers = getattr(self.pool, "workers", None)  # (a pool that knows its workers: pool.WorkerBook)
+        if workers is not None:
+            progress["workers"] = workers()
+        self.on_progress(progress)
 
 
 def job_scheduler(job: Job, checkpoint: Checkpointer | None):
@@ -496,7 +509,8 @@ def conditioning(job: Job, pool: Pool, tick=None):
     if job.media:
         key = hashlib.sha256(req.animate_mode.encode())
         for name, a in sorted(job.media.items()) + ([("pose", job.control)] if job.control is not None else []):
-            key.update(name.encode() + np.ascontiguousarray(a).tobytes())
+            key.update(name.encode())
+            update_digest(key, a)
         encoded.media = {**{name: torch.from_numpy(a) for name, a in job.media.items() if name not in PER_FRAME},
                          "mode": req.animate_mode, "seed": req.seed, "key": key.hexdigest()}
     return encoded
@@ -538,8 +552,10 @@ def begin(job: Job, pool: Pool, scheduler, steps: int, watch: Watch,
     sampler = Sampler(start.z, scheduler, job.windows, weights, steps, start.first_step, job.request.seed,
                       loop=job.loop, schedule=job.request.schedule, pin=start.pin,
                       snapshots=checkpoint is not None, private=start.private,
-                      restore=start.resumed.schedulers if start.resumed is not None else None)
-    watch.begin(sampler, start.first_step)
+                      restore=start.resumed.schedulers if start.resumed is not None else None,
+                      threads=SAMPLER_THREADS)
+    start.z = None  # the sampler holds its own copy, per frame range
+    watch.begin(sampler, start.first_step, pool)
     return start, sampler
 
 
@@ -598,7 +614,8 @@ def _skip_to_strength(job: Job, pool: Pool, scheduler, steps: int, start: Start,
 def denoise(job: Job, pool: Pool, cond, sampler: Sampler, watch: Watch, checkpoint: Checkpointer | None,
             progress: bool, timings: dict) -> None:
     """3. The denoising loop: the windows the sampler says are ready go to the pool (the lowest step first),
-    their predictions are fused and stepped as they come back (`sampler.add`); a checkpoint of the newest
+    their predictions are fused and stepped as they come back (`sampler.add`, on the sampler's threads: the
+    loop collects those steps between the pool's results, `sampler.collect`); a checkpoint of the newest
     coherent step every k steps (after a stop check: a cancelled or deleted job writes nothing more). Windows
     still running when it stops are cancelled."""
     plan, steps = job.windows, watch.steps
@@ -616,11 +633,14 @@ def denoise(job: Job, pool: Pool, cond, sampler: Sampler, watch: Watch, checkpoi
                                                  job.guidances), key=(step, w),
                                      label=f"window {w + 1} of {len(plan)} at step {step + 1} of {steps}")
                 running[ticket] = w
-            finished = pool.poll(WAIT_S)
-            if not finished and not pool.outstanding:
+            # while range steps run on the sampler's threads, the pool is only looked at: their windows may be
+            # the next to run
+            finished = pool.poll(0.0 if sampler.advancing else WAIT_S)
+            if not finished and not pool.outstanding and not sampler.advancing:
                 raise RuntimeError(f"the pool returned nothing with {len(running)} windows running")
             for ticket, pred in finished:
                 sampler.add(running.pop(ticket), pred)
+            collected = sampler.collect(0.0 if finished or not sampler.advancing else COLLECT_S)
             window_steps_done += len(finished)
             bar.update(len(finished))
             bar.set_postfix_str(f"step {sampler.coherent_step}/{steps}, {len(plan)} windows, {sampler.schedule}")
@@ -629,9 +649,10 @@ def denoise(job: Job, pool: Pool, cond, sampler: Sampler, watch: Watch, checkpoi
                 saved_at = sampler.coherent_step
                 if checkpoint.due(saved_at, steps):
                     checkpoint.save(saved_at, *sampler.state(saved_at))
-            if finished:
+            if finished or collected:  # (a step collected: the coherent step may have advanced)
                 watch.report("denoise", window_steps_done)
     finally:
+        sampler.close()
         if running:  # stopped early: cancelled, or a window failed
             pool.cancel(list(running))
     bar.close()

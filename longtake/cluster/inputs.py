@@ -251,8 +251,8 @@ def source_latents(job, pool, tick=None) -> torch.Tensor:
 
 
 class KnownLatents:
-    """The latents of a job's known frames: `pin(z, start, end)` sets those in z's frames [start, end), in
-    place, to the known latents themselves (clean, at every step: a clean context, which the bundled model
+    """The latents of a job's known frames: `pin(z, start)` sets those among z's frames, which are the clip's
+    frames [start, start + z's length), in place, to the known latents themselves (clean, at every step: a clean context, which the bundled model
     follows much more closely than RePaint-style context noised to each step's level; the note of issue 15
     has the figures); `crossfade(z)` is a clip whose every frame is known or interpolated between the known
     frames around it (held before the first and after the last): a bridge's start (inputs.py)."""
@@ -260,10 +260,10 @@ class KnownLatents:
     def __init__(self, index: torch.Tensor, known: torch.Tensor):
         self.index, self.known = index, known  # (k,) sorted latent frames, (1, C, k, h, w)
 
-    def __call__(self, z: torch.Tensor, start: int = 0, end: int | None = None) -> None:
-        inside = (self.index >= start) & (self.index < (z.shape[2] if end is None else end))
+    def __call__(self, z: torch.Tensor, start: int = 0) -> None:
+        inside = (self.index >= start) & (self.index < start + z.shape[2])
         if bool(inside.any()):
-            z[:, :, self.index[inside]] = self.known[:, :, inside].to(z.dtype)
+            z[:, :, self.index[inside] - start] = self.known[:, :, inside].to(z.dtype)
 
     def crossfade(self, z: torch.Tensor) -> torch.Tensor:
         frames = z.shape[2]

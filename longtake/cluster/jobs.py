@@ -22,8 +22,10 @@ runner ids of older versions are judged by their lease only).
 The job-status JSON (`JobRecord.to_dict`, the one shape of `longtake status --json` and the HTTP API):
     {"id", "status", "priority", "created", "updated" (ISO 8601 UTC), "request" (as submitted, full prompt),
      "progress": {"phase", "step" (steps completed), "steps", "window_steps_done", "window_steps_total",
-                  "frames_done", "frames", "eta_s"}, "error", "result", "client" (the API client that submitted
-     it, serve.keys; None on the farm)}
+                  "frames_done", "frames", "eta_s", "windows" (each window's steps predicted: the window x step
+                  grid), "running" (windows predicting now), "workers" (pool.WorkerBook's, where the pool
+                  keeps one)}, "error", "result", "client" (the API client that submitted it, serve.keys;
+     None on the farm)}
 Over HTTP an idempotency key belongs to its client: the store keeps it as "CLIENT/KEY" (`scoped_key`).
 """
 
@@ -49,7 +51,8 @@ STATES = ("queued", "running", "paused", "done", "failed", "cancelled", "deleted
 FINAL = ("done", "failed", "cancelled", "deleted")
 ACTIVE = ("queued", "running")  # what counts against a queue limit
 SQLITE_INT_MAX = 2**63 - 1
-PROGRESS_KEYS = ("phase", "step", "steps", "window_steps_done", "window_steps_total", "frames_done", "frames", "eta_s")
+PROGRESS_KEYS = ("phase", "step", "steps", "window_steps_done", "window_steps_total", "frames_done", "frames", "eta_s",
+                 "windows", "running", "workers")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -26,6 +26,14 @@ and never fused.
 Checkpoints take one coherent step: the newest step every range has reached (`coherent_step`), from
 snapshots each range (and each window's private frames) keeps of the steps it has passed since
 (`snapshots=True`).
+
+Memory and the driver's time (the clip's latents are gigabytes at studio sizes): each range's latents are a
+tensor of their own that a step replaces and nothing writes after (the known frames are pinned into the step's
+result before anything sees it), so the scheduler keeps the sample it was given without a copy, a snapshot is
+a reference, and a range's model input is its latents themselves when the scheduler does not scale them; the
+whole clip (`z`) is put together only when asked. A range's fusion and scheduler step run on `threads`
+threads (torch releases the GIL), each range's arithmetic the same whichever thread runs it; a window becomes
+ready once its ranges' steps are collected (`collect`, which the engine calls between the pool's results).
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ import copy
 import functools
 import inspect
 import logging
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import torch
 
@@ -44,6 +54,10 @@ from longtake.core import SCHEDULES
 
 logger = logging.getLogger(__name__)
 
+# the engine's threads for range steps (module docstring): one per 4 cores, at most 4. On a small machine the
+# workers (and Ray) want the cores, and each thread's malloc arena keeps memory: on 2 cores, 2 threads gave the
+# same wall time as 1 and a 1.35x larger driver heap (BENCHMARKS.md, Scale)
+THREADS = min(4, max(1, (os.cpu_count() or 1) // 4))
 STEP_NOISE = -1_000_000  # frame_seed's frame for a step's noise: STEP_NOISE - step (no clash with frames >= 0)
 
 
@@ -141,19 +155,21 @@ class Sampler:
         for window in sampler.ready():                         # marks them dispatched
             x, t = sampler.window_input(window)                # its model input at its step
         sampler.add(window, pred)                              # fuses and steps the ranges it completes
+        sampler.collect()                                      # (threads > 1) the range steps that finished
         sampler.done, sampler.z                                # when every range has made every step
 
     `private`: each window's private latent frames at `first_step` ((1, C, p, h, w) each; module docstring).
     `restore`: the scheduler states of a checkpoint, one per range then (with `private`) one per window.
+    `threads`: range steps run on that many threads (1: in `add`, before it returns).
     """
 
     def __init__(self, z: torch.Tensor, scheduler, plan: list[tuple[int, int]], weights: list[torch.Tensor],
                  steps: int, first_step: int, seed: int, loop: bool = False, schedule: str = "wavefront",
                  pin=None, snapshots: bool = False, restore: list[dict] | None = None,
-                 private: list[torch.Tensor] | None = None):
+                 private: list[torch.Tensor] | None = None, threads: int = 1):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule: got {schedule!r}, expected one of {', '.join(SCHEDULES)}")
-        self.z, self.plan, self.weights, self.loop = z, plan, weights, loop
+        self.plan, self.weights, self.loop = plan, weights, loop
         self.frames = z.shape[2]
         self.steps, self.seed, self.pin = steps, seed, pin
         self.schedule = schedule
@@ -170,6 +186,9 @@ class Sampler:
         else:  # one range: every window
             self.cover = [list(range(len(plan)))]
         self.ranges_of = [[r for r, cover in enumerate(self.cover) if w in cover] for w in range(len(plan))]
+        # each window's ranges in the order of its frames (a loop's window past the end wraps), as (range, offset)
+        self.pieces = [sorted(((r, _offset(plan[w], self.ranges[r][0], self.frames)) for r in self.ranges_of[w]),
+                              key=lambda p: p[1]) for w in range(len(plan))] if self.per_range else None
         self.schedulers = [copy.deepcopy(scheduler) for _ in self.ranges]
         if private is not None and len(private) != len(plan):
             raise ValueError(f"private: got {len(private)} windows' private frames, expected {len(plan)}")
@@ -189,11 +208,14 @@ class Sampler:
         self.next_step = [first_step] * len(plan)  # the step each window runs next
         self.dispatched = [False] * len(plan)  # its next step is running
         self.preds: list[torch.Tensor | None] = [None] * len(plan)  # its prediction at next_step - 1, until used
-        self.model_in = torch.empty_like(z)  # each range's model input at its step
+        self.parts = [z[:, :, a:b].clone() for a, b in self.ranges]  # each range's latents at at[r] (replaced)
+        self.inputs: list[torch.Tensor | None] = [None] * len(self.ranges)  # each range's model input at at[r]
         self.snapshots: list[dict[int, tuple]] | None = [{} for _ in self.ranges] if snapshots else None
         self.private_snapshots: list[dict[int, tuple]] | None = \
             [{} for _ in self.private_schedulers] if snapshots else None
         self.fuse_s = self.scheduler_s = 0.0
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="range-step") if threads > 1 else None
+        self._advancing: dict = {}  # future -> (range, step): range steps running on the threads
         for r in range(len(self.ranges)):
             self._entered(r)
         for w in range(len(self.private_schedulers)):
@@ -208,16 +230,33 @@ class Sampler:
         """The newest step every range has reached: what a checkpoint holds."""
         return self._low
 
+    @property
+    def advancing(self) -> int:
+        """Range steps running on the threads (not collected yet)."""
+        return len(self._advancing)
+
+    @property
+    def z(self) -> torch.Tensor:
+        """The clip's latents (1, C, frames, h, w), every range at its step: put together (a copy; with one
+        range, its tensor)."""
+        return torch.cat(self.parts, 2) if len(self.parts) > 1 else self.parts[0]
+
+    def close(self) -> None:
+        """Wait for the range steps still running and stop the threads (their results are dropped)."""
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._advancing.clear()
+
     def _entered(self, r: int) -> None:
         """Range r has reached step at[r]: its model input for that step, a snapshot for checkpoints."""
-        a, b = self.ranges[r]
         step = self.at[r]
         if step < self.steps:
             s = self.schedulers[r]
-            t = s.timesteps[step]
-            self.model_in[:, :, a:b] = _scaled(s, self.z[:, :, a:b], t)
+            self.inputs[r] = _scaled(s, self.parts[r], s.timesteps[step])
+        else:
+            self.inputs[r] = None
         if self.snapshots is not None:
-            self._snapshot(self.snapshots[r], step, self.z[:, :, a:b], self.schedulers[r])
+            self._snapshot(self.snapshots[r], step, self.parts[r], self.schedulers[r])
 
     def _private_entered(self, w: int) -> None:
         """Window w's private frames have reached its next step: a snapshot for checkpoints."""
@@ -225,9 +264,9 @@ class Sampler:
             self._snapshot(self.private_snapshots[w], self.next_step[w], self.private[w], self.private_schedulers[w])
 
     def _snapshot(self, snaps: dict, step: int, z: torch.Tensor, scheduler) -> None:
-        """Keep (a copy of z, the scheduler's state) at `step`; drop those before the coherent step (no
-        checkpoint can take them any more)."""
-        snaps[step] = (z.clone(), scheduler_state(scheduler))
+        """Keep (z, the scheduler's state) at `step`, as references (neither is written after: module
+        docstring); drop those before the coherent step (no checkpoint can take them any more)."""
+        snaps[step] = (z, scheduler_state(scheduler, copy=False))
         for old in [k for k in snaps if k < self.coherent_step]:
             del snaps[old]
 
@@ -248,25 +287,30 @@ class Sampler:
         return out
 
     def window_input(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model input of window w at its next step (a copy; its private frames first), and the step's
-        timestep."""
+        """The model input of window w at its next step (a new tensor; its private frames first), and the
+        step's timestep."""
         start, end = self.plan[w]
         step = self.next_step[w]
         t = self.schedulers[self.ranges_of[w][0]].timesteps[step]
-        x = take_window(self.model_in, start, end)
+        if self.per_range:
+            parts = [self.inputs[r] for r, _ in self.pieces[w]]
+        else:
+            parts = [take_window(self.inputs[0], start, end)]  # a copy
         if self.private is not None:
-            x = torch.cat([_scaled(self.private_schedulers[w], self.private[w], t), x], dim=2)
-        return x, t
+            parts.insert(0, _scaled(self.private_schedulers[w], self.private[w], t))
+        if len(parts) == 1:
+            return (parts[0] if not self.per_range else parts[0].clone()), t
+        return torch.cat(parts, dim=2), t
 
     def add(self, w: int, pred: torch.Tensor) -> None:
         """Window w's prediction at its step (its private frames first): its private frames are stepped,
-        and every range it completes is fused and stepped."""
+        and every range it completes is fused and stepped (on the threads: `collect`)."""
         step = self.next_step[w]
         if self.private is not None:
             n = self.private[w].shape[2]
             t0 = time.perf_counter()
             s = self.private_schedulers[w]
-            self.private[w] = _step(s, pred[:, :, :n], s.timesteps[step], self.private[w].clone(),
+            self.private[w] = _step(s, pred[:, :, :n], s.timesteps[step], self.private[w],
                                     frame_seed(self.seed, private_frame(w)), step, None)
             self.scheduler_s += time.perf_counter() - t0
             pred = pred[:, :, n:]
@@ -278,28 +322,57 @@ class Sampler:
             self._private_entered(w)
 
     def _advance(self, r: int, step: int) -> None:
+        """Fuse range r's predictions at `step` and step it: on a thread, or here."""
         a, b = self.ranges[r]
         n = b - a
-        t0 = time.perf_counter()
         if self.per_range:
             parts, weights = [], []
             for v in self.cover[r]:  # window order, as `fuse` over the whole clip
                 off = _offset(self.plan[v], a, self.frames)
                 parts.append(self.preds[v][:, :, off:off + n])
                 weights.append(self.weights[v][off:off + n])
-            # one window: its prediction is the fusion, exactly ((p w) / w in float64 is p for a float32 p: the
-            # product is exact in 53 bits), without fusion's float64 pass over it
-            fused = parts[0] if len(parts) == 1 else fuse(parts, [(0, n)] * len(parts), weights, n)  # (1, C, n, h, w)
+            args = (r, step, parts, [(0, n)] * len(parts), weights, n, False)
         else:
-            fused = fuse(self.preds, self.plan, self.weights, self.frames, loop=self.loop)
+            args = (r, step, list(self.preds), self.plan, self.weights, self.frames, self.loop)
+        if self._threads is None:
+            self._finish(r, step, self._compute(*args))
+        else:
+            self._advancing[self._threads.submit(self._compute, *args)] = (r, step)
+
+    def _compute(self, r: int, step: int, parts, plan, weights, n: int, loop: bool):
+        """Range r's latents at step + 1 from its predictions at `step` (any thread: reads its arguments
+        and its own scheduler only). One window: its prediction is the fusion, exactly ((p w) / w in float64
+        is p for a float32 p: the product is exact in 53 bits), without fusion's float64 pass over it."""
+        t0 = time.perf_counter()
+        fused = parts[0] if len(parts) == 1 and self.per_range else fuse(parts, plan, weights, n, loop=loop)
         t1 = time.perf_counter()
         s = self.schedulers[r]
-        t = s.timesteps[step]
-        frames = (a, b) if self.per_range else None
-        # a copy: schedulers keep the sample they were given (multistep history), and z is written in place
-        self.z[:, :, a:b] = _step(s, fused, t, self.z[:, :, a:b].clone(), self.seed, step, frames)
+        a, b = self.ranges[r]
+        sample = self.parts[r]
+        z = _step(s, fused, s.timesteps[step], sample, self.seed, step, (a, b) if self.per_range else None)
+        if z is sample or z.data_ptr() == sample.data_ptr():
+            z = z.clone()  # the scheduler may keep `sample`: the pin below writes z
         if self.pin is not None:
-            self.pin(self.z, a, b)
+            self.pin(z, a)
+        return z, t1 - t0, time.perf_counter() - t1
+
+    def collect(self, timeout: float = 0.0) -> int:
+        """Take the range steps that finished on the threads (waiting up to `timeout` seconds for one): the
+        windows they complete become ready. Returns how many were taken; a step's error is raised here."""
+        if not self._advancing:
+            return 0
+        finished, _ = wait(list(self._advancing), timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in sorted(finished, key=lambda f: self._advancing[f]):
+            r, step = self._advancing.pop(future)
+            self._finish(r, step, future.result())
+        return len(finished)
+
+    def _finish(self, r: int, step: int, result) -> None:
+        """Range r reached step + 1: its latents, the coherent step, the windows it may make ready."""
+        z, fuse_s, scheduler_s = result
+        self.parts[r] = z
+        self.fuse_s += fuse_s
+        self.scheduler_s += scheduler_s
         self.at[r] = step + 1
         if step == self._low:
             self._at_low -= 1
@@ -309,8 +382,6 @@ class Sampler:
                 if self.schedule == "barrier":
                     self._candidates.update(range(len(self.plan)))
         self._candidates.update(self.cover[r])
-        self.fuse_s += t1 - t0
-        self.scheduler_s += time.perf_counter() - t1
         self._entered(r)
         for v in self.cover[r]:
             if all(self.at[q] > step for q in self.ranges_of[v]):

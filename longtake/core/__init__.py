@@ -3,6 +3,7 @@
     windows.py   the window plan (plain and looped), the fusion tapers and `fuse`, per-frame initial noise
                  (independent, FreeNoise-style, correlated) and the windows' private noise, the prompt
                  timeline (`PromptKey`, `prompt_schedule`, `interpolate_embeddings`, `TextConditioning`)
+    frames.py    drawn frames (a pose's skeletons, a plan's silhouettes) as palette indices, exactly (`Indexed`)
 
 This package may import torch, numpy and the standard library only: model families (`pipelines/`), the
 engine (`cluster/`) and the request import it, never the other way round. The lists of names below are the

@@ -1,5 +1,7 @@
 """The farm's web monitor (`longtake farm monitor`): a read-only view of a farm directory's jobs, their
-priorities, states and steps, and from each job's log.txt its worker retries and the workers excluded.
+priorities, states and steps (each job's window x step grid), from each job's log.txt its worker retries and
+the workers excluded, and the workers of every running job (node, what window and step each computes now,
+utilisation, window-steps, bytes, failures, restarts: `/api/workers`, and as Prometheus series at `/metrics`).
 
 Plain FastAPI on uvicorn, reading the job store (SQLite, shared with the runners) at every request: no Ray,
 no torch. Bound to 127.0.0.1 by default; on any other address it needs a key ($LONGTAKE_MONITOR_KEY, else
@@ -17,7 +19,7 @@ import re
 import secrets
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Response
 from fastapi import Path as PathParam
 
 from longtake.cluster.jobs import JobStore
@@ -54,6 +56,41 @@ def farm_job(record, log: str) -> dict:
             "retries": len(RETRY.findall(log)), "blocklist": blocklist}
 
 
+def running_workers(records) -> list[dict]:
+    """Each running job's workers (its progress's `workers`: pool.WorkerBook), with the job and its runner."""
+    rows = []
+    for r in records:
+        if r.state == "running":
+            rows += [{**w, "job": r.id, "runner": r.runner} for w in (r.progress.get("workers") or [])]
+    return rows
+
+
+# the per-worker series, Prometheus names -> (the WorkerBook field, help); one source for the farm monitor and
+# serve's /metrics
+WORKER_SERIES = {
+    "longtake_worker_busy_seconds": ("busy_s", "Seconds the worker computed tasks"),
+    "longtake_worker_utilisation": ("utilisation", "The worker's busy share of the last 5 minutes"),
+    "longtake_worker_window_steps": ("window_steps", "Window predictions the worker returned"),
+    "longtake_worker_bytes": ("bytes", "Bytes to and from the worker"),
+    "longtake_worker_failed_tasks": ("failures", "The worker's tasks that failed"),
+    "longtake_worker_restarts": ("restarts", "Times the worker was replaced"),
+}
+
+
+def worker_metrics(rows: list[dict]) -> bytes:
+    """The workers' series in Prometheus' text format, labelled by job, worker and node (and runner)."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    labels = ("job", "worker", "node", "runner")
+    gauges = {name: Gauge(name, text, labels, registry=registry) for name, (_, text) in WORKER_SERIES.items()}
+    for w in rows:
+        values = (w.get("job", ""), str(w.get("worker", "")), w.get("node") or "", w.get("runner") or "")
+        for name, (field, _) in WORKER_SERIES.items():
+            gauges[name].labels(*values).set(float(w.get(field) or 0))
+    return generate_latest(registry)
+
+
 def build_monitor(farm_dir: str | Path, key: str | None = None, hosts: tuple[str, ...] | None = None) -> FastAPI:
     """The monitor app of `farm_dir` (a RequestError if that directory is not private); `key`: needed as a
     bearer key when set; `hosts`: the Host names it answers to (pages.served_hosts; default loopback only)."""
@@ -86,6 +123,22 @@ def build_monitor(farm_dir: str | Path, key: str | None = None, hosts: tuple[str
             raise HTTPException(404, f"no job {job_id}")
         log = read_log(farm_dir, job_id)
         return {**farm_job(record, log), "log": log}
+
+    def workers() -> dict:
+        return {"workers": running_workers(store().list(limit=500, state="running"))}
+
+    @app.get("/api/workers")
+    async def list_workers(authorization: str | None = Header(None)):
+        """The workers of every running job (each runner's pool, as its job's progress last said)."""
+        check(authorization)
+        return await asyncio.to_thread(workers)
+
+    @app.get("/metrics")
+    async def metrics(authorization: str | None = Header(None)):
+        """Prometheus: the per-worker series (worker_metrics) of the running jobs."""
+        check(authorization)
+        rows = (await asyncio.to_thread(workers))["workers"]
+        return Response(worker_metrics(rows), media_type="text/plain; version=0.0.4")
 
     @app.get("/api/jobs")
     async def list_jobs(authorization: str | None = Header(None)):

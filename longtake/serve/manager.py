@@ -383,7 +383,11 @@ class JobManager:
         self.m_queue_windows.set(left)
         self.m_busy.set(min(left, workers))
         self.m_idle.set(max(0, workers - min(left, workers)))
-        return generate_latest(self.registry)
+        # the per-worker series of the running jobs, as the farm monitor's (where the pool keeps a WorkerBook)
+        from longtake.serve.farm_monitor import running_workers, worker_metrics
+
+        rows = running_workers(self.store.list(limit=500, state="running"))
+        return generate_latest(self.registry) + worker_metrics(rows)
 
     def close(self) -> None:
         """Stop: running jobs are checkpointed at their step and go back to the queue."""

@@ -49,6 +49,12 @@ class Progress(BaseModel):
     frames_done: int | None = None
     frames: int | None = None
     eta_s: float | None = None
+    windows: list[int] | None = Field(None, description="Each window's steps predicted: the window x step grid.")
+    running: list[int] | None = Field(None, description="The windows predicting now.")
+    workers: list[dict[str, Any]] | None = Field(
+        None, description="The job's workers (those its pool knows): node, state, the window and step each "
+                          "computes now, busy seconds, utilisation over the last 5 minutes, window-steps, bytes, "
+                          "failed tasks, restarts.")
 
 
 assert tuple(Progress.model_fields) == PROGRESS_KEYS  # one list of progress keys (cluster/jobs.py)

@@ -50,6 +50,7 @@ WORKERS_PER_NODE = 8  # simulated workers per simulated node (one logical CPU ea
 STORE_MB = 1536  # each worker node's object store
 HEAD_STORE_MB = 4096  # the head's (the drivers': window inputs, the job's conditioning, a decode's latents)
 POLL_S = 0.5
+HEAP_POLL_S = 0.2  # the driver's anonymous memory, sampled
 KILL_AT = 1 / 3  # the share of the window-steps after which `--kill` kills its workers
 DEFAULTS = {"seconds": 600.0, "steps": 10, "workers": (1, 8, 16, 32), "kill": 2}
 ANIMATE_SECONDS = 30.0  # an animating preset's default: the driver holds its media whole (720p pose, background,
@@ -123,6 +124,7 @@ def one_run(address: str, model: str, workers: int, seconds: float, steps: int, 
     from longtake.cluster.runtime import worker_plan
 
     ray_boot.start_ray(address=address)
+    heap = _HeapPeak()
     job = prepare(_request(model, seconds, steps, out))
     spec, _ = worker_plan(job, gpus=0, cpus=1)
     t_pool = time.perf_counter()
@@ -167,6 +169,7 @@ def one_run(address: str, model: str, workers: int, seconds: float, steps: int, 
         "machine_cpu_s": round(busy, 2), "setup_s": round(setup_s, 2),
         "machine_busy": round(busy / (timings["denoise_s"] * psutil.cpu_count()), 3),
         "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "driver_peak_heap_bytes": heap.stop(),
         "traffic": pool.traffic.summary(),
         "window_media": sorted([*window, n] for window, n in pool.traffic.window_media.items()),
         "largest_media_call_bytes": max(pool.traffic.window_media.values(),
@@ -178,6 +181,35 @@ def one_run(address: str, model: str, workers: int, seconds: float, steps: int, 
                        decode_s=round(timings["decode_s"], 3), first_frame_s=round(first_frame[0], 3))
     pool.shutdown()
     return figures
+
+
+class _HeapPeak:
+    """The peak of this process's anonymous memory (RssAnon: its heap, without the object store's shared pages
+    that its RSS also counts once it has read or written them), sampled every HEAP_POLL_S."""
+
+    def __init__(self):
+        self.peak, self._done = _rss_anon(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(HEAP_POLL_S):
+            self.peak = max(self.peak, _rss_anon())
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak, _rss_anon())
+
+
+def _rss_anon() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _cpu() -> float:
@@ -302,6 +334,7 @@ def _summary(preset: str, config: dict, step_s: float, window_bytes: int, clip_b
             "bytes_per_window_step_ratio": round(moved / window_bytes, 3),
             "driver_ms_per_window_step": largest["driver_ms_per_window_step"],
             "driver_rss_ratio": round(largest["driver_peak_rss_bytes"] / clip_bytes, 3),
+            "driver_heap_ratio": round(largest.get("driver_peak_heap_bytes", 0) / clip_bytes, 3),
             "same_frames": len(hashes) == 1,
             "largest_media_call_bytes": largest["largest_media_call_bytes"],
             "machine_busy": largest["machine_busy"],
@@ -326,7 +359,11 @@ def _conditioning_bytes(job) -> dict:
     conditioning once per worker)."""
     from longtake.actors.pool import nbytes
 
-    whole_clip = sum(nbytes(a) for a in [job.control, *job.media.values()] if a is not None)
+    import numpy as np
+
+    # (before: the control frames as RGB, uint8; they are held and sent as palette indices now: core/frames.py)
+    whole_clip = sum(int(np.prod(a.shape)) if a is job.control else nbytes(a)
+                     for a in [job.control, *job.media.values()] if a is not None)
     return {"whole_clip_media": whole_clip, "largest_slice": max(media_slices(job).values(), default=0)}
 
 
@@ -354,8 +391,9 @@ def table_lines(result: dict, command: str) -> list[str]:
            f"{WORKERS_PER_NODE} workers, each node its own object store. Machine: {os.cpu_count()} cores.", "",
            "| workers | denoise (s) | ideal (s) | efficiency | at H100 speed | earlier projection | driver CPU / "
            "window-step | all CPU / window-step | cores busy | bytes / window-step: latents, predictions, "
-           "conditioning, media | object store peak | driver peak RSS / clip latents |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "conditioning, media | object store peak | driver peak RSS / clip latents | driver peak heap / clip "
+           "latents |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         n = str(r["workers"])
         name = n + (f", {r['killed']} killed" if r["killed"] else "") + ("" if r["timed"] else " (time-free)")
@@ -368,12 +406,14 @@ def table_lines(result: dict, command: str) -> list[str]:
                    f"{r['driver_ms_per_window_step']:.1f} ms | "
                    f"{r['machine_cpu_ms_per_window_step']:.1f} ms | {r['machine_busy']:.0%} | {moved} | "
                    f"{_mb(r['object_store_peak_bytes'])} | "
-                   f"{r['driver_peak_rss_bytes'] / result['clip_latent_bytes']:.2f} |")
+                   f"{r['driver_peak_rss_bytes'] / result['clip_latent_bytes']:.2f} | "
+                   f"{r.get('driver_peak_heap_bytes', 0) / result['clip_latent_bytes']:.2f} |")
     out += ["", f"Headline (`--json`): bytes per window-step / a window's latents at the largest count "
                 f"**{f['bytes_per_window_step_ratio']}** (target <= 3, plus the window's own media slice, "
                 f"{_mb(result['window_media_slice_bytes'])} at most); the largest media one call carried "
                 f"{_mb(f['largest_media_call_bytes'])}; driver {f['driver_ms_per_window_step']} ms CPU per "
-                f"window-step; driver peak RSS / clip latents {f['driver_rss_ratio']}; the same denoised latents for "
+                f"window-step; driver peak RSS / clip latents {f['driver_rss_ratio']} (its heap alone, without the "
+                f"object store's pages it touched: {f['driver_heap_ratio']}); the same denoised latents for "
                 f"every worker count and after the kills: **{f['same_frames']}**. Decoding and encoding "
                 f"(720p H.264, after the last step): {f['decode_encode_fps']} frames/s; the first frame "
                 f"{f['time_to_first_frame_s']} s after the start.",

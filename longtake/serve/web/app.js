@@ -228,6 +228,9 @@
     LT.showProgress($('#job-progress'), $('#job-percent'), null, '');
     $('#job-eta').textContent = '-';
     $('#job-phase').textContent = '';
+    $('#job-grid-block').hidden = $('#job-workers-block').hidden = true;
+    $('#job-grid').replaceChildren();
+    delete $('#job-grid').dataset.shape;
     showError($('#job-error'), '');
     const player = $('#player');
     player.pause();
@@ -279,6 +282,11 @@
       if (p.step !== null && p.step !== undefined) bits.push('step ' + LT.steps(p));
       if (p.frames_done !== null && p.frames_done !== undefined) bits.push(`frames ${p.frames_done}/${p.frames ?? '?'}`);
       $('#job-phase').textContent = bits.join(' \u00b7 ');
+      LT.renderGrid($('#job-grid'), p);
+      $('#job-grid-block').hidden = $('#job-grid').hidden;
+      const workers = Array.isArray(p.workers) ? p.workers : [];
+      $('#job-workers-block').hidden = !workers.length || !ACTIVE.has(status);
+      if (workers.length) LT.renderWorkers($('#job-workers tbody'), workers);
       $('#cancel').hidden = !ACTIVE.has(status);
       if (status === 'failed' || error) showError($('#job-error'), error ? 'failed: ' + error : 'failed');
       // refresh the log when the job changes (status or phase), and every 5 s while it runs

@@ -252,5 +252,59 @@
     if (status) node.classList.add('st-' + status);
   };
 
+  /* The window x step grid of a job's progress ({windows: steps predicted per window, running: windows
+     predicting now, steps}): a row per window, a cell per step, filled as the wavefront advances. Rebuilt
+     only when its shape changes; the cells' classes (done, running) are set on every poll. */
+  LT.renderGrid = function renderGrid(node, progress) {
+    const p = progress || {};
+    const windows = Array.isArray(p.windows) ? p.windows : [];
+    const steps = p.steps || 0;
+    node.hidden = !windows.length || !steps;
+    if (node.hidden) return;
+    if (node.dataset.shape !== windows.length + 'x' + steps) {
+      node.dataset.shape = windows.length + 'x' + steps;
+      node.replaceChildren();
+      node.style.gridTemplateColumns = `repeat(${steps}, minmax(3px, 14px))`;
+      for (let w = 0; w < windows.length; w++) {
+        for (let s = 0; s < steps; s++) {
+          node.append(LT.el('span', { className: 'cell', title: `window ${w + 1}, step ${s + 1}`, 'data-w': w, 'data-s': s }));
+        }
+      }
+    }
+    const running = new Set(Array.isArray(p.running) ? p.running : []);
+    for (const cell of node.children) {
+      const win = +cell.dataset.w, step = +cell.dataset.s;
+      const done = step < windows[win];
+      cell.classList.toggle('done', done);
+      cell.classList.toggle('running', !done && running.has(win) && step === windows[win]);
+    }
+  };
+
+  function bytes(n) {
+    if (!n) return '0';
+    const units = ['B', 'KB', 'MB', 'GB', 'TB'];
+    let i = 0;
+    while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+    return (i ? n.toFixed(1) : n) + ' ' + units[i];
+  }
+  LT.bytes = bytes;
+
+  /* A table body of workers (pool.WorkerBook's snapshot), each row {worker, node, state, now, window, step,
+     busy_s, utilisation, window_steps, bytes, failures, restarts} with `extra` (e.g. the job) first. */
+  LT.renderWorkers = function renderWorkers(tbody, workers, extra = () => []) {
+    tbody.replaceChildren();
+    for (const w of workers) {
+      const now = w.window === null || w.window === undefined ? (w.now || '-')
+        : `window ${w.window + 1}, step ${w.step + 1}`;
+      const util = Math.round(100 * (w.utilisation || 0));
+      const cells = [...extra(w), w.worker, w.node || '-', w.state, now,
+        LT.el('span', {}, LT.el('meter', { className: 'util', min: 0, max: 100, value: util }), ` ${util} %`),
+        w.window_steps ?? 0, (w.busy_s ?? 0).toFixed(1), bytes(w.bytes), w.failures ?? 0, w.restarts ?? 0];
+      const tr = LT.el('tr', { className: 'worker st-' + (w.state || '') });
+      for (const c of cells) tr.append(LT.el('td', {}, c instanceof Node ? c : String(c)));
+      tbody.append(tr);
+    }
+  };
+
   window.LT = LT;
 })();

@@ -1,4 +1,5 @@
-/* longtake farm monitor (read-only): job table polled every 2 s, detail card for #/jobs/ID. */
+/* longtake farm monitor (read-only): workers and job tables polled every 2 s, detail card (with the window x
+   step grid) for #/jobs/ID. */
 'use strict';
 (function () {
   const { $, api, el } = LT;
@@ -71,6 +72,13 @@
     $('#farm-dir').textContent = data.farm_dir || '';
   }
 
+  function renderWorkers(data) {
+    const rows = Array.isArray(data.workers) ? data.workers : [];
+    LT.renderWorkers($('#workers tbody'), rows, w => [w.runner || '-',
+      el('a', { href: '#/jobs/' + encodeURIComponent(w.job), textContent: w.job })]);
+    $('#no-workers').hidden = rows.length > 0;
+  }
+
   function renderDetail(job) {
     $('#farm-job-id').textContent = job.id;
     const p = job.progress || {};
@@ -82,6 +90,7 @@
     bits.push(`updated ${LT.date(job.updated)}`);
     $('#farm-job-meta').textContent = bits.join(' \u00b7 ');
     showError($('#farm-job-error'), job.error || '');
+    LT.renderGrid($('#farm-grid'), p);
     $('#farm-job-request').textContent = JSON.stringify(job.request ?? {}, null, 2);
     const pre = $('#farm-log');
     const text = typeof job.log === 'string' ? job.log : '';
@@ -103,9 +112,12 @@
     if (!id) card.hidden = true;
     try {
       const list = api('/api/jobs', { signal: ctl.signal });
+      const workers = api('/api/workers', { signal: ctl.signal });
+      workers.catch(() => {}); // (the list's error is the one shown)
       const detail = id ? api('/api/jobs/' + encodeURIComponent(id), { signal: ctl.signal }) : null;
       if (detail) detail.catch(() => {}); // handled below; avoids an unhandled rejection if the list fails
       renderList(await list);
+      renderWorkers(await workers);
       showError($('#farm-error'), '');
       if (detail) {
         try {
