@@ -128,9 +128,12 @@ def test_a_crossfade_holds_the_known_frames_and_interpolates_between_them():
     fade = KnownLatents(index, known).crossfade(torch.zeros(1, 2, 10, 3, 3))
     expected = [1, 1, 1, 2, 2.25, 2.5, 2.75, 3, 4, 4]  # held before 2, known, 2 -> 3 over frames 3..7, held after
     assert torch.allclose(fade[0, 0, :, 0, 0], torch.tensor(expected)) and torch.equal(fade[0, 0], fade[0, 1])
+    part = torch.full((1, 2, 5, 3, 3), 9.0)  # a frame range's latents: the clip's frames [3, 8)
+    KnownLatents(index, known)(part, 3)  # pins only the known frames among them (3 and 7)
+    assert part[0, 0, :, 0, 0].tolist() == [2, 9, 9, 9, 3]
     z = torch.full((1, 2, 10, 3, 3), 9.0)
-    KnownLatents(index, known)(z, 3, 8)  # pins only the known frames inside [3, 8)
-    assert z[0, 0, :, 0, 0].tolist() == [9, 9, 9, 2, 9, 9, 9, 3, 9, 9]
+    KnownLatents(index, known)(z)  # the whole clip
+    assert z[0, 0, :, 0, 0].tolist() == [9, 9, 1, 2, 9, 9, 9, 3, 4, 9]
 
 
 def test_a_loop_wraps_more_smoothly_than_a_plain_clip(tmp_path, render_in_process):

@@ -683,7 +683,7 @@ def test_status_has_one_json_shape_and_short_tables(tmp_path, tiny_model, capsys
     assert one["status"] == "queued" and one["request"]["prompt"] == prompt
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", one["created"])
     assert set(one["progress"]) == {"phase", "step", "steps", "window_steps_done", "window_steps_total",
-                                    "frames_done", "frames", "eta_s"}
+                                    "frames_done", "frames", "eta_s", "windows", "running", "workers"}
     assert main(["status", *args]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 and max(len(line) for line in table) <= 110 and "…" in table[1]
