@@ -53,8 +53,8 @@ POLL_S = 0.5
 HEAP_POLL_S = 0.2  # the driver's anonymous memory, sampled
 KILL_AT = 1 / 3  # the share of the window-steps after which `--kill` kills its workers
 DEFAULTS = {"seconds": 600.0, "steps": 10, "workers": (1, 8, 16, 32), "kill": 2}
-ANIMATE_SECONDS = 30.0  # an animating preset's default: the driver holds its media whole (720p pose, background,
-# mask and face frames: about 7 MB a frame, 3.4 GB for 30 s at 16 fps)
+ANIMATE_SECONDS = 30.0  # an animating preset's default: the driver holds its media whole (720p pose as palette
+# indices, background, mask and face frames: about 5 MB a frame, 2.5 GB for 30 s at 16 fps)
 
 
 def default_seconds(preset: str) -> float:
