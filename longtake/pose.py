@@ -267,8 +267,8 @@ def draw(people: list[Person], width: int, height: int, indexed: bool = False) -
         for hand in person.hands:
             for e, (a, b) in enumerate(HAND_EDGES):
                 if hand[a, 2] > 0 and hand[b, 2] > 0:
-                    pen.line([tuple(map(float, hand[a, :2])), tuple(map(float, hand[b, :2]))], fill=fill(_hand_colour(e)),
-                             width=max(1, round(HAND_LINE * k)))
+                    pen.line([tuple(map(float, hand[a, :2])), tuple(map(float, hand[b, :2]))],
+                             fill=fill(_hand_colour(e)), width=max(1, round(HAND_LINE * k)))
             for p in hand[hand[:, 2] > 0]:
                 _dot(pen, p[:2], max(1.0, HAND_POINT * k), fill((0, 0, 255)))
         if person.face is not None:

@@ -281,28 +281,33 @@ class WorkerBook:
         if s.state != "excluded":
             s.state = "busy" if s.running else "idle"
 
-    def replaced(self, slot: int) -> None:
-        s = self.slots[slot]
-        for ticket in list(s.running):
-            self.ended(slot, ticket, ok=False)
-        s.restarts += 1
-        s.state = "starting"
+    def moved(self, slot: int, nbytes: int) -> None:
+        """Bytes to or from a worker in the middle of a task (a stream's items)."""
+        self.slots[slot].bytes += nbytes
 
-    def excluded(self, slot: int) -> None:
+    def _lost(self, slot: int, state: str) -> None:
+        """Its worker is gone (replaced: "starting"; or "excluded"): what it was running failed there."""
         for ticket in list(self.slots[slot].running):
             self.ended(slot, ticket, ok=False)
-        self.slots[slot].state = "excluded"
+        self.slots[slot].state = state
+
+    def replaced(self, slot: int) -> None:
+        self._lost(slot, "starting")
+        self.slots[slot].restarts += 1
+
+    def excluded(self, slot: int) -> None:
+        self._lost(slot, "excluded")
 
     def snapshot(self, now: float | None = None) -> list[dict]:
         """One dict per worker: id, node, state, now (the label of the task it computes), window and step
         (of a prediction), busy_s, utilisation (its busy share of the last UTILISATION_S, or of its life if
         shorter), window_steps, tasks, bytes, failures, restarts."""
         now = time.monotonic() if now is None else now
+        start = now - UTILISATION_S
         out = []
         for i, s in enumerate(self.slots):
-            while s.spans and s.spans[0][1] < now - UTILISATION_S:
+            while s.spans and s.spans[0][1] < start:
                 s.spans.popleft()
-            start = now - UTILISATION_S
             spans = list(s.spans) + ([(s.busy_since, now)] if s.busy_since is not None else [])
             busy = sum(max(0.0, end - max(begin, start)) for begin, end in spans)
             span = min(UTILISATION_S, max(1e-9, now - min((b for b, _ in spans), default=now)))

@@ -268,7 +268,7 @@ class RayPool:
                         return
                     item = ray.get(ref)
                     self._measured(method, time.monotonic() - since)
-                    self.book.slots[a].bytes += self.traffic.received(method, item)
+                    self.book.moved(a, self.traffic.received(method, item))
                     delivered += 1
                     yield item
             except RayError as e:

@@ -252,9 +252,9 @@ def source_latents(job, pool, tick=None) -> torch.Tensor:
 
 class KnownLatents:
     """The latents of a job's known frames: `pin(z, start)` sets those among z's frames, which are the clip's
-    frames [start, start + z's length), in place, to the known latents themselves (clean, at every step: a clean context, which the bundled model
-    follows much more closely than RePaint-style context noised to each step's level; the note of issue 15
-    has the figures); `crossfade(z)` is a clip whose every frame is known or interpolated between the known
+    frames [start, start + z's length), in place, to the known latents themselves (clean, at every step: a
+    clean context, which the bundled model follows much more closely than RePaint-style context noised to
+    each step's level; the note of issue 15 has the figures); `crossfade(z)` is a clip whose every frame is known or interpolated between the known
     frames around it (held before the first and after the last): a bridge's start (inputs.py)."""
 
     def __init__(self, index: torch.Tensor, known: torch.Tensor):

@@ -350,7 +350,7 @@ class Sampler:
         a, b = self.ranges[r]
         sample = self.parts[r]
         z = _step(s, fused, s.timesteps[step], sample, self.seed, step, (a, b) if self.per_range else None)
-        if z is sample or z.data_ptr() == sample.data_ptr():
+        if z.data_ptr() == sample.data_ptr():
             z = z.clone()  # the scheduler may keep `sample`: the pin below writes z
         if self.pin is not None:
             self.pin(z, a)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 GRAY = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # palette of the grey levels
-DIGEST_CHUNK = 64  # frames expanded at a time by `update_digest`
+CHUNK = 64  # frames looked at (`as_indexed`) or expanded (`update_digest`) at a time
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,8 +62,8 @@ def as_indexed(frames):
     `Indexed` already, or None) is returned as it is."""
     if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         return frames
-    for i in range(0, len(frames), DIGEST_CHUNK):  # chunks: no whole-clip temporaries
-        part = frames[i:i + DIGEST_CHUNK]
+    for i in range(0, len(frames), CHUNK):  # chunks: no whole-clip temporaries
+        part = frames[i:i + CHUNK]
         if not (np.array_equal(part[..., 0], part[..., 1]) and np.array_equal(part[..., 1], part[..., 2])):
             return frames
     return Indexed(np.ascontiguousarray(frames[..., 0]), GRAY)
@@ -74,5 +74,5 @@ def update_digest(digest, frames) -> None:
     if not isinstance(frames, Indexed):
         digest.update(np.ascontiguousarray(frames).tobytes())
         return
-    for i in range(0, len(frames), DIGEST_CHUNK):
-        digest.update(frames[i:i + DIGEST_CHUNK].rgb().tobytes())
+    for i in range(0, len(frames), CHUNK):
+        digest.update(frames[i:i + CHUNK].rgb().tobytes())
