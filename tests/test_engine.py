@@ -218,6 +218,38 @@ def test_the_worker_book_says_what_each_worker_does_and_did():
     assert book.snapshot()[1]["state"] == "excluded"
 
 
+def test_the_replica_board_lists_serves_replicas_as_they_report_themselves(monkeypatch):
+    """serve_pool.ReplicaBoard (serve's workers view): a replica's row from its first report, its calls as the
+    WorkerBook counts them; a replica Serve stops, or one silent past SILENT_S (its running call failed
+    there), stays listed UTILISATION_S, then goes; a heartbeat brings a silent one back."""
+    from longtake.actors import serve_pool
+    from longtake.actors.serve_pool import SILENT_S, UTILISATION_S, ReplicaBoard
+
+    clock = [1000.0]
+    monkeypatch.setattr(serve_pool.time, "monotonic", lambda: clock[0])
+    board = ReplicaBoard()
+    board.alive("r1", "10.0.0.1/aa")
+    board.sent("r2", "10.0.0.2/bb", 1, "predict", "window 2 at step 1", [0, 1], 300)
+    r1, r2 = board.snapshot()
+    assert (r1["replica"], r1["state"], r1["node"]) == ("r1", "idle", "10.0.0.1/aa")
+    assert (r2["replica"], r2["state"], r2["window"], r2["step"], r2["bytes"]) == ("r2", "busy", 1, 0, 300)
+    clock[0] += 2
+    board.ended("r2", "10.0.0.2/bb", 1, 100, True)
+    board.stopped("r1", "10.0.0.1/aa")
+    r1, r2 = board.snapshot()
+    assert (r2["state"], r2["window_steps"], r2["bytes"], r2["busy_s"]) == ("idle", 1, 400, 2.0)
+    assert r1["state"] == "stopped"
+    board.sent("r2", "10.0.0.2/bb", 2, "predict", "window 3 at step 1", (0, 2), 300)
+    clock[0] += SILENT_S + 1  # r2 went silent mid-call: lost, its call failed there
+    r1, r2 = board.snapshot()
+    assert (r2["state"], r2["failures"], r2["window"]) == ("lost", 1, None)
+    board.alive("r2", "10.0.0.2/bb")  # it answers again
+    assert board.snapshot()[1]["state"] == "idle"
+    clock[0] += UTILISATION_S  # the stopped replica's row goes; the live one stays
+    board.alive("r2", "10.0.0.2/bb")
+    assert [r["replica"] for r in board.snapshot()] == ["r2"]
+
+
 def _tiny_copy(tiny_model, dest, options: dict) -> str:
     import json
     import shutil

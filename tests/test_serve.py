@@ -135,6 +135,15 @@ def test_submit_stream_and_download(server, tmp_path, serve_dir):
     report = verify(tmp_path / "v.mp4", load_key(serve_dir, create=False))
     assert report["aigc"]["ProduceID"] == job_id and report["integrity"] == "intact"
     assert report["visible_label"]["present"] and job["result"]["delivered_sha256"] != job["result"]["frames_sha256"]
+    # the workers view: the replicas as they reported themselves (serve_pool.ReplicaBoard), in the job's progress,
+    # at /v1/workers and in /metrics
+    replicas = call(server, "GET", "/v1/workers").json()["workers"]
+    assert replicas and all(r["replica"] and r["node"] and r["state"] in ("idle", "busy") for r in replicas)
+    assert sum(r["window_steps"] for r in replicas) >= 6 and sum(r["bytes"] for r in replicas) > 0
+    assert {r["replica"] for r in job["progress"]["workers"]} <= {r["replica"] for r in replicas}
+    metrics = call(server, "GET", "/metrics").text
+    assert all(f'worker="{r["replica"]}"' in metrics for r in replicas), metrics[-2000:]
+    assert call(server, "GET", "/v1/workers", token="nope").status_code == 403
 
 
 def test_idempotent_submit(server):
@@ -413,7 +422,7 @@ def test_schema_driven_fuzz_never_gets_a_5xx(server):
             render = (operation.method.upper(), operation.path) == ("POST", "/v1/videos")
 
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=30 if render else 15, deadline=None, derandomize=True, database=None,
+            @settings(max_examples=20 if render else 8, deadline=None, derandomize=True, database=None,
                       suppress_health_check=list(HealthCheck))
             def check(case):
                 r = case.call(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
@@ -440,7 +449,7 @@ def test_schema_driven_fuzz_never_gets_a_5xx(server):
                 assert mode == GenerationMode.NEGATIVE and not operation.query and not operation.body
     assert len(seen) > 100 and any(400 <= code < 500 for code in seen)
     accepted = [c for c in renders[GenerationMode.POSITIVE] if c in (200, 202, 429)]
-    assert len(renders[GenerationMode.POSITIVE]) >= 20 and accepted, renders  # the render path is reached
+    assert len(renders[GenerationMode.POSITIVE]) >= 15 and accepted, renders  # the render path is reached
     for job in call(server, "GET", "/v1/videos?limit=100").json()["data"]:  # what the fuzzer queued
         call(server, "DELETE", f"/v1/videos/{job['id']}")
     for file_id in uploaded:  # and uploaded (against the admin key's upload quota, which later tests use)

@@ -162,6 +162,11 @@ def test_log_in_render_play_and_delete_in_the_browser(browser, web_server, tmp_p
     row = f"tr[data-id='{job_id}']"
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), what="the job in the list")
     assert browser.find_element(By.CSS_SELECTOR, f"{row} td.status").text == "done"
+    # the workers view: the denoiser replica that rendered it, with its window-steps (serve_pool.ReplicaBoard)
+    cells = wait(browser, lambda d: [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                                     for tr in d.find_elements(By.CSS_SELECTOR, "#workers tbody tr")],
+                 what="the replicas in the workers view")
+    assert all(c[0] and c[1] != "-" for c in cells) and sum(int(c[5]) for c in cells) >= 1, cells
     shot(browser, tmp_path, "monitor-jobs.png")
     browser.set_window_size(375, 800)  # a phone's width: nothing wider than the screen
     time.sleep(0.5)

@@ -281,22 +281,30 @@ class WorkerBook:
         if s.state != "excluded":
             s.state = "busy" if s.running else "idle"
 
+    def add(self, node: str = "") -> int:
+        """A worker more (serve's replicas come and go): its slot."""
+        self.slots.append(_Slot())
+        if node:
+            self.started(len(self.slots) - 1, node)
+        return len(self.slots) - 1
+
     def moved(self, slot: int, nbytes: int) -> None:
         """Bytes to or from a worker in the middle of a task (a stream's items)."""
         self.slots[slot].bytes += nbytes
 
-    def _lost(self, slot: int, state: str) -> None:
-        """Its worker is gone (replaced: "starting"; or "excluded"): what it was running failed there."""
+    def lost(self, slot: int, state: str) -> None:
+        """Its worker is gone (replaced: "starting"; "excluded"; a replica "stopped" or "lost"): what it was
+        running failed there."""
         for ticket in list(self.slots[slot].running):
             self.ended(slot, ticket, ok=False)
         self.slots[slot].state = state
 
     def replaced(self, slot: int) -> None:
-        self._lost(slot, "starting")
+        self.lost(slot, "starting")
         self.slots[slot].restarts += 1
 
     def excluded(self, slot: int) -> None:
-        self._lost(slot, "excluded")
+        self.lost(slot, "excluded")
 
     def snapshot(self, now: float | None = None) -> list[dict]:
         """One dict per worker: id, node, state, now (the label of the task it computes), window and step

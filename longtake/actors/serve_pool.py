@@ -11,10 +11,15 @@ replica.
 
 Every call has a timeout (a replica that cannot be scheduled fails the job with a clear error, it never stays
 `running`), and a failed call is retried (max attempts) on whichever replica Serve picks.
+
+A handle cannot say which replica runs a call, so the replicas say it themselves: each reports its calls as
+they start and end to the application's `ReplicaBoard` (one named actor, a pool.WorkerBook whose workers are
+the replicas), which the pool reads for the job pages, serve's workers view and /metrics.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -26,8 +31,13 @@ from dataclasses import dataclass, field
 import ray
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.pool import WAIT_S, RetryPolicy, Task, Tickets, WindowFailed, hold, ordered
-from longtake.actors.worker import Held, Worker, WorkerSpec, encoder_spec
+from longtake.actors.pool import (UTILISATION_S, WAIT_S, RetryPolicy, Task, Tickets, WindowFailed, WorkerBook,
+                                  hold, nbytes, ordered)
+from longtake.actors.worker import Held, WindowConditioning, Worker, WorkerSpec, encoder_spec
+
+BOARD_NAMESPACE = "longtake"  # the replica boards' Ray namespace (one board per Serve application, by its name)
+BOARD_READ_S = 1.0  # a pool reads its board at most this often (every job's progress report asks)
+SILENT_S = 30.0  # a replica not heard from this long (its health checks report every 2 s) is taken as lost
 
 
 def _one_line(error: Exception) -> str:
@@ -62,8 +72,9 @@ class ServePool:
 
     def __init__(self, handle: DeploymentHandle, num_workers: int, model_path: str, device: str = "cpu",
                  decode_in_flight: int = 4, timeout_s: float = 600.0, max_attempts: int = 3,
-                 per_job: int | None = None):
+                 per_job: int | None = None, board=None):
         self.handle, self.num_workers, self.decode_in_flight = handle, num_workers, decode_in_flight
+        self.board, self._rows, self._read_at = board, [], -math.inf  # the replicas' board (`workers`)
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
         self.retry = RetryPolicy(max_attempts)
         self.retries = 0
@@ -156,7 +167,8 @@ class ServePool:
         while True:
             if ticket not in job.tickets.tasks:
                 return None
-            response = job.responses[ticket] = getattr(self.handle, task.method).remote(*task.args)
+            response = job.responses[ticket] = getattr(self.handle, task.method).remote(
+                *task.args, task=(task.label, task.key))
             try:
                 return response.result(timeout_s=self.timeout_s)
             except TimeoutError:
@@ -234,8 +246,142 @@ class ServePool:
         # decoded frames are big: only a few decode chunks are in flight
         return ordered(self, method, args_list, self.decode_in_flight if method == "decode" else self.per_job, tick)
 
+    def workers(self) -> list[dict]:
+        """The replicas, as their board last said (read at most every BOARD_READ_S): WorkerBook.snapshot's
+        rows with each replica's id. [] without a board, or while it cannot be read."""
+        if self.board is None:
+            return []
+        with self._lock:
+            if time.monotonic() - self._read_at < BOARD_READ_S:
+                return self._rows
+            self._read_at = time.monotonic()
+        try:
+            rows = ray.get(self.board.snapshot.remote(), timeout=2)
+        except Exception:  # the board restarting with the manager: the last rows
+            return self._rows
+        self._rows = rows
+        return rows
+
     def shutdown(self) -> None:
         pass
+
+
+class ReplicaBoard:
+    """What each denoiser replica does and has done: a pool.WorkerBook whose slots are the replicas, by id, in
+    the order they were first heard from. Replicas report (`Reporter`, fire and forget) each call as it starts
+    and ends, and their health checks (every 2 s) as a heartbeat; a replica Serve stops says so and is dropped
+    after UTILISATION_S; one not heard from in SILENT_S is lost (what it ran failed there)."""
+
+    def __init__(self):
+        self.book, self.ids, self.heard = WorkerBook(0), {}, {}
+
+    def _slot(self, replica: str, node: str) -> int:
+        slot = self.ids.get(replica)
+        if slot is None:
+            slot = self.ids[replica] = self.book.add(node)
+        self.heard[replica] = time.monotonic()
+        return slot
+
+    def alive(self, replica: str, node: str) -> None:
+        slot = self._slot(replica, node)
+        if self.book.slots[slot].state in ("starting", "lost"):
+            self.book.started(slot, node)
+
+    def sent(self, replica: str, node: str, call: int, method: str, label: str, key: tuple, nbytes: int) -> None:
+        self.book.sent(self._slot(replica, node), call, Task(method, (), label, key=tuple(key)), nbytes)
+
+    def ended(self, replica: str, node: str, call: int, nbytes: int, ok: bool | None) -> None:
+        self.book.ended(self._slot(replica, node), call, nbytes, ok)
+
+    def stopped(self, replica: str, node: str) -> None:
+        self.book.lost(self._slot(replica, node), "stopped")
+
+    def snapshot(self) -> list[dict]:
+        now = time.monotonic()
+        for replica, slot in list(self.ids.items()):
+            state, silent = self.book.slots[slot].state, now - self.heard[replica]
+            if silent > SILENT_S and state not in ("stopped", "lost"):
+                self.book.lost(slot, "lost")
+            elif state in ("stopped", "lost") and silent > UTILISATION_S:
+                del self.ids[replica]  # its row goes (its slot stays, unlisted: the ids keep their slots)
+        listed = {slot: replica for replica, slot in self.ids.items()}
+        return [{**row, "replica": listed[row["worker"]]} for row in self.book.snapshot(now)
+                if row["worker"] in listed]
+
+
+def start_board(app: str):
+    """The board of Serve application `app` (a named actor, owned by the caller: the manager's replica)."""
+    return ray.remote(num_cpus=0)(ReplicaBoard).options(
+        name=f"replicas-{app}", namespace=BOARD_NAMESPACE, get_if_exists=True).remote()
+
+
+class Reporter:
+    """A replica's side of its application's board: each call as it starts and ends, and a heartbeat, sent
+    without waiting. Nothing is sent (and no call waits) while the board cannot be found."""
+
+    def __init__(self, app: str, replica: str, node: str):
+        self.name, self.me, self._board = f"replicas-{app}", (replica, node), None
+        self._calls = itertools.count(1)  # (a replica runs several calls at once, on Serve's threads)
+        self._look_after = 0.0  # when to look the board up again (not on every call while there is none)
+
+    def _send(self, method: str, *args) -> None:
+        try:
+            if self._board is None:
+                if time.monotonic() < self._look_after:
+                    return
+                self._look_after = time.monotonic() + BOARD_READ_S
+                self._board = ray.get_actor(self.name, namespace=BOARD_NAMESPACE)
+            getattr(self._board, method).remote(*self.me, *args)
+        except Exception:  # no board (yet, or it restarts with the manager): look again after BOARD_READ_S
+            self._board = None
+
+    def alive(self) -> None:
+        """A heartbeat (serve's health check, every 2 s); the board is looked up again (a manager that
+        restarted has a new one: calls to the old one's handle would be lost without an error)."""
+        try:
+            self._board = ray.get_actor(self.name, namespace=BOARD_NAMESPACE)
+        except Exception:
+            self._board = None
+            return
+        self._send("alive")
+
+    def stopped(self) -> None:
+        self._send("stopped")
+
+    def call(self, method: str, args: tuple, task: tuple | None, run):
+        """run() as the call `method(*args)` of the pool's task (label, key), reported to the board."""
+        call = self._sent(method, args, task)
+        try:
+            result = run()
+        except BaseException:
+            self._send("ended", call, 0, False)
+            raise
+        self._send("ended", call, nbytes(result), True)
+        return result
+
+    def stream(self, method: str, args: tuple, items):
+        """The items of a streamed call, reported as one call (its items' bytes together; closed early by the
+        pool: abandoned, not failed)."""
+        call, received, ok = self._sent(method, args, None), 0, None
+        try:
+            for item in items:
+                received += nbytes(item)
+                yield item
+            ok = True
+        except GeneratorExit:
+            raise
+        except BaseException:
+            ok = False
+            raise
+        finally:
+            self._send("ended", call, received, ok)
+
+    def _sent(self, method: str, args: tuple, task: tuple | None) -> int:
+        call, (label, key) = next(self._calls), task or (method, ())
+        # the bytes of its arguments as Traffic counts them (a job's conditioning, fetched once, apart)
+        sent = sum(nbytes(a.frames) if isinstance(a, WindowConditioning) else nbytes(a) for a in args)
+        self._send("sent", call, method, label, tuple(key), sent)
+        return call
 
 
 def denoiser_spec(model_path: str, device: str) -> WorkerSpec:

@@ -21,8 +21,8 @@ from pathlib import Path
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.ray_pool import fetch_held
-from longtake.actors.serve_pool import ServePool, denoiser_spec
+from longtake.actors.ray_pool import fetch_held, node_label
+from longtake.actors.serve_pool import Reporter, ServePool, denoiser_spec, start_board
 from longtake.actors.worker import Worker
 from longtake.cluster.jobs import Conflict, QueueFull
 from longtake.request import RequestError
@@ -37,16 +37,21 @@ from longtake.serve.routes import Ingress
 class Denoiser:
     """One loaded model; predicts windows and decodes for every job (and encodes, for small text encoders).
 
-    After `blocklist_after` failed calls it reports itself unhealthy, and Serve replaces it."""
+    After `blocklist_after` failed calls it reports itself unhealthy, and Serve replaces it. Its calls (with
+    the pool's task, `task`: label and key) and its health checks are reported to the application's board
+    (serve_pool.ReplicaBoard: the workers view)."""
 
     def __init__(self, model_path: str, device: str = "cpu", blocklist_after: int = 3, worker_cls: type = Worker):
         self.worker = worker_cls(denoiser_spec(model_path, device))
         self.worker.fetch = fetch_held  # a job's conditioning from the object store, once per job (kept by hash)
         self.blocklist_after, self.failures = blocklist_after, 0
+        context = serve.get_replica_context()
+        self.board = Reporter(context.app_name, context.replica_tag, node_label())
+        self.board.alive()
 
-    def _do(self, method: str, *args):
+    def _do(self, method: str, *args, task=None):
         try:
-            return getattr(self.worker, method)(*args)
+            return self.board.call(method, args, task, lambda: getattr(self.worker, method)(*args))
         except Exception:
             self.failures += 1
             raise
@@ -60,21 +65,26 @@ class Denoiser:
     def check_health(self):
         if self.blocklist_after and self.failures >= self.blocklist_after:
             raise RuntimeError(f"{self.failures} failed calls: this replica is replaced")
+        self.board.alive()
 
-    def encode(self, *args):
-        return self._do("encode", *args)
+    def encode(self, *args, task=None):
+        return self._do("encode", *args, task=task)
 
-    def predict(self, *args):
-        return self._do("predict", *args)
+    def predict(self, *args, task=None):
+        return self._do("predict", *args, task=task)
 
-    def decode(self, *args):
-        return self._do("decode", *args)
+    def decode(self, *args, task=None):
+        return self._do("decode", *args, task=task)
 
-    def encode_frames(self, *args):
-        return self._do("encode_frames", *args)
+    def encode_frames(self, *args, task=None):
+        return self._do("encode_frames", *args, task=task)
 
     def decode_stream(self, *args):
-        yield from self.worker.decode_stream(*args)
+        yield from self.board.stream("decode_stream", args, self.worker.decode_stream(*args))
+
+    def __del__(self):  # Serve stops this replica (scaled down or replaced)
+        if hasattr(self, "board"):
+            self.board.stopped()
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -86,8 +96,9 @@ class Manager:
         os.umask(0o077)  # this replica's process writes the job store, checkpoints and videos: the owner's only
         private_dir(data_dir, "data_dir")
         lim = Limits(**limits)
+        board = start_board(serve.get_replica_context().app_name)  # the replicas report to it (workers view)
         pool = ServePool(denoiser, max_replicas, model, device, timeout_s=lim.task_timeout_s,
-                         max_attempts=lim.max_attempts)
+                         max_attempts=lim.max_attempts, board=board)
         self.manager = JobManager(data_dir, pool, model, lim, model_name)
 
     async def call(self, method: str, *args):

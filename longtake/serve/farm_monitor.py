@@ -78,14 +78,16 @@ WORKER_SERIES = {
 
 
 def worker_metrics(rows: list[dict]) -> bytes:
-    """The workers' series in Prometheus' text format, labelled by job, worker and node (and runner)."""
+    """The workers' series in Prometheus' text format, labelled by job, worker (a replica's id on serve) and
+    node (and runner)."""
     from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
     registry = CollectorRegistry()
     labels = ("job", "worker", "node", "runner")
     gauges = {name: Gauge(name, text, labels, registry=registry) for name, (_, text) in WORKER_SERIES.items()}
     for w in rows:
-        values = (w.get("job", ""), str(w.get("worker", "")), w.get("node") or "", w.get("runner") or "")
+        values = (w.get("job", ""), str(w.get("replica") or w.get("worker", "")), w.get("node") or "",
+                  w.get("runner") or "")
         for name, (field, _) in WORKER_SERIES.items():
             gauges[name].labels(*values).set(float(w.get(field) or 0))
     return generate_latest(registry)

@@ -383,11 +383,16 @@ class JobManager:
         self.m_queue_windows.set(left)
         self.m_busy.set(min(left, workers))
         self.m_idle.set(max(0, workers - min(left, workers)))
-        # the per-worker series of the running jobs, as the farm monitor's (where the pool keeps a WorkerBook)
-        from longtake.serve.farm_monitor import running_workers, worker_metrics
+        # the per-worker series, as the farm monitor's: here the pool's workers (serve's replicas, shared by
+        # every job)
+        from longtake.serve.farm_monitor import worker_metrics
 
-        rows = running_workers(self.store.list(limit=500, state="running"))
-        return generate_latest(self.registry) + worker_metrics(rows)
+        return generate_latest(self.registry) + worker_metrics(self.workers())
+
+    def workers(self) -> list[dict]:
+        """The pool's workers (serve's pool: the denoiser replicas, as they report themselves)."""
+        workers = getattr(self.pool, "workers", None)
+        return workers() if workers is not None else []
 
     def close(self) -> None:
         """Stop: running jobs are checkpointed at their step and go back to the queue."""

@@ -42,8 +42,8 @@ from longtake.serve.keys import Client, KeyStore
 from longtake.serve.limits import Limits
 from longtake.serve.manager import JobManager, public_message
 from longtake.serve.pages import error, install, known_query, served_hosts
-from longtake.serve.schema import (FILE_ID, Accepted, Changed, FileDeleted, FileMeta, Job, JobList, Links, Me, errors,
-                                   finish_openapi, request_schema)
+from longtake.serve.schema import (FILE_ID, Accepted, Changed, FileDeleted, FileMeta, Job, JobList, Links, Me,
+                                   Workers, errors, finish_openapi, request_schema)
 from longtake.serve.uploads import UPLOAD_BODY, TooLarge, Upload
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,12 @@ class Ingress:
         """Who this key is: its client name, whether it is an admin key, its job limit."""
         client = self._client(authorization)
         return Me(name=client.name, admin=client.admin, max_jobs=client.max_jobs)
+
+    @api.get("/v1/workers", response_model=Workers, responses=errors(401, 403))
+    async def workers(self, authorization: str | None = Header(None)):
+        """The denoiser replicas and what each computes now (the workers view)."""
+        self._client(authorization)
+        return Workers(workers=await self._call("workers"))
 
     @api.post("/v1/videos", status_code=202, response_model=Accepted,
               responses={200: {"model": Accepted, "description": "Already submitted with this Idempotency-Key"},

@@ -128,6 +128,14 @@ class Me(BaseModel):
     max_jobs: int = Field(description="Jobs this key may have queued, running or paused at once.")
 
 
+class Workers(BaseModel):
+    workers: list[dict[str, Any]] = Field(
+        description="The denoiser replicas (shared by every job), as they report themselves: replica id, node, "
+                    "state (starting, idle, busy, stopped, lost), the task each computes now (its window and "
+                    "step: of whichever job it serves), busy seconds, utilisation over the last 5 minutes, "
+                    "window-steps, bytes, failed tasks.")
+
+
 def errors(*codes: int) -> dict:
     """OpenAPI `responses` for these error codes, each with the Error shape."""
     text = {400: "Malformed body", 401: "Missing key", 403: "Wrong key", 404: "No such job or file (of yours)",

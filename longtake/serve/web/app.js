@@ -128,8 +128,13 @@
 
     const poll = async () => {
       try {
+        const workers = api('/v1/workers', { signal: v.abort.signal });
+        workers.catch(() => {}); // (the list's error is the one shown)
         const page = await api('/v1/videos?limit=50&offset=0', { signal: v.abort.signal });
         if (v !== view) return;
+        const replicas = (await workers).workers || [];
+        LT.renderWorkers($('#workers tbody'), replicas);
+        $('#no-workers').hidden = replicas.length > 0;
         const jobs = Array.isArray(page.data) ? page.data : [];
         const tbody = $('#jobs tbody');
         const keep = new Set();

@@ -297,7 +297,7 @@
       const now = w.window === null || w.window === undefined ? (w.now || '-')
         : `window ${w.window + 1}, step ${w.step + 1}`;
       const util = Math.round(100 * (w.utilisation || 0));
-      const cells = [...extra(w), w.worker, w.node || '-', w.state, now,
+      const cells = [...extra(w), w.replica ?? w.worker, w.node || '-', w.state, now,
         LT.el('span', {}, LT.el('meter', { className: 'util', min: 0, max: 100, value: util }), ` ${util} %`),
         w.window_steps ?? 0, (w.busy_s ?? 0).toFixed(1), bytes(w.bytes), w.failures ?? 0, w.restarts ?? 0];
       const tr = LT.el('tr', { className: 'worker st-' + (w.state || '') });
