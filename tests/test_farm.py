@@ -411,13 +411,20 @@ def test_killed_worker_window_is_retried_and_logged(tmp_path, tiny_model, refere
     import ray
 
     farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 3, worker_cls=SlowWorker)
-    ray.kill(runner._pool.actors[0], no_restart=True)  # mid-step
+    pool = runner._pool
+    ray.kill(pool.actors[0], no_restart=True)  # mid-step
     thread.join(180)
     done = store.get(record.id)
     assert done.state == "done", done.error
-    assert done.result["frames_sha256"] == reference()
+    assert done.result["frames_sha256"] == reference() and pool.retries >= 1
     log = (farm.job_dir(farm_dir, record.id) / "log.txt").read_text()
     assert "died during window" in log and "retrying window" in log
+    # the workers view (pool.WorkerBook): the killed slot was replaced, its task failed there; every window-step
+    # is counted on a worker; each slot names its Ray node
+    book = pool.workers()
+    assert [w["restarts"] for w in book] == [1, 0] and book[0]["failures"] >= 1
+    assert sum(w["window_steps"] for w in book) == done.result["model_evaluations"]
+    assert all(w["node"].count("/") == 1 and w["busy_s"] > 0 and w["bytes"] > 0 for w in book)
     # the output names its job (AIGC ProduceID) under the farm's key
     capsys.readouterr()
     assert main(["verify", done.result["out"], "--farm-dir", str(farm_dir), "--json"]) == 0

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def job_request(model, **kw) -> dict:
     # long enough (steps x windows) for the test to act mid-job on a 2-core machine
-    base = dict(prompt="a red ball moving right", seconds=4, fps=8, steps=12, window=8, overlap=2, model=model)
+    base = dict(prompt="a red ball moving right", seconds=4, fps=8, steps=8, window=8, overlap=2, model=model)
     return {**base, **kw}
 
 
@@ -78,7 +78,7 @@ def test_runner_killed_with_sigkill_is_resumed_by_the_next_runner(tmp_path, tiny
     try:
         ckpts = farm.job_dir(farm_dir, record.id) / "checkpoints"
         wait_for(lambda: len(list(ckpts.glob("step-*.safetensors"))) >= 2 and
-                 (store.get(record.id).progress or {}).get("step", 0) >= 5, 300, "two checkpoints", first, log)
+                 (store.get(record.id).progress or {}).get("step", 0) >= 4, 300, "two checkpoints", first, log)
     finally:
         kill_tree(first)  # no chance to clean up or requeue
     assert first.returncode == -signal.SIGKILL

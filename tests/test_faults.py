@@ -44,30 +44,6 @@ def _req(model, tmp_path, name, schedule="wavefront"):
                         out=str(tmp_path / name), schedule=schedule))
 
 
-def test_killed_worker_is_replaced_and_frames_are_identical(tmp_path, tiny_model, ray_session):
-    ref_pool = InProcessPool(WorkerSpec(tiny_model))
-    ref = run(_req(tiny_model, tmp_path, "ref.mp4", "barrier"), ref_pool, progress=False)  # the reference schedule
-    ref_pool.shutdown()
-
-    pool = RayPool(WorkerSpec(tiny_model), 2, worker_cls=SlowWorker)
-    victim = pool.actors[0]
-    killer = threading.Timer(1.0, lambda: ray.kill(victim, no_restart=True))  # mid-render, mid-step
-    killer.start()
-    try:
-        res = run(_req(tiny_model, tmp_path, "killed.mp4"), pool, progress=False)
-    finally:
-        killer.cancel()
-        pool.shutdown()
-    assert pool.retries >= 1
-    assert res.frames_sha256 == ref.frames_sha256
-    # the workers view (pool.WorkerBook): the killed slot was replaced, its task failed there; every window-step
-    # is counted on a worker; each slot names its Ray node
-    book = pool.workers()
-    assert [w["restarts"] for w in book] == [1, 0] and book[0]["failures"] >= 1
-    assert sum(w["window_steps"] for w in book) == res.model_evaluations
-    assert all(w["node"].count("/") == 1 and w["busy_s"] > 0 and w["bytes"] > 0 for w in book)
-
-
 def test_window_failing_every_retry_fails_the_job_clearly(tmp_path, tiny_model, ray_session):
     pool = RayPool(WorkerSpec(tiny_model), 2, max_attempts=3, worker_cls=BrokenWindowWorker)
     t0 = time.monotonic()
@@ -151,26 +127,27 @@ def test_a_pool_reused_after_a_closed_imap_does_not_queue_behind_its_stale_tasks
     """A job stopped mid-step (cancelled or paused) closes its imap; ray.cancel does not stop an actor task
     already running, so the farm's pool, kept for the next job, must not queue that job's work behind it:
     the busy worker is left alone until it is done, or replaced after stale_timeout_s."""
-    stale_s = 30.0
+    stale_s = 120.0  # far beyond a replacement actor's start on a loaded machine (CI once took 11 s)
     pool = RayPool(WorkerSpec(tiny_model), 2, worker_cls=Sleeper, stale_timeout_s=2.0)
     try:
         victim = pool.actors[0]
         stopped = pool.imap("predict", [(0.0,), (0.5,)] + [(stale_s,)] * 6)
-        # the results come in order: after the first, worker 0 takes task 2 (30 s) while worker 1 ends task 1,
-        # and worker 1 may take task 3 (30 s) before the close: then both slots wait for stale_timeout_s
+        # the results come in order: after the first, worker 0 takes task 2 (120 s) while worker 1 ends task 1,
+        # and worker 1 may take task 3 (120 s) before the close: then both slots wait for stale_timeout_s
         assert next(stopped) == 0.0 and next(stopped) == 0.5
         stopped.close()  # as the engine does when a job is cancelled or paused
         t0 = time.monotonic()
         assert list(pool.imap("predict", [(0.0,)])) == [0.0]
         first = time.monotonic() - t0
-        # past stale_timeout_s the busy worker is replaced: both slots serve again, nothing waits 30 s
+        # past stale_timeout_s the busy worker is replaced: both slots serve again, nothing waits 120 s
         time.sleep(2.5)
         assert list(pool.imap("predict", [(0.0,), (0.0,)])) == [0.0, 0.0]
         second = time.monotonic() - t0
         replaced = pool.actors[0] is not victim
     finally:
         pool.shutdown()
-    # at most stale_timeout_s and a new actor's start (seconds on a loaded 2-core machine), never the 30 s task
+    # at most stale_timeout_s and a new actor's start (seconds, 11 s once on a loaded 2-core machine), never the
+    # 120 s task
     assert first < stale_s / 3, f"the new task waited {first:.1f} s behind a cancelled one"
     assert second < stale_s / 2 and replaced and pool.retries == 0
 
