@@ -339,6 +339,8 @@ def test_the_workers_view_and_the_window_grid_follow_a_simulated_run(browser, ra
         rows = browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
         assert len(rows) == 2 and seen
         assert all(re.fullmatch(r"[\d.]+/[0-9a-f]{6}", r.find_elements(By.TAG_NAME, "td")[3].text) for r in rows)
+        first = rows[0].find_element(By.CSS_SELECTOR, "td span")  # the runner: host and pid, the whole id on hover
+        assert first.get_attribute("title") == runner.id and first.text == ":".join(runner.id.split(":")[:2])
         metrics = requests.get(url + "/metrics", timeout=30).text
         assert re.search(rf'longtake_worker_window_steps{{job="{record.id}",node="[^"]+",runner="[^"]+",'
                          r'worker="[01]"} \d', metrics), metrics

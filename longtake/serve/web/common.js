@@ -291,7 +291,17 @@
 
   /* A table body of workers (pool.WorkerBook's snapshot), each row {worker, node, state, now, window, step,
      busy_s, utilisation, window_steps, bytes, failures, restarts} with `extra` (e.g. the job) first. */
-  LT.renderWorkers = function renderWorkers(tbody, workers, extra = () => []) {
+  // the workers table's columns after the leading ones (`heads`: a farm's runner, job and worker; serve's replica)
+  const WORKER_HEADS = ['Node', 'State', 'Now', 'Utilisation (5 min)', 'Window-steps', 'Busy s', 'Bytes',
+    'Failed tasks', 'Restarts'];
+
+  LT.renderWorkers = function renderWorkers(tbody, workers, heads = ['Replica'], extra = () => []) {
+    const thead = tbody.parentElement.tHead;
+    if (thead && !thead.rows.length) {
+      const tr = LT.el('tr');
+      for (const h of [...heads, ...WORKER_HEADS]) tr.append(LT.el('th', { textContent: h }));
+      thead.append(tr);
+    }
     tbody.replaceChildren();
     for (const w of workers) {
       const now = w.window === null || w.window === undefined ? (w.now || '-')

@@ -74,7 +74,9 @@
 
   function renderWorkers(data) {
     const rows = Array.isArray(data.workers) ? data.workers : [];
-    LT.renderWorkers($('#workers tbody'), rows, w => [w.runner || '-',
+    // a runner's id is host:pid:token:boot:pidns (cluster/jobs.py): its host and process shown, all of it on hover
+    const runner = id => id ? el('span', { title: id, textContent: id.split(':').slice(0, 2).join(':') }) : '-';
+    LT.renderWorkers($('#workers tbody'), rows, ['Runner', 'Job', 'Worker'], w => [runner(w.runner),
       el('a', { href: '#/jobs/' + encodeURIComponent(w.job), textContent: w.job })]);
     $('#no-workers').hidden = rows.length > 0;
   }
