@@ -355,6 +355,9 @@ def test_the_workers_view_and_the_window_grid_follow_a_simulated_run(browser, ra
         wait(browser, lambda d: done(d) == windows * 4, timeout=120, what="every cell of the grid done")
         assert partly < windows * 4
         shot(browser, tmp_path, "farm-grid.png")
+        store, deadline = farm.open_store(farm_dir), time.monotonic() + 120
+        while store.get(record.id).state != "done" and time.monotonic() < deadline:  # delivery after the grid
+            time.sleep(0.2)
     finally:
         runner.stop.set()
         thread.join(120)
