@@ -303,7 +303,7 @@ class ReplicaBoard:
             if silent > SILENT_S and state not in ("stopped", "lost"):
                 self.book.lost(slot, "lost")
             elif state in ("stopped", "lost") and silent > UTILISATION_S:
-                del self.ids[replica]  # its row goes (its slot stays, unlisted: the ids keep their slots)
+                del self.ids[replica], self.heard[replica]  # its row goes (its slot stays, unlisted)
         listed = {slot: replica for replica, slot in self.ids.items()}
         return [{**row, "replica": listed[row["worker"]]} for row in self.book.snapshot(now)
                 if row["worker"] in listed]
@@ -338,11 +338,7 @@ class Reporter:
     def alive(self) -> None:
         """A heartbeat (serve's health check, every 2 s); the board is looked up again (a manager that
         restarted has a new one: calls to the old one's handle would be lost without an error)."""
-        try:
-            self._board = ray.get_actor(self.name, namespace=BOARD_NAMESPACE)
-        except Exception:
-            self._board = None
-            return
+        self._board, self._look_after = None, 0.0
         self._send("alive")
 
     def stopped(self) -> None:

@@ -289,12 +289,13 @@
   }
   LT.bytes = bytes;
 
-  /* A table body of workers (pool.WorkerBook's snapshot), each row {worker, node, state, now, window, step,
-     busy_s, utilisation, window_steps, bytes, failures, restarts} with `extra` (e.g. the job) first. */
   // the workers table's columns after the leading ones (`heads`: a farm's runner, job and worker; serve's replica)
   const WORKER_HEADS = ['Node', 'State', 'Now', 'Utilisation (5 min)', 'Window-steps', 'Busy s', 'Bytes',
     'Failed tasks', 'Restarts'];
 
+  /* A table body of workers (pool.WorkerBook's snapshot), each row {worker or replica, node, state, now, window,
+     step, busy_s, utilisation, window_steps, bytes, failures, restarts} with `extra` (e.g. the job) first; the
+     table's header, once, from `heads` and WORKER_HEADS. */
   LT.renderWorkers = function renderWorkers(tbody, workers, heads = ['Replica'], extra = () => []) {
     const thead = tbody.parentElement.tHead;
     if (thead && !thead.rows.length) {
