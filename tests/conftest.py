@@ -101,10 +101,11 @@ def tiny_pose_ip_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Ray, started once for the whole test session (2 cores: logical CPUs are oversubscribed)."""
+    """Ray, started once for the whole test session (2 cores: logical CPUs are oversubscribed); a new local
+    one, never the multi-node cluster a test in the other pytest process may have up (test_bench_scale)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -65,3 +65,16 @@ def test_bad_bench_simulate_arguments_name_the_field(args, field, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {field}: got" in err and "Traceback" not in err
+
+
+def test_a_run_this_machine_cannot_hold_is_refused_before_it_starts(capsys):
+    """A 10-hour clip beside 64 simulated workers: refused up front (exit 2, the field, the memory it needs,
+    what fits), not an hour in by Ray's out-of-memory kills."""
+    assert main(["bench", "--simulate", "wan-14b-720p", "--workers", "64", "--seconds", "36000"]) == 2
+    err = capsys.readouterr().err
+    assert "error: seconds: got 36000" in err and "fits this machine's memory" in err and "GB" in err
+    needed = bench_scale.memory_needed("wan-14b-720p", 36000, 64)
+    assert needed > 2 * bench_scale.memory_needed("wan-14b-720p", 600, 64) > 0
+    fit = bench_scale.seconds_that_fit("wan-14b-720p", 8, 64e9)
+    assert bench_scale.memory_needed("wan-14b-720p", fit, 8) <= 64e9 < bench_scale.memory_needed("wan-14b-720p",
+                                                                                                  fit + 2, 8)

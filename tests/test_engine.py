@@ -51,7 +51,16 @@ def test_pools_give_identical_frames(tmp_path, tiny_model, inproc_pool, ray_pool
     assert ref.windows == 5 and ref.frames == 24  # 24 frames, window 8, stride 5: 0,5,10,15 and the tail 16
     assert ref.model_evaluations == 3 * 5
     for n, pool in ray_pools.items():
-        res, frames = _render(pool, {**req, "out": str(tmp_path / f"ray{n}.mp4")})
+        queued = []  # the pool's queued and running tasks after each window was submitted
+        submit = pool.submit
+        pool.submit = lambda method, *a, **kw: (submit(method, *a, **kw),
+                                                method == "predict" and queued.append(pool.outstanding))[0]
+        try:
+            res, frames = _render(pool, {**req, "out": str(tmp_path / f"ray{n}.mp4")})
+        finally:
+            del pool.submit
+        # 5 windows ready at step 0, but only the inputs the workers can start are built (2 per worker)
+        assert len(queued) == 15 and max(queued) == 2 * n, queued
         assert res.workers == n
         assert res.frames_sha256 == ref.frames_sha256, f"{n} Ray workers differ from the in-process pool"
         assert np.array_equal(frames, ref_frames)

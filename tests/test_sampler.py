@@ -67,12 +67,14 @@ def _sampler(name: str, plan_name: str, schedule: str, **kw) -> Sampler:
                    seed=7, loop=loop, schedule=schedule, **kw)
 
 
-def drive(sampler: Sampler, order: random.Random | None, stop_after: int | None = None) -> int:
-    """Run the sampler as a pool would: windows dispatched when ready, finishing in a random order (None:
-    the order they were dispatched). Returns the predictions made."""
+def drive(sampler: Sampler, order: random.Random | None, stop_after: int | None = None,
+          limit: int | None = None) -> int:
+    """Run the sampler as a pool would: windows dispatched when ready (at most `limit` running, as the
+    engine fills its workers), finishing in a random order (None: the order they were dispatched). Returns
+    the predictions made."""
     running, made = [], 0
     while not sampler.done and (stop_after is None or made < stop_after):
-        for w in sampler.ready():
+        for w in sampler.ready(None if limit is None else limit - len(running)):
             running.append((w, *sampler.window_input(w)))
         if not running and sampler.advancing:  # range steps on the sampler's threads: wait for one
             sampler.collect(timeout=10)
@@ -124,6 +126,24 @@ def test_the_wavefront_runs_ahead_where_the_barrier_waits():
             sampler.add(w, model(*sampler.window_input(w)))
         assert sampler.ready() == expected, schedule
         assert sampler.coherent_step == 0
+
+
+def test_a_limit_takes_the_lowest_steps_first_and_keeps_the_rest_ready():
+    """The engine builds only the inputs its workers can start (`ready(limit)`): the windows left out stay
+    ready, the lowest step goes first, and the frames are the barrier's whatever the limit."""
+    sampler = _sampler("unipc-flow", "odd count", "wavefront")
+    count = len(PLANS["odd count"][1])
+    assert sampler.ready(2) == [0, 1] and sampler.ready(1) == [2] and sampler.ready(0) == []
+    for w in (0, 1):
+        sampler.add(w, model(*sampler.window_input(w)))
+    # window 0 may run step 1 now, but the windows still at step 0 come first
+    assert sampler.ready(count) == [*range(3, count), 0]
+    barrier = _sampler("unipc-flow", "odd count", "barrier")
+    drive(barrier, None)
+    for limit, seed in ((1, 0), (2, 1), (3, 2)):
+        limited = _sampler("unipc-flow", "odd count", "wavefront")
+        drive(limited, random.Random(seed), limit=limit)
+        assert torch.equal(limited.z, barrier.z), f"at most {limit} running"
 
 
 def test_frame_ranges_cut_at_every_window_edge():

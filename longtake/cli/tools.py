@@ -108,6 +108,8 @@ def _workers(text: str) -> tuple[int, ...]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """`longtake bench --simulate PRESET` (tools/bench_scale.py): a simulated cluster on this machine."""
+    import psutil
+
     from longtake.pipelines.sim import PRESETS
     from longtake.tools import bench_scale
 
@@ -127,6 +129,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                            f"0 <= kill < the largest worker count ({max(workers)})")):
             if not ok:
                 raise RequestError(name, value, expected)
+        # refused before an hour's run ends in Ray's out-of-memory kills: what it needs against this machine
+        memory = psutil.virtual_memory().total * bench_scale.MEMORY_SHARE
+        needed = bench_scale.memory_needed(args.simulate, seconds, max(workers))
+        if needed > memory:
+            fit = bench_scale.seconds_that_fit(args.simulate, max(workers), memory)
+            raise RequestError("seconds", seconds, f"a clip whose run fits this machine's memory: {max(workers)} "
+                               f"simulated workers on {seconds:g} s need about {needed / 1e9:.1f} GB, "
+                               f"{memory / 1e9:.1f} GB can be used here ("
+                               + (f"--seconds {fit:g} fits" if fit else "fewer --workers") + ")")
         settings.update(workers=workers, seconds=seconds, steps=steps)
 
     def work(emit):

@@ -46,6 +46,7 @@ worker (reference), Ray actors or serve's denoisers; all give identical frames, 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import resource
@@ -89,6 +90,7 @@ logger = logging.getLogger(__name__)
 DISCARD = ("cancelled", "lost")  # stop reasons after which no checkpoint is saved
 SAMPLER_THREADS = THREADS  # threads for the range steps on the driver (sampler.py)
 COLLECT_S = 0.002  # how long the loop waits for a range step when the pool has nothing back
+QUEUED_PER_WORKER = 2  # window inputs built ahead per worker (the pool's depth): the rest wait in the sampler, unbuilt
 DECODE_CHUNK = 4  # latent frames per streamed decode chunk (16 frames for Wan)
 
 
@@ -418,11 +420,26 @@ def run(job: Job, pool: Pool, progress: bool = True, on_frames=None, on_progress
         #    wavefront), its prediction fused and stepped per frame range as it arrives; checkpoints
         denoise(job, pool, cond, sampler, watch, checkpoint, progress, timings)
         # 4. deliver: decoded on the workers, the frames stream in order through the sink chain into the MP4
-        delivery = deliver(job, pool, sampler.z, watch, provenance, on_frames, progress, timings)
+        #    (the sampler's scheduler states let go first, and their memory given back: only the latents are
+        #    decoded)
+        z = sampler.release()
+        trim_heap()
+        delivery = deliver(job, pool, z, watch, provenance, on_frames, progress, timings)
     finally:
         _release(pool, cond)
     watch.report("done", watch.total, delivery.frames_written, eta_s=0.0)  # the final numbers, unthrottled
     return _result(job, pool, sampler, start, delivery, checkpoint, timings, time.perf_counter() - t0)
+
+
+def trim_heap() -> None:
+    """Give the memory the process freed back to the system (glibc keeps a freed heap for reuse: after a
+    studio-size denoising, gigabytes the decode never uses). Linux with glibc only; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to give back this way
+        pass
 
 
 def _release(pool: Pool, cond) -> None:
@@ -613,9 +630,10 @@ def _skip_to_strength(job: Job, pool: Pool, scheduler, steps: int, start: Start,
 
 def denoise(job: Job, pool: Pool, cond, sampler: Sampler, watch: Watch, checkpoint: Checkpointer | None,
             progress: bool, timings: dict) -> None:
-    """3. The denoising loop: the windows the sampler says are ready go to the pool (the lowest step first),
-    their predictions are fused and stepped as they come back (`sampler.add`, on the sampler's threads: the
-    loop collects those steps between the pool's results, `sampler.collect`); a checkpoint of the newest
+    """3. The denoising loop: the windows the sampler says are ready go to the pool (the lowest step first,
+    QUEUED_PER_WORKER per worker at most), their predictions are fused and stepped as they come back
+    (`sampler.add`, on the sampler's threads: the loop collects those steps between the pool's results,
+    `sampler.collect`); a checkpoint of the newest
     coherent step every k steps (after a stop check: a cancelled or deleted job writes nothing more). Windows
     still running when it stops are cancelled."""
     plan, steps = job.windows, watch.steps
@@ -626,7 +644,10 @@ def denoise(job: Job, pool: Pool, cond, sampler: Sampler, watch: Watch, checkpoi
     driver_t0 = time.thread_time()  # the driver's own CPU time: submitting, receiving, fusing, stepping
     try:
         while not sampler.done:
-            for w in sampler.ready():
+            # only as many windows as the workers can start next: a ready window's input (19 MB at Wan 720p) is
+            # built when it is submitted, so a long clip's step-0 windows do not all wait in the pool at once
+            room = QUEUED_PER_WORKER * max(1, pool.num_workers) - pool.outstanding
+            for w in sampler.ready(max(0, room)):
                 x, t = sampler.window_input(w)
                 step = sampler.next_step[w]
                 ticket = pool.submit("predict", (x, t, window_conditioning(job, cond, *plan[w]), *plan[w],
@@ -672,7 +693,7 @@ def deliver(job: Job, pool: Pool, z: torch.Tensor, watch: Watch, provenance: Pro
         decoded = pool.stream("decode_stream", (z, DECODE_CHUNK), tick=stop)
     else:  # a per-frame VAE: window-length chunks, any worker
         chunks = [(s, min(s + job.window, job.latent_frames)) for s in range(0, job.latent_frames, job.window)]
-        decoded = pool.imap("decode", [(z[:, :, s:e].clone(),) for s, e in chunks], tick=stop)
+        decoded = pool.imap("decode", ((z[:, :, s:e].clone(),) for s, e in chunks), tick=stop)  # (cut as sent)
     bar = _bar(job.output_frames, "decode", "frame", progress)
     keep = (inputs.ctx_before, inputs.ctx_before + job.new_frames)  # the new frames, in the denoised clip
     try:

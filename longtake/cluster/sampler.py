@@ -152,7 +152,7 @@ class Sampler:
     """A job's latents and scheduler state per frame range; `ready()` says which windows may run now.
 
         sampler = Sampler(z, scheduler, plan, weights, ...)   # z at `first_step`, scheduler prepared
-        for window in sampler.ready():                         # marks them dispatched
+        for window in sampler.ready(limit):                    # marks them dispatched
             x, t = sampler.window_input(window)                # its model input at its step
         sampler.add(window, pred)                              # fuses and steps the ranges it completes
         sampler.collect()                                      # (threads > 1) the range steps that finished
@@ -241,6 +241,17 @@ class Sampler:
         range, its tensor)."""
         return torch.cat(self.parts, 2) if len(self.parts) > 1 else self.parts[0]
 
+    def release(self) -> torch.Tensor:
+        """The denoised clip's latents (`z`), and everything else let go: the scheduler states, snapshots,
+        predictions and per-range tensors (at studio sizes 3-4 x the clip's latents, which the decode after
+        it does not need). The sampler only answers `steps`, `schedule` and `done` after this."""
+        self.close()
+        z = self.z
+        self.parts, self.inputs, self.preds = [z], [], []
+        self.schedulers, self.private_schedulers, self.private = [], [], None
+        self.snapshots = self.private_snapshots = None
+        return z
+
     def close(self) -> None:
         """Wait for the range steps still running and stop the threads (their results are dropped)."""
         if self._threads is not None:
@@ -270,18 +281,23 @@ class Sampler:
         for old in [k for k in snaps if k < self.coherent_step]:
             del snaps[old]
 
-    def ready(self) -> list[int]:
-        """Windows that may run their next step now (in window order), marked dispatched. Only windows
-        next to a range that advanced are looked at (the barrier: all, when the coherent step advances)."""
+    def ready(self, limit: int | None = None) -> list[int]:
+        """Windows that may run their next step now, marked dispatched: the lowest step first, then window
+        order; at most `limit` of them (the others stay ready for the next call, their inputs not built yet).
+        Only windows next to a range that advanced are looked at (the barrier: all, when the coherent step
+        advances)."""
         low = self._low
         out = []
-        candidates, self._candidates = sorted(self._candidates), set()
-        for w in candidates:
+        candidates, self._candidates = sorted(self._candidates, key=lambda w: (self.next_step[w], w)), set()
+        for i, w in enumerate(candidates):
             step = self.next_step[w]
             if self.dispatched[w] or step >= self.steps:
                 continue
             if any(self.at[r] != step for r in self.ranges_of[w]) or (self.schedule == "barrier" and low < step):
                 continue
+            if limit is not None and len(out) >= limit:
+                self._candidates.update(candidates[i:])  # still ready: looked at again next time
+                break
             self.dispatched[w] = True
             out.append(w)
         return out

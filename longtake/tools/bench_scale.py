@@ -57,6 +57,47 @@ ANIMATE_SECONDS = 30.0  # an animating preset's default: the driver holds its me
 # indices, background, mask and face frames: about 5 MB a frame, 2.5 GB for 30 s at 16 fps)
 
 
+# what a run needs in memory, from the 300 s run of BENCHMARKS.md (Scale): the driver's peak about 8 x the clip's
+# latents (scheduler state 4 x, the rest allocator and the object store's pages), and each simulated worker with its
+# share of the object stores and its node's Ray processes about 0.42 GB
+DRIVER_CLIP_X = 8.0
+WORKER_BYTES = 0.42e9
+BASE_BYTES = 0.5e9
+MEMORY_SHARE = 0.95  # of this machine's memory a run may plan on (where Ray starts killing workers)
+
+
+def clip_latent_bytes(preset: str, seconds: float, **overrides) -> int:
+    """Float32 bytes of a clip's latents at the preset's size (a causal VAE's 4k+1 frames: about)."""
+    from longtake.pipelines.sim import sim_config
+
+    c = sim_config(preset, **overrides)
+    frames = round(seconds * c["fps"])
+    latent = (frames - 1) // c["temporal"] + 1 if c["causal"] else math.ceil(frames / c["temporal"])
+    return 4 * c["channels"] * latent * (c["height"] // c["spatial"]) * (c["width"] // c["spatial"])
+
+
+def _media_bytes_per_second(preset: str, **overrides) -> float:
+    """An animating preset's media the driver holds per second of clip: pose (palette indices) and mask at 1
+    byte a pixel, background at 3, the face frames at 3 (core/frames.py, engine._animation_media)."""
+    from longtake.pipelines.sim import sim_config
+
+    c = sim_config(preset, **overrides)
+    return c["fps"] * (5 * c["height"] * c["width"] + 3 * c["face_size"] ** 2) if c["animate"] else 0.0
+
+
+def memory_needed(preset: str, seconds: float, workers: int, **overrides) -> float:
+    """About what a run of `workers` simulated workers on a `seconds` clip needs on this machine, in bytes."""
+    return (DRIVER_CLIP_X * clip_latent_bytes(preset, seconds, **overrides) + WORKER_BYTES * workers + BASE_BYTES
+            + seconds * _media_bytes_per_second(preset, **overrides))
+
+
+def seconds_that_fit(preset: str, workers: int, memory: float, **overrides) -> float:
+    """The longest clip (whole seconds, 0 if none) whose run `memory_needed` says fits in `memory` bytes."""
+    per_second = (DRIVER_CLIP_X * clip_latent_bytes(preset, 100.0, **overrides) / 100.0
+                  + _media_bytes_per_second(preset, **overrides))
+    return max(0.0, math.floor((memory - WORKER_BYTES * workers - BASE_BYTES) / per_second))
+
+
 def default_seconds(preset: str) -> float:
     from longtake.pipelines.sim import PRESETS
 
@@ -119,7 +160,8 @@ def one_run(address: str, model: str, workers: int, seconds: float, steps: int, 
     """One driver's render on the cluster at `address` (a child process of `simulate`): its figures."""
     from longtake.actors import ray_boot
     from longtake.actors.ray_pool import RayPool
-    from longtake.cluster.engine import Watch, begin, conditioning, deliver, denoise, job_scheduler, prepare
+    from longtake.cluster.engine import (Watch, begin, conditioning, deliver, denoise, job_scheduler, prepare,
+                                         trim_heap)
     from longtake.provenance import Provenance
     from longtake.cluster.runtime import worker_plan
 
@@ -153,10 +195,18 @@ def one_run(address: str, model: str, workers: int, seconds: float, steps: int, 
         cpu0, machine0 = _cpu(), psutil.cpu_times()
         denoise(job, pool, cond, sampler, watch, None, False, timings)
         denoise_cpu, machine = _cpu() - cpu0, psutil.cpu_times()
-        latents_sha256 = hashlib.sha256(sampler.z.contiguous().numpy().data).hexdigest()  # no copy of the clip
+        z = sampler.release()  # as engine.run: the scheduler states let go (and their memory) before the decode
+        trim_heap()
+        heap_decoding = _rss_anon()  # what the driver holds into the decode: the latents and its own code
+        latents_sha256 = hashlib.sha256(z.contiguous().numpy().data).hexdigest()  # no copy of the clip
         first_frame: list[float] = []
         first = lambda *a: first_frame or first_frame.append(time.perf_counter() - t0)  # noqa: E731
-        delivery = deliver(job, pool, sampler.z, watch, Provenance.local(), first, False, timings) if decode else None
+        delivery, decode_error = None, None
+        if decode:
+            try:  # a failed decode (memory) keeps the denoising's figures, and says why
+                delivery = deliver(job, pool, z, watch, Provenance.local(), first, False, timings)
+            except Exception as e:
+                decode_error = f"{type(e).__name__}: {str(e)[:300]}"
     finally:
         pool.release(cond)
     busy = sum(getattr(machine, f) - getattr(machine0, f) for f in ("user", "system", "nice"))
@@ -169,13 +219,15 @@ def one_run(address: str, model: str, workers: int, seconds: float, steps: int, 
         "machine_cpu_s": round(busy, 2), "setup_s": round(setup_s, 2),
         "machine_busy": round(busy / (timings["denoise_s"] * psutil.cpu_count()), 3),
         "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "driver_peak_heap_bytes": heap.stop(),
+        "driver_peak_heap_bytes": heap.stop(), "driver_heap_decoding_bytes": heap_decoding,
         "traffic": pool.traffic.summary(),
         "window_media": sorted([*window, n] for window, n in pool.traffic.window_media.items()),
         "largest_media_call_bytes": max(pool.traffic.window_media.values(),
                                                                            default=0),
         "retries": pool.retries, "job_conditioning_bytes": cond.nbytes,
     }
+    if decode_error is not None:
+        figures["decode_error"] = decode_error
     if delivery is not None:
         figures.update(frames_sha256=delivery.frames_sha256, frames=delivery.frames_written,
                        decode_s=round(timings["decode_s"], 3), first_frame_s=round(first_frame[0], 3))
@@ -340,6 +392,7 @@ def _summary(preset: str, config: dict, step_s: float, window_bytes: int, clip_b
             "machine_busy": largest["machine_busy"],
             "time_to_first_frame_s": delivered and delivered["first_frame_s"],
             "decode_encode_fps": delivered and round(delivered["frames"] / delivered["decode_s"], 2),
+            "decode_error": next((r["decode_error"] for r in runs if r.get("decode_error")), None),
         },
         "runs": runs,
     }
@@ -414,9 +467,10 @@ def table_lines(result: dict, command: str) -> list[str]:
                 f"{_mb(f['largest_media_call_bytes'])}; driver {f['driver_ms_per_window_step']} ms CPU per "
                 f"window-step; driver peak RSS / clip latents {f['driver_rss_ratio']} (its heap alone, without the "
                 f"object store's pages it touched: {f['driver_heap_ratio']}); the same denoised latents for "
-                f"every worker count and after the kills: **{f['same_frames']}**. Decoding and encoding "
-                f"(720p H.264, after the last step): {f['decode_encode_fps']} frames/s; the first frame "
-                f"{f['time_to_first_frame_s']} s after the start.",
+                f"every worker count and after the kills: **{f['same_frames']}**. "
+                + (f"Decoding and encoding (720p H.264, after the last step): {f['decode_encode_fps']} frames/s; "
+                   f"the first frame {f['time_to_first_frame_s']} s after the start." if not f["decode_error"]
+                   else f"The decode failed: {f['decode_error']}"),
             "", f"The data path (#33): before its fixes (8d6b70f) every window call carried the job's whole "
                 f"conditioning: {_mb(_held(result))} (text and reference) and "
                 f"{_mb(result['conditioning_bytes']['whole_clip_media'])} of the whole clip's per-frame media; now a "
