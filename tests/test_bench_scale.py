@@ -78,3 +78,26 @@ def test_a_run_this_machine_cannot_hold_is_refused_before_it_starts(capsys):
     fit = bench_scale.seconds_that_fit("wan-14b-720p", 8, 64e9)
     assert bench_scale.memory_needed("wan-14b-720p", fit, 8) <= 64e9 < bench_scale.memory_needed("wan-14b-720p",
                                                                                                   fit + 2, 8)
+
+
+def test_the_default_clip_is_shortened_to_what_this_machine_holds(monkeypatch, capsys):
+    """No --seconds: the 10-minute default, shortened (and said) where 20 GB would not hold it beside 32
+    simulated workers; the run gets the clip that fits."""
+    import psutil
+
+    monkeypatch.setattr(bench_scale, "MEMORY_SHARE", 20e9 / psutil.virtual_memory().total)
+    got = {}
+
+    def simulate(preset, **kw):  # the run itself is the slow tests' (above): stop where it would start
+        got.update(kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_scale, "simulate", simulate)
+    assert main(["bench", "--simulate", "wan-14b-720p", "--workers", "1,32"]) == 130
+    fit = bench_scale.seconds_that_fit("wan-14b-720p", 32, 20e9)
+    assert bench_scale.SHORTEST_S <= fit < bench_scale.DEFAULTS["seconds"] and got["seconds"] == fit
+    assert f"600 s clip beside 32 simulated workers needs about" in capsys.readouterr().err
+    # 200 workers leave no room for any clip: refused, naming what to change
+    assert main(["bench", "--simulate", "wan-14b-720p", "--workers", "200"]) == 2
+    err = capsys.readouterr().err
+    assert "error: seconds: got 600" in err and "fewer --workers" in err

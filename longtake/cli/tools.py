@@ -129,20 +129,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                            f"0 <= kill < the largest worker count ({max(workers)})")):
             if not ok:
                 raise RequestError(name, value, expected)
-        # refused before an hour's run ends in Ray's out-of-memory kills: what it needs against this machine
+        # what the run needs against this machine, before an hour's run ends in Ray's out-of-memory kills: the
+        # default clip shortened to what fits (said on stderr), a --seconds given refused
         memory = psutil.virtual_memory().total * bench_scale.MEMORY_SHARE
         needed = bench_scale.memory_needed(args.simulate, seconds, max(workers))
         if needed > memory:
             fit = bench_scale.seconds_that_fit(args.simulate, max(workers), memory)
-            raise RequestError("seconds", seconds, f"a clip whose run fits this machine's memory: {max(workers)} "
-                               f"simulated workers on {seconds:g} s need about {needed / 1e9:.1f} GB, "
-                               f"{memory / 1e9:.1f} GB can be used here ("
-                               + (f"--seconds {fit:g} fits" if fit else "fewer --workers") + ")")
+            if args.seconds is None and fit >= bench_scale.SHORTEST_S:
+                settings["shortened"] = (f"a {seconds:g} s clip beside {max(workers)} simulated workers needs about "
+                                         f"{needed / 1e9:.1f} GB, {memory / 1e9:.1f} GB can be used here: "
+                                         f"{fit:g} s instead")
+                seconds = fit
+            else:
+                raise RequestError("seconds", seconds, f"a clip whose run fits this machine's memory: "
+                                   f"{max(workers)} simulated workers on {seconds:g} s need about "
+                                   f"{needed / 1e9:.1f} GB, {memory / 1e9:.1f} GB can be used here ("
+                                   + (f"--seconds {fit:g} fits" if fit >= bench_scale.SHORTEST_S
+                                      else "fewer --workers") + ")")
         settings.update(workers=workers, seconds=seconds, steps=steps)
 
     def work(emit):
         quiet_libraries("ray")
         say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+        shortened = settings.pop("shortened", None)
+        if shortened:
+            print(f"longtake bench: {shortened}", file=sys.stderr)
         result = bench_scale.simulate(args.simulate, predict_s=args.predict_s, kill=args.kill, progress=say,
                                       **settings)
         out = args.out if args.out != "bench.json" else f"benchmarks/scale-{args.simulate}.json"

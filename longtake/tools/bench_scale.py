@@ -24,6 +24,10 @@ once for each worker count N, each run a fresh driver process (its CPU time and 
 - the largest N's run decodes and encodes the clip (720p H.264, real ffmpeg): time to the first frame and
   the decode-and-encode rate, reported apart from the denoising (compressed time makes them look larger).
 
+Everything runs on this one machine: `memory_needed` says what a run needs (the driver's peak, about 8 x the
+clip's latents, and each simulated worker's share), and the command shortens the default clip to what fits, or
+refuses a --seconds that does not, before anything starts.
+
 Every compressed figure has its projection to real (uncompressed, H100) time beside it: the wall time
 beyond the ideal is overhead that does not shrink with the model's time, so
 efficiency_real = ideal x c / (ideal x c + wall - ideal) with c the preset's compression.
@@ -64,6 +68,7 @@ DRIVER_CLIP_X = 8.0
 WORKER_BYTES = 0.42e9
 BASE_BYTES = 0.5e9
 MEMORY_SHARE = 0.95  # of this machine's memory a run may plan on (where Ray starts killing workers)
+SHORTEST_S = 30.0  # the shortest clip the default is shortened to (a machine that holds less: fewer workers)
 
 
 def clip_latent_bytes(preset: str, seconds: float, **overrides) -> int:
