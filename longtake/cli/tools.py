@@ -136,9 +136,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if needed > memory:
             fit = bench_scale.seconds_that_fit(args.simulate, max(workers), memory)
             if args.seconds is None and fit >= bench_scale.SHORTEST_S:
-                settings["shortened"] = (f"a {seconds:g} s clip beside {max(workers)} simulated workers needs about "
-                                         f"{needed / 1e9:.1f} GB, {memory / 1e9:.1f} GB can be used here: "
-                                         f"{fit:g} s instead")
+                print(f"longtake bench: a {seconds:g} s clip beside {max(workers)} simulated workers needs about "
+                      f"{needed / 1e9:.1f} GB, {memory / 1e9:.1f} GB can be used here: {fit:g} s instead",
+                      file=sys.stderr)
                 seconds = fit
             else:
                 raise RequestError("seconds", seconds, f"a clip whose run fits this machine's memory: "
@@ -151,9 +151,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     def work(emit):
         quiet_libraries("ray")
         say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
-        shortened = settings.pop("shortened", None)
-        if shortened:
-            print(f"longtake bench: {shortened}", file=sys.stderr)
         result = bench_scale.simulate(args.simulate, predict_s=args.predict_s, kill=args.kill, progress=say,
                                       **settings)
         out = args.out if args.out != "bench.json" else f"benchmarks/scale-{args.simulate}.json"

@@ -148,13 +148,10 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
     for name in ("predict_s", "decode_s"):
         if not (isinstance(sim[name], (int, float)) and sim[name] >= 0):
             raise RequestError("model", model, f"a sim.json whose {name} is a number >= 0 (got {sim[name]!r})")
-    spatial, patch = int(sim["spatial"]), int(sim["patch"])
     return ModelInfo(
         path=str(path),
         family="sim",
-        layout=LatentLayout(channels=int(sim["channels"]), spatial=spatial, size_multiple=spatial * patch,
-                            temporal=int(sim["temporal"]), causal=bool(sim["causal"]),
-                            size_reason=f"the simulated VAE factor {spatial} x patch size {patch}"),
+        layout=sim_layout(sim),
         native_window=int(sim["native_window"]),
         max_window=4 * int(sim["native_window"]),
         default_height=int(sim["height"]),
@@ -276,6 +273,14 @@ class Backend:
         x = x.float().div(127.5).sub(1).permute(0, 3, 1, 2)  # (n, 3, H, W)
         rgb = torch.nn.functional.avg_pool2d(x, spatial).transpose(0, 1).unsqueeze(0)  # (1, 3, n, h, w)
         return torch.cat([rgb, torch.zeros(1, c - 3, *rgb.shape[2:])], 1) if c > 3 else rgb[:, :c]
+
+
+def sim_layout(sim: dict) -> LatentLayout:
+    """A sim.json's (or `sim_config`'s) latent layout: its VAE's factors and the DiT's patch."""
+    spatial, patch = int(sim["spatial"]), int(sim["patch"])
+    return LatentLayout(channels=int(sim["channels"]), spatial=spatial, size_multiple=spatial * patch,
+                        temporal=int(sim["temporal"]), causal=bool(sim["causal"]),
+                        size_reason=f"the simulated VAE factor {spatial} x patch size {patch}")
 
 
 def window_latent_bytes(info: ModelInfo) -> int:

@@ -72,13 +72,13 @@ SHORTEST_S = 30.0  # the shortest clip the default is shortened to (a machine th
 
 
 def clip_latent_bytes(preset: str, seconds: float, **overrides) -> int:
-    """Float32 bytes of a clip's latents at the preset's size (a causal VAE's 4k+1 frames: about)."""
-    from longtake.pipelines.sim import sim_config
+    """Float32 bytes of a clip's latents at the preset's size (its model's latent layout)."""
+    from longtake.pipelines.sim import sim_config, sim_layout
 
     c = sim_config(preset, **overrides)
-    frames = round(seconds * c["fps"])
-    latent = (frames - 1) // c["temporal"] + 1 if c["causal"] else math.ceil(frames / c["temporal"])
-    return 4 * c["channels"] * latent * (c["height"] // c["spatial"]) * (c["width"] // c["spatial"])
+    layout = sim_layout(c)
+    channels, h, w = layout.latent_shape(c["height"], c["width"])
+    return 4 * channels * layout.latent_frames(round(seconds * c["fps"])) * h * w
 
 
 def _media_bytes_per_second(preset: str, **overrides) -> float:
@@ -97,10 +97,11 @@ def memory_needed(preset: str, seconds: float, workers: int, **overrides) -> flo
 
 
 def seconds_that_fit(preset: str, workers: int, memory: float, **overrides) -> float:
-    """The longest clip (whole seconds, 0 if none) whose run `memory_needed` says fits in `memory` bytes."""
-    per_second = (DRIVER_CLIP_X * clip_latent_bytes(preset, 100.0, **overrides) / 100.0
-                  + _media_bytes_per_second(preset, **overrides))
-    return max(0.0, math.floor((memory - WORKER_BYTES * workers - BASE_BYTES) / per_second))
+    """The longest clip (whole seconds, 0 if none) whose run `memory_needed` says fits in `memory` bytes
+    (`memory_needed` grows by the same bytes every second of clip)."""
+    fixed = memory_needed(preset, 0.0, workers, **overrides)
+    per_second = (memory_needed(preset, 100.0, workers, **overrides) - fixed) / 100.0
+    return max(0.0, math.floor((memory - fixed) / per_second))
 
 
 def default_seconds(preset: str) -> float:
