@@ -112,6 +112,11 @@ def test_ray_errors_still_reach_rays_handler():
             self.seen.append((record.levelname, record.getMessage()))
 
     ray_logger, ours, debug = logging.getLogger("ray"), Keep(), Keep()
+    # only this test's handler on Ray's logger: an in-process CLI test earlier in this worker may have routed
+    # it to longtake's debug log (cli.output.quiet_libraries), which would see the error and the later line too
+    before = list(ray_logger.handlers)
+    for handler in before:
+        ray_logger.removeHandler(handler)
     ray_logger.addHandler(ours)
     logging.getLogger("longtake.lib").addHandler(debug)
     old = logging.getLogger("longtake.lib").level
@@ -123,6 +128,8 @@ def test_ray_errors_still_reach_rays_handler():
         logging.getLogger("ray._private.worker").warning("after the start")
     finally:
         ray_logger.removeHandler(ours)
+        for handler in before:
+            ray_logger.addHandler(handler)
         logging.getLogger("longtake.lib").removeHandler(debug)
         logging.getLogger("longtake.lib").setLevel(old)
     assert ours.seen == [("ERROR", "a real error"), ("WARNING", "after the start")]
