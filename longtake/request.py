@@ -46,6 +46,8 @@ SIDE_RANGE = (8, 4096)  # height and width, pixels (a model's own rules come on 
 STEPS_RANGE = (1, 1000)
 MAX_GUIDANCE = 50.0
 MAX_WORKERS = 1024
+MAX_CP = 8  # the largest context-parallel group: one node's GPUs (attention collectives want NVLink, not a network)
+CP_MODES = ("auto", "ulysses", "ring")  # how a group attends across its workers (pipelines/parallel.py)
 MAX_SEED = 2**63 - 1
 MAX_CONTEXT_SECONDS = 60.0
 
@@ -66,6 +68,7 @@ FIELD_BOUNDS = {
     "window": {"minimum": 1},
     "overlap": {"minimum": 0},
     "workers": {"minimum": 1, "maximum": MAX_WORKERS},
+    "cp": {"minimum": 1, "maximum": MAX_CP},
     "strength": {"minimum": 0, "maximum": 1},
     "context": {"exclusiveMinimum": 0, "maximum": MAX_CONTEXT_SECONDS},
     "label_text": {"pattern": "^[^\n]*\\S[^\n]*$", "maxLength": LABEL_MAX_TEXT},
@@ -137,6 +140,11 @@ class RenderRequest(BaseModel):
         "across frames (AR(1), rho 0.9) (default: the model's, else independent).",
     )
     workers: int | None = Field(None, description="Worker count (default: one per GPU, else one per CPU core).")
+    cp: int = Field(1, description="Workers that predict one window together (context parallelism: each holds "
+                    "1/cp of the window's tokens; Wan families). Windows are dealt to groups of cp workers, so "
+                    "`workers` is a multiple of it.")
+    cp_mode: Literal[CP_MODES] = Field("auto", description="How a group attends across its workers: ulysses (the "
+                                       "heads divide by cp), ring (any cp), or auto (ulysses when the heads allow).")
     model: str = Field("default", description="A diffusers model directory (AnimateDiff or Wan), 'default' (the "
                        "bundled model), 'tiny', 'tiny-pose' (with a pose ControlNet), 'tiny-pose-ip' (and an "
                        "IP-Adapter), 'tiny-wan' or 'tiny-wan-animate'.")
@@ -280,6 +288,13 @@ class RenderRequest(BaseModel):
             raise RequestError("workers", v, f"an integer from 1 to {MAX_WORKERS}")
         return v
 
+    @field_validator("cp")
+    @classmethod
+    def _cp(cls, v: int) -> int:
+        if not 1 <= v <= MAX_CP:
+            raise RequestError("cp", v, f"an integer from 1 to {MAX_CP} (a group's workers share one node)")
+        return v
+
     @field_validator("label_text")
     @classmethod
     def _label_text(cls, v: str) -> str:
@@ -343,6 +358,9 @@ class RenderRequest(BaseModel):
         if self.video is not None and (self.extend is not None or self.lead_into is not None):
             field = "extend" if self.extend is not None else "lead_into"
             raise RequestError(field, getattr(self, field), "no value with video (redraw a video, or continue one)")
+        if self.workers is not None and self.workers % self.cp:
+            raise RequestError("workers", self.workers, f"a multiple of cp ({self.cp}): windows go to groups of "
+                                                        f"{self.cp} workers")
         if self.context is not None and self.extend is None and self.lead_into is None:
             raise RequestError("context", self.context, "no value without extend or lead_into (it is their context)")
         self._check_pose()

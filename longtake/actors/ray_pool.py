@@ -31,14 +31,18 @@ Ray is imported here and in `cluster/`, nowhere else.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from longtake.actors.pool import WAIT_S, RetryPolicy, Task, Tickets, Traffic, WindowFailed, WorkerBook, hold, ordered
 from longtake.actors.worker import Held, Worker, WorkerSpec, WindowConditioning, encoder_spec
@@ -121,6 +125,72 @@ def _actor_class(worker_cls: type):
     return Actor
 
 
+def _free_port() -> int:
+    """A TCP port free on this node now, for a group's rendezvous (rank 0 listens on it)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _member_class(worker_cls: type):
+    """A group's member other than its leader: it predicts its share of each window the leader passes on
+    (`follow`), and returns nothing (every member gets the whole gathered output; the leader's is sent)."""
+
+    class Member(worker_cls):
+        def ready(self) -> dict:
+            return {**super().ready(), "node": node_label()}
+
+        def fetch(self, held):
+            return fetch_held(held)
+
+        def follow(self, *args) -> None:
+            super().predict(*(_unwire(a) for a in args))
+
+    Member.__name__ = Member.__qualname__ = f"{worker_cls.__name__}Member"
+    return Member
+
+
+def _group_class(worker_cls: type, resources: dict):
+    """A pool slot of a group of spec.cp actors (context parallelism, pipelines/parallel.py): this actor,
+    the leader (rank 0, in bundle 0 of the slot's placement group, which packs the group on one node), starts
+    the other members in the other bundles, meets them at a port of its node, and sends each window to all of
+    them. The members are owned by the leader: they die with it. A member that dies, or a collective that
+    fails or times out, breaks the group: the leader exits, the pool replaces it (a new group) and retries
+    the window, as for any dead worker."""
+
+    class Group(_actor_class(worker_cls)):
+        def __init__(self, spec: WorkerSpec):
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            from longtake.pipelines.parallel import GROUP_TIMEOUT_S, Member
+
+            self.group_timeout_s = GROUP_TIMEOUT_S
+            address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+            placement = ray.util.get_current_placement_group()
+            member_cls = ray.remote(_member_class(worker_cls))
+            self.members = [member_cls.options(max_restarts=0, max_task_retries=0, **resources,
+                                               scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement, placement_group_bundle_index=rank)).remote(replace(spec, roles=("predict",)),
+                                                                      Member(rank, spec.cp, address))
+                for rank in range(1, spec.cp)]
+            super().__init__(spec, Member(0, spec.cp, address))  # returns when every member has joined
+            ray.get([m.ready.remote() for m in self.members], timeout=GROUP_TIMEOUT_S)
+
+        def predict(self, *args):
+            refs = [m.follow.remote(*args) for m in self.members]
+            try:
+                out = super().predict(*args)
+                ray.get(refs, timeout=self.group_timeout_s)
+            except Exception as e:  # a dead or hung member, or a failed collective: the group is broken
+                logger.error("group of %d broken (%s: %s); its leader exits so the pool starts a new group",
+                             self.spec.cp, type(e).__name__, e)
+                os._exit(1)
+            return out
+
+    Group.__name__ = Group.__qualname__ = f"{worker_cls.__name__}Group"
+    return Group
+
+
 class RayPool:
     def __init__(self, spec: WorkerSpec, num_workers: int, max_attempts: int = 3, lookahead: int = 2,
                  worker_cls: type = Worker, blocklist_after: int = 0, task_timeout_s: float | None = None,
@@ -148,10 +218,16 @@ class RayPool:
             options = {"num_gpus": 1, "num_cpus": 1}
         else:
             options = {"num_cpus": spec.threads}
-        self._actor_cls = ray.remote(_actor_class(worker_cls)).options(max_restarts=0, max_task_retries=0, **options)
+        cls = _actor_class(worker_cls) if spec.cp == 1 else _group_class(worker_cls, options)
+        self._actor_options = dict(max_restarts=0, max_task_retries=0, **options)
+        self._actor_cls = ray.remote(cls)
         self._worker_cls = worker_cls
         self._encoder = None  # the encode-role actor, when the workers do not encode
-        self.actors: list = [self._actor_cls.remote(spec) for _ in range(num_workers)]  # None: excluded slot
+        # a slot of a group (spec.cp > 1): its placement group of cp bundles on one node, kept while the slot
+        # lives (a group started again lands in it; Ray moves it when its node is lost)
+        self._placements = [placement_group([_bundle(options)] * spec.cp, strategy="STRICT_PACK")
+                            for _ in range(num_workers)] if spec.cp > 1 else []
+        self.actors: list = [self._new_actor(a) for a in range(num_workers)]  # None: excluded slot
         self.failures = [0] * num_workers  # failed tasks of each slot's current actor
         self.starting: dict[Any, int] = {}  # ready() ref of a replacement -> slot
         self.start_failures = [0] * num_workers  # its own start errors (the model does not load)
@@ -343,11 +419,20 @@ class RayPool:
                                self.stale_timeout_s)
                 self._replace(a)
 
+    def _new_actor(self, a: int):
+        """Slot a's actor: a worker, or the leader of a group in the slot's placement group."""
+        if not self._placements:
+            return self._actor_cls.options(**self._actor_options).remote(self.spec)
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return self._actor_cls.options(**self._actor_options, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self._placements[a], placement_group_bundle_index=0)).remote(self.spec)
+
     def _replace(self, a: int) -> None:
         self.book.replaced(a)
         ray.kill(self.actors[a], no_restart=True)
         self._holds.pop(self.actors[a], None)
-        self.actors[a] = self._actor_cls.remote(self.spec)
+        self.actors[a] = self._new_actor(a)
         self.failures[a] = 0
         self.starting[self.actors[a].ready.remote()] = a  # joins when started (maybe never: lost node)
 
@@ -389,6 +474,8 @@ class RayPool:
         ray.kill(self.actors[a], no_restart=True)
         self.actors[a] = None
         self.excluded += 1
+        if self._placements:
+            remove_placement_group(self._placements[a])
 
     def timeout(self, method: str) -> float:
         """The time limit of a task of `method` (module docstring)."""
@@ -551,11 +638,21 @@ class RayPool:
         for actor in self.actors + [self._encoder]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
+        for a, placement in enumerate(self._placements):
+            if a < len(self.actors) and self.actors[a] is not None:
+                remove_placement_group(placement)
+        self._placements = []
         self.actors = []
         self._encoder = None
         self.starting = {}
         self._stale = {}
         self.tickets, self._inflight = Tickets(), {}
+
+
+def _bundle(options: dict) -> dict:
+    """A placement-group bundle holding one worker of these actor options."""
+    return {"GPU": options["num_gpus"], "CPU": options["num_cpus"]} if "num_gpus" in options \
+        else {"CPU": options["num_cpus"]}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the actor names in its messages

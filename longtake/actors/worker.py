@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from longtake.pipelines import ROLES, load_backend
+from longtake.pipelines.parallel import Member, join_group
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class WorkerSpec:
     dtype: str = "float32"
     threads: int = 1  # torch intra-op threads on CPU (fixed: results must not depend on the pool)
     roles: tuple[str, ...] = ROLES  # what this worker does: encode, predict, decode
+    cp: int = 1  # workers per window (context parallelism): this one is a member of a group of cp
+    cp_mode: str = ""  # how the group attends: 'ulysses' or 'ring' (pipelines/parallel.py)
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,15 +68,24 @@ def encoder_spec(spec: WorkerSpec) -> WorkerSpec:
     bfloat16 on a few threads (UMT5-XXL: 11 GB, about 5 TFLOP a prompt: seconds to tens)."""
     cpu = spec.device == "cpu"
     return replace(spec, device="cpu", dtype="float32" if cpu else "bfloat16",
-                   threads=spec.threads if cpu else ENCODER_THREADS, roles=("encode",))
+                   threads=spec.threads if cpu else ENCODER_THREADS, roles=("encode",), cp=1, cp_mode="")
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, member: Member | None = None):
+        """`member`: this worker's place in its group when spec.cp > 1 (the executor starts the group's
+        members together): it joins the group's process group first, and every member then runs each
+        window's forward on its share of the tokens (pipelines/parallel.py)."""
         if spec.device == "cpu":
             torch.set_num_threads(spec.threads)
-        self.spec = spec
-        self.backend = load_backend(spec.model_path, device=spec.device, dtype=spec.dtype, roles=spec.roles)
+        self.spec, self.member = spec, member
+        cp = None
+        if spec.cp > 1:
+            if member is None or member.size != spec.cp:
+                raise ValueError(f"a worker of a group of {spec.cp} needs its place in it (got {member})")
+            join_group(member, spec.device)
+            cp = (spec.cp, spec.cp_mode)
+        self.backend = load_backend(spec.model_path, device=spec.device, dtype=spec.dtype, roles=spec.roles, cp=cp)
         self.timings: dict[str, list[float]] = {"predict": [], "decode": []}  # seconds per call (for `bench`)
         self.held: OrderedDict[str, Any] = OrderedDict()  # content hash -> a job's conditioning, newest last
 

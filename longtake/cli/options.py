@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from longtake.private import default_data_dir, default_farm_dir
-from longtake.request import (ANIMATE_MODES, DEVICES, LABEL_MODES, LABEL_POSITIONS, NOISE_MODES, PLAN_MODES,
-                              RETARGET_MODES, SCHEDULES, WEIGHTINGS, RenderRequest, RequestError)
+from longtake.request import (ANIMATE_MODES, CP_MODES, DEVICES, LABEL_MODES, LABEL_POSITIONS, NOISE_MODES,
+                              PLAN_MODES, RETARGET_MODES, SCHEDULES, WEIGHTINGS, RenderRequest, RequestError)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _EXPECTED = {int: "an integer", float: "a number"}  # what an option of that type takes, in an error line
@@ -175,6 +175,8 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", metavar="VIDEO", help=_field_help("mask"))
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core; a short job "
                    "on the CPU: in this process, unless this is given)")
+    p.add_argument("--cp", type=int, help=_field_help("cp"))
+    p.add_argument("--cp-mode", dest="cp_mode", choices=CP_MODES, help=_field_help("cp_mode"))
     p.add_argument("--model", help=_field_help("model"))
     p.add_argument("--device", choices=DEVICES, help=_field_help("device"))
     p.add_argument("--out", help=_field_help("out"))
@@ -192,10 +194,10 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
 
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seconds", "fps", "height", "width", "steps", "guidance", "guidance_2",
-                  "seed", "window", "overlap", "weighting", "schedule", "noise", "workers", "model", "device", "out",
-                  "preview", "image", "extend", "lead_into", "context", "loop", "video", "strength", "label", "label_text",
-                  "label_position", "pose", "pose_loop", "reference", "reference_pose", "retarget", "control_scale",
-                  "plan", "face", "animate_mode", "background", "mask")
+                  "seed", "window", "overlap", "weighting", "schedule", "noise", "workers", "cp", "cp_mode", "model",
+                  "device", "out", "preview", "image", "extend", "lead_into", "context", "loop", "video", "strength",
+                  "label", "label_text", "label_position", "pose", "pose_loop", "reference", "reference_pose",
+                  "retarget", "control_scale", "plan", "face", "animate_mode", "background", "mask")
 
 
 ALLOWED_HOST_HELP = ("also answer to this Host name or address (repeatable; '*': any); other than these, only the "

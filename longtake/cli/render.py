@@ -64,6 +64,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     try:
         job = prepare(request_from_args(args))  # every check, before Ray or a model starts
+        if args.in_process:
+            from longtake.cluster.runtime import check_in_process
+
+            check_in_process(job)
         provenance = Provenance.local()  # the key, and C2PA credentials if configured
     except (RequestError, ValueError) as e:
         print(f"longtake render: error: {e}", file=sys.stderr)

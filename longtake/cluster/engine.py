@@ -121,6 +121,7 @@ class Job:
     # (frames, H, W, 3), mask (frames, H, W) uint8; the reference travels with the job's conditioning, the
     # others (PER_FRAME) as each window's own slice, as the pose does
     media: dict = field(default_factory=dict, repr=False, compare=False)
+    cp_mode: str = ""  # a group of request.cp workers per window: how it attends ('ulysses' or 'ring'; '': cp 1)
 
     @property
     def new_frames(self) -> int:
@@ -177,6 +178,7 @@ class RenderResult:
     weighting: str
     noise: str
     delivered_sha256: str = ""  # the frames written to the MP4, label included
+    cp: int = 1  # workers per window (a context-parallel group); `workers` counts every member
     produce_id: str = ""  # the AIGC ProduceID in the MP4's metadata
     label: str = "start"  # the visible label: start, always or none
     labelled_frames: int = 0
@@ -212,6 +214,7 @@ def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
     if model.options.get("planner"):  # the bundled model's motion plan (models/planner.py)
         planner.check(model.options["planner"], request.model)
     height, width, window, overlap = _geometry(request, model)
+    cp_mode = _context_parallel(request, model, window, height, width)
     layout = model.layout
     inputs = resolve_inputs(request, height, width, layout.frames(window), layout.causal, layout.temporal,
                             pin_reference=model.options.get("reference") != "condition", pixels=pixels)
@@ -241,7 +244,8 @@ def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
                overlap=overlap, windows=(plan_loop if request.loop else plan_windows)(latent_frames, window, overlap),
                keys=keys, noise=request.noise or model.default_noise, inputs=inputs, loop=request.loop,
                label=label, control=control, controlled=controlled,
-               control_scale=request.control_scale if request.control_scale is not None else 1.0, media=media)
+               control_scale=request.control_scale if request.control_scale is not None else 1.0, media=media,
+               cp_mode=cp_mode)
 
 
 def _geometry(request: RenderRequest, model: ModelInfo) -> tuple[int, int, int, int]:
@@ -259,6 +263,21 @@ def _geometry(request: RenderRequest, model: ModelInfo) -> tuple[int, int, int, 
     if overlap >= window:
         raise RequestError("overlap", overlap, f"0 <= overlap < window ({window} {unit})")
     return height, width, window, overlap
+
+
+def _context_parallel(request: RenderRequest, model: ModelInfo, window: int, height: int, width: int) -> str:
+    """The group's way of attending (pipelines/parallel.py): 'ulysses' or 'ring' ('' for cp 1). Raises
+    RequestError naming cp or cp_mode when the model cannot shard a window so."""
+    if request.cp == 1:
+        return ""
+    from longtake.pipelines.parallel import check_tokens, resolve_mode, window_tokens
+
+    if not model.cp_heads:
+        raise RequestError("cp", request.cp, f"1: the {model.family} family has no context-parallel plan (one "
+                                             f"window, one worker)")
+    mode = resolve_mode(request.cp_mode, request.cp, model.cp_heads)
+    check_tokens(window_tokens(window, height, width, model.layout.spatial, model.patch), request.cp, window)
+    return mode
 
 
 def _label(request: RenderRequest, width: int, height: int) -> Layout | None:
@@ -736,7 +755,7 @@ def _result(job: Job, pool: Pool, sampler: Sampler, start: Start, delivery: Deli
         out=req.out, frames=delivery.frames_written, fps=req.fps,
         seconds=req.seconds if req.seconds is not None else round(job.new_frames / req.fps, 4),
         width=job.width, height=job.height, window=longest, overlap=shared * layout.temporal, windows=len(plan),
-        workers=pool.num_workers, steps=job.steps, model_evaluations=sampler.steps * len(plan),
+        workers=pool.num_workers * req.cp, cp=req.cp, steps=job.steps, model_evaluations=sampler.steps * len(plan),
         wall_s=round(wall_s, 3), frames_sha256=delivery.frames_sha256, delivered_sha256=delivery.delivered_sha256,
         produce_id=delivery.produce_id, label=req.label, labelled_frames=delivery.labelled, model=req.model,
         seed=req.seed, weighting=req.weighting, noise=job.noise, schedule=sampler.schedule, preview=req.preview,

@@ -380,15 +380,15 @@ class Runner:
         logger.info("job %s: %s", record.id, state)
         return state
 
-    # -- the actor pool, kept across jobs of the same model and worker count
+    # -- the actor pool, kept across jobs of the same model, worker count and group size (cp)
     def _get_pool(self, job):
         from longtake.actors.ray_pool import RayPool
         from longtake.cluster.runtime import worker_plan
 
         resources = ray_boot.cluster_resources()
-        spec, workers = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))
+        spec, workers = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))  # slots
         if self.workers and not job.request.workers:
-            workers = self.workers
+            workers = max(1, self.workers // spec.cp)  # the runner's workers, in groups of the job's cp
         key = (spec, workers)
         if self._pool is None or self._pool_key != key or self._pool.num_workers < workers:
             self._drop_pool()

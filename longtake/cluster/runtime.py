@@ -20,24 +20,27 @@ from longtake.actors.pool import InProcessPool
 from longtake.actors.worker import WorkerSpec
 from longtake.cluster.engine import Job, RenderResult, prepare, run
 from longtake.pipelines import ROLES
-from longtake.request import RenderRequest
+from longtake.request import RenderRequest, RequestError
 
 logger = logging.getLogger(__name__)
 
 
 def worker_plan(job: Job, gpus: float, cpus: float) -> tuple[WorkerSpec, int]:
-    """Device, worker count and thread count for a job on a cluster with these resources."""
+    """Device, thread count and pool slots for a job on a cluster with these resources: a slot is one
+    worker, or with cp > 1 a group of cp workers that predicts each window together."""
     req = job.request
     device = req.device if req.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
     # families with a large text encoder encode on one encoder worker: predictors do not load it
     roles = ("predict", "decode") if job.model.separate_encoder else ROLES
+    group = {"cp": req.cp, "cp_mode": job.cp_mode}
     if device == "cuda":
         workers = req.workers or int(gpus)
-        return WorkerSpec(job.model.path, "cuda", job.model.cuda_dtype, roles=roles), workers
+        return WorkerSpec(job.model.path, "cuda", job.model.cuda_dtype, roles=roles, **group), \
+            max(1, workers // req.cp)
     workers = req.workers or max(1, int(cpus))
     # One torch thread per worker: CPU kernels may round differently with other thread counts,
     # and the frames must not depend on how many workers there are.
-    return WorkerSpec(job.model.path, "cpu", "float32", threads=1, roles=roles), workers
+    return WorkerSpec(job.model.path, "cpu", "float32", threads=1, roles=roles, **group), max(1, workers // req.cp)
 
 
 # The rule of `local_reason`, one place: at most this many window predictions, of a model whose
@@ -59,7 +62,7 @@ def local_reason(job: Job, address: str | None = None) -> str | None:
     """Why this job renders in this process by default (None: on Ray): on the CPU, no cluster named (no
     `address`, no RAY_ADDRESS), no worker count asked for, and a small job of a small model."""
     req = job.request
-    if address or os.environ.get("RAY_ADDRESS") or req.workers is not None:
+    if address or os.environ.get("RAY_ADDRESS") or req.workers is not None or req.cp > 1:
         return None
     if req.device == "cuda" or req.device == "auto" and _cuda():
         return None
@@ -73,6 +76,12 @@ def local_reason(job: Job, address: str | None = None) -> str | None:
             "this process; --workers N renders on Ray")
 
 
+def check_in_process(job: Job) -> None:
+    """A job rendered in this process (--in-process) has one worker: no group. Raises RequestError."""
+    if job.request.cp > 1:
+        raise RequestError("cp", job.request.cp, "1 in this process (--in-process): a group of workers runs on Ray")
+
+
 def _cuda() -> bool:
     import torch
 
@@ -84,17 +93,18 @@ def make_ray_pool(job: Job, address: str | None = None, timings: dict | None = N
     given, gets `ray_start_s`."""
     from longtake.actors.ray_pool import RayPool
 
-    want = job.request.workers or os.cpu_count() or 1
+    want = job.request.workers or max(os.cpu_count() or 1, job.request.cp)
     t0 = time.perf_counter()
     started = ray_boot.start_ray(address, num_cpus=max(os.cpu_count() or 1, want))
     if timings is not None:
         timings["ray_start_s"] = round(time.perf_counter() - t0, 3)
     resources = ray_boot.cluster_resources()
-    spec, workers = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))
+    spec, slots = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))
+    workers = slots * spec.cp
     if spec.device == "cuda" and resources.get("GPU", 0) < workers:
         raise RuntimeError(f"{workers} GPU workers asked for, the cluster has {resources.get('GPU', 0):g} GPUs")
     try:
-        return RayPool(spec, workers), started
+        return RayPool(spec, slots), started
     except BaseException:
         if started:
             ray_boot.stop_ray()
@@ -118,6 +128,7 @@ def render(request: RenderRequest | dict | Job, pool=None, progress: bool = Fals
         in_process = reason is not None
     started, t0, around = False, time.perf_counter(), {}
     if in_process:
+        check_in_process(job)
         spec, _ = worker_plan(job, gpus=0, cpus=1)
         pool = InProcessPool(replace(spec, roles=ROLES))  # the one worker does everything
     else:

@@ -139,6 +139,10 @@ class ModelInfo:
     streamed_decode: bool = False  # causal 3D VAE: one ordered decode session (decode_stream), not chunks
     separate_encoder: bool = False  # the text encoder is large: encode on one encoder worker, predictors skip it
     experts: int = 1  # denoisers that share the steps by noise level (Wan 2.2 A14B: 2), one guidance scale each
+    # context parallelism (pipelines/parallel.py): the transformer's attention heads when the family shards a
+    # window over a group of workers (0: it does not, cp 1 only), and its patch size (frames, rows, columns)
+    cp_heads: int = 0
+    patch: tuple[int, int, int] = (1, 1, 1)
     options: dict = field(default_factory=dict)  # family-specific facts the backend reads (JSON values)
 
     def to_dict(self) -> dict:
@@ -257,12 +261,15 @@ def weights_identity(model_path: str) -> str:
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
 
 
-def load_backend(model_path: str, device: str = "cpu", dtype: str = "float32", roles=ROLES):
-    """Build the backend for a model directory (already inspected), loading only what `roles` use."""
+def load_backend(model_path: str, device: str = "cpu", dtype: str = "float32", roles=ROLES, cp=None):
+    """Build the backend for a model directory (already inspected), loading only what `roles` use; `cp`
+    (cp, mode), a family that shards its windows over this worker's group (pipelines/parallel.py)."""
     info = inspect_model(model_path)
     module = importlib.import_module(FAMILIES_BY_NAME[info.family])
     if getattr(module, "USES_DIFFUSERS", True):  # the simulated family's workers never import it (seconds saved)
         check_diffusers()
+    if cp is not None:
+        return module.Backend(info, device=device, dtype=dtype, roles=tuple(roles), cp=cp)
     return module.Backend(info, device=device, dtype=dtype, roles=tuple(roles))
 
 

@@ -78,6 +78,8 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
         streamed_decode=True,
         separate_encoder=True,
         experts=len(experts),
+        cp_heads=int(transformer.get("num_attention_heads", 40)),  # diffusers' WanTransformer3DModel has a _cp_plan
+        patch=(int(patch_t), int(patch_h), int(patch_w)),
         options={"experts": experts, "boundary_ratio": index.get("boundary_ratio")},
     )
 
@@ -101,8 +103,10 @@ class Backend:
     transformer_class = "WanTransformer3DModel"  # the diffusers class of the expert(s) (subclasses: another DiT)
     vae_roles = ("decode",)  # the roles that load the VAE (a family that encodes conditioning frames: predict too)
 
+    cp_plan = None  # diffusers' own _cp_plan of transformer_class (a subclass whose class has none: its own)
+
     def __init__(self, info: ModelInfo, device: str = "cpu", dtype: str = "float32",
-                 roles: tuple[str, ...] = ("encode", "predict", "decode")):
+                 roles: tuple[str, ...] = ("encode", "predict", "decode"), cp: tuple[int, str] | None = None):
         import diffusers
         from diffusers import AutoencoderKLWan
 
@@ -115,6 +119,11 @@ class Backend:
             self.experts = [transformer.from_pretrained(path, subfolder=name, use_safetensors=True,
                                                         dtype=self.dtype).to(self.device).eval()
                             for name in info.options["experts"]]
+            if cp is not None:  # this worker is one of a group that predicts each window together
+                from longtake.pipelines.parallel import parallelize
+
+                for expert in self.experts:
+                    parallelize(expert, *cp, cp_plan=self.cp_plan)
             if info.options["boundary_ratio"] is not None:
                 from longtake.pipelines import load_scheduler
 

@@ -112,6 +112,7 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
         default_steps=int(extra.get("default_steps", 20)),  # the pipeline's defaults: 20 steps, no guidance
         default_guidance=float(extra.get("default_guidance", 1.0)),
         experts=1,
+        cp_heads=0,  # no context-parallel plan yet: its face adapter attends within each latent frame
         options={"experts": ["transformer"], "boundary_ratio": None,
                  # the engine: a pose drives it; the reference photo is conditioning (not a pinned frame 0)
                  "pose": True, "pose_required": True, "reference": "condition",
@@ -141,8 +142,8 @@ class Backend(wan.Backend):
     vae_roles = ("predict", "decode")  # predictors encode the pose, background and reference frames
 
     def __init__(self, info: ModelInfo, device: str = "cpu", dtype: str = "float32",
-                 roles: tuple[str, ...] = ("encode", "predict", "decode")):
-        super().__init__(info, device=device, dtype=dtype, roles=roles)
+                 roles: tuple[str, ...] = ("encode", "predict", "decode"), cp: tuple[int, str] | None = None):
+        super().__init__(info, device=device, dtype=dtype, roles=roles, cp=cp)
         self.image_encoder = self.image_processor = None
         if "predict" in roles:
             from transformers import CLIPImageProcessor, CLIPVisionModel

@@ -1,0 +1,177 @@
+"""Context parallelism (pipelines/parallel.py, actors/ray_pool.py's groups): one window predicted by a group
+of workers that share its tokens gives the frames of one worker, for Ulysses and ring attention, for one or
+two groups, and after a member is killed mid-run; what cannot be sharded is refused before anything starts."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from longtake.actors.pool import InProcessPool
+from longtake.actors.worker import Worker, WorkerSpec
+from longtake.cluster.engine import prepare, run
+from longtake.cluster.runtime import worker_plan
+from longtake.request import RequestError
+
+
+def _req(model, out, **kw) -> dict:
+    return dict(prompt="a red ball moving right", negative_prompt="blurry", model=model, out=str(out), seconds=2,
+                fps=16, steps=4, window=5, overlap=2, **kw)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(cp=2), "cp"),  # the AnimateDiff family has no context-parallel plan
+    (dict(cp=9), "cp"),  # more than a node's GPUs
+    (dict(cp=0), "cp"),
+    (dict(cp=2, workers=3), "workers"),  # groups of 2
+])
+def test_a_group_the_model_cannot_have_is_refused_naming_the_field(tiny_model, kw, field):
+    with pytest.raises(RequestError) as e:
+        prepare(_req(tiny_model, "x.mp4", **kw))
+    assert e.value.field == field and str(e.value.value) == str(kw[field])
+
+
+def test_ulysses_needs_the_heads_to_divide_and_auto_takes_ring_then(tiny_wan_model):
+    """tiny-wan has 2 heads: cp 4 is ring under auto, and refused when Ulysses is asked for."""
+    with pytest.raises(RequestError) as e:
+        prepare(_req(tiny_wan_model, "x.mp4", cp=4, cp_mode="ulysses"))
+    assert e.value.field == "cp_mode" and "2 attention heads" in e.value.expected
+    assert prepare(_req(tiny_wan_model, "x.mp4", cp=4)).cp_mode == "ring"
+    assert prepare(_req(tiny_wan_model, "x.mp4", cp=2)).cp_mode == "ulysses"
+    with pytest.raises(RequestError) as e:  # 5 latent frames x 4 x 4 patches (64 / 8 / 2): 80 tokens, not 3k
+        prepare(_req(tiny_wan_model, "x.mp4", cp=3, height=64, width=64))
+    assert e.value.field == "cp" and "80 tokens" in e.value.expected and "2, 4, 5, 8" in e.value.expected
+
+
+def _shard_forward(rank, path, port, inputs, results):
+    from diffusers import WanTransformer3DModel
+
+    from longtake.pipelines.parallel import Member, join_group, parallelize
+
+    torch.set_num_threads(1)
+    join_group(Member(rank, 2, f"127.0.0.1:{port}"), "cpu", timeout_s=60)
+    for mode in ("ulysses", "ring"):
+        model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer").eval()
+        parallelize(model, 2, mode)
+        with torch.inference_mode():
+            out = model(**inputs, return_dict=False)[0]
+        if rank == 0:
+            results[mode] = out.numpy()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_window_sharded_over_two_processes_equals_one(tiny_wan_model):
+    """The transformer alone, in two processes joined over gloo: Ulysses gives one process's output exactly
+    (the same attention on whole heads), ring within float32 rounding (partial results merged by their
+    log-sum-exp); every rank gets the whole output."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from diffusers import WanTransformer3DModel
+
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g))
+    model = WanTransformer3DModel.from_pretrained(tiny_wan_model, subfolder="transformer").eval()
+    with torch.inference_mode():
+        alone = model(**inputs, return_dict=False)[0].numpy()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_shard_forward, args=(tiny_wan_model, port, inputs, results), nprocs=2, start_method="spawn")
+    assert results["ulysses"].shape == alone.shape
+    assert np.array_equal(results["ulysses"], alone)
+    ring = np.abs(results["ring"] - alone).max()
+    assert 0 < ring < 1e-5, ring  # ring attention ran (its rounding differs) and agrees
+
+
+def _frames(pool, job):
+    chunks = []
+    result = run(job, pool, progress=False, on_frames=lambda first, f: chunks.append(f.copy()))
+    return result, np.concatenate(chunks)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_wan_model, tmp_path_factory):
+    """cp 1: the in-process frames every group must give."""
+    pool = InProcessPool(WorkerSpec(tiny_wan_model))
+    try:
+        job = prepare(_req(tiny_wan_model, tmp_path_factory.mktemp("cp") / "ref.mp4"))
+        assert len(job.windows) >= 3
+        yield _frames(pool, job)
+    finally:
+        pool.shutdown()
+
+
+def _on_groups(tmp_path, model, name, worker_cls=Worker, **kw):
+    from longtake.actors.ray_pool import RayPool
+
+    job = prepare(_req(model, tmp_path / f"{name}.mp4", **kw))
+    spec, slots = worker_plan(job, gpus=0, cpus=4)
+    pool = RayPool(spec, slots, worker_cls=worker_cls)
+    try:
+        assert pool.num_workers == slots and spec.cp == kw["cp"]
+        return _frames(pool, job), pool.retries
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, workers", [("ulysses", 4), ("ring", 2)])
+def test_groups_give_the_frames_of_one_worker(tmp_path, ray_session, tiny_wan_model, reference, mode, workers):
+    """--cp 2 on Ray: two groups (4 workers) or one (2), Ulysses or ring: the frames of --cp 1 within one
+    uint8 level (Ulysses: the same). One Ulysses group is the killed-member test's."""
+    ref, ref_frames = reference
+    (res, frames), _ = _on_groups(tmp_path, tiny_wan_model, mode, cp=2, cp_mode=mode, workers=workers)
+    assert res.workers == workers and res.cp == 2
+    assert frames.shape == ref_frames.shape
+    assert np.abs(frames.astype(int) - ref_frames).max() <= 1
+    if mode == "ulysses":
+        assert res.frames_sha256 == ref.frames_sha256
+
+
+def member_dies_once(marker):
+    """A worker class whose rank-1 member exits in the middle of a later window's prediction, once."""
+
+    class MemberDiesOnce(Worker):
+        def predict(self, z, t, cond, start, end, guidance):
+            if self.member is not None and self.member.rank == 1 and start > 0 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            return super().predict(z, t, cond, start, end, guidance)
+
+    return MemberDiesOnce
+
+
+@pytest.mark.slow
+def test_a_member_killed_mid_run_changes_no_frame(tmp_path, ray_session, tiny_wan_model, reference):
+    """One Ulysses group of 2: the dead member breaks it, the leader exits, the pool starts a new group and
+    retries the window: the frames of --cp 1."""
+    ref, _ = reference
+    marker = tmp_path / "died"
+    (res, _), retries = _on_groups(tmp_path, tiny_wan_model, "killed", worker_cls=member_dies_once(str(marker)),
+                                   cp=2, workers=2)
+    assert marker.exists() and retries >= 1
+    assert res.frames_sha256 == ref.frames_sha256
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--cp", "2", "--in-process"], "cp: got 2, expected 1 in this process"),
+    (["--cp", "2", "--cp-mode", "diagonal"], "cp_mode: got 'diagonal', expected one of 'auto', 'ulysses' or 'ring'"),
+    (["--cp", "2", "--workers", "3"], "workers: got 3, expected a multiple of cp (2)"),
+])
+def test_the_cli_says_what_is_wrong_with_a_group_and_exits_2(tiny_wan_model, tmp_path, capsys, args, says):
+    from longtake.cli import main
+
+    try:
+        code = main(["render", "a ball", "--model", tiny_wan_model, "--out", str(tmp_path / "x.mp4"), *args])
+    except SystemExit as e:  # argparse's own exit (a choice it refuses)
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "x.mp4").exists()
+
