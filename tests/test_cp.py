@@ -175,3 +175,19 @@ def test_the_cli_says_what_is_wrong_with_a_group_and_exits_2(tiny_wan_model, tmp
     assert says in err and "Traceback" not in err
     assert not (tmp_path / "x.mp4").exists()
 
+
+
+def test_a_server_checks_its_group_size_before_it_starts(tiny_model, tiny_wan_model, tmp_path, capsys):
+    """`longtake serve --cp K`: out of range, or a model without a plan, is refused before Ray starts."""
+    from longtake.cli import main
+    from longtake.serve.limits import Limits
+
+    with pytest.raises(RequestError) as e:
+        Limits(cp=9)
+    assert e.value.field == "cp"
+    assert main(["serve", "--model", tiny_model, "--cp", "2", "--data-dir", str(tmp_path / "d")]) == 2
+    assert "cp: got 2, expected 1: the animatediff family has no context-parallel plan" in capsys.readouterr().err
+    from longtake.actors.serve_pool import denoiser_spec
+
+    spec = denoiser_spec(tiny_wan_model, "cpu", 2)
+    assert (spec.cp, spec.cp_mode) == (2, "ulysses")  # the replica's group attends as auto chooses

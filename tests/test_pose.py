@@ -164,9 +164,8 @@ def test_draw_scales_with_the_frame():
 def test_the_pose_drives_the_frames_deterministically(tmp_path, tiny_pose_model, tiny_model, render_in_process):
     """With a pose ControlNet, the pose changes the frames and the same pose gives the same frames; a
     retargeted pose is another pose; a model without a ControlNet refuses a pose, naming the field."""
-    from conftest import walking_pose
-
     from longtake.cluster.engine import prepare
+    from longtake.tools.samples import walking_pose
 
     req = {"prompt": "a dancer", "seconds": 2, "fps": 8, "steps": 2, "window": 8, "overlap": 2, "model": tiny_pose_model,
            "pose": f"{tiny_pose_model}/pose.json"}

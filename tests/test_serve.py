@@ -184,6 +184,8 @@ def test_idempotent_submit(server):
     ({**JOB, "reference_pose": "/tmp/pose.json"}, 422, "reference_pose"),  # keypoint files: CLI and farm only
     ({**JOB, "workers": 8}, 422, "workers"),
     ({**JOB, "device": "cuda"}, 422, "device"),
+    ({**JOB, "cp": 2}, 422, "cp"),  # the server's replicas are its groups (longtake serve --cp)
+    ({**JOB, "cp_mode": "ring"}, 422, "cp_mode"),
 ])
 def test_bad_input_is_4xx_and_creates_no_job(server, body, status, field):
     before = call(server, "GET", "/v1/videos").json()["total"]
@@ -372,22 +374,27 @@ def test_concurrent_submits_scale_up_then_down(server):
         time.sleep(1)
 
 
-def test_serve_pool_renders_a_wan_job_like_the_in_process_pool(server, tiny_wan_model, tmp_path, render_in_process):
+@pytest.mark.parametrize("cp", [1, 2])
+def test_serve_pool_renders_a_wan_job_like_the_in_process_pool(server, tiny_wan_model, tmp_path, render_in_process,
+                                                               cp):
     """Serve's pool on a tiny-wan Denoiser deployment: predictors without the text encoder (the manager's
-    encoder worker encodes), the causal VAE decoded as one Serve stream; the frames of the in-process pool."""
+    encoder worker encodes), the causal VAE decoded as one Serve stream; the frames of the in-process pool.
+    With cp 2 (`longtake serve --cp 2`) the replica is a group of 2 sharing each window (Ulysses: the same
+    frames)."""
     from ray import serve
 
+    from longtake.actors.worker import Worker
     from longtake.cluster.engine import prepare, run
     from longtake.actors.serve_pool import ServePool
-    from longtake.serve.deployments import Denoiser
+    from longtake.serve.deployments import Denoiser, denoiser_options
 
     req = dict(prompt="a corgi surfing", seconds=2, fps=16, steps=2, window=5, overlap=2, model=tiny_wan_model)
     ref = render_in_process({**req, "out": str(tmp_path / "ref.mp4")})
-    handle = serve.run(Denoiser.options(num_replicas=1, autoscaling_config=None).bind(tiny_wan_model, "cpu"),
-                       name="wan-denoiser", route_prefix=None)
+    handle = serve.run(Denoiser.options(num_replicas=1, autoscaling_config=None, **denoiser_options("cpu", cp))
+                       .bind(tiny_wan_model, "cpu", 3, Worker, cp), name="wan-denoiser", route_prefix=None)
     try:
         pool = ServePool(handle, 1, tiny_wan_model)
-        result = run(prepare({**req, "out": str(tmp_path / "serve.mp4")}), pool, progress=False)
+        result = run(prepare({**req, "cp": cp, "out": str(tmp_path / "serve.mp4")}), pool, progress=False)
         assert pool._encoder is not None  # encoded here, not on the denoiser
         assert handle.info.remote().result()["text_encoder"] is False
     finally:

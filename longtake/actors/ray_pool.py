@@ -25,6 +25,9 @@ A consumer that stops early (a cancelled or paused job cancels its tickets, or c
 not stop an actor task already running, an actor still finishing one is "stale": the next calls use
 the other workers, it rejoins when that task is done, and one still busy after `stale_timeout_s` is
 killed and replaced. Nothing queues behind stale work.
+With spec.cp > 1 (context parallelism) a slot is a group of cp actors in its own placement group (one
+node): its leader is the slot's actor, as above, and the other members are the leader's (`Group`); a broken
+group is a dead actor to the pool, replaced and its window retried.
 Ray is imported here and in `cluster/`, nowhere else.
 """
 
@@ -34,6 +37,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import warnings
 from dataclasses import replace
@@ -150,45 +154,64 @@ def _member_class(worker_cls: type):
     return Member
 
 
-def _group_class(worker_cls: type, resources: dict):
-    """A pool slot of a group of spec.cp actors (context parallelism, pipelines/parallel.py): this actor,
-    the leader (rank 0, in bundle 0 of the slot's placement group, which packs the group on one node), starts
-    the other members in the other bundles, meets them at a port of its node, and sends each window to all of
-    them. The members are owned by the leader: they die with it. A member that dies, or a collective that
-    fails or times out, breaks the group: the leader exits, the pool replaces it (a new group) and retries
-    the window, as for any dead worker."""
+class Group:
+    """A group leader's other members (context parallelism, pipelines/parallel.py): started in bundles 1..cp-1
+    of the leader's placement group (which packs the group on one node), they meet the leader at a port of its
+    node. The leader joins with `leader` (its own Worker's member), then `started`; `predict` sends a window to
+    every member and runs the leader's own share. The members are owned by the leader: they die with it. A
+    member that dies, or a collective that fails or times out, breaks the group: the leader's process exits,
+    and what started it (the pool, Serve) starts a new one and retries the window, as for any dead worker."""
 
-    class Group(_actor_class(worker_cls)):
-        def __init__(self, spec: WorkerSpec):
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    def __init__(self, worker_cls: type, spec: WorkerSpec, resources: dict):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            from longtake.pipelines.parallel import GROUP_TIMEOUT_S, Member
+        from longtake.pipelines.parallel import GROUP_TIMEOUT_S, Member
 
-            self.group_timeout_s = GROUP_TIMEOUT_S
-            address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
-            placement = ray.util.get_current_placement_group()
-            member_cls = ray.remote(_member_class(worker_cls))
-            self.members = [member_cls.options(max_restarts=0, max_task_retries=0, **resources,
-                                               scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement, placement_group_bundle_index=rank)).remote(replace(spec, roles=("predict",)),
-                                                                      Member(rank, spec.cp, address))
-                for rank in range(1, spec.cp)]
-            super().__init__(spec, Member(0, spec.cp, address))  # returns when every member has joined
-            ray.get([m.ready.remote() for m in self.members], timeout=GROUP_TIMEOUT_S)
+        self.size, self.timeout_s, self.lock = spec.cp, GROUP_TIMEOUT_S, threading.Lock()
+        address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+        placement = ray.util.get_current_placement_group()
+        member_cls = ray.remote(_member_class(worker_cls))
+        self.leader = Member(0, spec.cp, address)
+        self.members = [member_cls.options(max_restarts=0, max_task_retries=0, **resources,
+                                           scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                               placement, placement_group_bundle_index=rank)).remote(
+            replace(spec, roles=("predict",)), Member(rank, spec.cp, address)) for rank in range(1, spec.cp)]
 
-        def predict(self, *args):
+    def started(self) -> None:
+        """Every member is up (after the leader has joined: joining returns when all have)."""
+        ray.get([m.ready.remote() for m in self.members], timeout=self.timeout_s)
+
+    def predict(self, args: tuple, own):
+        """The leader's `own()` result for a window every member predicts too (`args`, as the leader got them).
+        One window at a time: a Serve replica takes several calls at once (threads), and every member must run
+        the windows' collectives in the same order."""
+        with self.lock:
             refs = [m.follow.remote(*args) for m in self.members]
             try:
-                out = super().predict(*args)
-                ray.get(refs, timeout=self.group_timeout_s)
+                out = own()
+                ray.get(refs, timeout=self.timeout_s)
             except Exception as e:  # a dead or hung member, or a failed collective: the group is broken
-                logger.error("group of %d broken (%s: %s); its leader exits so the pool starts a new group",
-                             self.spec.cp, type(e).__name__, e)
+                logger.error("group of %d broken (%s: %s); its leader exits so that a new group starts", self.size,
+                             type(e).__name__, e)
                 os._exit(1)
             return out
 
-    Group.__name__ = Group.__qualname__ = f"{worker_cls.__name__}Group"
-    return Group
+
+def _group_class(worker_cls: type, resources: dict):
+    """A pool slot of a group of spec.cp actors: this actor is the leader, in bundle 0 of the slot's
+    placement group (`Group`)."""
+
+    class Leader(_actor_class(worker_cls)):
+        def __init__(self, spec: WorkerSpec):
+            self.group = Group(worker_cls, spec, resources)
+            super().__init__(spec, self.group.leader)  # returns when every member has joined
+            self.group.started()
+
+        def predict(self, *args):
+            return self.group.predict(args, lambda: super(Leader, self).predict(*args))
+
+    Leader.__name__ = Leader.__qualname__ = f"{worker_cls.__name__}Group"
+    return Leader
 
 
 class RayPool:

@@ -380,10 +380,13 @@ class Reporter:
         return call
 
 
-def denoiser_spec(model_path: str, device: str) -> WorkerSpec:
-    """A denoiser replica's worker: the family's dtype on GPUs, and no text encoder when it is large."""
+def denoiser_spec(model_path: str, device: str, cp: int = 1) -> WorkerSpec:
+    """A denoiser replica's worker: the family's dtype on GPUs, and no text encoder when it is large; with
+    cp > 1, the leader of a group of cp (the way it attends: the model's, `auto`)."""
     from longtake.pipelines import ROLES, inspect_model
+    from longtake.pipelines.parallel import server_mode
 
     info = inspect_model(model_path)
     roles = ("predict", "decode") if info.separate_encoder else ROLES
-    return WorkerSpec(model_path, device, info.cuda_dtype if device == "cuda" else "float32", roles=roles)
+    return WorkerSpec(model_path, device, info.cuda_dtype if device == "cuda" else "float32", roles=roles, cp=cp,
+                      cp_mode=server_mode(info, cp))

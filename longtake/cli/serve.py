@@ -21,6 +21,7 @@ from longtake.serve.limits import Limits  # no Ray, no torch: the limits are pla
 def cmd_serve(args: argparse.Namespace) -> int:
     from longtake.private import private_dir
     from longtake.pipelines import inspect_model
+    from longtake.pipelines.parallel import server_mode
     from longtake.provenance import load_c2pa
     from longtake.serve import load_or_create_token
     from longtake.serve.pages import served_hosts
@@ -30,6 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not 0 <= args.min_replicas <= args.max_replicas:
             raise RequestError("min_replicas", args.min_replicas, f"0 <= min_replicas <= max_replicas ({args.max_replicas})")
         limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+        server_mode(model, limits.cp)  # a model that cannot shard its windows refuses --cp
         hosts = served_hosts(args.host, args.allowed_host)
         private_dir(args.data_dir, "data_dir")  # before anything is read from it or written to it
         load_c2pa(args.data_dir)  # C2PA credentials that cannot sign: say so now, not at the first job

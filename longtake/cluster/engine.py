@@ -270,11 +270,9 @@ def _context_parallel(request: RenderRequest, model: ModelInfo, window: int, hei
     RequestError naming cp or cp_mode when the model cannot shard a window so."""
     if request.cp == 1:
         return ""
-    from longtake.pipelines.parallel import check_tokens, resolve_mode, window_tokens
+    from longtake.pipelines.parallel import check_family, check_tokens, resolve_mode, window_tokens
 
-    if not model.cp_heads:
-        raise RequestError("cp", request.cp, f"1: the {model.family} family has no context-parallel plan (one "
-                                             f"window, one worker)")
+    check_family(model, request.cp)
     mode = resolve_mode(request.cp_mode, request.cp, model.cp_heads)
     check_tokens(window_tokens(window, height, width, model.layout.spatial, model.patch), request.cp, window)
     return mode

@@ -54,6 +54,23 @@ def resolve_mode(mode: str, cp: int, heads: int) -> str:
     return mode
 
 
+def check_family(info, cp: int) -> None:
+    """The model's family can shard a window (a transformer with a context-parallel plan). Raises
+    RequestError naming cp."""
+    if cp > 1 and not info.cp_heads:
+        raise RequestError("cp", cp, f"1: the {info.family} family has no context-parallel plan (one window, one "
+                                     f"worker)")
+
+
+def server_mode(info, cp: int) -> str:
+    """The way a server's groups of `cp` attend ('' for cp 1): the model's `auto` choice; a request asking
+    another is refused (serve/manager.py)."""
+    if cp == 1:
+        return ""
+    check_family(info, cp)
+    return resolve_mode("auto", cp, info.cp_heads)
+
+
 def check_tokens(tokens: int, cp: int, window: int) -> None:
     """A window's tokens split evenly over the group. Raises RequestError naming cp."""
     if tokens % cp:

@@ -21,7 +21,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.ray_pool import fetch_held, node_label
+from longtake.actors.ray_pool import Group, fetch_held, node_label
 from longtake.actors.serve_pool import Reporter, ServePool, denoiser_spec, start_board
 from longtake.actors.worker import Worker
 from longtake.cluster.jobs import Conflict, QueueFull
@@ -30,6 +30,9 @@ from longtake.serve.limits import Limits
 from longtake.serve.manager import Gone, JobManager, NotCancellable, public_message
 from longtake.serve.pages import served_hosts
 from longtake.serve.routes import Ingress
+
+
+REPLICA_RESOURCES = {"cpu": {"num_cpus": 1}, "cuda": {"num_gpus": 1, "num_cpus": 1}}  # a denoiser (group member)
 
 
 @serve.deployment(autoscaling_config={"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 2},
@@ -41,8 +44,16 @@ class Denoiser:
     the pool's task, `task`: label and key) and its health checks are reported to the application's board
     (serve_pool.ReplicaBoard: the workers view)."""
 
-    def __init__(self, model_path: str, device: str = "cpu", blocklist_after: int = 3, worker_cls: type = Worker):
-        self.worker = worker_cls(denoiser_spec(model_path, device))
+    def __init__(self, model_path: str, device: str = "cpu", blocklist_after: int = 3, worker_cls: type = Worker,
+                 cp: int = 1):
+        spec = denoiser_spec(model_path, device, cp)
+        self.group = None
+        if cp > 1:  # the leader of a group in this replica's placement group (build_app's bundles)
+            self.group = Group(worker_cls, spec, REPLICA_RESOURCES[device])
+            self.worker = worker_cls(spec, self.group.leader)
+            self.group.started()
+        else:
+            self.worker = worker_cls(spec)
         self.worker.fetch = fetch_held  # a job's conditioning from the object store, once per job (kept by hash)
         self.blocklist_after, self.failures = blocklist_after, 0
         context = serve.get_replica_context()
@@ -71,6 +82,13 @@ class Denoiser:
         return self._do("encode", *args, task=task)
 
     def predict(self, *args, task=None):
+        if self.group is not None:  # every member predicts its share; the leader's gathered output is sent
+            try:
+                return self.board.call("predict", args, task,
+                                       lambda: self.group.predict(args, lambda: self.worker.predict(*args)))
+            except Exception:
+                self.failures += 1
+                raise
         return self._do("predict", *args, task=task)
 
     def decode(self, *args, task=None):
@@ -156,6 +174,17 @@ def stop_server(started_ray: bool) -> None:
             ray_boot.stop_ray()
 
 
+def denoiser_options(device: str, cp: int = 1) -> dict:
+    """A denoiser replica's resources; a group's (cp > 1): the replica in the first bundle of a placement group,
+    its members in the others, packed on one node (deploy/serve_config.yaml must say the same)."""
+    resources = REPLICA_RESOURCES[device]
+    if cp == 1:
+        return {"ray_actor_options": resources}
+    bundle = {"GPU" if k == "num_gpus" else "CPU": v for k, v in resources.items()}
+    return {"ray_actor_options": resources, "placement_group_bundles": [bundle] * cp,
+            "placement_group_strategy": "STRICT_PACK"}
+
+
 def build_app(model_path: str, data_dir: str, token: str, device: str = "cpu", min_replicas: int = 0,
               max_replicas: int = 2, limits: Limits = Limits(), downscale_delay_s: float = 30,
               model_name: str | None = None, worker_cls: type = Worker, allowed_hosts: list[str] | None = None):
@@ -165,9 +194,8 @@ def build_app(model_path: str, data_dir: str, token: str, device: str = "cpu", m
     denoiser = Denoiser.options(autoscaling_config={
         "min_replicas": min_replicas, "max_replicas": max_replicas, "initial_replicas": min_replicas,
         "target_ongoing_requests": 2, "upscale_delay_s": 1, "downscale_delay_s": downscale_delay_s},
-        ray_actor_options={"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1},
-        health_check_period_s=2,
-    ).bind(model_path, device, limits.blocklist_after, worker_cls)
+        health_check_period_s=2, **denoiser_options(device, limits.cp),
+    ).bind(model_path, device, limits.blocklist_after, worker_cls, limits.cp)
     manager = Manager.bind(denoiser, data_dir, model_path, max_replicas, asdict(limits), device, model_name)
     return Ingress.bind(manager, token, asdict(limits), data_dir, model_path, model_name or Path(model_path).name,
                         list(allowed_hosts) if allowed_hosts is not None else None)
@@ -185,6 +213,7 @@ def app_builder(args: dict):
     DATA_DIR/api_token."""
     from longtake.private import private_dir
     from longtake.pipelines import inspect_model
+    from longtake.pipelines.parallel import server_mode
     from longtake.private import default_data_dir
     from longtake.serve import load_or_create_token
 
@@ -193,6 +222,7 @@ def app_builder(args: dict):
     token, _ = load_or_create_token(data_dir)
     limit_keys = {f.name for f in fields(Limits)}
     limits = Limits(**{k: v for k, v in args.items() if k in limit_keys})
+    server_mode(model, limits.cp)  # a model that cannot shard its windows refuses cp
     hosts = args.get("allowed_hosts")
     return build_app(model.path, data_dir, token, args.get("device", "cpu"), int(args.get("min_replicas", 0)),
                      int(args.get("max_replicas", 2)), limits, float(args.get("downscale_delay_s", 30)),

@@ -44,9 +44,15 @@ class Limits:
                                          "answer 410)")
     sweep_every_s: float = _limit(3600.0, "seconds between retention sweeps")
     lease_s: float = _limit(60.0, "seconds without a heartbeat after which another server takes a job over")
+    cp: int = _limit(1, "workers per denoiser replica: each replica is a group of cp workers (GPUs) on one node that "
+                        "share every window's tokens (context parallelism, Wan families; max_replicas counts groups)")
 
     def __post_init__(self):
         from longtake.cluster.retention import parse_duration  # plain Python: no Ray, no torch
+        from longtake.request import MAX_CP, RequestError
+
+        if not 1 <= self.cp <= MAX_CP:
+            raise RequestError("cp", self.cp, f"an integer from 1 to {MAX_CP} (a group's workers share one node)")
 
         parse_duration("retain_uploads", self.retain_uploads)
         parse_duration("retain_outputs", self.retain_outputs)

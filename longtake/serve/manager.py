@@ -217,7 +217,9 @@ class JobManager:
         """Every check before a job is queued: the request, this server's limits, the model's rules. Media
         are probed, never decoded (`prepare(pixels=False)`); the cost is what will be rendered and written:
         a video's own length, and the clips extend and lead_into pass through."""
-        req = parse_request({**body, "model": self.model, "out": str(self.data_dir / "check.mp4")})
+        # the server's groups render every window (`longtake serve --cp`): their size is checked against the request
+        req = parse_request({**body, "model": self.model, "out": str(self.data_dir / "check.mp4"),
+                             "cp": self.limits.cp})
         lim = self.limits
         for field, value, top in (("seconds", req.seconds, lim.max_seconds), ("fps", req.fps, lim.max_fps),
                                   ("steps", req.steps, lim.max_steps), ("height", req.height, lim.max_side),
@@ -254,7 +256,7 @@ class JobManager:
         """prepare() against the served model (a body, or a request `_check` has parsed already)."""
         try:
             if isinstance(body, dict):
-                body = {**body, "model": self.model, "out": str(self.data_dir / "check.mp4")}
+                body = {**body, "model": self.model, "out": str(self.data_dir / "check.mp4"), "cp": self.limits.cp}
             return prepare(body, pixels=pixels)
         except RequestError as e:  # model rules may quote the model's directory
             raise RequestError(e.field, e.value, public_message(e.expected)) from None

@@ -25,6 +25,8 @@ from longtake.request import FIELD_BOUNDS, LABEL_MODES, MAX_FPS, MAX_SECONDS, ST
 # fields a client may not set over HTTP, and why: a request naming one is refused (422)
 SERVER_FIELDS = {"out": "the server chooses output paths", "preview": "the server chooses output paths",
                  "device": "the server chooses where its workers run", "workers": "the server's replicas do the work",
+                 "cp": "the server's replicas are its groups (longtake serve --cp)",
+                 "cp_mode": "the server's groups attend as its model allows (longtake serve --cp)",
                  "reference_pose": "keypoint files are read on the CLI and the farm; over HTTP give a pose video"}
 FILE_ID = r"^file-[0-9a-f]{24}$"
 
