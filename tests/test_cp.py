@@ -44,16 +44,24 @@ def test_ulysses_needs_the_heads_to_divide_and_auto_takes_ring_then(tiny_wan_mod
     assert e.value.field == "cp" and "80 tokens" in e.value.expected and "2, 4, 5, 8" in e.value.expected
 
 
-def _shard_forward(rank, path, port, inputs, results):
-    from diffusers import WanTransformer3DModel
+def _transformer(family, path):
+    import diffusers
 
-    from longtake.pipelines.parallel import Member, join_group, parallelize
+    name = {"wan": "WanTransformer3DModel", "wan_animate": "WanAnimateTransformer3DModel"}[family]
+    return getattr(diffusers, name).from_pretrained(path, subfolder="transformer").eval()
+
+
+def _shard_forward(rank, family, path, port, inputs, results):
+    import importlib
+
+    from longtake.pipelines.parallel import Member, join_group
 
     torch.set_num_threads(1)
     join_group(Member(rank, 2, f"127.0.0.1:{port}"), "cpu", timeout_s=60)
+    parallelize = importlib.import_module(f"longtake.pipelines.{family}").Backend._parallelize
     for mode in ("ulysses", "ring"):
-        model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer").eval()
-        parallelize(model, 2, mode)
+        model = _transformer(family, path)
+        parallelize(None, model, 2, mode)
         with torch.inference_mode():
             out = model(**inputs, return_dict=False)[0]
         if rank == 0:
@@ -61,29 +69,44 @@ def _shard_forward(rank, path, port, inputs, results):
     torch.distributed.destroy_process_group()
 
 
+def _inputs(family):
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 512, 32, generator=g)
+    if family == "wan":
+        return dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                    encoder_hidden_states=text)
+    # Wan-Animate: the reference slot and 3 latent frames (4 frames: 2 each), their pose, a 9-frame face video
+    return dict(hidden_states=torch.randn(1, 36, 4, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                encoder_hidden_states=text, encoder_hidden_states_image=torch.randn(1, 65, 16, generator=g),
+                pose_hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g),
+                face_pixel_values=torch.rand(1, 3, 9, 16, 16, generator=g) * 2 - 1)
+
+
 @pytest.mark.slow
-def test_a_window_sharded_over_two_processes_equals_one(tiny_wan_model):
+@pytest.mark.parametrize("family", ["wan", "wan_animate"])
+def test_a_window_sharded_over_two_processes_equals_one(request, family):
     """The transformer alone, in two processes joined over gloo: Ulysses gives one process's output exactly
     (the same attention on whole heads), ring within float32 rounding (partial results merged by their
-    log-sum-exp); every rank gets the whole output."""
+    log-sum-exp); every rank gets the whole output. Wan-Animate's own plan (each worker whole frames, its face
+    adapters on their own frames): both within float32 rounding."""
     import socket
 
     import torch.multiprocessing as mp
-    from diffusers import WanTransformer3DModel
 
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g), timestep=torch.tensor([500.0]),
-                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g))
-    model = WanTransformer3DModel.from_pretrained(tiny_wan_model, subfolder="transformer").eval()
+    path = request.getfixturevalue({"wan": "tiny_wan_model", "wan_animate": "tiny_wan_animate_model"}[family])
+    inputs = _inputs(family)
     with torch.inference_mode():
-        alone = model(**inputs, return_dict=False)[0].numpy()
+        alone = _transformer(family, path)(**inputs, return_dict=False)[0].numpy()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_shard_forward, args=(tiny_wan_model, port, inputs, results), nprocs=2, start_method="spawn")
+    mp.start_processes(_shard_forward, args=(family, path, port, inputs, results), nprocs=2, start_method="spawn")
     assert results["ulysses"].shape == alone.shape
-    assert np.array_equal(results["ulysses"], alone)
+    if family == "wan":  # every layer sees the same rows as one process's
+        assert np.array_equal(results["ulysses"], alone)
+    else:  # the face adapters and linear layers run on half the frames: another GEMM blocking, same values
+        assert np.abs(results["ulysses"] - alone).max() < 1e-5
     ring = np.abs(results["ring"] - alone).max()
     assert 0 < ring < 1e-5, ring  # ring attention ran (its rounding differs) and agrees
 
@@ -191,3 +214,31 @@ def test_a_server_checks_its_group_size_before_it_starts(tiny_model, tiny_wan_mo
 
     spec = denoiser_spec(tiny_wan_model, "cpu", 2)
     assert (spec.cp, spec.cp_mode) == (2, "ulysses")  # the replica's group attends as auto chooses
+
+
+def _animate_req(path, out, **kw) -> dict:
+    return _req(path, out, pose=f"{path}/pose.json", reference=f"{path}/photo.png", **kw)
+
+
+def test_wan_animate_groups_hold_whole_frames(tiny_wan_animate_model):
+    """A Wan-Animate window goes through the transformer with its reference slot (5 + 1 latent frames): a
+    group of 2 or 3 holds whole frames, one of 4 cannot and is refused naming cp."""
+    assert prepare(_animate_req(tiny_wan_animate_model, "x.mp4", cp=2)).cp_mode == "ulysses"
+    assert prepare(_animate_req(tiny_wan_animate_model, "x.mp4", cp=3)).cp_mode == "ring"
+    with pytest.raises(RequestError) as e:
+        prepare(_animate_req(tiny_wan_animate_model, "x.mp4", cp=4))
+    assert e.value.field == "cp" and "6 latent frames" in e.value.expected and "whole frames" in e.value.expected
+
+
+@pytest.mark.slow
+def test_a_wan_animate_group_gives_the_frames_of_one_worker(tmp_path, ray_session, tiny_wan_animate_model):
+    pool = InProcessPool(WorkerSpec(tiny_wan_animate_model))
+    try:
+        ref, ref_frames = _frames(pool, prepare(_animate_req(tiny_wan_animate_model, tmp_path / "ref.mp4")))
+    finally:
+        pool.shutdown()
+    (res, frames), _ = _on_groups(tmp_path, tiny_wan_animate_model, "animate", cp=2, workers=2,
+                                  pose=f"{tiny_wan_animate_model}/pose.json",
+                                  reference=f"{tiny_wan_animate_model}/photo.png")
+    assert res.cp == 2 and frames.shape == ref_frames.shape
+    assert np.abs(frames.astype(int) - ref_frames).max() <= 1  # float32 rounding at most (the test above)

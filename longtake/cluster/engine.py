@@ -214,7 +214,6 @@ def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
     if model.options.get("planner"):  # the bundled model's motion plan (models/planner.py)
         planner.check(model.options["planner"], request.model)
     height, width, window, overlap = _geometry(request, model)
-    cp_mode = _context_parallel(request, model, window, height, width)
     layout = model.layout
     inputs = resolve_inputs(request, height, width, layout.frames(window), layout.causal, layout.temporal,
                             pin_reference=model.options.get("reference") != "condition", pixels=pixels)
@@ -238,10 +237,12 @@ def prepare(request: RenderRequest | dict, pixels: bool = True) -> Job:
         # the plan says where the object goes, so more of the crossfade (its look) is kept
         inputs = replace(inputs, strength=PLANNED_BRIDGE_STRENGTH,
                          hashes={**inputs.hashes, "bridge": PLANNED_BRIDGE_STRENGTH})
+    windows = (plan_loop if request.loop else plan_windows)(latent_frames, window, overlap)
+    cp_mode = _context_parallel(request, model, sorted({e - s for s, e in windows}), height, width)
     return Job(request=request, model=model, frames=frames, height=height, width=width,
                steps=request.steps or model.default_steps, guidance=guidance,
                guidance_2=request.guidance_2 if request.guidance_2 is not None else guidance, window=window,
-               overlap=overlap, windows=(plan_loop if request.loop else plan_windows)(latent_frames, window, overlap),
+               overlap=overlap, windows=windows,
                keys=keys, noise=request.noise or model.default_noise, inputs=inputs, loop=request.loop,
                label=label, control=control, controlled=controlled,
                control_scale=request.control_scale if request.control_scale is not None else 1.0, media=media,
@@ -265,16 +266,21 @@ def _geometry(request: RenderRequest, model: ModelInfo) -> tuple[int, int, int, 
     return height, width, window, overlap
 
 
-def _context_parallel(request: RenderRequest, model: ModelInfo, window: int, height: int, width: int) -> str:
+def _context_parallel(request: RenderRequest, model: ModelInfo, lengths: list[int], height: int, width: int) -> str:
     """The group's way of attending (pipelines/parallel.py): 'ulysses' or 'ring' ('' for cp 1). Raises
-    RequestError naming cp or cp_mode when the model cannot shard a window so."""
+    RequestError naming cp or cp_mode when the model cannot shard its windows (of these lengths) so."""
     if request.cp == 1:
         return ""
-    from longtake.pipelines.parallel import check_family, check_tokens, resolve_mode, window_tokens
+    from longtake.pipelines.parallel import check_family, check_frames, check_tokens, resolve_mode, window_tokens
 
     check_family(model, request.cp)
     mode = resolve_mode(request.cp_mode, request.cp, model.cp_heads)
-    check_tokens(window_tokens(window, height, width, model.layout.spatial, model.patch), request.cp, window)
+    private = model.options.get("private_frames", 0)  # carried through the transformer with the window's own
+    for length in lengths:
+        if model.options.get("cp_whole_frames"):
+            check_frames(length + private, request.cp, length)
+        check_tokens(window_tokens(length + private, height, width, model.layout.spatial, model.patch), request.cp,
+                     length)
     return mode
 
 

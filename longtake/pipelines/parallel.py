@@ -79,6 +79,16 @@ def check_tokens(tokens: int, cp: int, window: int) -> None:
                                      f"({', '.join(map(str, divisors)) or 'none up to ' + str(MAX_CP)}, or 1)")
 
 
+def check_frames(frames: int, cp: int, window: int) -> None:
+    """Each worker of the group holds whole latent frames (a family whose layers attend within a frame).
+    Raises RequestError naming cp."""
+    if frames % cp:
+        divisors = [k for k in range(2, MAX_CP + 1) if frames % k == 0]
+        raise RequestError("cp", cp, f"a group size that divides the {frames} latent frames a {window}-latent-frame "
+                                     f"window goes through the transformer with ({', '.join(map(str, divisors)) or 'none'}, or "
+                                     f"1): this model's workers each hold whole frames")
+
+
 def join_group(member: Member, device: str, timeout_s: float = GROUP_TIMEOUT_S) -> None:
     """Join this process's group (the default torch.distributed process group): gloo on the CPU, NCCL on
     GPUs. Blocks until every member has joined (at most `timeout_s`); every collective after it fails

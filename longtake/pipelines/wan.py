@@ -103,8 +103,6 @@ class Backend:
     transformer_class = "WanTransformer3DModel"  # the diffusers class of the expert(s) (subclasses: another DiT)
     vae_roles = ("decode",)  # the roles that load the VAE (a family that encodes conditioning frames: predict too)
 
-    cp_plan = None  # diffusers' own _cp_plan of transformer_class (a subclass whose class has none: its own)
-
     def __init__(self, info: ModelInfo, device: str = "cpu", dtype: str = "float32",
                  roles: tuple[str, ...] = ("encode", "predict", "decode"), cp: tuple[int, str] | None = None):
         import diffusers
@@ -120,10 +118,8 @@ class Backend:
                                                         dtype=self.dtype).to(self.device).eval()
                             for name in info.options["experts"]]
             if cp is not None:  # this worker is one of a group that predicts each window together
-                from longtake.pipelines.parallel import parallelize
-
                 for expert in self.experts:
-                    parallelize(expert, *cp, cp_plan=self.cp_plan)
+                    self._parallelize(expert, *cp)
             if info.options["boundary_ratio"] is not None:
                 from longtake.pipelines import load_scheduler
 
@@ -141,6 +137,12 @@ class Backend:
             self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
             self.text_encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True,
                                                                  dtype=self.dtype).to(self.device).eval()
+
+    def _parallelize(self, transformer, cp: int, mode: str) -> None:
+        """Shard this transformer's windows over the worker's group: diffusers' own `_cp_plan` (Wan's)."""
+        from longtake.pipelines.parallel import parallelize
+
+        parallelize(transformer, cp, mode)
 
     @torch.inference_mode()
     def _embed(self, text: str) -> torch.Tensor:

@@ -112,13 +112,41 @@ def inspect(path: Path, index: dict, model: str) -> ModelInfo:
         default_steps=int(extra.get("default_steps", 20)),  # the pipeline's defaults: 20 steps, no guidance
         default_guidance=float(extra.get("default_guidance", 1.0)),
         experts=1,
-        cp_heads=0,  # no context-parallel plan yet: its face adapter attends within each latent frame
+        # context parallelism with its own plan (Backend.cp_plan): each worker whole latent frames, as the face
+        # adapter attends within each frame
+        cp_heads=int(transformer.get("num_attention_heads", 40)),
         options={"experts": ["transformer"], "boundary_ratio": None,
                  # the engine: a pose drives it; the reference photo is conditioning (not a pinned frame 0)
                  "pose": True, "pose_required": True, "reference": "condition",
                  "private_frames": 1,  # the reference slot, carried per window (module docstring)
+                 "cp_whole_frames": True,  # a group's workers split a window at latent-frame boundaries
                  "face_size": int(transformer.get("motion_encoder_size", 512)), "modes": ["animate", "replace"]},
     )
+
+
+def cp_plan(transformer) -> dict:
+    """Wan's context-parallel plan (split the tokens after the embedding and the rotary tables, gather before
+    the output projection), plus the face adapters' motion vectors split by latent frame like the tokens:
+    each face adapter attends within each frame (its queries unflattened to (frames, tokens of a frame)), so a
+    worker holding whole frames needs only their motion vectors and attends locally."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    rope = ContextParallelInput(split_dim=1, expected_dims=4, split_output=True)
+    motion = ContextParallelInput(split_dim=1, expected_dims=4, split_output=False)  # (B, frames, N, C)
+    return {"rope": {0: rope, 1: rope},
+            "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+            **{f"face_adapter.{i}": {"encoder_hidden_states": motion} for i in range(len(transformer.face_adapter))},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
+
+def parallelize(transformer, cp: int, mode: str) -> None:
+    """Shard a WanAnimateTransformer3DModel's windows over the worker's group (`cp_plan`); the face adapters
+    then attend on their own frames, without the group's attention."""
+    from longtake.pipelines import parallel
+
+    parallel.parallelize(transformer, cp, mode, cp_plan=cp_plan(transformer))
+    for adapter in transformer.face_adapter:
+        adapter.processor._parallel_config = None
 
 
 @dataclass
@@ -154,6 +182,9 @@ class Backend(wan.Backend):
                                                                  dtype=self.dtype).to(self.device).eval()
         self.face_size = info.options["face_size"]
         self._memo: OrderedDict = OrderedDict()
+
+    def _parallelize(self, transformer, cp: int, mode: str) -> None:
+        parallelize(transformer, cp, mode)
 
     def encode(self, prompts: list[str], negative_prompt: str, schedule) -> AnimateConditioning:
         text = super().encode(prompts, negative_prompt, schedule)

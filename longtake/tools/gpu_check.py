@@ -168,9 +168,10 @@ def check_wan_1_3b() -> dict:
     import torch
     from diffusers import WanTransformer3DModel
 
-    torch.cuda.reset_peak_memory_stats()
     with torch.device("cuda"):
         model = WanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16).eval()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # a worker's peak: its bf16 weights and a window (not the fp32 init)
     h, w = WAN_SIZE[0] // 8, WAN_SIZE[1] // 8
     g = torch.Generator("cuda").manual_seed(0)
     z = torch.randn(1, 16, WAN_WINDOW, h, w, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -200,7 +201,7 @@ def check_decode() -> dict:
     from diffusers import AutoencoderKLWan
 
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats()  # the VAE's float32 weights (0.5 GB) and its decode
     with torch.device("cuda"):
         vae = AutoencoderKLWan().eval()
     z = torch.randn(1, 16, WAN_WINDOW, WAN_SIZE[0] // 8, WAN_SIZE[1] // 8, device="cuda")
