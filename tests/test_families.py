@@ -491,17 +491,19 @@ def test_killed_decoder_restarts_the_stream_with_identical_frames(tmp_path, tiny
     assert res.frames == 64 and res.frames_sha256 == ref.frames_sha256
 
 
-def test_farm_renders_a_wan_job_with_the_frames_of_a_direct_render(tmp_path, tiny_wan_model, ray_session,
+def test_farm_renders_a_wan_job_on_groups_with_the_frames_of_a_direct_render(tmp_path, tiny_wan_model, ray_session,
                                                                    render_in_process):
     from longtake.cluster import farm
 
     req = dict(prompt="a corgi surfing", seconds=2, fps=16, steps=3, window=5, overlap=2, model=tiny_wan_model)
     ref = render_in_process({**req, "out": str(tmp_path / "ref.mp4")})
     farm_dir = tmp_path / "farm"
-    (record, _), = farm.submit(farm_dir, [(req, 0, None)])
+    # the spec asks for groups of 2 (context parallelism): the runner's 2 workers make one group, Ulysses
+    (record, _), = farm.submit(farm_dir, [({**req, "cp": 2}, 0, None)])
     farm.Runner(farm_dir, workers=2, checkpoint_every=1, min_free_mb=0).serve_forever(exit_when_idle=True)
     done = farm.open_store(farm_dir).get(record.id)
     assert done.state == "done", done.error
+    assert done.result["cp"] == 2 and done.result["workers"] == 2
     assert done.result["frames"] == 32 and done.result["frames_sha256"] == ref.frames_sha256
     assert done.result["window"] == 17 and done.result["overlap"] == 8  # in output frames
 
