@@ -492,7 +492,7 @@ def test_killed_decoder_restarts_the_stream_with_identical_frames(tmp_path, tiny
 
 
 def test_farm_renders_a_wan_job_on_groups_with_the_frames_of_a_direct_render(tmp_path, tiny_wan_model, ray_session,
-                                                                   render_in_process):
+                                                                             render_in_process):
     from longtake.cluster import farm
 
     req = dict(prompt="a corgi surfing", seconds=2, fps=16, steps=3, window=5, overlap=2, model=tiny_wan_model)

@@ -170,6 +170,9 @@ class Group:
         self.size, self.timeout_s, self.lock = spec.cp, GROUP_TIMEOUT_S, threading.Lock()
         address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
         placement = ray.util.get_current_placement_group()
+        if placement is None:
+            raise RuntimeError(f"a group of {spec.cp} starts in a placement group of {spec.cp} bundles (Serve: the "
+                               f"Denoiser deployment's placement_group_bundles, docs/serving.md)")
         member_cls = ray.remote(_member_class(worker_cls))
         self.leader = Member(0, spec.cp, address)
         self.members = [member_cls.options(max_restarts=0, max_task_retries=0, **resources,
