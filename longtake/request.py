@@ -84,6 +84,13 @@ class RequestError(ValueError):
         super().__init__(f"{field}: got {value!r}, expected {expected}")
 
 
+def check_cp(value: int) -> int:
+    """A context-parallel group's size (a request's `cp`, a server's `--cp`). Raises RequestError naming cp."""
+    if not 1 <= value <= MAX_CP:
+        raise RequestError("cp", value, f"an integer from 1 to {MAX_CP} (a group's workers share one node)")
+    return value
+
+
 class TimelineKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     at: float = Field(description="Time in seconds at which this prompt is fully reached.")
@@ -291,9 +298,7 @@ class RenderRequest(BaseModel):
     @field_validator("cp")
     @classmethod
     def _cp(cls, v: int) -> int:
-        if not 1 <= v <= MAX_CP:
-            raise RequestError("cp", v, f"an integer from 1 to {MAX_CP} (a group's workers share one node)")
-        return v
+        return check_cp(v)
 
     @field_validator("label_text")
     @classmethod

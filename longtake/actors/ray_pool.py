@@ -251,7 +251,7 @@ class RayPool:
         self._encoder = None  # the encode-role actor, when the workers do not encode
         # a slot of a group (spec.cp > 1): its placement group of cp bundles on one node, kept while the slot
         # lives (a group started again lands in it; Ray moves it when its node is lost)
-        self._placements = [placement_group([_bundle(options)] * spec.cp, strategy="STRICT_PACK")
+        self._placements = [placement_group([bundle(options)] * spec.cp, strategy="STRICT_PACK")
                             for _ in range(num_workers)] if spec.cp > 1 else []
         self.actors: list = [self._new_actor(a) for a in range(num_workers)]  # None: excluded slot
         self.failures = [0] * num_workers  # failed tasks of each slot's current actor
@@ -675,8 +675,8 @@ class RayPool:
         self.tickets, self._inflight = Tickets(), {}
 
 
-def _bundle(options: dict) -> dict:
-    """A placement-group bundle holding one worker of these actor options."""
+def bundle(options: dict) -> dict:
+    """A placement-group bundle holding one worker of these actor options (the Ray pool's, Serve's)."""
     return {"GPU": options["num_gpus"], "CPU": options["num_cpus"]} if "num_gpus" in options \
         else {"CPU": options["num_cpus"]}
 

@@ -276,8 +276,9 @@ def _context_parallel(request: RenderRequest, model: ModelInfo, lengths: list[in
     check_family(model, request.cp)
     mode = resolve_mode(request.cp_mode, request.cp, model.cp_heads)
     private = model.options.get("private_frames", 0)  # carried through the transformer with the window's own
+    whole_frames = model.options.get("cp_whole_frames", False)
     for length in lengths:
-        if model.options.get("cp_whole_frames"):
+        if whole_frames:
             check_frames(length + private, request.cp, length)
         check_tokens(window_tokens(length + private, height, width, model.layout.spatial, model.patch), request.cp,
                      length)

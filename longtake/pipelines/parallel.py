@@ -63,8 +63,8 @@ def check_family(info, cp: int) -> None:
 
 
 def server_mode(info, cp: int) -> str:
-    """The way a server's groups of `cp` attend ('' for cp 1): the model's `auto` choice; a request asking
-    another is refused (serve/manager.py)."""
+    """The way a server's groups of `cp` attend ('' for cp 1): the model's `auto` choice (requests do not
+    choose: serve/schema.py's SERVER_FIELDS)."""
     if cp == 1:
         return ""
     check_family(info, cp)
@@ -74,19 +74,22 @@ def server_mode(info, cp: int) -> str:
 def check_tokens(tokens: int, cp: int, window: int) -> None:
     """A window's tokens split evenly over the group. Raises RequestError naming cp."""
     if tokens % cp:
-        divisors = [k for k in range(2, MAX_CP + 1) if tokens % k == 0]
         raise RequestError("cp", cp, f"a group size that divides a {window}-latent-frame window's {tokens} tokens "
-                                     f"({', '.join(map(str, divisors)) or 'none up to ' + str(MAX_CP)}, or 1)")
+                                     f"({_sizes_dividing(tokens)}, or 1)")
 
 
 def check_frames(frames: int, cp: int, window: int) -> None:
     """Each worker of the group holds whole latent frames (a family whose layers attend within a frame).
     Raises RequestError naming cp."""
     if frames % cp:
-        divisors = [k for k in range(2, MAX_CP + 1) if frames % k == 0]
         raise RequestError("cp", cp, f"a group size that divides the {frames} latent frames a {window}-latent-frame "
-                                     f"window goes through the transformer with ({', '.join(map(str, divisors)) or 'none'}, or "
-                                     f"1): this model's workers each hold whole frames")
+                                     f"window goes through the transformer with ({_sizes_dividing(frames)}, or 1): "
+                                     f"this model's workers each hold whole frames")
+
+
+def _sizes_dividing(n: int) -> str:
+    """The group sizes above 1 that divide n, for an error message."""
+    return ", ".join(str(k) for k in range(2, MAX_CP + 1) if n % k == 0) or f"none up to {MAX_CP}"
 
 
 def join_group(member: Member, device: str, timeout_s: float = GROUP_TIMEOUT_S) -> None:

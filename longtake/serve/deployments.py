@@ -21,7 +21,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from longtake.actors.ray_pool import Group, fetch_held, node_label
+from longtake.actors.ray_pool import Group, bundle, fetch_held, node_label
 from longtake.actors.serve_pool import Reporter, ServePool, denoiser_spec, start_board
 from longtake.actors.worker import Worker
 from longtake.cluster.jobs import Conflict, QueueFull
@@ -180,8 +180,7 @@ def denoiser_options(device: str, cp: int = 1) -> dict:
     resources = REPLICA_RESOURCES[device]
     if cp == 1:
         return {"ray_actor_options": resources}
-    bundle = {"GPU" if k == "num_gpus" else "CPU": v for k, v in resources.items()}
-    return {"ray_actor_options": resources, "placement_group_bundles": [bundle] * cp,
+    return {"ray_actor_options": resources, "placement_group_bundles": [bundle(resources)] * cp,
             "placement_group_strategy": "STRICT_PACK"}
 
 

@@ -49,10 +49,9 @@ class Limits:
 
     def __post_init__(self):
         from longtake.cluster.retention import parse_duration  # plain Python: no Ray, no torch
-        from longtake.request import MAX_CP, RequestError
+        from longtake.request import check_cp
 
-        if not 1 <= self.cp <= MAX_CP:
-            raise RequestError("cp", self.cp, f"an integer from 1 to {MAX_CP} (a group's workers share one node)")
+        check_cp(self.cp)
 
         parse_duration("retain_uploads", self.retain_uploads)
         parse_duration("retain_outputs", self.retain_outputs)
