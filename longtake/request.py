@@ -163,6 +163,8 @@ class RenderRequest(BaseModel):
                                "new seconds conditioned on its last `context` seconds.")
     lead_into: str | None = Field(None, description="A video to lead into: the output ends with it, the new frames "
                                   "conditioned on its first `context` seconds (with extend: a bridge).")
+    include_inputs: bool = Field(True, description="With extend / lead_into: the output holds their frames around "
+                                 "the new ones (true), or only the new frames (false: a story's shots).")
     context: float | None = Field(None, description="Seconds of extend / lead_into that condition the new frames "
                                   f"(default: one window, or all of a shorter input; at most {MAX_CONTEXT_SECONDS:g}).")
     video: str | None = Field(None, description="A video to redraw (video to video, SDEdit-style): the output has "
@@ -366,6 +368,9 @@ class RenderRequest(BaseModel):
         if self.workers is not None and self.workers % self.cp:
             raise RequestError("workers", self.workers, f"a multiple of cp ({self.cp}): windows go to groups of "
                                                         f"{self.cp} workers")
+        if not self.include_inputs and self.extend is None and self.lead_into is None:
+            raise RequestError("include_inputs", self.include_inputs, "true without extend or lead_into (it says "
+                                                                      "whether their frames are in the output)")
         if self.context is not None and self.extend is None and self.lead_into is None:
             raise RequestError("context", self.context, "no value without extend or lead_into (it is their context)")
         self._check_pose()

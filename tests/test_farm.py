@@ -411,7 +411,7 @@ def test_killed_worker_window_is_retried_and_logged(tmp_path, tiny_model, refere
     import ray
 
     farm_dir, record, runner, thread, store = _running(tmp_path, job_request(tiny_model), 3, worker_cls=SlowWorker)
-    pool = runner._pool
+    pool = wait_for(lambda: runner.pool(record.id), 60, "the job's pool")
     ray.kill(pool.actors[0], no_restart=True)  # mid-step
     thread.join(180)
     done = store.get(record.id)
@@ -591,7 +591,7 @@ def test_runner_takes_jobs_by_priority_then_submit_time(tmp_path, tiny_model, ra
     farm_dir = tmp_path / "farm"
     jobs = farm.submit(farm_dir, [(job_request(tiny_model, seconds=1, steps=2, seed=i), p, None)
                                   for i, p in enumerate([0, 5, 0, 9])])
-    _runner(farm_dir).serve_forever(exit_when_idle=True)
+    _runner(farm_dir, max_jobs=1).serve_forever(exit_when_idle=True)  # one at a time: the order is visible
     store = farm.open_store(farm_dir)
     assert all(store.get(r.id).state == "done" for r, _ in jobs)
     finish_order = [r.id for r, _ in sorted(jobs, key=lambda j: store.get(j[0].id).updated)]
@@ -686,7 +686,8 @@ def test_status_has_one_json_shape_and_short_tables(tmp_path, tiny_model, capsys
     assert main(["status", record.id, *args, "--json"]) == 0
     one = json.loads(capsys.readouterr().out)
     assert listed == [one]
-    assert set(one) == {"id", "status", "priority", "created", "updated", "request", "progress", "error", "result", "client"}
+    assert set(one) == {"id", "status", "priority", "created", "updated", "request", "progress", "error", "result", "client",
+                        "depends", "story"}
     assert one["status"] == "queued" and one["request"]["prompt"] == prompt
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", one["created"])
     assert set(one["progress"]) == {"phase", "step", "steps", "window_steps_done", "window_steps_total",

@@ -29,7 +29,7 @@ import argparse
 import os
 import sys
 
-from longtake.cli import farm, keys, render, serve, tools
+from longtake.cli import farm, keys, render, serve, story, tools
 from longtake.cli.options import LOG_LEVELS, Parser
 from longtake.cli.output import setup_logging, stdout_gone
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_bench_parser(sub)
     keys.add_verify_parser(sub)
     farm.add_parsers(sub)
+    story.add_parser(sub)
     return parser
 
 

@@ -46,7 +46,7 @@ def cmd_farm_run(args: argparse.Namespace) -> int:
     from longtake.provenance import load_c2pa
 
     try:
-        runner = Runner(args.farm_dir, address=args.address, workers=args.workers,
+        runner = Runner(args.farm_dir, address=args.address, workers=args.workers, max_jobs=args.max_jobs,
                         checkpoint_every=args.checkpoint_every, max_attempts=args.max_attempts,
                         blocklist_after=args.blocklist_after, task_timeout_s=args.task_timeout,
                         min_free_mb=args.min_free_mb, progress=not args.quiet,
@@ -100,6 +100,9 @@ def cmd_status(args: argparse.Namespace) -> int:
              ("submitted", info["created"]), ("updated", info["updated"]),
              ("progress", f"{p['phase']}: step {p['step'] or 0}/{p['steps']}" if p["steps"] else "-"),
              ("dir", farm.job_dir(args.farm_dir, record.id))]
+    if record.story:
+        lines += [("story", f"{record.story['film']}, shot {record.story['shot']} ({record.story['begin']})")]
+    lines += [("waits for", ", ".join(record.depends))] if record.depends else []
     lines += [("error", info["error"])] if info["error"] else []
     if record.result:
         lines += [("out", record.result["out"]), ("sha256", record.result["frames_sha256"])]
@@ -202,7 +205,10 @@ def add_parsers(sub) -> None:
                                      "checkpoint the current job and put it back in the queue.")
     farm_dir_arg(fr)
     fr.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    fr.add_argument("--workers", type=int, help="workers per job (default: one per GPU, else one per CPU core)")
+    fr.add_argument("--workers", type=int, help="the runner's workers, shared by the jobs it renders at once "
+                                                "(default: one per GPU, else one per CPU core)")
+    fr.add_argument("--max-jobs", type=int, help="at most this many jobs at once (default: as many as the workers "
+                                                 "allow)")
     fr.add_argument("--checkpoint-every", type=int, default=5, help="steps between checkpoints (default 5)")
     fr.add_argument("--max-attempts", type=int, default=3, help="attempts per window before the job fails (default 3)")
     fr.add_argument("--blocklist-after", type=int, default=3,

@@ -157,6 +157,8 @@ def setup_logging(level: str) -> None:
     chatter (Ray's token-authentication warning, Serve's start-up lines, diffusers' and transformers' warnings
     and loading bars, Python warnings) to longtake's log at DEBUG: see `quiet_libraries`."""
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the console keeps its level while a farm job logs INFO to its file
+        handler.setLevel(level.upper())
     _routing["on"] = logging.getLogger("longtake").getEffectiveLevel() > logging.DEBUG
 
 

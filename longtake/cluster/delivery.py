@@ -104,7 +104,7 @@ class Delivery:
         self.produce_id = provenance.produce_id_for(req.model_dump(mode="json"))
         # the visible label: on the first seconds of the new frames, wherever they are in the file (after an
         # extended clip's), or on every frame
-        first_new = inputs.before.frames if inputs.before is not None else 0
+        first_new = inputs.before.frames if inputs.before is not None and inputs.include else 0
         self.span = labelled_span(req.label, req.fps, first_new, job.new_frames, job.output_frames) \
             if job.label is not None else (0, 0)
         self.hash = FramesHash()

@@ -727,7 +727,7 @@ def deliver(job: Job, pool: Pool, z: torch.Tensor, watch: Watch, provenance: Pro
                 bar.update(len(frames))
                 watch.report("decode", watch.total, delivery.frames_written)
 
-            if inputs.before is not None:  # extend: the input's frames, as read
+            if inputs.before is not None and inputs.include:  # extend: the input's frames, as read
                 for frames in video_chunks("extend", inputs.before.path, req.fps, job.width, job.height):
                     send(frames, new=False)
             decoded_frames = 0  # frames of the denoised clip decoded so far
@@ -738,7 +738,7 @@ def deliver(job: Job, pool: Pool, z: torch.Tensor, watch: Watch, provenance: Pro
                     send(frames[lo:hi], new=True)
                 if decoded_frames >= keep[1]:
                     break  # only a context already read, or the frame rule's surplus, is left
-            if inputs.after is not None:  # lead_into: its frames close the output
+            if inputs.after is not None and inputs.include:  # lead_into: its frames close the output
                 for frames in video_chunks("lead_into", inputs.after.path, req.fps, job.width, job.height):
                     send(frames, new=False)
     finally:

@@ -287,18 +287,24 @@ def gc(farm_dir: str | Path, policy: retention.Retention, now: float | None = No
 # ---------------------------------------------------------------- runner
 
 class Runner:
-    """Renders queued jobs one after another on one actor pool (kept while the model stays the same)."""
+    """Renders queued jobs on this runner's workers, several at once: each job it claims gets a share of the
+    workers that are free (split evenly between the jobs ready to start, at most what the job can use: one
+    per window, in groups of its cp) on a pool of its own, kept for the next job of the same model and share.
+    Jobs are claimed in priority order, a job whose dependencies (a story's shots) are not done waits, and
+    one that waits for a failed job fails."""
 
     def __init__(self, farm_dir: str | Path, address: str | None = None, workers: int | None = None,
                  checkpoint_every: int = 5, max_attempts: int = 3, blocklist_after: int = 3,
                  task_timeout_s: float | None = None, min_free_mb: float = 256, lease_s: float = 120,
                  poll_s: float = 1.0, worker_cls: type = Worker, progress: bool = False,
-                 keep: retention.Retention | None = None, sweep_every_s: float = 3600.0):
+                 keep: retention.Retention | None = None, sweep_every_s: float = 3600.0, max_jobs: int | None = None):
         if checkpoint_every < 1:
             raise RequestError("checkpoint_every", checkpoint_every, "an integer >= 1 (steps between checkpoints)")
+        if max_jobs is not None and max_jobs < 1:
+            raise RequestError("max_jobs", max_jobs, "an integer >= 1 (jobs rendered at once)")
         self.farm_dir = Path(farm_dir)
         self.store = open_store(farm_dir)
-        self.address, self.workers = address, workers
+        self.address, self.workers, self.max_jobs = address, workers, max_jobs
         self.checkpoint_every, self.max_attempts, self.blocklist_after = checkpoint_every, max_attempts, blocklist_after
         self.task_timeout_s, self.min_free_mb, self.lease_s, self.poll_s = task_timeout_s, min_free_mb, lease_s, poll_s
         self.worker_cls, self.progress = worker_cls, progress
@@ -306,15 +312,23 @@ class Runner:
         retention.save_policy(self.farm_dir, self.keep)
         self.id = new_runner_id()
         self.stop = threading.Event()
-        self._pool, self._pool_key = None, None
+        self._lock = threading.Lock()
+        self._running: dict[str, threading.Thread] = {}  # job id -> the thread rendering it
+        self._reserved: dict[str, int] = {}  # job id -> workers it holds
+        self._held: dict[str, dict] = {}  # job id -> {"key", "pool"}: the pool rendering it
+        self._idle: list[tuple[tuple, object]] = []  # pools of finished jobs: (key, pool), reused by the next
         self._ray_started = False
+        self._total = workers or 1
+        self._loop: int | None = None  # the thread of serve_forever's loop
 
     # -- recovery of jobs whose runner is gone
     def recover(self) -> list[str]:
-        """Requeue running jobs whose runner is gone (same host: process gone; else: lease expired).
-        Between jobs, this runner renders nothing: a job still leased to it is requeued too."""
+        """Requeue running jobs whose runner is gone (same host: process gone; else: lease expired). A job
+        leased to this runner that it is not rendering is requeued too."""
         requeued = []
-        for job_id, owner in self.store.recover(self.id, self.lease_s):
+        with self._lock:
+            mine = tuple(self._running)
+        for job_id, owner in self.store.recover(self.id, self.lease_s, mine=mine):
             d = job_dir(self.farm_dir, job_id)
             if d.is_dir():
                 append_log(d, f"runner {owner or '?'} is gone; requeued by {self.id}")
@@ -323,22 +337,73 @@ class Runner:
         return requeued
 
     def serve_forever(self, exit_when_idle: bool = False) -> None:
-        """Claim and render jobs until `stop` is set (or, with exit_when_idle, the queue is empty)."""
+        """Claim and render jobs until `stop` is set (or, with exit_when_idle, nothing is running and no
+        queued job can start)."""
+        self._loop = threading.get_ident()
         self._ray_started = ray_boot.start_ray(self.address)
+        if not self.workers:
+            resources = ray_boot.cluster_resources()
+            self._total = max(1, int(resources.get("GPU", 0)) or int(resources.get("CPU", 1)))
         try:
             self.recover()
             while not self.stop.is_set():
                 self.sweep()
-                record = self.store.claim_next(self.id)
-                if record is None:
-                    if exit_when_idle:
-                        break
-                    self.stop.wait(self.poll_s)
-                    self.recover()
+                self._reap()
+                for job_id, dep in self.store.fail_orphans():
+                    append_log(job_dir(self.farm_dir, job_id), f"failed: job {dep}, which it waits for, did not "
+                                                               "finish")
+                    logger.warning("job %s: failed (job %s, which it waits for, did not finish)", job_id, dep)
+                if self._start_next():
                     continue
-                self.run_job(record)
+                with self._lock:
+                    busy = bool(self._running)
+                if exit_when_idle and not busy and self.store.count_ready() == 0:
+                    break
+                self.stop.wait(self.poll_s)
+                if not busy:
+                    self.recover()
         finally:
+            self._join()
             self.close()
+
+    def _start_next(self) -> bool:
+        """Claim the best ready job if this runner has workers for it, and start it in a thread."""
+        with self._lock:
+            if self.max_jobs is not None and len(self._running) >= self.max_jobs:
+                return False
+            free = self._total - sum(self._reserved.values())
+        best = self.store.next_ready()
+        if best is None or free < 1:
+            return False
+        cp = int(best.request.get("cp") or 1)
+        asked = best.request.get("workers")
+        ready = max(1, min(self.store.count_ready(), free))
+        share = min(asked, self._total) if asked else max(cp, free // ready // cp * cp)
+        if share > free:  # waits for workers to come free (the best job first: no overtaking)
+            return False
+        record = self.store.claim_next(self.id, job_id=best.id)
+        if record is None:  # taken by another runner meanwhile
+            return True
+        with self._lock:
+            self._reserved[record.id] = share
+            thread = threading.Thread(target=self.run_job, args=(record,), name=f"job-{record.id}", daemon=True)
+            self._running[record.id] = thread
+        thread.start()
+        return True
+
+    def _reap(self) -> None:
+        with self._lock:
+            for job_id, thread in list(self._running.items()):
+                if not thread.is_alive():
+                    del self._running[job_id]
+                    self._reserved.pop(job_id, None)
+
+    def _join(self) -> None:
+        with self._lock:
+            threads = list(self._running.values())
+        for thread in threads:
+            thread.join()
+        self._reap()
 
     def sweep(self) -> None:
         """The retention sweep, between jobs, at most every `sweep_every_s`."""
@@ -351,7 +416,10 @@ class Runner:
             logger.warning("retention sweep failed (retried in %g s): %s", self.sweep_every_s, e)
 
     def close(self) -> None:
-        self._drop_pool()
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for _, pool in idle:
+            pool.shutdown()
         if self._ray_started:
             ray_boot.stop_ray()
             self._ray_started = False
@@ -360,47 +428,77 @@ class Runner:
     def run_job(self, record: JobRecord) -> str:
         """Render a claimed job (job_runner.run_leased: lease, checkpoints, the stop policy); returns its
         state after this run. Its log.txt gets the runner's lines and, while it runs, the pool's (retries,
-        exclusions: what the farm monitor shows)."""
+        exclusions: what the farm monitor shows): the lines of this thread only."""
         d = job_dir(self.farm_dir, record.id)
         d.mkdir(parents=True, exist_ok=True)
         request = dict(record.request)
         request.setdefault("out", str(d / "out.mp4"))
         request.setdefault("preview", str(d / "preview.png"))
+        with self._lock:
+            held = self._held.setdefault(record.id, {})  # this job's pool: {"key", "pool"}
         logger.info("job %s: running (priority %d)", record.id, record.priority)
-        with _logged_to(d / "log.txt"):
-            JOB_LOGGER.info("run by %s", self.id)
-            state, _ = run_leased(
-                self.store, record, self.id, d, lambda: request, self._get_pool, self.checkpoint_every,
-                self.lease_s, Provenance.local(self.farm_dir, produce_id=record.id),
-                Stops(self.stop, poll_s=0.2,
-                      space=lambda: check_free((d, Path(request["out"]).parent), self.min_free_mb)),
-                JobLog(d, to_logger=JOB_LOGGER), summarize=lambda result: _summary(d, result),
-                on_trouble=self._drop_pool, retry_hint=f"`longtake retry {record.id}` once space or access is back",
-                progress=self.progress)
+        try:
+            with _logged_to(d / "log.txt", record.id, self._loop):
+                JOB_LOGGER.info("run by %s", self.id)
+                state, _ = run_leased(
+                    self.store, record, self.id, d, lambda: request, lambda job: self._get_pool(record.id, job, held),
+                    self.checkpoint_every, self.lease_s, Provenance.local(self.farm_dir, produce_id=record.id),
+                    Stops(self.stop, poll_s=0.2,
+                          space=lambda: check_free((d, Path(request["out"]).parent), self.min_free_mb)),
+                    JobLog(d, to_logger=JOB_LOGGER), summarize=lambda result: _summary(d, result),
+                    on_trouble=lambda: self._drop(held),
+                    retry_hint=f"`longtake retry {record.id}` once space or access is back", progress=self.progress)
+        finally:
+            if held.get("pool") is not None:
+                with self._lock:
+                    self._idle.append((held["key"], held["pool"]))
+            with self._lock:
+                self._reserved.pop(record.id, None)
+                self._held.pop(record.id, None)
         logger.info("job %s: %s", record.id, state)
         return state
 
-    # -- the actor pool, kept across jobs of the same model, worker count and group size (cp)
-    def _get_pool(self, job):
+    # -- the job's actor pool: its share of the workers, kept across jobs of the same model, share and group size
+    def _get_pool(self, job_id: str, job, held: dict):
         from longtake.actors.ray_pool import RayPool
         from longtake.cluster.runtime import worker_plan
 
+        if held.get("pool") is not None:
+            return held["pool"]
         resources = ray_boot.cluster_resources()
-        spec, workers = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))  # slots
-        if self.workers and not job.request.workers:
-            workers = max(1, self.workers // spec.cp)  # the runner's workers, in groups of the job's cp
-        key = (spec, workers)
-        if self._pool is None or self._pool_key != key or self._pool.num_workers < workers:
-            self._drop_pool()
-            self._pool = RayPool(spec, workers, max_attempts=self.max_attempts, worker_cls=self.worker_cls,
-                                 blocklist_after=self.blocklist_after, task_timeout_s=self.task_timeout_s)
-            self._pool_key = key
-        return self._pool
+        spec, slots = worker_plan(job, resources.get("GPU", 0), resources.get("CPU", 1))
+        with self._lock:
+            share = self._reserved.get(job_id, self._total)
+            if not job.request.workers:  # its share, in groups of cp, at most one group per window
+                slots = max(1, min(share // spec.cp, len(job.windows)))
+                self._reserved[job_id] = slots * spec.cp  # what it does not use is free for the next job
+            # an idle pool of this spec with at least half the slots wanted starts at once (a new one starts its
+            # actors and loads the model); the slots it lacks stay free for the next job
+            fits = [(k[1], n) for n, (k, _) in enumerate(self._idle) if k[0] == spec and slots / 2 <= k[1] <= slots]
+            pool = self._idle.pop(max(fits)[1])[1] if fits else None
+            if pool is not None:
+                slots = pool.num_workers
+                if not job.request.workers:
+                    self._reserved[job_id] = slots * spec.cp
+            key = (spec, slots)
+            stale, self._idle = (self._idle, []) if pool is None else ([], self._idle)
+        for _, old in stale:  # another model or share: its actors free their resources first
+            old.shutdown()
+        if pool is None:
+            pool = RayPool(spec, slots, max_attempts=self.max_attempts, worker_cls=self.worker_cls,
+                           blocklist_after=self.blocklist_after, task_timeout_s=self.task_timeout_s)
+        held.update(key=key, pool=pool)
+        return pool
 
-    def _drop_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-        self._pool, self._pool_key = None, None
+    def pool(self, job_id: str):
+        """The pool rendering a running job (None before it has one)."""
+        with self._lock:
+            return self._held.get(job_id, {}).get("pool")
+
+    def _drop(self, held: dict) -> None:
+        """After a cancel, a lost lease or a failed render: the job's workers start fresh for the next job."""
+        if held.get("pool") is not None:
+            held.pop("pool").shutdown()
 
 
 def table_rows(records: list[JobRecord]) -> list[str]:
@@ -410,30 +508,52 @@ def table_rows(records: list[JobRecord]) -> list[str]:
         p, req = r.progress or {}, r.request
         step = f"{p.get('step') or 0}/{p['steps']}" if p.get("steps") else "-"
         what = req.get("prompt") or f"timeline ({len(req.get('timeline') or [])} keys)"
-        what = what if len(what) <= 40 else what[:39] + "…"
+        if r.story:  # a story's shot: which, and the job it waits for
+            what = f"{r.story['film']}:{r.story['shot']}" + (f" after {r.depends[0][:8]}" if r.depends else "") \
+                + f" {what}"
+        what = what if len(what) <= 48 else what[:47] + "…"
         submitted = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created))
         lines.append(f"{r.id:16}  {r.state:9}  {r.priority:>4}  {step:>7}  {submitted:16}  {what}")
     return lines
 
 
 @contextlib.contextmanager
-def _logged_to(path: Path):
+def _logged_to(path: Path, job_id: str, loop: int | None = None):
     """While the block runs, longtake's log records at INFO and above (whatever the console shows) also go to
-    `path`: a job's log.txt (one job runs at a time in a runner)."""
+    `path`: a job's log.txt. A runner renders each job in a thread of its own: the records of this thread and
+    of the job's lease thread go there, and those of any thread but other jobs' and the runner's loop
+    (`loop`: a thread ident)."""
     handler = logging.FileHandler(path)
+    mine, lease = threading.get_ident(), f"lease-{job_id}"
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.thread == mine or record.threadName == lease:
+            return True
+        return record.thread != loop and not record.threadName.startswith(("job-", "lease-"))
+
+    handler.addFilter(keep)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger("longtake")
-    old_level = root.level
-    root.addHandler(handler)
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)
+    with _LOGGED["lock"]:
+        if _LOGGED["count"] == 0:
+            _LOGGED["level"] = root.level
+            if root.getEffectiveLevel() > logging.INFO:
+                root.setLevel(logging.INFO)
+        _LOGGED["count"] += 1
+        root.addHandler(handler)
     try:
         yield
     finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
+        with _LOGGED["lock"]:
+            root.removeHandler(handler)
+            _LOGGED["count"] -= 1
+            if _LOGGED["count"] == 0:  # the last job of those running at once restores the level
+                root.setLevel(_LOGGED["level"])
         handler.close()
+
+
+_LOGGED = {"lock": threading.Lock(), "count": 0, "level": logging.NOTSET}  # jobs logging to their log.txt now
 
 
 def _summary(d: Path, result) -> dict:

@@ -22,7 +22,7 @@ junction (12.5x the frame-to-frame change there on the bundled model alone; 0.9 
 about 1; docs/rendering.md has the figures).
 
 The output is `extend`'s frames as read (passed through, not re-rendered), the new frames, then
-`lead_into`'s frames. The context defaults to one window of frames, or all of a shorter input; an explicit
+`lead_into`'s frames (only the new frames with `include_inputs` false: a story's shot). The context defaults to one window of frames, or all of a shorter input; an explicit
 `context` the input cannot supply is an error. For a family whose causal VAE packs 4 frames in a latent
 frame (Wan) the context is cut to 4k + 1 frames, so the extended clip's latents are exactly the context's;
 frames pinned later in the clip (keyframes, `lead_into`) are encoded as clips of their own (approximate).
@@ -61,6 +61,7 @@ class Inputs:
     source: VideoInput | None = None  # `video`: the clip redrawn (video to video), streamed when encoded
     strength: float = 1.0  # how much of `source`, or of a bridge's crossfade, is redrawn (1: from noise alone)
     hashes: dict = field(default_factory=dict)  # field -> SHA-256 of the file(s), for the checkpoint fingerprint
+    include: bool = True  # `before` and `after` are in the output (request.include_inputs)
 
     @property
     def redraws(self) -> bool:
@@ -70,7 +71,8 @@ class Inputs:
     @property
     def passthrough(self) -> int:
         """Output frames copied from the inputs."""
-        return (self.before.frames if self.before else 0) + (self.after.frames if self.after else 0)
+        return (self.before.frames if self.before else 0) + (self.after.frames if self.after else 0) \
+            if self.include else 0
 
 
 def _context_frames(request: RenderRequest, window_frames: int, causal: bool, temporal: int) -> int:
@@ -160,7 +162,8 @@ def resolve_inputs(request: RenderRequest, height: int, width: int, window_frame
         taken[frame] = name
         pinned.append(Pinned(ctx_before + frame, load_image(f"{name}.image", key.image, width, height)[None], name))
         hashes[name] = [key.at, file_sha256(key.image)]
-    return Inputs(new, tuple(pinned), before, after, ctx_before, ctx_after, source, strength, hashes)
+    return Inputs(new, tuple(pinned), before, after, ctx_before, ctx_after, source, strength, hashes,
+                  request.include_inputs)
 
 
 def reference_image(field: str, path: str, width: int, height: int) -> np.ndarray:

@@ -25,7 +25,8 @@ The job-status JSON (`JobRecord.to_dict`, the one shape of `longtake status --js
                   "frames_done", "frames", "eta_s", "windows" (each window's steps predicted: the window x step
                   grid), "running" (windows predicting now), "workers" (pool.WorkerBook's, where the pool
                   keeps one)}, "error", "result", "client" (the API client that submitted it, serve.keys;
-     None on the farm)}
+     None on the farm), "depends" (ids of the jobs it waits for), "story" (a story's shot: {"film", "shot",
+     "begin"}, else None)}
 Over HTTP an idempotency key belongs to its client: the store keeps it as "CLIENT/KEY" (`scoped_key`).
 """
 
@@ -68,7 +69,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     runner TEXT,
     lease INTEGER NOT NULL DEFAULT 0,
-    client TEXT
+    client TEXT,
+    depends TEXT NOT NULL DEFAULT '[]',
+    story TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, created);
 """
@@ -156,13 +159,16 @@ class JobRecord:
     runner: str | None = None  # runner_id of the process rendering it
     lease: int = 0  # lease generation: grows at every claim
     client: str | None = None  # the API client (serve.keys) that submitted it
+    depends: list = field(default_factory=list)  # ids of the jobs it waits for (a story's shots: story.py)
+    story: dict | None = None  # a story's shot: {"film", "shot", "begin"} (what the monitors show)
 
     def to_dict(self) -> dict:
         """The one job-status shape (module docstring)."""
         progress = {k: self.progress.get(k) for k in PROGRESS_KEYS}
         return {"id": self.id, "status": self.state, "priority": self.priority, "created": iso(self.created),
                 "updated": iso(self.updated), "request": self.request, "progress": progress,
-                "error": self.error or None, "result": self.result, "client": self.client}
+                "error": self.error or None, "result": self.result, "client": self.client,
+                "depends": self.depends, "story": self.story}
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
@@ -171,7 +177,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         idempotency_key=row["idempotency_key"], created=row["created"], updated=row["updated"],
         progress=json.loads(row["progress"]), error=row["error"],
         result=json.loads(row["result"]) if row["result"] else None, runner=row["runner"], lease=row["lease"],
-        client=row["client"])
+        client=row["client"], depends=json.loads(row["depends"]), story=json.loads(row["story"]) if row["story"] else None)
 
 
 def _check_int(name: str, value, low: int, high: int = SQLITE_INT_MAX) -> int:
@@ -241,6 +247,9 @@ class JobStore:
                 db.execute("ALTER TABLE jobs ADD COLUMN lease INTEGER NOT NULL DEFAULT 0")
             if "client" not in columns:  # a store made before API keys
                 db.execute("ALTER TABLE jobs ADD COLUMN client TEXT")
+            if "depends" not in columns:  # a store made before stories
+                db.execute("ALTER TABLE jobs ADD COLUMN depends TEXT NOT NULL DEFAULT '[]'")
+                db.execute("ALTER TABLE jobs ADD COLUMN story TEXT")
 
     @contextmanager
     def _db(self):
@@ -255,11 +264,13 @@ class JobStore:
 
     def create(self, request: dict, priority: int = 0, idempotency_key: str | None = None,
                max_active: int | None = None, client: str | None = None,
-               client_max_active: int | None = None) -> tuple[JobRecord, bool]:
+               client_max_active: int | None = None, depends: list[str] = (),
+               story: dict | None = None) -> tuple[JobRecord, bool]:
         """Insert a queued job; returns (job, created). An idempotency key already used for the same request
         returns that job (created False); for another request it raises Conflict. With `max_active`, raises
         QueueFull when that many jobs are queued or running; with `client_max_active`, when `client` has that
-        many queued, running or paused (ClientFull); the checks and the insert are one transaction."""
+        many queued, running or paused (ClientFull); the checks and the insert are one transaction. `depends`:
+        the ids of jobs that must be done before this one is claimed (`claim_next`, `fail_orphans`)."""
         _check_int("priority", priority, -SQLITE_INT_MAX)
         now = time.time()
         job_id = uuid.uuid4().hex[:16]
@@ -286,9 +297,10 @@ class JobStore:
                     if mine >= client_max_active:
                         raise ClientFull(f"client {client!r} has {mine} jobs queued, running or paused, at most "
                                          f"{client_max_active}")
-                db.execute("INSERT INTO jobs (id, state, request, priority, idempotency_key, created, updated, client) "
-                           "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
-                           (job_id, text, priority, idempotency_key, now, now, client))
+                db.execute("INSERT INTO jobs (id, state, request, priority, idempotency_key, created, updated, client, "
+                           "depends, story) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (job_id, text, priority, idempotency_key, now, now, client, json.dumps(list(depends)),
+                            json.dumps(story) if story is not None else None))
             finally:
                 db.execute("COMMIT")
         return self.get(job_id), True
@@ -351,18 +363,52 @@ class JobStore:
         with self._db() as db:
             return db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}){mine}", (*states, *args)).fetchone()[0]
 
-    def claim_next(self, runner: str | None = None) -> JobRecord | None:
-        """Atomically move the best queued job (priority, then submit time) to running, leased to `runner`
-        with a new lease generation."""
+    READY = ("state = 'queued' AND NOT EXISTS (SELECT 1 FROM json_each(jobs.depends) AS d WHERE NOT EXISTS "
+             "(SELECT 1 FROM jobs AS j WHERE j.id = d.value AND j.state = 'done'))")  # every dependency done
+
+    def next_ready(self) -> JobRecord | None:
+        """The best queued job whose dependencies are all done (priority, then submit time), not claimed."""
+        with self._db() as db:
+            row = db.execute(f"SELECT * FROM jobs WHERE {self.READY} ORDER BY priority DESC, created, id LIMIT 1"
+                             ).fetchone()
+        return _record(row) if row else None
+
+    def count_ready(self) -> int:
+        """How many queued jobs could start now (their dependencies done)."""
+        with self._db() as db:
+            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE {self.READY}").fetchone()[0]
+
+    def claim_next(self, runner: str | None = None, job_id: str | None = None) -> JobRecord | None:
+        """Atomically move the best ready queued job (priority, then submit time; every job it depends on
+        done), or the job `job_id` if it is still one, to running, leased to `runner` with a new lease
+        generation."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, created, id LIMIT 1"
-                             ).fetchone()
+            only = " AND id = ?" if job_id is not None else ""
+            row = db.execute(f"SELECT id FROM jobs WHERE {self.READY}{only} ORDER BY priority DESC, created, id "
+                             "LIMIT 1", (job_id,) if job_id is not None else ()).fetchone()
             if row is not None:
                 db.execute("UPDATE jobs SET state = 'running', updated = ?, runner = ?, lease = lease + 1 WHERE id = ?",
                            (time.time(), runner, row["id"]))
             db.execute("COMMIT")
         return self.get(row["id"]) if row else None
+
+    def fail_orphans(self) -> list[tuple[str, str]]:
+        """Fail the queued jobs that wait for a job that failed, was cancelled or deleted (and so on down the
+        graph: a failed shot fails only what depends on it). Returns [(job id, the job it waited for)]."""
+        failed = []
+        while True:
+            with self._db() as db:
+                rows = db.execute("SELECT jobs.id, j.id AS dep, j.state FROM jobs, json_each(jobs.depends) AS d "
+                                  "JOIN jobs AS j ON j.id = d.value WHERE jobs.state = 'queued' AND j.state IN "
+                                  "('failed', 'cancelled', 'deleted')").fetchall()
+            if not rows:
+                return failed
+            for row in rows:
+                if self.update(row["id"], state="failed", only_from=("queued",),
+                               error=f"job {row['dep']}, which it waits for, is {row['state']} (retry that job, "
+                                     "then this one; or run the story again)"):
+                    failed.append((row["id"], row["dep"]))
 
     def update(self, job_id: str, *, state: str | None = None, progress: dict | None = None,
                error: str | None = None, result: dict | None = None, only_from: tuple[str, ...] | None = None,

@@ -59,7 +59,9 @@
       LT.showProgress(tr.querySelector('progress.progress'), tr.querySelector('span.percent'), job.progress, job.state);
       tr.querySelector('td.retries').textContent = job.retries ?? 0;
       tr.querySelector('td.blocklist').textContent = (job.blocklist || []).join(', ');
-      const prompt = LT.firstPrompt(job.request);
+      const shot = job.story ? `${job.story.film}:${job.story.shot}` +
+        (job.depends && job.depends.length ? ` after ${job.depends[0].slice(0, 8)}` : '') + ' ' : '';
+      const prompt = shot + LT.firstPrompt(job.request);
       const td = tr.querySelector('td.prompt');
       td.textContent = LT.truncate(prompt, 60);
       td.title = prompt;
@@ -86,6 +88,8 @@
     const p = job.progress || {};
     const bits = [`state ${job.state}`, `priority ${job.priority ?? '-'}`, `step ${LT.steps(p)}`,
       `${LT.percent(p, job.state)} %`, `ETA ${LT.eta(p, job.state)}`, `retries ${job.retries ?? 0}`];
+    if (job.story) bits.push(`story ${job.story.film}, shot ${job.story.shot} (${job.story.begin})`);
+    if (job.depends && job.depends.length) bits.push(`waits for ${job.depends.join(', ')}`);
     if (job.runner) bits.push(`runner ${job.runner}`);
     if (job.blocklist && job.blocklist.length) bits.push(`blocklist ${job.blocklist.join(', ')}`);
     if (p.phase) bits.push(`phase ${p.phase}`);
