@@ -46,7 +46,8 @@ from pathlib import Path
 import yaml
 
 from longtake.media import file_sha256
-from longtake.request import LABEL_MODES, LABEL_POSITION, LABEL_POSITIONS, LABEL_TEXT, RenderRequest, RequestError
+from longtake.request import (LABEL_MODES, LABEL_POSITION, LABEL_POSITIONS, LABEL_TEXT, RenderRequest, RequestError,
+                              parse_request)
 
 STORY_KEYS = ("style", "characters", "shots", "label", "label_text", "label_position")  # besides render defaults
 SHOT_KEYS = ("id", "characters", "begin")  # besides render fields
@@ -121,8 +122,23 @@ def load(path: str) -> Story:
     """Read and check a story file: its keys, characters, shots, ids, beginnings and dependencies (no model
     is opened: `check` does the render checks). Media paths are relative to the file. RequestError naming the
     shot and the field."""
-    data = read(path)
     base = Path(path).resolve().parent
+
+    def picture(where: str, value) -> str:
+        if not isinstance(value, str):
+            raise RequestError(where, value, "a path to a picture")
+        image = str((base / value).resolve())
+        _check_picture(where, image)
+        return image
+
+    return parse(read(path), str(path), picture)
+
+
+def parse(data: dict, name: str, picture, prompts: bool = True) -> Story:
+    """A story from its mapping (`load`; serve's POST /v1/stories). `picture(field, value)`: a character
+    image's local path (checked). `prompts`: whether a character may be given by prompt."""
+    if not isinstance(data, dict):
+        raise RequestError("story", data, "a mapping with `shots:` (and optional style, characters, defaults)")
     render_fields = set(RenderRequest.model_fields)
     for key in data:
         if key not in STORY_KEYS and key not in render_fields:
@@ -140,23 +156,24 @@ def load(path: str) -> Story:
         raise RequestError("label", film["label"], f"one of {', '.join(LABEL_MODES)} (the film's visible label)")
     if film["label_position"] not in LABEL_POSITIONS:
         raise RequestError("label_position", film["label_position"], f"one of {', '.join(LABEL_POSITIONS)}")
-    characters = _characters(data.get("characters") or {}, base)
+    parse_request({"prompt": "-", **film})  # the label's text: one line that a label can show
+    characters = _characters(data.get("characters") or {}, picture, prompts)
     defaults = {k: v for k, v in data.items() if k in render_fields and k not in FILM_FIELDS}
     shots = data.get("shots")
     if not isinstance(shots, list) or not shots:
         raise RequestError("shots", shots, "a non-empty list of shots ({id, prompt, seconds, ...})")
     parsed: list[Shot] = []
     for n, raw in enumerate(shots):
-        parsed.append(_shot(n, raw, defaults, style, characters, parsed, base))
+        parsed.append(_shot(n, raw, defaults, style, characters, parsed))
     for shot in parsed:  # `{continue: ID}` may name a later shot: checked once all are read
         if shot.after is not None and shot.after not in {s.id for s in parsed}:
             raise RequestError(f"{shot.where}.begin", {"continue": shot.after}, "the id of another shot of the "
                                                                                 "story")
     _check_acyclic(parsed)
-    return Story(str(path), style, characters, parsed, film)
+    return Story(name, style, characters, parsed, film)
 
 
-def _characters(raw, base: Path) -> dict[str, Character]:
+def _characters(raw, picture, prompts: bool) -> dict[str, Character]:
     if not isinstance(raw, dict):
         raise RequestError("characters", raw, "a mapping of name -> {image: PATH} or {prompt: TEXT}")
     out = {}
@@ -168,11 +185,10 @@ def _characters(raw, base: Path) -> dict[str, Character]:
             raise RequestError(where, spec, "{image: PATH} (a picture of the character) or {prompt: TEXT} (a "
                                             "reference frame rendered first)")
         if "image" in spec:
-            if not isinstance(spec["image"], str):
-                raise RequestError(f"{where}.image", spec["image"], "a path to a picture")
-            image = str((base / spec["image"]).resolve())
-            _check_picture(f"{where}.image", image)
-            out[name] = Character(name, image=image)
+            out[name] = Character(name, image=picture(f"{where}.image", spec["image"]))
+        elif not prompts:
+            raise RequestError(where, spec, "{image: FILE_ID}: a picture you uploaded (POST /v1/files; a character "
+                                            "by prompt is rendered by `longtake story`)")
         else:
             if not isinstance(spec["prompt"], str) or not spec["prompt"].strip():
                 raise RequestError(f"{where}.prompt", spec["prompt"], "a non-empty prompt")
@@ -189,7 +205,7 @@ def _check_picture(field_name: str, path: str) -> None:
     load_image(field_name, path, 8, 8)
 
 
-def _shot(n: int, raw, defaults: dict, style: str, characters: dict, before: list[Shot], base: Path) -> Shot:
+def _shot(n: int, raw, defaults: dict, style: str, characters: dict, before: list[Shot]) -> Shot:
     where = f"shots[{n}]"
     if not isinstance(raw, dict):
         raise RequestError(where, raw, "a mapping {id, prompt or timeline, seconds, ...}")
@@ -348,20 +364,23 @@ def plan(story: Story, store: Path, references: dict[str, str], only: list[str] 
     return shots
 
 
-def check(story: Story, shots: list[Shot], store: Path) -> dict:
+def check(story: Story, shots: list[Shot], store: Path, prepare=None) -> dict:
     """Every render check of every shot before anything is queued (a continued shot's input is not made yet:
     it is checked without it), that shots share one frame size and rate, that the model has a reference
     mechanism where a shot shows a character, and that dissolves fit their shots. Returns {"width", "height",
-    "fps"}. RequestError naming the shot."""
-    from longtake.cluster.engine import prepare
+    "fps"}. RequestError naming the shot. `prepare(request)`: the checks of a request -> its engine.Job
+    (default: engine.prepare without decoding media; serve's adds its limits)."""
+    if prepare is None:
+        from longtake.cluster.engine import prepare as engine_prepare
 
+        prepare = lambda request: engine_prepare(request, pixels=False)  # noqa: E731
     geometry = None
     frames = {}
     for shot in shots:
         request = {k: v for k, v in shot.request.items() if k not in ("extend", "include_inputs", "preview")}
         request["out"] = str(store / "check.mp4")
         try:
-            job = prepare(request, pixels=False)
+            job = prepare(request)
         except RequestError as e:
             raise RequestError(f"{shot.where}.{e.field}", e.value, e.expected) from None
         if shot.character is not None and not _takes_reference(job.model):

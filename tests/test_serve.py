@@ -858,3 +858,51 @@ def test_only_the_served_host_names_are_answered(server):
             r = call(server, "GET", path, token=token, headers={"Host": host})
             assert r.status_code == 421 and r.json()["detail"]["field"] == "Host", (host, path, r.status_code)
     assert call(server, "GET", "/healthz", token=None, headers={"Host": "10.1.2.3:8000"}).json() == {"ok": True}
+
+
+def test_a_story_renders_its_shots_as_jobs_and_joins_the_film(server, serve_dir, media):
+    """POST /v1/stories: shots as the client's jobs (a continue waits for its shot), the film and its OTIO
+    once they are done; bad stories are 422 naming the shot and field, and nothing is queued."""
+    import opentimelineio as otio
+
+    story = {"style": "on a blue background", "steps": 2, "window": 8, "overlap": 2, "fps": 8,
+             "shots": [{"id": "a", "prompt": "a red ball", "seconds": 1},
+                       {"id": "b", "prompt": "a red ball moving up", "seconds": 1, "begin": "continue"},
+                       {"id": "c", "prompt": "a green ball", "seconds": 1, "begin": {"dissolve": 0.5}}]}
+    before = call(server, "GET", "/v1/videos").json()["total"]
+    picture = upload(server, media / "start.png").json()["id"]
+    for change, field in ((lambda s: s["shots"][1].update(begin={"continue": "zz"}), "shots[1] (b).begin"),
+                          (lambda s: s.update(characters={"hero": {"prompt": "a ball"}}), "characters.hero"),
+                          (lambda s: (s.update(characters={"hero": {"image": picture}}),
+                                      s["shots"][0].update(characters=["hero"])), "shots[0] (a).characters"),
+                          (lambda s: s["shots"][2].update(seconds=60), "shots[2] (c).seconds")):
+        bad = json.loads(json.dumps(story))
+        change(bad)
+        r = call(server, "POST", "/v1/stories", json=bad)
+        assert r.status_code == 422 and r.json()["detail"]["field"] == field, r.text
+    assert call(server, "GET", "/v1/videos").json()["total"] == before  # nothing queued
+    r = call(server, "POST", "/v1/stories", json=story)
+    assert r.status_code == 202, r.text
+    created = r.json()
+    assert [s["id"] for s in created["shots"]] == ["a", "b", "c"]
+    jobs = {s["id"]: s["job"] for s in created["shots"]}
+    shot_b = call(server, "GET", f"/v1/videos/{jobs['b']}").json()
+    assert shot_b["depends"] == [jobs["a"]] and shot_b["story"]["shot"] == "b"
+    assert shot_b["request"]["extend"] == f"job:{jobs['a']}"  # no server path in what a client reads
+    deadline = time.time() + 240
+    while (status := call(server, "GET", f"/v1/stories/{created['id']}").json())["status"] not in ("done", "failed"):
+        assert time.time() < deadline, status
+        time.sleep(0.5)
+    assert status["status"] == "done" and status["frames"] == 8 + 8 + 8 - 4, status
+    film = call(server, "GET", f"/v1/stories/{created['id']}/content")
+    assert film.status_code == 200 and film.headers["content-type"] == "video/mp4"
+    path = serve_dir / "film.mp4"
+    path.write_bytes(film.content)
+    assert probe(path)["frames"] == 20
+    timeline = otio.adapters.read_from_string(call(server, "GET", f"/v1/stories/{created['id']}/otio").text)
+    clips = [i for i in timeline.tracks[0] if isinstance(i, otio.schema.Clip)]
+    assert [c.media_reference.target_url for c in clips] == [f"/v1/videos/{jobs[s]}/content" for s in "abc"]
+    assert timeline.duration().value == 20
+    other = call(server, "GET", f"/v1/stories/{created['id']}", token="wrong")
+    assert other.status_code == 403
+    assert call(server, "GET", "/v1/stories/0123456789abcdef").status_code == 404

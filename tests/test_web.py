@@ -363,3 +363,31 @@ def test_the_workers_view_and_the_window_grid_follow_a_simulated_run(browser, ra
         thread.join(120)
         server.should_exit = True
     assert farm.open_store(farm_dir).get(record.id).state == "done"
+
+
+@needs_browser
+def test_the_farm_view_shows_a_storys_shots_and_what_they_wait_for(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from longtake.cluster import farm
+
+    store = farm.open_store(tmp_path / "farm")
+    first, _ = store.create({"prompt": "a red ball moving right"},
+                            story={"film": "film.yaml", "shot": "s1", "begin": "cut", "after": None})
+    second, _ = store.create({"prompt": "a red ball moving up"}, depends=[first.id],
+                             story={"film": "film.yaml", "shot": "s2", "begin": "continue", "after": "s1"})
+    server, url = _start_monitor(tmp_path / "farm", None)
+    try:
+        browser.get(url + "/")
+        row = f"tr[data-id='{second.id}']"
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f"{row} td.prompt"), what="the shot listed")
+        cell = browser.find_element(By.CSS_SELECTOR, f"{row} td.prompt").text
+        assert cell == f"film.yaml:s2 after {first.id[:8]} a red ball moving up", cell
+        assert browser.find_element(By.CSS_SELECTOR, f"tr[data-id='{first.id}'] td.prompt").text == \
+            "film.yaml:s1 a red ball moving right"
+        browser.find_element(By.CSS_SELECTOR, f"{row} a.job-link").click()
+        wait(browser, lambda d: "waits for" in by_id(d, "farm-job-meta").text, what="the shot's details")
+        meta = by_id(browser, "farm-job-meta").text
+        assert "story film.yaml, shot s2 (continue)" in meta and f"waits for {first.id}" in meta, meta
+    finally:
+        server.should_exit = True

@@ -204,9 +204,10 @@ def assemble(story: Story, shots: list[Shot], out: str, geometry: dict, produce_
             "frames_sha256": hashes.sha256.hexdigest(), "produce_id": produce_id}
 
 
-def timeline(story: Story, shots: list[Shot], path: str, fps: float, produce_ids: dict[str, str]) -> list[str]:
+def timeline(story: Story, shots: list[Shot], path: str, fps: float, produce_ids: dict[str, str],
+             url=lambda shot: Path(shot.out).resolve().as_uri()) -> list[str]:
     """film.otio (and film.edl where OTIO's CMX 3600 adapter is installed and takes the rate): module
-    docstring. Returns the files written."""
+    docstring. `url(shot)`: its media reference (default: its MP4's file:// URL). Returns the files written."""
     import opentimelineio as otio
 
     by_id = {s.id: s for s in shots}
@@ -227,7 +228,7 @@ def timeline(story: Story, shots: list[Shot], path: str, fps: float, produce_ids
                 name=f"dissolve into {shot.id}", transition_type=otio.schema.TransitionTypes.SMPTE_Dissolve,
                 in_offset=rt(d_in // 2), out_offset=rt(d_in - d_in // 2)))
         start, tail = d_in // 2, d_out - d_out // 2
-        media = otio.schema.ExternalReference(target_url=Path(shot.out).resolve().as_uri(),
+        media = otio.schema.ExternalReference(target_url=url(shot),
                                               available_range=otio.opentime.TimeRange(rt(0), rt(shot.frames)))
         clip = otio.schema.Clip(name=shot.id, media_reference=media,
                                 source_range=otio.opentime.TimeRange(rt(start), rt(shot.frames - start - tail)))

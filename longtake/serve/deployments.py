@@ -142,6 +142,15 @@ class Manager:
             return {"error": "conflict", "message": str(e)}
         return {"job": job, "created": created}
 
+    async def submit_story(self, body: dict, client: str | None = None, max_jobs: int | None = None) -> dict:
+        """POST /v1/stories: errors come back as values, as `submit`'s."""
+        try:
+            return {"story": await asyncio.to_thread(self.manager.submit_story, body, client, max_jobs)}
+        except RequestError as e:
+            return {"error": "invalid", "field": e.field, "message": public_message(str(e))}
+        except QueueFull as e:
+            return {"error": "full", "message": str(e)}
+
     def __del__(self):
         self.manager.close()
 

@@ -175,6 +175,9 @@ class JobManager:
                                 registry=self.registry)
         self._left: dict[str, int] = {}
         self._recovered = 0.0
+        from longtake.serve.stories import StoryBook
+
+        self.stories = StoryBook(self)  # POST /v1/stories: shots as jobs with dependencies, then the film
         self._scheduler = threading.Thread(target=self._schedule, daemon=True, name="longtake-scheduler")
         self._scheduler.start()
 
@@ -283,6 +286,17 @@ class JobManager:
         """The job if `client` may see it (None: any client's), else None."""
         job = self.store.get(job_id)
         return job if job is not None and (client is None or job.client == client) else None
+
+    def submit_story(self, body: dict, client: str | None = None, max_jobs: int | None = None) -> dict:
+        """Check a story and queue its shots as jobs with dependencies (serve/stories.py). Raises RequestError
+        or QueueFull."""
+        return self.stories.submit(body, client, max_jobs)
+
+    def get_story(self, story_id: str, client: str | None = None) -> dict | None:
+        return self.stories.get(story_id, client)
+
+    def story_file(self, story_id: str, name: str, client: str | None = None) -> str | None:
+        return self.stories.file(story_id, name, client)
 
     def get(self, job_id: str, client: str | None = None) -> dict | None:
         """The job's status; None if there is no such job of `client`'s. Raises Gone for a deleted one."""
@@ -414,6 +428,8 @@ class JobManager:
                     for job_id, owner in self.store.recover(self.id, self.limits.lease_s, tuple(self._running)):
                         logger.warning("job %s: manager %s is gone; requeued (it resumes from its checkpoint)",
                                        job_id, owner or "?")
+                for job_id, dep in self.store.fail_orphans():  # a story's shot whose shot before failed
+                    self._log(job_id, f"failed: job {dep}, which it waits for, did not finish")
                 while len(self._running) < self.limits.max_running and not self._stop.is_set():
                     job = self.store.claim_next(self.id)
                     if job is None:
@@ -421,6 +437,10 @@ class JobManager:
                     thread = threading.Thread(target=self._run_job, args=(job,), daemon=True, name=f"job-{job.id}")
                     self._running[job.id] = thread
                     thread.start()
+            try:
+                self.stories.tick()  # join the films of stories whose shots are done
+            except OSError as e:
+                logger.warning("stories: %s", e)
             if time.monotonic() - self._swept >= self.limits.sweep_every_s:
                 self._swept = time.monotonic()
                 try:
@@ -440,9 +460,12 @@ class JobManager:
         log(f"running on {self.id} (lease {record.lease})")
 
         def request() -> dict:
-            local, _ = self.files.local_request(record.request, None)
-            return {**local, "model": self.model, "out": str(out_dir / "video.mp4"),
-                    "preview": str(out_dir / "preview.png")}
+            from longtake.serve.stories import resolve
+
+            body, extend = resolve(record.request, self.job_dir)  # a story's shot continues another job's video
+            local, _ = self.files.local_request(body, None)
+            return {**local, **({"extend": extend} if extend else {}), "model": self.model,
+                    "out": str(out_dir / "video.mp4"), "preview": str(out_dir / "preview.png")}
 
         def pool_for(job):
             begin_job = getattr(self.pool, "begin_job", None)  # the ServePool shares its calls by work left

@@ -10,6 +10,9 @@ Uploads (`POST /v1/files`) stream from the ingress into DATA_DIR/uploads (upload
 files.py keeps the file; the data directory is shared by every pod, and private: longtake/private.py), are
 probed there, and are named by id in requests; the manager swaps ids for paths.
 
+Stories (`POST /v1/stories`, `GET /v1/stories/{id}`, its film and OTIO): the manager's StoryBook
+(stories.py) queues the shots as the client's jobs and joins the film.
+
 Clients: every /v1 route takes an API key (keys.py); jobs and uploads belong to the key's client and are
 404 to others (an admin key sees all). The contract: schema.py (the request body with this server's
 limits and model, the response shapes, one error shape); pages.py adds the security headers, the error
@@ -42,8 +45,8 @@ from longtake.serve.keys import Client, KeyStore
 from longtake.serve.limits import Limits
 from longtake.serve.manager import JobManager, public_message
 from longtake.serve.pages import error, install, known_query, served_hosts
-from longtake.serve.schema import (FILE_ID, Accepted, Changed, FileDeleted, FileMeta, Job, JobList, Links, Me,
-                                   Workers, errors, finish_openapi, request_schema)
+from longtake.serve.schema import (FILE_ID, STORY_BODY, Accepted, Changed, FileDeleted, FileMeta, Job, JobList,
+                                   Links, Me, Story, Workers, errors, finish_openapi, request_schema)
 from longtake.serve.uploads import UPLOAD_BODY, TooLarge, Upload
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ api = FastAPI(dependencies=[Depends(known_query)], title="longtake", description
               "The web monitor is at /.")
 install(api, "index.html")
 JOB_ID = FilePath(pattern=r"^[0-9a-f]{16}$", description="A job id.")
+STORY_ID = FilePath(pattern=r"^[0-9a-f]{16}$", description="A story id.")
 LINK = Query(None, pattern=r"^[0-9]{1,12}\.[0-9a-f]{32}$", description="A signed link (POST /v1/videos/{job_id}/links) "
              "instead of the Authorization header.")
 LINK_TTL_S = 3600
@@ -168,19 +172,7 @@ class Ingress:
                      idempotency_key: str | None = Header(None, min_length=1, max_length=200)):
         """Queue a render. The body is a render request (its schema below, with this server's limits)."""
         client = self._client(authorization)
-        top = self.limits.max_body_bytes
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > top:
-            raise HTTPException(413, f"body of {size} bytes, at most {top}")
-        raw = bytearray()
-        async for chunk in request.stream():  # a chunked body: stop reading at the limit
-            raw += chunk
-            if len(raw) > top:
-                raise HTTPException(413, f"body of more than {top} bytes, at most {top}")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPException(400, {"field": "body", "error": f"body: expected a JSON object ({e})"})
+        body = await self._body(request)
         if not isinstance(body, dict):
             return error(422, f"body: got {type(body).__name__}, expected a JSON object", "body")
         answer = await self.manager.submit.remote(body, idempotency_key, client.name, client.max_jobs)
@@ -192,6 +184,72 @@ class Ingress:
             return error(409, answer["message"], "Idempotency-Key")
         job = answer["job"]
         return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202 if answer["created"] else 200)
+
+    async def _body(self, request: Request):
+        """A JSON body, read chunk by chunk up to the limit (413 past it; 400 when it is not JSON)."""
+        top = self.limits.max_body_bytes
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > top:
+            raise HTTPException(413, f"body of {size} bytes, at most {top}")
+        raw = bytearray()
+        async for chunk in request.stream():  # a chunked body: stop reading at the limit
+            raw += chunk
+            if len(raw) > top:
+                raise HTTPException(413, f"body of more than {top} bytes, at most {top}")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPException(400, {"field": "body", "error": f"body: expected a JSON object ({e})"})
+
+    @api.post("/v1/stories", status_code=202, response_model=Story, openapi_extra={"requestBody": STORY_BODY},
+              responses=errors(400, 401, 403, 413, 422, 429))
+    async def create_story(self, request: Request, authorization: str | None = Header(None)):
+        """Queue a story: its shots as jobs (a `continue` shot waits for the shot it continues), then one film.
+        The body is a story (docs/stories.md) as JSON; a character is `{"image": FILE_ID}`, a picture you
+        uploaded (POST /v1/files)."""
+        client = self._client(authorization)
+        body = await self._body(request)
+        if not isinstance(body, dict):
+            return error(422, f"body: got {type(body).__name__}, expected a JSON object", "body")
+        answer = await self.manager.submit_story.remote(body, client.name, client.max_jobs)
+        if answer.get("error") == "invalid":
+            return error(422, answer["message"], answer["field"])
+        if answer.get("error") == "full":
+            return error(429, f"queue full: {answer['message']}", None, headers={"Retry-After": "10"})
+        return JSONResponse(answer["story"], status_code=202)
+
+    @api.get("/v1/stories/{story_id}", response_model=Story, responses=errors(401, 403, 404, 422))
+    async def get_story(self, story_id: str = STORY_ID, authorization: str | None = Header(None)):
+        """A story's status: each shot's job and state, the film's frames once it is joined."""
+        story = await self._call("get_story", story_id, self._scope(self._client(authorization)))
+        if story is None:
+            raise HTTPException(404, f"no story {story_id}")
+        return story
+
+    async def _story_file(self, story_id: str, name: str, media_type: str, authorization: str | None):
+        scope = self._scope(self._client(authorization))
+        story = await self._call("get_story", story_id, scope)
+        if story is None:
+            raise HTTPException(404, f"no story {story_id}")
+        path = await self._call("story_file", story_id, name, scope)
+        if path is None:
+            raise HTTPException(409, f"story {story_id} is {story['status']}: no {name} yet")
+        return FileResponse(path, media_type=media_type)
+
+    @api.get("/v1/stories/{story_id}/content", responses={
+        200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "The film (byte ranges: 206)"}, **errors(401, 403, 404, 409, 422)})
+    async def story_content(self, story_id: str = STORY_ID, authorization: str | None = Header(None)):
+        """The film, once every shot is done and it is joined."""
+        return await self._story_file(story_id, "film.mp4", "video/mp4", authorization)
+
+    @api.get("/v1/stories/{story_id}/otio", responses={
+        200: {"content": {"application/json": {"schema": {"type": "object"}}},
+              "description": "The edit as OpenTimelineIO (its media references: the shots' /v1/videos/{id}/content)"},
+        **errors(401, 403, 404, 409, 422)})
+    async def story_otio(self, story_id: str = STORY_ID, authorization: str | None = Header(None)):
+        """The film's edit as OpenTimelineIO: one clip per shot, the dissolves as transitions."""
+        return await self._story_file(story_id, "film.otio", "application/json", authorization)
 
     @api.post("/v1/files", status_code=201, response_model=FileMeta, openapi_extra={"requestBody": UPLOAD_BODY},
               responses=errors(400, 401, 403, 413, 415, 422, 429))

@@ -75,6 +75,29 @@ class Job(BaseModel):
     error: str | None = None
     result: dict[str, Any] | None = Field(None, description="The render summary, once done.")
     client: str | None = Field(None, description="The API client (key name) that submitted it.")
+    depends: list[str] = Field([], description="The jobs it waits for (a story's shot: the shot it continues).")
+    story: dict[str, Any] | None = Field(None, description="A story's shot: {film (the story id), shot, begin, "
+                                                           "after}.")
+
+
+class StoryShot(BaseModel):
+    id: str
+    job: str = Field(description="The shot's job (GET /v1/videos/{job}).")
+    begin: str
+    after: str | None = None
+    status: str
+    progress: Progress | None = None
+
+
+class Story(BaseModel):
+    """A story's status: its shots' jobs, and once they are done the film (GET /v1/stories/{id}/content)."""
+
+    id: str
+    status: Literal["queued", "running", "done", "failed"]
+    created: str = Field(description="ISO 8601, UTC.")
+    error: str | None = None
+    frames: int | None = Field(None, description="The film's frames, once done.")
+    shots: list[StoryShot]
 
 
 class JobList(BaseModel):
@@ -246,6 +269,24 @@ def request_schema(limits=None, model=None, model_name: str | None = None) -> di
     schema["description"] = (schema.get("description", "") + " Besides the bounds of each field, a request is "
                               "refused (422) for the rules in x-rules.")
     return schema
+
+
+STORY_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["shots"], "description": "A story (docs/stories.md): any render field at its "
+    "top level is every shot's default.",
+    "properties": {
+        "style": {"type": "string", "description": "Appended to every shot's prompt."},
+        "characters": {"type": "object", "description": "Name -> {image: FILE_ID} (a picture you uploaded).",
+                       "additionalProperties": {"type": "object", "required": ["image"],
+                                                "properties": {"image": {"type": "string"}}}},
+        "label": {"type": "string", "description": "The film's visible label (start, always, none)."},
+        "shots": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["id", "seconds"],
+            "description": "A shot: an id, a prompt or timeline, seconds, characters, begin, and render fields.",
+            "properties": {"id": {"type": "string"}, "prompt": {"type": "string"}, "seconds": {"type": "number"},
+                           "characters": {"type": "array", "items": {"type": "string"}},
+                           "begin": {"description": "cut, continue, {continue: SHOT_ID} or {dissolve: SECONDS}"}}}},
+    }}}}}
 
 
 def finish_openapi(schema: dict, body: dict) -> dict:

@@ -87,7 +87,7 @@
   function updateRow(tr, job) {
     LT.setStatus(tr.querySelector('td.status'), job.status);
     if (job.request) {
-      const prompt = LT.firstPrompt(job.request);
+      const prompt = LT.shotLabel(job) + LT.firstPrompt(job.request);
       const td = tr.querySelector('td.prompt');
       td.textContent = LT.truncate(prompt, 60);
       td.title = prompt;

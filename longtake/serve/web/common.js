@@ -218,6 +218,13 @@
     return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
   };
 
+  // a story's shot, before its prompt in a job list: "STORY:SHOT after JOB " ('' for a job of no story)
+  LT.shotLabel = function shotLabel(job) {
+    if (!job.story) return '';
+    const after = Array.isArray(job.depends) && job.depends.length ? ` after ${job.depends[0].slice(0, 8)}` : '';
+    return `${job.story.film}:${job.story.shot}${after} `;
+  };
+
   LT.firstPrompt = function firstPrompt(request) {
     const r = request || {};
     if (typeof r.prompt === 'string') return r.prompt;

@@ -59,9 +59,7 @@
       LT.showProgress(tr.querySelector('progress.progress'), tr.querySelector('span.percent'), job.progress, job.state);
       tr.querySelector('td.retries').textContent = job.retries ?? 0;
       tr.querySelector('td.blocklist').textContent = (job.blocklist || []).join(', ');
-      const shot = job.story ? `${job.story.film}:${job.story.shot}` +
-        (job.depends && job.depends.length ? ` after ${job.depends[0].slice(0, 8)}` : '') + ' ' : '';
-      const prompt = shot + LT.firstPrompt(job.request);
+      const prompt = LT.shotLabel(job) + LT.firstPrompt(job.request);
       const td = tr.querySelector('td.prompt');
       td.textContent = LT.truncate(prompt, 60);
       td.title = prompt;
