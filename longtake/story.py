@@ -414,9 +414,3 @@ def dissolve_frames(shot: Shot, fps: float) -> int:
 def _takes_reference(model) -> bool:
     return bool(model.options.get("planner") or model.options.get("ip_adapter")
                 or model.options.get("reference") == "condition")
-
-
-def film_frames(story: Story) -> int:
-    """Frames of the film: the shots' frames less every dissolve's overlap."""
-    fps = story.shots[0].request.get("fps") or RenderRequest.model_fields["fps"].default
-    return sum(s.frames for s in story.shots) - sum(dissolve_frames(s, fps) for s in story.shots)

@@ -320,6 +320,7 @@ class Runner:
         self._ray_started = False
         self._total = workers or 1
         self._loop: int | None = None  # the thread of serve_forever's loop
+        self._recovered = -math.inf  # when recover() last ran
 
     # -- recovery of jobs whose runner is gone
     def recover(self) -> list[str]:
@@ -360,7 +361,8 @@ class Runner:
                 if exit_when_idle and not busy and self.store.count_ready() == 0:
                     break
                 self.stop.wait(self.poll_s)
-                if not busy:
+                if not busy or time.monotonic() - self._recovered > min(10.0, self.lease_s / 4):
+                    self._recovered = time.monotonic()
                     self.recover()
         finally:
             self._join()
@@ -386,10 +388,21 @@ class Runner:
             return True
         with self._lock:
             self._reserved[record.id] = share
-            thread = threading.Thread(target=self.run_job, args=(record,), name=f"job-{record.id}", daemon=True)
+            thread = threading.Thread(target=self._run_safely, args=(record,), name=f"job-{record.id}", daemon=True)
             self._running[record.id] = thread
         thread.start()
         return True
+
+    def _run_safely(self, record: JobRecord) -> None:
+        """run_job in a job's thread: an error it does not handle fails the job (not the runner, and not a
+        requeue that would meet the same error again)."""
+        try:
+            self.run_job(record)
+        except Exception as e:  # noqa: BLE001 - one job's bug must not stop the others
+            logger.exception("job %s failed", record.id)
+            if self.store.update(record.id, state="failed", error=f"{type(e).__name__}: {e}", only_from=("running",),
+                                 owner=(self.id, record.lease)):
+                append_log(job_dir(self.farm_dir, record.id), f"failed: {type(e).__name__}: {e}")
 
     def _reap(self) -> None:
         with self._lock:
