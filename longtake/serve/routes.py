@@ -228,12 +228,17 @@ class Ingress:
 
     async def _story_file(self, story_id: str, name: str, media_type: str, authorization: str | None):
         scope = self._scope(self._client(authorization))
-        story = await self._call("get_story", story_id, scope)
-        if story is None:
-            raise HTTPException(404, f"no story {story_id}")
-        path = await self._call("story_file", story_id, name, scope)
+        return await self._served("story", story_id, name, media_type, scope)
+
+    async def _served(self, what: str, item_id: str, name: str, media_type: str, scope: str | None):
+        """A done job's or story's file `name`: 404 when there is none of `scope`'s, 409 before it is done."""
+        getter, filer = ("get", "file") if what == "job" else ("get_story", "story_file")
+        item = await self._call(getter, item_id, scope)
+        if item is None:
+            raise HTTPException(404, f"no {what} {item_id}")
+        path = await self._call(filer, item_id, name, scope)
         if path is None:
-            raise HTTPException(409, f"story {story_id} is {story['status']}: no {name} yet")
+            raise HTTPException(409, f"{what} {item_id} is {item['status']}: no {name} yet")
         return FileResponse(path, media_type=media_type)
 
     @api.get("/v1/stories/{story_id}/content", responses={
@@ -377,13 +382,7 @@ class Ingress:
             scope = None
         else:
             scope = self._scope(self._client(authorization))
-        job = await self._call("get", job_id, scope)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id}")
-        path = await self._call("file", job_id, name, scope)
-        if path is None:
-            raise HTTPException(409, f"job {job_id} is {job['status']}: no {name} yet")
-        return FileResponse(path, media_type=media_type)
+        return await self._served("job", job_id, name, media_type, scope)
 
     @api.get("/v1/videos/{job_id}/content", responses={
         200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
