@@ -330,7 +330,7 @@ def save_manifest(store: Path, shots: dict) -> None:
 
 
 def plan(story: Story, store: Path, references: dict[str, str], only: list[str] | None = None) -> list[Shot]:
-    """Each shot's request, hash and MP4 path, in dependency order. `references`: character name -> its
+    """Each shot's request, hash and MP4 path (set on the story's shots), in dependency order. `references`: character name -> its
     picture (a rendered one for a prompt; None before it is: the shot is planned without it, for `check`).
     With `only`, a shot not named that has an MP4 from an earlier run
     (story.json) keeps it (`reused`), whatever its hash is now."""
@@ -364,8 +364,8 @@ def plan(story: Story, store: Path, references: dict[str, str], only: list[str] 
     return shots
 
 
-def check(story: Story, shots: list[Shot], store: Path, prepare=None) -> dict:
-    """Every render check of every shot before anything is queued (a continued shot's input is not made yet:
+def check(story: Story, store: Path, prepare=None) -> dict:
+    """Every render check of every planned shot (`plan`) before anything is queued (a continued shot's input is not made yet:
     it is checked without it), that shots share one frame size and rate, that the model has a reference
     mechanism where a shot shows a character, and that dissolves fit their shots. Returns {"width", "height",
     "fps"}. RequestError naming the shot. `prepare(request)`: the checks of a request -> its engine.Job
@@ -375,8 +375,7 @@ def check(story: Story, shots: list[Shot], store: Path, prepare=None) -> dict:
 
         prepare = lambda request: engine_prepare(request, pixels=False)  # noqa: E731
     geometry = None
-    frames = {}
-    for shot in shots:
+    for shot in story.shots:
         request = {k: v for k, v in shot.request.items() if k not in ("extend", "include_inputs", "preview")}
         request["out"] = str(store / "check.mp4")
         try:
@@ -394,12 +393,11 @@ def check(story: Story, shots: list[Shot], store: Path, prepare=None) -> dict:
             if mine[key] != geometry[key]:
                 raise RequestError(f"{shot.where}.{key}", mine[key], f"{geometry[key]} as the first shot (a film has "
                                                                      "one frame size and rate)")
-        frames[shot.id] = job.new_frames
         shot.frames = job.new_frames
     for n, shot in enumerate(story.shots):
         if shot.begin == "dissolve":
             d = dissolve_frames(shot, geometry["fps"])
-            most = min(frames[story.shots[n - 1].id], frames[shot.id])
+            most = min(story.shots[n - 1].frames, shot.frames)
             if not 1 <= d <= most:
                 raise RequestError(f"{shot.where}.begin", {"dissolve": shot.dissolve},
                                    f"a dissolve of 1 to {most} frames ({most / geometry['fps']:g} s: the shorter of "

@@ -28,11 +28,13 @@ def cmd_story(args: argparse.Namespace) -> int:
         if args.workers is not None and args.workers < 1:
             raise RequestError("workers", args.workers, "an integer >= 1")
         store.mkdir(parents=True, exist_ok=True)
-        shots = stories.plan(story, store, {n: c.image for n, c in story.characters.items()}, only)
-        geometry = stories.check(story, shots, store)  # every shot's checks before anything renders or is queued
+        pictures = {n: c.image for n, c in story.characters.items()}
+        shots = stories.plan(story, store, pictures, only)
+        geometry = stories.check(story, store)  # every shot's checks before anything renders or is queued
         references = film.character_frames(story, store)
-        shots = stories.plan(story, store, references, only)
-        stories.check(story, shots, store)
+        if references != pictures:  # a character's picture rendered from its prompt: the shots showing it change
+            shots = stories.plan(story, store, references, only)
+            stories.check(story, store)
         jobs = film.submit(farm_dir, story, shots, priority=args.priority)
     except RequestError as e:
         print(f"longtake story: error: {e} (nothing was submitted)", file=sys.stderr)
@@ -77,13 +79,13 @@ def _film(args, story, shots, jobs, done, store, farm_dir, geometry, out, t0) ->
         print(f"longtake story: no film: {len(failed)} shot(s) did not render (`longtake story` again retries "
               f"them; their logs: {farm_dir}/jobs/ID/log.txt)", file=sys.stderr)
         return 1
-    produce_ids = {s.id: (done[s.id].id if s.id in done else
-                          stories.manifest(store).get(s.id, {}).get("job", "")) for s in shots}
+    kept = stories.manifest(store)
+    produce_ids = {s.id: done[s.id].id if s.id in done else kept.get(s.id, {}).get("job", "") for s in shots}
     from longtake.provenance import Provenance
 
-    summary = film.assemble(story, shots, out, geometry, produce_ids, Provenance.local(farm_dir))
+    summary = film.assemble(story, out, geometry, produce_ids, Provenance.local(farm_dir))
     otio_path = str(Path(out).with_suffix(".otio"))
-    written = film.timeline(story, shots, otio_path, geometry["fps"], produce_ids)
+    written = film.timeline(story, otio_path, geometry["fps"], produce_ids)
     result = {"out": out, "otio": otio_path, "edl": next((w for w in written if w.endswith(".edl")), None),
               "frames": summary["frames"], "fps": geometry["fps"], "width": geometry["width"],
               "height": geometry["height"], "cuts": summary["cuts"], "dissolves": summary["dissolves"],

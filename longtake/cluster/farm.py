@@ -315,8 +315,8 @@ class Runner:
         self._lock = threading.Lock()
         self._running: dict[str, threading.Thread] = {}  # job id -> the thread rendering it
         self._reserved: dict[str, int] = {}  # job id -> workers it holds
-        self._held: dict[str, dict] = {}  # job id -> {"key", "pool"}: the pool rendering it
-        self._idle: list[tuple[tuple, object]] = []  # pools of finished jobs: (key, pool), reused by the next
+        self._held: dict[str, dict] = {}  # job id -> {"pool": the pool rendering it}
+        self._idle: list = []  # pools of finished jobs, reused by the next job of the same spec
         self._ray_started = False
         self._total = workers or 1
         self._loop: int | None = None  # the thread of serve_forever's loop
@@ -431,7 +431,7 @@ class Runner:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for _, pool in idle:
+        for pool in idle:
             pool.shutdown()
         if self._ray_started:
             ray_boot.stop_ray()
@@ -448,7 +448,7 @@ class Runner:
         request.setdefault("out", str(d / "out.mp4"))
         request.setdefault("preview", str(d / "preview.png"))
         with self._lock:
-            held = self._held.setdefault(record.id, {})  # this job's pool: {"key", "pool"}
+            held = self._held.setdefault(record.id, {})  # this job's pool: {"pool"}
         logger.info("job %s: running (priority %d)", record.id, record.priority)
         try:
             with _logged_to(d / "log.txt", record.id, self._loop):
@@ -462,10 +462,9 @@ class Runner:
                     on_trouble=lambda: self._drop(held),
                     retry_hint=f"`longtake retry {record.id}` once space or access is back", progress=self.progress)
         finally:
-            if held.get("pool") is not None:
-                with self._lock:
-                    self._idle.append((held["key"], held["pool"]))
             with self._lock:
+                if held.get("pool") is not None:
+                    self._idle.append(held["pool"])
                 self._reserved.pop(record.id, None)
                 self._held.pop(record.id, None)
         logger.info("job %s: %s", record.id, state)
@@ -484,23 +483,23 @@ class Runner:
             share = self._reserved.get(job_id, self._total)
             if not job.request.workers:  # its share, in groups of cp, at most one group per window
                 slots = max(1, min(share // spec.cp, len(job.windows)))
-                self._reserved[job_id] = slots * spec.cp  # what it does not use is free for the next job
             # an idle pool of this spec with at least half the slots wanted starts at once (a new one starts its
-            # actors and loads the model); the slots it lacks stay free for the next job
-            fits = [(k[1], n) for n, (k, _) in enumerate(self._idle) if k[0] == spec and slots / 2 <= k[1] <= slots]
-            pool = self._idle.pop(max(fits)[1])[1] if fits else None
-            if pool is not None:
-                slots = pool.num_workers
-                if not job.request.workers:
-                    self._reserved[job_id] = slots * spec.cp
-            key = (spec, slots)
+            # actors and loads the model); the slots it lacks stay free for the next job. A job that names its
+            # workers gets that many.
+            least = slots if job.request.workers else slots / 2
+            fits = [(p.num_workers, n) for n, p in enumerate(self._idle)
+                    if p.spec == spec and least <= p.num_workers <= slots]
+            pool = self._idle.pop(max(fits)[1]) if fits else None
+            slots = pool.num_workers if pool is not None else slots
+            if not job.request.workers:
+                self._reserved[job_id] = slots * spec.cp  # what it does not use is free for the next job
             stale, self._idle = (self._idle, []) if pool is None else ([], self._idle)
-        for _, old in stale:  # another model or share: its actors free their resources first
+        for old in stale:  # another model or share: its actors free their resources first
             old.shutdown()
         if pool is None:
             pool = RayPool(spec, slots, max_attempts=self.max_attempts, worker_cls=self.worker_cls,
                            blocklist_after=self.blocklist_after, task_timeout_s=self.task_timeout_s)
-        held.update(key=key, pool=pool)
+        held["pool"] = pool
         return pool
 
     def pool(self, job_id: str):

@@ -31,8 +31,8 @@ from longtake.cluster.delivery import FramesHash, Label, Watermark, Writer
 from longtake.label import labelled_span, layout as layout_label
 from longtake.media import video_chunks
 from longtake.provenance import Provenance
-from longtake.request import RequestError
-from longtake.story import Shot, Story, dissolve_frames, save_manifest
+from longtake.request import RenderRequest, RequestError
+from longtake.story import Shot, Story, dissolve_frames, manifest, save_manifest
 from longtake.video import VideoWriter
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def character_frames(story: Story, store: Path) -> dict[str, str]:
         users = [s for s in story.shots if s.character == name]
         base = {k: v for k, v in (users[0].fields if users else {}).items()
                 if k not in ("prompt", "timeline", "seconds")}
-        fps = base.get("fps", 8.0)
+        fps = base.get("fps", RenderRequest.model_fields["fps"].default)
         request = {**base, "prompt": f"{character.prompt} {story.style}".strip(), "seconds": 1 / fps,
                    "label": "none"}
         digest = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -123,8 +123,6 @@ def wait(farm_dir: Path, jobs: dict, alive=lambda: True, poll_s: float = 0.5) ->
 
 def record_shots(store: Path, shots: list[Shot], done: dict) -> None:
     """Remember every shot's newest MP4 (story.json: what `only` reuses)."""
-    from longtake.story import manifest
-
     kept = manifest(store)
     for shot in shots:
         record = done.get(shot.id)
@@ -140,13 +138,11 @@ def _frames(shot: Shot, width: int, height: int, fps: float):
         yield from chunk
 
 
-def assemble(story: Story, shots: list[Shot], out: str, geometry: dict, produce_ids: dict[str, str],
-             provenance: Provenance) -> dict:
-    """Write the film (module docstring). Returns {"frames", "cuts" (film frame of every shot's first frame
-    shown), "dissolves" ([first, last) film frames), "frames_sha256", "produce_id"}."""
+def assemble(story: Story, out: str, geometry: dict, produce_ids: dict[str, str], provenance: Provenance) -> dict:
+    """Write the film of the story's planned shots (module docstring). Returns {"frames", "cuts" (film frame of
+    every shot's first frame shown), "dissolves" ([first, last) film frames), "frames_sha256", "produce_id"}."""
     width, height, fps = geometry["width"], geometry["height"], geometry["fps"]
-    by_id = {s.id: s for s in shots}
-    ordered = [by_id[s.id] for s in story.shots]  # film order
+    ordered = story.shots  # film order
     total = sum(s.frames for s in ordered) - sum(dissolve_frames(s, fps) for s in ordered)
     film = story.film
     request = {"story": Path(story.path).name, "shots": [[s.id, s.hash] for s in ordered], **film,
@@ -204,14 +200,13 @@ def assemble(story: Story, shots: list[Shot], out: str, geometry: dict, produce_
             "frames_sha256": hashes.sha256.hexdigest(), "produce_id": produce_id}
 
 
-def timeline(story: Story, shots: list[Shot], path: str, fps: float, produce_ids: dict[str, str],
+def timeline(story: Story, path: str, fps: float, produce_ids: dict[str, str],
              url=lambda shot: Path(shot.out).resolve().as_uri()) -> list[str]:
     """film.otio (and film.edl where OTIO's CMX 3600 adapter is installed and takes the rate): module
     docstring. `url(shot)`: its media reference (default: its MP4's file:// URL). Returns the files written."""
     import opentimelineio as otio
 
-    by_id = {s.id: s for s in shots}
-    ordered = [by_id[s.id] for s in story.shots]
+    ordered = story.shots  # film order
     rt = lambda frames: otio.opentime.RationalTime(frames, fps)  # noqa: E731
     tl = otio.schema.Timeline(name=Path(path).stem)
     tl.global_start_time = rt(0)

@@ -192,8 +192,8 @@ class JobManager:
         for field, why in SERVER_FIELDS.items():
             if field in body:
                 raise RequestError(field, body[field], f"no value: {why}")
-        if "model" in body and body["model"] not in (self.model_name, self.model):
-            raise RequestError("model", body["model"], f"{self.model_name!r}, the model this server runs (or no value)")
+        if "model" in body:
+            self.check_model("model", body["model"])
         body = {**body, "model": self.model_name}
         local, ids = self.files.local_request(body, owner_of(client) if client is not None else None)
         try:
@@ -286,6 +286,11 @@ class JobManager:
         """The job if `client` may see it (None: any client's), else None."""
         job = self.store.get(job_id)
         return job if job is not None and (client is None or job.client == client) else None
+
+    def check_model(self, field: str, value) -> None:
+        """A request's `model` (or a story shot's, named by `field`): the served model, by its name or path."""
+        if value not in (self.model_name, self.model):
+            raise RequestError(field, value, f"{self.model_name!r}, the model this server runs (or no value)")
 
     def submit_story(self, body: dict, client: str | None = None, max_jobs: int | None = None) -> dict:
         """Check a story and queue its shots as jobs with dependencies (serve/stories.py). Raises RequestError

@@ -38,6 +38,9 @@ class StoryBook:
         self.root = Path(manager.data_dir) / "stories"
         self._assembling: set[str] = set()
         self._lock = threading.Lock()
+        # the stories whose film is not joined yet (what `tick` looks at): read from disk once, then kept here
+        self._pending = {d.name for d in (self.root.iterdir() if self.root.is_dir() else ())
+                         if (state := self._load(d.name)) is not None and state["status"] not in ("done", "failed")}
 
     def dir(self, story_id: str) -> Path:
         return self.root / story_id
@@ -62,27 +65,25 @@ class StoryBook:
             return path
 
         story = parse(body, "story", picture, prompts=False)
-        if "model" in body and body["model"] not in (m.model_name, m.model):
-            raise RequestError("model", body["model"], f"{m.model_name!r}, the model this server runs (or no value)")
+        if "model" in body:
+            m.check_model("model", body["model"])
         for shot in story.shots:
-            if shot.fields.get("model") not in (None, m.model_name, m.model):
-                raise RequestError(f"{shot.where}.model", shot.fields["model"], f"{m.model_name!r}, the model this "
-                                                                               "server runs (or no value)")
+            if shot.fields.get("model") is not None:
+                m.check_model(f"{shot.where}.model", shot.fields["model"])
             shot.fields["model"] = m.model
         if story.film["label"] == "none" and not m.limits.allow_unlabelled:
             raise RequestError("label", "none", "start or always: this server labels every video (started without "
                                                 "--allow-unlabelled)")
         story_id = uuid.uuid4().hex[:16]
         shots = plan(story, self.dir(story_id), {n: c.image for n, c in story.characters.items()})
-        labelled = not m.limits.allow_unlabelled
-        for shot in shots:
-            if labelled:
+        if not m.limits.allow_unlabelled:  # every video of this server is labelled, a story's shots too
+            for shot in shots:
                 shot.request["label"] = "start"
 
         def prepare(request: dict):
             return m._check({k: v for k, v in request.items() if k not in ("out", "preview")})
 
-        geometry = check(story, shots, self.dir(story_id), prepare)
+        geometry = check(story, self.dir(story_id), prepare)
         active = m.store.count(("queued", "running", "paused"), client=client) if client is not None else 0
         if max_jobs is not None and active + len(shots) > max_jobs:
             raise ClientFull(f"a story of {len(shots)} shots and {active} jobs of yours queued, running or paused: "
@@ -111,6 +112,8 @@ class StoryBook:
                             "request": {k: s.request.get(k) for k in ("prompt", "timeline", "seed")}}
                            for s in story.shots]}
         self._save(state)
+        with self._lock:
+            self._pending.add(story_id)
         m._wake.set()
         return self._status(state)
 
@@ -158,11 +161,11 @@ class StoryBook:
     # -- the film (the manager's scheduler calls `tick`)
     def tick(self) -> None:
         """Join the film of every story whose shots are done (in a thread each); fail one whose shot failed."""
-        if not self.root.is_dir():
-            return
-        for d in self.root.iterdir():
-            state = self._load(d.name)
-            if state is None or state["status"] in ("done", "failed") or d.name in self._assembling:
+        with self._lock:
+            waiting = self._pending - self._assembling
+        for story_id in waiting:
+            state = self._load(story_id)
+            if state is None:
                 continue
             records = [self.manager.store.get(s["job"]) for s in state["shots"]]
             bad = [(s, r) for s, r in zip(state["shots"], records) if r is None or r.state in FINAL_SHOT]
@@ -171,10 +174,12 @@ class StoryBook:
                 state.update(status="failed", error=f"shot {shot['id']} (job {shot['job']}) is "
                                                     f"{record.state if record else 'deleted'}")
                 self._save(state)
+                with self._lock:
+                    self._pending.discard(story_id)
             elif all(r.state == "done" for r in records):
                 with self._lock:
-                    self._assembling.add(d.name)
-                threading.Thread(target=self._assemble, args=(state,), daemon=True, name=f"film-{d.name}").start()
+                    self._assembling.add(story_id)
+                threading.Thread(target=self._assemble, args=(state,), daemon=True, name=f"film-{story_id}").start()
 
     def _assemble(self, state: dict) -> None:
         from longtake.cluster import film
@@ -182,11 +187,11 @@ class StoryBook:
 
         m, d = self.manager, self.dir(state["id"])
         try:
-            story, shots = self._story(state)
+            story = self._story(state)
             produce_ids = {s["id"]: s["job"] for s in state["shots"]}
-            summary = film.assemble(story, shots, str(d / "film.mp4"), state["geometry"], produce_ids,
+            summary = film.assemble(story, str(d / "film.mp4"), state["geometry"], produce_ids,
                                     Provenance.local(m.data_dir))
-            film.timeline(story, shots, str(d / "film.otio"), state["geometry"]["fps"], produce_ids,
+            film.timeline(story, str(d / "film.otio"), state["geometry"]["fps"], produce_ids,
                           url=lambda shot: f"/v1/videos/{produce_ids[shot.id]}/content")
             state.update(status="done", frames=summary["frames"])
         except Exception as e:  # noqa: BLE001 - the story fails, naming why; the server goes on
@@ -196,8 +201,9 @@ class StoryBook:
             self._save(state)
             with self._lock:
                 self._assembling.discard(state["id"])
+                self._pending.discard(state["id"])
 
-    def _story(self, state: dict) -> tuple[Story, list[Shot]]:
+    def _story(self, state: dict) -> Story:
         shots = []
         for n, s in enumerate(state["shots"]):
             shot = Shot(n, s["id"], s["begin"], {}, s["after"], s["dissolve"])
@@ -205,7 +211,7 @@ class StoryBook:
             shot.out = str(self.manager.job_dir(s["job"]) / "video.mp4")
             shot.request = {**s["request"], "model": self.manager.model_name}
             shots.append(shot)
-        return Story(state["id"], state["style"], {}, shots, state["film"]), shots
+        return Story(state["id"], state["style"], {}, shots, state["film"])
 
 
 def resolve(body: dict, job_dir) -> tuple[dict, str | None]:
